@@ -1,0 +1,54 @@
+"""The ExpertProvider interface: the MoE layer hands it token rows and routing and gets outputs back.
+
+The model never knows where an expert lives. All-resident, budgeted committee, miss policies and the
+cloud are providers (or compositions of them)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ExpertGroups:
+    """Routing assignments sorted by expert, so each expert runs once on all its rows."""
+
+    order: torch.Tensor  # [T*k] assignment indices, sorted by expert
+    token: torch.Tensor  # [T*k] token row of each sorted assignment
+    counts: torch.Tensor  # [E] assignments per expert (on the routing device)
+
+
+def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> ExpertGroups:
+    """expert_ids [T, k] -> assignments sorted by expert. No host sync (CUDA-graph safe)."""
+    flat = expert_ids.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)
+    token = order // expert_ids.shape[1]
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return ExpertGroups(order=order, token=token, counts=counts)
+
+
+def combine(y_sorted: torch.Tensor, groups: ExpertGroups, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of sorted expert outputs back into token rows. y_sorted [T*k, H] -> [T, H].
+    Deterministic (no atomics): un-sort, then sum over k."""
+    T, k = weights.shape
+    y = torch.empty_like(y_sorted)
+    y[groups.order] = y_sorted
+    y = y.view(T, k, -1) * weights.to(y.dtype)[..., None]  # [T, k, H]
+    return y.sum(dim=1)
+
+
+class ExpertProvider(ABC):
+    """Computes Σ_j w_j · E_{id_j}(x) for routed experts of one MoE layer."""
+
+    #: True when compute() never waits on the host, so a decode step may be captured in a CUDA graph.
+    graph_safe: bool = False
+
+    @abstractmethod
+    def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; expert_ids [T, k] (long); weights [T, k] -> [T, H] in x's dtype."""
+
+    def expert_bytes(self) -> int:
+        """Bytes of expert weights this provider holds on the compute device."""
+        return 0

@@ -1,0 +1,54 @@
+"""ExpertStore: where each expert's bytes live. Reads one (layer, expert) at a time from the mmap'd
+safetensors files, in either the hub's per-expert layout or transformers' fused [E, ...] layout."""
+from __future__ import annotations
+
+import torch
+
+from moetandem.checkpoint import Checkpoint
+from moetandem.errors import CheckpointError
+from moetandem.models.family import Family
+from moetandem.models.transformer import ArchArgs
+
+
+class ExpertStore:
+    def __init__(self, ckpt: Checkpoint, family: Family, args: ArchArgs) -> None:
+        self.ckpt, self.family = ckpt, family
+        self.num_experts, self.hidden, self.inter = args.num_experts, args.hidden_size, args.moe_intermediate_size
+        self.layers = [i for i, moe in enumerate(args.moe_layers) if moe]
+        self._fused: dict[int, bool] = {}
+        for layer in self.layers:
+            self._fused[layer] = self._check_layer(layer)
+
+    def _check_layer(self, layer: int) -> bool:
+        I, H, E = self.inter, self.hidden, self.num_experts
+        per_expert = [k.format(l=layer, e=e) for e in range(E) for k in self.family.expert_keys]
+        if all(self.ckpt.has(k) for k in per_expert):
+            for key, want in zip(per_expert[:3], ([I, H], [I, H], [H, I])):
+                if self.ckpt.shape(key) != want:
+                    raise CheckpointError(f"{key} has shape {self.ckpt.shape(key)}, config.json implies {want}")
+            return False
+        gate_up, down = self.family.fused_keys(layer)
+        if self.ckpt.has(gate_up) and self.ckpt.has(down):
+            if self.ckpt.shape(gate_up) != [E, 2 * I, H] or self.ckpt.shape(down) != [E, H, I]:
+                raise CheckpointError(f"fused experts of layer {layer} have shapes {self.ckpt.shape(gate_up)}, "
+                                      f"{self.ckpt.shape(down)}; config.json implies {[E, 2 * I, H]}, {[E, H, I]}")
+            return True
+        missing = next(k for k in per_expert if not self.ckpt.has(k))
+        raise CheckpointError(f"expert weights of layer {layer} are missing from the checkpoint (no {missing})")
+
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate [I, H], up [I, H], down [H, I] of one expert, on the CPU in the checkpoint's dtype."""
+        if not 0 <= expert < self.num_experts or layer not in self._fused:
+            raise IndexError(f"no expert {expert} in MoE layer {layer}")
+        if self._fused[layer]:
+            gate_up, down = self.family.fused_keys(layer)
+            gu = self.ckpt.slice(gate_up, expert)  # [2I, H]
+            return gu[: self.inter], gu[self.inter:], self.ckpt.slice(down, expert)
+        g, u, d = (self.ckpt.tensor(k.format(l=layer, e=expert)) for k in self.family.expert_keys)
+        return g, u, d
+
+    def expert_numel(self) -> int:
+        return 3 * self.inter * self.hidden
+
+    def total_numel(self) -> int:
+        return self.expert_numel() * self.num_experts * len(self.layers)

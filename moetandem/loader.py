@@ -1,0 +1,51 @@
+"""Build our model for a checkpoint: non-expert weights onto the device, experts behind a provider."""
+from __future__ import annotations
+
+import re
+
+import torch
+from tqdm import tqdm
+
+from moetandem.checkpoint import Checkpoint
+from moetandem.errors import CheckpointError
+from moetandem.models import ArchArgs, Family, MoEForCausalLM
+from moetandem.models.layers import rope_tables
+
+
+def expert_pattern(family: Family) -> re.Pattern[str]:
+    """Matches every hub name that belongs to an expert (per-expert or fused layout)."""
+    alts = [re.escape(k).replace(r"\{l\}", r"\d+").replace(r"\{e\}", r"\d+") for k in family.expert_keys]
+    alts += [re.escape(k).replace("999999", r"\d+") for k in family.fused_keys(999999)]
+    return re.compile("^(?:" + "|".join(alts) + ")$")
+
+
+def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.device, dtype: torch.dtype,
+               progress: bool = True) -> MoEForCausalLM:
+    """Instantiate the model without allocating on the host, then fill each parameter from its tensor."""
+    with torch.device("meta"):
+        model = MoEForCausalLM(args)
+    model = model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    experts = expert_pattern(family)
+    todo = [n for n in ckpt.names() if not experts.match(n)]
+    filled: set[str] = set()
+    for hub_name in tqdm(todo, desc="weights", unit="tensor", disable=not progress, leave=False):
+        name = family.rename(hub_name)
+        if name not in params:
+            continue  # e.g. stale rotary buffers some exporters save
+        t = ckpt.tensor(hub_name)
+        if list(t.shape) != list(params[name].shape):
+            raise CheckpointError(f"{hub_name} has shape {list(t.shape)}, config.json implies "
+                                  f"{list(params[name].shape)}")
+        with torch.no_grad():
+            params[name].data = t.to(device=device, dtype=dtype)
+        filled.add(name)
+    if args.tie_word_embeddings and "lm_head.weight" not in filled:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        filled.add("lm_head.weight")
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise CheckpointError(f"{len(missing)} weights are missing from the checkpoint (first: {missing[0]})")
+    cos, sin = rope_tables(args.inv_freq, args.rope_scaling, args.max_position_embeddings)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model.eval()

@@ -1,0 +1,119 @@
+"""The decoder-only MoE transformer every family instantiates, configured by ArchArgs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moetandem.models.layers import MLP, Attention, RMSNorm, rope_tables
+from moetandem.models.moe import SparseMoE
+
+
+@dataclass
+class ArchArgs:
+    """Everything the shared model code needs, read from config.json by a family module."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    inv_freq: torch.Tensor
+    rope_scaling: float = 1.0
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None
+    clip_qkv: float | None = None
+    sliding_windows: list[int | None] = field(default_factory=list)  # per layer, None = full attention
+    moe_layers: list[bool] = field(default_factory=list)  # per layer, False = dense MLP
+    dense_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sliding_windows = self.sliding_windows or [None] * self.num_layers
+        self.moe_layers = self.moe_layers or [True] * self.num_layers
+
+
+class KVCache:
+    """Static per-layer K/V buffers [B, S, n_kv, D]; sequence b's token at position p lives at [b, p]."""
+
+    def __init__(self, args: ArchArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, max_len, args.num_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_layers)]
+        self.batch, self.max_len = batch, max_len
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ArchArgs, i: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps,
+                                   qkv_bias=a.qkv_bias, o_bias=a.o_bias, qk_norm=a.qk_norm, clip_qkv=a.clip_qkv)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.window = a.sliding_windows[i]
+        self.mlp: SparseMoE | MLP = (
+            SparseMoE(i, a.hidden_size, a.num_experts, a.top_k, a.norm_topk_prob, a.shared_expert_intermediate_size)
+            if a.moe_layers[i] else MLP(a.hidden_size, a.dense_intermediate_size))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
+                batch_idx: torch.Tensor, pos: torch.Tensor, masks: dict[int | None, torch.Tensor], kv_len: int,
+                valid: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch_idx, pos, masks[self.window], kv_len)
+        y = self.post_attention_layernorm(h)
+        return h + (self.mlp(y, valid) if isinstance(self.mlp, SparseMoE) else self.mlp(y))
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: ArchArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(a, i) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class MoEForCausalLM(nn.Module):
+    """Parameter names mirror the hub layout (model.layers.N.self_attn.q_proj.weight, ...) so loading is a
+    name map; expert weights are not parameters: the ExpertProvider of each SparseMoE owns them."""
+
+    def __init__(self, a: ArchArgs) -> None:
+        super().__init__()
+        self.args = a
+        self.model = Backbone(a)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        cos, sin = rope_tables(a.inv_freq, a.rope_scaling, a.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [P, D]
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def moe_blocks(self) -> list[SparseMoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+    def forward(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
+                valid: torch.Tensor | None = None, last_only: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/pos [B, L]; writes K/V at pos and attends to cache positions < kv_len.
+        last_only [B]: index of the one row per sequence whose logits are wanted. Returns logits [B, L|1, V]."""
+        B, L = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # [B, L, H]
+        cos = self.rope_cos[pos].to(x.dtype)  # [B, L, D]
+        sin = self.rope_sin[pos].to(x.dtype)
+        kpos = torch.arange(kv_len, device=pos.device)
+        causal = kpos[None, None, :] <= pos[:, :, None]  # [B, L, S]
+        masks: dict[int | None, torch.Tensor] = {None: causal[:, None]}
+        for w in {l.window for l in self.model.layers} - {None}:
+            masks[w] = (causal & (kpos[None, None, :] > pos[:, :, None] - w))[:, None]
+        batch_idx = torch.arange(B, device=pos.device)[:, None]  # [B, 1]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, (cache.k[i], cache.v[i]), batch_idx, pos, masks, kv_len, valid)
+        if last_only is not None:
+            x = x[torch.arange(B, device=x.device), last_only][:, None]  # [B, 1, H]
+        return self.lm_head(self.model.norm(x))
