@@ -21,15 +21,14 @@ class Checkpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
-        if not self.path.is_dir():
+        if not self.path.exists():
             raise CheckpointError(f"model directory not found: {self.path}")
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path} is a file; pass the checkpoint directory that holds config.json")
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{self.path} has no config.json; is it a Hugging Face checkpoint directory?")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+        self.config: dict[str, Any] = _read_json(cfg_file)
         self.weight_map = self._weight_map()
         self._handles: dict[Path, Any] = {}
         self._keys: dict[Path, set[str]] = {}
@@ -44,10 +43,9 @@ class Checkpoint:
     def _weight_map(self) -> dict[str, Path]:
         index = self.path / INDEX_FILE
         if index.is_file():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is malformed ({e})") from None
+            wm = _read_json(index).get("weight_map")
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise CheckpointError(f"{index} is malformed (no \"weight_map\" of tensor name -> shard file)")
             return {name: self.path / shard for name, shard in wm.items()}
         single = self.path / SINGLE_FILE
         if single.is_file():
@@ -60,11 +58,13 @@ class Checkpoint:
     def _open(self, shard: Path) -> None:
         if not shard.is_file():
             raise CheckpointError(f"shard {shard.name} is missing from {self.path}; download it again")
-        try:
+        try:  # safetensors checks the header and that the file covers every tensor's bytes
             handle = safe_open(str(shard), framework="pt")
             keys = set(handle.keys())
+        except OSError as e:
+            raise CheckpointError(f"cannot read shard {shard}: {e.strerror or e}") from None
         except Exception as e:  # safetensors raises its own error type for bad headers/sizes
-            raise CheckpointError(f"shard {shard.name} is corrupt or truncated ({e}); download it again") from None
+            raise CheckpointError(_shard_problem(shard, e)) from None
         self._handles[shard] = handle
         self._keys[shard] = keys
         if not (self.path / INDEX_FILE).is_file():
@@ -90,7 +90,12 @@ class Checkpoint:
 
     def slice(self, name: str, index: int) -> torch.Tensor:
         """Read row `index` of a stacked tensor (fused expert layout) without reading the rest."""
-        return self._handles[self._shard(name)].get_slice(name)[index]
+        try:
+            return self._handles[self._shard(name)].get_slice(name)[index]
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read row {index} of tensor {name} ({e}); the shard may be corrupt") from None
 
     def _shard(self, name: str) -> Path:
         try:
@@ -115,3 +120,33 @@ class Checkpoint:
             return AutoTokenizer.from_pretrained(str(self.path))
         except Exception as e:
             raise CheckpointError(f"cannot load the tokenizer in {self.path}: {e}") from None
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`, or CheckpointError saying what is wrong with it."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} is malformed: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _shard_problem(shard: Path, err: Exception) -> str:
+    """Why safetensors refused `shard`: truncated (header intact, bytes missing) or corrupt."""
+    size = shard.stat().st_size
+    try:
+        with shard.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] if header else []
+        want = 8 + n + max(ends, default=0)
+    except Exception:
+        want = 0
+    if want > size:
+        return (f"shard {shard.name} is truncated: {size} bytes on disk, its header describes {want}; "
+                "the download was interrupted, download it again")
+    return f"shard {shard.name} is corrupt ({err}); download it again"

@@ -1,0 +1,156 @@
+"""Batch-1 decode speed: moetandem all-resident (several execution variants) vs HF transformers `generate`,
+on random bf16 checkpoints of real MoE shapes, in one process, one after the other.
+
+    python bench/decode.py --shapes olmoe-1b-7b qwen3-30b-a3b --out out/decode
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
+from moetandem import Engine  # noqa: E402
+
+VARIANTS = {  # name -> (CUDA graphs, grouped expert GEMM)
+    "moetandem eager, per-expert loop": (False, False),
+    "moetandem eager, grouped GEMM": (False, True),
+    "moetandem CUDA graph, grouped GEMM": (True, True),
+}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_ours(path: Path, device: str, prompt: list[int], new: int, graphs: bool, grouped: bool,
+               repeats: int) -> dict:
+    eng = Engine.from_pretrained(path, device=device, use_graphs=graphs, progress=False)
+    if not grouped:
+        eng.provider.grouped = eng.provider.graph_safe = False
+    eng.generate([prompt], max_new_tokens=new)  # warm-up (and graph capture)
+    runs = []
+    for _ in range(repeats):
+        _sync()
+        t = time.perf_counter()
+        g = eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)[0]
+        _sync()
+        runs.append((time.perf_counter() - t, eng.last_stats.decode_tok_s))
+    assert len(g.token_ids) == new
+    e2e = statistics.median(r[0] for r in runs)
+    res = {"tok_s": new / e2e, "decode_tok_s": statistics.median(r[1] for r in runs),
+           "peak_gib": eng.peak_memory() / 2**30, "tokens": g.token_ids[:16]}
+    del eng
+    _free()
+    return res
+
+
+def bench_hf(path: Path, device: str, prompt: list[int], new: int, impl: str | None) -> dict:
+    from transformers import AutoModelForCausalLM
+    kw = {"experts_implementation": impl} if impl else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device, **kw).eval()
+    ids = torch.tensor([prompt], device=device)
+    gen_kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **gen_kw)
+        _sync()
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen_kw)
+        _sync()
+    dt = time.perf_counter() - t
+    res = {"tok_s": new / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0,
+           "tokens": out[0, len(prompt):len(prompt) + 16].tolist()}
+    del model
+    _free()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["olmoe-1b-7b"], choices=list(SHAPES))
+    ap.add_argument("--ckpt-root", type=Path, default=Path("/dev/shm/moetandem-bench"))
+    ap.add_argument("--out", type=Path, default=Path("out/decode"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--hf", nargs="*", default=["default"], help="HF experts_implementation values to run")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    for shape in args.shapes:
+        path = args.ckpt_root / shape
+        if not (path / "model.safetensors.index.json").exists():
+            t = time.perf_counter()
+            build_random_checkpoint(shape, path, device=args.device)
+            print(f"built {shape} in {time.perf_counter() - t:.0f} s", flush=True)
+        vocab = SHAPES[shape]["vocab_size"]
+        prompt = torch.randint(2, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        for impl in args.hf:
+            try:
+                r = bench_hf(path, args.device, prompt, args.new_tokens, None if impl == "default" else impl)
+            except Exception as e:  # an HF variant missing in this transformers version is reported, not fatal
+                print(f"HF {impl} failed: {e}", flush=True)
+                continue
+            results.append({"shape": shape, "engine": f"HF transformers ({impl})", **r})
+            print(json.dumps(results[-1]), flush=True)
+        for name in args.variants:
+            graphs, grouped = VARIANTS[name]
+            if args.device != "cuda" and (graphs or grouped):
+                continue
+            r = bench_ours(path, args.device, prompt, args.new_tokens, graphs, grouped, args.repeats)
+            results.append({"shape": shape, "engine": name, **r})
+            print(json.dumps(results[-1]), flush=True)
+    (args.out / "decode.json").write_text(json.dumps(results, indent=1))
+    report(results, args)
+
+
+def report(results: list[dict], args: argparse.Namespace) -> None:
+    lines = [f"batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, bf16 "
+             f"({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__})", "",
+             "| shape | engine | tok/s (end to end) | decode tok/s | × HF default | peak GiB |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        base = next((b["tok_s"] for b in results if b["shape"] == r["shape"]
+                     and b["engine"] == "HF transformers (default)"), None)
+        ratio = f"{r['tok_s'] / base:.1f}×" if base else "–"
+        dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "–"
+        lines.append(f"| {r['shape']} | {r['engine']} | {r['tok_s']:.1f} | {dec} | {ratio} | {r['peak_gib']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "decode.md").write_text(table + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    shapes = list(dict.fromkeys(r["shape"] for r in results))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in results if r["shape"] == shape]
+        ax.barh([r["engine"] for r in rows], [r["tok_s"] for r in rows], color="tab:blue")
+        ax.set_title(f"{shape}: batch-1 decode")
+        ax.set_xlabel("tokens / s (higher is better)")
+    fig.tight_layout()
+    fig.savefig(args.out / "decode.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
