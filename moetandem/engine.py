@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from moetandem.batcher import Batcher
+from moetandem.batcher import Request
 from moetandem.checkpoint import Checkpoint
 from moetandem.errors import ContextLengthError, InvalidRequestError, MoetandemError
 from moetandem.experts.provider import ExpertProvider
@@ -17,7 +19,6 @@ from moetandem.experts.store import ExpertStore
 from moetandem.graphs import DecodeGraphs
 from moetandem.loader import load_dense
 from moetandem.models import KVCache, get_family
-from moetandem.sampling import sample
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -75,6 +76,7 @@ class Engine:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.last_stats: GenerationStats | None = None
         self.graphs = DecodeGraphs(model) if use_graphs and device.type == "cuda" else None
+        self._caches: dict[tuple[int, int], KVCache] = {}
         self.set_provider(provider)
 
     @classmethod
@@ -117,71 +119,67 @@ class Engine:
     def decode_text(self, ids: Sequence[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    @torch.inference_mode()
-    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_on_eos: bool = True,
-                 on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
-        """Generate for a batch of prompts (text or token ids) of any lengths.
-        on_token(sequence index, token id) is called as each token is produced (for streaming)."""
-        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        if not prompts:
-            raise InvalidRequestError("no prompts given")
+    def kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache of this shape, reused across calls (CUDA graphs stay bound to it); a few are kept."""
+        key = (batch, max_len)
+        if key not in self._caches:
+            if len(self._caches) >= 4:
+                old = self._caches.pop(next(iter(self._caches)))
+                if self.graphs is not None:
+                    self.graphs.forget(old)
+            self._caches[key] = KVCache(self.args, batch, max_len, self.device, self.dtype)
+        return self._caches[key]
+
+    def make_sequence(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int | None = None, stop_on_eos: bool = True,
+                      stop_ids: Sequence[int] = ()) -> Request:
+        """Validate one request and turn it into a batcher Sequence."""
         if max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise InvalidRequestError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-        seqs = [self.encode(p) for p in prompts]
-        lens = [len(s) for s in seqs]
+        ids = self.encode(prompt)
         limit = self.args.max_position_embeddings
-        if max(lens) + max_new_tokens > limit:
-            raise ContextLengthError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        if len(ids) + max_new_tokens > limit:
+            raise ContextLengthError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                                      f"model's context of {limit} tokens")
-        B, Lp, dev = len(seqs), max(lens), self.device
-        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        S = min(max(128, 1 << (Lp + max_new_tokens - 1).bit_length()), max(limit, Lp + max_new_tokens))
-        cache = self.graphs.cache(B, S, self.dtype) if self.graphs else KVCache(self.args, B, S, dev, self.dtype)
+        stops = frozenset(stop_ids) | (frozenset(self.eos_ids) if stop_on_eos else frozenset())
+        return Request(ids, max_new_tokens, temperature, top_p, seed, stops)
 
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_on_eos: bool = True,
+                 on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+        """Generate for a batch of prompts (text or token ids) of any lengths. With a seed, sequence i samples
+        from its own generator seeded seed + i. on_token(sequence index, token id) streams tokens as produced."""
+        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if not prompts:
+            raise InvalidRequestError("no prompts given")
+        seqs = [self.make_sequence(p, max_new_tokens, temperature, top_p, None if seed is None else seed + i,
+                                   stop_on_eos) for i, p in enumerate(prompts)]
+        index = {id(s): i for i, s in enumerate(seqs)}
+        need = max(len(s.prompt) for s in seqs) + max_new_tokens
+        S = min(max(128, 1 << (need - 1).bit_length()), max(self.args.max_position_embeddings, need))
+        batcher = Batcher(self, len(seqs), S)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        ids = torch.zeros(B, Lp, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s)
-        ids = ids.to(dev)
-        pos = torch.arange(Lp, device=dev).expand(B, Lp)
-        lens_t = torch.tensor(lens, device=dev)
-        valid = pos < lens_t[:, None] if min(lens) != Lp else None
-        logits = self.model(ids, pos, cache, Lp, valid=valid, last_only=lens_t - 1)[:, -1]  # [B, V]
-        nxt = sample(logits, temperature, top_p, gen)
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
+        events = batcher.add(seqs)
         prefill_s = self._sync_time(t0)
         t1 = time.perf_counter()
-        for step in range(max_new_tokens):
-            toks = nxt.tolist()
-            for b, tok in enumerate(toks):
-                if done[b]:
-                    continue
-                out[b].append(tok)
-                if on_token is not None:
-                    on_token(b, tok)
-                if (stop_on_eos and tok in self.eos_ids) or len(out[b]) >= max_new_tokens:
-                    done[b] = True
-            if all(done):
+        while True:
+            if on_token is not None:
+                for s, tok in events:
+                    on_token(index[id(s)], tok)
+            if not batcher.active:
                 break
-            step_pos = (lens_t + step)[:, None]  # [B, 1]
-            if self.graphs is not None and self.provider.graph_safe:
-                logits = self.graphs.step(nxt[:, None], step_pos, cache)
-            else:
-                logits = self.model(nxt[:, None], step_pos, cache, S)[:, -1]
-            nxt = sample(logits, temperature, top_p, gen)
+            events = batcher.step()
         decode_s = self._sync_time(t1)
-        n_gen = sum(len(o) for o in out)
-        self.last_stats = GenerationStats(sum(lens), n_gen, prefill_s, decode_s, self.peak_memory(), n_gen - B)
-        eos = self.eos_ids if stop_on_eos else set()
-        return [Generation(o, self.decode_text(o), n, "stop" if o and o[-1] in eos else "length")
-                for o, n in zip(out, lens)]
+        n_gen = sum(len(s.out) for s in seqs)
+        self.last_stats = GenerationStats(sum(len(s.prompt) for s in seqs), n_gen, prefill_s, decode_s,
+                                          self.peak_memory(), n_gen - len(seqs))
+        return [Generation(s.out, self.decode_text(s.out), len(s.prompt), s.finish_reason or "length")
+                for s in seqs]
 
     def _sync_time(self, t0: float) -> float:
         if self.device.type == "cuda":

@@ -1,5 +1,6 @@
-"""CUDA graphs for decode steps: one captured forward per (batch, cache length), replayed every token,
-so batch-1 decode is not bound by Python and kernel launches."""
+"""CUDA graphs for decode steps: one captured forward per (padded batch, KV cache), replayed every token,
+so batch-1 decode is not bound by Python and kernel launches. Batches are padded to a power of two with rows
+that write into the cache's scratch row, so a handful of graphs serve every batch size."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,38 +13,44 @@ from moetandem.models import KVCache, MoEForCausalLM
 @dataclass
 class _Entry:
     cache: KVCache
-    ids: torch.Tensor  # [B, 1] static input
-    pos: torch.Tensor  # [B, 1] static input
+    ids: torch.Tensor  # [Ap, 1] static input
+    pos: torch.Tensor  # [Ap, 1]
+    rows: torch.Tensor  # [Ap]
     graph: torch.cuda.CUDAGraph | None = None
-    logits: torch.Tensor | None = None  # [B, V] static output
+    logits: torch.Tensor | None = None  # [Ap, V] static output
 
 
 class DecodeGraphs:
-    def __init__(self, model: MoEForCausalLM, max_entries: int = 8) -> None:
-        self.model, self.max_entries = model, max_entries
-        self.entries: dict[tuple[int, int], _Entry] = {}
+    def __init__(self, model: MoEForCausalLM) -> None:
+        self.model = model
+        self.entries: dict[tuple[int, int], _Entry] = {}  # (padded batch, id(cache))
         self.pool = torch.cuda.graph_pool_handle()
 
     def clear(self) -> None:
         self.entries.clear()
 
-    def cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
-        """The KV cache bound to the graph for this shape (a graph replays on fixed buffers)."""
-        key = (batch, max_len)
-        if key not in self.entries:
-            if len(self.entries) >= self.max_entries:
-                self.entries.pop(next(iter(self.entries)))
-            dev = self.model.lm_head.weight.device
-            self.entries[key] = _Entry(KVCache(self.model.args, batch, max_len, dev, dtype),
-                                       torch.zeros(batch, 1, dtype=torch.long, device=dev),
-                                       torch.zeros(batch, 1, dtype=torch.long, device=dev))
-        return self.entries[key].cache
+    def forget(self, cache: KVCache) -> None:
+        """Drop graphs bound to a cache that is being freed."""
+        self.entries = {k: e for k, e in self.entries.items() if e.cache is not cache}
 
-    def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decode step: ids/pos [B, 1] -> logits [B, V] (valid until the next step)."""
-        e = self.entries[(cache.batch, cache.max_len)]
-        e.ids.copy_(ids)
-        e.pos.copy_(pos)
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, cache: KVCache,
+             scratch_row: int) -> torch.Tensor:
+        """ids/pos [A, 1], rows [A] -> logits [Ap, V] (first A rows are real; valid until the next step)."""
+        A = ids.shape[0]
+        Ap = min(1 << (A - 1).bit_length(), cache.batch - 1)
+        key = (Ap, id(cache))
+        e = self.entries.get(key)
+        if e is None:
+            dev = ids.device
+            e = self.entries[key] = _Entry(cache, torch.zeros(Ap, 1, dtype=torch.long, device=dev),
+                                           torch.zeros(Ap, 1, dtype=torch.long, device=dev),
+                                           torch.full((Ap,), scratch_row, dtype=torch.long, device=dev))
+        e.ids[:A].copy_(ids)
+        e.pos[:A].copy_(pos)
+        e.rows[:A].copy_(rows)
+        e.ids[A:].zero_()
+        e.pos[A:].zero_()
+        e.rows[A:].fill_(scratch_row)
         if e.graph is None:
             self._capture(e)
         else:
@@ -57,10 +64,10 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.model(e.ids, e.pos, e.cache, e.cache.max_len)
+                self.model(e.ids, e.pos, e.cache, e.cache.max_len, rows=e.rows)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            e.logits = self.model(e.ids, e.pos, e.cache, e.cache.max_len)[:, -1]
+            e.logits = self.model(e.ids, e.pos, e.cache, e.cache.max_len, rows=e.rows)[:, -1]
         graph.replay()
         e.graph = graph

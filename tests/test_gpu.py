@@ -35,9 +35,10 @@ def test_graph_grouped_bf16_matches_eager_fp32(fam, tmp_path):
     with torch.no_grad():
         pos_all = torch.arange(40, device="cuda").expand(2, 40)
         want = ref.model(seq, pos_all, KVCache(ref.args, 2, 40, torch.device("cuda"), torch.float32), 40)  # [2, 40, V]
-        cache = fast.graphs.cache(2, 128, torch.bfloat16)
-        fast.model(seq[:, :n0], pos_all[:, :n0], cache, n0)
+        cache = fast.kv_cache(3, 128)  # rows 0, 1 + scratch row 2
+        rows = torch.tensor([1, 0], device="cuda")  # sequences deliberately not in rows 0, 1
+        fast.model(seq[:, :n0], pos_all[:, :n0], cache, n0, rows=rows)
         for t in range(n0, 40):
-            got = fast.graphs.step(seq[:, t:t + 1], pos_all[:, t:t + 1], cache).float()  # [2, V]
+            got = fast.graphs.step(seq[:, t:t + 1], pos_all[:, t:t + 1], rows, cache, scratch_row=2)[:2].float()
             err = (got - want[:, t]).norm() / want[:, t].norm()
             assert err < 3e-2, f"{fam} step {t}: relative error {err:.3g}"

@@ -77,8 +77,9 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(n_heads * head_dim, eps), RMSNorm(n_kv * head_dim, eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
-                batch_idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
-        # x [B, L, H]; cache k/v [B, S, n_kv, D]; batch_idx [B, 1]; pos [B, L]; mask [B, 1, L, kv_len]
+                rows: torch.Tensor | None, pos: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+        # x [B, L, H]; cache k/v [R, S, n_kv, D]; rows [B] = cache row of each sequence (None: row b);
+        # pos [B, L]; mask [B, 1, L, kv_len]
         B, L, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -93,9 +94,13 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, h, L, D]
         k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, L, n_kv, D]
         k_cache, v_cache = cache
-        k_cache[batch_idx, pos] = k.to(k_cache.dtype)
-        v_cache[batch_idx, pos] = v.to(v_cache.dtype)
-        keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, n_kv, S, D]
-        values = v_cache[:, :kv_len].transpose(1, 2)
+        r = torch.arange(B, device=pos.device) if rows is None else rows  # [B]
+        k_cache[r[:, None], pos] = k.to(k_cache.dtype)
+        v_cache[r[:, None], pos] = v.to(v_cache.dtype)
+        if rows is None:  # sequences own cache rows 0..B-1: a view, no copy
+            keys, values = k_cache[:B, :kv_len], v_cache[:B, :kv_len]
+        else:  # gather this batch's rows
+            keys, values = k_cache[rows, :kv_len], v_cache[rows, :kv_len]
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, n_kv, S, D]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))

@@ -67,9 +67,9 @@ class DecoderLayer(nn.Module):
             if a.moe_layers[i] else MLP(a.hidden_size, a.dense_intermediate_size))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
-                batch_idx: torch.Tensor, pos: torch.Tensor, masks: dict[int | None, torch.Tensor], kv_len: int,
+                rows: torch.Tensor | None, pos: torch.Tensor, masks: dict[int | None, torch.Tensor], kv_len: int,
                 valid: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch_idx, pos, masks[self.window], kv_len)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
         y = self.post_attention_layernorm(h)
         return h + (self.mlp(y, valid) if isinstance(self.mlp, SparseMoE) else self.mlp(y))
 
@@ -99,9 +99,11 @@ class MoEForCausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
 
     def forward(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
-                valid: torch.Tensor | None = None, last_only: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, last_only: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/pos [B, L]; writes K/V at pos and attends to cache positions < kv_len.
-        last_only [B]: index of the one row per sequence whose logits are wanted. Returns logits [B, L|1, V]."""
+        valid [B, L]: real (non-padding) tokens; last_only [B]: the one row per sequence whose logits are wanted;
+        rows [B]: the cache row of each sequence (default: row b). Returns logits [B, L|1, V]."""
         B, L = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # [B, L, H]
         cos = self.rope_cos[pos].to(x.dtype)  # [B, L, D]
@@ -111,9 +113,8 @@ class MoEForCausalLM(nn.Module):
         masks: dict[int | None, torch.Tensor] = {None: causal[:, None]}
         for w in {l.window for l in self.model.layers} - {None}:
             masks[w] = (causal & (kpos[None, None, :] > pos[:, :, None] - w))[:, None]
-        batch_idx = torch.arange(B, device=pos.device)[:, None]  # [B, 1]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, (cache.k[i], cache.v[i]), batch_idx, pos, masks, kv_len, valid)
+            x = layer(x, cos, sin, (cache.k[i], cache.v[i]), rows, pos, masks, kv_len, valid)
         if last_only is not None:
             x = x[torch.arange(B, device=x.device), last_only][:, None]  # [B, 1, H]
         return self.lm_head(self.model.norm(x))

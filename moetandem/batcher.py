@@ -1,0 +1,127 @@
+"""Continuous batching over the slots of one KV cache: a sequence joins at the next step (its prompt is
+prefilled into a free slot), decodes together with the others, and leaves when it finishes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from moetandem.errors import ContextLengthError
+from moetandem.models import KVCache
+from moetandem.sampling import sample
+
+if TYPE_CHECKING:
+    from moetandem.engine import Engine
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    out: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    slot: int = -1
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def next_pos(self) -> int:
+        """Position of the last produced token, i.e. of the token fed into the next decode step."""
+        return len(self.prompt) + len(self.out) - 1
+
+
+class Batcher:
+    def __init__(self, engine: "Engine", max_batch: int, max_len: int) -> None:
+        self.engine, self.model = engine, engine.model
+        self.max_batch, self.max_len = max_batch, max_len
+        # one extra row: the scratch slot that padding rows of a CUDA-graph batch write into
+        self.cache: KVCache = engine.kv_cache(max_batch + 1, max_len)
+        self.slots: list[Request | None] = [None] * max_batch
+
+    @property
+    def active(self) -> list[Request]:
+        return [s for s in self.slots if s is not None]
+
+    def free_slots(self) -> int:
+        return self.slots.count(None)
+
+    def check_fits(self, seq: Request) -> None:
+        limit = min(self.max_len, self.engine.args.max_position_embeddings)
+        if len(seq.prompt) + seq.max_new_tokens > limit:
+            raise ContextLengthError(f"prompt ({len(seq.prompt)} tokens) + max_new_tokens ({seq.max_new_tokens}) "
+                                     f"exceeds the context of {limit} tokens")
+
+    @torch.inference_mode()
+    def add(self, seqs: list[Request]) -> list[tuple[Request, int]]:
+        """Prefill new sequences (one right-padded batch) into free slots; returns their first tokens."""
+        if len(seqs) > self.free_slots():
+            raise RuntimeError(f"{len(seqs)} sequences but only {self.free_slots()} free slots")
+        for s in seqs:
+            self.check_fits(s)
+        dev = self.engine.device
+        for s in seqs:
+            s.slot = self.slots.index(None)
+            self.slots[s.slot] = s
+            if s.seed is not None and s.temperature > 0:
+                s.generator = torch.Generator(device=dev).manual_seed(s.seed)
+        lens = [len(s.prompt) for s in seqs]
+        n, Lp = len(seqs), max(lens)
+        ids = torch.zeros(n, Lp, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : lens[b]] = torch.tensor(s.prompt)
+        pos = torch.arange(Lp, device=dev).expand(n, Lp)
+        lens_t = torch.tensor(lens, device=dev)
+        valid = pos < lens_t[:, None] if min(lens) != Lp else None
+        rows = torch.tensor([s.slot for s in seqs], device=dev)
+        logits = self.model(ids.to(dev), pos, self.cache, Lp, valid=valid, last_only=lens_t - 1, rows=rows)
+        return self._emit(seqs, logits[:, -1])
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, int]]:
+        """One decode step for every active sequence; returns (sequence, new token) pairs."""
+        seqs = self.active
+        if not seqs:
+            return []
+        dev = self.engine.device
+        ids = torch.tensor([[s.out[-1]] for s in seqs], device=dev)  # [A, 1]
+        pos = torch.tensor([[s.next_pos] for s in seqs], device=dev)  # [A, 1]
+        rows = torch.tensor([s.slot for s in seqs], device=dev)  # [A]
+        graphs = self.engine.graphs
+        if graphs is not None and self.engine.provider.graph_safe:
+            logits = graphs.step(ids, pos, rows, self.cache, scratch_row=self.max_batch)[: len(seqs)]
+        else:
+            logits = self.model(ids, pos, self.cache, self.max_len, rows=rows)[:, -1]
+        return self._emit(seqs, logits)
+
+    def cancel(self, seq: Request) -> None:
+        """Stop a sequence now and free its slot (its KV rows are simply overwritten by the next user)."""
+        if not seq.done:
+            seq.finish_reason = "cancelled"
+        if 0 <= seq.slot < self.max_batch and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+
+    def _emit(self, seqs: list[Request], logits: torch.Tensor) -> list[tuple[Request, int]]:
+        # logits [A, V]; greedy rows share one argmax, sampled rows use their own generator
+        toks = logits.argmax(dim=-1).tolist()
+        for i, s in enumerate(seqs):
+            if s.temperature > 0:
+                toks[i] = int(sample(logits[i: i + 1], s.temperature, s.top_p, s.generator)[0])
+        events = []
+        for s, tok in zip(seqs, toks):
+            s.out.append(tok)
+            events.append((s, tok))
+            if tok in s.stop_ids:
+                s.finish_reason = "stop"
+            elif len(s.out) >= s.max_new_tokens:
+                s.finish_reason = "length"
+            if s.done:
+                self.slots[s.slot] = None
+        return events
