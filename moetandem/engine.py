@@ -14,7 +14,7 @@ from moetandem.batcher import Request
 from moetandem.checkpoint import Checkpoint
 from moetandem.errors import ContextLengthError, InvalidRequestError, MoetandemError
 from moetandem.experts.provider import ExpertProvider
-from moetandem.experts.resident import ResidentProvider
+from moetandem.experts.factory import build_provider
 from moetandem.experts.store import ExpertStore
 from moetandem.graphs import DecodeGraphs
 from moetandem.loader import load_dense
@@ -82,7 +82,11 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = "auto", progress: bool = True,
-                        use_graphs: bool = True) -> "Engine":
+                        use_graphs: bool = True, expert_budget: str | int | float | None = None,
+                        policy: str | None = None, fidelity: str = "balanced", skip_threshold: float | None = None,
+                        refresh_every: int = 16, score: str = "importance") -> "Engine":
+        """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all
+        expert bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         ckpt = Checkpoint(path)
@@ -90,7 +94,8 @@ class Engine:
         args = family.args(ckpt.config, ckpt.path)
         model = load_dense(ckpt, family, args, dev, dt, progress)
         store = ExpertStore(ckpt, family, args)
-        provider = ResidentProvider(store, dev, dt, progress)
+        provider = build_provider(ckpt, store, args.top_k, dev, dt, expert_budget, policy, fidelity,
+                                  skip_threshold, refresh_every, score=score, progress=progress)
         return cls(model, ckpt.tokenizer(), provider, store, dev, dt, use_graphs)
 
     def set_provider(self, provider: ExpertProvider) -> None:
@@ -100,6 +105,21 @@ class Engine:
             block.provider = provider
         if self.graphs is not None:
             self.graphs.clear()
+
+    def set_expert_budget(self, budget: str | int | float) -> None:
+        """Change the committee's budget at run time (between steps): shrinking evicts, growing admits."""
+        from moetandem.experts.committee import CommitteeProvider
+        from moetandem.experts.factory import parse_budget
+        if not isinstance(self.provider, CommitteeProvider):
+            raise InvalidRequestError("this engine runs all experts resident; start it with an expert budget")
+        total = self.store.expert_bytes(self.dtype) * self.store.num_experts * len(self.store.layers)
+        self.provider.set_budget(min(parse_budget(budget, total), total))
+
+    def expert_stats(self) -> dict[str, float]:
+        """Committee counters (hits, misses, substitutions, skips, fetches, host computes, swaps, bytes moved,
+        stall seconds); empty when every expert is resident."""
+        stats = getattr(self.provider, "stats", None)
+        return stats.as_dict() if stats is not None else {}
 
     # ---------------------------------------------------------------- generation
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

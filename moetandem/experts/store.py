@@ -52,3 +52,18 @@ class ExpertStore:
 
     def total_numel(self) -> int:
         return self.expert_numel() * self.num_experts * len(self.layers)
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        return self.expert_numel() * torch.empty((), dtype=dtype).element_size()
+
+    def read_flat(self, layer: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """One expert as a single flat buffer [gate | up | down] (so a swap is one copy)."""
+        g, u, d = self.read(layer, expert)
+        return torch.cat([g.reshape(-1), u.reshape(-1), d.reshape(-1)]).to(dtype)
+
+
+def flat_views(buf: torch.Tensor, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of flat expert buffers [..., 3*I*H] as w13 [..., 2I, H] (gate; up) and w2 [..., H, I]."""
+    n = 2 * inter * hidden
+    lead = buf.shape[:-1]
+    return buf[..., :n].unflatten(-1, (2 * inter, hidden)), buf[..., n:].unflatten(-1, (hidden, inter))

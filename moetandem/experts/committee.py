@@ -1,0 +1,337 @@
+"""Parameter Committee: under a byte budget, a resident set of experts in fixed device slots, scored by recent
+importance and refreshed asynchronously; misses handled by a MissPolicy (skip / substitute / fetch / host)."""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from moetandem.errors import InvalidRequestError
+from moetandem.experts.policies import CostModel, MissPolicy
+from moetandem.experts.provider import ExpertProvider, combine, group_by_expert
+from moetandem.experts.store import ExpertStore, flat_views
+from moetandem.models.layers import swiglu
+
+SCORES = ("importance", "count", "ema")
+
+
+@dataclass
+class CommitteeStats:
+    hits: int = 0
+    misses: int = 0
+    substitutions: int = 0
+    skips: int = 0
+    fetches: int = 0
+    host_computes: int = 0
+    swaps: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+
+class _Layer:
+    """Slots of one MoE layer: buf [n, 3*I*H] on the device, the expert in each slot, and importance scores."""
+
+    def __init__(self, n: int, numel: int, num_experts: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.buf = torch.empty(n, numel, device=device, dtype=dtype)
+        self.expert_of: list[int] = [-1] * n  # slot -> expert (-1 free or in transit)
+        self.slot_of: dict[int, int] = {}  # expert -> slot (published, usable)
+        self.score = torch.zeros(num_experts)  # importance over the window (host)
+        self.window: collections.deque[tuple[int, torch.Tensor]] = collections.deque()
+        self.window_tokens = 0
+        self.since_refresh = 0
+        self.last_use: dict[int, int] = {}  # expert -> tick (LRU)
+        self.busy: set[int] = set()  # slots with a swap in flight
+
+
+class CommitteeProvider(ExpertProvider):
+    graph_safe = False
+
+    def __init__(self, store: ExpertStore, device: torch.device, dtype: torch.dtype, budget_bytes: int,
+                 policy: MissPolicy, top_k: int, similarity: dict[int, torch.Tensor] | None = None,
+                 norms: dict[int, torch.Tensor] | None = None, slots: dict[int, int] | None = None,
+                 refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True) -> None:
+        if score not in SCORES:
+            raise InvalidRequestError(f"unknown committee score {score!r}; choose one of {', '.join(SCORES)}")
+        self.store, self.device, self.dtype, self.policy, self.top_k = store, device, dtype, policy, top_k
+        self.similarity, self.score_kind, self.refresh_every, self.window = similarity, score, refresh_every, window
+        self.E, self.I, self.H = store.num_experts, store.inter, store.hidden
+        self.expert_size = store.expert_bytes(dtype)
+        self.norms = norms or {l: torch.ones(self.E) for l in store.layers}
+        self.stats = CommitteeStats()
+        self.lock = threading.Lock()
+        self.tick = 0
+        self.cost = CostModel(device, dtype, self.I, self.H)
+        self.layers: dict[int, _Layer] = {}
+        self._host: dict[tuple[int, int], torch.Tensor] = {}  # pinned host copies (CUDA only)
+        self._jobs: queue.Queue[tuple[int, int, int, torch.cuda.Event | None] | None] = queue.Queue()
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._worker = threading.Thread(target=self._swap_loop, name="moetandem-swapper", daemon=True)
+        self._worker.start()
+        self.set_budget(budget_bytes, slots, progress)
+
+    # ------------------------------------------------------------------ budget and slots
+    def plan_slots(self, budget_bytes: int) -> dict[int, int]:
+        per_layer = budget_bytes // (self.expert_size * len(self.store.layers))
+        need = self.top_k * self.expert_size * len(self.store.layers)
+        if per_layer < self.top_k:
+            raise InvalidRequestError(
+                f"expert budget {budget_bytes / 2**20:.1f} MiB is below one token's experts "
+                f"({self.top_k} per layer × {len(self.store.layers)} layers × {self.expert_size / 2**20:.2f} MiB = "
+                f"{need / 2**20:.1f} MiB); raise --expert-budget")
+        return {l: min(self.E, per_layer) for l in self.store.layers}
+
+    def set_budget(self, budget_bytes: int, slots: dict[int, int] | None = None, progress: bool = False) -> None:
+        """Resize the committee now (between steps): shrinking evicts the least important, growing admits the
+        most important experts."""
+        plan = slots or self.plan_slots(budget_bytes)
+        if sum(plan.values()) * self.expert_size > budget_bytes:
+            raise InvalidRequestError("the slot plan needs more bytes than the expert budget")
+        self.drain()
+        for l in tqdm(self.store.layers, desc="committee", unit="layer", disable=not progress, leave=False):
+            old = self.layers.get(l)
+            n = plan[l]
+            new = _Layer(n, self.store.expert_numel(), self.E, self.device, self.dtype)
+            rank = self._ranking(l, old)
+            keep = [e for e in rank if old is not None and e in old.slot_of][:n]
+            if old is not None:
+                new.score, new.window, new.window_tokens, new.last_use = \
+                    old.score, old.window, old.window_tokens, old.last_use
+            for s, e in enumerate(keep):
+                new.buf[s].copy_(old.buf[old.slot_of[e]])
+                new.expert_of[s], new.slot_of[e] = e, s
+            del old
+            self.layers[l] = new
+            admit = [e for e in rank if e not in new.slot_of][: n - len(keep)]
+            for s, e in zip(range(len(keep), n), admit):
+                self._load(l, s, e)
+        self.budget_bytes = budget_bytes
+
+    def _ranking(self, layer: int, state: _Layer | None) -> list[int]:
+        """Experts by current importance; before any routing is seen, by weight norm (‖E_i‖)."""
+        score = state.score if state is not None and state.score.any() else self.norms[layer]
+        return torch.argsort(score, descending=True, stable=True).tolist()
+
+    def expert_bytes(self) -> int:
+        return sum(st.buf.numel() * st.buf.element_size() for st in self.layers.values())
+
+    # ------------------------------------------------------------------ moving experts
+    def host_flat(self, layer: int, expert: int) -> torch.Tensor:
+        """The expert's flat weights in host memory (pinned on CUDA, so a copy can run asynchronously)."""
+        if self._stream is None:
+            return self.store.read_flat(layer, expert, self.dtype)
+        key = (layer, expert)
+        if key not in self._host:
+            self._host[key] = self.store.read_flat(layer, expert, self.dtype).pin_memory()
+        return self._host[key]
+
+    def _load(self, layer: int, slot: int, expert: int) -> None:
+        """Synchronous copy into a slot, then publish."""
+        st = self.layers[layer]
+        st.buf[slot].copy_(self.host_flat(layer, expert))
+        with self.lock:
+            st.expert_of[slot], st.slot_of[expert] = expert, slot
+        self.stats.bytes_moved += self.expert_size
+
+    def _swap_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                self._jobs.task_done()
+                return
+            layer, slot, expert, ready = job
+            try:
+                st = self.layers.get(layer)
+                if st is None or slot >= len(st.expert_of):
+                    continue
+                src = self.host_flat(layer, expert)
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
+                        self._stream.wait_event(ready)
+                        st.buf[slot].copy_(src, non_blocking=True)
+                    self._stream.synchronize()
+                else:
+                    st.buf[slot].copy_(src)
+                with self.lock:
+                    st.expert_of[slot], st.slot_of[expert] = expert, slot
+                    st.busy.discard(slot)
+                    self.stats.swaps += 1
+                    self.stats.bytes_moved += self.expert_size
+            finally:
+                self._jobs.task_done()
+
+    def drain(self) -> None:
+        """Wait for in-flight swaps (tests, budget changes)."""
+        self._jobs.join()
+
+    def refresh(self, layer: int) -> None:
+        """Schedule swaps so the slots hold the most important experts of the window."""
+        st = self.layers[layer]
+        n = len(st.expert_of)
+        want = set(torch.topk(st.score, n).indices.tolist()) if st.score.any() else set(st.slot_of)
+        with self.lock:
+            out = sorted((e for e in st.slot_of if e not in want), key=lambda e: float(st.score[e]))
+            into = sorted((e for e in want if e not in st.slot_of), key=lambda e: -float(st.score[e]))
+            for old, new in zip(out, into):
+                if float(st.score[new]) <= float(st.score[old]):
+                    break
+                slot = st.slot_of.pop(old)  # unpublish first: compute never reads a slot being written
+                st.expert_of[slot] = -1
+                st.busy.add(slot)
+                ready = None
+                if self._stream is not None:  # the copy must wait for kernels already queued on this slot
+                    ready = torch.cuda.Event()
+                    ready.record()
+                self._jobs.put((layer, slot, new, ready))
+
+    # ------------------------------------------------------------------ importance
+    def _observe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
+        st = self.layers[layer]
+        T = x.shape[0]
+        if self.score_kind == "count":
+            contrib = torch.ones_like(w, dtype=torch.float32)
+        else:  # PC-MoE importance: ‖x‖ · g_i(x) · ‖E_i‖
+            contrib = x.float().norm(dim=-1, keepdim=True) * w.float() * self.norms[layer].to(x.device)[ids]
+        vec = torch.zeros(self.E, device=x.device).scatter_add_(0, ids.reshape(-1), contrib.reshape(-1)).cpu()
+        if self.score_kind == "ema":
+            decay = (1.0 - 1.0 / self.window) ** T
+            st.score.mul_(decay).add_(vec)
+        else:
+            st.window.append((T, vec))
+            st.score.add_(vec)
+            st.window_tokens += T
+            while st.window_tokens - st.window[0][0] >= self.window and len(st.window) > 1:
+                t_old, v_old = st.window.popleft()
+                st.score.sub_(v_old)
+                st.window_tokens -= t_old
+        st.since_refresh += T
+        if self.policy.refresh and st.since_refresh >= self.refresh_every:
+            st.since_refresh = 0
+            self.refresh(layer)
+
+    # ------------------------------------------------------------------ compute
+    def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        st, pol = self.layers[layer], self.policy
+        self.tick += 1
+        self._observe(layer, x, expert_ids, weights)
+        T, k = expert_ids.shape
+        ids, gw = expert_ids.tolist(), weights.float().tolist()
+        with self.lock:
+            resident = dict(st.slot_of)
+        final = [row[:] for row in ids]  # expert actually computed for each assignment
+        keep = [[True] * k for _ in range(T)]
+        exact: collections.Counter[int] = collections.Counter()
+
+        def miss(t: int, j: int) -> None:
+            e = ids[t][j]
+            if pol.substitute_min_sim is not None and resident:
+                sub = self._nearest(layer, e, resident)
+                if sub is not None:
+                    final[t][j] = sub
+                    self.stats.substitutions += 1
+                    return
+            exact[e] += 1
+
+        for t in range(T):
+            for j in range(k):
+                e, g = ids[t][j], gw[t][j]
+                if e in resident:
+                    self.stats.hits += 1
+                    st.last_use[e] = self.tick
+                    if pol.skip_resident and g < pol.skip_below:
+                        keep[t][j] = False
+                elif g < pol.skip_below:
+                    self.stats.misses += 1
+                    keep[t][j] = False
+                else:
+                    self.stats.misses += 1
+                    miss(t, j)
+            if not any(keep[t]):  # never drop a whole token: keep its top expert
+                keep[t][0] = True
+                if ids[t][0] not in resident:
+                    miss(t, 0)
+            self.stats.skips += keep[t].count(False)
+        if any(not all(row) for row in keep):  # renormalise kept weights to the original total
+            for t in range(T):
+                kept = sum(g for g, kp in zip(gw[t], keep[t]) if kp)
+                total = sum(gw[t])
+                gw[t] = [g * total / kept if kp else 0.0 for g, kp in zip(gw[t], keep[t])]
+            weights = torch.tensor(gw, device=weights.device, dtype=weights.dtype)
+        host = self._fetch_or_host(layer, exact, resident, {e for row in final for e in row})
+        return self._run(layer, x, final, keep, weights, resident, host)
+
+    def _nearest(self, layer: int, expert: int, resident: dict[int, int]) -> int | None:
+        if self.similarity is None:
+            raise InvalidRequestError("substitution needs expert similarity: run `moetandem calibrate MODEL` first")
+        cand = torch.tensor(list(resident))
+        sims = self.similarity[layer][expert, cand]
+        best = int(sims.argmax())
+        min_sim = self.policy.substitute_min_sim
+        return int(cand[best]) if min_sim is None or float(sims[best]) >= min_sim else None
+
+    def _fetch_or_host(self, layer: int, exact: dict[int, int], resident: dict[int, int],
+                       in_use: set[int]) -> set[int]:
+        """Handle exact misses: copy into a victim slot (fetch) or mark for host compute."""
+        st, pol, host = self.layers[layer], self.policy, set()
+        for e, rows in exact.items():
+            fetch = pol.exact == "fetch" or (pol.exact == "auto" and not self.cost.prefer_host(rows))
+            victims = [s for s, v in enumerate(st.expert_of) if v >= 0 and v not in in_use and s not in st.busy]
+            if not fetch or not victims:
+                host.add(e)
+                self.stats.host_computes += rows
+                continue
+            if pol.lru:
+                slot = min(victims, key=lambda s: st.last_use.get(st.expert_of[s], -1))
+            else:
+                slot = min(victims, key=lambda s: float(st.score[st.expert_of[s]]))
+            t0 = time.perf_counter()
+            with self.lock:
+                del st.slot_of[st.expert_of[slot]]
+                st.expert_of[slot] = -1
+            resident.pop(next(k for k, v in resident.items() if v == slot), None)
+            self._load(layer, slot, e)
+            resident[e] = slot
+            st.last_use[e] = self.tick
+            self.stats.fetches += 1
+            self.stats.stall_s += time.perf_counter() - t0
+        return host
+
+    def _run(self, layer: int, x: torch.Tensor, final: list[list[int]], keep: list[list[bool]],
+             weights: torch.Tensor, resident: dict[int, int], host: set[int]) -> torch.Tensor:
+        """Each computed expert runs once on all its kept rows, from its slot or from host memory."""
+        st, I, H = self.layers[layer], self.I, self.H
+        groups = group_by_expert(torch.tensor(final, device=x.device), self.E)
+        xs = x[groups.token]  # [T*k, H] sorted by expert
+        kept = torch.tensor(keep).reshape(-1)[groups.order.cpu()]  # [T*k] (host)
+        ys = torch.zeros_like(xs)
+        start = 0
+        for e, n in enumerate(groups.counts.tolist()):
+            if not n:
+                continue
+            sel = kept[start:start + n]
+            idx = slice(start, start + n) if bool(sel.all()) else torch.nonzero(sel).squeeze(1) + start
+            start += n
+            if not bool(sel.any()):
+                continue
+            rows = xs[idx]
+            if e in host:
+                t0 = time.perf_counter()
+                w13, w2 = flat_views(self.host_flat(layer, e), I, H)
+                y = swiglu(rows.to("cpu", w13.dtype), w13[:I], w13[I:], w2).to(x.device, x.dtype)
+                self.stats.stall_s += time.perf_counter() - t0
+            else:
+                w13, w2 = flat_views(st.buf[resident[e]], I, H)
+                y = swiglu(rows, w13[:I], w13[I:], w2)
+            ys[idx] = y
+        return combine(ys, groups, weights)

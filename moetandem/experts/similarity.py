@@ -1,0 +1,109 @@
+"""Calibration products of the committee: expert weight norms ‖E_i‖ and expert similarity (for substitution),
+from weights or from expert outputs on calibration text. Saved next to the checkpoint (or in the user cache when
+the checkpoint directory is read-only), keyed by the checkpoint's fingerprint; never recomputed silently."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from moetandem.checkpoint import Checkpoint
+from moetandem.experts.provider import ExpertProvider
+from moetandem.experts.store import ExpertStore, flat_views
+from moetandem.models.layers import swiglu
+
+if TYPE_CHECKING:
+    from moetandem.engine import Engine
+
+FILE = "moetandem-calibration.safetensors"
+
+
+def calibration_path(ckpt: Checkpoint) -> Path:
+    if os.access(ckpt.path, os.W_OK):
+        return ckpt.path / FILE
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moetandem"
+    return cache / f"{ckpt.fingerprint()}-{FILE}"
+
+
+def save_calibration(ckpt: Checkpoint, similarity: dict[int, torch.Tensor], norms: dict[int, torch.Tensor],
+                     source: str) -> Path:
+    path = calibration_path(ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"similarity.{l}": s.float().contiguous() for l, s in similarity.items()}
+    tensors |= {f"norm.{l}": n.float().contiguous() for l, n in norms.items()}
+    save_file(tensors, str(path), metadata={"fingerprint": ckpt.fingerprint(), "similarity": source})
+    return path
+
+
+def load_calibration(ckpt: Checkpoint) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None:
+    """(similarity, norms) by layer, or None when absent or made for another checkpoint."""
+    path = calibration_path(ckpt)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("fingerprint") != ckpt.fingerprint():
+            return None
+        sim = {int(k.split(".")[1]): f.get_tensor(k) for k in f.keys() if k.startswith("similarity.")}
+        norms = {int(k.split(".")[1]): f.get_tensor(k) for k in f.keys() if k.startswith("norm.")}
+    return sim, norms
+
+
+def _cosine(v: torch.Tensor) -> torch.Tensor:
+    v = torch.nn.functional.normalize(v.float().flatten(1), dim=1)  # [E, n]
+    return v @ v.T  # [E, E]
+
+
+def weight_calibration(store: ExpertStore, progress: bool = True) -> tuple[dict[int, torch.Tensor],
+                                                                         dict[int, torch.Tensor]]:
+    """Norms and cosine similarity of the flattened expert weights (reads every expert once)."""
+    sim, norms = {}, {}
+    for l in tqdm(store.layers, desc="expert weights", unit="layer", disable=not progress):
+        w = torch.stack([store.read_flat(l, e, torch.float32) for e in range(store.num_experts)])  # [E, 3IH]
+        norms[l], sim[l] = w.norm(dim=1), _cosine(w)
+    return sim, norms
+
+
+class _Recorder(ExpertProvider):
+    """Wraps a provider and keeps up to `limit` input rows per MoE layer."""
+
+    def __init__(self, inner: ExpertProvider, limit: int) -> None:
+        self.inner, self.limit, self.rows = inner, limit, {}
+
+    def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        have = self.rows.setdefault(layer, [])
+        room = self.limit - sum(r.shape[0] for r in have)
+        if room > 0:
+            have.append(x[:room].float().cpu())
+        return self.inner.compute(layer, x, expert_ids, weights)
+
+
+def output_calibration(engine: "Engine", texts: list[str], rows: int = 512, progress: bool = True
+                       ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Similarity of expert *outputs*: every expert applied to the same calibration rows of its layer."""
+    store, I, H = engine.store, engine.store.inter, engine.store.hidden
+    inner = engine.provider
+    rec = _Recorder(inner, rows)
+    engine.set_provider(rec)
+    try:
+        for text in tqdm(texts, desc="calibration text", unit="chunk", disable=not progress):
+            if all(sum(r.shape[0] for r in rec.rows.get(l, [])) >= rows for l in store.layers):
+                break
+            engine.generate([text], max_new_tokens=1)
+    finally:
+        engine.set_provider(inner)
+    sim, norms = {}, {}
+    for l in tqdm(store.layers, desc="expert outputs", unit="layer", disable=not progress):
+        x = torch.cat(rec.rows[l])  # [N, H]
+        outs, n = [], []
+        for e in range(store.num_experts):
+            flat = store.read_flat(l, e, torch.float32)
+            w13, w2 = flat_views(flat, I, H)
+            outs.append(swiglu(x, w13[:I], w13[I:], w2))  # [N, H]
+            n.append(flat.norm())
+        sim[l], norms[l] = _cosine(torch.stack(outs)), torch.stack(n)
+    return sim, norms
