@@ -1,0 +1,162 @@
+"""Parameter Committee on CPU: exactness, budgets, refresh, substitution, skipping, run-time resizing."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import build_checkpoint
+from moetandem import Engine, InvalidRequestError
+from moetandem.experts.committee import CommitteeProvider
+from moetandem.experts.factory import parse_budget
+from moetandem.experts.policies import MissPolicy
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [1, 2, 3], [9, 9, 8, 100, 31]]
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def ckpt(request, tmp_path_factory):
+    return build_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return [g.token_ids for g in Engine.from_pretrained(ckpt, device="cpu", progress=False)
+            .generate(PROMPTS, max_new_tokens=24)]
+
+
+@pytest.mark.parametrize("policy", ["fetch", "host", "auto", "lru", "host-only"])
+def test_exact_policies_reproduce_all_resident(ckpt, reference, policy):
+    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.25, policy=policy)
+    assert [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=24)] == reference
+    s = eng.expert_stats()
+    assert s["misses"] > 0 and s["hits"] > 0  # the budget really forced misses
+    if policy in ("host", "host-only"):
+        assert s["host_computes"] == s["misses"] and s["fetches"] == 0
+    if policy in ("fetch", "lru"):
+        assert s["fetches"] > 0 and s["host_computes"] < s["misses"]
+
+
+def test_exact_fidelity_is_exact(ckpt, reference):
+    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.5, fidelity="exact")
+    assert [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=24)] == reference
+
+
+def test_budget_honoured_and_resizable(ckpt, reference):
+    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.5, policy="auto")
+    full = eng.store.expert_bytes(torch.float32) * eng.store.num_experts * len(eng.store.layers)
+    assert eng.provider.expert_bytes() <= full // 2
+    eng.set_expert_budget(0.25)  # shrink: evicts
+    assert eng.provider.expert_bytes() <= full // 4
+    assert all(len(st.slot_of) == 2 for st in eng.provider.layers.values())
+    assert [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=24)] == reference
+    eng.set_expert_budget("1.0")  # grow: admits
+    eng.provider.drain()
+    assert all(len(st.slot_of) == eng.store.num_experts for st in eng.provider.layers.values())
+    before = eng.expert_stats()["misses"]
+    assert [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=24)] == reference
+    assert eng.expert_stats()["misses"] == before  # everything resident: no new misses
+
+
+def test_budget_below_one_token_is_an_error(ckpt):
+    with pytest.raises(InvalidRequestError, match="below one token's experts"):
+        Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget="10KiB", policy="auto")
+
+
+def test_parse_budget():
+    assert parse_budget("6GiB", 10) == 6 * 2**30
+    assert parse_budget("512MB", 10) == 512 * 10**6
+    assert parse_budget("0.5", 1000) == 500
+    assert parse_budget(0.25, 1000) == 250
+    assert parse_budget(4096, 10**9) == 4096
+    with pytest.raises(InvalidRequestError):
+        parse_budget("lots", 10)
+
+
+# ------------------------------------------------------------------------ provider-level behaviour
+@pytest.fixture()
+def engine(ckpt):
+    return Engine.from_pretrained(ckpt, device="cpu", progress=False)
+
+
+def _committee(engine, policy: MissPolicy, slots: int, **kw) -> CommitteeProvider:
+    st = engine.store
+    return CommitteeProvider(st, engine.device, engine.dtype, slots * st.expert_bytes(engine.dtype) * len(st.layers),
+                             policy, engine.args.top_k, progress=False, **kw)
+
+
+def test_refresh_admits_most_important(engine):
+    layer = engine.store.layers[0]
+    c = _committee(engine, MissPolicy(), slots=2, refresh_every=4, window=16)
+    hot = [e for e in range(engine.store.num_experts) if e not in c.layers[layer].slot_of][:2]
+    x = torch.randn(4, engine.args.hidden_size)
+    ids = torch.tensor([hot] * 4)
+    w = torch.full((4, 2), 0.5)
+    for _ in range(3):
+        c.compute(layer, x, ids, w)
+        c.drain()
+    assert set(c.layers[layer].slot_of) == set(hot)
+    assert c.stats.swaps >= 2
+    # the swapped-in experts compute exactly like the all-resident ones
+    torch.testing.assert_close(c.compute(layer, x, ids, w), engine.provider.compute(layer, x, ids, w),
+                               rtol=0, atol=0)
+
+
+def test_substitution_uses_nearest_resident(engine):
+    layer, E = engine.store.layers[0], engine.store.num_experts
+    c = _committee(engine, MissPolicy(substitute_min_sim=0.0), slots=2, refresh_every=10**9)
+    resident = sorted(c.layers[layer].slot_of)
+    miss = next(e for e in range(E) if e not in resident)
+    sim = torch.eye(E)
+    sim[miss, resident[1]] = sim[resident[1], miss] = 0.9  # the calibrated nearest one
+    sim[miss, resident[0]] = 0.1
+    c.similarity = {l: sim for l in engine.store.layers}
+    x = torch.randn(3, engine.args.hidden_size)
+    ids, w = torch.tensor([[miss, resident[0]]] * 3), torch.tensor([[0.6, 0.4]] * 3)
+    got = c.compute(layer, x, ids, w)
+    want = engine.provider.compute(layer, x, torch.tensor([[resident[1], resident[0]]] * 3), w)
+    torch.testing.assert_close(got, want)
+    assert c.stats.substitutions == 3
+
+
+def test_skip_respects_threshold(engine):
+    layer, E = engine.store.layers[0], engine.store.num_experts
+    c = _committee(engine, MissPolicy(skip_below=0.1, exact="host"), slots=2, refresh_every=10**9)
+    resident = sorted(c.layers[layer].slot_of)
+    miss = next(e for e in range(E) if e not in resident)
+    x = torch.randn(2, engine.args.hidden_size)
+    ids = torch.tensor([[resident[0], miss], [resident[0], miss]])
+    w = torch.tensor([[0.95, 0.05], [0.7, 0.3]])  # row 0: below τ -> skipped; row 1: above -> computed
+    got = c.compute(layer, x, ids, w)
+    only = engine.provider.compute(layer, x[:1], ids[:1, :1], torch.tensor([[1.0]]))  # renormalised to the total
+    torch.testing.assert_close(got[:1], only)
+    torch.testing.assert_close(got[1:], engine.provider.compute(layer, x[1:], ids[1:], w[1:]))
+    assert c.stats.skips == 1 and c.stats.host_computes == 1
+
+
+_RSS = """
+import json, sys, torch
+from moetandem import Engine
+def anon():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) * 1024
+eng = Engine.from_pretrained(sys.argv[1], device='cpu', progress=False,
+                             expert_budget=None if sys.argv[2] == 'all' else sys.argv[2], policy=sys.argv[3] or None)
+eng.generate([[1, 2, 3, 4]], max_new_tokens=8)
+print(json.dumps({'anon': anon(), 'experts': eng.provider.expert_bytes()}))
+"""
+
+
+def test_budget_in_measured_memory(tmp_path):
+    """Anonymous RSS (the mmap'd checkpoint excluded) falls with the budget by the experts' bytes."""
+    path = build_checkpoint("mixtral", tmp_path / "big", hidden_size=256, intermediate_size=1024,
+                            num_hidden_layers=2, num_local_experts=16)
+    total = 16 * 3 * 256 * 1024 * 4 * 2  # fp32 expert bytes
+    run = lambda b, p: json.loads(subprocess.run([sys.executable, "-c", _RSS, str(path), b, p], check=True,
+                                                  capture_output=True, text=True).stdout)
+    full, quarter = run("all", ""), run("0.25", "host")
+    assert quarter["experts"] <= total // 4 and full["experts"] == total
+    overhead = quarter["anon"] - (full["anon"] - total) - quarter["experts"]
+    assert overhead < 0.1 * total, f"committee overhead {overhead / 2**20:.1f} MiB"
