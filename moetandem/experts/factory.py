@@ -9,6 +9,7 @@ import torch
 from moetandem.checkpoint import Checkpoint
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.committee import CommitteeProvider
+from moetandem.experts.plan import Plan
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.resident import ResidentProvider
@@ -35,7 +36,15 @@ def parse_budget(budget: str | int | float, total_bytes: int) -> int:
 def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: torch.device, dtype: torch.dtype,
                    expert_budget: str | int | float | None = None, policy: str | None = None,
                    fidelity: str = "balanced", skip_threshold: float | None = None, refresh_every: int = 16,
-                   window: int = 256, score: str = "importance", progress: bool = True) -> ExpertProvider:
+                   window: int = 256, score: str = "importance", plan: str | Plan | None = None,
+                   progress: bool = True) -> ExpertProvider:
+    slots = None
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        slots, refresh_every = plan.slots, plan.refresh_every
+        expert_budget = expert_budget or plan.budget_bytes
+        if set(slots) != set(store.layers):
+            raise InvalidRequestError("the plan was made for another model (its MoE layers differ)")
     if expert_budget is None:
         if policy is not None:
             raise InvalidRequestError("--policy needs --expert-budget (with no budget every expert is resident)")
@@ -51,4 +60,5 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
         save_calibration(ckpt, *calib, source="weights")
     sim, norms = calib if calib is not None else (None, None)
     return CommitteeProvider(store, device, dtype, min(budget, total), miss, top_k, similarity=sim, norms=norms,
-                             refresh_every=refresh_every, window=window, score=score, progress=progress)
+                             slots=slots, refresh_every=refresh_every, window=window, score=score,
+                             progress=progress)
