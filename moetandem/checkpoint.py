@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -13,13 +13,16 @@ from moetandem.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers
 
 
 class Checkpoint:
     """Read-only view of a checkpoint directory. Tensors are read one at a time from
     memory-mapped safetensors files, so the checkpoint is never copied whole into RAM."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, check_family: Callable[[Any], Any] | None = None) -> None:
+        """check_family(model_type) runs right after config.json is read, so an unsupported architecture is
+        reported before the weights are looked at."""
         self.path = Path(path).expanduser()
         if not self.path.exists():
             raise CheckpointError(f"model directory not found: {self.path}")
@@ -29,6 +32,8 @@ class Checkpoint:
         if not cfg_file.is_file():
             raise CheckpointError(f"{self.path} has no config.json; is it a Hugging Face checkpoint directory?")
         self.config: dict[str, Any] = _read_json(cfg_file)
+        if check_family is not None:
+            check_family(self.config.get("model_type"))
         self.weight_map = self._weight_map()
         self._handles: dict[Path, Any] = {}
         self._keys: dict[Path, set[str]] = {}
@@ -136,17 +141,21 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _shard_problem(shard: Path, err: Exception) -> str:
-    """Why safetensors refused `shard`: truncated (header intact, bytes missing) or corrupt."""
+    """Why safetensors refused `shard`: truncated (a plausible header says the file is longer) or corrupt."""
     size = shard.stat().st_size
+    want, exact = 0, False
     try:
         with shard.open("rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
-        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] if header else []
-        want = 8 + n + max(ends, default=0)
+            if 0 < n <= MAX_HEADER_BYTES:  # a garbage length prefix is far larger
+                want = 8 + n  # the header alone
+                if size >= want:
+                    header = json.loads(f.read(n))
+                    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+                    want, exact = 8 + n + max(ends, default=0), True
     except Exception:
         want = 0
     if want > size:
-        return (f"shard {shard.name} is truncated: {size} bytes on disk, its header describes {want}; "
-                "the download was interrupted, download it again")
+        return (f"shard {shard.name} is truncated: {size} bytes on disk, expected {'' if exact else 'at least '}"
+                f"{want}; the download was interrupted, download it again")
     return f"shard {shard.name} is corrupt ({err}); download it again"

@@ -1,7 +1,9 @@
 """Engine: load a checkpoint and generate (prefill + decode over a static KV cache, CUDA graphs on GPU)."""
 from __future__ import annotations
 
+import math
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MoetandemError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        raise InvalidRequestError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     return dev
 
 
@@ -62,7 +64,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise MoetandemError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        raise InvalidRequestError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -89,7 +91,7 @@ class Engine:
         expert bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        ckpt = Checkpoint(path)
+        ckpt = Checkpoint(path, check_family=get_family)
         family = get_family(ckpt.config.get("model_type"))
         args = family.args(ckpt.config, ckpt.path)
         model = load_dense(ckpt, family, args, dev, dt, progress)
@@ -128,7 +130,10 @@ class Engine:
                 raise InvalidRequestError("this checkpoint ships no tokenizer; pass token ids instead of text")
             ids = list(self.tokenizer(prompt)["input_ids"])
         else:
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise InvalidRequestError("a prompt is text or a list of integer token ids") from None
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
@@ -154,9 +159,9 @@ class Engine:
                       top_p: float = 1.0, seed: int | None = None, stop_on_eos: bool = True,
                       stop_ids: Sequence[int] = ()) -> Request:
         """Validate one request and turn it into a batcher Sequence."""
-        if max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
             raise InvalidRequestError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
         ids = self.encode(prompt)
         limit = self.args.max_position_embeddings
@@ -209,4 +214,5 @@ class Engine:
     def peak_memory(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB

@@ -10,6 +10,8 @@ FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in (mixtral, 
 
 
 def get_family(model_type: str | None) -> Family:
+    if model_type is None:
+        raise UnsupportedModelError("config.json has no model_type; is this a transformers checkpoint?")
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; moetandem runs: {', '.join(sorted(FAMILIES))}")

@@ -58,6 +58,8 @@ def need(c: dict[str, Any], path: Path, *keys: str) -> Any:
     """The first of `keys` present in config.json (field names drift between transformers versions)."""
     for key in keys:
         if c.get(key) is not None:
+            if not isinstance(c[key], (int, float, list, bool)):
+                raise UnsupportedModelError(f"{path / 'config.json'}: {key} = {c[key]!r} is not a number")
             return c[key]
     raise UnsupportedModelError(f"{path / 'config.json'} lacks {' / '.join(map(repr, keys))}")
 

@@ -1,0 +1,207 @@
+"""The FastAPI app: OpenAI-compatible endpoints, /health, /metrics, API-key check, OpenAI-shaped errors."""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from moetandem.serve.errors import APIError, error_response, type_for_status
+from moetandem.serve.generation import chat_prompt, completion_prompts, respond
+from moetandem.serve.loop import EngineLoop
+from moetandem.serve.metrics import ServerMetrics
+from moetandem.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+
+log = logging.getLogger("moetandem.serve")
+KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
+
+
+class ServerState:
+    """What the routes share: the engine loop once loaded, its status, the served model id, the API key."""
+
+    def __init__(self, model_id: str, api_key: str | None, metrics: ServerMetrics, loop_kwargs: dict[str, Any]):
+        self.model_id, self.api_key, self.metrics, self.loop_kwargs = model_id, api_key, metrics, loop_kwargs
+        self.loop: EngineLoop | None = None
+        self.load_error: str | None = None
+
+    def attach(self, engine: Any) -> None:
+        loop = EngineLoop(engine, metrics=self.metrics, **self.loop_kwargs)
+        loop.start()
+        self.loop = loop
+
+    def load(self, loader: Callable[[], Any]) -> None:
+        try:
+            self.attach(loader())
+        except BaseException as e:  # noqa: BLE001 - reported by /health
+            log.exception("loading the model failed")
+            self.load_error = f"{type(e).__name__}: {e}"
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        if self.load_error is not None:
+            return 503, {"status": "error", "detail": f"loading the model failed: {self.load_error}"}
+        if self.loop is None:
+            return 503, {"status": "loading"}
+        if not self.loop.alive:
+            return 503, {"status": "error", "detail": self.loop.error or "the engine thread has stopped"}
+        return 200, {"status": "ok", "model": self.model_id, "running": len(self.loop.running),
+                     "waiting": len(self.loop.waiting)}
+
+    def ready_loop(self) -> EngineLoop:
+        status, info = self.health()
+        if status != 200 or self.loop is None:
+            code = "model_loading" if info["status"] == "loading" else "engine_unavailable"
+            raise APIError(503, f"the server is not ready: {info.get('detail', info['status'])}",
+                           type="server_error", code=code, headers={"Retry-After": "5"})
+        return self.loop
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_id:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_id!r}",
+                           param="model", code="model_not_found")
+
+
+class GateMiddleware:
+    """API-key check for everything but /health (before the body is even read), and HTTP request counts."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+        self.expected = f"Bearer {state.api_key}".encode() if state.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status = [500]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.expected is not None and path != "/health" and not self._authorized(scope):
+                await error_response(401, "missing or invalid API key: send the header 'Authorization: Bearer "
+                                          "<key>'", code="invalid_api_key",
+                                     headers={"WWW-Authenticate": "Bearer"})(scope, receive, counting_send)
+                return
+            await self.app(scope, receive, counting_send)
+        finally:
+            label = path if path in KNOWN_PATHS else "other"
+            self.state.metrics.http_requests.labels(label, str(status[0])).inc()
+
+    def _authorized(self, scope: Scope) -> bool:
+        got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = got.partition(b" ")
+        given = b"Bearer " + token.strip() if scheme.lower() == b"bearer" else b""
+        return self.expected is not None and hmac.compare_digest(given, self.expected)
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        return error_response(400, f"the request body is not valid JSON ({detail.get('ctx', {}).get('error', '')})"
+                              .replace(" ()", ""), code="invalid_json")
+    params, parts = [], []
+    for e in errors[:3]:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        params.append(where or None)
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    message = "; ".join(parts) or "invalid request"
+    if len(errors) > 3:
+        message += f" (and {len(errors) - 3} more)"
+    return error_response(400, message, param=params[0].split(".")[0] if params and params[0] else None)
+
+
+def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, str(exc.detail), type_for_status(exc.status_code),
+                          headers=getattr(exc, "headers", None))
+
+
+def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, f"internal server error: {type(exc).__name__}", "server_error")
+
+
+def create_app(engine: Any | None = None, *, loader: Callable[[], Any] | None = None, model_id: str = "moetandem",
+               api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
+               max_model_len: int | None = None) -> FastAPI:
+    """The server app. Pass a loaded `engine`, or a `loader` that builds one in a background thread (/health
+    answers 503 "loading" meanwhile). The engine thread starts with the app (lifespan) and stops with it."""
+    if (engine is None) == (loader is None):
+        raise ValueError("pass exactly one of engine, loader")
+    state = ServerState(model_id, api_key or None, ServerMetrics(),
+                        {"max_batch": max_batch, "max_waiting": max_waiting, "max_len": max_model_len})
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            state.attach(engine)
+        else:
+            assert loader is not None
+            threading.Thread(target=state.load, args=(loader,), name="moetandem-load", daemon=True).start()
+        yield
+        if state.loop is not None:
+            state.loop.stop()
+
+    app = FastAPI(title="moetandem", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)
+    app.state.server = state
+    app.add_middleware(GateMiddleware, state=state)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+    @app.get("/health", summary="200 when ready; 503 while loading or when the engine thread is dead")
+    def health() -> JSONResponse:
+        status, info = state.health()
+        return JSONResponse(info, status_code=status)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def card() -> ModelCard:
+        return ModelCard(id=state.model_id, max_model_len=state.loop.max_len if state.loop else None)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    def models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERRORS)
+    def model(model: str) -> ModelCard:
+        state.check_model(model)
+        return card()
+
+    @app.post("/v1/chat/completions", responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        loop = state.ready_loop()
+        return await respond(request, loop, state.model_id, "chat", body, [chat_prompt(loop, body)], "messages")
+
+    @app.post("/v1/completions", responses=ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        loop = state.ready_loop()
+        return await respond(request, loop, state.model_id, "completion", body, completion_prompts(loop, body),
+                             "prompt")
+
+    return app

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the server, in a registry of their own (several apps can live in one process)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "moetandem"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class ServerMetrics:
+    """Everything /metrics reports. The engine thread and the HTTP handlers update it; prometheus-client's
+    metric objects are thread-safe."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.running = Gauge(f"{PREFIX}_requests_running", "sequences decoding in the batch now", registry=r)
+        self.waiting = Gauge(f"{PREFIX}_requests_waiting", "sequences queued for a batch slot", registry=r)
+        self.batch_slots = Gauge(f"{PREFIX}_batch_slots", "KV-cache slots (the largest decode batch)", registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "arrival to first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(f"{PREFIX}_time_per_output_token_seconds",
+                             "time between consecutive generated tokens of one sequence (inter-token latency)",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "arrival to last token of a sequence",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(f"{PREFIX}_request_queue_time_seconds", "arrival to admission into a slot",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "tokens generated", registry=r)
+        self.request_prompt_tokens = Histogram(f"{PREFIX}_request_prompt_tokens", "prompt length per sequence",
+                                               buckets=TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram(f"{PREFIX}_request_generation_tokens",
+                                                   "generated tokens per sequence", buckets=TOKEN_BUCKETS,
+                                                   registry=r)
+        self.sequences_finished = Counter(f"{PREFIX}_sequences_finished", "sequences that left the engine",
+                                          ["finish_reason"], registry=r)
+        self.batch_size = Histogram(f"{PREFIX}_decode_batch_size", "sequences per decode step",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.steps = Counter(f"{PREFIX}_decode_steps", "decode steps run", registry=r)
+        self.http_requests = Counter(f"{PREFIX}_http_requests", "HTTP requests answered", ["path", "status"],
+                                     registry=r)
+        self.rejected = Counter(f"{PREFIX}_requests_rejected", "requests refused because the queue was full",
+                                registry=r)
+        self.engine_errors = Counter(f"{PREFIX}_engine_errors", "engine exceptions (each fails the sequences "
+                                     "it touched)", registry=r)
+
+    def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], slots: int) -> None:
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
+        self.batch_slots.set(slots)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
