@@ -142,45 +142,30 @@ import json, sys, torch
 from moetandem import Engine
 def anon():
     return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) * 1024
-eng = Engine.from_pretrained(sys.argv[1], device='cpu', progress=False,
-                             expert_budget=None if sys.argv[2] == 'all' else sys.argv[2], policy=sys.argv[3] or None)
-eng.generate([[1, 2, 3, 4]], max_new_tokens=8)
-print(json.dumps({'anon': anon(), 'experts': eng.provider.expert_bytes()}))
+def run(budget):
+    eng = Engine.from_pretrained(sys.argv[1], device='cpu', progress=False, expert_budget=budget, policy='host')
+    eng.generate([[1, 2, 3, 4], [5, 6]], max_new_tokens=16)
+    return eng
+warm = run('0.25')  # pays the one-time costs of the process (lazy torch init, allocator arenas)
+out = []
+for budget in sys.argv[2:]:
+    base = anon()
+    eng = run(budget)
+    dense = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    out.append({'budget': budget, 'grown': anon() - base, 'experts': eng.provider.expert_bytes(), 'dense': dense})
+print(json.dumps(out))
 """
 
 
 def test_budget_in_measured_memory(tmp_path):
-    """Anonymous RSS (the mmap'd checkpoint excluded) falls with the budget by the experts' bytes."""
+    """Anonymous RSS (the mmap'd checkpoint excluded) grows by the dense weights + the budget + a small overhead
+    (documented in docs/benchmarks.md), whatever the budget."""
     path = build_checkpoint("mixtral", tmp_path / "big", hidden_size=256, intermediate_size=1024,
                             num_hidden_layers=2, num_local_experts=16)
     total = 16 * 3 * 256 * 1024 * 4 * 2  # fp32 expert bytes
-    run = lambda b, p: json.loads(subprocess.run([sys.executable, "-c", _RSS, str(path), b, p], check=True,
-                                                  capture_output=True, text=True).stdout)
-    full, quarter = run("all", ""), run("0.25", "host")
-    assert quarter["experts"] <= total // 4 and full["experts"] == total
-    overhead = quarter["anon"] - (full["anon"] - total) - quarter["experts"]
-    assert overhead < 0.1 * total, f"committee overhead {overhead / 2**20:.1f} MiB"
-
-
-def test_plan_gives_slots_where_they_buy_hits(ckpt, tmp_path):
-    from moetandem.experts.plan import Plan, make_plan, simulate_hits
-    g = torch.Generator().manual_seed(0)
-    N, E, k = 600, 8, 2
-    narrow = torch.stack([torch.randperm(2, generator=g) for _ in range(N)])  # layer 0: 2 experts do everything
-    wide = torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(N)])  # layer 1: spread over 6
-    w = torch.full((N, k), 0.5)
-    routing = {0: (narrow, w), 1: (wide, w)}
-    plan = make_plan(routing, E, k, expert_bytes=100, budget_bytes=8 * 100)
-    assert plan.slots[1] > plan.slots[0] and sum(plan.slots.values()) == 8
-    assert plan.predicted_hit_rate > plan.uniform_hit_rate
-    assert simulate_hits(wide, w, E, E, 16)[0] == 1.0  # everything resident: every use hits
-    plan.save(tmp_path / "plan.json")
-    assert Plan.load(tmp_path / "plan.json").slots == plan.slots
-    # a plan drives the committee: per-layer slot counts as planned
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
-    layers = eng.store.layers
-    p = Plan(budget_bytes=10 * 4 * eng.store.expert_bytes(torch.float32), refresh_every=8,
-             slots={l: (2 if i % 2 else 3) for i, l in enumerate(layers)}, predicted_hit_rate=0, uniform_hit_rate=0)
-    p.save(tmp_path / "p.json")
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, plan=str(tmp_path / "p.json"), policy="auto")
-    assert {l: len(st.expert_of) for l, st in eng.provider.layers.items()} == p.slots
+    rows = json.loads(subprocess.run([sys.executable, "-c", _RSS, str(path), "0.25", "0.5"], check=True,
+                                     capture_output=True, text=True).stdout)
+    for r in rows:
+        assert r["experts"] <= float(r["budget"]) * total
+        overhead = r["grown"] - r["dense"] - r["experts"]
+        assert overhead < 0.05 * total, f"budget {r['budget']}: committee overhead {overhead / 2**20:.1f} MiB"

@@ -116,14 +116,14 @@ def evaluate_ids(engine: "Engine", ids: Sequence[int], *, context: int = 256, st
                 if got is None:
                     break
                 a, logits = got
+                rlogits = next(ref_pieces)[1] if ref_pieces is not None else None  # the same piece
                 m = min(logits.shape[0], len(w) - 1 - a)  # rows with a next token to predict
                 if m <= 0:
                     continue
                 logp = F.log_softmax(logits[:m], dim=-1)  # [m, V]
                 tgt = target[a:a + m]
                 nll -= float(logp.gather(1, tgt[:, None]).sum())
-                if ref_pieces is not None:
-                    _, rlogits = next(ref_pieces)
+                if rlogits is not None:
                     rlogp = F.log_softmax(rlogits[:m].to(logp.device), dim=-1)
                     ref_nll -= float(rlogp.gather(1, tgt[:, None]).sum())
                     agree += int((rlogp.argmax(-1) == logp.argmax(-1)).sum())

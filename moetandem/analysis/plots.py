@@ -26,6 +26,15 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _finish(fig: Any, path: Path, many: bool = False) -> None:
+    if many:  # tight_layout is slow with dozens of axes; a fixed spacing does
+        fig.subplots_adjust(left=0.05, right=0.99, bottom=0.05, top=0.94, wspace=0.25, hspace=0.45)
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=90 if many else 110)
+    _plt().close(fig)
+
+
 def use_over_time(tr: "Trace", path: Path, bucket: int = BUCKET) -> None:
     """Per layer, uses of each expert (y) in each bucket of `bucket` tokens (x)."""
     plt = _plt()
@@ -40,15 +49,16 @@ def use_over_time(tr: "Trace", path: Path, bucket: int = BUCKET) -> None:
         ax = axes[i // cols][i % cols]
         ax.imshow(m, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower")
         ax.set_title(f"layer {l}", fontsize=8)
+        if i:  # ticks on the first panel only: tick objects make dozens of axes slow
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.tick_params(labelsize=6)
     for j in range(L, rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.supxlabel(f"token bucket ({bucket} tokens)")
     fig.supylabel("expert")
     fig.suptitle("expert use over time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, path, many=L > 4)
 
 
 def hit_rate_curves(tr: "Trace", per: dict[int, dict[str, Any]], path: Path) -> None:
@@ -76,25 +86,26 @@ def hit_rate_curves(tr: "Trace", per: dict[int, dict[str, Any]], path: Path) -> 
 
 
 def popularity_bars(tr: "Trace", per: dict[int, dict[str, Any]], path: Path) -> None:
-    """Share of uses per expert, sorted, a panel per layer."""
+    """Share of uses per expert, experts sorted by popularity: bars = mean over layers, a step line per layer."""
     plt = _plt()
-    L = len(tr.layers)
-    rows, cols = _grid(L)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False, sharey=True)
-    for i, l in enumerate(tr.layers):
+    shares = []
+    for l in tr.layers:
         c = np.sort(np.array(per[l]["popularity"]["counts"], dtype=float))[::-1]
-        ax = axes[i // cols][i % cols]
-        ax.bar(np.arange(c.size), c / max(1.0, c.sum()), width=1.0, color="tab:blue")
-        ax.axhline(1 / tr.num_experts, color="gray", ls=":", lw=1)
-        ax.set_title(f"layer {l} (gini {per[l]['popularity']['gini']:.2f})", fontsize=8)
-        ax.tick_params(labelsize=6)
-    for j in range(L, rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.supxlabel("experts by popularity (dotted: uniform)")
-    fig.supylabel("share of uses")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        shares.append(c / max(1.0, c.sum()))
+    shares_a = np.array(shares)  # [L, E]
+    x = np.arange(tr.num_experts)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(14.0, 0.08 * tr.num_experts + 4)), 4))
+    ax.bar(x, shares_a.mean(0), width=1.0, color="tab:blue", alpha=0.6, label="mean over layers")
+    for row in shares_a:
+        ax.stairs(row, np.arange(tr.num_experts + 1) - 0.5, color="black", alpha=0.2, lw=0.7)
+    ax.axhline(1 / tr.num_experts, color="gray", ls=":", lw=1, label="uniform")
+    ginis = [per[l]["popularity"]["gini"] for l in tr.layers]
+    ax.set_title(f"expert popularity (lines: each of {len(tr.layers)} layers; gini "
+                 f"{min(ginis):.2f}-{max(ginis):.2f})", fontsize=10)
+    ax.set_xlabel("experts by popularity (rank)")
+    ax.set_ylabel("share of uses")
+    ax.legend(fontsize=8)
+    _finish(fig, path)
 
 
 def coactivation_maps(tr: "Trace", per: dict[int, dict[str, Any]], path: Path) -> None:

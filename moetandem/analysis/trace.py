@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moetandem.analysis import locality
-from moetandem.analysis.eval import encode_text, window_logits, windows
+from moetandem.analysis.eval import encode_text, windows
 from moetandem.experts.plan import RoutingRecorder
+from moetandem.models import KVCache
 
 if TYPE_CHECKING:
     from moetandem.engine import Engine
@@ -68,9 +69,10 @@ class Trace:
         out.mkdir(parents=True, exist_ok=True)
         dt = torch.int16 if self.num_experts <= torch.iinfo(torch.int16).max else torch.int32
         meta = {"layers": json.dumps(self.layers), "num_experts": str(self.num_experts), "context": str(self.context)}
-        save_file({"ids": self.ids.to(dt).contiguous(), "weights": self.weights.to(torch.float16).contiguous()},
-                  str(out / "trace.safetensors"), metadata=meta)
         per = self.analyse(progress)
+        co = torch.from_numpy(np.stack([per[l]["coactivation"] for l in self.layers])).float()  # [L, E, E]
+        save_file({"ids": self.ids.to(dt).contiguous(), "weights": self.weights.to(torch.float16).contiguous(),
+                   "coactivation": co.contiguous()}, str(out / "trace.safetensors"), metadata=meta)
         summary = self._summarise(per)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         (out / "summary.md").write_text(summary_markdown(summary))
@@ -91,8 +93,11 @@ def trace_ids(engine: "Engine", ids: Sequence[int], *, context: int = 256, progr
     wins = windows(ids, context, engine.args.max_position_embeddings)
     with recording(engine) as tap, torch.inference_mode():
         for w in tqdm(wins, desc="trace", unit="window", disable=not progress):
-            for _ in window_logits(engine, w, context, None):
-                pass
+            n = len(w)
+            cache = KVCache(engine.args, 1, n, engine.device, engine.dtype)
+            pos = torch.arange(n, device=engine.device)[None]
+            last = torch.tensor([n - 1], device=engine.device)  # routing is all we want: skip most of lm_head
+            engine.model(torch.tensor([w], device=engine.device), pos, cache, kv_len=n, last_only=last)
     routing = tap.routing()
     layers = sorted(routing)
     rid = torch.stack([routing[l][0] for l in layers], dim=1)  # [N, L, k]

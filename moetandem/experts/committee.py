@@ -14,7 +14,7 @@ from tqdm import tqdm
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.policies import CostModel, MissPolicy
 from moetandem.experts.provider import ExpertProvider, combine, group_by_expert
-from moetandem.experts.store import ExpertStore, flat_views
+from moetandem.experts.store import ExpertStore, flat_views, return_freed_memory_to_os
 from moetandem.models.layers import swiglu
 
 SCORES = ("importance", "count", "ema")
@@ -65,6 +65,7 @@ class CommitteeProvider(ExpertProvider):
         if score not in SCORES:
             raise InvalidRequestError(f"unknown committee score {score!r}; choose one of {', '.join(SCORES)}")
         self.store, self.device, self.dtype, self.policy, self.top_k = store, device, dtype, policy, top_k
+        return_freed_memory_to_os()
         self.similarity, self.score_kind, self.refresh_every, self.window = similarity, score, refresh_every, window
         self.E, self.I, self.H = store.num_experts, store.inter, store.hidden
         self.expert_size = store.expert_bytes(dtype)

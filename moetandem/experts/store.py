@@ -67,3 +67,17 @@ def flat_views(buf: torch.Tensor, inter: int, hidden: int) -> tuple[torch.Tensor
     n = 2 * inter * hidden
     lead = buf.shape[:-1]
     return buf[..., :n].unflatten(-1, (2 * inter, hidden)), buf[..., n:].unflatten(-1, (hidden, inter))
+
+
+def return_freed_memory_to_os() -> None:
+    """glibc's dynamic mmap threshold makes expert-sized temporaries (host reads, swap staging) come from heaps
+    that are never trimmed, so a budgeted CPU run would keep tens of MiB above its budget. Fixing the threshold
+    at 1 MiB makes every such buffer its own mapping, returned to the OS when freed. Process-wide; Linux only."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass

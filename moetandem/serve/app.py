@@ -106,22 +106,32 @@ class GateMiddleware:
         return self.expected is not None and hmac.compare_digest(given, self.expected)
 
 
-def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    if any(e.get("type") == "json_invalid" for e in errors):
-        detail = next(e for e in errors if e.get("type") == "json_invalid")
-        return error_response(400, f"the request body is not valid JSON ({detail.get('ctx', {}).get('error', '')})"
-                              .replace(" ()", ""), code="invalid_json")
-    params, parts = [], []
-    for e in errors[:3]:
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    errors = list(exc.errors()) if isinstance(exc, RequestValidationError) else []
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        why = bad_json.get("ctx", {}).get("error", "")
+        return error_response(400, f"the request body is not valid JSON{f' ({why})' if why else ''}",
+                              code="invalid_json")
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in ("model_attributes_type", "dict_type",
+                                                                      "missing") for e in errors):
+        ctype = request.headers.get("content-type", "")
+        hint = "" if "json" in ctype else " with the header 'Content-Type: application/json'"
+        return error_response(400, f"the request body must be a JSON object{hint}", code="invalid_body")
+    by_param: dict[str, list[dict[str, Any]]] = {}
+    for e in errors:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
-        params.append(where or None)
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    message = "; ".join(parts) or "invalid request"
-    if len(errors) > 3:
-        message += f" (and {len(errors) - 3} more)"
-    return error_response(400, message, param=params[0].split(".")[0] if params and params[0] else None)
+        by_param.setdefault(loc[0] if loc else "", []).append({**e, "where": ".".join(loc)})
+    parts = []
+    for param, errs in by_param.items():
+        msg = str(errs[0].get("msg", "invalid value")).removeprefix("Value error, ")
+        if len(errs) > 1 and param:  # a union type: every alternative failed
+            msg = f"invalid type or value ({len(errs)} alternatives failed; first: {msg})"
+            parts.append(f"{param}: {msg}")
+        else:
+            parts.append(f"{errs[0]['where']}: {msg}" if errs[0]["where"] else msg)
+    first = next(iter(by_param), "")
+    return error_response(400, "; ".join(parts[:3]) or "invalid request", param=first or None)
 
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:

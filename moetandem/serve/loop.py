@@ -97,6 +97,7 @@ class EngineLoop:
                 raise QueueFull(f"{len(self.running)} sequences running and {len(self.waiting)} waiting; "
                                 "the queue is full, retry shortly")
             self.waiting.extend(jobs)
+            self.metrics.sequences_submitted.inc(len(jobs))
             self._cv.notify()
 
     def cancel(self, jobs: Iterable[Job]) -> None:

@@ -37,6 +37,8 @@ class ServerMetrics:
         self.request_generation_tokens = Histogram(f"{PREFIX}_request_generation_tokens",
                                                    "generated tokens per sequence", buckets=TOKEN_BUCKETS,
                                                    registry=r)
+        self.sequences_submitted = Counter(f"{PREFIX}_sequences_submitted", "sequences accepted into the queue "
+                                           "(one per choice)", registry=r)
         self.sequences_finished = Counter(f"{PREFIX}_sequences_finished", "sequences that left the engine",
                                           ["finish_reason"], registry=r)
         self.batch_size = Histogram(f"{PREFIX}_decode_batch_size", "sequences per decode step",

@@ -1,0 +1,117 @@
+"""`moetandem serve [MODEL]`: the argparse subcommand (hooked into moetandem/cli.py by add_serve_parser)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from moetandem.errors import MoetandemError
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
+        description="Serve a checkpoint over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health, /metrics. Requests share decode steps (continuous batching).")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="Hugging Face checkpoint directory (default: the shipped demo MoE)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key-file", type=Path, metavar="FILE",
+                   help="file holding the API key; clients must then send 'Authorization: Bearer KEY' "
+                        "(everything but /health)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="model id in the API (default: the checkpoint directory's name)")
+    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-batch", type=_positive, default=8, metavar="N",
+                   help="sequences decoded together = KV-cache slots (default 8)")
+    p.add_argument("--max-waiting", type=_non_negative, default=64, metavar="N",
+                   help="sequences queued for a slot before new requests get 429 (default 64)")
+    p.add_argument("--max-model-len", type=_positive, metavar="TOKENS",
+                   help="context per sequence, prompt + completion (default: the model's maximum)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=serve_command)
+    return p
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from moetandem.serve.app import create_app
+    except ImportError as e:
+        raise MoetandemError(f"`moetandem serve` needs the server dependencies ({e.name} is missing): "
+                             "pip install fastapi uvicorn prometheus-client") from None
+    from moetandem.checkpoint import Checkpoint
+    from moetandem.engine import Engine
+
+    path = Path(args.model) if args.model else _demo_path()
+    Checkpoint(path)  # a wrong path fails now, before the server starts
+    api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    name = args.served_model_name or path.resolve().name
+
+    def load() -> Engine:
+        return Engine.from_pretrained(path, device=args.device, dtype=args.dtype, progress=True)
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    app = create_app(loader=load, model_id=name, api_key=api_key, max_batch=args.max_batch,
+                     max_waiting=args.max_waiting, max_model_len=args.max_model_len)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def read_api_key(file: Path) -> str:
+    try:
+        key = file.expanduser().read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise MoetandemError(f"cannot read the API key file {file}: {e.strerror or e}") from None
+    if not key or any(c.isspace() for c in key):
+        raise MoetandemError(f"the API key file {file} must hold one key: non-empty, no spaces")
+    return key
+
+
+def _demo_path() -> Path:
+    try:
+        from moetandem.assets import demo_model_path
+    except ImportError:
+        raise MoetandemError("no MODEL given and this install ships no demo model; pass a checkpoint directory") \
+            from None
+    return Path(demo_model_path())
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N")
+    return text
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _positive(text: str) -> int:
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _port(text: str) -> int:
+    v = _int(text)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {v}")
+    return v

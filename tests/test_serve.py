@@ -1,0 +1,471 @@
+"""The OpenAI-compatible server, end to end over real HTTP (uvicorn in a thread) with the official `openai` client:
+chat and completions, streaming, usage, errors in OpenAI's shape, cancellation, queue overflow, API key,
+/health, /metrics, and a property-based run that must never see a 5xx."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from conftest import build_checkpoint  # noqa: E402
+from moetandem import Engine  # noqa: E402
+from moetandem.serve import create_app  # noqa: E402
+from moetandem.serve.runner import ServerThread  # noqa: E402
+
+KEY = "sk-test-key"
+MODEL = "tiny-moe"
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+USER = [{"role": "user", "content": "hello world"}]
+
+
+def build_tiny_model(path: Path) -> Path:
+    """Random tiny Mixtral + a byte-level BPE tokenizer trained on two sentences, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    build_checkpoint("mixtral", path, vocab_size=320)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world", "the quick brown fox jumps over the lazy dog"], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return path
+
+
+def load(path: Path) -> Engine:
+    return Engine.from_pretrained(path, device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[ServerThread]:
+    app = create_app(load(model_dir), model_id=MODEL, api_key=KEY, max_batch=4, max_waiting=128)
+    with ServerThread(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerThread) -> Iterator["httpx.Client"]:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+def engine_loop(server: ServerThread) -> Any:
+    return server.app.state.server.loop
+
+
+def wait_idle(server: ServerThread, timeout: float = 10.0) -> None:
+    loop, deadline = engine_loop(server), time.monotonic() + timeout
+    while not loop.idle():
+        assert time.monotonic() < deadline, "sequences leaked: the engine loop never became idle"
+        time.sleep(0.02)
+
+
+def metrics(http: "httpx.Client") -> dict[str, float]:
+    """Every sample of /metrics, parsed by prometheus' own parser, keyed 'name{label=value,...}'."""
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def assert_error(r: "httpx.Response", status: int, param: str | None = None, code: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+
+
+# ---------------------------------------------------------------- happy paths
+def test_health_and_models(server: ServerThread, client: "openai.OpenAI") -> None:
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # no key needed
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_completion(client: "openai.OpenAI") -> None:
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.model == MODEL and len(r.choices) == 1
+    c = r.choices[0]
+    assert c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert c.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_matches_non_stream(client: "openai.OpenAI") -> None:
+    kw: dict[str, Any] = dict(model=MODEL, messages=USER, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_stream_and_not(client: "openai.OpenAI") -> None:
+    whole = client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 10
+    chunks = list(client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=10, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sse_wire_format_ends_with_done(http: "httpx.Client") -> None:
+    with http.stream("POST", "/v1/completions", json={"prompt": "hello", "max_tokens": 4, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert all("choices" in json.loads(e[6:]) for e in events[:-1])
+
+
+def test_n_seed_and_prompt_lists(client: "openai.OpenAI") -> None:
+    kw: dict[str, Any] = dict(model=MODEL, prompt=["hello", "the lazy dog"], max_tokens=8, temperature=1.0,
+                              top_p=0.9, seed=1234, n=2)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2, 3]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    ids = client.completions.create(model=MODEL, prompt=[[5, 17, 42]], max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_stop_strings_trim_and_stop_early(client: "openai.OpenAI") -> None:
+    kw: dict[str, Any] = dict(model=MODEL, prompt="hello world", temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(max_tokens=40, **kw).choices[0].text
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    want = full[: full.index(stop)]
+    r = client.completions.create(max_tokens=40, stop=[stop, "never-produced"], **kw)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 40  # the sequence left the batch at the stop, not at max_tokens
+    streamed = list(client.completions.create(max_tokens=40, stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed) == want
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_share_decode_steps(server: ServerThread, http: "httpx.Client",
+                                                client: "openai.OpenAI") -> None:
+    prompts = ["hello", "the quick brown fox", "lazy dog", "jumps over"]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=30, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    before = metrics(http)
+    results: list[str] = [""] * len(prompts)
+
+    def run(i: int) -> None:
+        time.sleep(0.05 * i)  # staggered: later requests join a batch already decoding
+        results[i] = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=30, temperature=0,
+                                               extra_body={"ignore_eos": True}).choices[0].text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    after = metrics(http)
+    solo = "moetandem_decode_batch_size_bucket{le=1.0}"
+    multi = (after["moetandem_decode_batch_size_count"] - before["moetandem_decode_batch_size_count"]) - \
+        (after[solo] - before[solo])
+    assert multi > 0, "no decode step ran more than one sequence"
+
+
+# ---------------------------------------------------------------- errors
+BAD_INPUTS = [  # (path, raw body, status, param, code)
+    ("/v1/chat/completions", "{not json", 400, None, "invalid_json"),
+    ("/v1/completions", "[1, 2]", 400, None, "invalid_body"),
+    ("/v1/completions", "", 400, None, None),
+    ("/v1/chat/completions", '{"model": "tiny-moe"}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": []}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": "hi"}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "robot", "content": "x"}]}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}', 404, "model",
+     "model_not_found"),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": "5"}', 400, "max_tokens", None),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 0}', 400, "max_tokens", None),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 100000}', 400, "prompt", "context_length_exceeded"),
+    ("/v1/completions", '{"prompt": "' + "hello world " * 200 + '"}', 400, "prompt", "context_length_exceeded"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 300}', 400,
+     "messages", "context_length_exceeded"),
+    ("/v1/completions", '{"prompt": ""}', 400, "prompt", None),
+    ("/v1/completions", '{"prompt": []}', 400, "prompt", None),
+    ("/v1/completions", '{"prompt": [99999]}', 400, "prompt", None),
+    ("/v1/completions", '{"prompt": 5}', 400, "prompt", None),
+    ("/v1/completions", '{"prompt": "x", "temperature": -1}', 400, "temperature", None),
+    ("/v1/completions", '{"prompt": "x", "temperature": 2.5}', 400, "temperature", None),
+    ("/v1/completions", '{"prompt": "x", "temperature": NaN}', 400, "temperature", None),
+    ("/v1/completions", '{"prompt": "x", "top_p": 1.5}', 400, "top_p", None),
+    ("/v1/completions", '{"prompt": "x", "n": 0}', 400, "n", None),
+    ("/v1/completions", '{"prompt": "x", "n": 1000}', 400, "n", None),
+    ("/v1/completions", '{"prompt": "x", "seed": 1e100}', 400, "seed", None),
+    ("/v1/completions", '{"prompt": "x", "seed": 100000000000000000000000}', 400, "seed", None),
+    ("/v1/completions", '{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", None),
+    ("/v1/completions", '{"prompt": "x", "stream": "yes"}', 400, "stream", None),
+    ("/v1/completions", '{"prompt": "x", "logprobs": 3}', 400, None, None),
+]
+
+
+@pytest.mark.parametrize("path,raw,status,param,code", BAD_INPUTS)
+def test_bad_input_fails_only_itself(server: ServerThread, http: "httpx.Client", path: str, raw: str, status: int,
+                                     param: str | None, code: str | None) -> None:
+    r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert_error(r, status, param, code)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_unknown_route_and_method(http: "httpx.Client") -> None:
+    assert_error(http.get("/v1/nothing"), 404)
+    assert_error(http.get("/v1/completions"), 405)
+
+
+def test_openai_client_raises_typed_errors(client: "openai.OpenAI") -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10**6)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=USER)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=USER, temperature=9)
+
+
+def test_api_key_enforced(server: ServerThread) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic x"}):
+        assert_error(httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, headers=headers), 401,
+                     code="invalid_api_key")
+        assert httpx.get(f"{server.url}/metrics", headers=headers).status_code == 401
+        assert httpx.post(f"{server.url}/v1/completions", content="{bad", headers=headers).status_code == 401
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+# ---------------------------------------------------------------- cancellation, overflow
+def test_cancellation_storm_leaks_nothing(server: ServerThread, client: "openai.OpenAI",
+                                          http: "httpx.Client") -> None:
+    before = metrics(http)
+    # 0.5 s to wait for the answer; connecting gets longer because client and server share this process's GIL
+    # on two cores, and 100 simultaneous connects through anyio's resolver threads alone can take over 0.5 s
+    impatient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0,
+                                   timeout=httpx.Timeout(0.5, connect=30.0, pool=30.0))
+
+    async def one(i: int) -> str:
+        kw: dict[str, Any] = dict(model=MODEL, max_tokens=200, extra_body={"ignore_eos": True})
+        try:
+            if i % 4 == 0:  # streams the client walks away from after a few chunks
+                stream = await impatient.chat.completions.create(messages=USER, stream=True, **kw)
+                async for n, _ in aenumerate(stream):
+                    if n == 3:
+                        break
+                await stream.close()
+                return "closed"
+            if i % 4 == 1:
+                await impatient.chat.completions.create(messages=USER, **kw)
+            else:
+                await impatient.completions.create(prompt="hello world", **kw)
+            return "done"
+        except openai.APITimeoutError:
+            return "timeout"
+
+    async def storm() -> list[str]:
+        try:  # warm up the client's async stack (first-use imports, TLS context) so only the server is timed
+            await impatient.models.list(timeout=30)
+            return list(await asyncio.gather(*(one(i) for i in range(100))))
+        finally:
+            await impatient.close()
+
+    outcomes = asyncio.run(storm())
+    assert outcomes.count("timeout") >= 50, outcomes
+    t = time.monotonic()
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=8)
+    assert time.monotonic() - t < 5.0 and r.choices[0].text is not None
+    wait_idle(server)
+    loop = engine_loop(server)
+    assert loop.batcher.active == [] and loop.batcher.free_slots() == loop.max_batch and not loop.waiting
+    after = metrics(http)
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    finished = sum(delta(f"moetandem_sequences_finished_total{{finish_reason={r}}}")
+                   for r in ("stop", "length", "cancelled", "error"))
+    assert delta("moetandem_sequences_submitted_total") == finished  # every accepted sequence left the engine
+    assert delta("moetandem_sequences_finished_total{finish_reason=cancelled}") >= outcomes.count("timeout") / 2
+    assert after["moetandem_requests_running"] == 0 and after["moetandem_requests_waiting"] == 0
+
+
+async def aenumerate(it: Any) -> Any:
+    n = 0
+    async for x in it:
+        yield n, x
+        n += 1
+
+
+def test_queue_overflow_is_429_with_retry_after(model_dir: Path) -> None:
+    app = create_app(load(model_dir), model_id=MODEL, max_batch=1, max_waiting=1)
+    long = {"prompt": "hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=long) as a, c.stream("POST", "/v1/completions", json=long) as b:
+            assert a.status_code == b.status_code == 200  # one decoding, one waiting: both accepted
+            r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+            assert_error(r, 429, code="rate_limit_exceeded")
+            assert int(r.headers["Retry-After"]) >= 1
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0).completions.create(
+                    model=MODEL, prompt="hello", max_tokens=2)
+        m = c.get("/metrics").text
+        assert "moetandem_requests_rejected_total 2.0" in m
+        wait_idle(srv, 10)  # both streams were closed mid-way: their slot and queue entry are freed
+        assert c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).status_code == 200
+
+
+# ---------------------------------------------------------------- health, engine failures
+def test_health_while_loading_then_ready(model_dir: Path) -> None:
+    release = threading.Event()
+
+    def slow_loader() -> Engine:
+        release.wait(30)
+        return load(model_dir)
+
+    app = create_app(loader=slow_loader, model_id=MODEL)
+    with ServerThread(app) as srv:
+        r = httpx.get(f"{srv.url}/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"}), 503, code="model_loading")
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{srv.url}/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_engine_error_fails_its_batch_then_dead_engine_is_503(model_dir: Path) -> None:
+    app = create_app(load(model_dir), model_id=MODEL)
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        batcher = app.state.server.loop.batcher
+        real_step = batcher.step
+        batcher.step = lambda: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5}), 500, code="engine_error")
+        batcher.step = real_step  # type: ignore[method-assign]
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5}).status_code == 200
+        assert c.get("/health").status_code == 200
+
+        def die() -> None:
+            raise SystemExit("engine thread killed")
+        batcher.step = die  # type: ignore[method-assign]
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
+        assert r.status_code in (500, 503)
+        health = c.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5}), 503)
+
+
+# ---------------------------------------------------------------- metrics
+def test_metrics_parse_and_count(server: ServerThread, client: "openai.OpenAI", http: "httpx.Client") -> None:
+    wait_idle(server)
+    before = metrics(http)
+    r = client.completions.create(model=MODEL, prompt="the quick brown fox", max_tokens=7, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    http.post("/v1/completions", json={"prompt": ""})
+    after = metrics(http)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("moetandem_prompt_tokens_total") == r.usage.prompt_tokens
+    assert delta("moetandem_generation_tokens_total") == r.usage.completion_tokens == 7
+    assert delta("moetandem_time_to_first_token_seconds_count") == 1
+    assert delta("moetandem_time_per_output_token_seconds_count") == 6
+    assert delta("moetandem_e2e_request_latency_seconds_count") == 1
+    assert delta('moetandem_sequences_finished_total{finish_reason=length}') == 1
+    assert delta("moetandem_http_requests_total{path=/v1/completions,status=200}") == 1
+    assert delta("moetandem_http_requests_total{path=/v1/completions,status=400}") == 1
+    for name in ("moetandem_requests_running", "moetandem_requests_waiting", "moetandem_batch_slots"):
+        assert name in after
+
+
+# ---------------------------------------------------------------- property-based: never a 5xx
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False), st.text(max_size=8),
+                 st.lists(st.integers(-2, 400), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                              max_size=2))
+TEXT = st.text(max_size=30)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]) | JUNK,
+                                 "content": TEXT | JUNK})
+COMMON = {
+    "model": st.just(MODEL) | st.text(max_size=6) | JUNK,
+    # never absent or null: the default (up to the context end) would make examples slow, not more interesting
+    "max_tokens": st.integers(-2, 6) | st.integers(300, 10**30) | JUNK.filter(lambda v: v is not None),
+    "temperature": st.floats(-1, 3) | JUNK,
+    "top_p": st.floats(-0.5, 1.5) | JUNK,
+    "seed": st.integers(-(2**70), 2**70) | JUNK,
+    "stop": TEXT | st.lists(TEXT, max_size=6) | JUNK,
+    "n": st.integers(-1, 20) | JUNK,
+    "stream": st.booleans() | JUNK,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | JUNK}) | JUNK,
+}
+CHAT_BODY = st.fixed_dictionaries({"max_tokens": COMMON["max_tokens"],
+                                   "messages": st.lists(MESSAGE, max_size=3) | JUNK},
+                                  optional={k: v for k, v in COMMON.items() if k != "max_tokens"})
+COMPLETION_BODY = st.fixed_dictionaries({"max_tokens": COMMON["max_tokens"],
+                                         "prompt": TEXT | st.lists(TEXT, max_size=3) |
+                                         st.lists(st.integers(-5, 400), max_size=5) | JUNK},
+                                        optional={k: v for k, v in COMMON.items() if k != "max_tokens"})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.tuples(st.just("/v1/chat/completions"), CHAT_BODY),
+                 st.tuples(st.just("/v1/completions"), COMPLETION_BODY),
+                 st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions"]), st.binary(max_size=40))))
+def test_property_no_5xx(http: "httpx.Client", case: tuple[str, dict[str, Any] | bytes]) -> None:
+    path, body = case
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()  # NaN / Infinity included
+    r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+    event(f"HTTP {r.status_code}")
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        lines = [line for line in r.text.splitlines() if line]
+        assert lines[-1] == "data: [DONE]"
+        assert all("error" not in json.loads(line[6:]) for line in lines[:-1])
+    else:
+        out = r.json()
+        assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
