@@ -169,3 +169,27 @@ def test_budget_in_measured_memory(tmp_path):
         assert r["experts"] <= float(r["budget"]) * total
         overhead = r["grown"] - r["dense"] - r["experts"]
         assert overhead < 0.05 * total, f"budget {r['budget']}: committee overhead {overhead / 2**20:.1f} MiB"
+
+
+def test_plan_gives_slots_where_they_buy_hits(ckpt, tmp_path):
+    from moetandem.experts.plan import Plan, make_plan, simulate_hits
+    g = torch.Generator().manual_seed(0)
+    N, E, k = 600, 8, 2
+    narrow = torch.stack([torch.randperm(2, generator=g) for _ in range(N)])  # layer 0: 2 experts do everything
+    wide = torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(N)])  # layer 1: spread over 6
+    w = torch.full((N, k), 0.5)
+    routing = {0: (narrow, w), 1: (wide, w)}
+    plan = make_plan(routing, E, k, expert_bytes=100, budget_bytes=8 * 100)
+    assert plan.slots[1] > plan.slots[0] and sum(plan.slots.values()) == 8
+    assert plan.predicted_hit_rate > plan.uniform_hit_rate
+    assert simulate_hits(wide, w, E, E, 16)[0] == 1.0  # everything resident: every use hits
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json").slots == plan.slots
+    # a plan drives the committee: per-layer slot counts as planned
+    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    layers = eng.store.layers
+    p = Plan(budget_bytes=10 * 4 * eng.store.expert_bytes(torch.float32), refresh_every=8,
+             slots={l: (2 if i % 2 else 3) for i, l in enumerate(layers)}, predicted_hit_rate=0, uniform_hit_rate=0)
+    p.save(tmp_path / "p.json")
+    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, plan=str(tmp_path / "p.json"), policy="auto")
+    assert {l: len(st.expert_of) for l, st in eng.provider.layers.items()} == p.slots
