@@ -16,6 +16,7 @@ from moetandem import assets
 from moetandem.checkpoint import Checkpoint
 from moetandem.engine import Engine, GenerationStats
 from moetandem.errors import InvalidRequestError, MoetandemError
+from moetandem.analysis.commands import add_eval_parser, add_trace_parser
 from moetandem.experts.commands import add_calibrate_parser, add_committee_args, add_plan_parser, committee_kwargs
 from moetandem.streaming import TextStream
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=generate_command)
     add_calibrate_parser(sub, add_device_args)
     add_plan_parser(sub, add_device_args)
+    add_eval_parser(sub, add_device_args)
+    add_trace_parser(sub, add_device_args)
     return parser
 
 

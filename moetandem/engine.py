@@ -86,7 +86,8 @@ class Engine:
                         dtype: str | torch.dtype | None = "auto", progress: bool = True,
                         use_graphs: bool = True, expert_budget: str | int | float | None = None,
                         policy: str | None = None, fidelity: str = "balanced", skip_threshold: float | None = None,
-                        refresh_every: int = 16, score: str = "importance", plan: Any = None) -> "Engine":
+                        refresh_every: int = 16, score: str = "importance", plan: Any = None,
+                        async_swaps: bool = True) -> "Engine":
         """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all
         expert bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets."""
         dev = resolve_device(device)
@@ -97,7 +98,7 @@ class Engine:
         model = load_dense(ckpt, family, args, dev, dt, progress)
         store = ExpertStore(ckpt, family, args)
         provider = build_provider(ckpt, store, args.top_k, dev, dt, expert_budget, policy, fidelity,
-                                  skip_threshold, refresh_every, score=score, plan=plan, progress=progress)
+                                  skip_threshold, refresh_every, score=score, plan=plan, progress=progress, async_swaps=async_swaps)
         return cls(model, ckpt.tokenizer(), provider, store, dev, dt, use_graphs)
 
     def set_provider(self, provider: ExpertProvider) -> None:

@@ -86,17 +86,15 @@ def plan_command(args: argparse.Namespace) -> int:
 
     from moetandem.engine import Engine
     from moetandem.experts.factory import parse_budget
-    from moetandem.experts.plan import RoutingRecorder, make_plan
+    from moetandem.analysis.trace import recording
+    from moetandem.experts.plan import make_plan
     engine = Engine.from_pretrained(_model(args), device=args.device, dtype=args.dtype)
     store = engine.store
     total = store.expert_bytes(engine.dtype) * store.num_experts * len(store.layers)
     budget = parse_budget(args.expert_budget, total)
-    rec = RoutingRecorder(engine.provider)
-    engine.set_provider(rec)
-    with torch.inference_mode():
+    with recording(engine) as rec, torch.inference_mode():
         for w in token_windows(engine, read_text(args.data), 256, args.max_tokens):
             engine.generate([w], max_new_tokens=1)
-    engine.set_provider(rec.inner)
     plan = make_plan(rec.routing(), store.num_experts, engine.args.top_k, store.expert_bytes(engine.dtype), budget)
     plan.save(args.out)
     print("| refresh every | planned hit rate | uniform hit rate | swaps/token |\n|---|---|---|---|")

@@ -61,12 +61,16 @@ class CommitteeProvider(ExpertProvider):
     def __init__(self, store: ExpertStore, device: torch.device, dtype: torch.dtype, budget_bytes: int,
                  policy: MissPolicy, top_k: int, similarity: dict[int, torch.Tensor] | None = None,
                  norms: dict[int, torch.Tensor] | None = None, slots: dict[int, int] | None = None,
-                 refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True) -> None:
+                 refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True,
+                 async_swaps: bool = True) -> None:
+        """async_swaps=False waits for each refresh's swaps before going on: slower, but the resident set at
+        every step no longer depends on thread timing (reproducible quality measurements)."""
         if score not in SCORES:
             raise InvalidRequestError(f"unknown committee score {score!r}; choose one of {', '.join(SCORES)}")
         self.store, self.device, self.dtype, self.policy, self.top_k = store, device, dtype, policy, top_k
         return_freed_memory_to_os()
         self.similarity, self.score_kind, self.refresh_every, self.window = similarity, score, refresh_every, window
+        self.async_swaps = async_swaps
         self.E, self.I, self.H = store.num_experts, store.inter, store.hidden
         self.expert_size = store.expert_bytes(dtype)
         self.norms = norms or {l: torch.ones(self.E) for l in store.layers}
@@ -220,6 +224,8 @@ class CommitteeProvider(ExpertProvider):
         if self.policy.refresh and st.since_refresh >= self.refresh_every:
             st.since_refresh = 0
             self.refresh(layer)
+            if not self.async_swaps:
+                self.drain()
 
     # ------------------------------------------------------------------ compute
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
                    expert_budget: str | int | float | None = None, policy: str | None = None,
                    fidelity: str = "balanced", skip_threshold: float | None = None, refresh_every: int = 16,
                    window: int = 256, score: str = "importance", plan: str | Plan | None = None,
-                   progress: bool = True) -> ExpertProvider:
+                   progress: bool = True, async_swaps: bool = True) -> ExpertProvider:
     slots = None
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -61,4 +61,4 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
     sim, norms = calib if calib is not None else (None, None)
     return CommitteeProvider(store, device, dtype, min(budget, total), miss, top_k, similarity=sim, norms=norms,
                              slots=slots, refresh_every=refresh_every, window=window, score=score,
-                             progress=progress)
+                             progress=progress, async_swaps=async_swaps)
