@@ -63,7 +63,8 @@ def bench_ours(path: Path, device: str, prompt: list[int], new: int, graphs: boo
 def bench_hf(path: Path, device: str, prompt: list[int], new: int, impl: str | None) -> dict:
     from transformers import AutoModelForCausalLM
     kw = {"experts_implementation": impl} if impl else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device, **kw).eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the same dtype moetandem picks
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, **kw).eval()
     ids = torch.tensor([prompt], device=device)
     gen_kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -83,6 +84,7 @@ def bench_hf(path: Path, device: str, prompt: list[int], new: int, impl: str | N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["olmoe-1b-7b"], choices=list(SHAPES))
+    ap.add_argument("--model", type=Path, nargs="*", default=[], help="existing checkpoints to run instead")
     ap.add_argument("--ckpt-root", type=Path, default=Path("/dev/shm/moetandem-bench"))
     ap.add_argument("--out", type=Path, default=Path("out/decode"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -94,13 +96,13 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    for shape in args.shapes:
-        path = args.ckpt_root / shape
-        if not (path / "model.safetensors.index.json").exists():
+    todo = [(p.name, p) for p in args.model] or [(s, args.ckpt_root / s) for s in args.shapes]
+    for shape, path in todo:
+        if not args.model and not (path / "model.safetensors.index.json").exists():
             t = time.perf_counter()
             build_random_checkpoint(shape, path, device=args.device)
             print(f"built {shape} in {time.perf_counter() - t:.0f} s", flush=True)
-        vocab = SHAPES[shape]["vocab_size"]
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         prompt = torch.randint(2, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         for impl in args.hf:
             try:
@@ -122,7 +124,8 @@ def main() -> None:
 
 
 def report(results: list[dict], args: argparse.Namespace) -> None:
-    lines = [f"batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, bf16 "
+    lines = [f"batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, "
+             f"{'bf16' if args.device == 'cuda' else 'fp32'} "
              f"({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__})", "",
              "| shape | engine | tok/s (end to end) | decode tok/s | × HF default | peak GiB |",
              "|---|---|---|---|---|---|"]

@@ -15,7 +15,7 @@ from moetandem.errors import InvalidRequestError
 from moetandem.experts.policies import CostModel, MissPolicy
 from moetandem.experts.provider import ExpertProvider, combine, group_by_expert
 from moetandem.experts.store import ExpertStore, flat_views, return_freed_memory_to_os
-from moetandem.models.layers import swiglu
+from moetandem.models.layers import expert_ffn
 
 SCORES = ("importance", "count", "ema")
 
@@ -335,10 +335,10 @@ class CommitteeProvider(ExpertProvider):
             if e in host:
                 t0 = time.perf_counter()
                 w13, w2 = flat_views(self.host_flat(layer, e), I, H)
-                y = swiglu(rows.to("cpu", w13.dtype), w13[:I], w13[I:], w2).to(x.device, x.dtype)
+                y = expert_ffn(rows.to("cpu", w13.dtype), w13, w2).to(x.device, x.dtype)
                 self.stats.stall_s += time.perf_counter() - t0
             else:
                 w13, w2 = flat_views(st.buf[resident[e]], I, H)
-                y = swiglu(rows, w13[:I], w13[I:], w2)
+                y = expert_ffn(rows, w13, w2)
             ys[idx] = y
         return combine(ys, groups, weights)

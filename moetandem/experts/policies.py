@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from moetandem.errors import InvalidRequestError
-from moetandem.models.layers import swiglu
+from moetandem.experts.store import flat_views
+from moetandem.models.layers import expert_ffn
 
 POLICIES = ("auto", "fetch", "host", "substitute", "skip")
 BASELINES = ("lru", "static", "host-only")
@@ -68,11 +69,9 @@ class CostModel:
             host = host.pin_memory()
         dst = torch.empty(n, dtype=dtype, device=device)
         self.fetch_s = self._time(lambda: dst.copy_(host, non_blocking=True), device)
-        w = host.float()
-        g, u, d = w[: inter * hidden].view(inter, hidden), w[inter * hidden: 2 * inter * hidden].view(inter, hidden), \
-            w[2 * inter * hidden:].view(hidden, inter)
+        w13, w2 = flat_views(host.float(), inter, hidden)
         x = torch.randn(1, hidden)
-        self.host_row_s = self._time(lambda: swiglu(x, g, u, d), torch.device("cpu"))
+        self.host_row_s = self._time(lambda: expert_ffn(x, w13, w2), torch.device("cpu"))
 
     @staticmethod
     def _time(fn, device: torch.device, reps: int = 5) -> float:

@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from moetandem.experts.provider import ExpertProvider, combine, group_by_expert
 from moetandem.experts.store import ExpertStore
-from moetandem.models.layers import swiglu
+from moetandem.models.layers import expert_ffn
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -34,7 +34,7 @@ def run_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
         start = 0
         for e, n in enumerate(groups.counts.tolist()):
             if n:
-                ys[start:start + n] = swiglu(xs[start:start + n], w13[e, :I], w13[e, I:], w2[e])
+                ys[start:start + n] = expert_ffn(xs[start:start + n], w13[e], w2[e])
                 start += n
     return combine(ys, groups, weights)
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from moetandem.checkpoint import Checkpoint
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.store import ExpertStore, flat_views
-from moetandem.models.layers import swiglu
+from moetandem.models.layers import expert_ffn
 
 if TYPE_CHECKING:
     from moetandem.engine import Engine
@@ -103,7 +103,7 @@ def output_calibration(engine: "Engine", texts: list[str], rows: int = 512, prog
         for e in range(store.num_experts):
             flat = store.read_flat(l, e, torch.float32)
             w13, w2 = flat_views(flat, I, H)
-            outs.append(swiglu(x, w13[:I], w13[I:], w2))  # [N, H]
+            outs.append(expert_ffn(x, w13, w2))  # [N, H]
             n.append(flat.norm())
         sim[l], norms[l] = _cosine(torch.stack(outs)), torch.stack(n)
     return sim, norms

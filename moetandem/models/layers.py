@@ -24,6 +24,12 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU with gate and up stacked: w13 [2I, H] (gate; up), w2 [H, I]. Two matmuls, not three."""
+    g, u = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, w2)
+
+
 class MLP(nn.Module):
     """Dense SwiGLU MLP (dense layers, Qwen2-MoE's shared expert)."""
 

@@ -5,7 +5,8 @@ import hmac
 import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +42,7 @@ class ServerState:
     def load(self, loader: Callable[[], Any]) -> None:
         try:
             self.attach(loader())
-        except BaseException as e:  # noqa: BLE001 - reported by /health
+        except BaseException as e:  # reported by /health
             log.exception("loading the model failed")
             self.load_error = f"{type(e).__name__}: {e}"
 
@@ -70,10 +71,11 @@ class ServerState:
 
 
 class GateMiddleware:
-    """API-key check for everything but /health (before the body is even read), and HTTP request counts."""
+    """API-key check for everything but /health and a body-size limit (both before the body is read), and
+    HTTP request counts."""
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app, self.state = app, state
+    def __init__(self, app: ASGIApp, state: ServerState, max_body_bytes: int) -> None:
+        self.app, self.state, self.max_body = app, state, max_body_bytes
         self.expected = f"Bearer {state.api_key}".encode() if state.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,6 +95,11 @@ class GateMiddleware:
                 await error_response(401, "missing or invalid API key: send the header 'Authorization: Bearer "
                                           "<key>'", code="invalid_api_key",
                                      headers={"WWW-Authenticate": "Bearer"})(scope, receive, counting_send)
+                return
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
+            if length.isdigit() and int(length) > self.max_body:
+                await error_response(413, f"the request body is {int(length)} bytes; the limit is {self.max_body}",
+                                     code="request_too_large")(scope, receive, counting_send)
                 return
             await self.app(scope, receive, counting_send)
         finally:
@@ -152,7 +159,7 @@ def _internal_error(_: Request, exc: Exception) -> JSONResponse:
 
 def create_app(engine: Any | None = None, *, loader: Callable[[], Any] | None = None, model_id: str = "moetandem",
                api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
-               max_model_len: int | None = None) -> FastAPI:
+               max_model_len: int | None = None, max_body_bytes: int = 8 << 20) -> FastAPI:
     """The server app. Pass a loaded `engine`, or a `loader` that builds one in a background thread (/health
     answers 503 "loading" meanwhile). The engine thread starts with the app (lifespan) and stops with it."""
     if (engine is None) == (loader is None):
@@ -173,7 +180,7 @@ def create_app(engine: Any | None = None, *, loader: Callable[[], Any] | None = 
 
     app = FastAPI(title="moetandem", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)
     app.state.server = state
-    app.add_middleware(GateMiddleware, state=state)
+    app.add_middleware(GateMiddleware, state=state, max_body_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, _api_error)

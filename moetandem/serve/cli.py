@@ -10,9 +10,9 @@ from typing import Any
 from moetandem.errors import MoetandemError
 
 
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_serve_parser(subparsers: Any, **parser_kwargs: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
+        "serve", **parser_kwargs, help="OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
         description="Serve a checkpoint over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
                     "/v1/models, /health, /metrics. Requests share decode steps (continuous batching).")
     p.add_argument("model", nargs="?", metavar="MODEL",
@@ -75,12 +75,13 @@ def read_api_key(file: Path) -> str:
 
 
 def _demo_path() -> Path:
+    from moetandem.errors import CheckpointError
     try:
         from moetandem.assets import demo_model_path
-    except ImportError:
-        raise MoetandemError("no MODEL given and this install ships no demo model; pass a checkpoint directory") \
-            from None
-    return Path(demo_model_path())
+        return Path(demo_model_path())
+    except (ImportError, CheckpointError):
+        raise MoetandemError("no MODEL given and this install does not ship the demo model; pass a checkpoint "
+                             "directory: moetandem serve PATH") from None
 
 
 def _device(text: str) -> str:

@@ -7,7 +7,8 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Literal
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -21,6 +22,7 @@ from moetandem.streaming import TextStream
 
 Kind = Literal["chat", "completion"]
 DISCONNECTED = object()  # put on a request's event queue when its client goes away
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy decoding
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -35,7 +37,7 @@ def chat_prompt(loop: EngineLoop, body: ChatCompletionRequest) -> list[int]:
     with loop.tokenizer_lock:
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # noqa: BLE001 - a template may raise on e.g. roles that do not alternate
+        except Exception as e:  # a template may raise, e.g. on roles that do not alternate
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         return list(tok(text, add_special_tokens=False)["input_ids"])  # the template holds BOS itself
 
@@ -60,8 +62,8 @@ def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], 
     """Validate and build one Job per (prompt, choice); raises APIError (400) on a bad value."""
     engine = loop.engine
     temperature, top_p = body.temperature, body.top_p
-    if top_p == 0.0:  # the limit of nucleus sampling: only the most likely token
-        temperature, top_p = 0.0, 1.0
+    if top_p == 0.0 or temperature < MIN_TEMPERATURE:  # limits of sampling: only the most likely token (and
+        temperature, top_p = 0.0, 1.0  # logits / 1e-300 would overflow to inf - inf = NaN in the sampler)
     queue: asyncio.Queue[Any] = asyncio.Queue()
     aloop = asyncio.get_running_loop()
     stops = body.stop_strings()
@@ -106,7 +108,7 @@ async def _watch_disconnect(request: HTTPRequest, queue: asyncio.Queue[Any]) -> 
             return
 
 
-async def _events(request: HTTPRequest, loop: EngineLoop, jobs: list[Job]) -> AsyncIterator[Event]:
+async def _events(request: HTTPRequest, loop: EngineLoop, jobs: list[Job]) -> AsyncGenerator[Event, None]:
     """Events of all choices until each has finished; the sequences are cancelled if the client leaves or the
     consumer stops early (including task cancellation)."""
     queue = jobs[0].queue
@@ -145,10 +147,10 @@ async def respond(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind
     finishes: list[str | None] = [None] * len(jobs)
     async with aclosing(_events(request, loop, jobs)) as events:
         async for ev in events:
-            texts[ev.index] += ev.text
+            texts[ev.choice] += ev.text
             if ev.error is not None:
                 raise APIError(500, ev.error, type="server_error", code="engine_error")
-            finishes[ev.index] = ev.finish
+            finishes[ev.choice] = ev.finish
     if any(f is None for f in finishes):
         return Response(status_code=499)  # the client is gone; nobody reads this
     if kind == "chat":
@@ -193,9 +195,9 @@ async def _sse(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, b
                                        "code": "engine_error"}})
                 continue
             if ev.text:
-                yield chunk(ev.index, ev.text, None)
+                yield chunk(ev.choice, ev.text, None)
             if ev.finish is not None:
-                yield chunk(ev.index, "", ev.finish)
+                yield chunk(ev.choice, "", ev.finish)
     if ended < len(jobs):
         return  # the client left
     if with_usage:

@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 from moetandem.batcher import Batcher, Request
 from moetandem.serve.metrics import ServerMetrics
@@ -30,8 +31,8 @@ class EngineDead(Exception):
 
 
 class Event(NamedTuple):
-    """What a handler receives: new text of choice `index`; `finish` is set on the last event of that choice."""
-    index: int
+    """What a handler receives: new text of choice `choice`; `finish` is set on the last event of that choice."""
+    choice: int
     text: str
     finish: str | None = None
     error: str | None = None
@@ -136,7 +137,7 @@ class EngineLoop:
                     self._prefill(admit)
                 if self.running:
                     self._step()
-        except BaseException as e:  # noqa: BLE001 - the thread must never die silently
+        except BaseException as e:  # the thread must never die silently
             log.exception("engine thread crashed")
             self.error = f"engine thread crashed: {type(e).__name__}: {e}"
         finally:
@@ -169,7 +170,7 @@ class EngineLoop:
             self.metrics.request_prompt_tokens.observe(len(j.req.prompt))
         try:
             events = self.batcher.add([j.req for j in jobs])
-        except Exception as e:  # noqa: BLE001 - fail these sequences, keep serving the others
+        except Exception as e:  # fail these sequences, keep serving the others
             self._fail(jobs, e)
             return
         self._deliver(events, jobs)
@@ -180,7 +181,7 @@ class EngineLoop:
         self.metrics.steps.inc()
         try:
             events = self.batcher.step()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._fail(jobs, e)
             return
         self._deliver(events, jobs)

@@ -1,7 +1,7 @@
 """Prometheus metrics of the server, in a registry of their own (several apps can live in one process)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 

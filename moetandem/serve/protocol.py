@@ -5,7 +5,7 @@ unknown fields, which are ignored so that newer clients keep working."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -87,7 +87,7 @@ class ChatCompletionRequest(SamplingParams):
         return self
 
 
-Prompt = Union[str, list[str], list[int], list[list[int]]]
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingParams):

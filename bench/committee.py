@@ -1,0 +1,118 @@
+"""Parameter Committee: quality and speed versus expert budget, per policy, side by side in one run.
+
+    python bench/committee.py --data ../shared/data/eval/wikitext2_valid.txt --out out/committee
+
+Quality: perplexity, top-1 agreement and KL against the all-resident model on the same windows, fed `--step`
+tokens at a time (1 = exactly what decoding sees), swaps waited for so the figures are reproducible.
+Speed: batch-1 decode tok/s of `--gen-tokens` tokens (asynchronous swaps, as served), resident expert bytes.
+On CUDA also HF transformers + accelerate offload capped at the same GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moetandem import Engine  # noqa: E402
+from moetandem.analysis.eval import encode_text, evaluate_ids  # noqa: E402
+from moetandem.assets import demo_model_path  # noqa: E402
+
+CONFIGS = {  # label -> Engine.from_pretrained kwargs
+    "exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balanced"}, "fast": {"fidelity": "fast"},
+    "substitute": {"policy": "substitute"}, "skip τ=0.1": {"policy": "skip"},
+    "lru": {"policy": "lru"}, "static": {"policy": "static"}, "host-only": {"policy": "host-only"},
+}
+
+
+def speed(eng: Engine, prompt: list[int], new: int) -> float:
+    eng.generate([prompt], max_new_tokens=4, stop_on_eos=False)
+    eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)
+    return eng.last_stats.decode_tok_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: the demo MoE)")
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--step", type=int, default=1)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=Path("out/committee"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.model or demo_model_path()
+    ref = Engine.from_pretrained(model, device=args.device, progress=False)
+    ids = encode_text(ref, args.data.read_text(encoding="utf-8"), args.max_tokens)
+    prompt = ids[:32]
+    total = ref.provider.expert_bytes()
+    base = evaluate_ids(ref, ids, context=args.context, step=args.step, progress=False)
+    rows = [{"config": "all resident", "budget": 1.0, "perplexity": base.perplexity, "top1": 1.0, "kl": 0.0,
+             "hit_rate": 1.0, "tok_s": speed(ref, prompt, args.gen_tokens), "expert_mib": total / 2**20}]
+    print(json.dumps(rows[-1]), flush=True)
+    for budget in args.budgets:
+        for label in args.configs:
+            kw = CONFIGS[label]
+            eng = Engine.from_pretrained(model, device=args.device, progress=False, expert_budget=budget,
+                                         async_swaps=False, **kw)
+            t = time.perf_counter()
+            q = evaluate_ids(eng, ids, context=args.context, step=args.step, reference=ref, progress=False)
+            eng.provider.async_swaps = True
+            st = q.expert_stats
+            rows.append({"config": label, "budget": budget, "perplexity": q.perplexity, "top1": q.top1_agreement,
+                         "kl": q.mean_kl, "hit_rate": st.get("hit_rate", 1.0),
+                         "tok_s": speed(eng, prompt, args.gen_tokens),
+                         "expert_mib": eng.provider.expert_bytes() / 2**20, "eval_s": time.perf_counter() - t})
+            print(json.dumps(rows[-1]), flush=True)
+            del eng
+            gc.collect()
+    (args.out / "committee.json").write_text(json.dumps(rows, indent=1))
+    report(rows, args, model)
+
+
+def report(rows: list[dict], args: argparse.Namespace, model: Path) -> None:
+    base = rows[0]
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    lines = [f"model {model.name}, {dev}, eval {args.max_tokens} tokens of {args.data.name}, windows of "
+             f"{args.context}, fed {args.step} token(s) at a time", "",
+             "| budget | config | ppl | Δppl | top-1 agree | KL | hit rate | decode tok/s | × all-resident | expert MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['budget']:.2f} | {r['config']} | {r['perplexity']:.2f} | "
+                     f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {100 * r['top1']:.2f}% | "
+                     f"{r['kl']:.4f} | {100 * r['hit_rate']:.1f}% | {r['tok_s']:.1f} | "
+                     f"{r['tok_s'] / base['tok_s']:.2f} | {r['expert_mib']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "committee.md").write_text(table + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for label in dict.fromkeys(r["config"] for r in rows[1:]):
+        rs = sorted((r for r in rows[1:] if r["config"] == label), key=lambda r: r["budget"])
+        b = [r["budget"] for r in rs] + [1.0]
+        axes[0].plot(b, [100 * r["top1"] for r in rs] + [100], marker="o", label=label)
+        axes[1].plot(b, [r["perplexity"] for r in rs] + [base["perplexity"]], marker="o", label=label)
+        axes[2].plot(b, [r["tok_s"] for r in rs] + [base["tok_s"]], marker="o", label=label)
+    for ax, title in zip(axes, ["top-1 agreement with all resident (%)", "perplexity", "decode tok/s"]):
+        ax.set_xlabel("expert budget (fraction of expert bytes)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Parameter Committee: memory – quality – speed")
+    fig.tight_layout()
+    fig.savefig(args.out / "committee.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
