@@ -33,9 +33,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/train")
     p.add_argument("--eval-file", type=Path, default=REPO.parent / "shared/data/eval/wikitext2_valid.txt")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=4000, help="upper bound on optimizer steps")
+    p.add_argument("--steps", type=int, default=1500, help="upper bound on optimizer steps")
     p.add_argument("--time-budget-min", type=float, default=6.0, help="stop training after this many minutes")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -55,11 +55,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--aux-coef", type=float, default=0.02)
-    p.add_argument("--experts-impl", default="eager", help="transformers experts implementation")
+    p.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation")
     # logging / eval / save
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--holdout-frac", type=float, default=0.02, help="held-out tail of each file")
+    p.add_argument("--holdout-every", type=int, default=100, help="steps between holdout evals (0: never)")
     p.add_argument("--eval-max-tokens", type=int, default=0, help="cap on validation tokens (0: all)")
-    p.add_argument("--max-shard-size", default="15MB")
+    p.add_argument("--max-shard-size", default="16MB", help="16MB = 15.3 MiB")
     return p.parse_args()
 
 
@@ -95,13 +97,17 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast
     )
 
 
-def encode_corpus(tokenizer: PreTrainedTokenizerFast, docs: list[str]) -> torch.Tensor:
-    """All documents as one stream, each followed by <|endoftext|>."""
-    ids: list[int] = []
+def encode_corpus(tokenizer: PreTrainedTokenizerFast, docs: list[str], holdout_frac: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and holdout streams; each document ends with <|endoftext|>, its last tokens go to holdout."""
+    train: list[int] = []
+    hold: list[int] = []
     for doc in docs:
-        ids.extend(tokenizer.backend_tokenizer.encode(doc).ids)
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+        ids = tokenizer.backend_tokenizer.encode(doc).ids + [tokenizer.eos_token_id]
+        cut = len(ids) - int(len(ids) * holdout_frac)
+        train.extend(ids[:cut])
+        hold.extend(ids[cut:])
+    return torch.tensor(train, dtype=torch.long), torch.tensor(hold, dtype=torch.long)
 
 
 def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> MixtralForCausalLM:
@@ -135,7 +141,7 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
 
 
 @torch.no_grad()
-def evaluate(model: MixtralForCausalLM, ids: torch.Tensor, seq_len: int, device: str, n_words: int,
+def evaluate(model: MixtralForCausalLM, ids: torch.Tensor, seq_len: int, device: str, n_words: int = 0,
              batch: int = 16) -> dict[str, float]:
     """Perplexity over non-overlapping windows; per BPE token and per whitespace word."""
     model.eval()
@@ -150,9 +156,10 @@ def evaluate(model: MixtralForCausalLM, ids: torch.Tensor, seq_len: int, device:
                                                  reduction="sum").item()
         count += y.numel()
     model.train()
-    words = n_words * count / max(len(ids) - 1, 1)  # words covered by the evaluated tokens
-    return {"val_loss": nll / count, "val_ppl": math.exp(nll / count), "val_word_ppl": math.exp(nll / words),
-            "val_tokens": count}
+    metrics = {"val_loss": nll / count, "val_ppl": math.exp(nll / count), "val_tokens": count}
+    if n_words:  # per-word perplexity over the words covered by the evaluated tokens
+        metrics["val_word_ppl"] = math.exp(nll / (n_words * count / max(len(ids) - 1, 1)))
+    return metrics
 
 
 def save_plot(curve: list[tuple[int, float]], path: Path) -> bool:
@@ -183,9 +190,11 @@ def main() -> None:
 
     docs = read_documents(args.data_dir)
     tokenizer = train_tokenizer(docs, args.vocab_size)
-    data = encode_corpus(tokenizer, docs)
+    data, hold = encode_corpus(tokenizer, docs, args.holdout_frac)
     print(f"tokenizer: vocab {len(tokenizer)}; train corpus {sum(map(len, docs)) / 1e6:.2f} MB "
-          f"-> {len(data):,} tokens ({time.time() - t_start:.1f}s)", flush=True)
+          f"-> {len(data):,} train + {len(hold):,} holdout tokens ({time.time() - t_start:.1f}s)", flush=True)
+    data = data.to(device)
+    offsets = torch.arange(args.seq_len + 1, device=device)
 
     model = build_model(args, tokenizer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -199,6 +208,7 @@ def main() -> None:
     use_amp = device.startswith("cuda")
 
     curve: list[tuple[int, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (math.inf, 0, None)  # holdout loss, step, weights
     ema, step, t_train = None, 0, time.time()
     model.train()
     while step < args.steps:
@@ -209,7 +219,7 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         starts = torch.randint(0, len(data) - args.seq_len - 1, (args.batch_size,), generator=gen)
-        batch = torch.stack([data[s : s + args.seq_len + 1] for s in starts.tolist()]).to(device)
+        batch = data[starts.to(device)[:, None] + offsets]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             out = model(input_ids=batch[:, :-1], output_router_logits=True)
             logits = out.logits.float()
@@ -226,7 +236,20 @@ def main() -> None:
             tok_s = step * args.batch_size * args.seq_len / (time.time() - t_train)
             print(f"step {step:5d}  loss {lm:.3f}  ema {ema:.3f}  aux {out.aux_loss.item():.3f}  "
                   f"lr {lr:.2e}  {tok_s / 1e3:.1f}k tok/s  {time.time() - t_train:.0f}s", flush=True)
+        if args.holdout_every and len(hold) > args.seq_len and step % args.holdout_every == 0:
+            h = evaluate(model, hold, args.seq_len, device)["val_loss"]
+            if h < best[0]:
+                best = (h, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            print(f"  holdout loss {h:.3f} (best {best[0]:.3f} at step {best[1]})", flush=True)
     train_s = time.time() - t_train
+    if best[2] is not None and args.holdout_every:  # keep the final weights unless they are worse
+        h = evaluate(model, hold, args.seq_len, device)["val_loss"]
+        print(f"final holdout loss {h:.3f}; best {best[0]:.3f} at step {best[1]}", flush=True)
+        if h > best[0]:
+            model.load_state_dict(best[2])
+            print(f"restored the weights of step {best[1]}", flush=True)
+        else:
+            best = (h, step, None)
     if not curve or curve[-1][0] != step:
         curve.append((step, ema))
 
@@ -250,14 +273,17 @@ def main() -> None:
         "params": n_params, "active_params_per_token": n_active, "steps": step,
         "tokens_seen": step * args.batch_size * args.seq_len, "train_corpus_tokens": len(data),
         "wall_time_s": round(time.time() - t_start, 1), "train_time_s": round(train_s, 1),
-        "final_train_loss_ema": round(ema, 4), **{k: round(v, 4) for k, v in metrics.items()},
+        "final_train_loss_ema": round(ema, 4), "kept_step": best[1] or step,
+        "holdout_loss": None if math.isinf(best[0]) else round(best[0], 4),
+        **{k: round(v, 4) for k, v in metrics.items()},
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
         "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
         "loss_curve": [[s, round(v, 4)] for s, v in curve],
     }
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     print("\nloss curve (step: ema train LM loss)")
-    for s, v in curve[:: max(1, len(curve) // 20)] + ([curve[-1]] if len(curve) > 20 else []):
+    shown = curve[:: max(1, len(curve) // 20)]
+    for s, v in shown + ([curve[-1]] if shown[-1] != curve[-1] else []):
         print(f"  {s:6d}: {v:6.3f} " + "#" * int(max(v, 0) * 6))
     print(f"\nsteps {step}, tokens {log['tokens_seen']:,}, train {train_s:.0f}s, final train loss {ema:.3f}")
     print(f"wikitext-2 valid: {metrics['val_tokens']:,} tokens, ppl {metrics['val_ppl']:.1f} per token, "
