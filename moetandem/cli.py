@@ -21,6 +21,7 @@ from moetandem.experts.commands import add_calibrate_parser, add_committee_args,
 from moetandem.streaming import TextStream
 
 EXIT_USER_ERROR = 2
+DEMO_PROMPT = "The king said"
 EXIT_INTERRUPTED = 130
 
 
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate from a prompt and stream the text to stdout; stats go to stderr.")
     gen.add_argument("--model", metavar="PATH",
                      help="Hugging Face checkpoint directory (default: the shipped demo MoE)")
-    gen.add_argument("--prompt", required=True, metavar="TEXT",
-                     help="prompt text; token ids separated by spaces when the checkpoint has no tokenizer")
+    gen.add_argument("--prompt", default=DEMO_PROMPT, metavar="TEXT",
+                     help=f"prompt text; token ids separated by spaces when the checkpoint has no tokenizer "
+                          f"(default: {DEMO_PROMPT!r})")
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
     add_device_args(gen)
     gen.add_argument("--temperature", type=_finite_float, default=0.0, metavar="T", help="0 = greedy (default)")
