@@ -2,7 +2,8 @@
 concurrencies, over streaming /v1/completions (``ignore_eos``, so every request generates --max-tokens).
 
 Against a running server:            python bench/serve.py --url http://127.0.0.1:8000 --api-key KEY
-Starting one (a separate process):   python bench/serve.py --model PATH --max-batch 16 --device cuda
+Starting one (a separate process):   python bench/serve.py --model PATH --max-batch 16 --device cuda \
+                                         [--serve-args "--expert-budget 0.5"]
 
 Prints a markdown table and writes serve.json, serve.md and serve.png to --out.
   TTFT  request sent -> first text chunk            TPOT  (end - first chunk) / (completion tokens - 1)
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -108,7 +110,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
     port = free_port()
     cmd = [sys.executable, "-m", "moetandem.serve", str(args.model), "--port", str(port), "--device", args.device,
            "--max-batch", str(args.max_batch), "--max-waiting", str(max(args.requests_max, 64)),
-           "--log-level", "warning"]
+           "--log-level", "warning", *shlex.split(args.serve_args)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -138,6 +140,10 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> str:
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {trio(r, 'ttft')} | {trio(r, 'tpot')} | "
                      f"{trio(r, 'itl')} | {r['output_tok_s']:.1f} | {r['req_s']:.2f} |")
+    failed = [r for r in rows if r["errors"]]
+    if failed:
+        lines += ["", *(f"concurrency {r['concurrency']}: {r['errors']} request(s) failed, first: {r['first_error']}"
+                        for r in failed)]
     table = "\n".join(lines)
     (out / "serve.md").write_text(table + "\n")
     (out / "serve.json").write_text(json.dumps({"meta": meta, "levels": rows}, indent=1))
@@ -147,6 +153,10 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         print("(matplotlib missing: no PNG)", file=sys.stderr)
+        return table
+    rows = [r for r in rows if r["ok"] > 1]
+    if not rows:
+        print("(no level succeeded: no PNG)", file=sys.stderr)
         return table
     cs = [r["concurrency"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -180,6 +190,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16, help="with --model: KV-cache slots of the server")
     ap.add_argument("--device", default="auto", help="with --model: auto | cpu | cuda")
+    ap.add_argument("--serve-args", default="", help="with --model: more server options, e.g. "
+                    "\"--expert-budget 0.5 --policy fetch\"")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--out", type=Path, default=Path("out/serve"))
     args = ap.parse_args()
@@ -204,7 +216,8 @@ def main() -> None:
                            json={"model": model, "prompt": prompt, "max_tokens": 1}).json()
         meta = {"url": url, "model": model, "prompt_words": args.prompt_words, "max_tokens": args.max_tokens,
                 "prompt_tokens": probe.get("usage", {}).get("prompt_tokens"), "started_server": proc is not None,
-                "max_batch": args.max_batch if proc is not None else None, "time": time.strftime("%Y-%m-%d %H:%M")}
+                "max_batch": args.max_batch if proc is not None else None,
+                "serve_args": args.serve_args if proc is not None else None, "time": time.strftime("%Y-%m-%d %H:%M")}
         print(report(rows, meta, args.out))
     finally:
         if proc is not None:

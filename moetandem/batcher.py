@@ -113,7 +113,10 @@ class Batcher:
         toks = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             if s.temperature > 0:
-                toks[i] = int(sample(logits[i: i + 1], s.temperature, s.top_p, s.generator)[0])
+                try:
+                    toks[i] = int(sample(logits[i: i + 1], s.temperature, s.top_p, s.generator)[0])
+                except RuntimeError:  # e.g. non-finite probabilities: this row falls back to greedy, others go on
+                    pass
         events = []
         for s, tok in zip(seqs, toks):
             s.out.append(tok)

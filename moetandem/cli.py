@@ -17,6 +17,7 @@ from moetandem.checkpoint import Checkpoint
 from moetandem.engine import Engine, GenerationStats
 from moetandem.errors import InvalidRequestError, MoetandemError
 from moetandem.analysis.commands import add_eval_parser, add_trace_parser
+from moetandem.serve.cli import add_serve_parser
 from moetandem.experts.commands import add_calibrate_parser, add_committee_args, add_plan_parser, committee_kwargs
 from moetandem.streaming import TextStream
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub, add_device_args)
     add_eval_parser(sub, add_device_args)
     add_trace_parser(sub, add_device_args)
+    add_serve_parser(sub, add_device_args)
     return parser
 
 

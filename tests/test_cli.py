@@ -78,7 +78,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
-    assert main(["generate"]) == 2  # --prompt is required
+    assert main(["generate", "--max-new-tokens", "x"]) == 2
     assert main(["generate", "--prompt", "1", "--temperature", "nan"]) == 2
     assert main(["generate", "--prompt", "1", "--device", "tpu"]) == 2
     assert "not a finite number" in capsys.readouterr().err

@@ -193,3 +193,19 @@ def test_plan_gives_slots_where_they_buy_hits(ckpt, tmp_path):
     p.save(tmp_path / "p.json")
     eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, plan=str(tmp_path / "p.json"), policy="auto")
     assert {l: len(st.expert_of) for l, st in eng.provider.layers.items()} == p.slots
+
+
+def test_fetch_with_refresh_swaps_in_flight_stays_exact(ckpt, reference):
+    """On-demand fetches racing the refresh swapper (same expert twice) must keep one consistent copy."""
+    from moetandem.batcher import Batcher
+    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.5, policy="fetch",
+                                 refresh_every=2)
+    b = Batcher(eng, 4, 128)
+    for n in (1, 4, 24, 24, 24):
+        r = eng.make_sequence(PROMPTS[0], n)
+        b.add([r])
+        while b.active:
+            b.step()
+        assert r.out == reference[0][:n]
+    for st in eng.provider.layers.values():
+        assert all(st.expert_of[s] == e for e, s in st.slot_of.items())

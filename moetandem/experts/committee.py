@@ -169,8 +169,10 @@ class CommitteeProvider(ExpertProvider):
                 else:
                     st.buf[slot].copy_(src)
                 with self.lock:
-                    st.expert_of[slot], st.slot_of[expert] = expert, slot
                     st.busy.discard(slot)
+                    if expert in st.slot_of:  # fetched on demand meanwhile: keep one copy, leave this slot free
+                        continue
+                    st.expert_of[slot], st.slot_of[expert] = expert, slot
                     self.stats.swaps += 1
                     self.stats.bytes_moved += self.expert_size
             finally:
@@ -293,20 +295,29 @@ class CommitteeProvider(ExpertProvider):
         st, pol, host = self.layers[layer], self.policy, set()
         for e, rows in exact.items():
             fetch = pol.exact == "fetch" or (pol.exact == "auto" and not self.cost.prefer_host(rows))
-            victims = [s for s, v in enumerate(st.expert_of) if v >= 0 and v not in in_use and s not in st.busy]
+            with self.lock:
+                if e in st.slot_of:  # a refresh swap published it since the snapshot
+                    resident[e] = st.slot_of[e]
+                    continue
+                victims = [s for s, v in enumerate(st.expert_of)
+                           if s not in st.busy and (v < 0 or v not in in_use)]
             if not fetch or not victims:
                 host.add(e)
                 self.stats.host_computes += rows
                 continue
-            if pol.lru:
+            free = [s for s in victims if st.expert_of[s] < 0]
+            if free:
+                slot = free[0]
+            elif pol.lru:
                 slot = min(victims, key=lambda s: st.last_use.get(st.expert_of[s], -1))
             else:
                 slot = min(victims, key=lambda s: float(st.score[st.expert_of[s]]))
             t0 = time.perf_counter()
             with self.lock:
-                del st.slot_of[st.expert_of[slot]]
+                st.slot_of.pop(st.expert_of[slot], None)
                 st.expert_of[slot] = -1
-            resident.pop(next(k for k, v in resident.items() if v == slot), None)
+            for gone in [k for k, v in resident.items() if v == slot]:
+                del resident[gone]
             self._load(layer, slot, e)
             resident[e] = slot
             st.last_use[e] = self.tick

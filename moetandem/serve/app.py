@@ -4,8 +4,8 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -51,8 +51,9 @@ class ServerState:
             return 503, {"status": "error", "detail": f"loading the model failed: {self.load_error}"}
         if self.loop is None:
             return 503, {"status": "loading"}
-        if not self.loop.alive:
-            return 503, {"status": "error", "detail": self.loop.error or "the engine thread has stopped"}
+        problem = self.loop.status()
+        if problem is not None:
+            return 503, {"status": "error", "detail": problem}
         return 200, {"status": "ok", "model": self.model_id, "running": len(self.loop.running),
                      "waiting": len(self.loop.waiting)}
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import socket
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from moetandem.errors import MoetandemError
+from moetandem.experts.commands import add_committee_args, committee_kwargs
 
 
-def add_serve_parser(subparsers: Any, **parser_kwargs: Any) -> argparse.ArgumentParser:
+def add_serve_parser(subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None,
+                     **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """Add `serve` to `subparsers`; `common` adds --device/--dtype (moetandem.cli.add_device_args), else ours."""
     p = subparsers.add_parser(
         "serve", **parser_kwargs, help="OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
         description="Serve a checkpoint over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
@@ -24,9 +30,12 @@ def add_serve_parser(subparsers: Any, **parser_kwargs: Any) -> argparse.Argument
                         "(everything but /health)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="model id in the API (default: the checkpoint directory's name)")
-    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    if common is not None:
+        common(p)
+    else:
+        p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--max-batch", type=_positive, default=8, metavar="N",
                    help="sequences decoded together = KV-cache slots (default 8)")
     p.add_argument("--max-waiting", type=_non_negative, default=64, metavar="N",
@@ -34,6 +43,7 @@ def add_serve_parser(subparsers: Any, **parser_kwargs: Any) -> argparse.Argument
     p.add_argument("--max-model-len", type=_positive, metavar="TOKENS",
                    help="context per sequence, prompt + completion (default: the model's maximum)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_committee_args(p)  # --expert-budget, --policy, --fidelity, ... (the engine's Parameter Committee)
     p.set_defaults(run=serve_command)
     return p
 
@@ -55,13 +65,30 @@ def serve_command(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.resolve().name
 
     def load() -> Engine:
-        return Engine.from_pretrained(path, device=args.device, dtype=args.dtype, progress=True)
+        return Engine.from_pretrained(path, device=args.device, dtype=args.dtype, progress=True,
+                                      **committee_kwargs(args))
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(loader=load, model_id=name, api_key=api_key, max_batch=args.max_batch,
                      max_waiting=args.max_waiting, max_model_len=args.max_model_len)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    sock = listen_socket(args.host, args.port)  # a busy port is a one-line error, before any loading
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    print(f"moetandem: serving {name!r} on http://{args.host}:{sock.getsockname()[1]} (model loading; "
+          "GET /health says when it is ready)", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise MoetandemError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def read_api_key(file: Path) -> str:

@@ -6,8 +6,8 @@ import asyncio
 import json
 import time
 import uuid
-from contextlib import aclosing
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any, Literal
 
 from starlette.requests import Request as HTTPRequest
@@ -16,8 +16,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from moetandem.errors import ContextLengthError, InvalidRequestError
 from moetandem.serve.errors import APIError
 from moetandem.serve.loop import EngineDead, EngineLoop, Event, Job, QueueFull
-from moetandem.serve.protocol import (ChatCompletionRequest, CompletionRequest, SamplingParams, chat_chunk,
-                                      completion_chunk)
+from moetandem.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingParams,
+    chat_chunk,
+    completion_chunk,
+)
 from moetandem.streaming import TextStream
 
 Kind = Literal["chat", "completion"]

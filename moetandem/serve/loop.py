@@ -11,8 +11,8 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from moetandem.batcher import Batcher, Request
@@ -62,6 +62,9 @@ class Job:
 
 
 class EngineLoop:
+    #: this many engine exceptions in a row (no successful step between) and the loop reports itself broken
+    MAX_CONSECUTIVE_ERRORS = 5
+
     def __init__(self, engine: Any, max_batch: int = 8, max_waiting: int = 64, max_len: int | None = None,
                  metrics: ServerMetrics | None = None) -> None:
         self.engine = engine
@@ -71,6 +74,8 @@ class EngineLoop:
         self.batcher = Batcher(engine, max_batch, self.max_len)
         self.metrics = metrics or ServerMetrics()
         self.metrics.bind_gauges(lambda: len(self.running), lambda: len(self.waiting), max_batch)
+        if hasattr(engine, "expert_stats"):
+            self.metrics.bind_expert_stats(engine.expert_stats)
         self.tokenizer_lock = threading.Lock()  # HF fast tokenizers must not be used from two threads at once
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[Job, None] = {}  # insertion-ordered set
@@ -78,6 +83,8 @@ class EngineLoop:
         self._cv = threading.Condition()
         self._stopping = False
         self.error: str | None = None
+        self.consecutive_errors = 0
+        self.last_engine_error: str | None = None
         self._thread = threading.Thread(target=self._main, name="moetandem-engine", daemon=True)
 
     # ---------------------------------------------------------------- called from any thread
@@ -86,7 +93,21 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._thread.is_alive() and self.error is None and not self.failing
+
+    @property
+    def failing(self) -> bool:
+        return self.consecutive_errors >= self.MAX_CONSECUTIVE_ERRORS
+
+    def status(self) -> str | None:
+        """None when healthy, else why not."""
+        if self.error is not None:
+            return self.error
+        if not self._thread.is_alive():
+            return "the engine thread has stopped"
+        if self.failing:
+            return f"the engine failed {self.consecutive_errors} times in a row; last: {self.last_engine_error}"
+        return None
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue sequences (all or none). Raises QueueFull / EngineDead."""
@@ -184,11 +205,14 @@ class EngineLoop:
         except Exception as e:
             self._fail(jobs, e)
             return
+        self.consecutive_errors = 0  # only a decode step clears the count (prefills may work while steps fail)
         self._deliver(events, jobs)
 
     def _fail(self, jobs: list[Job], err: Exception) -> None:
         log.exception("engine error; failing %d sequence(s)", len(jobs))
         self.metrics.engine_errors.inc()
+        self.consecutive_errors += 1
+        self.last_engine_error = f"{type(err).__name__}: {err}"
         with self._cv:
             for j in jobs:
                 self.batcher.cancel(j.req)

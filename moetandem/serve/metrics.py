@@ -1,9 +1,11 @@
 """Prometheus metrics of the server, in a registry of their own (several apps can live in one process)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 PREFIX = "moetandem"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -51,6 +53,10 @@ class ServerMetrics:
         self.engine_errors = Counter(f"{PREFIX}_engine_errors", "engine exceptions (each fails the sequences "
                                      "it touched)", registry=r)
 
+    def bind_expert_stats(self, stats: Callable[[], dict[str, float]]) -> None:
+        """Export Engine.expert_stats() (committee hits, misses, swaps, bytes moved, ...) at each scrape."""
+        self.registry.register(_ExpertStats(stats))
+
     def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], slots: int) -> None:
         self.running.set_function(running)
         self.waiting.set_function(waiting)
@@ -58,3 +64,23 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ExpertStats(Collector):
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            values = self.stats()
+        except Exception:  # a provider mid-update must not break /metrics
+            values = {}
+        if values:
+            fam = GaugeMetricFamily(f"{PREFIX}_expert_stats", "expert committee counters since start "
+                                    "(Engine.expert_stats(); empty when every expert is resident)", labels=["stat"])
+            for k, v in values.items():
+                fam.add_metric([k], float(v))
+            yield fam
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
