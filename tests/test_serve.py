@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -512,3 +513,23 @@ def test_property_no_5xx(http: "httpx.Client", case: tuple[str, dict[str, Any] |
     else:
         out = r.json()
         assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+
+
+# ---------------------------------------------------------------- admin: live expert budget
+def test_admin_expert_budget_live(model_dir: Path) -> None:
+    eng = Engine.from_pretrained(model_dir, device="cpu", dtype="float32", progress=False, expert_budget=0.5,
+                                 policy="auto")
+    full = eng.store.expert_bytes(torch.float32) * eng.store.num_experts * len(eng.store.layers)
+    app = create_app(eng, model_id=MODEL, api_key=KEY)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.post("/admin/expert-budget", json={"budget": 0.25}).status_code == 401  # the key is required
+        before = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8, "temperature": 0}, headers=auth).json()
+        r = c.post("/admin/expert-budget", json={"budget": 0.25}, headers=auth)
+        assert r.status_code == 200 and r.json()["resident_expert_bytes"] <= full // 4
+        assert eng.provider.expert_bytes() <= full // 4
+        r = c.post("/admin/expert-budget", json={"budget": "1KiB"}, headers=auth)  # below one token's experts
+        assert_error(r, 400, param="budget", code="invalid_expert_budget")
+        after = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8, "temperature": 0}, headers=auth).json()
+        assert after["choices"][0]["text"] == before["choices"][0]["text"]  # exact policy: same tokens
+        assert c.get("/health").status_code == 200

@@ -19,7 +19,8 @@ from moetandem.serve.errors import APIError, error_response, type_for_status
 from moetandem.serve.generation import chat_prompt, completion_prompts, respond
 from moetandem.serve.loop import EngineLoop
 from moetandem.serve.metrics import ServerMetrics
-from moetandem.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from moetandem.serve.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, ExpertBudgetRequest,
+                                      ModelCard, ModelList)
 
 log = logging.getLogger("moetandem.serve")
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
@@ -221,5 +222,20 @@ def create_app(engine: Any | None = None, *, loader: Callable[[], Any] | None = 
         loop = state.ready_loop()
         return await respond(request, loop, state.model_id, "completion", body, completion_prompts(loop, body),
                              "prompt")
+
+    @app.post("/admin/expert-budget", responses=ERRORS,
+              summary="change the expert budget live (between decode steps); protected by the API key")
+    async def expert_budget(body: ExpertBudgetRequest) -> JSONResponse:
+        import asyncio
+
+        from moetandem.errors import MoetandemError
+        loop = state.ready_loop()
+        engine = loop.engine
+        try:
+            await asyncio.wrap_future(loop.call(lambda: engine.set_expert_budget(body.budget)))
+        except MoetandemError as e:
+            raise APIError(400, str(e), param="budget", code="invalid_expert_budget") from None
+        return JSONResponse({"budget_bytes": engine.provider.budget_bytes,
+                             "resident_expert_bytes": engine.provider.expert_bytes()})
 
     return app

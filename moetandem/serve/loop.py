@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from moetandem.batcher import Batcher, Request
 from moetandem.serve.metrics import ServerMetrics
@@ -80,6 +81,7 @@ class EngineLoop:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[Job, None] = {}  # insertion-ordered set
         self._cancels: list[Job] = []
+        self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._cv = threading.Condition()
         self._stopping = False
         self.error: str | None = None
@@ -128,6 +130,16 @@ class EngineLoop:
             self._cancels.extend(j for j in jobs if j.finish is None)
             self._cv.notify()
 
+    def call(self, fn: Callable[[], Any]) -> "concurrent.futures.Future[Any]":
+        """Run fn on the engine thread between two decode steps (e.g. a live expert-budget change)."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cv:
+            if not self.alive or self._stopping:
+                raise EngineDead(self.error or "the engine is not running")
+            self._calls.append((fn, fut))
+            self._cv.notify()
+        return fut
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stopping = True
@@ -145,11 +157,17 @@ class EngineLoop:
         try:
             while True:
                 with self._cv:
-                    while not (self._stopping or self._cancels or self.waiting or self.running):
+                    while not (self._stopping or self._cancels or self.waiting or self.running or self._calls):
                         self._cv.wait()
                     if self._stopping:
                         break
                     self._apply_cancels()
+                    calls, self._calls = self._calls, []
+                    for fn, fut in calls:
+                        try:
+                            fut.set_result(fn())
+                        except Exception as e:  # reported to the caller, the loop goes on
+                            fut.set_exception(e)
                     admit = [self.waiting.popleft() for _ in range(min(self.batcher.free_slots(),
                                                                          len(self.waiting)))]
                     for j in admit:

@@ -199,3 +199,9 @@ def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
                      finish_reason: str | None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+class ExpertBudgetRequest(StrictModel):
+    """POST /admin/expert-budget: bytes ("6GiB", 123456) or a fraction of all expert bytes (0.5)."""
+
+    budget: str | float | int
