@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--step", type=int, default=1)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--plans", type=Path, nargs="*", default=[],
+                    help="plan files from `moetandem plan`: each config also runs with the plan at its budget")
     ap.add_argument("--out", type=Path, default=Path("out/committee"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -59,22 +61,28 @@ def main() -> None:
     rows = [{"config": "all resident", "budget": 1.0, "perplexity": base.perplexity, "top1": 1.0, "kl": 0.0,
              "hit_rate": 1.0, "tok_s": speed(ref, prompt, args.gen_tokens), "expert_mib": total / 2**20}]
     print(json.dumps(rows[-1]), flush=True)
-    for budget in args.budgets:
-        for label in args.configs:
-            kw = CONFIGS[label]
-            eng = Engine.from_pretrained(model, device=args.device, progress=False, expert_budget=budget,
-                                         async_swaps=False, **kw)
-            t = time.perf_counter()
-            q = evaluate_ids(eng, ids, context=args.context, step=args.step, reference=ref, progress=False)
-            eng.provider.async_swaps = True
-            st = q.expert_stats
-            rows.append({"config": label, "budget": budget, "perplexity": q.perplexity, "top1": q.top1_agreement,
-                         "kl": q.mean_kl, "hit_rate": st.get("hit_rate", 1.0),
-                         "tok_s": speed(eng, prompt, args.gen_tokens),
-                         "expert_mib": eng.provider.expert_bytes() / 2**20, "eval_s": time.perf_counter() - t})
-            print(json.dumps(rows[-1]), flush=True)
-            del eng
-            gc.collect()
+    from moetandem.experts.plan import Plan
+    runs = [(b, label, None) for b in args.budgets for label in args.configs]
+    for plan in args.plans:
+        b = round(Plan.load(plan).budget_bytes / total, 3)
+        runs += [(b, label, plan) for label in args.configs]
+    for budget, label, plan in runs:
+        kw = dict(CONFIGS[label])
+        if plan is not None:
+            label, kw["plan"] = f"{label} + plan", str(plan)
+        eng = Engine.from_pretrained(model, device=args.device, progress=False, expert_budget=budget,
+                                     async_swaps=False, **kw)
+        t = time.perf_counter()
+        q = evaluate_ids(eng, ids, context=args.context, step=args.step, reference=ref, progress=False)
+        eng.provider.async_swaps = True
+        st = q.expert_stats
+        rows.append({"config": label, "budget": budget, "perplexity": q.perplexity, "top1": q.top1_agreement,
+                     "kl": q.mean_kl, "hit_rate": st.get("hit_rate", 1.0),
+                     "tok_s": speed(eng, prompt, args.gen_tokens),
+                     "expert_mib": eng.provider.expert_bytes() / 2**20, "eval_s": time.perf_counter() - t})
+        print(json.dumps(rows[-1]), flush=True)
+        del eng
+        gc.collect()
     (args.out / "committee.json").write_text(json.dumps(rows, indent=1))
     report(rows, args, model)
 
