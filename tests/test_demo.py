@@ -86,3 +86,15 @@ def test_cli_runs_the_demo_with_no_arguments(capsys):
     assert main(["generate", "--device", "cpu", "--max-new-tokens", "12"]) == 0
     out, err = capsys.readouterr()
     assert len(out.split()) >= 3 and "decode" in err
+
+
+def test_demo_serves_chat_to_the_openai_client(demo):
+    import openai
+
+    from moetandem.serve.app import create_app
+    from moetandem.serve.runner import ServerThread
+    with ServerThread(create_app(demo, model_id="demo-moe")) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="demo-moe", messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=12, temperature=0)
+        assert r.choices[0].message.content and r.usage.completion_tokens >= 1
