@@ -14,7 +14,7 @@ import torch
 from moetandem.batcher import Batcher
 from moetandem.batcher import Request
 from moetandem.checkpoint import Checkpoint
-from moetandem.errors import ContextLengthError, InvalidRequestError, MoetandemError
+from moetandem.errors import ContextLengthError, InvalidRequestError
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.factory import build_provider
 from moetandem.experts.store import ExpertStore

@@ -65,7 +65,6 @@ class ExpertStore:
 def flat_views(buf: torch.Tensor, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of flat expert buffers [..., 3*I*H] as w13 [..., 2I, H] (gate; up) and w2 [..., H, I]."""
     n = 2 * inter * hidden
-    lead = buf.shape[:-1]
     return buf[..., :n].unflatten(-1, (2 * inter, hidden)), buf[..., n:].unflatten(-1, (hidden, inter))
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import socket
 import sys
 from collections.abc import Callable
@@ -30,12 +29,9 @@ def add_serve_parser(subparsers: Any, common: Callable[[argparse.ArgumentParser]
                         "(everything but /health)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="model id in the API (default: the checkpoint directory's name)")
-    if common is not None:
-        common(p)
-    else:
-        p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    if common is None:
+        from moetandem.cli import add_device_args as common  # the main CLI's --device / --dtype
+    common(p)
     p.add_argument("--max-batch", type=_positive, default=8, metavar="N",
                    help="sequences decoded together = KV-cache slots (default 8)")
     p.add_argument("--max-waiting", type=_non_negative, default=64, metavar="N",
@@ -109,12 +105,6 @@ def _demo_path() -> Path:
     except (ImportError, CheckpointError):
         raise MoetandemError("no MODEL given and this install does not ship the demo model; pass a checkpoint "
                              "directory: moetandem serve PATH") from None
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N")
-    return text
 
 
 def _int(text: str) -> int:
