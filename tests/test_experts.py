@@ -31,7 +31,7 @@ def test_grouped_path_equals_loop(T, k):
             e = int(ids[t, j])
             gate, up = (x[t] @ w13[e].T).chunk(2)
             want[t] += w[t, j] * (torch.nn.functional.silu(gate) * up) @ w2[e].T
-    torch.testing.assert_close(loop, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loop, want, rtol=1e-4, atol=1e-3)  # outputs are O(100): fp32 summation order
 
 
 def test_group_counts():
