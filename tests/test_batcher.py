@@ -51,3 +51,22 @@ def test_sequence_must_fit_cache(engine):
     with pytest.raises(ContextLengthError):
         b.add([engine.make_sequence(list(range(10)), max_new_tokens=10)])
     assert b.free_slots() == 1
+
+
+def test_padding_rows_into_the_scratch_row_do_not_disturb_real_rows(engine):
+    """What a padded CUDA-graph batch does, checked eagerly: extra rows writing into the scratch cache row."""
+    import torch
+    b = Batcher(engine, max_batch=3, max_len=64)  # cache rows 0..2 + scratch row 3
+    r0, r1 = engine.make_sequence([5, 6, 7, 8], 8), engine.make_sequence([9, 10], 8)
+    b.add([r0, r1])
+    ids = torch.tensor([[r0.out[-1]], [r1.out[-1]]])
+    pos = torch.tensor([[r0.next_pos], [r1.next_pos]])
+    rows = torch.tensor([r0.slot, r1.slot])
+    k_before = [k.clone() for k in b.cache.k]
+    real = engine.model(ids, pos, b.cache, 64, rows=rows)[:, -1]
+    for k, kb in zip(b.cache.k, k_before):  # rewind: the padded run below writes the same K/V again
+        k.copy_(kb)
+    padded = engine.model(torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)]),
+                          torch.cat([pos, torch.zeros(2, 1, dtype=torch.long)]), b.cache, 64,
+                          rows=torch.cat([rows, torch.tensor([3, 3])]))[:2, -1]
+    torch.testing.assert_close(padded, real)
