@@ -14,6 +14,7 @@ from tqdm import tqdm
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.policies import CostModel, MissPolicy
 from moetandem.experts.provider import ExpertProvider, combine, group_by_expert
+from moetandem.experts.resident import grouped_mm_supported, run_experts
 from moetandem.experts.store import ExpertStore, flat_views, return_freed_memory_to_os
 from moetandem.models.layers import expert_ffn
 
@@ -78,6 +79,8 @@ class CommitteeProvider(ExpertProvider):
         self.lock = threading.Lock()
         self.tick = 0
         self.cost = CostModel(device, dtype, self.I, self.H)
+        #: resident experts as one grouped GEMM over the slot buffers (CUDA bf16); else one matmul pair per expert
+        self.grouped = grouped_mm_supported(device, dtype, (self.I, self.H))
         self.layers: dict[int, _Layer] = {}
         self._host: dict[tuple[int, int], torch.Tensor] = {}  # pinned host copies (CUDA only)
         self._jobs: queue.Queue[tuple[int, int, int, torch.cuda.Event | None] | None] = queue.Queue()
@@ -278,6 +281,8 @@ class CommitteeProvider(ExpertProvider):
                 gw[t] = [g * total / kept if kp else 0.0 for g, kp in zip(gw[t], keep[t])]
             weights = torch.tensor(gw, device=weights.device, dtype=weights.dtype)
         host = self._fetch_or_host(layer, exact, resident, {e for row in final for e in row})
+        if self.grouped:
+            return self._run_grouped(layer, x, final, keep, weights, resident, host)
         return self._run(layer, x, final, keep, weights, resident, host)
 
     def _nearest(self, layer: int, expert: int, resident: dict[int, int]) -> int | None:
@@ -353,3 +358,27 @@ class CommitteeProvider(ExpertProvider):
                 y = expert_ffn(rows, w13, w2)
             ys[idx] = y
         return combine(ys, groups, weights)
+
+    def _run_grouped(self, layer: int, x: torch.Tensor, final: list[list[int]], keep: list[list[bool]],
+                     weights: torch.Tensor, resident: dict[int, int], host: set[int]) -> torch.Tensor:
+        """Resident experts in two grouped GEMMs over the slot buffers (expert ids mapped to slot ids; skipped and
+        host-computed assignments ride along with weight 0); host experts added one by one."""
+        st, I, H = self.layers[layer], self.I, self.H
+        on_slot = [[kp and e in resident for e, kp in zip(fr, kr)] for fr, kr in zip(final, keep)]
+        spare = next(iter(resident.values()), 0)  # a published slot for rows that carry weight 0
+        slot_ids = torch.tensor([[resident.get(e, spare) for e in fr] for fr in final], device=x.device)  # [T, k]
+        mask = torch.tensor(on_slot, device=x.device)
+        w13, w2 = flat_views(st.buf, I, H)  # [n, 2I, H], [n, H, I]
+        out = run_experts(x, slot_ids, weights * mask, w13, w2, grouped=True)
+        for e in host:
+            rows = [(t, j) for t, fr in enumerate(final) for j, fe in enumerate(fr) if fe == e and keep[t][j]]
+            if not rows:
+                continue
+            t0 = time.perf_counter()
+            tok = torch.tensor([t for t, _ in rows], device=x.device)
+            hw13, hw2 = flat_views(self.host_flat(layer, e), I, H)
+            y = expert_ffn(x[tok].to("cpu", hw13.dtype), hw13, hw2).to(x.device, x.dtype)  # [r, H]
+            g = weights[tok, torch.tensor([j for _, j in rows], device=x.device)]  # [r]
+            out.index_add_(0, tok, y * g[:, None].to(y.dtype))
+            self.stats.stall_s += time.perf_counter() - t0
+        return out
