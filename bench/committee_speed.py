@@ -1,0 +1,108 @@
+"""Parameter Committee speed on the GPU: batch-1 decode tok/s and peak GPU memory versus expert budget, per
+policy, against all-resident and HF transformers + accelerate offload capped at the same GPU memory, on random
+bf16 checkpoints of real shapes (random routers: speed only; quality figures come from bench/committee.py).
+
+    python bench/committee_speed.py --shapes olmoe-1b-7b qwen3-30b-a3b --out out/committee-speed
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
+from moetandem import Engine  # noqa: E402
+
+CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balanced"}, "fast": {"fidelity": "fast"},
+           "lru": {"policy": "lru"}, "host-only": {"policy": "host-only"}}
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | None, kw: dict) -> dict:
+    eng = Engine.from_pretrained(path, device=device, progress=False, expert_budget=budget, **kw)
+    eng.generate([prompt], max_new_tokens=8, stop_on_eos=False)
+    _free()
+    eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)
+    st = eng.last_stats
+    res = {"tok_s": st.decode_tok_s, "peak_gib": eng.peak_memory() / 2**30, **eng.expert_stats()}
+    del eng
+    _free()
+    return res
+
+
+def accelerate_offload(path: Path, prompt: list[int], new: int, gpu_gib: float) -> dict:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
+                                                 max_memory={0: f"{gpu_gib:.2f}GiB", "cpu": "500GiB"}).eval()
+    ids = torch.tensor([prompt], device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
+        torch.cuda.synchronize()
+        _free()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        torch.cuda.synchronize()
+    res = {"tok_s": new / (time.perf_counter() - t), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del model
+    _free()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["olmoe-1b-7b"], choices=list(SHAPES))
+    ap.add_argument("--ckpt-root", type=Path, default=Path("/dev/shm/moetandem-bench"))
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--hf-new-tokens", type=int, default=8, help="accelerate offload is slow: fewer tokens")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path("out/committee-speed"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for shape in args.shapes:
+        path = args.ckpt_root / shape
+        if not (path / "model.safetensors.index.json").exists():
+            build_random_checkpoint(shape, path, device=args.device)
+        prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (32,), generator=torch.Generator().manual_seed(0)).tolist()
+        full = ours(path, args.device, prompt, args.new_tokens, None, {})
+        rows.append({"shape": shape, "budget": 1.0, "config": "all resident", **full})
+        print(json.dumps(rows[-1]), flush=True)
+        for b in args.budgets:
+            for label in args.configs:
+                r = ours(path, args.device, prompt, args.new_tokens, b, CONFIGS[label])
+                rows.append({"shape": shape, "budget": b, "config": label, **r})
+                print(json.dumps(rows[-1]), flush=True)
+            if args.device == "cuda":  # the same GPU memory our balanced run peaked at
+                gib = next(r["peak_gib"] for r in rows[::-1] if r["budget"] == b and r["shape"] == shape)
+                r = accelerate_offload(path, prompt, args.hf_new_tokens, gib)
+                rows.append({"shape": shape, "budget": b, "config": "HF + accelerate offload", **r})
+                print(json.dumps(rows[-1]), flush=True)
+    (args.out / "committee_speed.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| shape | budget | config | decode tok/s | × all-resident | peak GiB | hits | misses | swaps |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(x["tok_s"] for x in rows if x["shape"] == r["shape"] and x["config"] == "all resident")
+        lines.append(f"| {r['shape']} | {r['budget']:.2f} | {r['config']} | {r['tok_s']:.2f} | "
+                     f"{r['tok_s'] / base:.2f} | {r['peak_gib']:.2f} | {r.get('hits', '–')} | "
+                     f"{r.get('misses', '–')} | {r.get('swaps', '–')} |")
+    print("\n".join(lines))
+    (args.out / "committee_speed.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
