@@ -7,7 +7,6 @@ bf16 checkpoints of real shapes (random routers: speed only; quality figures com
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -16,18 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.decode import _free  # noqa: E402
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 from moetandem import Engine  # noqa: E402
 
 CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balanced"}, "fast": {"fidelity": "fast"},
            "lru": {"policy": "lru"}, "host-only": {"policy": "host-only"}}
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | None, kw: dict) -> dict:
