@@ -9,7 +9,6 @@ from tqdm import tqdm
 from moetandem.checkpoint import Checkpoint
 from moetandem.errors import CheckpointError
 from moetandem.models import ArchArgs, Family, MoEForCausalLM
-from moetandem.models.layers import rope_tables
 
 
 def expert_pattern(family: Family) -> re.Pattern[str]:
@@ -46,6 +45,5 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
     missing = sorted(set(params) - filled)
     if missing:
         raise CheckpointError(f"{len(missing)} weights are missing from the checkpoint (first: {missing[0]})")
-    cos, sin = rope_tables(args.inv_freq, args.rope_scaling, args.max_position_embeddings)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.init_rope(device)
     return model.eval()

@@ -91,9 +91,13 @@ class MoEForCausalLM(nn.Module):
         self.args = a
         self.model = Backbone(a)
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
-        cos, sin = rope_tables(a.inv_freq, a.rope_scaling, a.max_position_embeddings)
-        self.register_buffer("rope_cos", cos, persistent=False)  # [P, D]
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [P, D] once init_rope ran
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def init_rope(self, device: torch.device) -> None:
+        """cos/sin tables for every position; after the weights are placed (to_empty clears buffers)."""
+        cos, sin = rope_tables(self.args.inv_freq, self.args.rope_scaling, self.args.max_position_embeddings)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
