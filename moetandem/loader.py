@@ -13,8 +13,8 @@ from moetandem.models import ArchArgs, Family, MoEForCausalLM
 
 def expert_pattern(family: Family) -> re.Pattern[str]:
     """Matches every hub name that belongs to an expert (per-expert or fused layout)."""
-    alts = [re.escape(k).replace(r"\{l\}", r"\d+").replace(r"\{e\}", r"\d+") for k in family.expert_keys]
-    alts += [re.escape(k).replace("999999", r"\d+") for k in family.fused_keys(999999)]
+    templates = [*family.expert_keys, *family.fused_keys("{l}")]
+    alts = [re.escape(k).replace(r"\{l\}", r"\d+").replace(r"\{e\}", r"\d+") for k in templates]
     return re.compile("^(?:" + "|".join(alts) + ")$")
 
 

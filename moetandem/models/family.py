@@ -29,7 +29,7 @@ class Family:
                 return f"{head}{layer}.mlp{rest}"
         return hub_name
 
-    def fused_keys(self, layer: int) -> tuple[str, str]:
+    def fused_keys(self, layer: int | str) -> tuple[str, str]:
         """transformers 5 in-memory layout, if a checkpoint was saved fused: gate_up [E, 2I, H], down [E, H, I]."""
         p = self.moe_prefix.format(l=layer)
         return f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj"
