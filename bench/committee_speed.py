@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--hf-new-tokens", type=int, default=8, help="accelerate offload is slow: fewer tokens")
+    ap.add_argument("--hf-new-tokens", type=int, default=8, help="accelerate offload is slow: fewer tokens (0: skip it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("out/committee-speed"))
     args = ap.parse_args()
@@ -80,8 +80,10 @@ def main() -> None:
                 r = ours(path, args.device, prompt, args.new_tokens, b, CONFIGS[label])
                 rows.append({"shape": shape, "budget": b, "config": label, **r})
                 print(json.dumps(rows[-1]), flush=True)
-            if args.device == "cuda":  # the same GPU memory our balanced run peaked at
-                gib = next(r["peak_gib"] for r in rows[::-1] if r["budget"] == b and r["shape"] == shape)
+            if args.device == "cuda" and args.hf_new_tokens > 0:  # the GPU memory our balanced run peaked at
+                at_b = [r for r in rows if r["budget"] == b and r["shape"] == shape]
+                gib = next((r["peak_gib"] for r in at_b if r["config"] == "balanced"),
+                           max(r["peak_gib"] for r in at_b))
                 r = accelerate_offload(path, prompt, args.hf_new_tokens, gib)
                 rows.append({"shape": shape, "budget": b, "config": "HF + accelerate offload", **r})
                 print(json.dumps(rows[-1]), flush=True)

@@ -35,6 +35,9 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        empty_host = getattr(torch._C, "_host_emptyCache", None)  # pinned blocks the caching host allocator keeps
+        if empty_host is not None:
+            empty_host()
         torch.cuda.reset_peak_memory_stats()
 
 

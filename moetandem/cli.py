@@ -18,7 +18,9 @@ from moetandem.engine import Engine, GenerationStats
 from moetandem.errors import InvalidRequestError, MoetandemError
 from moetandem.analysis.commands import add_eval_parser, add_trace_parser
 from moetandem.serve.cli import add_serve_parser
+from moetandem.gating.commands import add_profile_parser
 from moetandem.experts.commands import add_calibrate_parser, add_committee_args, add_plan_parser, committee_kwargs
+from moetandem.split.commands import add_cloud_parser, add_split_args, format_split_stats, split_kwargs
 from moetandem.streaming import TextStream
 
 EXIT_USER_ERROR = 2
@@ -68,12 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, metavar="S", help="seed for reproducible sampling")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     add_committee_args(gen)
+    add_split_args(gen)  # --cloud HOST:PORT --token-file F ... (split execution)
     gen.set_defaults(run=generate_command)
     add_calibrate_parser(sub, add_device_args)
     add_plan_parser(sub, add_device_args)
     add_eval_parser(sub, add_device_args)
     add_trace_parser(sub, add_device_args)
     add_serve_parser(sub, add_device_args)
+    add_profile_parser(sub, add_device_args)
+    add_cloud_parser(sub, add_device_args)
     return parser
 
 
@@ -89,7 +94,7 @@ def generate_command(args: argparse.Namespace) -> int:
     tokenizer = Checkpoint(path).tokenizer()  # prompt problems surface before the weights are loaded
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat, path)
     engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, progress=True,
-                                    **committee_kwargs(args))
+                                    **committee_kwargs(args), **split_kwargs(args))
     out = sys.stdout
     if hasattr(out, "reconfigure"):
         out.reconfigure(errors="replace")  # a terminal that cannot show a character must not end the run
@@ -113,6 +118,8 @@ def generate_command(args: argparse.Namespace) -> int:
     experts = engine.expert_stats()
     if experts:
         print(format_expert_stats(experts), file=sys.stderr)
+    if getattr(engine, "split", None) is not None:
+        print(format_split_stats(engine.split.split_stats()), file=sys.stderr)
     return 0
 
 

@@ -77,6 +77,7 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.last_stats: GenerationStats | None = None
+        self.gate: Any = None  # the GatedRouter when a hardware-aware gate is attached (moetandem.gating)
         self.graphs = DecodeGraphs(model) if use_graphs and device.type == "cuda" else None
         self._caches: dict[tuple[int, int], KVCache] = {}
         self.set_provider(provider)
@@ -87,9 +88,12 @@ class Engine:
                         use_graphs: bool = True, expert_budget: str | int | float | None = None,
                         policy: str | None = None, fidelity: str = "balanced", skip_threshold: float | None = None,
                         refresh_every: int = 16, score: str = "importance", plan: Any = None,
-                        async_swaps: bool = True) -> "Engine":
+                        async_swaps: bool = True, gate: str = "off", gate_cost: float = math.inf,
+                        gate_latency_budget: float = 0.0, cloud: str | None = None,
+                        token_file: str | Path | None = None, split: dict[str, Any] | None = None) -> "Engine":
         """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all
-        expert bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets."""
+        expert bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets.
+        gate="group" / "masked" routes to the experts that are local now (moetandem.gating.attach_gate)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         ckpt = Checkpoint(path, check_family=get_family)
@@ -99,7 +103,14 @@ class Engine:
         store = ExpertStore(ckpt, family, args)
         provider = build_provider(ckpt, store, args.top_k, dev, dt, expert_budget, policy, fidelity,
                                   skip_threshold, refresh_every, score=score, plan=plan, progress=progress, async_swaps=async_swaps)
-        return cls(model, ckpt.tokenizer(), provider, store, dev, dt, use_graphs)
+        engine = cls(model, ckpt.tokenizer(), provider, store, dev, dt, use_graphs)
+        if gate != "off":
+            from moetandem.gating import attach_gate
+            attach_gate(engine, gate, gate_cost, gate_latency_budget)
+        if cloud is not None:  # split execution: the middle layers run on a `moetandem cloud` server
+            from moetandem.split.end import attach_cloud
+            attach_cloud(engine, cloud, token_file, **(split or {}))  # split: attach_cloud's keyword options
+        return engine
 
     def set_provider(self, provider: ExpertProvider) -> None:
         """Swap where experts are computed; model files stay untouched."""

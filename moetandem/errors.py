@@ -19,3 +19,11 @@ class ContextLengthError(MoetandemError):
 
 class InvalidRequestError(MoetandemError):
     """A generation argument is out of range (empty prompt, bad temperature, ...)."""
+
+
+class CalibrationError(MoetandemError):
+    """A calibration product (e.g. an activation codec) is missing, unreadable or made for another checkpoint."""
+
+
+class CloudError(MoetandemError):
+    """Split mode: the cloud cannot be reached, refused this end device, or failed while serving it."""

@@ -21,11 +21,15 @@ def add_committee_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-threshold", type=float, metavar="TAU", help="gate weight below which experts are skipped")
     g.add_argument("--refresh-every", type=int, default=16, metavar="N", help="committee refresh interval (tokens)")
     g.add_argument("--plan", metavar="FILE", help="plan from `moetandem plan` (per-layer slots, refresh interval)")
+    from moetandem.gating.commands import add_gate_args
+    add_gate_args(p)
 
 
 def committee_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from moetandem.gating.commands import gate_kwargs
     return {"expert_budget": args.expert_budget, "policy": args.policy, "fidelity": args.fidelity,
-            "skip_threshold": args.skip_threshold, "refresh_every": args.refresh_every, "plan": args.plan}
+            "skip_threshold": args.skip_threshold, "refresh_every": args.refresh_every, "plan": args.plan,
+            **gate_kwargs(args)}
 
 
 def read_text(path: str) -> str:
@@ -50,6 +54,10 @@ def add_calibrate_parser(sub: Any, common: Any) -> None:
     p.add_argument("model", nargs="?", help="checkpoint directory (default: the demo MoE)")
     p.add_argument("--data", help="calibration text: similarity of expert outputs on it (default: of weights)")
     p.add_argument("--rows", type=int, default=512, help="calibration rows per layer (default 512)")
+    from moetandem.split.codec_command import add_codec_args
+    add_codec_args(p)
+    from moetandem.gating.commands import add_group_gate_args
+    add_group_gate_args(p)
     common(p)
     p.set_defaults(run=calibrate_command)
 
@@ -57,6 +65,12 @@ def add_calibrate_parser(sub: Any, common: Any) -> None:
 def calibrate_command(args: argparse.Namespace) -> int:
     from moetandem.engine import Engine
     from moetandem.experts.similarity import output_calibration, save_calibration, weight_calibration
+    if args.codec:
+        from moetandem.split.codec_command import codec_calibrate
+        return codec_calibrate(args, _model(args))
+    if args.group_gate:
+        from moetandem.gating.commands import gate_calibrate
+        return gate_calibrate(args, _model(args))
     engine = Engine.from_pretrained(_model(args), device=args.device, dtype=args.dtype)
     if args.data:
         texts = [engine.decode_text(w) or "" for w in token_windows(engine, read_text(args.data), 256, None)]

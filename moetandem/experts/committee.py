@@ -3,9 +3,11 @@ importance and refreshed asynchronously; misses handled by a MissPolicy (skip / 
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +21,32 @@ from moetandem.experts.store import ExpertStore, flat_views, return_freed_memory
 from moetandem.models.layers import expert_ffn
 
 SCORES = ("importance", "count", "ema")
+
+
+def _pinned_cap(total_bytes: int) -> int:
+    """Bytes of pinned host copies a committee keeps: MOETANDEM_PINNED_BYTES, else a quarter of host RAM."""
+    env = os.environ.get("MOETANDEM_PINNED_BYTES")
+    if env:
+        return int(env)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return total_bytes
+    return min(total_bytes, ram // 4)
+
+
+def _swap_worker(ref: "weakref.ref[CommitteeProvider]", jobs: queue.Queue) -> None:
+    """The swapper thread. It holds the provider weakly between jobs and ends when the provider is freed."""
+    while True:
+        job = jobs.get()
+        try:
+            provider = ref() if job is not None else None
+            if provider is None:
+                return
+            provider._swap(*job)
+            del provider
+        finally:
+            jobs.task_done()
 
 
 @dataclass
@@ -72,6 +100,9 @@ class CommitteeProvider(ExpertProvider):
         return_freed_memory_to_os()
         self.similarity, self.score_kind, self.refresh_every, self.window = similarity, score, refresh_every, window
         self.async_swaps = async_swaps
+        #: True when a routing hook reports the original routing through observe() (the group gate routes to
+        #: local experts, but importance must keep following what the model asks for)
+        self.external_observe = False
         self.E, self.I, self.H = store.num_experts, store.inter, store.hidden
         self.expert_size = store.expert_bytes(dtype)
         self.norms = norms or {l: torch.ones(self.E) for l in store.layers}
@@ -82,11 +113,19 @@ class CommitteeProvider(ExpertProvider):
         #: resident experts as one grouped GEMM over the slot buffers (CUDA bf16); else one matmul pair per expert
         self.grouped = grouped_mm_supported(device, dtype, (self.I, self.H))
         self.layers: dict[int, _Layer] = {}
-        self._host: dict[tuple[int, int], torch.Tensor] = {}  # pinned host copies (CUDA only)
+        # pinned host copies (CUDA only), least recently used first; bounded so that host RAM holds the mmap'd
+        # checkpoint plus at most this many pinned bytes (a full cache would double the model in host memory)
+        self._host: collections.OrderedDict[tuple[int, int], torch.Tensor] = collections.OrderedDict()
+        self._host_bytes = 0
+        self._host_cap = _pinned_cap(store.total_numel() * torch.empty((), dtype=dtype).element_size())
+        self._host_lock = threading.Lock()
         self._jobs: queue.Queue[tuple[int, int, int, torch.cuda.Event | None] | None] = queue.Queue()
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._worker = threading.Thread(target=self._swap_loop, name="moetandem-swapper", daemon=True)
+        # the swapper holds only a weak reference, so a dropped provider (and its device slots) can be freed
+        self._worker = threading.Thread(target=_swap_worker, args=(weakref.ref(self), self._jobs),
+                                        name="moetandem-swapper", daemon=True)
         self._worker.start()
+        weakref.finalize(self, self._jobs.put, None)
         self.set_budget(budget_bytes, slots, progress)
 
     # ------------------------------------------------------------------ budget and slots
@@ -135,51 +174,60 @@ class CommitteeProvider(ExpertProvider):
         return sum(st.buf.numel() * st.buf.element_size() for st in self.layers.values())
 
     # ------------------------------------------------------------------ moving experts
-    def host_flat(self, layer: int, expert: int) -> torch.Tensor:
-        """The expert's flat weights in host memory (pinned on CUDA, so a copy can run asynchronously)."""
+    def host_flat(self, layer: int, expert: int, pin: bool = True) -> torch.Tensor:
+        """The expert's flat weights in host memory (pinned on CUDA, so a copy can run asynchronously).
+        pin=False, for the synchronous paths (fetch, host compute): the cached pinned copy when there is one, else
+        a plain read, since allocating pinned memory for an expert met for the first time can take longer
+        (~10 ms measured on an H100 host) than the copy it speeds up."""
         if self._stream is None:
             return self.store.read_flat(layer, expert, self.dtype)
         key = (layer, expert)
-        if key not in self._host:
-            self._host[key] = self.store.read_flat(layer, expert, self.dtype).pin_memory()
-        return self._host[key]
+        with self._host_lock:
+            t = self._host.get(key)
+            if t is not None:
+                self._host.move_to_end(key)
+                return t
+        t = self.store.read_flat(layer, expert, self.dtype)
+        if not pin:
+            return t
+        t = t.pin_memory()
+        with self._host_lock:
+            if key not in self._host:
+                self._host[key] = t
+                self._host_bytes += t.numel() * t.element_size()
+            while self._host_bytes > self._host_cap and len(self._host) > 1:
+                _, old = self._host.popitem(last=False)
+                self._host_bytes -= old.numel() * old.element_size()
+        return t
 
     def _load(self, layer: int, slot: int, expert: int) -> None:
         """Synchronous copy into a slot, then publish."""
         st = self.layers[layer]
-        st.buf[slot].copy_(self.host_flat(layer, expert))
+        st.buf[slot].copy_(self.host_flat(layer, expert, pin=False))
         with self.lock:
             st.expert_of[slot], st.slot_of[expert] = expert, slot
         self.stats.bytes_moved += self.expert_size
 
-    def _swap_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                self._jobs.task_done()
+    def _swap(self, layer: int, slot: int, expert: int, ready: torch.cuda.Event | None) -> None:
+        """One queued swap (on the swapper thread): copy, then publish."""
+        st = self.layers.get(layer)
+        if st is None or slot >= len(st.expert_of):
+            return
+        src = self.host_flat(layer, expert)
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(ready)
+                st.buf[slot].copy_(src, non_blocking=True)
+            self._stream.synchronize()
+        else:
+            st.buf[slot].copy_(src)
+        with self.lock:
+            st.busy.discard(slot)
+            if expert in st.slot_of:  # fetched on demand meanwhile: keep one copy, leave this slot free
                 return
-            layer, slot, expert, ready = job
-            try:
-                st = self.layers.get(layer)
-                if st is None or slot >= len(st.expert_of):
-                    continue
-                src = self.host_flat(layer, expert)
-                if self._stream is not None:
-                    with torch.cuda.stream(self._stream):
-                        self._stream.wait_event(ready)
-                        st.buf[slot].copy_(src, non_blocking=True)
-                    self._stream.synchronize()
-                else:
-                    st.buf[slot].copy_(src)
-                with self.lock:
-                    st.busy.discard(slot)
-                    if expert in st.slot_of:  # fetched on demand meanwhile: keep one copy, leave this slot free
-                        continue
-                    st.expert_of[slot], st.slot_of[expert] = expert, slot
-                    self.stats.swaps += 1
-                    self.stats.bytes_moved += self.expert_size
-            finally:
-                self._jobs.task_done()
+            st.expert_of[slot], st.slot_of[expert] = expert, slot
+            self.stats.swaps += 1
+            self.stats.bytes_moved += self.expert_size
 
     def drain(self) -> None:
         """Wait for in-flight swaps (tests, budget changes)."""
@@ -206,6 +254,11 @@ class CommitteeProvider(ExpertProvider):
                 self._jobs.put((layer, slot, new, ready))
 
     # ------------------------------------------------------------------ importance
+    def observe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
+        """Score the model's own routing (ids/weights [T, k]) when a routing hook changes what is computed."""
+        self.external_observe = True
+        self._observe(layer, x, ids, w)
+
     def _observe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         st = self.layers[layer]
         T = x.shape[0]
@@ -236,7 +289,8 @@ class CommitteeProvider(ExpertProvider):
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         st, pol = self.layers[layer], self.policy
         self.tick += 1
-        self._observe(layer, x, expert_ids, weights)
+        if not self.external_observe:
+            self._observe(layer, x, expert_ids, weights)
         T, k = expert_ids.shape
         ids, gw = expert_ids.tolist(), weights.float().tolist()
         with self.lock:
@@ -350,7 +404,7 @@ class CommitteeProvider(ExpertProvider):
             rows = xs[idx]
             if e in host:
                 t0 = time.perf_counter()
-                w13, w2 = flat_views(self.host_flat(layer, e), I, H)
+                w13, w2 = flat_views(self.host_flat(layer, e, pin=False), I, H)
                 y = expert_ffn(rows.to("cpu", w13.dtype), w13, w2).to(x.device, x.dtype)
                 self.stats.stall_s += time.perf_counter() - t0
             else:
@@ -376,7 +430,7 @@ class CommitteeProvider(ExpertProvider):
                 continue
             t0 = time.perf_counter()
             tok = torch.tensor([t for t, _ in rows], device=x.device)
-            hw13, hw2 = flat_views(self.host_flat(layer, e), I, H)
+            hw13, hw2 = flat_views(self.host_flat(layer, e, pin=False), I, H)
             y = expert_ffn(x[tok].to("cpu", hw13.dtype), hw13, hw2).to(x.device, x.dtype)  # [r, H]
             g = weights[tok, torch.tensor([j for _, j in rows], device=x.device)]  # [r]
             out.index_add_(0, tok, y * g[:, None].to(y.dtype))

@@ -23,11 +23,13 @@ if TYPE_CHECKING:
 FILE = "moetandem-calibration.safetensors"
 
 
-def calibration_path(ckpt: Checkpoint) -> Path:
+def calibration_path(ckpt: Checkpoint, file: str = FILE) -> Path:
+    """Where a calibration product `file` of this checkpoint lives: next to it, or in the user cache keyed by
+    the fingerprint when the checkpoint directory is read-only."""
     if os.access(ckpt.path, os.W_OK):
-        return ckpt.path / FILE
+        return ckpt.path / file
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moetandem"
-    return cache / f"{ckpt.fingerprint()}-{FILE}"
+    return cache / f"{ckpt.fingerprint()}-{file}"
 
 
 def save_calibration(ckpt: Checkpoint, similarity: dict[int, torch.Tensor], norms: dict[int, torch.Tensor],
@@ -68,7 +70,7 @@ def weight_calibration(store: ExpertStore, progress: bool = True) -> tuple[dict[
     return sim, norms
 
 
-class _Recorder(ExpertProvider):
+class RowRecorder(ExpertProvider):
     """Wraps a provider and keeps up to `limit` input rows per MoE layer."""
 
     def __init__(self, inner: ExpertProvider, limit: int) -> None:
@@ -87,7 +89,7 @@ def output_calibration(engine: "Engine", texts: list[str], rows: int = 512, prog
     """Similarity of expert *outputs*: every expert applied to the same calibration rows of its layer."""
     store, I, H = engine.store, engine.store.inter, engine.store.hidden
     inner = engine.provider
-    rec = _Recorder(inner, rows)
+    rec = RowRecorder(inner, rows)
     engine.set_provider(rec)
     try:
         for text in tqdm(texts, desc="calibration text", unit="chunk", disable=not progress):

@@ -1,6 +1,8 @@
 """The sparse MoE block: router -> top-k -> ExpertProvider (+ optional gated shared expert)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,10 +21,16 @@ class SparseMoE(nn.Module):
         self.shared_expert = MLP(hidden, shared_intermediate) if shared_intermediate else None
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_intermediate else None
         self.provider: ExpertProvider | None = None
+        #: routing hook (moetandem.gating): (block, x [T, H], logits [T, E]) -> ids [T, k], weights [T, k];
+        #: None routes with the original router exactly
+        self.router: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> expert ids [T, k], weights [T, k] (x's dtype)."""
-        probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        logits = self.gate(x)  # [T, E]
+        if self.router is not None:
+            return self.router(self, x, logits)
+        probs = F.softmax(logits.float(), dim=-1)  # [T, E]
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -47,11 +47,17 @@ class ArchArgs:
 class KVCache:
     """Static per-layer K/V buffers [B, S, n_kv, D]; sequence b's token at position p lives at [b, p]."""
 
-    def __init__(self, args: ArchArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, args: ArchArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 layers: range | None = None) -> None:
+        # layers: allocate only these (split mode: the cloud holds K/V of its layer range); others stay empty
         shape = (batch, max_len, args.num_kv_heads, args.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_layers)]
+        keep = range(args.num_layers) if layers is None else layers
+        self.k = [torch.zeros(shape if i in keep else (0,), device=device, dtype=dtype) for i in range(args.num_layers)]
+        self.v = [torch.zeros(shape if i in keep else (0,), device=device, dtype=dtype) for i in range(args.num_layers)]
         self.batch, self.max_len = batch, max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class DecoderLayer(nn.Module):
@@ -108,17 +114,32 @@ class MoEForCausalLM(nn.Module):
         """input_ids/pos [B, L]; writes K/V at pos and attends to cache positions < kv_len.
         valid [B, L]: real (non-padding) tokens; last_only [B]: the one row per sequence whose logits are wanted;
         rows [B]: the cache row of each sequence (default: row b). Returns logits [B, L|1, V]."""
-        B, L = input_ids.shape
-        x = self.model.embed_tokens(input_ids)  # [B, L, H]
+        x = self.embed(input_ids)  # [B, L, H]
+        x = self.forward_layers(x, pos, cache, kv_len, 0, self.args.num_layers, valid, rows)
+        return self.head(x, last_only)
+
+    # ---- pieces of forward, for split execution (layers [0, a) and [L-b, L) on the end, the rest in the cloud)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] -> hidden states [B, L, H]."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward_layers(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int, start: int, end: int,
+                       valid: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run layers [start, end) on hidden states x [B, L, H] at positions pos [B, L]; same arguments as
+        forward. Only cache.k/v[start:end] are touched."""
         cos = self.rope_cos[pos].to(x.dtype)  # [B, L, D]
         sin = self.rope_sin[pos].to(x.dtype)
         kpos = torch.arange(kv_len, device=pos.device)
         causal = kpos[None, None, :] <= pos[:, :, None]  # [B, L, S]
         masks: dict[int | None, torch.Tensor] = {None: causal[:, None]}
-        for w in {l.window for l in self.model.layers} - {None}:
+        for w in {l.window for l in self.model.layers[start:end]} - {None}:
             masks[w] = (causal & (kpos[None, None, :] > pos[:, :, None] - w))[:, None]
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, (cache.k[i], cache.v[i]), rows, pos, masks, kv_len, valid)
+        for i in range(start, end):
+            x = self.model.layers[i](x, cos, sin, (cache.k[i], cache.v[i]), rows, pos, masks, kv_len, valid)
+        return x
+
+    def head(self, x: torch.Tensor, last_only: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + lm_head: x [B, L, H] -> logits [B, L, V], or [B, 1, V] at last_only [B]."""
         if last_only is not None:
-            x = x[torch.arange(B, device=x.device), last_only][:, None]  # [B, 1, H]
+            x = x[torch.arange(x.shape[0], device=x.device), last_only][:, None]  # [B, 1, H]
         return self.lm_head(self.model.norm(x))

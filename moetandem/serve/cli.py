@@ -11,6 +11,7 @@ from typing import Any
 
 from moetandem.errors import MoetandemError
 from moetandem.experts.commands import add_committee_args, committee_kwargs
+from moetandem.split.commands import add_split_args, split_kwargs
 
 
 def add_serve_parser(subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None,
@@ -40,6 +41,7 @@ def add_serve_parser(subparsers: Any, common: Callable[[argparse.ArgumentParser]
                    help="context per sequence, prompt + completion (default: the model's maximum)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_committee_args(p)  # --expert-budget, --policy, --fidelity, ... (the engine's Parameter Committee)
+    add_split_args(p)  # --cloud HOST:PORT --token-file F ... (split execution, moetandem/split)
     p.set_defaults(run=serve_command)
     return p
 
@@ -62,7 +64,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     def load() -> Engine:
         return Engine.from_pretrained(path, device=args.device, dtype=args.dtype, progress=True,
-                                      **committee_kwargs(args))
+                                      **committee_kwargs(args), **split_kwargs(args))
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(loader=load, model_id=name, api_key=api_key, max_batch=args.max_batch,

@@ -77,6 +77,8 @@ class EngineLoop:
         self.metrics.bind_gauges(lambda: len(self.running), lambda: len(self.waiting), max_batch)
         if hasattr(engine, "expert_stats"):
             self.metrics.bind_expert_stats(engine.expert_stats)
+        if getattr(engine, "split", None) is not None:  # split execution (moetandem/split/end.py)
+            self.metrics.bind_split_stats(engine.split.split_stats)
         self.tokenizer_lock = threading.Lock()  # HF fast tokenizers must not be used from two threads at once
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[Job, None] = {}  # insertion-ordered set

@@ -57,6 +57,11 @@ class ServerMetrics:
         """Export Engine.expert_stats() (committee hits, misses, swaps, bytes moved, ...) at each scrape."""
         self.registry.register(_ExpertStats(stats))
 
+    def bind_split_stats(self, stats: Callable[[], dict[str, float]]) -> None:
+        """Export split execution's counters (SplitModel.split_stats(): fallbacks, link bytes, RTT, ...)."""
+        self.registry.register(_ExpertStats(stats, "split_stats", "split execution counters since start "
+                                            "(fallbacks to end-only, link losses, bytes, bandwidth, RTT)"))
+
     def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], slots: int) -> None:
         self.running.set_function(running)
         self.waiting.set_function(waiting)
@@ -67,8 +72,10 @@ class ServerMetrics:
 
 
 class _ExpertStats(Collector):
-    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
-        self.stats = stats
+    def __init__(self, stats: Callable[[], dict[str, float]], name: str = "expert_stats",
+                 doc: str = "expert committee counters since start (Engine.expert_stats(); empty when every "
+                            "expert is resident)") -> None:
+        self.stats, self.name, self.doc = stats, name, doc
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -76,8 +83,7 @@ class _ExpertStats(Collector):
         except Exception:  # a provider mid-update must not break /metrics
             values = {}
         if values:
-            fam = GaugeMetricFamily(f"{PREFIX}_expert_stats", "expert committee counters since start "
-                                    "(Engine.expert_stats(); empty when every expert is resident)", labels=["stat"])
+            fam = GaugeMetricFamily(f"{PREFIX}_{self.name}", self.doc, labels=["stat"])
             for k, v in values.items():
                 fam.add_metric([k], float(v))
             yield fam

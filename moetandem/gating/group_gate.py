@@ -1,0 +1,167 @@
+"""Hardware-aware group gate (EC2MoE's HL-GGN): final top-k routing from the original router's logits (global
+gating), the hidden state and the mask of experts that are local and cheap now.
+
+Experts fall in two groups per token: local (resident / cheap / on the end device) and remote. The original
+router's probability mass on remote experts is not dropped, as plain masked gating does, but moved to local
+experts through a learned transfer matrix, and a low-rank function of the hidden state corrects the local
+scores: z = log(p·local + (p·remote) @ softmax(T)) + W_up(W_down(norm(x)), p, local). Non-local experts in the
+token's original top-k are admitted when their gate weight exceeds the cost knob (∞: local only). A token whose
+original picks are all allowed keeps them exactly: the gate only acts where the router asked for a remote expert."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moetandem.checkpoint import Checkpoint
+from moetandem.errors import InvalidRequestError
+
+FILE = "moetandem-group-gate.safetensors"
+
+
+class GroupGate(nn.Module):
+    """One MoE layer's gate: H·r + (r+2E)·(E+1) + E² + 1 parameters. With zero corrections it is masked
+    gating; besides the scores it learns a per-token output scale (how far to trust the local stand-ins)."""
+
+    def __init__(self, hidden: int, num_experts: int, rank: int = 16) -> None:
+        super().__init__()
+        E = num_experts
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank + 2 * E, E + 1)  # score corrections [E] and the output scale logit
+        self.transfer = nn.Parameter(torch.zeros(E, E))  # logits of where a remote expert's mass goes
+        self.mass = nn.Parameter(torch.tensor(-4.0))  # log share of remote mass passed on (starts ≈ masked gating)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        with torch.no_grad():
+            self.transfer.fill_diagonal_(-1e4)  # an expert never passes mass to itself
+
+    def scores(self, x: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H], logits [T, E], allowed [T, E] bool -> scores [T, E] (-inf where not allowed), scale [T]."""
+        p = F.softmax(logits.float(), dim=-1)  # [T, E]
+        a = allowed.float()
+        moved = (p * (1 - a)) @ F.softmax(self.transfer, dim=-1) * self.mass.exp()  # [T, E] remote mass passed on
+        h = self.down(F.rms_norm(x.float(), (x.shape[-1],)))  # [T, r]
+        out = self.up(torch.cat([h, p * a, p * (1 - a)], dim=-1))  # [T, E+1]
+        z = torch.log(p * a + moved + 1e-9) + out[:, :-1]
+        return z.masked_fill(~allowed, -math.inf), 2 * torch.sigmoid(out[:, -1])
+
+    def route(self, x: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor, ids0: torch.Tensor,
+              w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final routing ids [T, k], weights [T, k]. A token whose original picks ids0/w0 [T, k] are all allowed
+        keeps them exactly; the others get top-k over the gate's scores, softmax-weighted × the learned scale."""
+        miss = ~allowed.gather(1, ids0).all(dim=1)  # [T]
+        ids, w = ids0.clone(), w0.float().clone()
+        if bool(miss.any()):
+            z, scale = self.scores(x[miss], logits[miss], allowed[miss])
+            mids, mw = topk_route(z, ids0.shape[1], allowed[miss])
+            ids[miss], w[miss] = mids, mw * scale[:, None]
+        return ids, w
+
+
+def admitted(local: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, cost: float) -> torch.Tensor:
+    """local [E] or [T, E] -> allowed [T, E]: the local experts, plus each token's originally routed experts whose gate weight is above
+    `cost` (a remote expert is worth its price only when it matters enough)."""
+    allowed = (local if local.dim() == 2 else local[None].expand(ids.shape[0], -1)).clone()  # [T, E]
+    if cost < math.inf:
+        allowed.scatter_(1, ids, allowed.gather(1, ids) | (weights.float() > cost))
+    return allowed
+
+
+def topk_route(scores: torch.Tensor, k: int, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over scores [T, E]; weights softmax over the chosen scores (sum 1). Rows with fewer than k allowed
+    experts give the rest weight 0."""
+    z, ids = torch.topk(scores, k, dim=-1)  # [T, k]
+    ok = allowed.gather(1, ids)
+    w = F.softmax(z.masked_fill(~ok, -1e30), dim=-1) * ok
+    return ids, w
+
+
+def masked_route(logits: torch.Tensor, allowed: torch.Tensor, k: int, norm_topk_prob: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain masked gating (SwapMoE): the original router restricted to the allowed experts."""
+    p = F.softmax(logits.float(), dim=-1).masked_fill(~allowed, 0.0)  # [T, E]
+    w, ids = torch.topk(p, k, dim=-1)
+    if norm_topk_prob:
+        w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return ids, w
+
+
+class GatedRouter:
+    """The routing hook a SparseMoE calls instead of its plain top-k: it reports the original routing to the
+    committee (importance stays what the model wants), then routes with the group gate (or masked gating when
+    gates is None) over the experts `local_mask(layer)` says are cheap now."""
+
+    def __init__(self, local_mask: Callable[[int], torch.Tensor], gates: dict[int, GroupGate] | None,
+                 cost: float = math.inf, observe: Callable[..., None] | None = None) -> None:
+        if not cost >= 0:
+            raise InvalidRequestError(f"the gate cost must be >= 0 (inf: local experts only), got {cost}")
+        self.local_mask, self.gates, self.cost, self.observe = local_mask, gates, cost, observe
+        self.assignments = 0
+        self.local_assignments = 0
+        self.selector: Any = None  # the LocalSelector behind local_mask, when there is one
+
+    def __call__(self, block: Any, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(logits.float(), dim=-1)  # [T, E]
+        w0, ids0 = torch.topk(probs, block.top_k, dim=-1)
+        if block.norm_topk_prob:
+            w0 = w0 / w0.sum(dim=-1, keepdim=True)
+        if self.observe is not None:
+            self.observe(block.layer, x, ids0, w0.to(x.dtype))
+        local = self.local_mask(block.layer).to(x.device)  # [E]
+        allowed = admitted(local, ids0, w0, self.cost)
+        if self.gates is None:
+            ids, w = masked_route(logits, allowed, block.top_k, block.norm_topk_prob)
+        else:
+            ids, w = self.gates[block.layer].route(x, logits, allowed, ids0, w0)
+        self.assignments += ids.numel()
+        self.local_assignments += int(local[ids].sum())
+        return ids, w.to(x.dtype)
+
+    @property
+    def local_share(self) -> float:
+        return self.local_assignments / max(1, self.assignments)
+
+
+# ---------------------------------------------------------------------- files
+def gate_path(ckpt: Checkpoint) -> Path:
+    from moetandem.experts.similarity import calibration_path
+    return calibration_path(ckpt).with_name(calibration_path(ckpt).name.replace(
+        "moetandem-calibration.safetensors", FILE))
+
+
+def save_gates(ckpt: Checkpoint, gates: dict[int, GroupGate], meta: dict[str, str] | None = None) -> Path:
+    path = gate_path(ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{l}.{k}": v.detach().float().contiguous() for l, g in gates.items() for k, v in g.state_dict().items()}
+    rank = next(iter(gates.values())).down.out_features
+    save_file(tensors, str(path), metadata={"fingerprint": ckpt.fingerprint(), "rank": str(rank), **(meta or {})})
+    return path
+
+
+def load_gates(ckpt: Checkpoint, hidden: int, num_experts: int, device: torch.device) -> dict[int, GroupGate]:
+    path = gate_path(ckpt)
+    if not path.is_file():
+        raise InvalidRequestError(f"no trained group gate for {ckpt.path}: run `moetandem calibrate "
+                                  f"{ckpt.path} --group-gate --data TEXT` first")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("fingerprint") != ckpt.fingerprint():
+            raise InvalidRequestError(f"{path} was trained for another checkpoint; run `moetandem calibrate "
+                                      f"{ckpt.path} --group-gate --data TEXT` again")
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key in f.keys():
+            layer, name = key.split(".", 1)
+            state.setdefault(int(layer), {})[name] = f.get_tensor(key)
+    gates = {}
+    for l, sd in state.items():
+        g = GroupGate(hidden, num_experts, int(meta.get("rank", 16)))
+        g.load_state_dict(sd)
+        gates[l] = g.to(device).eval().requires_grad_(False)
+    return gates

@@ -1,0 +1,254 @@
+"""The cloud server of split execution (`moetandem cloud`): one loaded checkpoint serving many end devices.
+
+Two gRPC bidirectional streams (transport/__init__.py names them):
+  Session  stateful: `alloc` a KV cache for a layer range [start, end) with `rows` × `max_len` slots, then
+           `layers` frames (hidden states of a micro-batch at a cut) run those layers and return the hidden
+           states at `end`; the KV cache lives until `free`, the end of the stream or idle expiry.
+  Experts  stateless: `experts` frames (layer, rows x [T, H], expert ids/weights [T, k]) return Σ w·E(x).
+Every stream starts with `hello` (checkpoint fingerprint must match). Bounded: --max-sessions streams of
+each kind, --max-session-bytes of KV per session."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from moetandem.errors import CalibrationError, MoetandemError
+from moetandem.experts.resident import ResidentProvider
+from moetandem.models import KVCache
+from moetandem.split.transport import SERVICE
+from moetandem.split.transport.auth import authorized, server_credentials
+from moetandem.split.transport.frame import (
+    DEFAULT_LIMITS,
+    Frame,
+    FrameError,
+    Limits,
+    meta_int,
+    tensor,
+)
+from moetandem.split.transport.server import RequestRefused, StreamStats, serve_stream
+from moetandem.split.wire import (
+    CODECS,
+    decode_rows,
+    encode_rows,
+    make_codec,
+    row_tokens,
+    uses_tokens,
+)
+
+log = logging.getLogger("moetandem.split.cloud")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+MAX_ROWS = 4096
+
+
+@dataclass
+class _Cache:
+    kv: KVCache
+    start: int
+    end: int
+    codec_in: Any
+    codec_out: Any
+
+
+class _Session:
+    """One stream's state: its KV caches (Session) or nothing (Experts)."""
+
+    def __init__(self, server: CloudServer, kind: str) -> None:
+        self.server, self.kind = server, kind
+        self.hello = False
+        self.caches: dict[int, _Cache] = {}
+
+    def nbytes(self) -> int:
+        return sum(c.kv.nbytes() for c in self.caches.values())
+
+    def handle(self, f: Frame) -> Frame:
+        if f.kind == "hello":
+            return self.on_hello(f)
+        if not self.hello:
+            raise FrameError(f"{f.kind!r} before hello")
+        handler = {"Session": {"alloc": self.on_alloc, "free": self.on_free, "layers": self.on_layers},
+                   "Experts": {"experts": self.on_experts}}[self.kind].get(f.kind)
+        if handler is None:
+            raise FrameError(f"{f.kind!r} frames do not belong on the {self.kind} stream")
+        with torch.inference_mode(), self.server.compute_lock:
+            return handler(f)
+
+    def on_hello(self, f: Frame) -> Frame:
+        srv = self.server
+        if f.meta.get("fingerprint") != srv.fingerprint:
+            raise FrameError(f"the end holds checkpoint {str(f.meta.get('fingerprint'))[:16]!r}, this cloud serves "
+                             f"{srv.fingerprint!r}: point both at the same checkpoint")
+        self.hello = True
+        a = srv.engine.args
+        return Frame("reply", meta={"fingerprint": srv.fingerprint, "num_layers": a.num_layers,
+                                    "hidden": a.hidden_size, "max_len": a.max_position_embeddings,
+                                    "dtype": str(srv.engine.dtype).removeprefix("torch.")})
+
+    def on_alloc(self, f: Frame) -> Frame:
+        a, srv = self.server.engine.args, self.server
+        cid = meta_int(f, "cache", 0, 2**31 - 1)
+        rows = meta_int(f, "rows", 1, MAX_ROWS)
+        max_len = meta_int(f, "max_len", 1, a.max_position_embeddings)
+        start = meta_int(f, "start", 0, a.num_layers)
+        end = meta_int(f, "end", start, a.num_layers)
+        kind, rank = f.meta.get("codec", "off"), f.meta.get("rank")
+        if kind not in CODECS or not (rank is None or (isinstance(rank, int) and 0 < rank <= a.hidden_size)):
+            raise FrameError(f"bad codec {str(kind)[:20]!r} / rank {str(rank)[:20]}")
+        self.caches.pop(cid, None)
+        layer_bytes = 2 * rows * max_len * a.num_kv_heads * a.head_dim * srv.engine.dtype.itemsize
+        need = self.nbytes() + (end - start) * layer_bytes
+        if need > srv.max_session_bytes:
+            raise RequestRefused(f"a KV cache of {need} bytes exceeds this cloud's per-session limit of "
+                                 f"{srv.max_session_bytes} bytes (--max-session-bytes)")
+        try:
+            codecs = [make_codec(kind, srv.engine.store.ckpt, cut, rank, a.hidden_size, srv.engine.dtype)
+                      for cut in (start, end)]
+        except (CalibrationError, MoetandemError) as e:
+            raise RequestRefused(f"codec unavailable on the cloud: {e}") from None
+        kv = KVCache(a, rows, max_len, srv.engine.device, srv.engine.dtype, layers=range(start, end))
+        self.caches[cid] = _Cache(kv, start, end, *codecs)
+        return Frame("reply", meta={"cache": cid, "kv_bytes": kv.nbytes()})
+
+    def on_free(self, f: Frame) -> Frame:
+        cid = meta_int(f, "cache", 0, 2**31 - 1)
+        self.caches.pop(cid, None)
+        return Frame("reply", meta={"cache": cid})
+
+    def on_layers(self, f: Frame) -> Frame:
+        eng = self.server.engine
+        cid = meta_int(f, "cache", 0, 2**31 - 1)
+        c = self.caches.get(cid)
+        if c is None:
+            raise FrameError(f"cache {cid} was never allocated on this session")
+        pos = tensor(f, "pos", (torch.int64,), 2)
+        rows = tensor(f, "rows", (torch.int64,), 1)
+        B, L = pos.shape
+        valid = f.tensors.get("valid")
+        if valid is not None and (valid.dtype != torch.bool or valid.shape != pos.shape):
+            raise FrameError("valid must be bool of the shape of pos")
+        if not 0 < B <= c.kv.batch or rows.shape[0] != B or L == 0:
+            raise FrameError(f"batch of {B} rows does not fit the cache's {c.kv.batch}")
+        if int(rows.min()) < 0 or int(rows.max()) >= c.kv.batch or rows.unique().numel() != B:
+            raise FrameError("rows must be distinct cache rows")
+        kv_len = meta_int(f, "kv_len", 1, c.kv.max_len)
+        if int(pos.min()) < 0 or int(pos.max()) >= kv_len:
+            raise FrameError(f"positions must lie in [0, kv_len={kv_len})")
+        T = B * L if valid is None else int(valid.sum())
+        if c.start == 0 and "ids" in f.tensors:  # token ids instead of hidden states: the cloud embeds
+            tokens = row_tokens({"tok": f.tensors["ids"]}, T, eng.args.vocab_size)
+            x_rows = eng.model.embed(tokens.to(eng.device))  # [T, H]
+        else:
+            x_rows = decode_rows(f.tensors, c.codec_in, T, eng.args.hidden_size, eng.dtype, eng.device)  # [T, H]
+            tokens = row_tokens(f.tensors, T, eng.args.vocab_size)  # [T] or None (needed by side-info codecs)
+        dev = eng.device
+        pos, rows = pos.to(dev), rows.to(dev)
+        valid = valid.to(dev) if valid is not None else None
+        x = x_rows.view(B, L, -1) if valid is None else \
+            torch.zeros(B, L, x_rows.shape[1], dtype=eng.dtype, device=dev).index_put_((valid,), x_rows)
+        y = eng.model.forward_layers(x, pos, c.kv, kv_len, c.start, c.end, valid, rows)  # [B, L, H]
+        y_rows = y.reshape(B * L, -1) if valid is None else y[valid]  # [T, H]
+        if uses_tokens(c.codec_out) and tokens is None:
+            raise FrameError("this codec needs the rows' token ids ('tok') with the hidden states")
+        out = encode_rows(y_rows.cpu(), c.codec_out, tokens)
+        out.pop("c_tokens", None)  # the end has its own token ids: not sent back
+        return Frame("reply", tensors=out)
+
+    def on_experts(self, f: Frame) -> Frame:
+        eng = self.server.engine
+        layer = meta_int(f, "layer", 0, eng.args.num_layers - 1)
+        if layer not in eng.store.layers:
+            raise FrameError(f"layer {layer} has no experts")
+        x = tensor(f, "x", _FLOATS, 2)
+        ids = tensor(f, "ids", (torch.int64,), 2)
+        w = tensor(f, "w", _FLOATS, 2)
+        T, k = ids.shape
+        if x.shape != (T, eng.args.hidden_size) or w.shape != (T, k) or not 0 < k <= eng.args.num_experts:
+            raise FrameError(f"experts: x {list(x.shape)}, ids {list(ids.shape)}, w {list(w.shape)} do not fit")
+        if T and (int(ids.min()) < 0 or int(ids.max()) >= eng.args.num_experts):
+            raise FrameError("expert ids out of range")
+        if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(w).all()):
+            raise FrameError("experts: NaN or Inf in x or w")
+        dev, dt = eng.device, eng.dtype
+        y = eng.provider.compute(layer, x.to(dev, dt), ids.to(dev), w.to(dev, dt)) if T else x.to(dt)
+        return Frame("reply", tensors={"y": y.to(x.dtype).cpu()})
+
+
+class CloudServer:
+    """`CloudServer(engine, token).start("0.0.0.0:50051")` serves split streams until stop()."""
+
+    def __init__(self, engine: Any, token: str, max_sessions: int = 16, idle_timeout_s: float = 300.0,
+                 max_session_bytes: int = 2**30, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.engine, self.token, self.limits = engine, token, limits
+        self.max_sessions, self.idle_timeout_s, self.max_session_bytes = max_sessions, idle_timeout_s, max_session_bytes
+        self.delay_s = delay_s
+        self.fingerprint = engine.store.ckpt.fingerprint()
+        self.stats = StreamStats()
+        # all-resident experts are read-only and thread-safe; a committee is not: serialise compute then
+        self.compute_lock: Any = nullcontext() if isinstance(engine.provider, ResidentProvider) else threading.Lock()
+        self._lock = threading.Lock()
+        self.sessions: dict[str, set[_Session]] = {"Session": set(), "Experts": set()}
+        self._server: grpc.Server | None = None
+
+    @property
+    def active_sessions(self) -> int:
+        with self._lock:
+            return len(self.sessions["Session"])
+
+    def start(self, listen: str = "127.0.0.1:0", tls_cert: Any = None, tls_key: Any = None) -> int:
+        """Bind and serve in background threads; returns the port."""
+        opts = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
+                ("grpc.max_send_message_length", self.limits.max_message_bytes)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * self.max_sessions + 8,
+                                                        thread_name_prefix="moetandem-cloud"), options=opts)
+        handlers = {name: grpc.stream_stream_rpc_method_handler(self._stream(name)) for name in self.sessions}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        creds = server_credentials(tls_cert, tls_key)
+        try:
+            port = server.add_secure_port(listen, creds) if creds else server.add_insecure_port(listen)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise MoetandemError(f"cannot listen on {listen} (address in use or invalid; use HOST:PORT)")
+        server.start()
+        self._server = server
+        log.info("moetandem cloud: serving %s on port %d (%s)", self.fingerprint, port, "TLS" if creds else "plain")
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait()
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+    def _stream(self, kind: str) -> Any:
+        def handler(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            if not authorized(context.invocation_metadata(), self.token):
+                self.stats.add(unauthenticated=1)
+                log.warning("refused a %s stream from %s: missing or wrong token", kind, context.peer())
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+            session = _Session(self, kind)
+            with self._lock:
+                full = len(self.sessions[kind]) >= self.max_sessions
+                if not full:
+                    self.sessions[kind].add(session)
+            if full:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"this cloud already serves {self.max_sessions} {kind} streams (--max-sessions)")
+
+            def close() -> None:
+                session.caches.clear()  # the session's KV cache is freed now
+                with self._lock:
+                    self.sessions[kind].discard(session)
+
+            yield from serve_stream(requests, context, session.handle, close, self.stats, self.limits,
+                                    self.idle_timeout_s, self.delay_s)
+        return handler

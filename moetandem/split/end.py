@@ -1,0 +1,294 @@
+"""The end side of split execution. `SplitModel` stands in for the engine's model (same call as
+MoEForCausalLM.forward), so the batcher, `Engine.generate` and `moetandem serve` run unchanged on top:
+
+    end: embed -> layers [0, a) ──frame──► cloud: layers [a, L-b) ──frame──► end: layers [L-b, L) -> norm -> head
+
+Fallback: the end holds the whole checkpoint (experts stream through its committee / ExpertStore). When an
+exchange fails, that forward runs locally; K/V of the cloud's layers missing on the end are rebuilt first by
+re-prefilling the sequence so far (token ids are recorded per cache row), and the same in the other direction
+when the cloud comes back. Per row we track how many positions each route has valid K/V for."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetandem.errors import CloudError, InvalidRequestError, MoetandemError
+from moetandem.models import KVCache
+from moetandem.split.experts import CloudExpertProvider
+from moetandem.split.link import CloudLink, CloudRefused, LinkOptions
+from moetandem.split.pipeline import micro_batches, run_pipelined
+from moetandem.split.transport.auth import read_token
+from moetandem.split.transport.frame import Frame, FrameError
+from moetandem.split.wire import decode_rows, encode_rows, make_codec, uses_tokens
+
+log = logging.getLogger("moetandem.split")
+
+
+@dataclass
+class Placement:
+    """Where things run: layers [0, head) and [L - tail, L) on the end, the rest in the cloud; in end layers,
+    cloud_experts[layer] are computed in the cloud. Duck-compatible with split.plan.SplitPlan."""
+    end_layers_head: int = 1
+    end_layers_tail: int = 1
+    cloud_experts: dict[int, list[int]] | None = None
+    codec_rank: int | None = None
+    micro_batches: int = 2
+
+
+class _Rows:
+    """Per local KV cache: token ids so far, and how many positions have valid K/V on each route."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.tokens = torch.zeros(cache.batch, cache.max_len, dtype=torch.long)  # [R, S]
+        self.cloud_len = torch.zeros(cache.batch, dtype=torch.long)  # [R] cloud layers' K/V in the cloud
+        self.local_len = torch.zeros(cache.batch, dtype=torch.long)  # [R] every layer's K/V on the end
+        self.cloud_id: int | None = None
+        self.cloud_key: tuple | None = None  # (epoch, start, end, codec, rank) the cloud cache was made for
+
+
+class SplitModel:
+    def __init__(self, model: Any, link: CloudLink, plan: Any, codec: str, ckpt: Any, local_provider: Any) -> None:
+        self.model, self.link, self.codec_kind, self.ckpt, self.local_provider = model, link, codec, ckpt, local_provider
+        self.args = model.args
+        self.stats = {"cloud_forwards": 0, "local_forwards": 0, "fallbacks": 0, "rebuilt_tokens": 0, "replans": 0}
+        self.replanner: Callable[[Any], Any] | None = None  # (LinkMonitor) -> new plan or None
+        self._rows: weakref.WeakKeyDictionary[KVCache, _Rows] = weakref.WeakKeyDictionary()
+        self._next_id = 0
+        self.set_plan(plan)
+
+    # ---- the model interface the engine and batcher use
+    def moe_blocks(self) -> list[Any]:
+        return self.model.moe_blocks()
+
+    def __getattr__(self, name: str) -> Any:  # embed, head, rope tables, ...: the local model's
+        return getattr(self.__dict__["model"], name)
+
+    def set_plan(self, plan: Any) -> None:
+        L = self.args.num_layers
+        a, b = int(plan.end_layers_head), int(plan.end_layers_tail)
+        if a < 0 or b < 0 or a + b > L:
+            raise InvalidRequestError(f"split plan keeps {a} head + {b} tail layers on the end, but the model has {L}")
+        self.plan, self.start, self.end = plan, a, L - b
+        self.micro = max(1, int(getattr(plan, "micro_batches", 1) or 1))
+        self.rank = getattr(plan, "codec_rank", None)
+        H, dt = self.args.hidden_size, self.model.lm_head.weight.dtype
+        # codec "plan": low-rank at the plan's rank, float16 when it has none (split.plan's convention)
+        self.kind = ("lowrank" if self.rank else "fp16") if self.codec_kind == "plan" else self.codec_kind
+        self.codec_in = make_codec(self.kind, self.ckpt, self.start, self.rank, H, dt)
+        self.codec_out = make_codec(self.kind, self.ckpt, self.end, self.rank, H, dt)
+        remote = {int(l): [int(i) for i in e] for l, e in (getattr(plan, "cloud_experts", None) or {}).items()
+                  if e and not self.start <= int(l) < self.end}
+        if any(not 0 <= i < self.args.num_experts for e in remote.values() for i in e):
+            raise InvalidRequestError(f"the split plan places expert ids outside 0..{self.args.num_experts - 1}")
+        self.experts = CloudExpertProvider(self.local_provider, self.link, remote, self.args.num_experts)
+        for block in self.model.moe_blocks():
+            block.provider = self.experts if block.layer in self.experts.remote else self.local_provider
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
+                 valid: torch.Tensor | None = None, last_only: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        B = input_ids.shape[0]
+        rows = torch.arange(B, device=pos.device) if rows is None else rows
+        st = self._rows.get(cache) or self._rows.setdefault(cache, _Rows(cache))
+        self._maybe_replan()
+        r, first = rows.cpu(), pos[:, 0].cpu()  # [B]
+        last = (pos if valid is None else pos.masked_fill(~valid, -1)).max(1).values.cpu()  # [B]
+        keep = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid
+        st.tokens[r[:, None].expand_as(pos)[keep.cpu()], pos.cpu()[keep.cpu()]] = input_ids.cpu()[keep.cpu()]
+        if self.start < self.end and self.link.session() is not None:
+            try:
+                self._rebuild(st, cache, r, first, cloud=True)
+                logits = self._cloud_forward(st, input_ids, pos, cache, kv_len, valid, last_only, rows)
+                st.cloud_len[r], st.local_len[r] = last + 1, torch.minimum(st.local_len[r], first)
+                self.stats["cloud_forwards"] += 1
+                return logits
+            except CloudError as e:
+                self.stats["fallbacks"] += 1
+                self.link.lost(e)
+        self._rebuild(st, cache, r, first, cloud=False)
+        logits = self.model(input_ids, pos, cache, kv_len, valid, last_only, rows)
+        st.local_len[r], st.cloud_len[r] = last + 1, torch.minimum(st.cloud_len[r], first)
+        self.stats["local_forwards"] += 1
+        return logits
+
+    # ---- the cloud route
+    def _cloud_forward(self, st: _Rows, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
+                       valid: torch.Tensor | None, last_only: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        session = self._ensure_cloud_cache(st, cache)
+        m, L, H = self.model, self.args.num_layers, self.args.hidden_size
+
+        def head(p: slice) -> torch.Tensor | None:
+            if self.start == 0:
+                return None  # the cloud embeds
+            x = m.forward_layers(m.embed(ids[p]), pos[p], cache, kv_len, 0, self.start, _at(valid, p), rows[p])
+            return x  # [b, L, H]
+
+        def send(p: slice, x: torch.Tensor | None) -> Any:
+            v = _at(valid, p)
+            tok = (ids[p].reshape(-1) if v is None else ids[p][v]).cpu()  # [T] the rows' token ids
+            if x is None:  # the cloud embeds: token ids go up instead of hidden states
+                tensors = {"pos": pos[p].cpu(), "rows": rows[p].cpu(), "ids": tok}
+            else:
+                x_rows = x.reshape(-1, H) if v is None else x[v]  # [T, H]
+                tensors = {"pos": pos[p].cpu(), "rows": rows[p].cpu(),
+                           **encode_rows(x_rows.cpu(), self.codec_in, tok)}
+            if uses_tokens(self.codec_out) and "c_tokens" not in tensors and "ids" not in tensors:
+                tensors["tok"] = tok.to(torch.int32)  # the cloud's encoder needs them for the way back
+            if v is not None:
+                tensors["valid"] = v.cpu()
+            return session.submit(Frame("layers", meta={"cache": st.cloud_id, "kv_len": kv_len}, tensors=tensors))
+
+        def tail(p: slice, fut: Any) -> torch.Tensor:
+            v = _at(valid, p)
+            b, n = pos[p].shape
+            T = b * n if v is None else int(v.sum())
+            try:
+                reply = session.wait(fut).tensors
+                if uses_tokens(self.codec_out):  # the decoder adds side[token]: the tokens must be ours
+                    tok = (ids[p].reshape(-1) if v is None else ids[p][v]).cpu()
+                    reply["c_tokens"] = tok.to(self.codec_out.token_dtype)
+                y_rows = decode_rows(reply, self.codec_out, T, H, m.lm_head.weight.dtype, pos.device)  # [T, H]
+            except FrameError as e:
+                raise CloudError(f"bad reply from the cloud: {e}") from None
+            y = y_rows.view(b, n, H) if v is None else torch.zeros(b, n, H, dtype=y_rows.dtype,
+                                                                   device=y_rows.device).index_put_((v,), y_rows)
+            y = m.forward_layers(y, pos[p], cache, kv_len, self.end, L, v, rows[p])
+            return m.head(y, None if last_only is None else last_only[p])
+
+        return torch.cat(run_pipelined(micro_batches(ids.shape[0], self.micro), head, send, tail))
+
+    def _ensure_cloud_cache(self, st: _Rows, cache: KVCache) -> Any:
+        session = self.link.session()
+        if session is None:
+            raise CloudError("the cloud went away")
+        key = (self.link.epoch, self.start, self.end, self.kind, self.rank)
+        if st.cloud_key != key:
+            self._next_id += 1
+            meta = {"cache": self._next_id, "rows": cache.batch, "max_len": cache.max_len, "start": self.start,
+                    "end": self.end, "codec": self.kind, "rank": self.rank}
+            session.request(Frame("alloc", meta=meta))
+            st.cloud_id, st.cloud_key = self._next_id, key
+            st.cloud_len.zero_()
+        return session
+
+    def _rebuild(self, st: _Rows, cache: KVCache, rows: torch.Tensor, first: torch.Tensor, cloud: bool) -> None:
+        """Re-prefill positions [have, first) of each row whose K/V on this route stop short of `first`."""
+        have = st.cloud_len if cloud else st.local_len
+        other = st.local_len if cloud else st.cloud_len
+        if cloud:
+            self._ensure_cloud_cache(st, cache)
+        dev = self.model.lm_head.weight.device
+        for r, f in zip(rows.tolist(), first.tolist()):
+            h = int(have[r])
+            if h >= f:
+                continue
+            ids = st.tokens[r, h:f][None].to(dev)  # [1, f-h]
+            pos = torch.arange(h, f, device=dev)[None]
+            rr = torch.tensor([r], device=dev)
+            if cloud:
+                self._cloud_forward(st, ids, pos, cache, f, None, torch.tensor([f - h - 1], device=dev), rr)
+            else:
+                self.model(ids, pos, cache, f, None, torch.tensor([f - h - 1], device=dev), rr)
+            have[r], other[r] = f, min(int(other[r]), h)
+            self.stats["rebuilt_tokens"] += f - h
+
+    def _maybe_replan(self) -> None:
+        mon = self.link.monitor
+        if not mon.changed():
+            return
+        log.info("split: link changed (bandwidth %.3g B/s, RTT %.1f ms)", mon.bandwidth_bps, mon.rtt_s * 1e3)
+        plan = self.replanner(mon) if self.replanner is not None else None
+        if plan is None:
+            return
+        old = self.plan
+        try:
+            self.set_plan(plan)
+        except MoetandemError as e:  # e.g. the new codec rank is not calibrated: keep serving with the old plan
+            log.warning("split: cannot apply the new plan (%s); keeping the current one", e)
+            self.set_plan(old)
+            return
+        self.stats["replans"] += 1
+        log.info("split: re-planned: end keeps %d head + %d tail layers, %d micro-batches", self.start,
+                 self.args.num_layers - self.end, self.micro)
+
+    def split_stats(self) -> dict[str, float]:
+        return {**self.stats, **self.link.monitor.as_dict(), "link_losses": self.link.losses,
+                "expert_rows_cloud": self.experts.remote_rows, "expert_rows_fallback": self.experts.fallback_rows}
+
+
+def profile_replanner(profile: Any, objective: str = "latency") -> Callable[[Any], Any]:
+    """A SplitModel.replanner: split.plan.make_split_plan on `profile` (a SplitProfile) with the link's
+    measured bandwidth and RTT."""
+    from dataclasses import replace
+
+    from moetandem.split.plan import make_split_plan
+
+    def replan(monitor: Any) -> Any:
+        bw = monitor.bandwidth_bps if monitor.bandwidth_bps != float("inf") else profile.bandwidth_bps
+        return make_split_plan(replace(profile, bandwidth_bps=bw, rtt_s=monitor.rtt_s), objective)
+    return replan
+
+
+def _at(t: torch.Tensor | None, p: slice) -> torch.Tensor | None:
+    return None if t is None else t[p]
+
+
+def load_placement(plan: Any = None, head: int | None = None, tail: int | None = None,
+                   cloud_experts: dict[int, list[int]] | None = None, codec_rank: int | None = None,
+                   micro_batches: int | None = None) -> Any:
+    """A plan object (split.plan.SplitPlan or Placement), a JSON file of Placement's fields, or the defaults;
+    explicit arguments override the plan's fields."""
+    if isinstance(plan, (str, Path)):
+        try:
+            raw = json.loads(Path(plan).read_text())
+            plan = Placement(**{k: raw[k] for k in Placement.__dataclass_fields__ if k in raw})
+        except (OSError, ValueError, TypeError) as e:
+            raise InvalidRequestError(f"cannot read the split plan {plan}: {e}") from None
+        plan.cloud_experts = {int(k): [int(e) for e in v] for k, v in (plan.cloud_experts or {}).items()}
+    plan = copy.copy(plan) if plan is not None else Placement()
+    for field, value in (("end_layers_head", head), ("end_layers_tail", tail), ("cloud_experts", cloud_experts),
+                         ("codec_rank", codec_rank), ("micro_batches", micro_batches)):
+        if value is not None:
+            setattr(plan, field, value)
+    return plan
+
+
+def check_address(address: str) -> None:
+    if not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", address):
+        raise InvalidRequestError(f"--cloud wants HOST:PORT, got {address!r}")
+
+
+def attach_cloud(engine: Any, address: str, token_file: str | Path | None = None, token: str | None = None,
+                 plan: Any = None, codec: str = "off", head: int | None = None, tail: int | None = None,
+                 cloud_experts: dict[int, list[int]] | None = None, codec_rank: int | None = None,
+                 micro_batches: int | None = None, **link_options: Any) -> SplitModel:
+    """Make `engine` run split with the cloud at `address` (HOST:PORT); link_options are LinkOptions fields.
+    The engine keeps its checkpoint and committee for its own layers and for fallback. A cloud that refuses
+    us (token, checkpoint) raises CloudError; one that cannot be reached now is retried later (the end
+    computes alone meanwhile)."""
+    if token is None:
+        if token_file is None:
+            raise InvalidRequestError("--cloud needs --token-file (the file holding the cloud's token)")
+        token = read_token(token_file)
+    check_address(address)
+    link = CloudLink(LinkOptions(address, token, **link_options), engine.store.ckpt.fingerprint())
+    placement = load_placement(plan, head, tail, cloud_experts, codec_rank, micro_batches)
+    split = SplitModel(engine.model, link, placement, codec, engine.store.ckpt, engine.provider)
+    try:
+        link.connect()
+    except CloudRefused:
+        raise
+    except CloudError as e:
+        log.warning("split: cloud unavailable at start (%s); computing on the end until it answers", e)
+    engine.model, engine.graphs, engine.split = split, None, split
+    return split

@@ -1,0 +1,133 @@
+"""The end's side of one gRPC bidirectional stream: `submit(frame)` returns a Future of the reply; replies
+come back in order, so several requests (pipelined micro-batches) are in flight at once."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import grpc
+
+from moetandem.errors import CloudError
+from moetandem.split.monitor import LinkMonitor
+from moetandem.split.transport.frame import (
+    DEFAULT_LIMITS,
+    Frame,
+    FrameError,
+    Limits,
+    pack,
+    unpack,
+)
+
+log = logging.getLogger("moetandem.split")
+_CLOSE = object()
+
+
+class StreamClient:
+    """One stream on `channel`. `delay_s` is an emulated one-way delay: each frame leaves `delay_s` after it was
+    submitted (frames submitted together still travel together, as on a real link)."""
+
+    def __init__(self, channel: grpc.Channel, method: str, metadata: list[tuple[str, str]], timeout_s: float,
+                 monitor: LinkMonitor | None = None, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.timeout_s, self.monitor, self.delay_s, self.limits = timeout_s, monitor, delay_s, limits
+        self._out: queue.Queue[Any] = queue.Queue()
+        self._pending: deque[tuple[int, Future, float, int, bool]] = deque()
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self.max_in_flight = 0  # most requests awaiting replies at once (pipelining)
+        self.error: CloudError | None = None
+        self.status: str | None = None  # gRPC status name when the stream failed (UNAUTHENTICATED, ...)
+        stub = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+        self._call = stub(self._requests(), metadata=metadata)
+        self._reader = threading.Thread(target=self._read, name="moetandem-split-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def submit(self, frame: Frame) -> Future[Frame]:
+        fut: Future[Frame] = Future()
+        with self._lock:
+            if self.error is not None:
+                fut.set_exception(self.error)
+                return fut
+            frame.id = self._next_id
+            self._next_id += 1
+            data = pack(frame)
+            self._pending.append((frame.id, fut, time.perf_counter(), len(data), len(self._pending) == 0))
+            self._out.put((time.monotonic() + self.delay_s, data))
+            self.max_in_flight = max(self.max_in_flight, len(self._pending))
+        return fut
+
+    def request(self, frame: Frame) -> Frame:
+        """submit + wait (bounded by the timeout)."""
+        return self.wait(self.submit(frame))
+
+    def wait(self, fut: Future[Frame], timeout_s: float | None = None) -> Frame:
+        """The reply, or CloudError (the stream is then closed) after timeout_s (default: the stream's)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return fut.result(timeout=timeout_s)
+        except FutureTimeout:
+            self._fail(CloudError(f"the cloud did not answer within {timeout_s:g} s"))
+            raise self.error from None  # type: ignore[misc]
+
+    def close(self) -> None:
+        self._out.put(_CLOSE)
+        self._fail(CloudError("stream closed"), cancel=False)
+
+    def _requests(self) -> Any:
+        while True:
+            item = self._out.get()
+            if item is _CLOSE:
+                return
+            due, data = item
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            yield data
+
+    def _read(self) -> None:
+        try:
+            for data in self._call:
+                reply = unpack(data, self.limits)
+                if reply.kind == "error" and reply.meta.get("fatal"):  # e.g. idle expiry: not tied to a request
+                    raise CloudError(f"the cloud closed the session: {reply.meta.get('message')}")
+                with self._lock:
+                    if not self._pending or self._pending[0][0] != reply.id:
+                        raise FrameError(f"reply id {reply.id} does not match the oldest request")
+                    _, fut, t0, sent, alone = self._pending.popleft()
+                if self.monitor is not None:
+                    server_s = reply.meta.get("server_s", 0.0)
+                    self.monitor.record(sent, len(data), time.perf_counter() - t0,
+                                        float(server_s) if isinstance(server_s, (int, float)) else 0.0, alone)
+                if reply.kind == "error":
+                    fut.set_exception(CloudError(f"the cloud refused a request: {reply.meta.get('message')}"))
+                else:
+                    fut.set_result(reply)
+            self._fail(CloudError("the cloud ended the stream"))
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            self.status = getattr(code, "name", None)
+            detail = e.details() if hasattr(e, "details") else str(e)
+            self._fail(CloudError(f"link to the cloud lost ({getattr(code, 'name', code)}: {detail})"))
+        except (FrameError, CloudError) as e:
+            self._fail(e if isinstance(e, CloudError) else CloudError(f"bad reply from the cloud: {e}"))
+
+    def _fail(self, err: CloudError, cancel: bool = True) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = err
+            pending, self._pending = list(self._pending), deque()
+        for _, fut, *_ in pending:
+            if not fut.done():
+                fut.set_exception(self.error)
+        if cancel:
+            self._out.put(_CLOSE)
+            self._call.cancel()
