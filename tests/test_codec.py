@@ -118,6 +118,8 @@ def test_codec_file_is_keyed_by_the_checkpoint(tmp_path: Path) -> None:
     assert path == codec_path(a) and path.parent == a.path
     assert torch.equal(load_codec(a, 1, 8).enc, codec.enc) and torch.equal(load_codec(a.path, 1, 8).dec, codec.dec)
     assert codec_table(a)[(1, 8)]["ppl_increase"] == 0.5
+    from moetandem.split.calibration import codec_profile
+    assert codec_profile(a, 1) == ({8: 10}, {8: 0.5}) and codec_profile(a, 2)[0] == {8: 12, 4: 8}
     assert load_codec(a, 2, 8).side is not None  # other cuts are kept
     save_codecs(a, {(2, 8): s8})  # a cut is replaced whole: its ranks share the side table
     with pytest.raises(CalibrationError, match="no codec for cut 2 rank 4"):

@@ -86,6 +86,23 @@ def sample_local(popularity: torch.Tensor, n: int, k: int, gen: torch.Generator)
     return rank < m
 
 
+def committee_masks(ids: torch.Tensor, w: torch.Tensor, num_experts: int, slots: int, window: int = 256,
+                    refresh_every: int = 16) -> torch.Tensor:
+    """[N, E] bool: the experts a committee of `slots` would hold at each row, replaying the rows' routing in order
+    (top-`slots` by windowed Σ gate weight, refreshed every `refresh_every` rows), as in experts/plan.py."""
+    N = ids.shape[0]
+    csum = torch.cat([torch.zeros(1, num_experts), torch.zeros(N, num_experts).scatter_add_(1, ids, w).cumsum(0)])
+    masks = torch.zeros(N, num_experts, dtype=torch.bool)
+    resident = torch.zeros(num_experts, dtype=torch.bool)
+    resident[torch.topk(csum[min(N, window)], slots).indices] = True
+    for start in range(0, N, refresh_every):
+        end = min(N, start + refresh_every)
+        masks[start:end] = resident
+        resident = torch.zeros_like(resident)
+        resident[torch.topk(csum[end] - csum[max(0, end - window)], slots).indices] = True
+    return masks
+
+
 def _mix(y_all: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ_j w_j · Y[n, ids_j]: y_all [N, E, H], ids/w [N, k] -> [N, H]."""
     picked = y_all.gather(1, ids[..., None].expand(-1, -1, y_all.shape[-1]))  # [N, k, H]
@@ -110,8 +127,15 @@ def train_layer(d: LayerData, k: int, norm_topk_prob: bool, rank: int = 16, step
     opt = torch.optim.Adam(gate.parameters(), lr=lr)
     t0 = time.perf_counter()
 
+    # local sets as a committee would hold them (a quarter to three quarters of the experts), half of the time
+    # widened by random popular experts, so the gate sees the misses it will meet
+    held_masks = [committee_masks(d.ids, d.w, E, max(k, round(f * E))) for f in (0.25, 0.5, 0.75)]
+
     def allowed_for(rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        local = sample_local(d.popularity, rows.numel(), k, g)
+        which = torch.randint(0, len(held_masks), (rows.numel(),), generator=g)
+        local = torch.stack([held_masks[int(i)][r] for i, r in zip(which, rows)])  # [n, E]
+        wide = torch.rand(rows.numel(), 1, generator=g) < 0.5
+        local = torch.where(wide, local | sample_local(d.popularity, rows.numel(), k, g), local)
         cost = torch.where(torch.rand(rows.numel(), 1, generator=g) < 0.5, math.inf,
                            0.2 + 0.5 * torch.rand(rows.numel(), 1, generator=g))  # [n, 1]
         admit = torch.zeros_like(local).scatter_(1, d.ids[rows], d.w[rows] > cost)  # original picks worth it

@@ -261,3 +261,11 @@ def _file_fingerprint(path: Path) -> str:
             return (f.metadata() or {}).get("fingerprint", "")
     except Exception as e:
         raise CalibrationError(f"cannot read codec file {path} ({e}); run `moetandem calibrate --codec`") from None
+
+
+def codec_profile(ckpt_or_path: Checkpoint | str | Path, cut: int) -> tuple[dict[int, int], dict[int, float]]:
+    """(bytes per token, measured perplexity increase) by rank of the calibrated codecs at `cut`: the
+    codec_bytes / codec_quality of a SplitProfile. Ranks calibrated without --eval-data have no quality entry."""
+    table = {r: info for (c, r), info in codec_table(ckpt_or_path).items() if c == cut}
+    nbytes = {r: r + 2 + (2 if info.get("side") else 0) for r, info in table.items()}
+    return nbytes, {r: float(info["ppl_increase"]) for r, info in table.items() if "ppl_increase" in info}
