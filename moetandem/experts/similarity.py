@@ -84,23 +84,29 @@ class RowRecorder(ExpertProvider):
         return self.inner.compute(layer, x, expert_ids, weights)
 
 
-def output_calibration(engine: "Engine", texts: list[str], rows: int = 512, progress: bool = True
-                       ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Similarity of expert *outputs*: every expert applied to the same calibration rows of its layer."""
-    store, I, H = engine.store, engine.store.inter, engine.store.hidden
+def record_rows(engine: "Engine", texts: list[str], rows: int, progress: bool = True) -> dict[int, torch.Tensor]:
+    """Up to `rows` input rows [N, H] of every MoE layer, from prefilling calibration texts until all are full."""
     inner = engine.provider
     rec = RowRecorder(inner, rows)
     engine.set_provider(rec)
     try:
         for text in tqdm(texts, desc="calibration text", unit="chunk", disable=not progress):
-            if all(sum(r.shape[0] for r in rec.rows.get(l, [])) >= rows for l in store.layers):
+            if all(sum(r.shape[0] for r in rec.rows.get(l, [])) >= rows for l in engine.store.layers):
                 break
             engine.generate([text], max_new_tokens=1)
     finally:
         engine.set_provider(inner)
+    return {l: torch.cat(rec.rows[l]) for l in rec.rows}
+
+
+def output_calibration(engine: "Engine", texts: list[str], rows: int = 512, progress: bool = True
+                       ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Similarity of expert *outputs*: every expert applied to the same calibration rows of its layer."""
+    store, I, H = engine.store, engine.store.inter, engine.store.hidden
+    recorded = record_rows(engine, texts, rows, progress)
     sim, norms = {}, {}
     for l in tqdm(store.layers, desc="expert outputs", unit="layer", disable=not progress):
-        x = torch.cat(rec.rows[l])  # [N, H]
+        x = recorded[l]  # [N, H]
         outs, n = [], []
         for e in range(store.num_experts):
             flat = store.read_flat(l, e, torch.float32)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moetandem.errors import InvalidRequestError
-from moetandem.experts.similarity import RowRecorder
+from moetandem.experts.similarity import record_rows
 from moetandem.experts.store import flat_views
 from moetandem.gating.group_gate import GroupGate, masked_route, topk_route
 from moetandem.models.layers import expert_ffn
@@ -47,20 +47,11 @@ class GateReport:
 def collect(engine: "Engine", texts: list[str], rows: int, progress: bool = True) -> dict[int, LayerData]:
     """Input rows of every MoE layer on calibration text, with all expert outputs and the original routing."""
     store, I, H = engine.store, engine.store.inter, engine.store.hidden
-    inner = engine.provider
-    rec = RowRecorder(inner, rows)
-    engine.set_provider(rec)
-    try:
-        for text in tqdm(texts, desc="calibration text", unit="chunk", disable=not progress):
-            if all(sum(r.shape[0] for r in rec.rows.get(l, [])) >= rows for l in store.layers):
-                break
-            engine.generate([text], max_new_tokens=1)
-    finally:
-        engine.set_provider(inner)
+    recorded = record_rows(engine, texts, rows, progress)
     blocks = {b.layer: b for b in engine.model.moe_blocks()}
     data = {}
     for l in tqdm(store.layers, desc="expert outputs", unit="layer", disable=not progress):
-        x = torch.cat(rec.rows[l])  # [N, H]
+        x = recorded[l]  # [N, H]
         block = blocks[l]
         with torch.no_grad():
             logits = F.linear(x, block.gate.weight.float().cpu())  # [N, E]
