@@ -5,6 +5,7 @@
 Each DIR is a copy of the demo checkpoint calibrated with `moetandem calibrate --codec` (same fingerprint)."""
 from __future__ import annotations
 
+import moetandem
 import argparse
 
 import torch
@@ -23,8 +24,8 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/eval/wikitext2_valid.txt")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    eng = Engine.from_pretrained(demo_model_path(), device="cpu", dtype="float32", progress=False)
-    ref = Engine.from_pretrained(demo_model_path(), device="cpu", dtype="float32", progress=False)
+    eng = moetandem.load(demo_model_path(), device="cpu", dtype="float32", progress=False)
+    ref = moetandem.load(demo_model_path(), device="cpu", dtype="float32", progress=False)
     ev = encode_text(eng, open(args.data, encoding="utf-8").read(), args.tokens)
     print("| codec | bytes/token | Δppl | mean KL, nats | top-1 agreement |\n|---|---|---|---|---|")
     for spec in args.codecs:

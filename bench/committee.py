@@ -9,6 +9,7 @@ On CUDA also HF transformers + accelerate offload capped at the same GPU memory.
 """
 from __future__ import annotations
 
+import moetandem
 import argparse
 import gc
 import json
@@ -53,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or demo_model_path()
-    ref = Engine.from_pretrained(model, device=args.device, progress=False)
+    ref = moetandem.load(model, device=args.device, progress=False)
     ids = encode_text(ref, args.data.read_text(encoding="utf-8"), args.max_tokens)
     prompt = ids[:32]
     total = ref.provider.expert_bytes()
@@ -70,7 +71,7 @@ def main() -> None:
         kw = dict(CONFIGS[label])
         if plan is not None:
             label, kw["plan"] = f"{label} + plan", str(plan)
-        eng = Engine.from_pretrained(model, device=args.device, progress=False, expert_budget=budget,
+        eng = moetandem.load(model, device=args.device, progress=False, expert_budget=budget,
                                      async_swaps=False, **kw)
         t = time.perf_counter()
         q = evaluate_ids(eng, ids, context=args.context, step=args.step, reference=ref, progress=False)

@@ -6,6 +6,7 @@ bf16 checkpoints of real shapes (random routers: speed only; quality figures com
 """
 from __future__ import annotations
 
+import moetandem
 import argparse
 import json
 import sys
@@ -24,7 +25,7 @@ CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balance
 
 
 def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | None, kw: dict) -> dict:
-    eng = Engine.from_pretrained(path, device=device, progress=False, expert_budget=budget, **kw)
+    eng = moetandem.load(path, device=device, progress=False, expert_budget=budget, **kw)
     eng.generate([prompt], max_new_tokens=8, stop_on_eos=False)
     _free()
     eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)

@@ -5,6 +5,7 @@ on random bf16 checkpoints of real MoE shapes, in one process, one after the oth
 """
 from __future__ import annotations
 
+import moetandem
 import argparse
 import gc
 import json
@@ -43,7 +44,7 @@ def _free() -> None:
 
 def bench_ours(path: Path, device: str, prompt: list[int], new: int, graphs: bool, grouped: bool,
                repeats: int) -> dict:
-    eng = Engine.from_pretrained(path, device=device, use_graphs=graphs, progress=False)
+    eng = moetandem.load(path, device=device, use_graphs=graphs, progress=False)
     if not grouped:
         eng.provider.grouped = eng.provider.graph_safe = False
     eng.generate([prompt], max_new_tokens=new)  # warm-up (and graph capture)

@@ -11,6 +11,7 @@ Trains the gates first (`moetandem calibrate --group-gate`) when the checkpoint 
 """
 from __future__ import annotations
 
+import moetandem
 import argparse
 import gc
 import json
@@ -25,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moetandem import Engine  # noqa: E402
 from moetandem.analysis.eval import encode_text, evaluate_ids  # noqa: E402
 from moetandem.assets import demo_model_path  # noqa: E402
-from moetandem.gating import attach_gate  # noqa: E402
 from moetandem.gating.group_gate import gate_path, save_gates  # noqa: E402
 from moetandem.gating.train import train_gates  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or demo_model_path()
-    ref = Engine.from_pretrained(model, device="cpu", progress=False)
+    ref = moetandem.load(model, device="cpu", progress=False)
     if args.retrain or not gate_path(ref.store.ckpt).is_file():
         ids = encode_text(ref, args.train_data.read_text(encoding="utf-8"))
         texts = [ref.decode_text(ids[i:i + 256]) or "" for i in range(0, len(ids), 256)]
@@ -94,8 +94,8 @@ def main() -> None:
             runs += [(b, f"masked, cost {c}", "masked", c), (b, f"group gate, cost {c}", "group", c)]
     extra: dict = {}
     for budget, label, mode, cost in runs:
-        eng = Engine.from_pretrained(model, device="cpu", progress=False, expert_budget=budget, policy="auto",
-                                     async_swaps=False, gate=mode, gate_cost=cost)
+        eng = moetandem.load(model, device="cpu", progress=False, expert_budget=budget, policy="auto",
+                             async_swaps=False, gate=mode, gate_cost=cost)
         q = evaluate_ids(eng, ids, context=args.context, step=args.step, reference=ref, progress=False)
         local = q.expert_stats.get("hit_rate", 1.0)
         rows.append({"config": label, "budget": budget, "perplexity": q.perplexity, "top1": q.top1_agreement,

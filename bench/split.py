@@ -24,6 +24,7 @@ NO bandwidth limit (only the RTT is emulated) and says so in the output.
 """
 from __future__ import annotations
 
+import moetandem
 import argparse
 import json
 import os
@@ -76,7 +77,7 @@ def load_engine(config: str, a: argparse.Namespace, rtt_ms: float) -> Any:
     split = split_options(config, a, rtt_ms)
     budget = None if config == "single" else a.expert_budget
     kw: dict[str, Any] = {"cloud": a.cloud, "token_file": a.token_file, "split": split} if split else {}
-    return Engine.from_pretrained(a.model, device="cpu", dtype="float32", progress=False, expert_budget=budget, **kw)
+    return moetandem.load(a.model, device="cpu", dtype="float32", progress=False, expert_budget=budget, **kw)
 
 
 def link_bytes(engine: Any) -> float:

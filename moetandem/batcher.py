@@ -81,7 +81,7 @@ class Batcher:
         lens_t = torch.tensor(lens, device=dev)
         valid = pos < lens_t[:, None] if min(lens) != Lp else None
         rows = torch.tensor([s.slot for s in seqs], device=dev)
-        logits = self.model(ids.to(dev), pos, self.cache, Lp, valid=valid, last_only=lens_t - 1, rows=rows)
+        logits = self.engine.forward(ids.to(dev), pos, self.cache, Lp, valid=valid, last_only=lens_t - 1, rows=rows)
         return self._emit(seqs, logits[:, -1])
 
     @torch.inference_mode()
@@ -95,10 +95,11 @@ class Batcher:
         pos = torch.tensor([[s.next_pos] for s in seqs], device=dev)  # [A, 1]
         rows = torch.tensor([s.slot for s in seqs], device=dev)  # [A]
         graphs = self.engine.graphs
-        if graphs is not None and self.engine.provider.graph_safe:
+        if graphs is not None and self.engine.graph_safe:
             logits = graphs.step(ids, pos, rows, self.cache, scratch_row=self.max_batch)[: len(seqs)]
+            self.engine.after_step()
         else:
-            logits = self.model(ids, pos, self.cache, self.max_len, rows=rows)[:, -1]
+            logits = self.engine.forward(ids, pos, self.cache, self.max_len, rows=rows)[:, -1]
         return self._emit(seqs, logits)
 
     def cancel(self, seq: Request) -> None:

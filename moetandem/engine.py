@@ -1,26 +1,26 @@
-"""Engine: load a checkpoint and generate (prefill + decode over a static KV cache, CUDA graphs on GPU)."""
+"""Engine: generate with a built model (prefill + decode over a static KV cache, CUDA graphs on GPU)."""
 from __future__ import annotations
 
+import copy
 import math
 import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import torch
 
-from moetandem.batcher import Batcher
-from moetandem.batcher import Request
-from moetandem.checkpoint import Checkpoint
+from moetandem.batcher import Batcher, Request
+from moetandem.config import parse_budget
 from moetandem.errors import ContextLengthError, InvalidRequestError
 from moetandem.experts.provider import ExpertProvider
-from moetandem.experts.factory import build_provider
+from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.store import ExpertStore
 from moetandem.graphs import DecodeGraphs
-from moetandem.loader import load_dense
-from moetandem.models import KVCache, get_family
+from moetandem.models import KVCache
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -69,65 +69,62 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, provider: ExpertProvider, store: ExpertStore,
-                 device: torch.device, dtype: torch.dtype, use_graphs: bool = True) -> None:
-        self.model, self.tokenizer, self.provider, self.store = model, tokenizer, provider, store
+    """A loaded model ready to generate. Built by moetandem.runtime.build_engine (or moetandem.load), which
+    chooses every feature up front: `experts` maps each MoE layer to the ExpertProvider that computes it,
+    `provider` is the local provider behind them (its stats and budget), `model` is the model or a stand-in with
+    the same call (split execution). Nothing is attached afterwards; `view()` makes a second engine over the
+    same weights with wrapped providers (routing taps for trace / calibrate)."""
+
+    def __init__(self, model: Any, tokenizer: Any, experts: Mapping[int, ExpertProvider], provider: ExpertProvider,
+                 store: ExpertStore, device: torch.device, dtype: torch.dtype, use_graphs: bool = True,
+                 gate: Any = None, split: Any = None) -> None:
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.experts: dict[int, ExpertProvider] = dict(experts)
+        self.provider = provider
         self.args, self.device, self.dtype = model.args, device, dtype
+        self.gate, self.split = gate, split  # gating.GatedRouter / split.end.SplitModel, or None
         self.eos_ids = set(self.args.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.last_stats: GenerationStats | None = None
-        self.gate: Any = None  # the GatedRouter when a hardware-aware gate is attached (moetandem.gating)
-        self.graphs = DecodeGraphs(model) if use_graphs and device.type == "cuda" else None
+        self.graphs = DecodeGraphs(self.model, self.experts) if use_graphs and device.type == "cuda" else None
         self._caches: dict[tuple[int, int], KVCache] = {}
-        self.set_provider(provider)
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = "auto",
-                        dtype: str | torch.dtype | None = "auto", progress: bool = True,
-                        use_graphs: bool = True, expert_budget: str | int | float | None = None,
-                        policy: str | None = None, fidelity: str = "balanced", skip_threshold: float | None = None,
-                        refresh_every: int = 16, score: str = "importance", plan: Any = None,
-                        async_swaps: bool = True, gate: str = "off", gate_cost: float = math.inf,
-                        gate_latency_budget: float = 0.0, cloud: str | None = None,
-                        token_file: str | Path | None = None, split: dict[str, Any] | None = None) -> "Engine":
-        """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all
-        expert bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets.
-        gate="group" / "masked" routes to the experts that are local now (moetandem.gating.attach_gate)."""
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        ckpt = Checkpoint(path, check_family=get_family)
-        family = get_family(ckpt.config.get("model_type"))
-        args = family.args(ckpt.config, ckpt.path)
-        model = load_dense(ckpt, family, args, dev, dt, progress)
-        store = ExpertStore(ckpt, family, args)
-        provider = build_provider(ckpt, store, args.top_k, dev, dt, expert_budget, policy, fidelity,
-                                  skip_threshold, refresh_every, score=score, plan=plan, progress=progress, async_swaps=async_swaps)
-        engine = cls(model, ckpt.tokenizer(), provider, store, dev, dt, use_graphs)
-        if gate != "off":
-            from moetandem.gating import attach_gate
-            attach_gate(engine, gate, gate_cost, gate_latency_budget)
-        if cloud is not None:  # split execution: the middle layers run on a `moetandem cloud` server
-            from moetandem.split.end import attach_cloud
-            attach_cloud(engine, cloud, token_file, **(split or {}))  # split: attach_cloud's keyword options
-        return engine
+    @property
+    def graph_safe(self) -> bool:
+        """True when a decode step may be one CUDA graph: every provider runs without host syncs."""
+        return all(p.graph_safe for p in self.experts.values())
 
-    def set_provider(self, provider: ExpertProvider) -> None:
-        """Swap where experts are computed; model files stay untouched."""
-        self.provider = provider
-        for block in self.model.moe_blocks():
-            block.provider = provider
-        if self.graphs is not None:
-            self.graphs.clear()
+    def forward(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
+                valid: torch.Tensor | None = None, last_only: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's forward with this engine's experts (see MoEForCausalLM.forward); logits [B, L|1, V]."""
+        logits = self.model(input_ids, pos, cache, kv_len, self.experts, valid, last_only, rows)
+        self.after_step()
+        return logits
+
+    def after_step(self) -> None:
+        """Between-step bookkeeping of the providers (committee refresh, publishing finished swaps), outside any
+        CUDA graph; called after every forward and graph replay."""
+        for p in {id(p): p for p in self.experts.values()}.values():
+            p.after_step()
+
+    def view(self, wrap: Callable[[int, ExpertProvider], ExpertProvider]) -> "Engine":
+        """A second engine over the same weights and caches whose MoE layer l runs wrap(l, provider_l); no CUDA
+        graphs. The original engine is untouched (so a split engine keeps its cloud routing)."""
+        other = copy.copy(self)
+        other.experts = {l: wrap(l, p) for l, p in self.experts.items()}
+        other.graphs, other._caches = None, {}
+        return other
 
     def set_expert_budget(self, budget: str | int | float) -> None:
         """Change the committee's budget at run time (between steps): shrinking evicts, growing admits."""
-        from moetandem.experts.committee import CommitteeProvider
-        from moetandem.experts.factory import parse_budget
-        if not isinstance(self.provider, CommitteeProvider):
+        set_budget = getattr(self.provider, "set_budget", None)
+        if set_budget is None:
             raise InvalidRequestError("this engine runs all experts resident; start it with an expert budget")
-        total = self.store.expert_bytes(self.dtype) * self.store.num_experts * len(self.store.layers)
-        self.provider.set_budget(min(parse_budget(budget, total), total))
+        set_budget(parse_budget(budget, total_expert_bytes(self.store, self.dtype)))
+        if self.graphs is not None:
+            self.graphs.clear()  # slot buffers were reallocated
 
     def expert_stats(self) -> dict[str, float]:
         """Committee counters (hits, misses, substitutions, skips, fetches, host computes, swaps, bytes moved,

@@ -3,10 +3,12 @@ so batch-1 decode is not bound by Python and kernel launches. Batches are padded
 that write into the cache's scratch row, so a handful of graphs serve every batch size."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from moetandem.experts.provider import ExpertProvider
 from moetandem.models import KVCache, MoEForCausalLM
 
 
@@ -21,8 +23,8 @@ class _Entry:
 
 
 class DecodeGraphs:
-    def __init__(self, model: MoEForCausalLM) -> None:
-        self.model = model
+    def __init__(self, model: MoEForCausalLM, experts: Mapping[int, ExpertProvider]) -> None:
+        self.model, self.experts = model, experts
         self.entries: dict[tuple[int, int], _Entry] = {}  # (padded batch, id(cache))
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -64,10 +66,10 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.model(e.ids, e.pos, e.cache, e.cache.max_len, rows=e.rows)
+                self.model(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            e.logits = self.model(e.ids, e.pos, e.cache, e.cache.max_len, rows=e.rows)[:, -1]
+            e.logits = self.model(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)[:, -1]
         graph.replay()
         e.graph = graph

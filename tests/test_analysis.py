@@ -1,6 +1,7 @@
 """moetandem.analysis: eval against transformers, reference agreement, routing traces and their locality maths."""
 from __future__ import annotations
 
+import moetandem
 import argparse
 import json
 import math
@@ -13,7 +14,6 @@ import torch
 from moetandem import Engine
 from moetandem.analysis import Trace, evaluate, evaluate_ids, recording, trace, trace_ids
 from moetandem.analysis import locality
-from moetandem.analysis.commands import add_eval_parser, add_trace_parser
 from moetandem.errors import ContextLengthError, InvalidRequestError
 from moetandem.experts.provider import ExpertProvider
 
@@ -52,7 +52,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(ckpt: Path) -> Engine:
-    return Engine.from_pretrained(ckpt, device="cpu", dtype="float32", progress=False)
+    return moetandem.load(ckpt, device="cpu", dtype="float32", progress=False)
 
 
 def test_perplexity_matches_transformers(ckpt, engine):
@@ -91,7 +91,7 @@ def test_reference_itself_agrees(engine):
 
 
 def test_budgeted_committee_can_disagree(ckpt, engine):
-    cheap = Engine.from_pretrained(ckpt, device="cpu", dtype="float32", progress=False, expert_budget=0.25,
+    cheap = moetandem.load(ckpt, device="cpu", dtype="float32", progress=False, expert_budget=0.25,
                                    policy="substitute")
     res = evaluate(cheap, TEXT, context=64, step=1, max_tokens=128, reference=engine, progress=False)
     assert res.top1_agreement < 1.0 and res.mean_kl > 1e-4
@@ -132,22 +132,22 @@ def test_trace_files_and_curves(engine, tmp_path):
     assert lay["low_weight"]["<0.05"] <= lay["low_weight"]["<0.1"] <= lay["low_weight"]["<0.2"]
 
 
-def test_recording_restores_provider(engine):
+def test_recording_leaves_the_engine_untouched(engine):
     class Boom(ExpertProvider):
         def compute(self, layer, x, expert_ids, weights):
             raise RuntimeError("boom")
 
-    inner, boom = engine.provider, Boom()
-    engine.set_provider(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            trace_ids(engine, list(range(40)), context=32, progress=False)
-        assert engine.provider is boom and all(b.provider is boom for b in engine.model.moe_blocks())
-    finally:
-        engine.set_provider(inner)
+    before = dict(engine.experts)
+    broken = engine.view(lambda layer, provider: Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trace_ids(broken, list(range(40)), context=32, progress=False)
+    assert engine.experts == before  # the view's providers never reach the engine
     with recording(engine) as tap:
-        assert engine.provider is tap and tap.inner is inner
-    assert engine.provider is inner
+        assert tap.engine is not engine and all(p is tap for p in tap.engine.experts.values())
+        assert tap.inner == before
+    assert engine.experts == before
+    trace_ids(engine, list(range(40)), context=32, progress=False)
+    assert engine.experts == before
 
 
 def test_optimal_curve_is_belady():
@@ -166,11 +166,12 @@ def test_optimal_curve_is_belady():
 
 
 def test_cli_handlers(ckpt, tmp_path, capsys):
-    from moetandem.cli import add_device_args
+    from moetandem.cli import eval as eval_cli
+    from moetandem.cli import trace as trace_cli
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    add_eval_parser(sub, add_device_args)
-    add_trace_parser(sub, add_device_args)
+    eval_cli.register(sub)
+    trace_cli.register(sub)
     data = tmp_path / "data.txt"
     data.write_text(TEXT)
     args = parser.parse_args(["eval", "--model", str(ckpt), "--data", str(data), "--context", "64", "--max-tokens",

@@ -1,6 +1,7 @@
 """Continuous batching: sequences joining and leaving mid-flight decode exactly as they would alone."""
 from __future__ import annotations
 
+import moetandem
 import pytest
 
 from conftest import build_checkpoint
@@ -11,7 +12,7 @@ from moetandem.batcher import Batcher
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = build_checkpoint("qwen2_moe", tmp_path_factory.mktemp("batcher"))
-    return Engine.from_pretrained(path, device="cpu", dtype="float32", progress=False)
+    return moetandem.load(path, device="cpu", dtype="float32", progress=False)
 
 
 def test_join_and_leave_mid_flight(engine):
@@ -63,10 +64,10 @@ def test_padding_rows_into_the_scratch_row_do_not_disturb_real_rows(engine):
     pos = torch.tensor([[r0.next_pos], [r1.next_pos]])
     rows = torch.tensor([r0.slot, r1.slot])
     k_before = [k.clone() for k in b.cache.k]
-    real = engine.model(ids, pos, b.cache, 64, rows=rows)[:, -1]
+    real = engine.forward(ids, pos, b.cache, 64, rows=rows)[:, -1]
     for k, kb in zip(b.cache.k, k_before):  # rewind: the padded run below writes the same K/V again
         k.copy_(kb)
-    padded = engine.model(torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)]),
+    padded = engine.forward(torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)]),
                           torch.cat([pos, torch.zeros(2, 1, dtype=torch.long)]), b.cache, 64,
                           rows=torch.cat([rows, torch.tensor([3, 3])]))[:2, -1]
     torch.testing.assert_close(padded, real)

@@ -87,7 +87,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_generate_token_ids(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = generate(capsys, "--model", str(ckpt), "--prompt", "5 17 42", "--max-new-tokens", "6")
     assert rc == 0, err
-    want = Engine.from_pretrained(ckpt, device="cpu", dtype="float32", progress=False).generate(
+    want = moetandem.load(ckpt, device="cpu", dtype="float32", progress=False).generate(
         [[5, 17, 42]], max_new_tokens=6)[0].token_ids
     assert out == " ".join(map(str, want)) + "\n"
     assert STATS.search(err).groups()[:2] == ("3", "6"), err
@@ -98,7 +98,7 @@ def test_generate_text_streams_what_the_engine_decodes(text_ckpt: Path, capsys: 
             "--seed", "7"]
     rc, out, err = generate(capsys, "--model", str(text_ckpt), *args)
     assert rc == 0, err
-    engine = Engine.from_pretrained(text_ckpt, device="cpu", dtype="float32", progress=False)
+    engine = moetandem.load(text_ckpt, device="cpu", dtype="float32", progress=False)
     want = engine.generate("héllo wörld", max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)[0].text
     assert out == want + "\n"
     assert STATS.search(err).groups()[:2] == (str(len("héllo wörld".encode())), "12")

@@ -1,6 +1,7 @@
 """Activation codec: round-trip error vs rank, bytes on the wire, files keyed by checkpoint, quality on the demo."""
 from __future__ import annotations
 
+import moetandem
 import json
 import shutil
 from pathlib import Path
@@ -147,7 +148,7 @@ def test_choose_rank() -> None:
 def demo_engine():  # type: ignore[no-untyped-def]
     from moetandem.assets import demo_model_path
     from moetandem.engine import Engine
-    return Engine.from_pretrained(demo_model_path(), device="cpu", dtype="float32", progress=False)
+    return moetandem.load(demo_model_path(), device="cpu", dtype="float32", progress=False)
 
 
 def test_demo_codec_quality_within_the_measured_bound(demo_engine) -> None:  # type: ignore[no-untyped-def]

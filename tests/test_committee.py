@@ -1,6 +1,7 @@
 """Parameter Committee on CPU: exactness, budgets, refresh, substitution, skipping, run-time resizing."""
 from __future__ import annotations
 
+import moetandem
 import json
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import torch
 from conftest import build_checkpoint
 from moetandem import Engine, InvalidRequestError
 from moetandem.experts.committee import CommitteeProvider
-from moetandem.experts.factory import parse_budget
 from moetandem.experts.policies import MissPolicy
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [1, 2, 3], [9, 9, 8, 100, 31]]
@@ -24,13 +24,13 @@ def ckpt(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    return [g.token_ids for g in Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    return [g.token_ids for g in moetandem.load(ckpt, device="cpu", progress=False)
             .generate(PROMPTS, max_new_tokens=24)]
 
 
 @pytest.mark.parametrize("policy", ["fetch", "host", "auto", "lru", "host-only"])
 def test_exact_policies_reproduce_all_resident(ckpt, reference, policy):
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.25, policy=policy)
+    eng = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.25, policy=policy)
     assert [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=24)] == reference
     s = eng.expert_stats()
     assert s["misses"] > 0 and s["hits"] > 0  # the budget really forced misses
@@ -41,12 +41,12 @@ def test_exact_policies_reproduce_all_resident(ckpt, reference, policy):
 
 
 def test_exact_fidelity_is_exact(ckpt, reference):
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.5, fidelity="exact")
+    eng = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.5, fidelity="exact")
     assert [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=24)] == reference
 
 
 def test_budget_honoured_and_resizable(ckpt, reference):
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.5, policy="auto")
+    eng = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.5, policy="auto")
     full = eng.store.expert_bytes(torch.float32) * eng.store.num_experts * len(eng.store.layers)
     assert eng.provider.expert_bytes() <= full // 2
     eng.set_expert_budget(0.25)  # shrink: evicts
@@ -63,23 +63,13 @@ def test_budget_honoured_and_resizable(ckpt, reference):
 
 def test_budget_below_one_token_is_an_error(ckpt):
     with pytest.raises(InvalidRequestError, match="below one token's experts"):
-        Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget="10KiB", policy="auto")
-
-
-def test_parse_budget():
-    assert parse_budget("6GiB", 10) == 6 * 2**30
-    assert parse_budget("512MB", 10) == 512 * 10**6
-    assert parse_budget("0.5", 1000) == 500
-    assert parse_budget(0.25, 1000) == 250
-    assert parse_budget(4096, 10**9) == 4096
-    with pytest.raises(InvalidRequestError):
-        parse_budget("lots", 10)
+        moetandem.load(ckpt, device="cpu", progress=False, expert_budget="10KiB", policy="auto")
 
 
 # ------------------------------------------------------------------------ provider-level behaviour
 @pytest.fixture()
 def engine(ckpt):
-    return Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    return moetandem.load(ckpt, device="cpu", progress=False)
 
 
 def _committee(engine, policy: MissPolicy, slots: int, **kw) -> CommitteeProvider:
@@ -139,11 +129,11 @@ def test_skip_respects_threshold(engine):
 
 _RSS = """
 import json, sys, torch
-from moetandem import Engine
+import moetandem
 def anon():
     return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) * 1024
 def run(budget):
-    eng = Engine.from_pretrained(sys.argv[1], device='cpu', progress=False, expert_budget=budget, policy='host')
+    eng = moetandem.load(sys.argv[1], device='cpu', progress=False, expert_budget=budget, policy='host')
     eng.generate([[1, 2, 3, 4], [5, 6]], max_new_tokens=16)
     return eng
 warm = run('0.25')  # pays the one-time costs of the process (lazy torch init, allocator arenas)
@@ -186,19 +176,19 @@ def test_plan_gives_slots_where_they_buy_hits(ckpt, tmp_path):
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json").slots == plan.slots
     # a plan drives the committee: per-layer slot counts as planned
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    eng = moetandem.load(ckpt, device="cpu", progress=False)
     layers = eng.store.layers
     p = Plan(budget_bytes=10 * 4 * eng.store.expert_bytes(torch.float32), refresh_every=8,
              slots={l: (2 if i % 2 else 3) for i, l in enumerate(layers)}, predicted_hit_rate=0, uniform_hit_rate=0)
     p.save(tmp_path / "p.json")
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, plan=str(tmp_path / "p.json"), policy="auto")
+    eng = moetandem.load(ckpt, device="cpu", progress=False, plan=str(tmp_path / "p.json"), policy="auto")
     assert {l: len(st.expert_of) for l, st in eng.provider.layers.items()} == p.slots
 
 
 def test_fetch_with_refresh_swaps_in_flight_stays_exact(ckpt, reference):
     """On-demand fetches racing the refresh swapper (same expert twice) must keep one consistent copy."""
     from moetandem.batcher import Batcher
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.5, policy="fetch",
+    eng = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.5, policy="fetch",
                                  refresh_every=2)
     b = Batcher(eng, 4, 128)
     for n in (1, 4, 24, 24, 24):
@@ -220,7 +210,7 @@ def test_grouped_slot_path_matches_loop_path(ckpt, policy):
         pytest.skip("no grouped_mm in this torch")
     outs = []
     for grouped in (False, True):
-        eng = Engine.from_pretrained(ckpt, device="cpu", progress=False, expert_budget=0.25, policy=policy,
+        eng = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.25, policy=policy,
                                      async_swaps=False)
         eng.provider.grouped = grouped
         outs.append([g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=16)])

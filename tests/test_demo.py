@@ -2,6 +2,7 @@
 traces on real routing."""
 from __future__ import annotations
 
+import moetandem
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ TEXT = ("The king said to his son that the people of the land must keep the law.
 
 @pytest.fixture(scope="module")
 def demo() -> Engine:
-    return Engine.from_pretrained(demo_model_path(), device="cpu", progress=False)
+    return moetandem.load(demo_model_path(), device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_transformers_agrees_with_our_logits(demo, hf):
     x = torch.tensor([ids])
     with torch.no_grad():
         ref = hf(x).logits[0]
-        got = demo.model(x, torch.arange(len(ids))[None], KVCache(demo.args, 1, len(ids), demo.device, demo.dtype),
+        got = demo.forward(x, torch.arange(len(ids))[None], KVCache(demo.args, 1, len(ids), demo.device, demo.dtype),
                          len(ids))[0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     with torch.no_grad():

@@ -2,6 +2,7 @@
 that says what to do."""
 from __future__ import annotations
 
+import moetandem
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(base: Path) -> Engine:
-    return Engine.from_pretrained(base, device="cpu", dtype="float32", progress=False)
+    return moetandem.load(base, device="cpu", dtype="float32", progress=False)
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def variant(base: Path, tmp_path: Path) -> Callable[[Callable[[Path], object]], 
 
 
 def load(path: Path) -> Engine:
-    return Engine.from_pretrained(path, device="cpu", dtype="float32", progress=False)
+    return moetandem.load(path, device="cpu", dtype="float32", progress=False)
 
 
 def a_shard(d: Path) -> Path:
@@ -192,13 +193,13 @@ def test_broken_tokenizer(variant) -> None:
 # ------------------------------------------------------------------------------------------- engine options
 def test_bad_dtype(base: Path) -> None:
     with pytest.raises(MoetandemError, match="unknown dtype 'float8'"):
-        Engine.from_pretrained(base, device="cpu", dtype="float8", progress=False)
+        moetandem.load(base, device="cpu", dtype="float8", progress=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_gpu(base: Path) -> None:
     with pytest.raises(MoetandemError, match="no CUDA GPU"):
-        Engine.from_pretrained(base, device="cuda", progress=False)
+        moetandem.load(base, device="cuda", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------- requests

@@ -1,6 +1,7 @@
 """Hardware-aware gating: live profile, local expert selection, the group gate against masked gating."""
 from __future__ import annotations
 
+import moetandem
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from moetandem import Engine
 from moetandem.analysis.eval import evaluate_ids
 from moetandem.assets import demo_model_path
 from moetandem.errors import InvalidRequestError
-from moetandem.gating import LocalSelector, ProfileMonitor, attach_gate, measure_profile
+from moetandem.gating import LocalSelector, ProfileMonitor, measure_profile
 from moetandem.gating.group_gate import GroupGate, gate_path, load_gates, masked_route, save_gates
 from moetandem.gating.profile import probe_link
 from moetandem.gating.train import train_gates
@@ -21,7 +22,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _demo(**kw) -> Engine:
-    return Engine.from_pretrained(demo_model_path(), device="cpu", progress=False, **kw)
+    return moetandem.load(demo_model_path(), device="cpu", progress=False, **kw)
 
 
 def test_profile_is_positive_and_follows_the_budget(tmp_path):
@@ -88,11 +89,11 @@ def test_gate_off_is_the_original_router_exactly():
     want = ref.generate([ids], max_new_tokens=24)[0].token_ids
     eng = _demo(expert_budget=0.5, policy="auto", async_swaps=False, gate="masked")
     masked = eng.generate([ids], max_new_tokens=24)[0].token_ids
-    attach_gate(eng, "off")
-    assert all(b.router is None for b in eng.model.moe_blocks())
-    eng2 = _demo(expert_budget=0.5, policy="auto", async_swaps=False)
+    assert eng.gate is not None and all(b.router is eng.gate for b in eng.model.moe_blocks())
+    eng2 = _demo(expert_budget=0.5, policy="auto", async_swaps=False, gate="off")
+    assert eng2.gate is None and all(b.router is None for b in eng2.model.moe_blocks())
     assert eng2.generate([ids], max_new_tokens=24)[0].token_ids == want
-    assert eng.gate is None and eng.provider.external_observe is False
+    assert eng2.provider.external_observe is False
     assert masked != want or eng.expert_stats()["misses"] == 0  # the mask only changes routing on a miss
 
 
@@ -128,7 +129,7 @@ def trained(tmp_path_factory):
     import shutil
     root = tmp_path_factory.mktemp("demo") / "demo-moe"
     shutil.copytree(demo_model_path(), root, ignore=shutil.ignore_patterns("moetandem-group-gate*"))
-    ref = Engine.from_pretrained(root, device="cpu", progress=False)
+    ref = moetandem.load(root, device="cpu", progress=False)
     text = SHARED / "train/tinyshakespeare.txt"
     if not text.is_file():
         pytest.skip("../shared/data is not beside the checkout")

@@ -1,6 +1,7 @@
 """CUDA paths (grouped expert GEMM, CUDA-graph decode) against eager fp32 and transformers. Skipped without CUDA."""
 from __future__ import annotations
 
+import moetandem
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ def test_cuda_greedy_matches_transformers_fp32(tiny_checkpoint):
     from transformers import AutoModelForCausalLM
     fam, path = tiny_checkpoint
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    ours = Engine.from_pretrained(path, device="cuda", dtype="float32", progress=False)
+    ours = moetandem.load(path, device="cuda", dtype="float32", progress=False)
     p = [5, 17, 42, 99, 3, 250, 7]
     ids = torch.tensor([p], device="cuda")
     with torch.no_grad():
@@ -31,23 +32,23 @@ def test_graph_grouped_bf16_matches_eager_fp32(fam, tmp_path):
     with neither graphs nor grouped GEMM: bf16 vs fp32 logits differ by up to 9% at single steps)."""
     from conftest import build_checkpoint
     path = build_checkpoint(fam, tmp_path / fam)
-    fast = Engine.from_pretrained(path, device="cuda", dtype="bfloat16", progress=False)
+    fast = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False)
     assert fast.provider.grouped and fast.provider.graph_safe and fast.graphs is not None
-    ref = Engine.from_pretrained(path, device="cuda", dtype="float32", progress=False, use_graphs=False)
+    ref = moetandem.load(path, device="cuda", dtype="float32", progress=False, use_graphs=False)
     seq = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1)).cuda()
     n0 = 8
     errs = []
     with torch.no_grad():
         pos_all = torch.arange(40, device="cuda").expand(2, 40)
-        want = ref.model(seq, pos_all, KVCache(ref.args, 2, 40, torch.device("cuda"), torch.float32), 40)  # [2, 40, V]
+        want = ref.forward(seq, pos_all, KVCache(ref.args, 2, 40, torch.device("cuda"), torch.float32), 40)  # [2, 40, V]
         cache = fast.kv_cache(3, 128)  # rows 0, 1 + scratch row 2
         rows = torch.tensor([1, 0], device="cuda")  # sequences deliberately not in rows 0, 1
         eager_cache = KVCache(fast.args, 2, 128, torch.device("cuda"), torch.bfloat16)  # rows 0, 1, no graph
-        fast.model(seq[:, :n0], pos_all[:, :n0], cache, n0, rows=rows)
-        fast.model(seq[:, :n0], pos_all[:, :n0], eager_cache, n0)
+        fast.forward(seq[:, :n0], pos_all[:, :n0], cache, n0, rows=rows)
+        fast.forward(seq[:, :n0], pos_all[:, :n0], eager_cache, n0)
         for t in range(n0, 40):
             got = fast.graphs.step(seq[:, t:t + 1], pos_all[:, t:t + 1], rows, cache, scratch_row=2)[:2].float()
-            eager = fast.model(seq[:, t:t + 1], pos_all[:, t:t + 1], eager_cache, 128)[:, -1].float()
+            eager = fast.forward(seq[:, t:t + 1], pos_all[:, t:t + 1], eager_cache, 128)[:, -1].float()
             err = (got - eager).norm() / eager.norm()
             assert err < 1e-2, f"{fam} step {t}: graph vs eager bf16, relative error {err:.3g}"
             errs.append(float((got - want[:, t]).norm() / want[:, t].norm()))

@@ -1,6 +1,7 @@
 """Our engine against transformers on tiny random checkpoints of every family (fp32, CPU)."""
 from __future__ import annotations
 
+import moetandem
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ def pair(tiny_checkpoint):
     from transformers import AutoModelForCausalLM
     fam, path = tiny_checkpoint
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = Engine.from_pretrained(path, device="cpu", dtype="float32", progress=False)
+    ours = moetandem.load(path, device="cpu", dtype="float32", progress=False)
     return fam, hf, ours
 
 
@@ -26,7 +27,7 @@ def test_logits_match(pair):
         with torch.no_grad():
             ref = hf(ids).logits[0]  # [L, V]
             cache = KVCache(ours.args, 1, len(p), torch.device("cpu"), torch.float32)
-            got = ours.model(ids, torch.arange(len(p))[None], cache, len(p))[0]
+            got = ours.forward(ids, torch.arange(len(p))[None], cache, len(p))[0]
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=f"{fam} logits differ")
 
 

@@ -3,6 +3,7 @@ chat and completions, streaming, usage, errors in OpenAI's shape, cancellation, 
 /health, /metrics, and a property-based run that must never see a 5xx."""
 from __future__ import annotations
 
+import moetandem
 import asyncio
 import json
 import threading
@@ -51,7 +52,7 @@ def build_tiny_model(path: Path) -> Path:
 
 
 def load(path: Path) -> Engine:
-    return Engine.from_pretrained(path, device="cpu", dtype="float32", progress=False)
+    return moetandem.load(path, device="cpu", dtype="float32", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -517,7 +518,7 @@ def test_property_no_5xx(http: "httpx.Client", case: tuple[str, dict[str, Any] |
 
 # ---------------------------------------------------------------- admin: live expert budget
 def test_admin_expert_budget_live(model_dir: Path) -> None:
-    eng = Engine.from_pretrained(model_dir, device="cpu", dtype="float32", progress=False, expert_budget=0.5,
+    eng = moetandem.load(model_dir, device="cpu", dtype="float32", progress=False, expert_budget=0.5,
                                  policy="auto")
     full = eng.store.expert_bytes(torch.float32) * eng.store.num_experts * len(eng.store.layers)
     app = create_app(eng, model_id=MODEL, api_key=KEY)

@@ -1,6 +1,7 @@
 """Split execution end to end: an in-process (or subprocess) cloud on 127.0.0.1, ends attached to it."""
 from __future__ import annotations
 
+import moetandem
 import json
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from moetandem import Engine
 from moetandem.batcher import Batcher
 from moetandem.models import KVCache
 from moetandem.split.cloud import CloudServer
-from moetandem.split.end import attach_cloud
 
 TOKEN = "t0k3n-for-tests-0123456789abcdef"
 PROMPTS = [[5, 17, 42, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7]]
@@ -28,13 +28,13 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    eng = moetandem.load(ckpt, device="cpu", progress=False)
     return [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=10, stop_on_eos=False)]
 
 
 @pytest.fixture
 def cloud(ckpt):
-    srv = CloudServer(Engine.from_pretrained(ckpt, device="cpu", progress=False), TOKEN, max_sessions=4,
+    srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN, max_sessions=4,
                       idle_timeout_s=60)
     srv.port = srv.start("127.0.0.1:0")
     yield srv
@@ -42,10 +42,9 @@ def cloud(ckpt):
 
 
 def end_engine(ckpt, port, **kw):
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
     kw.setdefault("retry_after_s", 0.2)
-    split = attach_cloud(eng, f"127.0.0.1:{port}", token=TOKEN, **kw)
-    return eng, split
+    eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{port}", token=TOKEN, split=kw)
+    return eng, eng.split
 
 
 def generate(eng, **kw):
@@ -53,18 +52,19 @@ def generate(eng, **kw):
 
 
 def test_layer_pieces_equal_forward(ckpt):
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    eng = moetandem.load(ckpt, device="cpu", progress=False)
     m, L = eng.model, eng.args.num_layers
     ids = torch.tensor([[5, 17, 42, 9], [3, 1, 0, 0]])
     pos = torch.arange(4).expand(2, 4)
     valid = torch.tensor([[True] * 4, [True, True, False, False]])
     rows = torch.tensor([2, 0])
     with torch.inference_mode():
-        want = m(ids, pos, KVCache(m.args, 3, 16, torch.device("cpu"), torch.float32), 4, valid, rows=rows)
+        want = m(ids, pos, KVCache(m.args, 3, 16, torch.device("cpu"), torch.float32), 4, eng.experts, valid,
+                 rows=rows)
         cache = KVCache(m.args, 3, 16, torch.device("cpu"), torch.float32)
         x = m.embed(ids)
         for a, b in [(0, 1), (1, 2), (2, L)]:
-            x = m.forward_layers(x, pos, cache, 4, a, b, valid, rows)
+            x = m.forward_layers(x, pos, cache, 4, a, b, eng.experts, valid, rows)
         got = m.head(x)
     assert torch.equal(want, got)
 
@@ -137,7 +137,7 @@ def test_cloud_process_killed(ckpt, reference, tmp_path):
 
 
 def test_idle_session_expires_and_end_reconnects(ckpt, reference):
-    srv = CloudServer(Engine.from_pretrained(ckpt, device="cpu", progress=False), TOKEN, idle_timeout_s=1.0)
+    srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN, idle_timeout_s=1.0)
     port = srv.start("127.0.0.1:0")
     try:
         eng, split = end_engine(ckpt, port)
@@ -156,7 +156,7 @@ def test_idle_session_expires_and_end_reconnects(ckpt, reference):
 def test_session_limits(ckpt, reference):
     from moetandem.errors import CloudError
     from moetandem.split.link import CloudLink, LinkOptions
-    srv = CloudServer(Engine.from_pretrained(ckpt, device="cpu", progress=False), TOKEN, max_sessions=1,
+    srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN, max_sessions=1,
                       max_session_bytes=1000)  # too small for any KV cache: every alloc is refused
     port = srv.start("127.0.0.1:0")
     links = [CloudLink(LinkOptions(f"127.0.0.1:{port}", TOKEN, retries=1), srv.fingerprint) for _ in range(2)]
@@ -235,7 +235,7 @@ def test_cli_generate_with_cloud(ckpt, reference, cloud, tmp_path, capsys):
 def test_lowrank_codec_over_the_link(ckpt, cloud, reference):
     from moetandem.checkpoint import Checkpoint
     from moetandem.split.calibration import fit_codecs, save_codecs
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    eng = moetandem.load(ckpt, device="cpu", progress=False)
     ids = torch.randint(0, eng.args.vocab_size, (2048,), generator=torch.Generator().manual_seed(0)).tolist()
     save_codecs(Checkpoint(ckpt), fit_codecs(eng, ids, [1, 2], [32], max_tokens=2048, progress=False))
     sent = {}
@@ -262,3 +262,19 @@ def test_openai_server_on_split_engine(ckpt, reference, cloud):
     assert split.stats["cloud_forwards"] > 0 and split.stats["local_forwards"] == 0
     assert len(r.json()["choices"]) == 3
     assert 'moetandem_split_stats{stat="fallbacks"} 0.0' in metrics
+
+
+def test_trace_and_calibration_keep_cloud_experts(ckpt, reference, cloud):
+    """Routing taps run on a view of the engine: afterwards the cloud still computes the experts the plan
+    placed there (the old set_provider restore put the end's committee back on every layer)."""
+    from moetandem.analysis.trace import trace_ids
+    from moetandem.experts.similarity import record_rows
+    from moetandem.split.experts import CloudExpertProvider
+
+    eng, split = end_engine(ckpt, cloud.port, head=3, tail=0, cloud_experts={0: [1, 3, 5, 7], 2: [0, 2]})
+    trace_ids(eng, list(range(1, 30)), context=16, progress=False)
+    record_rows(eng, [[5, 17, 42, 9, 3, 1]], rows=8, progress=False)
+    assert all(isinstance(p, CloudExpertProvider) for p in eng.experts.values())
+    before = split.split_stats()["expert_rows_cloud"]
+    assert generate(eng) == reference
+    assert split.split_stats()["expert_rows_cloud"] > before

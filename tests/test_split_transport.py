@@ -1,6 +1,7 @@
 """Split transport: frame format and validation, token auth, malformed/forged frames, TLS."""
 from __future__ import annotations
 
+import moetandem
 import json
 import logging
 import shutil
@@ -15,7 +16,6 @@ from conftest import build_checkpoint
 from moetandem import Engine
 from moetandem.errors import CloudError
 from moetandem.split.cloud import CloudServer
-from moetandem.split.end import attach_cloud
 from moetandem.split.transport import SESSION_METHOD
 from moetandem.split.transport.auth import call_metadata
 from moetandem.split.transport.frame import (
@@ -85,7 +85,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cloud(ckpt):
-    srv = CloudServer(Engine.from_pretrained(ckpt, device="cpu", progress=False), TOKEN)
+    srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN)
     srv.port = srv.start("127.0.0.1:0")
     yield srv
     srv.stop(0)
@@ -116,16 +116,16 @@ def test_auth_refused(cloud, metadata, caplog):
 
 
 def test_end_with_wrong_token_is_refused(ckpt, cloud):
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
     with pytest.raises(CloudError, match="UNAUTHENTICATED"):
-        attach_cloud(eng, f"127.0.0.1:{cloud.port}", token="not-the-token-0123456789")
+        moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{cloud.port}",
+                       token="not-the-token-0123456789")
 
 
 def test_forged_frames_rejected_while_others_are_served(ckpt, cloud):
-    ref = [g.token_ids for g in Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    ref = [g.token_ids for g in moetandem.load(ckpt, device="cpu", progress=False)
            .generate(PROMPTS, max_new_tokens=6, stop_on_eos=False)]
-    eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
-    split = attach_cloud(eng, f"127.0.0.1:{cloud.port}", token=TOKEN)
+    eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{cloud.port}", token=TOKEN)
+    split = eng.split
     gen = lambda: [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=6, stop_on_eos=False)]
     assert gen() == ref
     hello = pack(Frame("hello", 1, {"fingerprint": cloud.fingerprint}))
@@ -163,11 +163,12 @@ def test_tls(ckpt, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
                    check=True, capture_output=True)
-    srv = CloudServer(Engine.from_pretrained(ckpt, device="cpu", progress=False), TOKEN)
+    srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN)
     port = srv.start("127.0.0.1:0", tls_cert=cert, tls_key=key)
     try:
-        eng = Engine.from_pretrained(ckpt, device="cpu", progress=False)
-        split = attach_cloud(eng, f"localhost:{port}", token=TOKEN, tls_ca=str(cert))
+        eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"localhost:{port}", token=TOKEN,
+                             split={"tls_ca": str(cert)})
+        split = eng.split
         eng.generate(PROMPTS, max_new_tokens=3, stop_on_eos=False)
         assert split.stats["cloud_forwards"] == 3
         _, code = raw(port, [pack(Frame("hello", 1, {"fingerprint": srv.fingerprint}))])  # plain TCP: refused

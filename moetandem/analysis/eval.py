@@ -74,7 +74,7 @@ def window_logits(engine: "Engine", window: Sequence[int], context: int, step: i
     piece = step or n
     for a in range(0, n, piece):
         b = min(n, a + piece)
-        yield a, engine.model(ids[:, a:b], pos[:, a:b], cache, kv_len=b)[0].float()
+        yield a, engine.forward(ids[:, a:b], pos[:, a:b], cache, kv_len=b)[0].float()
 
 
 def _sync(engine: "Engine") -> None:

@@ -24,15 +24,11 @@ if TYPE_CHECKING:
 
 @contextmanager
 def recording(engine: "Engine") -> Iterator[RoutingRecorder]:
-    """Route through a RoutingRecorder (ids and gate weights per MoE layer, on the host) for the duration; the
-    engine's provider is restored even on error."""
-    inner = engine.provider
-    tap = RoutingRecorder(inner)
-    engine.set_provider(tap)
-    try:
-        yield tap
-    finally:
-        engine.set_provider(inner)
+    """A RoutingRecorder (ids and gate weights per MoE layer, on the host) and `tap.engine`, a view of `engine`
+    that routes through it; `engine` itself is untouched."""
+    tap = RoutingRecorder(engine.experts)
+    tap.engine = engine.view(lambda layer, provider: tap)
+    yield tap
 
 
 @dataclass
@@ -97,7 +93,7 @@ def trace_ids(engine: "Engine", ids: Sequence[int], *, context: int = 256, progr
             cache = KVCache(engine.args, 1, n, engine.device, engine.dtype)
             pos = torch.arange(n, device=engine.device)[None]
             last = torch.tensor([n - 1], device=engine.device)  # routing is all we want: skip most of lm_head
-            engine.model(torch.tensor([w], device=engine.device), pos, cache, kv_len=n, last_only=last)
+            tap.engine.forward(torch.tensor([w], device=engine.device), pos, cache, kv_len=n, last_only=last)
     routing = tap.routing()
     layers = sorted(routing)
     rid = torch.stack([routing[l][0] for l in layers], dim=1)  # [N, L, k]

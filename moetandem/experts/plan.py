@@ -4,6 +4,7 @@ the most hits (greedy on marginal gains, which is optimal for concave per-layer 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,20 +12,20 @@ import torch
 
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.provider import ExpertProvider
+from moetandem.experts.tap import Tap
 
 
-class RoutingRecorder(ExpertProvider):
-    """Wraps a provider; keeps each MoE layer's routed ids [T, k] and gate weights [T, k] on the host."""
+class RoutingRecorder(Tap):
+    """Keeps each MoE layer's routed ids [T, k] and gate weights [T, k] on the host."""
 
-    def __init__(self, inner: ExpertProvider) -> None:
-        self.inner = inner
+    def __init__(self, inner: Mapping[int, ExpertProvider]) -> None:
+        super().__init__(inner)
         self.ids: dict[int, list[torch.Tensor]] = {}
         self.weights: dict[int, list[torch.Tensor]] = {}
 
-    def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def record(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
         self.ids.setdefault(layer, []).append(expert_ids.cpu())
         self.weights.setdefault(layer, []).append(weights.float().cpu())
-        return self.inner.compute(layer, x, expert_ids, weights)
 
     def routing(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {l: (torch.cat(self.ids[l]), torch.cat(self.weights[l])) for l in self.ids}

@@ -4,6 +4,7 @@ the checkpoint directory is read-only), keyed by the checkpoint's fingerprint; n
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from moetandem.checkpoint import Checkpoint
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.store import ExpertStore, flat_views
+from moetandem.experts.tap import Tap
 from moetandem.models.layers import expert_ffn
 
 if TYPE_CHECKING:
@@ -70,32 +72,29 @@ def weight_calibration(store: ExpertStore, progress: bool = True) -> tuple[dict[
     return sim, norms
 
 
-class RowRecorder(ExpertProvider):
-    """Wraps a provider and keeps up to `limit` input rows per MoE layer."""
+class RowRecorder(Tap):
+    """Keeps up to `limit` input rows per MoE layer."""
 
-    def __init__(self, inner: ExpertProvider, limit: int) -> None:
-        self.inner, self.limit, self.rows = inner, limit, {}
+    def __init__(self, inner: Mapping[int, ExpertProvider], limit: int) -> None:
+        super().__init__(inner)
+        self.limit, self.rows = limit, {}
 
-    def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def record(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
         have = self.rows.setdefault(layer, [])
         room = self.limit - sum(r.shape[0] for r in have)
         if room > 0:
             have.append(x[:room].float().cpu())
-        return self.inner.compute(layer, x, expert_ids, weights)
 
 
-def record_rows(engine: "Engine", texts: list[str], rows: int, progress: bool = True) -> dict[int, torch.Tensor]:
-    """Up to `rows` input rows [N, H] of every MoE layer, from prefilling calibration texts until all are full."""
-    inner = engine.provider
-    rec = RowRecorder(inner, rows)
-    engine.set_provider(rec)
-    try:
-        for text in tqdm(texts, desc="calibration text", unit="chunk", disable=not progress):
-            if all(sum(r.shape[0] for r in rec.rows.get(l, [])) >= rows for l in engine.store.layers):
-                break
-            engine.generate([text], max_new_tokens=1)
-    finally:
-        engine.set_provider(inner)
+def record_rows(engine: "Engine", texts: list[str] | list[list[int]], rows: int, progress: bool = True) -> dict[int, torch.Tensor]:
+    """Up to `rows` input rows [N, H] of every MoE layer, from prefilling calibration texts until all are full.
+    Runs on a view of `engine` (engine itself is untouched)."""
+    rec = RowRecorder(engine.experts, rows)
+    view = engine.view(lambda layer, provider: rec)
+    for text in tqdm(texts, desc="calibration text", unit="chunk", disable=not progress):
+        if all(sum(r.shape[0] for r in rec.rows.get(l, [])) >= rows for l in engine.store.layers):
+            break
+        view.generate([text], max_new_tokens=1)
     return {l: torch.cat(rec.rows[l]) for l in rec.rows}
 
 

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetandem.errors import MoetandemError
 from moetandem.experts.provider import ExpertProvider
 from moetandem.models.layers import MLP
 
@@ -20,7 +19,6 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.shared_expert = MLP(hidden, shared_intermediate) if shared_intermediate else None
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_intermediate else None
-        self.provider: ExpertProvider | None = None
         #: routing hook (moetandem.gating): (block, x [T, H], logits [T, E]) -> ids [T, k], weights [T, k];
         #: None routes with the original router exactly
         self.router: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -36,15 +34,13 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, provider: ExpertProvider, valid: torch.Tensor | None = None) -> torch.Tensor:
         # x [B, L, H]; valid [B, L] bool marks real (non-padding) tokens, None = all real
-        if self.provider is None:
-            raise MoetandemError("no ExpertProvider attached to the model; load it through Engine.from_pretrained")
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
         rows = flat if valid is None else flat[valid.reshape(-1)]
         ids, w = self.route(rows)
-        y = self.provider.compute(self.layer, rows, ids, w)  # [T', H]
+        y = provider.compute(self.layer, rows, ids, w)  # [T', H]
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
         if valid is not None:

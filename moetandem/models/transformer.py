@@ -1,11 +1,14 @@
 """The decoder-only MoE transformer every family instantiates, configured by ArchArgs."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from moetandem.errors import MoetandemError
+from moetandem.experts.provider import ExpertProvider
 from moetandem.models.layers import MLP, Attention, RMSNorm, rope_tables
 from moetandem.models.moe import SparseMoE
 
@@ -74,10 +77,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
                 rows: torch.Tensor | None, pos: torch.Tensor, masks: dict[int | None, torch.Tensor], kv_len: int,
-                valid: torch.Tensor | None) -> torch.Tensor:
+                valid: torch.Tensor | None, experts: Mapping[int, ExpertProvider]) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
         y = self.post_attention_layernorm(h)
-        return h + (self.mlp(y, valid) if isinstance(self.mlp, SparseMoE) else self.mlp(y))
+        if isinstance(self.mlp, SparseMoE):
+            provider = experts.get(self.mlp.layer)
+            if provider is None:
+                raise MoetandemError(f"no expert provider for MoE layer {self.mlp.layer}; build the engine with "
+                                     "moetandem.load() / moetandem.runtime.build_engine()")
+            return h + self.mlp(y, provider, valid)
+        return h + self.mlp(y)
 
 
 class Backbone(nn.Module):
@@ -90,7 +99,8 @@ class Backbone(nn.Module):
 
 class MoEForCausalLM(nn.Module):
     """Parameter names mirror the hub layout (model.layers.N.self_attn.q_proj.weight, ...) so loading is a
-    name map; expert weights are not parameters: the ExpertProvider of each SparseMoE owns them."""
+    name map; expert weights are not parameters: each forward takes `experts`, MoE layer -> the ExpertProvider
+    that computes it (the engine owns that mapping; the model never stores one)."""
 
     def __init__(self, a: ArchArgs) -> None:
         super().__init__()
@@ -109,13 +119,13 @@ class MoEForCausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
 
     def forward(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
-                valid: torch.Tensor | None = None, last_only: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                experts: Mapping[int, ExpertProvider], valid: torch.Tensor | None = None,
+                last_only: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/pos [B, L]; writes K/V at pos and attends to cache positions < kv_len.
         valid [B, L]: real (non-padding) tokens; last_only [B]: the one row per sequence whose logits are wanted;
         rows [B]: the cache row of each sequence (default: row b). Returns logits [B, L|1, V]."""
         x = self.embed(input_ids)  # [B, L, H]
-        x = self.forward_layers(x, pos, cache, kv_len, 0, self.args.num_layers, valid, rows)
+        x = self.forward_layers(x, pos, cache, kv_len, 0, self.args.num_layers, experts, valid, rows)
         return self.head(x, last_only)
 
     # ---- pieces of forward, for split execution (layers [0, a) and [L-b, L) on the end, the rest in the cloud)
@@ -124,7 +134,8 @@ class MoEForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward_layers(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int, start: int, end: int,
-                       valid: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                       experts: Mapping[int, ExpertProvider], valid: torch.Tensor | None = None,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
         """Run layers [start, end) on hidden states x [B, L, H] at positions pos [B, L]; same arguments as
         forward. Only cache.k/v[start:end] are touched."""
         cos = self.rope_cos[pos].to(x.dtype)  # [B, L, D]
@@ -135,7 +146,8 @@ class MoEForCausalLM(nn.Module):
         for w in {l.window for l in self.model.layers[start:end]} - {None}:
             masks[w] = (causal & (kpos[None, None, :] > pos[:, :, None] - w))[:, None]
         for i in range(start, end):
-            x = self.model.layers[i](x, cos, sin, (cache.k[i], cache.v[i]), rows, pos, masks, kv_len, valid)
+            x = self.model.layers[i](x, cos, sin, (cache.k[i], cache.v[i]), rows, pos, masks, kv_len, valid,
+                                     experts)
         return x
 
     def head(self, x: torch.Tensor, last_only: torch.Tensor | None = None) -> torch.Tensor:

@@ -59,7 +59,7 @@ def _forward(engine: "Engine", batch: list[list[int]]) -> torch.Tensor:
     ids = torch.tensor(batch, device=engine.device)  # [B, n]
     pos = torch.arange(n, device=engine.device).expand(len(batch), n)
     cache = KVCache(engine.args, len(batch), n, engine.device, engine.dtype)
-    return engine.model(ids, pos, cache, kv_len=n)
+    return engine.forward(ids, pos, cache, kv_len=n)
 
 
 def calibration_windows(engine: "Engine", ids: Sequence[int], context: int, max_tokens: int) -> list[list[int]]:

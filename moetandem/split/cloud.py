@@ -152,7 +152,7 @@ class _Session:
         valid = valid.to(dev) if valid is not None else None
         x = x_rows.view(B, L, -1) if valid is None else \
             torch.zeros(B, L, x_rows.shape[1], dtype=eng.dtype, device=dev).index_put_((valid,), x_rows)
-        y = eng.model.forward_layers(x, pos, c.kv, kv_len, c.start, c.end, valid, rows)  # [B, L, H]
+        y = eng.model.forward_layers(x, pos, c.kv, kv_len, c.start, c.end, eng.experts, valid, rows)  # [B, L, H]
         y_rows = y.reshape(B * L, -1) if valid is None else y[valid]  # [T, H]
         if uses_tokens(c.codec_out) and tokens is None:
             raise FrameError("this codec needs the rows' token ids ('tok') with the hidden states")

@@ -14,13 +14,14 @@ import json
 import logging
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moetandem.config import SplitConfig
 from moetandem.errors import CloudError, InvalidRequestError, MoetandemError
 from moetandem.models import KVCache
 from moetandem.split.experts import CloudExpertProvider
@@ -63,11 +64,18 @@ class SplitModel:
         self.replanner: Callable[[Any], Any] | None = None  # (LinkMonitor) -> new plan or None
         self._rows: weakref.WeakKeyDictionary[KVCache, _Rows] = weakref.WeakKeyDictionary()
         self._next_id = 0
+        #: the provider of every end MoE layer: the experts a plan places in the cloud go there, the rest to
+        #: local_provider (the engine's experts mapping points here; set_plan only changes what is remote)
+        self.experts = CloudExpertProvider(local_provider, link, {}, self.args.num_experts)
         self.set_plan(plan)
 
     # ---- the model interface the engine and batcher use
     def moe_blocks(self) -> list[Any]:
         return self.model.moe_blocks()
+
+    def expert_map(self) -> dict[int, Any]:
+        """MoE layer -> provider, for the engine: every end layer through self.experts."""
+        return {b.layer: self.experts for b in self.model.moe_blocks()}
 
     def __getattr__(self, name: str) -> Any:  # embed, head, rope tables, ...: the local model's
         return getattr(self.__dict__["model"], name)
@@ -89,13 +97,11 @@ class SplitModel:
                   if e and not self.start <= int(l) < self.end}
         if any(not 0 <= i < self.args.num_experts for e in remote.values() for i in e):
             raise InvalidRequestError(f"the split plan places expert ids outside 0..{self.args.num_experts - 1}")
-        self.experts = CloudExpertProvider(self.local_provider, self.link, remote, self.args.num_experts)
-        for block in self.model.moe_blocks():
-            block.provider = self.experts if block.layer in self.experts.remote else self.local_provider
+        self.experts.set_remote(remote)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
-                 valid: torch.Tensor | None = None, last_only: torch.Tensor | None = None,
+                 experts: Mapping[int, Any], valid: torch.Tensor | None = None, last_only: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
         B = input_ids.shape[0]
         rows = torch.arange(B, device=pos.device) if rows is None else rows
@@ -107,30 +113,32 @@ class SplitModel:
         st.tokens[r[:, None].expand_as(pos)[keep.cpu()], pos.cpu()[keep.cpu()]] = input_ids.cpu()[keep.cpu()]
         if self.start < self.end and self.link.session() is not None:
             try:
-                self._rebuild(st, cache, r, first, cloud=True)
-                logits = self._cloud_forward(st, input_ids, pos, cache, kv_len, valid, last_only, rows)
+                self._rebuild(st, cache, r, first, experts, cloud=True)
+                logits = self._cloud_forward(st, input_ids, pos, cache, kv_len, valid, last_only, rows, experts)
                 st.cloud_len[r], st.local_len[r] = last + 1, torch.minimum(st.local_len[r], first)
                 self.stats["cloud_forwards"] += 1
                 return logits
             except CloudError as e:
                 self.stats["fallbacks"] += 1
                 self.link.lost(e)
-        self._rebuild(st, cache, r, first, cloud=False)
-        logits = self.model(input_ids, pos, cache, kv_len, valid, last_only, rows)
+        self._rebuild(st, cache, r, first, experts, cloud=False)
+        logits = self.model(input_ids, pos, cache, kv_len, experts, valid, last_only, rows)
         st.local_len[r], st.cloud_len[r] = last + 1, torch.minimum(st.cloud_len[r], first)
         self.stats["local_forwards"] += 1
         return logits
 
     # ---- the cloud route
     def _cloud_forward(self, st: _Rows, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
-                       valid: torch.Tensor | None, last_only: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+                       valid: torch.Tensor | None, last_only: torch.Tensor | None, rows: torch.Tensor,
+                       experts: Mapping[int, Any]) -> torch.Tensor:
         session = self._ensure_cloud_cache(st, cache)
         m, L, H = self.model, self.args.num_layers, self.args.hidden_size
 
         def head(p: slice) -> torch.Tensor | None:
             if self.start == 0:
                 return None  # the cloud embeds
-            x = m.forward_layers(m.embed(ids[p]), pos[p], cache, kv_len, 0, self.start, _at(valid, p), rows[p])
+            x = m.forward_layers(m.embed(ids[p]), pos[p], cache, kv_len, 0, self.start, experts, _at(valid, p),
+                                 rows[p])
             return x  # [b, L, H]
 
         def send(p: slice, x: torch.Tensor | None) -> Any:
@@ -162,7 +170,7 @@ class SplitModel:
                 raise CloudError(f"bad reply from the cloud: {e}") from None
             y = y_rows.view(b, n, H) if v is None else torch.zeros(b, n, H, dtype=y_rows.dtype,
                                                                    device=y_rows.device).index_put_((v,), y_rows)
-            y = m.forward_layers(y, pos[p], cache, kv_len, self.end, L, v, rows[p])
+            y = m.forward_layers(y, pos[p], cache, kv_len, self.end, L, experts, v, rows[p])
             return m.head(y, None if last_only is None else last_only[p])
 
         return torch.cat(run_pipelined(micro_batches(ids.shape[0], self.micro), head, send, tail))
@@ -181,7 +189,8 @@ class SplitModel:
             st.cloud_len.zero_()
         return session
 
-    def _rebuild(self, st: _Rows, cache: KVCache, rows: torch.Tensor, first: torch.Tensor, cloud: bool) -> None:
+    def _rebuild(self, st: _Rows, cache: KVCache, rows: torch.Tensor, first: torch.Tensor, experts: Mapping[int, Any],
+                 cloud: bool) -> None:
         """Re-prefill positions [have, first) of each row whose K/V on this route stop short of `first`."""
         have = st.cloud_len if cloud else st.local_len
         other = st.local_len if cloud else st.cloud_len
@@ -196,9 +205,9 @@ class SplitModel:
             pos = torch.arange(h, f, device=dev)[None]
             rr = torch.tensor([r], device=dev)
             if cloud:
-                self._cloud_forward(st, ids, pos, cache, f, None, torch.tensor([f - h - 1], device=dev), rr)
+                self._cloud_forward(st, ids, pos, cache, f, None, torch.tensor([f - h - 1], device=dev), rr, experts)
             else:
-                self.model(ids, pos, cache, f, None, torch.tensor([f - h - 1], device=dev), rr)
+                self.model(ids, pos, cache, f, experts, None, torch.tensor([f - h - 1], device=dev), rr)
             have[r], other[r] = f, min(int(other[r]), h)
             self.stats["rebuilt_tokens"] += f - h
 
@@ -263,32 +272,19 @@ def load_placement(plan: Any = None, head: int | None = None, tail: int | None =
     return plan
 
 
-def check_address(address: str) -> None:
-    if not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", address):
-        raise InvalidRequestError(f"--cloud wants HOST:PORT, got {address!r}")
-
-
-def attach_cloud(engine: Any, address: str, token_file: str | Path | None = None, token: str | None = None,
-                 plan: Any = None, codec: str = "off", head: int | None = None, tail: int | None = None,
-                 cloud_experts: dict[int, list[int]] | None = None, codec_rank: int | None = None,
-                 micro_batches: int | None = None, **link_options: Any) -> SplitModel:
-    """Make `engine` run split with the cloud at `address` (HOST:PORT); link_options are LinkOptions fields.
-    The engine keeps its checkpoint and committee for its own layers and for fallback. A cloud that refuses
-    us (token, checkpoint) raises CloudError; one that cannot be reached now is retried later (the end
-    computes alone meanwhile)."""
-    if token is None:
-        if token_file is None:
-            raise InvalidRequestError("--cloud needs --token-file (the file holding the cloud's token)")
-        token = read_token(token_file)
-    check_address(address)
-    link = CloudLink(LinkOptions(address, token, **link_options), engine.store.ckpt.fingerprint())
-    placement = load_placement(plan, head, tail, cloud_experts, codec_rank, micro_batches)
-    split = SplitModel(engine.model, link, placement, codec, engine.store.ckpt, engine.provider)
+def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig) -> SplitModel:
+    """The end side of split execution over `model` (layers [0, head) and [L - tail, L) stay here) with the cloud
+    at cfg.address. The end keeps its checkpoint and committee (`provider`) for its own layers and for fallback.
+    A cloud that refuses us (token, checkpoint) raises CloudError; one that cannot be reached now is retried
+    later (the end computes alone meanwhile)."""
+    token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
+    link = CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
+    placement = load_placement(cfg.plan, cfg.head, cfg.tail, cfg.cloud_experts, cfg.codec_rank, cfg.micro_batches)
+    split = SplitModel(model, link, placement, cfg.codec, ckpt, provider)
     try:
         link.connect()
     except CloudRefused:
         raise
     except CloudError as e:
         log.warning("split: cloud unavailable at start (%s); computing on the end until it answers", e)
-    engine.model, engine.graphs, engine.split = split, None, split
     return split

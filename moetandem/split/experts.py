@@ -27,12 +27,23 @@ class CloudExpertProvider(ExpertProvider):
 
     def __init__(self, local: ExpertProvider, link: CloudLink, remote: dict[int, list[int]],
                  num_experts: int) -> None:
-        self.local, self.link = local, link
-        self.remote = {l: torch.zeros(num_experts, dtype=torch.bool).index_fill_(0, torch.tensor(e, dtype=torch.long),
-                                                                                    True)
-                       for l, e in remote.items() if e}
+        self.local, self.link, self.E = local, link, num_experts
+        self.remote: dict[int, torch.Tensor] = {}
+        self.set_remote(remote)
         self.remote_rows = 0
         self.fallback_rows = 0
+
+    def set_remote(self, remote: dict[int, list[int]]) -> None:
+        """Which experts of which layer the cloud computes (a new split plan)."""
+        self.remote = {l: torch.zeros(self.E, dtype=torch.bool).index_fill_(0, torch.tensor(e, dtype=torch.long), True)
+                       for l, e in remote.items() if e}
+
+    @property
+    def stats(self) -> object:
+        return getattr(self.local, "stats", None)
+
+    def after_step(self) -> None:
+        self.local.after_step()
 
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         mask = self.remote.get(layer)

@@ -1,37 +1,17 @@
-"""CLI handlers: `moetandem eval` (perplexity, agreement with an all-resident reference) and `moetandem trace`
-(routing trace and the PC-MoE locality observations)."""
+"""`moetandem eval`: perplexity on a text, and agreement with an all-resident reference."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from moetandem.errors import InvalidRequestError
-
-Common = Callable[[argparse.ArgumentParser], None]
-
-
-def _common(common: Common | None) -> Common:
-    if common is None:  # the shared --device / --dtype flags of the main CLI
-        from moetandem.cli import add_device_args
-        return add_device_args
-    return common
+from moetandem.cli.flags import add_committee_args, add_device_args, configs, model_path, read_text
+from moetandem.cli.flags import positive_int as _positive
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def add_eval_parser(sub: Any, common: Common | None = None) -> argparse.ArgumentParser:
-    from moetandem.experts.commands import add_committee_args
+def register(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity on a text file (and agreement with all experts resident)",
                        description="Perplexity over non-overlapping windows of --context tokens. With --reference, "
                        "an all-resident copy of the model runs the same windows: top-1 agreement and KL.")
@@ -43,42 +23,25 @@ def add_eval_parser(sub: Any, common: Common | None = None) -> argparse.Argument
     p.add_argument("--max-tokens", type=_positive, metavar="N", help="evaluate the first N tokens only")
     p.add_argument("--reference", action="store_true", help="compare with the model with every expert resident")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
-    _common(common)(p)
+    add_device_args(p)
     add_committee_args(p)
     p.set_defaults(run=eval_command)
     return p
 
 
-def add_trace_parser(sub: Any, common: Common | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser("trace", help="record expert routing on a text and measure its locality",
-                       description="Writes trace.safetensors, summary.json, summary.md and PNG plots to --out.")
-    p.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the shipped demo MoE)")
-    p.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file to route")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--context", type=_positive, default=256, metavar="N", help="tokens per window (default 256)")
-    p.add_argument("--max-tokens", type=_positive, metavar="N", help="trace the first N tokens only")
-    _common(common)(p)
-    p.set_defaults(run=trace_command)
-    return p
-
-
-def _model_path(args: argparse.Namespace) -> Path:
-    from moetandem.assets import demo_model_path
-    return Path(args.model) if args.model else demo_model_path()
-
-
 def eval_command(args: argparse.Namespace) -> int:
-    from moetandem.analysis.eval import encode_text, evaluate_ids
-    from moetandem.engine import Engine
-    from moetandem.experts.commands import committee_kwargs, read_text
     text = read_text(args.data)  # a missing file fails before any weights load
-    path = _model_path(args)
-    engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, **committee_kwargs(args))
+    path = model_path(args)
+    cfgs = configs(args, path)
+    from moetandem.analysis.eval import encode_text, evaluate_ids
+    from moetandem.config import ModelConfig
+    from moetandem.runtime import build_engine
+    engine = build_engine(*cfgs)
     ids = encode_text(engine, text, args.max_tokens)
     reference = None
     if args.reference:
         if args.expert_budget or args.plan:
-            reference = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, use_graphs=False)
+            reference = build_engine(ModelConfig(path, args.device, args.dtype, use_graphs=False))
         else:
             print("[moetandem] every expert is resident already; the reference is the engine itself",
                   file=sys.stderr)
@@ -119,21 +82,3 @@ def format_result(res: Any, committee: str = "") -> str:
              ("wall time", f"{res.wall_s:.2f} s")]
     rows = [(k, v) for k, v in rows if v]
     return "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-
-
-def trace_command(args: argparse.Namespace) -> int:
-    from moetandem.analysis.eval import encode_text
-    from moetandem.analysis.trace import trace_ids
-    from moetandem.engine import Engine
-    from moetandem.experts.commands import read_text
-    text = read_text(args.data)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InvalidRequestError(f"--out {out} is a file; pass a directory")
-    engine = Engine.from_pretrained(_model_path(args), device=args.device, dtype=args.dtype, use_graphs=False)
-    tr = trace_ids(engine, encode_text(engine, text, args.max_tokens), context=args.context)
-    tr.save(out, progress=True)
-    print((out / "summary.md").read_text(), end="")
-    print(f"wrote {out}/trace.safetensors, summary.json, summary.md and plots "
-          f"({', '.join(p.name for p in sorted(out.glob('*.png')))})", file=sys.stderr)
-    return 0

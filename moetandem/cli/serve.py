@@ -1,22 +1,21 @@
-"""`moetandem serve [MODEL]`: the argparse subcommand (hooked into moetandem/cli.py by add_serve_parser)."""
+"""`moetandem serve [MODEL]`: the OpenAI-compatible server."""
 from __future__ import annotations
 
 import argparse
 import logging
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moetandem.cli.flags import (add_committee_args, add_device_args, add_split_args, configs, non_negative_int,
+                                 positive_int)
+from moetandem.config import ServeConfig
 from moetandem.errors import MoetandemError
-from moetandem.experts.commands import add_committee_args, committee_kwargs
-from moetandem.split.commands import add_split_args, split_kwargs
 
 
-def add_serve_parser(subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None,
-                     **parser_kwargs: Any) -> argparse.ArgumentParser:
-    """Add `serve` to `subparsers`; `common` adds --device/--dtype (moetandem.cli.add_device_args), else ours."""
+def register(subparsers: Any, **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """Add `serve` to `subparsers` (also used by `python -m moetandem.serve`)."""
     p = subparsers.add_parser(
         "serve", **parser_kwargs, help="OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
         description="Serve a checkpoint over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
@@ -30,14 +29,12 @@ def add_serve_parser(subparsers: Any, common: Callable[[argparse.ArgumentParser]
                         "(everything but /health)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="model id in the API (default: the checkpoint directory's name)")
-    if common is None:
-        from moetandem.cli import add_device_args as common  # the main CLI's --device / --dtype
-    common(p)
-    p.add_argument("--max-batch", type=_positive, default=8, metavar="N",
+    add_device_args(p)
+    p.add_argument("--max-batch", type=positive_int, default=8, metavar="N",
                    help="sequences decoded together = KV-cache slots (default 8)")
-    p.add_argument("--max-waiting", type=_non_negative, default=64, metavar="N",
+    p.add_argument("--max-waiting", type=non_negative_int, default=64, metavar="N",
                    help="sequences queued for a slot before new requests get 429 (default 64)")
-    p.add_argument("--max-model-len", type=_positive, metavar="TOKENS",
+    p.add_argument("--max-model-len", type=positive_int, metavar="TOKENS",
                    help="context per sequence, prompt + completion (default: the model's maximum)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_committee_args(p)  # --expert-budget, --policy, --fidelity, ... (the engine's Parameter Committee)
@@ -54,22 +51,24 @@ def serve_command(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise MoetandemError(f"`moetandem serve` needs the server dependencies ({e.name} is missing): "
                              "pip install fastapi uvicorn prometheus-client") from None
+    path = Path(args.model) if args.model else _demo_path()
+    cfgs = configs(args, path)  # bad flags fail now, before the server starts
+    serve_cfg = ServeConfig.from_args(args)
     from moetandem.checkpoint import Checkpoint
     from moetandem.engine import Engine
+    from moetandem.runtime import build_engine
 
-    path = Path(args.model) if args.model else _demo_path()
     Checkpoint(path)  # a wrong path fails now, before the server starts
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     name = args.served_model_name or path.resolve().name
 
     def load() -> Engine:
-        return Engine.from_pretrained(path, device=args.device, dtype=args.dtype, progress=True,
-                                      **committee_kwargs(args), **split_kwargs(args))
+        return build_engine(*cfgs)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    app = create_app(loader=load, model_id=name, api_key=api_key, max_batch=args.max_batch,
-                     max_waiting=args.max_waiting, max_model_len=args.max_model_len)
-    sock = listen_socket(args.host, args.port)  # a busy port is a one-line error, before any loading
+    app = create_app(loader=load, model_id=name, api_key=api_key, max_batch=serve_cfg.max_batch,
+                     max_waiting=serve_cfg.max_waiting, max_model_len=serve_cfg.max_model_len)
+    sock = listen_socket(serve_cfg.host, serve_cfg.port)  # a busy port is a one-line error, before any loading
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     print(f"moetandem: serving {name!r} on http://{args.host}:{sock.getsockname()[1]} (model loading; "
           "GET /health says when it is ready)", file=sys.stderr, flush=True)
@@ -109,29 +108,11 @@ def _demo_path() -> Path:
                              "directory: moetandem serve PATH") from None
 
 
-def _int(text: str) -> int:
+def _port(text: str) -> int:
     try:
-        return int(text)
+        v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-
-
-def _positive(text: str) -> int:
-    v = _int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    v = _int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _port(text: str) -> int:
-    v = _int(text)
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0..65535, got {v}")
     return v

@@ -1,0 +1,145 @@
+"""Every flag shared by more than one subcommand, declared once, and the typed configs read from them."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+from moetandem.config import (BASELINES, CODECS, FIDELITY, GATES, POLICIES, CommitteeConfig, GateConfig, ModelConfig,
+                              SplitConfig, parse_budget)
+from moetandem.errors import InvalidRequestError
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype, shared by every command that loads a model."""
+    p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def add_committee_args(p: argparse.ArgumentParser) -> None:
+    """--expert-budget and what a miss gets (Parameter Committee), plus the gate flags."""
+    g = p.add_argument_group("expert budget (Parameter Committee)")
+    g.add_argument("--expert-budget", type=budget_arg, metavar="B", help="device bytes for experts (6GiB, 512MB) "
+                   "or a fraction of all expert bytes in (0, 1] (0.5); default: every expert resident")
+    g.add_argument("--policy", choices=POLICIES + BASELINES, help="what a non-resident expert gets (overrides "
+                   "--fidelity): auto/fetch/host are exact; substitute, skip; baselines lru, static, host-only")
+    g.add_argument("--fidelity", choices=FIDELITY, default="balanced", help="exact | balanced | fast (default "
+                   "balanced: skip misses below τ=0.05, substitute close experts, fetch/host the rest)")
+    g.add_argument("--skip-threshold", type=float, metavar="TAU", help="gate weight below which experts are skipped")
+    g.add_argument("--refresh-every", type=positive_int, default=16, metavar="N",
+                   help="committee refresh interval (tokens)")
+    g.add_argument("--plan", metavar="FILE", help="plan from `moetandem plan` (per-layer slots, refresh interval)")
+    g = p.add_argument_group("hardware-aware gate")
+    g.add_argument("--gate", choices=GATES, default="off",
+                   help="route to the experts that are local now: group = learned group gate (after `moetandem "
+                        "calibrate --group-gate`), masked = router restricted to them; off = original (default)")
+    g.add_argument("--gate-cost", type=cost_arg, default=math.inf, metavar="C",
+                   help="gate weight above which a non-local expert the router picked is still used "
+                        "(default inf: local experts only; 0 keeps every original pick)")
+    g.add_argument("--gate-latency-budget", type=float, default=0.0, metavar="S",
+                   help="seconds per layer and step that non-resident experts may take and still count as local")
+
+
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("split execution (end side; the cloud runs `moetandem cloud`)")
+    g.add_argument("--cloud", metavar="HOST:PORT", help="run the middle layers on this moetandem cloud server")
+    g.add_argument("--token-file", metavar="FILE", help="file holding the cloud's token (needed with --cloud)")
+    g.add_argument("--split-plan", metavar="FILE", help="JSON with end_layers_head, end_layers_tail, cloud_experts, "
+                   "codec_rank, micro_batches (default: 1 head + 1 tail layer on the end)")
+    g.add_argument("--split-head", type=int, metavar="A", help="layers [0, A) on the end (overrides the plan)")
+    g.add_argument("--split-tail", type=int, metavar="B", help="the last B layers on the end (overrides the plan)")
+    g.add_argument("--codec", choices=CODECS, default="off", help="activations on the link: off = raw (exact), "
+                   "fp16, lowrank (needs `moetandem calibrate --codec`), plan = the plan's rank")
+    g.add_argument("--codec-rank", type=int, metavar="R", help="rank of the low-rank codec")
+    g.add_argument("--micro-batches", type=int, metavar="M", help="micro-batches in flight (pipelining)")
+    g.add_argument("--tls-ca", metavar="PEM", help="use TLS to the cloud, trusting this CA / self-signed cert")
+    g.add_argument("--cloud-timeout", type=float, default=30.0, metavar="S", help="deadline of one exchange (30)")
+    g.add_argument("--emulate-rtt-ms", type=float, default=0.0, metavar="MS",
+                   help="add this round-trip time in the application layer (half per direction), for tests")
+
+
+def configs(ns: argparse.Namespace, path: Path, progress: bool = True, use_graphs: bool = True
+            ) -> tuple[ModelConfig, CommitteeConfig, GateConfig, SplitConfig | None]:
+    """The typed configs of a parsed command line (flags a subcommand lacks take their defaults)."""
+    split = SplitConfig.from_args(ns)
+    if split is not None and split.token_file is not None:
+        from moetandem.split.transport.auth import read_token
+        read_token(split.token_file)  # an unreadable token file fails before the weights load
+    return (ModelConfig.from_args(ns, path, use_graphs=use_graphs, progress=progress),
+            CommitteeConfig.from_args(ns), GateConfig.from_args(ns), split)
+
+
+def model_path(ns: argparse.Namespace) -> Path:
+    """--model / MODEL, or the shipped demo MoE."""
+    if getattr(ns, "model", None):
+        return Path(ns.model)
+    from moetandem.assets import demo_model_path
+    return Path(demo_model_path())
+
+
+def read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidRequestError(f"data file not found: {p}")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise InvalidRequestError(f"data file {p} is empty")
+    return text
+
+
+# ---- argparse types: a bad value is a usage error before anything loads
+def budget_arg(text: str) -> str:
+    try:
+        parse_budget(text)
+    except InvalidRequestError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--expert-budget {text!r}").lstrip(": ")
+                                         or str(e)) from None
+    return text
+
+
+def device_arg(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N")
+    return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def cost_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (use inf for local experts only)") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"the gate cost must be >= 0, got {text}")
+    return value

@@ -1,0 +1,199 @@
+"""Typed configuration, parsed once: one dataclass per concern, each with `from_args` (argparse namespace) and
+`validate()` raising a message a user can act on. The builder (moetandem.runtime) takes these; nothing deeper
+re-reads flags.
+
+    ModelConfig      checkpoint, device, dtype, CUDA graphs
+    CommitteeConfig  expert budget, miss policy / fidelity, refresh, plan
+    GateConfig       hardware-aware gate (off | masked | group)
+    SplitConfig      end-cloud split: cloud address, token, TLS, codec, placement
+    ServeConfig      the HTTP server
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moetandem.errors import InvalidRequestError
+
+POLICIES = ("auto", "fetch", "host", "substitute", "skip")
+BASELINES = ("lru", "static", "host-only")
+FIDELITY = ("exact", "balanced", "fast")
+GATES = ("off", "masked", "group")
+CODECS = ("off", "fp16", "lowrank", "plan")
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(budget: str | int | float, total_bytes: int | None = None) -> int | float:
+    """An expert budget: bytes with a unit ('6GiB', '512MB', '1e9B'), a whole number of bytes (123456), or a
+    fraction of all expert bytes in (0, 1] ('0.5', 0.5). With total_bytes, returns bytes (clamped to the total);
+    without it, returns the fraction as a float or the bytes as an int, so a bad string fails before any load."""
+    text = str(budget).strip()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)", text)
+    if isinstance(budget, bool) or not m or (m.group(2) and m.group(2).lower() not in _UNITS):
+        raise InvalidRequestError(f"--expert-budget {budget!r}: use bytes with a unit like 6GiB or 512MB, or a "
+                                  "fraction of all expert bytes like 0.5")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidRequestError(f"--expert-budget {budget!r} must be positive: a fraction in (0, 1] like 0.5, "
+                                  "or bytes like 6GiB")
+    if not unit and value <= 1:  # a fraction of all expert bytes
+        return value if total_bytes is None else max(1, int(value * total_bytes))
+    if not unit and ("." in m.group(1) or "e" in m.group(1).lower() or isinstance(budget, float)):
+        raise InvalidRequestError(f"--expert-budget {budget!r}: a fraction must be in (0, 1]; "
+                                  f"use {value:g}GiB for gibibytes")
+    nbytes = int(value * _UNITS.get(unit, 1))
+    return nbytes if total_bytes is None else min(total_bytes, nbytes)
+
+
+def _positive_int(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+        raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    use_graphs: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, path: Path, **kw: Any) -> "ModelConfig":
+        return cls(path=Path(path), device=getattr(ns, "device", "auto"), dtype=getattr(ns, "dtype", "auto"), **kw)
+
+
+@dataclass(frozen=True)
+class CommitteeConfig:
+    """budget None = every expert resident. policy overrides fidelity."""
+
+    budget: str | int | float | None = None
+    policy: str | None = None
+    fidelity: str = "balanced"
+    skip_threshold: float | None = None
+    refresh_every: int = 16
+    window: int = 256
+    score: str = "importance"
+    plan: Any = None  # a Plan or a path to a plan JSON (moetandem plan)
+    async_swaps: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.budget is not None:
+            parse_budget(self.budget)
+        if self.policy is not None and self.policy not in POLICIES + BASELINES:
+            raise InvalidRequestError(f"unknown policy {self.policy!r}; choose one of "
+                                      f"{', '.join(POLICIES + BASELINES)}")
+        if self.policy is not None and self.budget is None and self.plan is None:
+            raise InvalidRequestError("--policy needs --expert-budget (with no budget every expert is resident)")
+        if self.fidelity not in FIDELITY:
+            raise InvalidRequestError(f"unknown fidelity {self.fidelity!r}; choose one of {', '.join(FIDELITY)}")
+        if self.skip_threshold is not None and not 0 <= self.skip_threshold < 1:
+            raise InvalidRequestError(f"--skip-threshold must be in [0, 1), got {self.skip_threshold}")
+        _positive_int("--refresh-every", self.refresh_every)
+        _positive_int("the committee window", self.window)
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget is not None or self.plan is not None
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "CommitteeConfig":
+        return cls(budget=getattr(ns, "expert_budget", None), policy=getattr(ns, "policy", None),
+                   fidelity=getattr(ns, "fidelity", "balanced"), skip_threshold=getattr(ns, "skip_threshold", None),
+                   refresh_every=getattr(ns, "refresh_every", 16), plan=getattr(ns, "plan", None))
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    mode: str = "off"
+    cost: float = math.inf  # gate weight above which a non-local pick is still used (inf: local experts only)
+    latency_budget_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in GATES:
+            raise InvalidRequestError(f"unknown gate {self.mode!r}; choose one of {', '.join(GATES)}")
+        if not self.cost >= 0:
+            raise InvalidRequestError(f"the gate cost must be >= 0, got {self.cost}")
+        if not (math.isfinite(self.latency_budget_s) and self.latency_budget_s >= 0):
+            raise InvalidRequestError(f"--gate-latency-budget must be >= 0 seconds, got {self.latency_budget_s}")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "GateConfig":
+        return cls(getattr(ns, "gate", "off"), getattr(ns, "gate_cost", math.inf),
+                   getattr(ns, "gate_latency_budget", 0.0))
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """End side of split execution. token or token_file; link options go to split.link.LinkOptions."""
+
+    address: str
+    token: str | None = None
+    token_file: str | Path | None = None
+    plan: Any = None  # a SplitPlan / Placement or a JSON file of Placement's fields
+    head: int | None = None
+    tail: int | None = None
+    cloud_experts: dict[int, list[int]] | None = None
+    codec: str = "off"
+    codec_rank: int | None = None
+    micro_batches: int | None = None
+    link: dict[str, Any] = field(default_factory=dict)  # timeout_s, emulate_rtt_ms, tls, tls_ca, ...
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", self.address or ""):
+            raise InvalidRequestError(f"--cloud wants HOST:PORT, got {self.address!r}")
+        if self.token is None and self.token_file is None:
+            raise InvalidRequestError("--cloud needs --token-file (the file holding the cloud's token)")
+        if self.codec not in CODECS:
+            raise InvalidRequestError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
+        for name, v in (("--split-head", self.head), ("--split-tail", self.tail)):
+            if v is not None and v < 0:
+                raise InvalidRequestError(f"{name} must be >= 0, got {v}")
+        _positive_int("--codec-rank", self.codec_rank)
+        _positive_int("--micro-batches", self.micro_batches)
+        timeout = self.link.get("timeout_s", 30.0)
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise InvalidRequestError(f"--cloud-timeout must be a positive number of seconds, got {timeout}")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "SplitConfig | None":
+        if not getattr(ns, "cloud", None):
+            return None
+        link: dict[str, Any] = {"timeout_s": ns.cloud_timeout, "emulate_rtt_ms": ns.emulate_rtt_ms}
+        if ns.tls_ca:
+            link.update(tls=True, tls_ca=ns.tls_ca)
+        return cls(ns.cloud, token_file=ns.token_file, plan=ns.split_plan, head=ns.split_head, tail=ns.split_tail,
+                   codec=ns.codec, codec_rank=ns.codec_rank, micro_batches=ns.micro_batches, link=link)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_file: Path | None = None
+    served_model_name: str | None = None
+    max_batch: int = 8
+    max_waiting: int = 64
+    max_model_len: int | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _positive_int("--max-batch", self.max_batch)
+        _positive_int("--max-model-len", self.max_model_len)
+        if self.max_waiting < 0:
+            raise InvalidRequestError(f"--max-waiting must be >= 0, got {self.max_waiting}")
+        if not 0 <= self.port <= 65535:
+            raise InvalidRequestError(f"--port must be 0..65535, got {self.port}")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "ServeConfig":
+        return cls(ns.host, ns.port, ns.api_key_file, ns.served_model_name, ns.max_batch, ns.max_waiting,
+                   ns.max_model_len, ns.log_level)

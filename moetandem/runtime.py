@@ -1,0 +1,82 @@
+"""One builder: a runnable Engine from typed configs. Every feature is chosen here, at build time:
+
+    checkpoint ─► dense model (device) + ExpertStore ─► expert provider (all resident | committee)
+               ─► routing hook (gate)  ─► split stand-in (cloud)  ─► Engine(experts map, CUDA graphs or not)
+
+Nothing reaches into the engine afterwards. `load()` is the keyword convenience over build_engine()."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from moetandem.checkpoint import Checkpoint
+from moetandem.config import CommitteeConfig, GateConfig, ModelConfig, SplitConfig
+from moetandem.engine import Engine, resolve_device, resolve_dtype
+from moetandem.experts.factory import build_provider
+from moetandem.experts.store import ExpertStore
+from moetandem.loader import load_dense
+from moetandem.models import get_family
+
+log = logging.getLogger("moetandem")
+
+
+def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, gate: GateConfig | None = None,
+                 split: SplitConfig | None = None) -> Engine:
+    committee, gate = committee or CommitteeConfig(), gate or GateConfig()
+    dev = resolve_device(model.device)
+    dt = resolve_dtype(model.dtype, dev)
+    ckpt = Checkpoint(model.path, check_family=get_family)
+    family = get_family(ckpt.config.get("model_type"))
+    args = family.args(ckpt.config, ckpt.path)
+    net = load_dense(ckpt, family, args, dev, dt, model.progress)
+    store = ExpertStore(ckpt, family, args)
+    provider = build_provider(ckpt, store, args.top_k, dev, dt, committee, model.progress)
+    router = None
+    if gate.mode != "off":
+        from moetandem.gating import build_router
+        router = build_router(gate, provider, ckpt, args.hidden_size, args.num_experts, store.layers, dev)
+        for block in net.moe_blocks():  # assembly: the model is not yet part of any engine
+            block.router = router
+    experts: dict[int, Any] = {layer: provider for layer in store.layers}
+    runner: Any = net
+    splitter = None
+    use_graphs = model.use_graphs
+    if split is not None:
+        from moetandem.split.end import connect_split
+        splitter = connect_split(net, provider, ckpt, split)
+        runner, experts = splitter, splitter.expert_map()
+        if use_graphs and dev.type == "cuda":
+            log.warning("split execution: decode steps run eagerly (each step exchanges frames with the cloud, "
+                        "which a CUDA graph cannot hold)")
+        use_graphs = False
+    engine = Engine(runner, ckpt.tokenizer(), experts, provider, store, dev, dt, use_graphs, router, splitter)
+    if router is not None and gate.latency_budget_s > 0:
+        from moetandem.gating import measure_profile
+        router.selector.update(measure_profile(engine))
+    return engine
+
+
+def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: bool = True,
+         use_graphs: bool = True, expert_budget: str | int | float | None = None, policy: str | None = None,
+         fidelity: str = "balanced", skip_threshold: float | None = None, refresh_every: int = 16,
+         score: str = "importance", plan: Any = None, async_swaps: bool = True, gate: str = "off",
+         gate_cost: float = math.inf, gate_latency_budget: float = 0.0, cloud: str | None = None,
+         token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None
+         ) -> Engine:
+    """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all expert
+    bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets. gate="group" /
+    "masked" routes to the experts that are local now. cloud="HOST:PORT" runs the middle layers on a `moetandem
+    cloud` server; split holds SplitConfig's other fields (plan, head, tail, codec, codec_rank, micro_batches,
+    cloud_experts) and link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...)."""
+    cm = CommitteeConfig(expert_budget, policy, fidelity, skip_threshold, refresh_every, score=score, plan=plan,
+                         async_swaps=async_swaps)
+    sc = None
+    if cloud is not None:
+        opts = dict(split or {})
+        fields = {k: opts.pop(k) for k in ("plan", "head", "tail", "cloud_experts", "codec", "codec_rank",
+                                            "micro_batches") if k in opts}
+        sc = SplitConfig(cloud, token=token, token_file=token_file, link=opts, **fields)
+    return build_engine(ModelConfig(Path(path), device, dtype, use_graphs, progress), cm,
+                        GateConfig(gate, gate_cost, gate_latency_budget), sc)
