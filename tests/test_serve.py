@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moetandem import Engine
 from moetandem.serve import create_app
-from moetandem.serve.runner import ServerThread
+from moetandem.serve.server_thread import ServerThread
 
 KEY = "sk-test-key"
 MODEL = "tiny-moe"

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from moetandem.errors import ContextLengthError, InvalidRequestError
 from moetandem.serve.errors import APIError
-from moetandem.serve.loop import EngineDead, EngineLoop, Event, Job, QueueFull
+from moetandem.serve.loop import EngineLoop
 from moetandem.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,6 +23,8 @@ from moetandem.serve.protocol import (
     chat_chunk,
     completion_chunk,
 )
+from moetandem.serve.scheduler import Draining, EngineDead, NeverFits, QueueFull
+from moetandem.serve.sequence import ERROR_STATUS, Event, Job
 from moetandem.streaming import TextStream
 
 Kind = Literal["chat", "completion"]
@@ -97,9 +99,14 @@ def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], 
 def submit(loop: EngineLoop, jobs: list[Job]) -> None:
     try:
         loop.submit(jobs)
+    except NeverFits as e:
+        raise APIError(400, str(e), param="n", code="too_many_sequences") from None
     except QueueFull as e:
         raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": "1"}) from None
+    except Draining as e:
+        raise APIError(503, f"{e}; retry on another replica or after the restart", type="server_error",
+                       code="server_shutting_down", headers={"Retry-After": "5"}) from None
     except EngineDead as e:
         raise APIError(503, f"the engine is not running ({e})", type="server_error", code="engine_unavailable",
                        headers={"Retry-After": "5"}) from None
@@ -154,7 +161,7 @@ async def respond(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind
         async for ev in events:
             texts[ev.choice] += ev.text
             if ev.error is not None:
-                raise APIError(500, ev.error, type="server_error", code="engine_error")
+                raise APIError(ERROR_STATUS.get(ev.code, 500), ev.error, type="server_error", code=ev.code)
             finishes[ev.choice] = ev.finish
     if any(f is None for f in finishes):
         return Response(status_code=499)  # the client is gone; nobody reads this
@@ -197,7 +204,7 @@ async def _sse(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, b
             ended += ev.finish is not None
             if ev.error is not None:
                 yield _data({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                       "code": "engine_error"}})
+                                       "code": ev.code}})
                 continue
             if ev.text:
                 yield chunk(ev.choice, ev.text, None)
