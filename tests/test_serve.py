@@ -247,7 +247,12 @@ BAD_INPUTS = [  # (path, raw body, status, param, code)
     ("/v1/completions", '{"prompt": "x", "seed": 100000000000000000000000}', 400, "seed", None),
     ("/v1/completions", '{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", None),
     ("/v1/completions", '{"prompt": "x", "stream": "yes"}', 400, "stream", None),
-    ("/v1/completions", '{"prompt": "x", "logprobs": 3}', 400, None, None),
+    ("/v1/completions", '{"prompt": "x", "n": 1.5}', 400, "n", None),
+    ("/v1/completions", '{"prompt": "x", "n": "1"}', 400, "n", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "tool"}]}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "tool", "content": null}]}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": null}]}', 400, "messages", None),
+    ("/v1/completions", '{"prompt": "x", "n": 200}', 400, "n", None),
 ]
 
 
@@ -257,6 +262,17 @@ def test_bad_input_fails_only_itself(server: ServerThread, http: "httpx.Client",
     r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
     assert_error(r, status, param, code)
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_integral_floats_are_integers(http: "httpx.Client") -> None:  # JSON Schema: 1.0 is an integer
+    r = http.post("/v1/completions", json={"prompt": "hello", "n": 2.0, "max_tokens": 3.0, "seed": 7.0,
+                                           "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] == 6
+    r = http.post("/v1/chat/completions", json={"messages": USER, "max_completion_tokens": 2.0, "n": 1.0})
+    assert r.status_code == 200, r.text
+    assert "needs content" in http.post("/v1/chat/completions",
+                                        json={"messages": [{"role": "tool"}]}).json()["error"]["message"]
 
 
 def test_body_size_limit(http: "httpx.Client") -> None:
@@ -368,6 +384,10 @@ def test_queue_overflow_is_429_with_retry_after(model_dir: Path) -> None:
             r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
             assert_error(r, 429, code="rate_limit_exceeded")
             assert int(r.headers["Retry-After"]) >= 1
+            # 3 sequences can never fit 1 slot + 1 queue place, busy or not: 400, not "retry"
+            r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2, "n": 3})
+            assert_error(r, 400, param="n", code="too_many_sequences")
+            assert "Retry-After" not in r.headers
             with pytest.raises(openai.RateLimitError):
                 openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0).completions.create(
                     model=MODEL, prompt="hello", max_tokens=2)
@@ -375,6 +395,76 @@ def test_queue_overflow_is_429_with_retry_after(model_dir: Path) -> None:
         assert "moetandem_requests_rejected_total 2.0" in m
         wait_idle(srv, 10)  # both streams were closed mid-way: their slot and queue entry are freed
         assert c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2, "n": 2}).status_code == 200
+        assert_error(c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2, "n": 2}), 400,
+                     code="too_many_sequences")
+
+
+# ---------------------------------------------------------------- graceful drain
+def sse_lines(c: "httpx.Client", body: dict[str, Any], into: list[str], started: threading.Event) -> None:
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                into.append(line)
+                started.set()
+
+
+def test_drain_finishes_streams_and_ends_the_rest_with_done(model_dir: Path) -> None:
+    """Shutdown (what SIGTERM does): new requests get 503 at once, a stream that can finish within the drain
+    timeout finishes normally, one that cannot gets an error event and [DONE] - never a cut body."""
+    app = create_app(load(model_dir), model_id=MODEL, max_batch=2)
+    srv = ServerThread(app, drain_timeout=1.5).start()
+    batcher = app.state.server.loop.batcher
+    real_step = batcher.step
+
+    def slow_step() -> Any:  # 240 tokens take >= 4.8 s: the long stream cannot finish in the 1.5 s drain
+        time.sleep(0.02)
+        return real_step()
+    batcher.step = slow_step
+    lines: dict[str, list[str]] = {"short": [], "long": []}
+    base = {"prompt": "hello", "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        readers = []
+        for name, max_tokens in (("short", 20), ("long", 240)):
+            started = threading.Event()
+            t = threading.Thread(target=sse_lines, args=(c, {**base, "max_tokens": max_tokens}, lines[name],
+                                                         started))
+            t.start()
+            assert started.wait(10)
+            readers.append(t)
+        t0 = time.monotonic()
+        srv.shutdown()
+        while True:  # uvicorn notices should_exit within 0.1 s; then the socket still accepts, but refuses work
+            r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 1})
+            if r.status_code == 503:
+                break
+            assert r.status_code == 200 and time.monotonic() - t0 < 1.0
+            time.sleep(0.02)
+        assert_error(r, 503, code="server_shutting_down")
+        assert c.get("/health").json()["status"] == "draining"
+        for t in readers:
+            t.join(15)
+    srv.stop()
+    short, long = lines["short"], lines["long"]
+    assert short[-1] == "data: [DONE]" and long[-1] == "data: [DONE]"
+    short_events = [json.loads(e[6:]) for e in short[:-1]]
+    assert all("error" not in e for e in short_events)
+    assert short_events[-1]["choices"][0]["finish_reason"] == "length"
+    long_events = [json.loads(e[6:]) for e in long[:-1]]
+    assert "error" in long_events[-1] and long_events[-1]["error"]["code"] == "server_shutting_down"
+    assert "drain" in long_events[-1]["error"]["message"]
+    assert 1 < len(long_events) < 240  # it streamed, then was ended early
+    assert not srv.thread.is_alive()
+
+
+def test_drain_of_an_idle_server_is_immediate(model_dir: Path) -> None:
+    app = create_app(load(model_dir), model_id=MODEL)
+    srv = ServerThread(app, drain_timeout=30).start()
+    assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    t0 = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t0 < 5 and not srv.thread.is_alive()
 
 
 # ---------------------------------------------------------------- health, engine failures

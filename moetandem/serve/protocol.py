@@ -4,6 +4,7 @@ Requests are strict about types (``"max_tokens": "10"`` is a 400, not a silent c
 unknown fields, which are ignored so that newer clients keep working."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
@@ -15,6 +16,13 @@ MAX_STOPS = 4
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def integral(v: Any) -> Any:
+    """1.0 -> 1: JSON Schema's "integer" is any number with a zero fractional part (2.5, "2" stay errors)."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return v
 
 
 class StreamOptions(StrictModel):
@@ -42,6 +50,8 @@ class SamplingParams(StrictModel):
                                             description="accepted and ignored")
     user: str | None = None
 
+    _integral = field_validator("max_tokens", "seed", "n", mode="before")(integral)
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
@@ -67,6 +77,12 @@ class ChatMessage(StrictModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _has_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":  # assistant: null content (tool calls) is allowed
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        return self
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
@@ -77,6 +93,8 @@ class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool | None = None
+
+    _integral_chat = field_validator("max_completion_tokens", mode="before")(integral)
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatCompletionRequest":
@@ -97,6 +115,8 @@ class CompletionRequest(SamplingParams):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+
+    _integral_completion = field_validator("logprobs", "best_of", mode="before")(integral)
 
     @model_validator(mode="after")
     def _unsupported(self) -> "CompletionRequest":
