@@ -253,6 +253,17 @@ BAD_INPUTS = [  # (path, raw body, status, param, code)
     ("/v1/chat/completions", '{"messages": [{"role": "tool", "content": null}]}', 400, "messages", None),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": null}]}', 400, "messages", None),
     ("/v1/completions", '{"prompt": "x", "n": 200}', 400, "n", None),
+    ("/v1/completions", '{"prompt": "x", "logprobs": 21}', 400, "logprobs", None),
+    ("/v1/completions", '{"prompt": "x", "logprobs": 2, "stream": true}', 400, None, None),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 0, "logprobs": 2}', 400, "max_tokens", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, None,
+     None),
+    ("/v1/completions", '{"prompt": "\\ud800"}', 400, "prompt", "invalid_unicode"),
+    ("/v1/completions", '{"prompt": ["ok", "a\\udfffb"]}', 400, "prompt", "invalid_unicode"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages",
+     "invalid_unicode"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     400, "messages", "invalid_unicode"),
 ]
 
 
@@ -273,6 +284,78 @@ def test_integral_floats_are_integers(http: "httpx.Client") -> None:  # JSON Sch
     assert r.status_code == 200, r.text
     assert "needs content" in http.post("/v1/chat/completions",
                                         json={"messages": [{"role": "tool"}]}).json()["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "caf\xe9"}', b'\x80{}', b'{"prompt": "\xff\xfe"}'])
+def test_raw_non_utf8_body_is_400(http: "httpx.Client", raw: bytes) -> None:
+    assert_error(http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400,
+                 code="invalid_encoding")
+
+
+# ---------------------------------------------------------------- logprobs, echo (lm-eval loglikelihood)
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Any:
+    """transformers' own forward of the same checkpoint: log-probabilities [L-1, V] of each next token."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return logprobs
+
+
+def test_echo_scores_prompt_tokens_like_transformers(http: "httpx.Client", reference: Any) -> None:
+    prompts = [[5, 17, 42, 99, 7, 250, 3], [60, 61]]  # different lengths: the padded-batch path
+    r = http.post("/v1/completions", json={"prompt": prompts, "echo": True, "max_tokens": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] == 9
+    for ids, choice in zip(prompts, out["choices"]):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        ref = reference(ids)  # [L-1, V]
+        want = ref.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4, rtol=1e-4)
+        for top, row in zip(lp["top_logprobs"][1:], ref):
+            best = row.topk(3).values
+            assert 1 <= len(top) <= 3 and abs(max(top.values()) - float(best[0])) < 1e-4
+            assert all(any(abs(v - float(b)) < 1e-4 for b in best) for v in top.values())
+
+
+def test_lm_eval_loglikelihood_request(http: "httpx.Client", reference: Any) -> None:
+    """What lm-eval's local-completions sends for loglikelihood: echo, max_tokens=1, logprobs=1, greedy; it sums
+    token_logprobs[ctxlen:-1] and calls the continuation greedy when each equals max(top_logprobs)."""
+    ids = [40, 41, 42, 43, 44, 45]
+    ctxlen = 3
+    r = http.post("/v1/completions", json={"prompt": [ids], "echo": True, "max_tokens": 1, "logprobs": 1,
+                                           "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt and the one generated token
+    ref = reference(ids)
+    want = ref.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)[ctxlen - 1:]
+    assert abs(sum(lp["token_logprobs"][ctxlen:-1]) - float(want.sum())) < 1e-3
+    greedy_next = int(reference(ids + [0])[len(ids) - 1].argmax())  # the generated token is the argmax
+    assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()), abs=1e-5)
+    assert abs(lp["token_logprobs"][-1] - float(reference(ids + [greedy_next])[-1, greedy_next])) < 1e-4
+    assert r.json()["choices"][0]["text"].startswith(http.post("/v1/completions", json={
+        "prompt": [ids], "echo": True, "max_tokens": 0}).json()["choices"][0]["text"])
+
+
+def test_generated_token_logprobs(http: "httpx.Client", reference: Any) -> None:
+    r = http.post("/v1/completions", json={"prompt": [[9, 8, 7]], "max_tokens": 6, "logprobs": 2,
+                                           "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == 6 == r.json()["usage"]["completion_tokens"]
+    for v, top in zip(lp["token_logprobs"], lp["top_logprobs"]):  # greedy: each token is the most likely one
+        assert v == pytest.approx(max(top.values()), abs=1e-5)
+    chat = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "logprobs": True,
+                                                   "top_logprobs": 3, "temperature": 0, "ignore_eos": True}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == chat["usage"]["completion_tokens"] == 4
+    assert all(len(c["top_logprobs"]) == 3 and c["logprob"] <= 0 and isinstance(c["bytes"], list) for c in content)
 
 
 def test_body_size_limit(http: "httpx.Client") -> None:

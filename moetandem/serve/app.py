@@ -25,6 +25,7 @@ from moetandem.serve.protocol import (ChatCompletionRequest, CompletionRequest, 
 
 log = logging.getLogger("moetandem.serve")
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+BODY_PARSE_ERROR = "There was an error parsing the body"  # fastapi.routing's detail when the body will not decode
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
 
 
@@ -157,11 +158,15 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         else:
             parts.append(f"{errs[0]['where']}: {msg}" if errs[0]["where"] else msg)
     first = next(iter(by_param), "")
-    return error_response(400, "; ".join(parts[:3]) or "invalid request", param=first or None)
+    code = "invalid_unicode" if any(e.get("type") == "invalid_unicode" for e in errors) else None
+    return error_response(400, "; ".join(parts[:3]) or "invalid request", param=first or None, code=code)
 
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:  # FastAPI: json.loads raised, not on syntax
+        return error_response(400, "the request body could not be read as JSON text: it must be UTF-8 (raw bytes "
+                                   "that are not UTF-8 are refused)", code="invalid_encoding")
     return error_response(exc.status_code, str(exc.detail), type_for_status(exc.status_code),
                           headers=getattr(exc, "headers", None))
 
