@@ -518,14 +518,11 @@ def test_drain_finishes_streams_and_ends_the_rest_with_done(model_dir: Path) -> 
             readers.append(t)
         t0 = time.monotonic()
         srv.shutdown()
-        while True:  # uvicorn notices should_exit within 0.1 s; then the socket still accepts, but refuses work
-            r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 1})
-            if r.status_code == 503:
-                break
-            assert r.status_code == 200 and time.monotonic() - t0 < 1.0
-            time.sleep(0.02)
-        assert_error(r, 503, code="server_shutting_down")
-        assert c.get("/health").json()["status"] == "draining"
+        while c.get("/health").json()["status"] != "draining":  # uvicorn notices should_exit within ~0.1 s
+            assert time.monotonic() - t0 < 5.0
+            time.sleep(0.01)
+        r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 1})  # the socket accepts, but ...
+        assert_error(r, 503, code="server_shutting_down")  # ... the server takes no new work
         for t in readers:
             t.join(15)
     srv.stop()
