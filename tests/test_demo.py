@@ -93,7 +93,7 @@ def test_demo_serves_chat_to_the_openai_client(demo):
     import openai
 
     from moetandem.serve.app import create_app
-    from moetandem.serve.runner import ServerThread
+    from moetandem.serve.server_thread import ServerThread
     with ServerThread(create_app(demo, model_id="demo-moe")) as srv:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
         r = client.chat.completions.create(model="demo-moe", messages=[{"role": "user", "content": "Hello"}],

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moetandem import Engine
 from moetandem.serve import create_app
-from moetandem.serve.runner import ServerThread
+from moetandem.serve.server_thread import ServerThread
 
 KEY = "sk-test-key"
 MODEL = "tiny-moe"
@@ -248,7 +248,23 @@ BAD_INPUTS = [  # (path, raw body, status, param, code)
     ("/v1/completions", '{"prompt": "x", "seed": 100000000000000000000000}', 400, "seed", None),
     ("/v1/completions", '{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", None),
     ("/v1/completions", '{"prompt": "x", "stream": "yes"}', 400, "stream", None),
-    ("/v1/completions", '{"prompt": "x", "logprobs": 3}', 400, None, None),
+    ("/v1/completions", '{"prompt": "x", "n": 1.5}', 400, "n", None),
+    ("/v1/completions", '{"prompt": "x", "n": "1"}', 400, "n", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "tool"}]}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "tool", "content": null}]}', 400, "messages", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": null}]}', 400, "messages", None),
+    ("/v1/completions", '{"prompt": "x", "n": 200}', 400, "n", None),
+    ("/v1/completions", '{"prompt": "x", "logprobs": 21}', 400, "logprobs", None),
+    ("/v1/completions", '{"prompt": "x", "logprobs": 2, "stream": true}', 400, None, None),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 0, "logprobs": 2}', 400, "max_tokens", None),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, None,
+     None),
+    ("/v1/completions", '{"prompt": "\\ud800"}', 400, "prompt", "invalid_unicode"),
+    ("/v1/completions", '{"prompt": ["ok", "a\\udfffb"]}', 400, "prompt", "invalid_unicode"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages",
+     "invalid_unicode"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     400, "messages", "invalid_unicode"),
 ]
 
 
@@ -258,6 +274,89 @@ def test_bad_input_fails_only_itself(server: ServerThread, http: "httpx.Client",
     r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
     assert_error(r, status, param, code)
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_integral_floats_are_integers(http: "httpx.Client") -> None:  # JSON Schema: 1.0 is an integer
+    r = http.post("/v1/completions", json={"prompt": "hello", "n": 2.0, "max_tokens": 3.0, "seed": 7.0,
+                                           "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] == 6
+    r = http.post("/v1/chat/completions", json={"messages": USER, "max_completion_tokens": 2.0, "n": 1.0})
+    assert r.status_code == 200, r.text
+    assert "needs content" in http.post("/v1/chat/completions",
+                                        json={"messages": [{"role": "tool"}]}).json()["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "caf\xe9"}', b'\x80{}', b'{"prompt": "\xff\xfe"}'])
+def test_raw_non_utf8_body_is_400(http: "httpx.Client", raw: bytes) -> None:
+    assert_error(http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400,
+                 code="invalid_encoding")
+
+
+# ---------------------------------------------------------------- logprobs, echo (lm-eval loglikelihood)
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Any:
+    """transformers' own forward of the same checkpoint: log-probabilities [L-1, V] of each next token."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return logprobs
+
+
+def test_echo_scores_prompt_tokens_like_transformers(http: "httpx.Client", reference: Any) -> None:
+    prompts = [[5, 17, 42, 99, 7, 250, 3], [60, 61]]  # different lengths: the padded-batch path
+    r = http.post("/v1/completions", json={"prompt": prompts, "echo": True, "max_tokens": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] == 9
+    for ids, choice in zip(prompts, out["choices"]):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        ref = reference(ids)  # [L-1, V]
+        want = ref.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4, rtol=1e-4)
+        for top, row in zip(lp["top_logprobs"][1:], ref):
+            best = row.topk(3).values
+            assert 1 <= len(top) <= 3 and abs(max(top.values()) - float(best[0])) < 1e-4
+            assert all(any(abs(v - float(b)) < 1e-4 for b in best) for v in top.values())
+
+
+def test_lm_eval_loglikelihood_request(http: "httpx.Client", reference: Any) -> None:
+    """What lm-eval's local-completions sends for loglikelihood: echo, max_tokens=1, logprobs=1, greedy; it sums
+    token_logprobs[ctxlen:-1] and calls the continuation greedy when each equals max(top_logprobs)."""
+    ids = [40, 41, 42, 43, 44, 45]
+    ctxlen = 3
+    r = http.post("/v1/completions", json={"prompt": [ids], "echo": True, "max_tokens": 1, "logprobs": 1,
+                                           "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt and the one generated token
+    ref = reference(ids)
+    want = ref.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)[ctxlen - 1:]
+    assert abs(sum(lp["token_logprobs"][ctxlen:-1]) - float(want.sum())) < 1e-3
+    greedy_next = int(reference(ids + [0])[len(ids) - 1].argmax())  # the generated token is the argmax
+    assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()), abs=1e-5)
+    assert abs(lp["token_logprobs"][-1] - float(reference(ids + [greedy_next])[-1, greedy_next])) < 1e-4
+    assert r.json()["choices"][0]["text"].startswith(http.post("/v1/completions", json={
+        "prompt": [ids], "echo": True, "max_tokens": 0}).json()["choices"][0]["text"])
+
+
+def test_generated_token_logprobs(http: "httpx.Client", reference: Any) -> None:
+    r = http.post("/v1/completions", json={"prompt": [[9, 8, 7]], "max_tokens": 6, "logprobs": 2,
+                                           "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == 6 == r.json()["usage"]["completion_tokens"]
+    for v, top in zip(lp["token_logprobs"], lp["top_logprobs"]):  # greedy: each token is the most likely one
+        assert v == pytest.approx(max(top.values()), abs=1e-5)
+    chat = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "logprobs": True,
+                                                   "top_logprobs": 3, "temperature": 0, "ignore_eos": True}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == chat["usage"]["completion_tokens"] == 4
+    assert all(len(c["top_logprobs"]) == 3 and c["logprob"] <= 0 and isinstance(c["bytes"], list) for c in content)
 
 
 def test_body_size_limit(http: "httpx.Client") -> None:
@@ -369,6 +468,10 @@ def test_queue_overflow_is_429_with_retry_after(model_dir: Path) -> None:
             r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
             assert_error(r, 429, code="rate_limit_exceeded")
             assert int(r.headers["Retry-After"]) >= 1
+            # 3 sequences can never fit 1 slot + 1 queue place, busy or not: 400, not "retry"
+            r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2, "n": 3})
+            assert_error(r, 400, param="n", code="too_many_sequences")
+            assert "Retry-After" not in r.headers
             with pytest.raises(openai.RateLimitError):
                 openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0).completions.create(
                     model=MODEL, prompt="hello", max_tokens=2)
@@ -376,6 +479,73 @@ def test_queue_overflow_is_429_with_retry_after(model_dir: Path) -> None:
         assert "moetandem_requests_rejected_total 2.0" in m
         wait_idle(srv, 10)  # both streams were closed mid-way: their slot and queue entry are freed
         assert c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2, "n": 2}).status_code == 200
+        assert_error(c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2, "n": 2}), 400,
+                     code="too_many_sequences")
+
+
+# ---------------------------------------------------------------- graceful drain
+def sse_lines(c: "httpx.Client", body: dict[str, Any], into: list[str], started: threading.Event) -> None:
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                into.append(line)
+                started.set()
+
+
+def test_drain_finishes_streams_and_ends_the_rest_with_done(model_dir: Path) -> None:
+    """Shutdown (what SIGTERM does): new requests get 503 at once, a stream that can finish within the drain
+    timeout finishes normally, one that cannot gets an error event and [DONE] - never a cut body."""
+    app = create_app(load(model_dir), model_id=MODEL, max_batch=2)
+    srv = ServerThread(app, drain_timeout=1.5).start()
+    batcher = app.state.server.loop.batcher
+    real_step = batcher.step
+
+    def slow_step() -> Any:  # 240 tokens take >= 4.8 s: the long stream cannot finish in the 1.5 s drain
+        time.sleep(0.02)
+        return real_step()
+    batcher.step = slow_step
+    lines: dict[str, list[str]] = {"short": [], "long": []}
+    base = {"prompt": "hello", "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        readers = []
+        for name, max_tokens in (("short", 20), ("long", 240)):
+            started = threading.Event()
+            t = threading.Thread(target=sse_lines, args=(c, {**base, "max_tokens": max_tokens}, lines[name],
+                                                         started))
+            t.start()
+            assert started.wait(10)
+            readers.append(t)
+        t0 = time.monotonic()
+        srv.shutdown()
+        while c.get("/health").json()["status"] != "draining":  # uvicorn notices should_exit within ~0.1 s
+            assert time.monotonic() - t0 < 5.0
+            time.sleep(0.01)
+        r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 1})  # the socket accepts, but ...
+        assert_error(r, 503, code="server_shutting_down")  # ... the server takes no new work
+        for t in readers:
+            t.join(15)
+    srv.stop()
+    short, long = lines["short"], lines["long"]
+    assert short[-1] == "data: [DONE]" and long[-1] == "data: [DONE]"
+    short_events = [json.loads(e[6:]) for e in short[:-1]]
+    assert all("error" not in e for e in short_events)
+    assert short_events[-1]["choices"][0]["finish_reason"] == "length"
+    long_events = [json.loads(e[6:]) for e in long[:-1]]
+    assert "error" in long_events[-1] and long_events[-1]["error"]["code"] == "server_shutting_down"
+    assert "drain" in long_events[-1]["error"]["message"]
+    assert 1 < len(long_events) < 240  # it streamed, then was ended early
+    assert not srv.thread.is_alive()
+
+
+def test_drain_of_an_idle_server_is_immediate(model_dir: Path) -> None:
+    app = create_app(load(model_dir), model_id=MODEL)
+    srv = ServerThread(app, drain_timeout=30).start()
+    assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    t0 = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t0 < 5 and not srv.thread.is_alive()
 
 
 # ---------------------------------------------------------------- health, engine failures

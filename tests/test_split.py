@@ -251,7 +251,7 @@ def test_lowrank_codec_over_the_link(ckpt, cloud, reference):
 def test_openai_server_on_split_engine(ckpt, reference, cloud):
     httpx = pytest.importorskip("httpx")
     from moetandem.serve import create_app
-    from moetandem.serve.runner import ServerThread
+    from moetandem.serve.server_thread import ServerThread
     eng, split = end_engine(ckpt, cloud.port)
     body = {"model": "tiny", "prompt": PROMPTS, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
     with ServerThread(create_app(eng, model_id="tiny", max_batch=2)) as srv, \

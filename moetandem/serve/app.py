@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI-compatible endpoints, /health, /metrics, API-key check, OpenAI-shaped errors."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import threading
@@ -24,16 +25,20 @@ from moetandem.serve.protocol import (ChatCompletionRequest, CompletionRequest, 
 
 log = logging.getLogger("moetandem.serve")
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+BODY_PARSE_ERROR = "There was an error parsing the body"  # fastapi.routing's detail when the body will not decode
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
 
 
 class ServerState:
     """What the routes share: the engine loop once loaded, its status, the served model id, the API key."""
 
-    def __init__(self, model_id: str, api_key: str | None, metrics: ServerMetrics, loop_kwargs: dict[str, Any]):
+    def __init__(self, model_id: str, api_key: str | None, metrics: ServerMetrics, loop_kwargs: dict[str, Any],
+                 drain_timeout: float = 30.0):
         self.model_id, self.api_key, self.metrics, self.loop_kwargs = model_id, api_key, metrics, loop_kwargs
+        self.drain_timeout = drain_timeout
         self.loop: EngineLoop | None = None
         self.load_error: str | None = None
+        self.draining = False
 
     def attach(self, engine: Any) -> None:
         loop = EngineLoop(engine, metrics=self.metrics, **self.loop_kwargs)
@@ -47,7 +52,19 @@ class ServerState:
             log.exception("loading the model failed")
             self.load_error = f"{type(e).__name__}: {e}"
 
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Graceful shutdown, first half: refuse new requests (503 `server_shutting_down`), let running ones
+        finish for up to `timeout` s (default: drain_timeout), then end the rest (a stream gets an error event and
+        [DONE]). True when everything finished in time. uvicorn closes the connections afterwards."""
+        self.draining = True
+        loop = self.loop
+        if loop is None:
+            return True
+        return await asyncio.to_thread(loop.drain, self.drain_timeout if timeout is None else timeout)
+
     def health(self) -> tuple[int, dict[str, Any]]:
+        if self.draining:
+            return 503, {"status": "draining", "detail": "the server is shutting down"}
         if self.load_error is not None:
             return 503, {"status": "error", "detail": f"loading the model failed: {self.load_error}"}
         if self.loop is None:
@@ -61,7 +78,8 @@ class ServerState:
     def ready_loop(self) -> EngineLoop:
         status, info = self.health()
         if status != 200 or self.loop is None:
-            code = "model_loading" if info["status"] == "loading" else "engine_unavailable"
+            code = {"loading": "model_loading", "draining": "server_shutting_down"}.get(info["status"],
+                                                                                      "engine_unavailable")
             raise APIError(503, f"the server is not ready: {info.get('detail', info['status'])}",
                            type="server_error", code=code, headers={"Retry-After": "5"})
         return self.loop
@@ -140,11 +158,15 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         else:
             parts.append(f"{errs[0]['where']}: {msg}" if errs[0]["where"] else msg)
     first = next(iter(by_param), "")
-    return error_response(400, "; ".join(parts[:3]) or "invalid request", param=first or None)
+    code = "invalid_unicode" if any(e.get("type") == "invalid_unicode" for e in errors) else None
+    return error_response(400, "; ".join(parts[:3]) or "invalid request", param=first or None, code=code)
 
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:  # FastAPI: json.loads raised, not on syntax
+        return error_response(400, "the request body could not be read as JSON text: it must be UTF-8 (raw bytes "
+                                   "that are not UTF-8 are refused)", code="invalid_encoding")
     return error_response(exc.status_code, str(exc.detail), type_for_status(exc.status_code),
                           headers=getattr(exc, "headers", None))
 
@@ -161,13 +183,17 @@ def _internal_error(_: Request, exc: Exception) -> JSONResponse:
 
 def create_app(engine: Any | None = None, *, loader: Callable[[], Any] | None = None, model_id: str = "moetandem",
                api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
-               max_model_len: int | None = None, max_body_bytes: int = 8 << 20) -> FastAPI:
+               max_model_len: int | None = None, max_body_bytes: int = 8 << 20,
+               drain_timeout: float = 30.0) -> FastAPI:
     """The server app. Pass a loaded `engine`, or a `loader` that builds one in a background thread (/health
-    answers 503 "loading" meanwhile). The engine thread starts with the app (lifespan) and stops with it."""
+    answers 503 "loading" meanwhile). The engine thread starts with the app (lifespan) and stops with it.
+    Graceful shutdown: `await app.state.server.drain()` before the server closes connections (what
+    `server_thread.DrainingServer` does on SIGTERM); in-flight requests get up to `drain_timeout` s."""
     if (engine is None) == (loader is None):
         raise ValueError("pass exactly one of engine, loader")
     state = ServerState(model_id, api_key or None, ServerMetrics(),
-                        {"max_batch": max_batch, "max_waiting": max_waiting, "max_len": max_model_len})
+                        {"max_batch": max_batch, "max_waiting": max_waiting, "max_len": max_model_len},
+                        drain_timeout)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -177,7 +203,8 @@ def create_app(engine: Any | None = None, *, loader: Callable[[], Any] | None = 
             assert loader is not None
             threading.Thread(target=state.load, args=(loader,), name="moetandem-load", daemon=True).start()
         yield
-        if state.loop is not None:
+        if state.loop is not None:  # uvicorn has closed every connection by now (drained or cut)
+            await state.drain(0.0)  # no-op after a DrainingServer's drain; else ends what is left
             state.loop.stop()
 
     app = FastAPI(title="moetandem", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from moetandem.errors import ContextLengthError, InvalidRequestError
 from moetandem.serve.errors import APIError
-from moetandem.serve.loop import EngineDead, EngineLoop, Event, Job, QueueFull
+from moetandem.serve.loop import EngineLoop
 from moetandem.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,6 +23,9 @@ from moetandem.serve.protocol import (
     chat_chunk,
     completion_chunk,
 )
+from moetandem.serve.scoring import chat_logprobs, completion_logprobs, score
+from moetandem.serve.scheduler import Draining, EngineDead, NeverFits, QueueFull
+from moetandem.serve.sequence import ERROR_STATUS, Event, Job
 from moetandem.streaming import TextStream
 
 Kind = Literal["chat", "completion"]
@@ -78,6 +81,12 @@ def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], 
             raise APIError(400, "the prompt is empty", param=param)
         max_new = body.max_tokens if body.max_tokens is not None else loop.max_len - len(ids)
         try:
+            if max_new == 0:  # echo only (scoring): nothing to generate, but the prompt must be valid
+                engine.encode(ids)
+                if len(ids) > loop.max_len:
+                    raise ContextLengthError(f"this model's maximum context length is {loop.max_len} tokens; the "
+                                             f"prompt has {len(ids)} tokens")
+                continue
             if max_new < 1 or len(ids) + max_new > loop.max_len:
                 raise ContextLengthError(
                     f"this model's maximum context length is {loop.max_len} tokens; the prompt has {len(ids)} "
@@ -97,9 +106,14 @@ def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], 
 def submit(loop: EngineLoop, jobs: list[Job]) -> None:
     try:
         loop.submit(jobs)
+    except NeverFits as e:
+        raise APIError(400, str(e), param="n", code="too_many_sequences") from None
     except QueueFull as e:
         raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": "1"}) from None
+    except Draining as e:
+        raise APIError(503, f"{e}; retry on another replica or after the restart", type="server_error",
+                       code="server_shutting_down", headers={"Retry-After": "5"}) from None
     except EngineDead as e:
         raise APIError(503, f"the engine is not running ({e})", type="server_error", code="engine_unavailable",
                        headers={"Retry-After": "5"}) from None
@@ -141,32 +155,82 @@ def usage(prompts: list[list[int]], jobs: list[Job]) -> dict[str, int]:
 
 async def respond(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, body: SamplingParams,
                   prompts: list[list[int]], param: str) -> Response:
+    echo = isinstance(body, CompletionRequest) and body.echo
+    if body.max_tokens == 0 and not echo:
+        raise APIError(400, "max_tokens 0 generates nothing; it is only allowed with echo (to score the prompt)",
+                       param="max_tokens")
     jobs = make_jobs(loop, body, prompts, param)
-    submit(loop, jobs)
+    if jobs:
+        submit(loop, jobs)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         return StreamingResponse(_sse(request, loop, model, kind, body, prompts, jobs, rid, created),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    texts = [""] * len(jobs)
-    finishes: list[str | None] = [None] * len(jobs)
-    async with aclosing(_events(request, loop, jobs)) as events:
-        async for ev in events:
-            texts[ev.choice] += ev.text
-            if ev.error is not None:
-                raise APIError(500, ev.error, type="server_error", code="engine_error")
-            finishes[ev.choice] = ev.finish
+    count = len(prompts) * body.n
+    texts = [""] * count
+    finishes: list[str | None] = [None if jobs else "length"] * count
+    if jobs:
+        async with aclosing(_events(request, loop, jobs)) as events:
+            async for ev in events:
+                texts[ev.choice] += ev.text
+                if ev.error is not None:
+                    raise APIError(ERROR_STATUS.get(ev.code, 500), ev.error, type="server_error", code=ev.code)
+                finishes[ev.choice] = ev.finish
     if any(f is None for f in finishes):
         return Response(status_code=499)  # the client is gone; nobody reads this
+    logprobs = await _logprobs(loop, kind, body, prompts, jobs)
     if kind == "chat":
         choices: list[dict[str, Any]] = [
-            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
-            for i, (t, f) in enumerate(zip(texts, finishes))]
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": f}
+            for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))]
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finishes))]
+        if echo:
+            shown = _prompt_texts(loop, body)  # type: ignore[arg-type]
+            texts = [shown[i // body.n] + t for i, t in enumerate(texts)]
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": f}
+                   for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))]
     return JSONResponse({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                          "created": created, "model": model, "choices": choices, "usage": usage(prompts, jobs)})
+
+
+async def _logprobs(loop: EngineLoop, kind: Kind, body: SamplingParams, prompts: list[list[int]],
+                    jobs: list[Job]) -> list[dict[str, Any] | None]:
+    """Per choice: the `logprobs` object when the request asked for one (one scoring forward), else None."""
+    count = len(prompts) * body.n
+    if isinstance(body, ChatCompletionRequest):
+        want, k = bool(body.logprobs), body.top_logprobs or 0
+    else:
+        assert isinstance(body, CompletionRequest)
+        want, k = body.logprobs is not None, body.logprobs or 0
+    if not want:
+        return [None] * count
+    engine = loop.engine
+    if getattr(engine, "split", None) is not None:
+        raise APIError(400, "logprobs are not available with split execution yet", param="logprobs")
+    by_index = {j.index: j.req.out[: j.tokens] for j in jobs}
+    seqs = [prompts[i // body.n] + by_index.get(i, []) for i in range(count)]
+    try:
+        scores = await asyncio.wrap_future(loop.call(lambda: score(engine, seqs, k)))
+    except EngineDead as e:
+        raise APIError(503, f"the engine is not running ({e})", type="server_error", code="engine_unavailable",
+                       headers={"Retry-After": "5"}) from None
+    except Exception as e:
+        raise APIError(500, f"internal engine error while scoring: {type(e).__name__}: {e}", type="server_error",
+                       code="engine_error") from None
+    echo = isinstance(body, CompletionRequest) and body.echo
+    shape = chat_logprobs if kind == "chat" else completion_logprobs
+    with loop.tokenizer_lock:
+        return [shape(engine.tokenizer, ids, sc, 0 if echo else len(prompts[i // body.n]), k)
+                for i, (ids, sc) in enumerate(zip(seqs, scores))]
+
+
+def _prompt_texts(loop: EngineLoop, body: CompletionRequest) -> list[str]:
+    """The prompts as `echo` shows them: text as sent, token ids decoded."""
+    tok = loop.engine.tokenizer
+    with loop.tokenizer_lock:
+        return [p if isinstance(p, str) else tok.decode(p) if tok is not None else " ".join(map(str, p))
+                for p in body.prompts()]
 
 
 def _data(obj: Any) -> str:
@@ -197,7 +261,7 @@ async def _sse(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, b
             ended += ev.finish is not None
             if ev.error is not None:
                 yield _data({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                       "code": "engine_error"}})
+                                       "code": ev.code}})
                 continue
             if ev.text:
                 yield chunk(ev.choice, ev.text, None)

@@ -4,17 +4,50 @@ Requests are strict about types (``"max_tokens": "10"`` is a 400, not a silent c
 unknown fields, which are ignored so that newer clients keep working."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16
+MAX_LOGPROBS = 20  # alternatives per token (as vLLM)
 MAX_STOPS = 4
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        """JSON may escape a lone surrogate ("\\ud800"); it is no Unicode text and no tokenizer takes it."""
+        if _lone_surrogate(v):
+            raise PydanticCustomError("invalid_unicode", "the text holds a lone UTF-16 surrogate (such as \\ud800), "
+                                      "which is not valid Unicode")
+        return v
+
+
+def _lone_surrogate(v: Any) -> bool:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(v, list):
+        return any(_lone_surrogate(x) for x in v)
+    if isinstance(v, dict):
+        return any(_lone_surrogate(x) for x in v.values())
+    return False
+
+
+def integral(v: Any) -> Any:
+    """1.0 -> 1: JSON Schema's "integer" is any number with a zero fractional part (2.5, "2" stay errors)."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return v
 
 
 class StreamOptions(StrictModel):
@@ -42,6 +75,8 @@ class SamplingParams(StrictModel):
                                             description="accepted and ignored")
     user: str | None = None
 
+    _integral = field_validator("max_tokens", "seed", "n", mode="before")(integral)
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
@@ -67,6 +102,12 @@ class ChatMessage(StrictModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _has_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":  # assistant: null content (tool calls) is allowed
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        return self
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
@@ -76,12 +117,18 @@ class ChatMessage(StrictModel):
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(None, description="return each generated token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the most likely "
+                                                                             "alternatives per token")
+
+    _integral_chat = field_validator("max_completion_tokens", "top_logprobs", mode="before")(integral)
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatCompletionRequest":
-        if self.logprobs:
-            raise ValueError("logprobs is not supported by this server")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.logprobs and self.stream:
+            raise ValueError("logprobs with stream is not supported by this server; use stream: false")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         return self
@@ -92,18 +139,19 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingParams):
     prompt: Prompt = Field(..., description="text, token ids, or a list of either (one choice group per prompt)")
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=0, description="tokens to generate; 0 only with echo (scoring)")
+    echo: bool = Field(False, description="return the prompt before the completion (with its logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="return token log-probabilities and "
+                                                                         "this many alternatives per token")
     best_of: int | None = None
     suffix: str | None = None
 
+    _integral_completion = field_validator("logprobs", "best_of", mode="before")(integral)
+
     @model_validator(mode="after")
     def _unsupported(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.logprobs:
-            raise ValueError("logprobs is not supported by this server")
+        if self.stream and (self.echo or self.logprobs is not None):
+            raise ValueError("echo and logprobs with stream are not supported by this server; use stream: false")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
@@ -160,7 +208,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None
 
 
@@ -176,7 +224,7 @@ class ChatCompletion(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None
 
 

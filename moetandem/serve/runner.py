@@ -1,46 +1,37 @@
-"""Run an app under uvicorn in a background thread (tests, benchmarks, notebooks)."""
+"""The model runner: one step at a time on the engine's continuous batcher. It prefills sequences into free
+KV-cache slots, runs one decode step, and returns raw token events; it knows nothing about HTTP requests, stop
+strings or when a sequence is finished (the scheduler decides that and calls `release`)."""
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from types import TracebackType
 from typing import Any
 
-import uvicorn
+from moetandem.batcher import Batcher, Request
+
+TokenEvent = tuple[Request, int]  # (sequence, the token it just produced)
 
 
-class ServerThread:
-    """``with ServerThread(app) as srv: httpx.get(srv.url + "/health")`` - binds 127.0.0.1 on a free port
-    (port=0) before starting, so there is no race for the port."""
+class Runner:
+    """Owns the Batcher (and so the KV cache and its slots). Not thread-safe: only the engine thread calls it."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        self.app, self.url = app, f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="moetandem-uvicorn", daemon=True)
+    def __init__(self, engine: Any, max_batch: int, max_len: int) -> None:
+        self.batcher = Batcher(engine, max_batch, max_len)
 
-    def start(self, timeout: float = 60.0) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
+    def free_slots(self) -> int:
+        return self.batcher.free_slots()
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
+    @property
+    def active(self) -> list[Request]:
+        """Sequences holding a KV-cache slot."""
+        return self.batcher.active
 
-    def __enter__(self) -> "ServerThread":
-        return self.start()
+    def prefill(self, seqs: list[Request]) -> list[TokenEvent]:
+        """Prefill `seqs` (at most free_slots()) into free slots, one padded batch; their first tokens."""
+        return self.batcher.add(seqs)
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
+    def step(self) -> list[TokenEvent]:
+        """One decode step of every sequence holding a slot; one token each."""
+        return self.batcher.step() if self.batcher.active else []
+
+    def release(self, seq: Request) -> None:
+        """Free the slot of `seq` (no-op when it holds none, e.g. the batcher already freed it at its end)."""
+        self.batcher.cancel(seq)
