@@ -184,6 +184,7 @@ class ServeConfig:
     max_waiting: int = 64
     max_model_len: int | None = None
     log_level: str = "info"
+    drain_timeout_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
 
     def __post_init__(self) -> None:
         _positive_int("--max-batch", self.max_batch)
@@ -192,8 +193,10 @@ class ServeConfig:
             raise InvalidRequestError(f"--max-waiting must be >= 0, got {self.max_waiting}")
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"--port must be 0..65535, got {self.port}")
+        if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
+            raise InvalidRequestError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ServeConfig":
         return cls(ns.host, ns.port, ns.api_key_file, ns.served_model_name, ns.max_batch, ns.max_waiting,
-                   ns.max_model_len, ns.log_level)
+                   ns.max_model_len, ns.log_level, ns.drain_timeout)

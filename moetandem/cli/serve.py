@@ -36,6 +36,9 @@ def register(subparsers: Any, **parser_kwargs: Any) -> argparse.ArgumentParser:
                    help="sequences queued for a slot before new requests get 429 (default 64)")
     p.add_argument("--max-model-len", type=positive_int, metavar="TOKENS",
                    help="context per sequence, prompt + completion (default: the model's maximum)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C: stop admitting, let running requests finish for up to S seconds, then "
+                        "end the rest with an error event and [DONE] (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_committee_args(p)  # --expert-budget, --policy, --fidelity, ... (the engine's Parameter Committee)
     add_split_args(p)  # --cloud HOST:PORT --token-file F ... (split execution, moetandem/split)
@@ -48,6 +51,7 @@ def serve_command(args: argparse.Namespace) -> int:
         import uvicorn
 
         from moetandem.serve.app import create_app
+        from moetandem.serve.server_thread import DrainingServer
     except ImportError as e:
         raise MoetandemError(f"`moetandem serve` needs the server dependencies ({e.name} is missing): "
                              "pip install fastapi uvicorn prometheus-client") from None
@@ -67,12 +71,13 @@ def serve_command(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(loader=load, model_id=name, api_key=api_key, max_batch=serve_cfg.max_batch,
-                     max_waiting=serve_cfg.max_waiting, max_model_len=serve_cfg.max_model_len)
+                     max_waiting=serve_cfg.max_waiting, max_model_len=serve_cfg.max_model_len,
+                     drain_timeout=serve_cfg.drain_timeout_s)
     sock = listen_socket(serve_cfg.host, serve_cfg.port)  # a busy port is a one-line error, before any loading
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     print(f"moetandem: serving {name!r} on http://{args.host}:{sock.getsockname()[1]} (model loading; "
           "GET /health says when it is ready)", file=sys.stderr, flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    DrainingServer(config).run(sockets=[sock])  # drains in-flight streams before uvicorn's own shutdown
     return 0
 
 

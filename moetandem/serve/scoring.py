@@ -44,7 +44,7 @@ def _score_batch(engine: Any, seqs: list[list[int]], k: int) -> list[Scores]:
     pos = torch.arange(L, device=dev).expand(n, L)  # [n, L]
     valid = pos < torch.tensor(lens, device=dev)[:, None] if min(lens) != L else None  # [n, L]
     cache = KVCache(engine.args, n, L, dev, engine.dtype)  # its own: the batcher's slots stay untouched
-    logits = engine.model(ids, pos, cache, L, valid=valid)  # [n, L, V]
+    logits = engine.forward(ids, pos, cache, L, valid=valid)  # [n, L, V]
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [n, L-1, V]: next-token distributions
     chosen = logp.gather(-1, ids[:, 1:, None]).squeeze(-1).tolist()  # [n, L-1]
     if k > 0:
