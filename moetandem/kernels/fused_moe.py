@@ -1,0 +1,246 @@
+"""Fused MoE in Triton over a slot table: y = Σ_j w_j · down(act(gate x) ⊙ (up x)), one launch per GEMM for all
+experts (the design of vLLM/SGLang's fused_moe; own code).
+
+    align (1 launch) ─► gate+up GEMM, act ⊙ mul in the epilogue ─► h [T*k, I]
+                    ─► down GEMM, routing weight in the epilogue ─► y [T*k, H] fp32 ─► Σ over k, no atomics
+
+Weights are read through a slot table (expert -> slot, -1 = not resident) and arbitrary strides, so the
+committee's flat slot buffers (w13/w2 views of one [N, 3IH] buffer) are used in place. Assignments whose slot is
+-1 or whose weight is exactly 0 read nothing. No host sync and fixed grids: CUDA-graph safe once tuned.
+Weights are read in their own dtype (bf16/fp16/fp32); packed formats (fp8/int4 + scales) would add scale
+pointers and a dequant step at the weight loads of the two GEMM kernels, nothing else."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moetandem.kernels import tuning
+from moetandem.kernels.align import Aligned, align, triton_cdiv
+
+try:
+    import triton
+    import triton.language as tl
+    import triton.testing
+
+    from moetandem.kernels.align import _keys
+except ImportError:
+    triton = None
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # gelu = erf form; gelu_tanh = gelu_pytorch_tanh (Gemma)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def fused_moe_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """True where the Triton path runs: CUDA, Triton importable, bf16 (sm80+), fp16 or fp32 weights."""
+    device = torch.device(device)
+    if triton is None or device.type != "cuda" or not torch.cuda.is_available() or dtype not in _DTYPES:
+        return False
+    return dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _check(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+           slot_table: torch.Tensor | None, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise NotImplementedError(f"fused_moe: activation {activation!r} is not supported (have {list(ACTIVATIONS)})")
+    T, H = x.shape
+    n, i2, h = w13.shape
+    if h != H or i2 % 2 or w2.shape != (n, H, i2 // 2):
+        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} disagree")
+    if expert_ids.shape != weights.shape or expert_ids.dim() != 2 or expert_ids.shape[0] != T:
+        raise ValueError(f"fused_moe: expert_ids {tuple(expert_ids.shape)} / weights {tuple(weights.shape)} vs T={T}")
+    if slot_table is not None and slot_table.dim() != 1:
+        raise ValueError("fused_moe: slot_table must be [E]")
+
+
+def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                        w2: torch.Tensor, slot_table: torch.Tensor | None = None,
+                        activation: str = "silu") -> torch.Tensor:
+    """Plain PyTorch with the semantics of fused_moe (each busy slot once on its rows; syncs with the host).
+    GEMMs in the weights' dtype, the sum over k in fp32, the result in x's dtype."""
+    _check(x, expert_ids, weights, w13, w2, slot_table, activation)
+    T, k = expert_ids.shape
+    I = w13.shape[1] // 2
+    ids = expert_ids.long()  # [T, k]
+    slots = ids if slot_table is None else slot_table.to(ids.device).long()[ids]  # [T, k]
+    valid = (slots >= 0) & (slots < w13.shape[0]) & (weights != 0)  # [T, k]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    for s in slots[valid].unique().tolist():
+        t, j = ((slots == s) & valid).nonzero(as_tuple=True)
+        gu = x[t].to(w13.dtype) @ w13[s].t()  # [n, 2I]
+        h = _act_torch(gu[:, :I], activation) * gu[:, I:]  # [n, I]
+        y = h @ w2[s].t()  # [n, H]
+        out.index_add_(0, t, y.float() * weights[t, j].float()[:, None])
+    return out.to(x.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _act(g, ACT: tl.constexpr):
+        if ACT == 0:
+            r = g * tl.sigmoid(g)
+        elif ACT == 1:
+            r = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        else:
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            r = g * tl.sigmoid(2.0 * inner)  # 0.5·(1 + tanh(u)) = sigmoid(2u)
+        return r
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, I, TOP_K,
+                        sx_m, sx_k, sw_e, sw_n, sw_k, sh_m, ACT: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        slot = tl.load(bslot_ptr + pid_m)
+        if slot < 0:
+            return
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < tl.load(brows_ptr + pid_m)
+        a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + (a_id // TOP_K)[:, None] * sx_m + offs_k[None, :] * sx_k  # [BM, BK]
+        g_ptrs = w_ptr + slot.to(tl.int64) * sw_e + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k  # [BK, BN]
+        u_ptrs = g_ptrs + I * sw_n
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            wmask = mask_k[:, None] & mask_n[None, :]
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(w_ptr.dtype.element_ty)
+            acc_g = tl.dot(a, tl.load(g_ptrs, mask=wmask, other=0.0), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, tl.load(u_ptrs, mask=wmask, other=0.0), acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * sx_k
+            g_ptrs += BLOCK_K * sw_k
+            u_ptrs += BLOCK_K * sw_k
+        h = (_act(acc_g, ACT) * acc_u).to(h_ptr.dtype.element_ty)  # [BM, BN]
+        tl.store(h_ptr + a_id[:, None] * sh_m + offs_n[None, :], h, mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _down_kernel(h_ptr, w_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, N,
+                     sh_m, sw_e, sw_n, sw_k, sy_m, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        slot = tl.load(bslot_ptr + pid_m)
+        if slot < 0:
+            return
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < tl.load(brows_ptr + pid_m)
+        a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + a_id[:, None] * sh_m + offs_k[None, :]  # [BM, BK]
+        w_ptrs = w_ptr + slot.to(tl.int64) * sw_e + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k  # [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * sw_k
+        acc *= tl.load(rw_ptr + a_id, mask=mask_m, other=0.0).to(tl.float32)[:, None]  # routing weight
+        tl.store(y_ptr + a_id[:, None] * sy_m + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _sum_kernel(y_ptr, ids_ptr, rw_ptr, table_ptr, out_ptr, H, N, sy_m, so_t,
+                    TOP_K: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_H: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):  # fixed order over k: deterministic
+            a = t * TOP_K + j
+            busy = _keys(ids_ptr, rw_ptr, table_ptr, a, a + 1, N, HAS_TABLE) < N
+            acc += tl.load(y_ptr + a * sy_m + offs, mask=mask & busy, other=0.0)
+        tl.store(out_ptr + t * so_t + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class _Plan:
+    """One call's tensors, alignment and scratch; the launches below run on it."""
+
+    def __init__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                 w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int) -> None:
+        self.x, self.w13, self.w2, self.table = x, w13, w2, slot_table
+        self.T, self.k = expert_ids.shape
+        self.N, self.H, self.I = w13.shape[0], w13.shape[2], w13.shape[1] // 2
+        self.act = ACTIVATIONS[activation]
+        self.ids = expert_ids.reshape(-1).contiguous()  # [T*k]
+        self.rw = weights.reshape(-1).contiguous()  # [T*k]
+        self.al: Aligned = align(self.ids, self.rw, slot_table, self.N, block_m)
+        m = self.T * self.k
+        self.h = torch.empty(m, self.I, dtype=w13.dtype, device=x.device)  # [T*k, I]
+        self.y = torch.empty(m, self.H, dtype=torch.float32, device=x.device)  # [T*k, H]
+        self.precision = "ieee" if w13.dtype == torch.float32 else "tf32"
+
+    def up(self, c: tuning.KernelConfig) -> None:
+        al, w = self.al, self.w13
+        _gate_up_kernel[(al.num_blocks, triton_cdiv(self.I, c.block_n))](
+            self.x, w, self.h, al.sorted_ids, al.block_slot, al.block_rows, self.H, self.I, self.k,
+            self.x.stride(0), self.x.stride(1), w.stride(0), w.stride(1), w.stride(2), self.h.stride(0),
+            ACT=self.act, PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def down(self, c: tuning.KernelConfig) -> None:
+        al, w = self.al, self.w2
+        _down_kernel[(al.num_blocks, triton_cdiv(self.H, c.block_n))](
+            self.h, w, self.y, self.rw, al.sorted_ids, al.block_slot, al.block_rows, self.I, self.H,
+            self.h.stride(0), w.stride(0), w.stride(1), w.stride(2), self.y.stride(0), PRECISION=self.precision,
+            BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
+            num_stages=c.num_stages)
+
+    def reduce(self) -> torch.Tensor:
+        out = torch.empty(self.T, self.H, dtype=self.x.dtype, device=self.x.device)  # [T, H]
+        bh = min(1024, triton.next_power_of_2(self.H))
+        table = self.table.contiguous() if self.table is not None else self.ids
+        _sum_kernel[(self.T, triton_cdiv(self.H, bh))](
+            self.y, self.ids, self.rw, table, out, self.H, self.N, self.y.stride(0), out.stride(0),
+            TOP_K=self.k, HAS_TABLE=self.table is not None, BLOCK_H=bh, num_warps=4)
+        return out
+
+
+def _timer(fn: Callable[[], None]) -> float:
+    return triton.testing.do_bench(fn, warmup=3, rep=15)
+
+
+def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+            slot_table: torch.Tensor | None, activation: str) -> tuning.MoEConfig:
+    T, k = expert_ids.shape
+    N, I, H = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
+    gpu = torch.cuda.get_device_name(x.device)
+    key = tuning.cache_key(str(w13.dtype).removeprefix("torch."), N, H, I, k, T)
+    cfg = tuning.CACHE.get(gpu, key)
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing() or not tuning.tuning_enabled():
+        return tuning.default_config(T * k, N)
+    cfg = tuning.search(tuning.block_m_choices(T * k, N),
+                        lambda bm: _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, bm),
+                        _Plan.up, _Plan.down, _timer)
+    tuning.CACHE.put(gpu, key, cfg)
+    return cfg
+
+
+def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              slot_table: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+    """x [T, H]; expert_ids [T, k] (model ids 0..E-1); weights [T, k]; w13 [N, 2I, H] (gate; up); w2 [N, H, I]
+    (any strides, e.g. views of flat slot buffers); slot_table [E] int (expert -> slot, -1 = not resident; None =
+    identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) over assignments with a slot and a non-zero weight.
+    Triton on CUDA (tuned at first use per shape bucket, never during graph capture); the reference elsewhere."""
+    _check(x, expert_ids, weights, w13, w2, slot_table, activation)
+    if not fused_moe_supported(x.device, w13.dtype) or x.shape[0] == 0:
+        return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation)
+    cfg = _config(x, expert_ids, weights, w13, w2, slot_table, activation)
+    plan = _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, cfg.block_m)
+    plan.up(cfg.up)
+    plan.down(cfg.down)
+    return plan.reduce()

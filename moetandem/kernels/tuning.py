@@ -1,0 +1,140 @@
+"""Block sizes for the fused MoE kernels: a small search at first use per (GPU, dtype, slots, H, I, k, T bucket),
+kept in a JSON file under ~/.cache/moetandem/fused_moe/ (MOETANDEM_CACHE_DIR overrides the root;
+MOETANDEM_FUSED_MOE_TUNE=0 turns the search off and uses the defaults). Never searches while a CUDA graph is being
+captured: the caller passes `may_tune=False` then and gets the cached entry or the default."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+P = TypeVar("P")
+
+
+@dataclass(frozen=True, order=True)
+class KernelConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    block_m: int
+    up: KernelConfig  # gate+up GEMM (activation fused)
+    down: KernelConfig  # down GEMM (routing weight fused)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> MoEConfig:
+        return MoEConfig(int(d["block_m"]), KernelConfig(**d["up"]), KernelConfig(**d["down"]))
+
+
+#: searched for both GEMMs; narrow N tiles spread a batch-1 GEMV over many SMs, wide ones reuse rows at large T
+CANDIDATES = (KernelConfig(16, 256, 4, 4), KernelConfig(16, 128, 4, 4), KernelConfig(32, 128, 4, 4),
+              KernelConfig(32, 64, 4, 6), KernelConfig(64, 128, 4, 3),
+              KernelConfig(64, 64, 4, 4), KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3))
+
+
+def t_bucket(t: int) -> int:
+    """Tokens rounded up to a power of two (at most 4096), so nearby batch sizes share one tuned entry."""
+    return min(4096, 1 << max(0, math.ceil(math.log2(max(1, t)))))
+
+
+def block_m_choices(m: int, n_slots: int) -> list[int]:
+    """BLOCK_M candidates from the mean rows per busy slot (tl.dot needs at least 16)."""
+    per_slot = m / max(1, min(m, n_slots))
+    return [16] if per_slot <= 16 else [16, 32] if per_slot <= 48 else [16, 32, 64]
+
+
+def default_config(m: int, n_slots: int) -> MoEConfig:
+    """Used when the search is off or a graph is being captured with no cached entry."""
+    bm = block_m_choices(m, n_slots)[-1]
+    kc = KernelConfig(32, 128, 4, 4) if bm == 16 else KernelConfig(64, 64, 4, 4)
+    return MoEConfig(bm, kc, kc)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOETANDEM_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "moetandem") / "fused_moe"
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("MOETANDEM_FUSED_MOE_TUNE", "1") != "0"
+
+
+def cache_key(dtype: str, n_slots: int, hidden: int, inter: int, top_k: int, tokens: int) -> str:
+    return f"{dtype},N={n_slots},H={hidden},I={inter},k={top_k},T={t_bucket(tokens)}"
+
+
+class ConfigCache:
+    """One JSON file per GPU name: {key: MoEConfig}. Loaded on first use, rewritten atomically on each new entry."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, dict[str, MoEConfig]] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, gpu: str) -> Path:
+        return cache_dir() / ("".join(c if c.isalnum() else "_" for c in gpu) + ".json")
+
+    def _load(self, path: Path) -> dict[str, MoEConfig]:
+        if path not in self._files:
+            try:
+                raw = json.loads(path.read_text())
+                self._files[path] = {k: MoEConfig.from_json(v) for k, v in raw.items()}
+            except (OSError, ValueError, KeyError, TypeError):
+                self._files[path] = {}
+        return self._files[path]
+
+    def get(self, gpu: str, key: str) -> MoEConfig | None:
+        with self._lock:
+            return self._load(self._path(gpu)).get(key)
+
+    def put(self, gpu: str, key: str, cfg: MoEConfig) -> None:
+        with self._lock:
+            path = self._path(gpu)
+            entries = self._load(path)
+            entries[key] = cfg
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({k: v.to_json() for k, v in sorted(entries.items())}, indent=1))
+                tmp.replace(path)
+            except OSError:  # a read-only home still gets the tuned config for this process
+                pass
+
+
+CACHE = ConfigCache()
+
+
+def search(block_ms: list[int], prepare: Callable[[int], P], up: Callable[[P, KernelConfig], None],
+           down: Callable[[P, KernelConfig], None], timer: Callable[[Callable[[], None]], float]) -> MoEConfig:
+    """Each BLOCK_M: the fastest gate+up and the fastest down config; keep the BLOCK_M with the least total."""
+    best: tuple[float, MoEConfig] | None = None
+    for bm in block_ms:
+        plan = prepare(bm)
+        picked = []
+        for launch in (up, down):
+            times = []
+            for kc in CANDIDATES:
+                try:
+                    times.append((timer(lambda: launch(plan, kc)), kc))
+                except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile: not a candidate here
+                    continue
+            if not times:
+                raise RuntimeError("fused_moe: no kernel configuration ran on this device")
+            t, kc = min(times)
+            launch(plan, kc)  # leave valid outputs (the down search reads the intermediate)
+            picked.append((t, kc))
+        total = picked[0][0] + picked[1][0]
+        if best is None or total < best[0]:
+            best = (total, MoEConfig(bm, picked[0][1], picked[1][1]))
+    assert best is not None
+    return best[1]
