@@ -18,12 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
-from moetandem import Engine  # noqa: E402
 
-VARIANTS = {  # name -> (CUDA graphs, grouped expert GEMM)
-    "moetandem eager, per-expert loop": (False, False),
-    "moetandem eager, grouped GEMM": (False, True),
-    "moetandem CUDA graph, grouped GEMM": (True, True),
+VARIANTS = {  # name -> moetandem.load keywords
+    "moetandem eager": {"use_graphs": False, "compile": "off"},
+    "moetandem CUDA graph": {"use_graphs": True, "compile": "off"},
+    "moetandem CUDA graph + torch.compile": {"use_graphs": True, "compile": "on"},
 }
 
 
@@ -42,12 +41,11 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_ours(path: Path, device: str, prompt: list[int], new: int, graphs: bool, grouped: bool,
-               repeats: int) -> dict:
-    eng = moetandem.load(path, device=device, use_graphs=graphs, progress=False)
-    if not grouped:
-        eng.provider.grouped = eng.provider.graph_safe = False
-    eng.generate([prompt], max_new_tokens=new)  # warm-up (and graph capture)
+def bench_ours(path: Path, device: str, prompt: list[int], new: int, kw: dict, repeats: int) -> dict:
+    eng = moetandem.load(path, device=device, progress=False, **kw)
+    t = time.perf_counter()
+    eng.generate([prompt], max_new_tokens=new)  # warm-up (graph capture, compilation, kernel tuning)
+    warm_s = time.perf_counter() - t
     runs = []
     for _ in range(repeats):
         _sync()
@@ -57,7 +55,7 @@ def bench_ours(path: Path, device: str, prompt: list[int], new: int, graphs: boo
         runs.append((time.perf_counter() - t, eng.last_stats.decode_tok_s))
     assert len(g.token_ids) == new
     e2e = statistics.median(r[0] for r in runs)
-    res = {"tok_s": new / e2e, "decode_tok_s": statistics.median(r[1] for r in runs),
+    res = {"tok_s": new / e2e, "decode_tok_s": statistics.median(r[1] for r in runs), "warmup_s": warm_s,
            "peak_gib": eng.peak_memory() / 2**30, "tokens": g.token_ids[:16]}
     del eng
     _free()
@@ -117,10 +115,9 @@ def main() -> None:
             results.append({"shape": shape, "engine": f"HF transformers ({impl})", **r})
             print(json.dumps(results[-1]), flush=True)
         for name in args.variants:
-            graphs, grouped = VARIANTS[name]
-            if args.device != "cuda" and (graphs or grouped):
+            if args.device != "cuda" and VARIANTS[name]["use_graphs"]:
                 continue
-            r = bench_ours(path, args.device, prompt, args.new_tokens, graphs, grouped, args.repeats)
+            r = bench_ours(path, args.device, prompt, args.new_tokens, VARIANTS[name], args.repeats)
             results.append({"shape": shape, "engine": name, **r})
             print(json.dumps(results[-1]), flush=True)
     (args.out / "decode.json").write_text(json.dumps(results, indent=1))

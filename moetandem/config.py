@@ -62,10 +62,16 @@ class ModelConfig:
     dtype: str = "auto"
     use_graphs: bool = True
     progress: bool = True
+    compile: str = "auto"  # torch.compile the captured decode step: auto (on CUDA) | on | off
+
+    def __post_init__(self) -> None:
+        if self.compile not in ("auto", "on", "off"):
+            raise InvalidRequestError(f"--compile {self.compile!r}: choose auto, on or off")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace, path: Path, **kw: Any) -> "ModelConfig":
-        return cls(path=Path(path), device=getattr(ns, "device", "auto"), dtype=getattr(ns, "dtype", "auto"), **kw)
+        return cls(path=Path(path), device=getattr(ns, "device", "auto"), dtype=getattr(ns, "dtype", "auto"),
+                   compile=getattr(ns, "compile", "auto"), **kw)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, experts: Mapping[int, ExpertProvider], provider: ExpertProvider,
                  store: ExpertStore, device: torch.device, dtype: torch.dtype, use_graphs: bool = True,
-                 gate: Any = None, split: Any = None) -> None:
+                 gate: Any = None, split: Any = None, compile: bool = False) -> None:
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.experts: dict[int, ExpertProvider] = dict(experts)
         self.provider = provider
@@ -87,7 +87,7 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.last_stats: GenerationStats | None = None
-        self.graphs = DecodeGraphs(self.model, self.experts) if use_graphs and device.type == "cuda" else None
+        self.graphs = DecodeGraphs(self.model, self.experts, compile) if use_graphs and device.type == "cuda" else None
         self._caches: dict[tuple[int, int], KVCache] = {}
 
     @property

@@ -3,13 +3,16 @@ so batch-1 decode is not bound by Python and kernel launches. Batches are padded
 that write into the cache's scratch row, so a handful of graphs serve every batch size."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from moetandem.experts.provider import ExpertProvider
 from moetandem.models import KVCache, MoEForCausalLM
+
+log = logging.getLogger("moetandem")
 
 
 @dataclass
@@ -23,8 +26,12 @@ class _Entry:
 
 
 class DecodeGraphs:
-    def __init__(self, model: MoEForCausalLM, experts: Mapping[int, ExpertProvider]) -> None:
+    def __init__(self, model: MoEForCausalLM, experts: Mapping[int, ExpertProvider], compile: bool = False) -> None:
+        """compile: run the captured step through torch.compile (inductor fuses the norms, RoPE, routing and
+        residual adds into few kernels; the fused MoE stays one custom op). Falls back to eager, with a warning
+        logged once, if compilation fails."""
         self.model, self.experts = model, experts
+        self.forward: Callable[..., torch.Tensor] = torch.compile(model, dynamic=False) if compile else model
         self.entries: dict[tuple[int, int], _Entry] = {}  # (padded batch, id(cache))
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -66,10 +73,21 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.model(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)
+                self._warm(e)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            e.logits = self.model(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)[:, -1]
+            e.logits = self.forward(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)[:, -1]
         graph.replay()
         e.graph = graph
+
+    def _warm(self, e: _Entry) -> None:
+        try:
+            self.forward(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)
+        except Exception as err:  # an inductor / dynamo failure must not stop generation
+            if self.forward is self.model:
+                raise
+            log.warning("torch.compile failed for the decode step (%s: %s); decoding with the eager model",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self.forward = self.model
+            self.model(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)

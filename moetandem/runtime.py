@@ -51,7 +51,9 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
             log.warning("split execution: decode steps run eagerly (each step exchanges frames with the cloud, "
                         "which a CUDA graph cannot hold)")
         use_graphs = False
-    engine = Engine(runner, ckpt.tokenizer(), experts, provider, store, dev, dt, use_graphs, router, splitter)
+    compile_step = model.compile == "on" or (model.compile == "auto" and dev.type == "cuda")
+    engine = Engine(runner, ckpt.tokenizer(), experts, provider, store, dev, dt, use_graphs, router, splitter,
+                    compile_step)
     if router is not None and gate.latency_budget_s > 0:
         from moetandem.gating import measure_profile
         router.selector.update(measure_profile(engine))
@@ -63,8 +65,8 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
          fidelity: str = "balanced", skip_threshold: float | None = None, refresh_every: int = 16,
          score: str = "importance", plan: Any = None, async_swaps: bool = True, gate: str = "off",
          gate_cost: float = math.inf, gate_latency_budget: float = 0.0, cloud: str | None = None,
-         token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None
-         ) -> Engine:
+         token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None,
+         compile: str = "auto") -> Engine:
     """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all expert
     bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets. gate="group" /
     "masked" routes to the experts that are local now. cloud="HOST:PORT" runs the middle layers on a `moetandem
@@ -78,5 +80,5 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
         fields = {k: opts.pop(k) for k in ("plan", "head", "tail", "cloud_experts", "codec", "codec_rank",
                                             "micro_batches") if k in opts}
         sc = SplitConfig(cloud, token=token, token_file=token_file, link=opts, **fields)
-    return build_engine(ModelConfig(Path(path), device, dtype, use_graphs, progress), cm,
+    return build_engine(ModelConfig(Path(path), device, dtype, use_graphs, progress, compile), cm,
                         GateConfig(gate, gate_cost, gate_latency_budget), sc)

@@ -222,3 +222,56 @@ def pytestmark_gpu() -> None:
     if not fused_moe_supported("cuda", torch.bfloat16):
         pytest.skip("needs Triton and sm80+")
 
+
+
+def host_problem(T: int, k: int, E: int, N: int, H: int, I: int, device: str, dtype: torch.dtype, seed: int = 3):
+    """A slot table where the resident experts use their device slot and every other expert reads its mapped host
+    copy (entry N + e): the committee's exact path. Returns the problem and the all-resident equivalent."""
+    x, ids, w, w13, w2, tab, buf = problem(T, k, E, N, H, I, device, dtype, table=True, seed=seed)
+    full = torch.empty(E, 3 * I * H, dtype=dtype)  # every expert, in host memory
+    g = torch.Generator().manual_seed(seed + 1)
+    full.copy_(torch.randn(E, 3 * I * H, generator=g) * H ** -0.5)
+    cpu_tab = tab.cpu().long()
+    for e in range(E):  # the resident ones hold the same bytes as their host copy
+        if cpu_tab[e] >= 0:
+            buf[cpu_tab[e]].copy_(full[e])
+    if device == "cuda":
+        full = full.pin_memory()
+    mapped = torch.where(cpu_tab >= 0, cpu_tab, N + torch.arange(E)).int().to(device)  # [E]
+    hw13, hw2 = flat_views(full, I, H)
+    return x, ids, w, w13, w2, mapped, (hw13, hw2), full
+
+
+def test_reference_reads_misses_from_host() -> None:
+    x, ids, w, w13, w2, mapped, host, full = host_problem(5, 4, 12, 5, 16, 8, "cpu", torch.float32)
+    fw13, fw2 = flat_views(full, 8, 16)
+    want = naive(x, ids, w, fw13, fw2, None)  # every expert resident
+    assert torch.allclose(fused_moe_reference(x, ids, w, w13, w2, mapped, host=host), want, atol=1e-5)
+    assert torch.allclose(fused_moe(x, ids, w, w13, w2, mapped, host=host), want, atol=1e-5)
+    with pytest.raises(ValueError, match="host weights"):
+        fused_moe_reference(x, ids, w, w13, w2, mapped, host=(host[0][:, :, :8], host[1]))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 8])
+def test_triton_zero_copy_host_experts(T: int, tune_dir) -> None:
+    """Misses read from pinned host memory inside the kernel equal the all-resident result, also in a graph."""
+    pytestmark_gpu()
+    E, N, H, I, k = 64, 24, 2048, 1024, 8
+    x, ids, w, w13, w2, mapped, host, full = host_problem(T, k, E, N, H, I, "cuda", torch.bfloat16)
+    fw13, fw2 = flat_views(full.cuda(), I, H)
+    want = fused_moe(x, ids, w, fw13, fw2)  # all resident
+    got = fused_moe(x, ids, w, w13, w2, mapped, host=host)
+    assert rel_err(got, want) < 1e-2
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fused_moe(x, ids, w, w13, w2, mapped, host=host)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = fused_moe(x, ids, w, w13, w2, mapped, host=host)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, want) < 1e-2

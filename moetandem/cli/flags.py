@@ -16,6 +16,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the CUDA-graph decode step (auto: on with a GPU; off: plain eager kernels)")
 
 
 def add_committee_args(p: argparse.ArgumentParser) -> None:

@@ -41,7 +41,8 @@ def fused_moe_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 def _check(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-           slot_table: torch.Tensor | None, activation: str) -> None:
+           slot_table: torch.Tensor | None, activation: str,
+           host: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     if activation not in ACTIVATIONS:
         raise NotImplementedError(f"fused_moe: activation {activation!r} is not supported (have {list(ACTIVATIONS)})")
     T, H = x.shape
@@ -52,6 +53,10 @@ def _check(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13
         raise ValueError(f"fused_moe: expert_ids {tuple(expert_ids.shape)} / weights {tuple(weights.shape)} vs T={T}")
     if slot_table is not None and slot_table.dim() != 1:
         raise ValueError("fused_moe: slot_table must be [E]")
+    if host is not None and (host[0].shape[1:] != w13.shape[1:] or host[1].shape[1:] != w2.shape[1:]
+                             or host[0].stride()[1:] != w13.stride()[1:] or host[1].stride()[1:] != w2.stride()[1:]
+                             or host[0].dtype != w13.dtype):
+        raise ValueError("fused_moe: host weights must have the slot buffers' expert shape, inner strides and dtype")
 
 
 def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
@@ -61,22 +66,25 @@ def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                        w2: torch.Tensor, slot_table: torch.Tensor | None = None,
-                        activation: str = "silu") -> torch.Tensor:
+                        w2: torch.Tensor, slot_table: torch.Tensor | None = None, activation: str = "silu",
+                        host: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Plain PyTorch with the semantics of fused_moe (each busy slot once on its rows; syncs with the host).
     GEMMs in the weights' dtype, the sum over k in fp32, the result in x's dtype."""
-    _check(x, expert_ids, weights, w13, w2, slot_table, activation)
+    _check(x, expert_ids, weights, w13, w2, slot_table, activation, host)
     T, k = expert_ids.shape
-    I = w13.shape[1] // 2
+    I, n = w13.shape[1] // 2, w13.shape[0]
+    n_all = n + (host[0].shape[0] if host is not None else 0)
     ids = expert_ids.long()  # [T, k]
     slots = ids if slot_table is None else slot_table.to(ids.device).long()[ids]  # [T, k]
-    valid = (slots >= 0) & (slots < w13.shape[0]) & (weights != 0)  # [T, k]
+    valid = (slots >= 0) & (slots < n_all) & (weights != 0)  # [T, k]
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
     for s in slots[valid].unique().tolist():
         t, j = ((slots == s) & valid).nonzero(as_tuple=True)
-        gu = x[t].to(w13.dtype) @ w13[s].t()  # [n, 2I]
+        a, b = (w13[s], w2[s]) if s < n else (host[0][s - n], host[1][s - n])  # type: ignore[index]
+        a, b = a.to(x.device), b.to(x.device)
+        gu = x[t].to(a.dtype) @ a.t()  # [n, 2I]
         h = _act_torch(gu[:, :I], activation) * gu[:, I:]  # [n, I]
-        y = h @ w2[s].t()  # [n, H]
+        y = h @ b.t()  # [n, H]
         out.index_add_(0, t, y.float() * weights[t, j].float()[:, None])
     return out.to(x.dtype)
 
@@ -94,13 +102,17 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, I, TOP_K,
-                        sx_m, sx_k, sw_e, sw_n, sw_k, sh_m, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, I, TOP_K, N,
+                        sx_m, sx_k, sw_e, shw_e, sw_n, sw_k, sh_m, ACT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         slot = tl.load(bslot_ptr + pid_m)
         if slot < 0:
             return
+        if slot < N:  # a device slot
+            w_base = w_ptr + slot.to(tl.int64) * sw_e
+        else:  # a mapped host expert (zero-copy over the bus)
+            w_base = hw_ptr + (slot - N).to(tl.int64) * shw_e
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < tl.load(brows_ptr + pid_m)
         a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
@@ -108,7 +120,7 @@ if triton is not None:
         mask_n = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + (a_id // TOP_K)[:, None] * sx_m + offs_k[None, :] * sx_k  # [BM, BK]
-        g_ptrs = w_ptr + slot.to(tl.int64) * sw_e + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k  # [BK, BN]
+        g_ptrs = w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k  # [BK, BN]
         u_ptrs = g_ptrs + I * sw_n
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -125,13 +137,17 @@ if triton is not None:
         tl.store(h_ptr + a_id[:, None] * sh_m + offs_n[None, :], h, mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _down_kernel(h_ptr, w_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, N,
-                     sh_m, sw_e, sw_n, sw_k, sy_m, PRECISION: tl.constexpr,
+    def _down_kernel(h_ptr, w_ptr, hw_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, N, NS,
+                     sh_m, sw_e, shw_e, sw_n, sw_k, sy_m, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         slot = tl.load(bslot_ptr + pid_m)
         if slot < 0:
             return
+        if slot < NS:
+            w_base = w_ptr + slot.to(tl.int64) * sw_e
+        else:
+            w_base = hw_ptr + (slot - NS).to(tl.int64) * shw_e
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < tl.load(brows_ptr + pid_m)
         a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
@@ -139,7 +155,7 @@ if triton is not None:
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + a_id[:, None] * sh_m + offs_k[None, :]  # [BM, BK]
-        w_ptrs = w_ptr + slot.to(tl.int64) * sw_e + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k  # [BK, BN]
+        w_ptrs = w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k  # [BK, BN]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             mask_k = offs_k < K - k0
@@ -169,10 +185,13 @@ class _Plan:
     """One call's tensors, alignment and scratch; the launches below run on it."""
 
     def __init__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                 w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int) -> None:
+                 w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int,
+                 host: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.x, self.w13, self.w2, self.table = x, w13, w2, slot_table
+        self.hw13, self.hw2 = host if host is not None else (w13, w2)
         self.T, self.k = expert_ids.shape
-        self.N, self.H, self.I = w13.shape[0], w13.shape[2], w13.shape[1] // 2
+        self.NS, self.H, self.I = w13.shape[0], w13.shape[2], w13.shape[1] // 2
+        self.N = self.NS + (host[0].shape[0] if host is not None else 0)  # keys: device slots, then host experts
         self.act = ACTIVATIONS[activation]
         self.ids = expert_ids.reshape(-1).contiguous()  # [T*k]
         self.rw = weights.reshape(-1).contiguous()  # [T*k]
@@ -185,16 +204,18 @@ class _Plan:
     def up(self, c: tuning.KernelConfig) -> None:
         al, w = self.al, self.w13
         _gate_up_kernel[(al.num_blocks, triton_cdiv(self.I, c.block_n))](
-            self.x, w, self.h, al.sorted_ids, al.block_slot, al.block_rows, self.H, self.I, self.k,
-            self.x.stride(0), self.x.stride(1), w.stride(0), w.stride(1), w.stride(2), self.h.stride(0),
+            self.x, w, self.hw13, self.h, al.sorted_ids, al.block_slot, al.block_rows, self.H, self.I, self.k,
+            self.NS, self.x.stride(0), self.x.stride(1), w.stride(0), self.hw13.stride(0), w.stride(1), w.stride(2),
+            self.h.stride(0),
             ACT=self.act, PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
             num_warps=c.num_warps, num_stages=c.num_stages)
 
     def down(self, c: tuning.KernelConfig) -> None:
         al, w = self.al, self.w2
         _down_kernel[(al.num_blocks, triton_cdiv(self.H, c.block_n))](
-            self.h, w, self.y, self.rw, al.sorted_ids, al.block_slot, al.block_rows, self.I, self.H,
-            self.h.stride(0), w.stride(0), w.stride(1), w.stride(2), self.y.stride(0), PRECISION=self.precision,
+            self.h, w, self.hw2, self.y, self.rw, al.sorted_ids, al.block_slot, al.block_rows, self.I, self.H,
+            self.NS, self.h.stride(0), w.stride(0), self.hw2.stride(0), w.stride(1), w.stride(2), self.y.stride(0),
+            PRECISION=self.precision,
             BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
             num_stages=c.num_stages)
 
@@ -213,9 +234,10 @@ def _timer(fn: Callable[[], None]) -> float:
 
 
 def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-            slot_table: torch.Tensor | None, activation: str) -> tuning.MoEConfig:
+            slot_table: torch.Tensor | None, activation: str,
+            host: tuple[torch.Tensor, torch.Tensor] | None) -> tuning.MoEConfig:
     T, k = expert_ids.shape
-    N, I, H = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
+    N, I, H = w13.shape[0] + (host[0].shape[0] if host is not None else 0), w13.shape[1] // 2, w13.shape[2]
     gpu = torch.cuda.get_device_name(x.device)
     key = tuning.cache_key(str(w13.dtype).removeprefix("torch."), N, H, I, k, T)
     cfg = tuning.CACHE.get(gpu, key)
@@ -224,23 +246,26 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1
     if torch.cuda.is_current_stream_capturing() or not tuning.tuning_enabled():
         return tuning.default_config(T * k, N)
     cfg = tuning.search(tuning.block_m_choices(T * k, N),
-                        lambda bm: _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, bm),
+                        lambda bm: _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, bm, host),
                         _Plan.up, _Plan.down, _timer)
     tuning.CACHE.put(gpu, key, cfg)
     return cfg
 
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              slot_table: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+              slot_table: torch.Tensor | None = None, activation: str = "silu",
+              host: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, H]; expert_ids [T, k] (model ids 0..E-1); weights [T, k]; w13 [N, 2I, H] (gate; up); w2 [N, H, I]
     (any strides, e.g. views of flat slot buffers); slot_table [E] int (expert -> slot, -1 = not resident; None =
     identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) over assignments with a slot and a non-zero weight.
+    host: (w13 [E', 2I, H], w2 [E', H, I]) in pinned host memory, same inner strides: a slot-table entry N + e reads
+    expert e from there, zero-copy over the bus (exact misses without a copy or a host sync).
     Triton on CUDA (tuned at first use per shape bucket, never during graph capture); the reference elsewhere."""
-    _check(x, expert_ids, weights, w13, w2, slot_table, activation)
+    _check(x, expert_ids, weights, w13, w2, slot_table, activation, host)
     if not fused_moe_supported(x.device, w13.dtype) or x.shape[0] == 0:
-        return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation)
-    cfg = _config(x, expert_ids, weights, w13, w2, slot_table, activation)
-    plan = _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, cfg.block_m)
+        return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation, host)
+    cfg = _config(x, expert_ids, weights, w13, w2, slot_table, activation, host)
+    plan = _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, cfg.block_m, host)
     plan.up(cfg.up)
     plan.down(cfg.down)
     return plan.reduce()

@@ -1,0 +1,104 @@
+"""Where the time of one decode step goes: torch profiler (CUDA activity) over eager batch-1 decode steps, kernels
+grouped by role, with time per layer and the bytes each role must read (its weights), against the HBM roofline.
+
+    python bench/profile_decode.py --shapes olmoe-1b-7b qwen3-30b-a3b --out out/profile
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moetandem  # noqa: E402
+from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
+
+ROLES = [  # first match wins: (role, regex over the kernel name)
+    ("moe: fused kernels", r"_gate_up_kernel|_down_kernel|_sum_kernel|_align_kernel"),
+    ("moe: grouped GEMM", r"grouped|Grouped|cutlass.*group"),
+    ("attention (SDPA)", r"flash|fmha|attention|sdpa|softmax_warp|efficient"),
+    ("GEMM / GEMV (projections, router, lm_head)", r"gemm|gemv|cublas|cutlass|sm90_xmma|nvjet|splitK"),
+    ("sort / top-k / scan", r"sort|topk|radix|scan|cub|bitonic"),
+    ("index / gather / scatter / copy", r"index|gather|scatter|copy|Copy|cat|Cat"),
+    ("triton (inductor fused)", r"triton_"),
+    ("elementwise / reduce", r"elementwise|reduce|Reduce|vectorized|unrolled"),
+]
+
+
+def role(name: str) -> str:
+    return next((r for r, pat in ROLES if re.search(pat, name)), "other")
+
+
+def weight_bytes(cfg: dict) -> dict[str, float]:
+    """Bytes one batch-1 token must read per role (bf16), from config.json."""
+    H, L, k = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_experts_per_tok"]
+    D = cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    I = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    attn = (2 * nq * D * H + 2 * nkv * D * H) * 2
+    return {"experts": L * k * 3 * I * H * 2, "attention weights": L * attn,
+            "lm_head + embed row": cfg["vocab_size"] * H * 2}
+
+
+def profile(path: Path, steps: int) -> dict:
+    eng = moetandem.load(path, device="cuda", progress=False, use_graphs=False)
+    prompt = list(range(2, 34))
+    eng.generate([prompt], max_new_tokens=8, stop_on_eos=False)  # warm-up, kernel tuning
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        eng.generate([prompt], max_new_tokens=steps + 1, stop_on_eos=False)
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            r = role(ev.name)
+            per[r][0] += ev.time_range.elapsed_us()  # µs
+            per[r][1] += 1
+            names[r][ev.name[:60]] += 1
+    cfg = json.loads((path / "config.json").read_text())
+    n_tok = steps + 1  # decode steps profiled (the prefill is one more forward; small next to them)
+    return {"roles": {r: {"us_per_token": t / n_tok, "kernels_per_token": c / n_tok,
+                          "top": names[r].most_common(3)} for r, (t, c) in per.items()},
+            "bytes": weight_bytes(cfg), "layers": cfg["num_hidden_layers"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["olmoe-1b-7b"], choices=list(SHAPES))
+    ap.add_argument("--ckpt-root", type=Path, default=Path("/dev/shm/moetandem-bench"))
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path("out/profile"))
+    ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline (H200: 4.8e12)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = ["| shape | role | µs / token | µs / layer | kernels / token |", "|---|---|---|---|---|"]
+    out = {}
+    for shape in args.shapes:
+        path = args.ckpt_root / shape
+        if not (path / "model.safetensors.index.json").exists():
+            build_random_checkpoint(shape, path, device="cuda")
+        res = out[shape] = profile(path, args.steps)
+        total = sum(v["us_per_token"] for v in res["roles"].values())
+        for r, v in sorted(res["roles"].items(), key=lambda kv: -kv[1]["us_per_token"]):
+            lines.append(f"| {shape} | {r} | {v['us_per_token']:.1f} | {v['us_per_token'] / res['layers']:.1f} | "
+                         f"{v['kernels_per_token']:.0f} |")
+        nbytes = sum(res["bytes"].values())
+        floor = nbytes / args.bandwidth * 1e6
+        lines.append(f"| {shape} | **all kernels** | {total:.1f} | {total / res['layers']:.1f} | "
+                     f"{sum(v['kernels_per_token'] for v in res['roles'].values()):.0f} |")
+        lines.append(f"| {shape} | roofline: {nbytes / 1e9:.2f} GB / token at {args.bandwidth / 1e12:.1f} TB/s | "
+                     f"{floor:.1f} | {floor / res['layers']:.1f} | – |")
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "profile.md").write_text(table + "\n")
+    (args.out / "profile.json").write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
