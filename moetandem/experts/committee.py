@@ -73,8 +73,9 @@ class CommitteeProvider(ExpertProvider):
     # ------------------------------------------------------------------ interface
     @property
     def graph_safe(self) -> bool:
-        return (self.policy.graph_safe and self._stepped and self.device.type == "cuda" and self.grouped
-                and not self.external_observe)
+        # grouped: the executor's device path (CUDA bf16; tests force it on the CPU); external_observe: a routing
+        # hook (moetandem.gating) is attached, and it syncs with the host itself
+        return self.policy.graph_safe and self._stepped and self.grouped and not self.external_observe
 
     @property
     def stats(self) -> CommitteeStats:
@@ -135,37 +136,53 @@ class CommitteeProvider(ExpertProvider):
         counted, self._settled = self._settled, False  # compute already counted this step's tokens
         self._stepped = True
         self._publish_finished()
+        due = []
         for l in self.store.layers:
             n, self._pending[l] = self._pending[l], 0
-            if self.graph_safe and not counted:
-                self._count(l, n or (tokens or 1))
+            if self.graph_safe and not counted and self._count(l, n or (tokens or 1)):
+                due.append(l)
+        if due:  # one host read of every due layer's scores
+            scores = torch.stack([self.scorer.scores_device(l) for l in due]).cpu()  # [L', E]
+            for l, score in zip(due, scores):
+                self.refresh(l, score)
         if not self.async_swaps:
             self.drain()
+        self._rebuild_dirty()
 
     def _settle(self, layer: int, tokens: int) -> None:
         """The per-layer host work of an eager committee, at the start of its compute."""
         self._settled = True
         self._publish_finished()
-        self._count(layer, tokens)
+        if self._count(layer, tokens):
+            self.refresh(layer)
         if not self.async_swaps:
             self.drain()
+        self._rebuild_dirty()
 
-    def _count(self, layer: int, tokens: int) -> None:
+    def _count(self, layer: int, tokens: int) -> bool:
+        """Count a layer's tokens; True when it is due for a refresh."""
         self.since_refresh[layer] += tokens
         if self.policy.refresh and self.since_refresh[layer] >= self.refresh_every:
             self.since_refresh[layer] = 0
-            self.refresh(layer)
+            return True
+        return False
 
     def _rebuild(self, st: LayerSlots, layer: int) -> None:
         sim = None if self._sim_dev is None else self._sim_dev[layer]
         st.rebuild_substitutes(sim, self.policy.substitute_min_sim)
 
+    def _rebuild_dirty(self) -> None:
+        """Substitute tables follow the resident set; rebuilt between steps, so compute finds them current."""
+        for l, st in self.layers.items():
+            if st.dirty:
+                self._rebuild(st, l)
+
     # ------------------------------------------------------------------ moving experts
-    def refresh(self, layer: int) -> None:
+    def refresh(self, layer: int, score: torch.Tensor | None = None) -> None:
         """Schedule swaps so the slots hold the most important experts of the window: free slots first, then
-        the least important published experts give way to more important ones."""
+        the least important published experts give way to more important ones. score: [E] host, if read."""
         st = self.layers[layer]
-        score = self.scorer.scores(layer)  # [E] host
+        score = self.scorer.scores(layer) if score is None else score  # [E] host
         present = set(st.slot_of) | set(st.incoming.values())
         if not score.any():
             return
