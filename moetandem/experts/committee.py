@@ -179,23 +179,10 @@ class CommitteeProvider(ExpertProvider):
 
     # ------------------------------------------------------------------ moving experts
     def refresh(self, layer: int, score: torch.Tensor | None = None) -> None:
-        """Schedule swaps so the slots hold the most important experts of the window: free slots first, then
-        the least important published experts give way to more important ones. score: [E] host, if read."""
+        """Schedule swaps so the slots hold the most important experts of the window. score: [E] host, if read."""
         st = self.layers[layer]
-        score = self.scorer.scores(layer) if score is None else score  # [E] host
-        present = set(st.slot_of) | set(st.incoming.values())
-        if not score.any():
-            return
-        want = set(torch.topk(score, st.n).indices.tolist())
-        out = sorted((e for e in st.slot_of if e not in want), key=lambda e: float(score[e]))
-        into = sorted((e for e in want if e not in present), key=lambda e: -float(score[e]))
-        free = st.free_slots()
-        for slot, new in zip(free, into):
-            self._submit(layer, slot, new)
-        for old, new in zip(out, into[len(free):]):
-            if float(score[new]) <= float(score[old]):
-                break
-            self._submit(layer, st.unpublish(old), new)  # unpublish first: compute never reads a slot being written
+        for slot, expert in st.plan_swaps(self.scorer.scores(layer) if score is None else score):
+            self._submit(layer, slot, expert)
 
     def _submit(self, layer: int, slot: int, expert: int) -> None:
         st = self.layers[layer]

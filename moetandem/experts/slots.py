@@ -58,6 +58,24 @@ class LayerSlots:
         """Slots holding nothing and with no copy in flight."""
         return [s for s, e in enumerate(self.expert_of) if e < 0 and s not in self.incoming]
 
+    def plan_swaps(self, score: torch.Tensor) -> list[tuple[int, int]]:
+        """(slot, expert) copies that make the slots hold the top experts by `score` [E] (host): free slots first,
+        then the least important published experts give way to more important ones (unpublished here, before
+        anything overwrites them). Nothing before any routing was seen."""
+        if not score.any():
+            return []
+        present = set(self.slot_of) | set(self.incoming.values())
+        want = set(torch.topk(score, self.n).indices.tolist())
+        out = sorted((e for e in self.slot_of if e not in want), key=lambda e: float(score[e]))
+        into = sorted((e for e in want if e not in present), key=lambda e: -float(score[e]))
+        free = self.free_slots()
+        swaps = list(zip(free, into))
+        for old, new in zip(out, into[len(free):]):
+            if float(score[new]) <= float(score[old]):
+                break
+            swaps.append((self.unpublish(old), new))
+        return swaps
+
     def resident_mask(self) -> torch.Tensor:
         return self.slot_table >= 0  # [E] bool, device
 
