@@ -199,10 +199,17 @@ def _graph_ready(engine, policy, slots=2, **kw) -> CommitteeProvider:
     return c
 
 
-@pytest.mark.parametrize("fidelity", ["balanced", "fast", "static", "skip"])
-def test_graph_safe_compute_never_syncs(engine, fidelity):
+@pytest.fixture()
+def in_graph(monkeypatch):
+    """compute() as while a CUDA graph is captured (on the CPU)."""
+    import moetandem.experts.committee as committee
+    monkeypatch.setattr(committee, "_capturing", lambda x: True)
+
+
+@pytest.mark.parametrize("fidelity", ["balanced", "fast", "static", "skip", "substitute"])
+def test_graph_safe_compute_never_syncs(engine, fidelity, in_graph):
     E, layer = engine.store.num_experts, engine.store.layers[0]
-    pol = MissPolicy.named(fidelity) if fidelity in ("static", "skip") else MissPolicy.from_fidelity(fidelity)
+    pol = MissPolicy.from_fidelity(fidelity) if fidelity in ("balanced", "fast") else MissPolicy.named(fidelity)
     sim = {l: torch.rand(E, E) for l in engine.store.layers}
     c = _graph_ready(engine, pol, similarity=sim if pol.substitute_min_sim is not None else None)
     x = torch.randn(5, engine.args.hidden_size)
@@ -251,15 +258,22 @@ def test_after_step_drives_refresh_when_graph_safe(engine):
     assert c.since_refresh[layer] == 0
 
 
-def test_balanced_substitutes_most_similar_resident(engine):
+@pytest.mark.parametrize("graph", [False, True])
+def test_balanced_substitutes_most_similar_resident(engine, graph, monkeypatch):
+    """Balanced: the most similar resident expert above 0.5 stands in for a miss; a miss with no such expert is
+    computed exactly in an eager step and deferred (weight 0, renormalised) inside a CUDA graph."""
+    if graph:
+        import moetandem.experts.committee as committee
+        monkeypatch.setattr(committee, "_capturing", lambda x: True)
     layer, E = engine.store.layers[0], engine.store.num_experts
     sim = torch.eye(E)
     c = _graph_ready(engine, MissPolicy.from_fidelity("balanced"), similarity={l: sim for l in engine.store.layers})
     resident = sorted(c.layers[layer].slot_of)
     miss, far = [e for e in range(E) if e not in resident][:2]
     sim[miss, resident[1]], sim[miss, resident[0]] = 0.8, 0.6  # both above 0.5: the most similar wins
-    sim[far, resident[0]] = 0.3  # below balanced's 0.5: deferred
+    sim[far, resident[0]] = 0.3  # below balanced's 0.5: no substitute
     c.similarity = {l: sim for l in engine.store.layers}
+    c.after_step()  # tables rebuilt between steps
     x = torch.randn(3, engine.args.hidden_size)
     ids, w = torch.tensor([[miss, resident[0]], [far, resident[0]], [resident[1], far]]), \
         torch.tensor([[0.6, 0.4]] * 3)
@@ -267,11 +281,16 @@ def test_balanced_substitutes_most_similar_resident(engine):
     ref = engine.provider
     torch.testing.assert_close(got[0], ref.compute(layer, x[:1], torch.tensor([[resident[1], resident[0]]]),
                                                    w[:1])[0], rtol=1e-5, atol=1e-5)
-    one = torch.tensor([[1.0]])
-    torch.testing.assert_close(got[1], ref.compute(layer, x[1:2], torch.tensor([[resident[0]]]), one)[0])
-    torch.testing.assert_close(got[2], ref.compute(layer, x[2:], torch.tensor([[resident[1]]]), one)[0])
     s = c.stats
-    assert s.substitutions == 1 and s.deferred == 2 and s.hits == 3 and s.misses == 3
+    assert s.substitutions == 1 and s.hits == 3 and s.misses == 3
+    if graph:
+        one = torch.tensor([[1.0]])
+        torch.testing.assert_close(got[1], ref.compute(layer, x[1:2], torch.tensor([[resident[0]]]), one)[0])
+        torch.testing.assert_close(got[2], ref.compute(layer, x[2:], torch.tensor([[resident[1]]]), one)[0])
+        assert s.deferred == 2 and s.host_computes + s.fetches == 0
+    else:
+        torch.testing.assert_close(got[1:], ref.compute(layer, x[1:], ids[1:], w[1:]), rtol=1e-5, atol=1e-5)
+        assert s.deferred == 0 and s.host_computes + s.fetches >= 1
 
 
 def test_budget_honoured_and_live_resize(engine):
@@ -301,22 +320,37 @@ def test_substitution_without_similarity_is_an_error(engine):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graph_safe_committee_compute_has_no_sync_on_cuda(tmp_path):
+def test_graph_safe_committee_captures_and_replays_on_cuda(tmp_path):
+    """A balanced committee's compute captured into a CUDA graph (sync debug mode "error"), replayed after a refresh
+    changed the resident set, equals the eager deferring computation."""
     path = build_checkpoint("olmoe", tmp_path / "m")
     eng = Engine.from_pretrained(path, device="cuda", dtype="bfloat16", progress=False, expert_budget=0.5,
-                                 fidelity="balanced")
-    c, layer = eng.provider, eng.store.layers[0]
+                                 fidelity="balanced", refresh_every=1)
+    c, layer, E = eng.provider, eng.store.layers[0], eng.args.num_experts
+    if not c.grouped:
+        pytest.skip("no grouped GEMM on this GPU")
     c.after_step()
     assert c.graph_safe
-    E = eng.args.num_experts
     x = torch.randn(4, eng.args.hidden_size, device="cuda", dtype=torch.bfloat16)
     ids = torch.stack([torch.randperm(E, device="cuda")[:2] for _ in range(4)])
     w = torch.softmax(torch.randn(4, 2, device="cuda"), -1).to(torch.bfloat16)
-    c.compute(layer, x, ids, w)  # warm
-    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        c.compute(layer, x, ids, w)  # warm-up, eager (as graphs.py does)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        c.compute(layer, x, ids, w)
+        with torch.cuda.graph(graph):
+            y = c.compute(layer, x, ids, w)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    c.after_step()
+    for _ in range(3):
+        graph.replay()
+        c.after_step()
+        c.drain()
+    graph.replay()
+    c.policy = MissPolicy(skip_below=0.05, substitute_min_sim=0.5, exact="defer")
+    torch.testing.assert_close(y, c.compute(layer, x, ids, w), rtol=2e-2, atol=2e-2)
+    assert c.stats.hits + c.stats.misses > 0

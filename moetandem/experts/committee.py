@@ -7,7 +7,8 @@ misses.py (the host path of exact policies), executor.py (runs assignments over 
 
 Who does the per-step host work (polling finished swaps and publishing them, counting tokens, refreshing):
 - `graph_safe` (a graph-safe policy, a CUDA device with the graph-safe executor, and an engine that calls
-  `after_step()`): `after_step()` does it; compute() only enqueues device work, so it may be graph-captured.
+  `after_step()`): `after_step()` does it; compute() only enqueues device work when it is being captured (then
+  misses the host would handle are deferred); eager steps (prefill) still fetch or host-compute them.
 - otherwise (CPU, exact policies, or an engine that never calls after_step): compute() does it per layer before
   it maps the routing, as it always has; `after_step()` then only publishes finished swaps.
 `graph_safe` turns True at the first `after_step()` call, so an engine that never makes it still refreshes."""
@@ -29,6 +30,11 @@ from moetandem.experts.store import ExpertStore, return_freed_memory_to_os
 from moetandem.experts.swapper import HostCopies, Swapper, SwapJob, pinned_cap
 
 __all__ = ["SCORES", "CommitteeProvider", "CommitteeStats"]
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """True while this step is being captured into a CUDA graph (compute must not touch the host)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class CommitteeProvider(ExpertProvider):
@@ -109,7 +115,7 @@ class CommitteeProvider(ExpertProvider):
         st = self.layers[layer]
         if not self.external_observe:
             self.scorer.observe(layer, x, expert_ids, weights)
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        capturing = _capturing(x)
         if not capturing:
             self.tick += 1
             if self.graph_safe:
@@ -118,7 +124,7 @@ class CommitteeProvider(ExpertProvider):
                 self._settle(layer, x.shape[0])
         if st.dirty:
             self._rebuild(st, layer)
-        asg = self.policy.assign(expert_ids, weights, st)
+        asg = self.policy.assign(expert_ids, weights, st, in_graph=capturing)
         self.counters.add(asg.counts)
         host = resolve_exact(self, layer, x, expert_ids, asg) if asg.exact is not None else None
         w13, w2 = st.views(self.I, self.H)  # [n, 2I, H], [n, H, I]

@@ -2,23 +2,26 @@
 
 A `MissPolicy` maps one layer's routing to slots with tensor ops: (expert_ids [T, k], weights [T, k], the
 layer's device tables slot_table [E] / sub_slot [E] / near_slot [E]) -> `Assignment` (slot ids [T, k], weights'
-[T, k], and, for exact policies, which kept misses still need the host). The policies by name:
+[T, k], and, for a step that may use the host, which kept misses still need it). The policies by name:
 
-| name | skip below τ | substitute | remaining misses | refresh | graph-safe |
+| name | skip below τ | substitute | remaining misses, eager step | … inside a CUDA graph | refresh |
 |---|---|---|---|---|---|
-| exact / auto, fetch, host | – | – | fetch / host compute (cost model for auto) | yes | no |
-| balanced | τ=0.05 | similarity ≥ 0.5 | deferred | yes | yes |
-| fast | τ=0.1, resident too | any resident | deferred | yes | yes |
-| substitute | – | any resident | deferred | yes | yes |
-| skip | τ (default 0.1) | – | deferred | yes | yes |
-| lru | – | – | fetch into the least recently used slot | no | no |
-| static | every miss | – | – | no | yes |
-| host-only | – | – | host compute | no | no |
+| exact / auto, fetch, host | – | – | fetch / host compute (cost model for auto) | (never captured) | yes |
+| balanced | τ=0.05 | similarity ≥ 0.5 | fetch / host (cost model) | deferred | yes |
+| fast | τ=0.1, resident too | any resident | fetch / host (cost model) | deferred | yes |
+| substitute | – | any resident | fetch / host (cost model) | deferred | yes |
+| skip | τ (default 0.1) | – | fetch / host (cost model) | deferred | yes |
+| lru | – | – | fetch into the least recently used slot | (never captured) | no |
+| static | every miss | – | – | – | no |
+| host-only | – | – | host compute | (never captured) | no |
 
-Deferred: the miss gets weight 0 this step (the token's kept weights renormalised to the original total, as for a
-skip); its importance is still counted, so the next refresh brings it in. A token never loses all its experts:
-its top assignment is kept, from its slot, a substitute, the nearest resident expert (graph-safe policies), or the
-host (exact policies); with no similarity and nothing resident a graph-safe policy leaves the token's MoE output 0.
+Graph-safe policies (`graph=True`: balanced, fast, substitute, skip, static) may be captured into a CUDA graph:
+there, a miss the host would have to fetch or compute is deferred (weight 0 this step, the token's kept weights
+renormalised to the original total, as for a skip); its importance still counts, so the next refresh brings it
+in. Eager steps (CPU, prefill, eager decode) keep the exact fallback, so quality off the graph is unchanged.
+`exact="defer"` defers always. A token never loses all its experts: its top assignment is kept, from its slot, a
+substitute, the host (eager) or the nearest resident expert (deferring); with no similarity and nothing resident
+a deferring step leaves the token's MoE output 0.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ class MissPolicy:
     non-resident experts, and to resident ones too when skip_resident. substitute_min_sim: replace a miss by the
     most similar resident expert when their similarity is at least this (None: never substitute).
     exact: what a remaining miss gets: "fetch" (copy it in), "host" (compute on the host), "auto" (cost model),
-    "defer" (weight 0 this step: no host sync, so the policy is graph-safe)."""
+    "defer" (weight 0 this step: no host sync). graph: inside a CUDA graph, remaining misses are deferred."""
 
     skip_below: float = 0.0
     skip_resident: bool = False
@@ -60,6 +63,7 @@ class MissPolicy:
     exact: str = "auto"
     refresh: bool = True  # committee refreshed from importance (False: static / LRU baselines)
     lru: bool = False  # fetched experts evict the least recently used slot (mixtral-offloading)
+    graph: bool = False  # may be captured into a CUDA graph: there, misses left for the host are deferred
 
     def __post_init__(self) -> None:
         if self.exact not in EXACT:
@@ -67,17 +71,17 @@ class MissPolicy:
 
     @property
     def graph_safe(self) -> bool:
-        """True when assign() and everything after it run without the host (no fetch, no host compute)."""
-        return self.exact == "defer"
+        """True when a step may run without the host (no fetch, no host compute), i.e. be graph-captured."""
+        return self.graph or self.exact == "defer"
 
     @staticmethod
     def from_fidelity(fidelity: str) -> "MissPolicy":
         if fidelity == "exact":
             return MissPolicy()
         if fidelity == "balanced":
-            return MissPolicy(skip_below=0.05, substitute_min_sim=0.5, exact="defer")
+            return MissPolicy(skip_below=0.05, substitute_min_sim=0.5, graph=True)
         if fidelity == "fast":
-            return MissPolicy(skip_below=0.1, skip_resident=True, substitute_min_sim=-1.0, exact="defer")
+            return MissPolicy(skip_below=0.1, skip_resident=True, substitute_min_sim=-1.0, graph=True)
         raise InvalidRequestError(f"unknown fidelity {fidelity!r}; choose one of {', '.join(FIDELITY)}")
 
     @staticmethod
@@ -85,19 +89,21 @@ class MissPolicy:
         """Single policies and the built-in baselines, by name."""
         table = {
             "auto": MissPolicy(), "fetch": MissPolicy(exact="fetch"), "host": MissPolicy(exact="host"),
-            "substitute": MissPolicy(substitute_min_sim=-1.0, exact="defer"),
-            "skip": MissPolicy(skip_below=tau, exact="defer"),
+            "substitute": MissPolicy(substitute_min_sim=-1.0, graph=True),
+            "skip": MissPolicy(skip_below=tau, graph=True),
             "lru": MissPolicy(exact="fetch", refresh=False, lru=True),
-            "static": MissPolicy(skip_below=float("inf"), refresh=False, exact="defer"),
+            "static": MissPolicy(skip_below=float("inf"), refresh=False, graph=True),
             "host-only": MissPolicy(exact="host", refresh=False),
         }
         if policy not in table:
             raise InvalidRequestError(f"unknown policy {policy!r}; choose one of {', '.join(table)}")
         return table[policy]
 
-    def assign(self, expert_ids: torch.Tensor, weights: torch.Tensor, slots: LayerSlots) -> Assignment:
-        """Tensor ops only (no host sync): map routing to slots and weights'."""
-        defer = self.exact == "defer"
+    def assign(self, expert_ids: torch.Tensor, weights: torch.Tensor, slots: LayerSlots,
+               in_graph: bool = False) -> Assignment:
+        """Tensor ops only (no host sync): map routing to slots and weights'. in_graph: the step is being
+        captured into a CUDA graph (remaining misses are deferred; only for graph-safe policies)."""
+        defer = self.exact == "defer" or (in_graph and self.graph)
         res = slots.slot_table[expert_ids]  # [T, k] int32, −1 = miss
         hit = res >= 0  # [T, k]
         g = weights.float()  # [T, k]
