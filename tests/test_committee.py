@@ -97,7 +97,8 @@ def test_refresh_admits_most_important(engine):
 
 def test_substitution_uses_nearest_resident(engine):
     layer, E = engine.store.layers[0], engine.store.num_experts
-    c = _committee(engine, MissPolicy(substitute_min_sim=0.0), slots=2, refresh_every=10**9)
+    eye = {l: torch.eye(E) for l in engine.store.layers}
+    c = _committee(engine, MissPolicy(substitute_min_sim=0.0), slots=2, refresh_every=10**9, similarity=eye)
     resident = sorted(c.layers[layer].slot_of)
     miss = next(e for e in range(E) if e not in resident)
     sim = torch.eye(E)

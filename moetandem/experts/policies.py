@@ -1,18 +1,52 @@
-"""What to do when the router picks an expert that is not resident, and the cost model behind it."""
+"""What to do when the router picks an expert that is not resident.
+
+A `MissPolicy` maps one layer's routing to slots with tensor ops: (expert_ids [T, k], weights [T, k], the
+layer's device tables slot_table [E] / sub_slot [E] / near_slot [E]) -> `Assignment` (slot ids [T, k], weights'
+[T, k], and, for a step that may use the host, which kept misses still need it). The policies by name:
+
+| name | skip below τ | substitute | remaining misses, eager step | … inside a CUDA graph | refresh |
+|---|---|---|---|---|---|
+| exact / auto, fetch, host | – | – | fetch / host compute (cost model for auto) | (never captured) | yes |
+| balanced | τ=0.05 | similarity ≥ 0.5 | fetch / host (cost model) | deferred | yes |
+| fast | τ=0.1, resident too | any resident | fetch / host (cost model) | deferred | yes |
+| substitute | – | any resident | fetch / host (cost model) | deferred | yes |
+| skip | τ (default 0.1) | – | fetch / host (cost model) | deferred | yes |
+| lru | – | – | fetch into the least recently used slot | (never captured) | no |
+| static | every miss | – | – | – | no |
+| host-only | – | – | host compute | (never captured) | no |
+
+Graph-safe policies (`graph=True`: balanced, fast, substitute, skip, static) may be captured into a CUDA graph:
+there, a miss the host would have to fetch or compute is deferred (weight 0 this step, the token's kept weights
+renormalised to the original total, as for a skip); its importance still counts, so the next refresh brings it
+in. Eager steps (CPU, prefill, eager decode) keep the exact fallback, so quality off the graph is unchanged.
+`exact="defer"` defers always. A token never loses all its experts: its top assignment is kept, from its slot, a
+substitute, the host (eager) or the nearest resident expert (deferring); with no similarity and nothing resident
+a deferring step leaves the token's MoE output 0.
+"""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from moetandem.errors import InvalidRequestError
-from moetandem.experts.store import flat_views
-from moetandem.models.layers import expert_ffn
+from moetandem.experts.costs import CostModel  # noqa: F401 (re-exported: bench/miss_costs.py)
+from moetandem.experts.slots import LayerSlots
 
 POLICIES = ("auto", "fetch", "host", "substitute", "skip")
 BASELINES = ("lru", "static", "host-only")
 FIDELITY = ("exact", "balanced", "fast")
+EXACT = ("auto", "fetch", "host", "defer")
+
+
+@dataclass
+class Assignment:
+    """A policy's decision for one layer's step."""
+
+    slots: torch.Tensor  # [T, k] int32 slot to compute from; −1: nothing on the device
+    weights: torch.Tensor  # [T, k] float32 weights' (0: skipped or deferred)
+    exact: torch.Tensor | None  # [T, k] bool kept misses the host must fetch or compute; None if graph-safe
+    counts: torch.Tensor  # [5] int64 hits, misses, substitutions, skips, deferred (stats.DEVICE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -20,7 +54,8 @@ class MissPolicy:
     """skip_below: drop routed experts whose gate weight is below τ (renormalise the rest); applies to
     non-resident experts, and to resident ones too when skip_resident. substitute_min_sim: replace a miss by the
     most similar resident expert when their similarity is at least this (None: never substitute).
-    exact: what a remaining miss gets: "fetch" (copy it in), "host" (compute on the host), "auto" (cost model)."""
+    exact: what a remaining miss gets: "fetch" (copy it in), "host" (compute on the host), "auto" (cost model),
+    "defer" (weight 0 this step: no host sync). graph: inside a CUDA graph, remaining misses are deferred."""
 
     skip_below: float = 0.0
     skip_resident: bool = False
@@ -28,15 +63,25 @@ class MissPolicy:
     exact: str = "auto"
     refresh: bool = True  # committee refreshed from importance (False: static / LRU baselines)
     lru: bool = False  # fetched experts evict the least recently used slot (mixtral-offloading)
+    graph: bool = False  # may be captured into a CUDA graph: there, misses left for the host are deferred
+
+    def __post_init__(self) -> None:
+        if self.exact not in EXACT:
+            raise InvalidRequestError(f"unknown miss handling {self.exact!r}; choose one of {', '.join(EXACT)}")
+
+    @property
+    def graph_safe(self) -> bool:
+        """True when a step may run without the host (no fetch, no host compute), i.e. be graph-captured."""
+        return self.graph or self.exact == "defer"
 
     @staticmethod
     def from_fidelity(fidelity: str) -> "MissPolicy":
         if fidelity == "exact":
             return MissPolicy()
         if fidelity == "balanced":
-            return MissPolicy(skip_below=0.05, substitute_min_sim=0.5)
+            return MissPolicy(skip_below=0.05, substitute_min_sim=0.5, graph=True)
         if fidelity == "fast":
-            return MissPolicy(skip_below=0.1, skip_resident=True, substitute_min_sim=-1.0)
+            return MissPolicy(skip_below=0.1, skip_resident=True, substitute_min_sim=-1.0, graph=True)
         raise InvalidRequestError(f"unknown fidelity {fidelity!r}; choose one of {', '.join(FIDELITY)}")
 
     @staticmethod
@@ -44,48 +89,51 @@ class MissPolicy:
         """Single policies and the built-in baselines, by name."""
         table = {
             "auto": MissPolicy(), "fetch": MissPolicy(exact="fetch"), "host": MissPolicy(exact="host"),
-            "substitute": MissPolicy(substitute_min_sim=-1.0), "skip": MissPolicy(skip_below=float("inf")),
+            "substitute": MissPolicy(substitute_min_sim=-1.0, graph=True),
+            "skip": MissPolicy(skip_below=tau, graph=True),
             "lru": MissPolicy(exact="fetch", refresh=False, lru=True),
-            "static": MissPolicy(skip_below=float("inf"), refresh=False),
+            "static": MissPolicy(skip_below=float("inf"), refresh=False, graph=True),
             "host-only": MissPolicy(exact="host", refresh=False),
         }
         if policy not in table:
             raise InvalidRequestError(f"unknown policy {policy!r}; choose one of {', '.join(table)}")
-        p = table[policy]
-        if policy == "skip":  # skip misses below τ, fetch/host the rest exactly
-            p = MissPolicy(skip_below=tau)
-        return p
+        return table[policy]
 
-
-class CostModel:
-    """Measured costs that pick fetch vs host compute for a miss: bytes over host->device bandwidth against
-    rows × host FFN time per row (plus moving the activations)."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, inter: int, hidden: int) -> None:
-        self.same_memory = device.type == "cpu"
-        n = 3 * inter * hidden
-        host = torch.randn(n, dtype=dtype)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        dst = torch.empty(n, dtype=dtype, device=device)
-        self.fetch_s = self._time(lambda: dst.copy_(host, non_blocking=True), device)
-        w13, w2 = flat_views(host.float(), inter, hidden)
-        x = torch.randn(1, hidden)
-        self.host_row_s = self._time(lambda: expert_ffn(x, w13, w2), torch.device("cpu"))
-
-    @staticmethod
-    def _time(fn, device: torch.device, reps: int = 5) -> float:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t) / reps
-
-    def prefer_host(self, rows: int) -> bool:
-        """On a CPU box 'host' and 'device' memory are the same RAM: computing from the mapped file avoids
-        evicting a resident expert, so host wins. On a GPU, compare the copy with the host FFN."""
-        return self.same_memory or rows * self.host_row_s < self.fetch_s
+    def assign(self, expert_ids: torch.Tensor, weights: torch.Tensor, slots: LayerSlots,
+               in_graph: bool = False) -> Assignment:
+        """Tensor ops only (no host sync): map routing to slots and weights'. in_graph: the step is being
+        captured into a CUDA graph (remaining misses are deferred; only for graph-safe policies)."""
+        defer = self.exact == "defer" or (in_graph and self.graph)
+        res = slots.slot_table[expert_ids]  # [T, k] int32, −1 = miss
+        hit = res >= 0  # [T, k]
+        g = weights.float()  # [T, k]
+        small = g < self.skip_below
+        dropped = small if self.skip_resident else small & ~hit  # skipped below τ
+        if self.substitute_min_sim is not None:
+            sub = slots.sub_slot[expert_ids]  # [T, k]
+        else:
+            sub = torch.full_like(res, -1)
+        subbed = ~hit & ~dropped & (sub >= 0)
+        exact = ~hit & ~dropped & ~subbed  # misses left for the host (or deferred)
+        slot = torch.where(hit, res, torch.where(subbed, sub, -1))  # [T, k]
+        keep = (hit & ~dropped) | subbed | (exact & (not defer))
+        # never drop a whole token: its top assignment comes back from its slot, a substitute, the nearest
+        # resident expert (graph-safe) or the host (exact policies)
+        none = ~keep.any(dim=1)  # [T]
+        near = slots.near_slot[expert_ids[:, 0]] if defer else torch.full_like(res[:, 0], -1)  # [T]
+        top_sub = torch.where(sub[:, 0] >= 0, sub[:, 0], near)  # [T]
+        top_slot = torch.where(hit[:, 0], res[:, 0], top_sub)  # [T]
+        top_exact = ~hit[:, 0] & (top_sub < 0) & (not defer)  # [T]
+        top_keep = (top_slot >= 0) | top_exact
+        slot = torch.cat([torch.where(none, top_slot, slot[:, 0])[:, None], slot[:, 1:]], dim=1)
+        keep = torch.cat([(keep[:, 0] | (none & top_keep))[:, None], keep[:, 1:]], dim=1)
+        subbed = torch.cat([(subbed[:, 0] | (none & ~hit[:, 0] & (top_sub >= 0)))[:, None], subbed[:, 1:]], dim=1)
+        exact = torch.cat([(exact[:, 0] | (none & top_exact))[:, None], exact[:, 1:]], dim=1) & keep
+        dropped = dropped & ~keep
+        # renormalise kept weights to each token's original total (a no-op for tokens that kept everything)
+        total = g.sum(dim=1, keepdim=True)  # [T, 1]
+        kept = (g * keep).sum(dim=1, keepdim=True)  # [T, 1]
+        w = torch.where(keep, g * (total / kept.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)  # [T, k]
+        counts = torch.stack([hit.sum(), (~hit).sum(), subbed.sum(), dropped.sum(),
+                              (~keep & ~dropped).sum()])  # [5]
+        return Assignment(slots=slot, weights=w, exact=None if defer else exact, counts=counts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,10 +41,21 @@ def combine(y_sorted: torch.Tensor, groups: ExpertGroups, weights: torch.Tensor)
 
 
 class ExpertProvider(ABC):
-    """Computes Σ_j w_j · E_{id_j}(x) for routed experts of one MoE layer."""
+    """Computes Σ_j w_j · E_{id_j}(x) for routed experts of one MoE layer.
 
-    #: True when compute() never waits on the host, so a decode step may be captured in a CUDA graph.
+    Step contract (the engine keeps it): `after_step()` is called once after every forward (prefill, eager
+    decode, or CUDA-graph replay), outside any graph. When `graph_safe` is True, `compute()` may be captured into
+    a CUDA graph: it then runs in Python only at capture time, so per-step host bookkeeping (step counters,
+    periodic refresh, publishing finished copies, reading device counters) belongs in `after_step()`.
+    Wrappers (recorders, the cloud provider) should delegate all four members below to the provider they wrap."""
+
+    #: True when compute() never waits on the host, so a decode step may be captured in a CUDA graph
+    #: (a plain attribute or a property: it may change between steps, e.g. a committee once after_step is seen).
     graph_safe: bool = False
+
+    #: counters with `as_dict()` (a committee's CommitteeStats), or None when there is nothing to count;
+    #: reading it may sync with the device, so read it between steps.
+    stats: Any = None
 
     @abstractmethod
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -56,3 +68,10 @@ class ExpertProvider(ABC):
     def expert_bytes(self) -> int:
         """Bytes of expert weights this provider holds on the compute device."""
         return 0
+
+    def resident_mask(self, layer: int) -> torch.Tensor:
+        """bool [E] on the compute device: experts of `layer` computed on the device without a miss now."""
+        raise NotImplementedError(f"{type(self).__name__} does not report which experts are resident")
+
+    def after_step(self) -> None:
+        """Per-step host bookkeeping, called by the engine after every forward, outside any graph."""

@@ -30,31 +30,28 @@ class LocalSelector:
         self.extra = int(math.floor(self.latency_budget_s / per_expert)) if per_expert > 0 else 0
 
     def resident(self, layer: int) -> torch.Tensor:
-        """bool [E]: experts published in the committee's slots (all of them without a committee)."""
-        mask = torch.zeros(self.E, dtype=torch.bool)
-        state = getattr(self.provider, "layers", {}).get(layer) if hasattr(self.provider, "layers") else None
-        if state is None:
-            mask[:] = True
-        else:
-            mask[list(state.slot_of)] = True
-        return mask
+        """bool [E] on the provider's device: experts resident now (all of them for a provider that does not
+        report residency, e.g. one without a budget)."""
+        try:
+            return self.provider.resident_mask(layer).clone()
+        except (NotImplementedError, AttributeError, KeyError):
+            return torch.ones(self.E, dtype=torch.bool)
 
     def local_mask(self, layer: int) -> torch.Tensor:
         mask = self.resident(layer)
-        if self.extra > 0:  # the most important non-resident experts: the ones a refresh would admit next
-            state = getattr(self.provider, "layers", {}).get(layer)
-            if state is not None:
-                score = state.score.clone()
-                score[mask] = -math.inf
-                n = min(self.extra, int((~mask).sum()))
-                if n > 0:
-                    mask[torch.topk(score, n).indices] = True
+        importance = getattr(self.provider, "importance", None)
+        if self.extra > 0 and importance is not None:  # the most important non-resident experts: the ones a
+            score = importance(layer).to(mask.device)  # refresh would admit next  [E]
+            score[mask] = -math.inf
+            n = min(self.extra, int((~mask).sum()))
+            if n > 0:
+                mask[torch.topk(score, n).indices] = True
         if layer in self.remote:
             mask[self.remote[layer]] = False
         return mask
 
     def local_fraction(self) -> float:
-        layers = list(getattr(self.provider, "layers", {}) or [])
+        layers = list(getattr(self.provider, "layers", None) or [])
         if not layers:
             return 1.0
         return sum(float(self.local_mask(l).float().mean()) for l in layers) / len(layers)

@@ -1,0 +1,96 @@
+"""The one expert executor: Σ_k w·E(x) over stacked expert weights indexed by slot ids.
+
+Every provider runs its experts here. The all-resident provider passes expert ids (its slot table is the
+identity); a committee passes the slot ids its miss policy chose. Assignments whose slot is −1 or whose weight is 0
+contribute nothing. Two paths:
+
+- `device_moe` (CUDA, graph-safe: no host sync). Today two grouped GEMMs (`torch._grouped_mm`, CUDA bf16); this is
+  the one function to change when the fused Triton kernel lands: `kernels.fused_moe(x, slot_ids, weights, w13,
+  w2, identity)` with `identity = torch.arange(n, dtype=torch.int32)`, or pass a committee's expert ids and its
+  `slot_table` straight through.
+- `loop_moe` (CPU and the rest): one SwiGLU per slot that has live rows; syncs for the group sizes.
+
+Rows computed elsewhere (a committee's host-computed misses) come in as `HostRows` and are added in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moetandem.experts.provider import group_by_expert
+from moetandem.models.layers import expert_ffn
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class HostRows:
+    """Outputs of assignments computed outside the slot buffer: y[i] is E(x[token[i]]) for assignment
+    (token[i], col[i]); its weight is weights[token[i], col[i]] and its slot id is −1."""
+
+    token: torch.Tensor  # [m] long, on the compute device
+    col: torch.Tensor  # [m] long
+    y: torch.Tensor  # [m, H] in x's dtype
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
+    """CUDA grouped GEMM (sm80+) wants bf16 and 16-byte aligned rows."""
+    return (_grouped_mm is not None and device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device)[0] >= 8 and all(d % 8 == 0 for d in dims))
+
+
+def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor, grouped: bool, host: HostRows | None = None) -> torch.Tensor:
+    """x [T, H]; slot_ids [T, k] (−1: nothing on the device); weights [T, k]; w13 [n, 2I, H] (gate; up),
+    w2 [n, H, I] -> [T, H] in x's dtype. grouped: the device path (no host sync), else the per-slot loop."""
+    if grouped:
+        out = device_moe(x, slot_ids, weights, w13, w2)  # [T, H]
+        if host is not None and host.token.numel():
+            g = weights[host.token, host.col].to(host.y.dtype)  # [m]
+            out.index_add_(0, host.token, host.y * g[:, None])
+        return out
+    return loop_moe(x, slot_ids, weights, w13, w2, host)
+
+
+def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+               w2: torch.Tensor) -> torch.Tensor:
+    """The CUDA path, graph-safe: every assignment runs (slot −1 on slot 0), outputs of slot −1 are masked
+    out, so nothing here waits on the host. Swap the body for the fused kernel when it lands."""
+    n, I2, _ = w13.shape
+    I = I2 // 2
+    T, k = slot_ids.shape
+    valid = slot_ids >= 0  # [T, k]
+    groups = group_by_expert(slot_ids.clamp_min(0).long(), n)
+    xs = x[groups.token]  # [T*k, H] rows sorted by slot
+    offs = groups.counts.cumsum(0, dtype=torch.int32)  # [n]
+    h = _grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [T*k, 2I]
+    ys = _grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)  # [T*k, H]
+    y = torch.empty_like(ys)
+    y[groups.order] = ys
+    y = y.view(T, k, -1).masked_fill(~valid[..., None], 0)  # [T, k, H]; a slot in transit may hold anything
+    return (y * weights.to(y.dtype)[..., None]).sum(dim=1)
+
+
+def loop_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+             w2: torch.Tensor, host: HostRows | None = None) -> torch.Tensor:
+    """One SwiGLU per slot on its live rows (slot ≥ 0, weight ≠ 0); host rows slot in before the weighted sum,
+    so a committee with exact policies matches the all-resident provider bit for bit."""
+    n = w13.shape[0]
+    T, k = slot_ids.shape
+    live = (slot_ids >= 0) & (weights != 0)  # [T, k]
+    groups = group_by_expert(torch.where(live, slot_ids.long(), n), n + 1)  # dead rows sort last
+    xs = x[groups.token]  # [T*k, H]
+    ys = torch.zeros_like(xs)
+    start = 0
+    for s, c in enumerate(groups.counts[:n].tolist()):
+        if c:
+            ys[start:start + c] = expert_ffn(xs[start:start + c], w13[s], w2[s])
+            start += c
+    y = torch.empty_like(ys)
+    y[groups.order] = ys
+    y = y.view(T, k, -1)  # [T, k, H]
+    if host is not None and host.token.numel():
+        y[host.token, host.col] = host.y.to(y.dtype)
+    return (y * weights.to(y.dtype)[..., None]).sum(dim=1)

@@ -1,0 +1,87 @@
+"""Exact miss handling (policies exact/auto, fetch, host, lru, host-only): the misses a policy left for the host
+are fetched into a victim slot or computed on the host. This is the committee's only host round trip in compute:
+one transfer of the step's routing, then one decision per missed expert (never per assignment)."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from moetandem.experts.executor import HostRows
+from moetandem.experts.policies import Assignment
+from moetandem.experts.store import flat_views
+from moetandem.models.layers import expert_ffn
+
+if TYPE_CHECKING:
+    from moetandem.experts.committee import CommitteeProvider
+
+
+def resolve_exact(c: "CommitteeProvider", layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                  asg: Assignment) -> HostRows | None:
+    """Fetch or host-compute the assignments `asg.exact` marks; fetched ones get their new slot in asg.slots.
+    Returns the host-computed rows (None if there are none)."""
+    st, pol = c.layers[layer], c.policy
+    assert asg.exact is not None
+    routing = torch.stack([expert_ids.long(), asg.slots.long(), asg.exact.long()]).cpu()  # [3, T, k] one sync
+    ids, slots, need = routing[0], routing[1], routing[2].bool()
+    if pol.lru:  # every expert computed from a slot this step counts as used now
+        on_slot = slots >= 0
+        used = torch.tensor([st.expert_of[s] for s in slots[on_slot].unique().tolist()], dtype=torch.long)
+        c.last_use[layer][used[used >= 0]] = c.tick
+    if not bool(need.any()):
+        return None
+    experts, rows = torch.unique(ids[need], return_counts=True)  # the step's missed experts, [m] each
+    in_use = set(slots[slots >= 0].unique().tolist())  # slots this step reads: never victims
+    host: list[int] = []
+    for e, n in zip(experts.tolist(), rows.tolist()):
+        fetch = pol.exact == "fetch" or (pol.exact == "auto" and not c.cost.prefer_host(n))
+        victims = [s for s in range(st.n) if s not in st.incoming and s not in in_use]
+        if not fetch or not victims:
+            host.append(e)
+            c.counters.host.host_computes += n
+            continue
+        t0 = time.perf_counter()
+        slot = _victim(c, layer, victims)
+        if st.expert_of[slot] >= 0:
+            st.unpublish(st.expert_of[slot])
+        c.load(layer, slot, e)
+        in_use.add(slot)
+        asg.slots = torch.where((expert_ids == e) & asg.exact, slot, asg.slots)  # [T, k] device
+        if pol.lru:
+            c.last_use[layer][e] = c.tick
+        c.counters.host.fetches += 1
+        c.counters.host.stall_s += time.perf_counter() - t0
+    if not host:
+        return None
+    return _host_compute(c, layer, x, ids, need, host)
+
+
+def _victim(c: "CommitteeProvider", layer: int, victims: list[int]) -> int:
+    """A free slot, else the least recently used (lru) or the least important published expert's slot."""
+    st = c.layers[layer]
+    free = [s for s in victims if st.expert_of[s] < 0]
+    if free:
+        return free[0]
+    if c.policy.lru:
+        last = c.last_use[layer]
+        return min(victims, key=lambda s: int(last[st.expert_of[s]]))
+    score = c.scorer.scores(layer)  # [E] host
+    return min(victims, key=lambda s: float(score[st.expert_of[s]]))
+
+
+def _host_compute(c: "CommitteeProvider", layer: int, x: torch.Tensor, ids: torch.Tensor, need: torch.Tensor,
+                  experts: list[int]) -> HostRows:
+    """Each host expert runs once on all its rows, from host memory."""
+    t0 = time.perf_counter()
+    toks, cols, ys = [], [], []
+    for e in experts:
+        tok, col = torch.nonzero((ids == e) & need, as_tuple=True)  # host [r], [r]
+        w13, w2 = flat_views(c.host_flat(layer, e, pin=False), c.I, c.H)
+        rows = x[tok.to(x.device)].to("cpu", w13.dtype)  # [r, H]
+        ys.append(expert_ffn(rows, w13, w2).to(x.device, x.dtype))  # [r, H]
+        toks.append(tok)
+        cols.append(col)
+    out = HostRows(token=torch.cat(toks).to(x.device), col=torch.cat(cols).to(x.device), y=torch.cat(ys))
+    c.counters.host.stall_s += time.perf_counter() - t0
+    return out

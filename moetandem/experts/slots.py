@@ -1,0 +1,98 @@
+"""The slot table of one MoE layer: a device buffer of flat experts and the expert -> slot map, on the device
+(read by compute, graph-safe) and mirrored on the host (read by the swapper and the exact miss path).
+
+Only the owning thread (the engine's) publishes and unpublishes; both are tensor writes on the current stream,
+so they are ordered with compute and never wait on the host. A slot is unpublished before it is overwritten and
+published only once its copy has finished (the swapper's job)."""
+from __future__ import annotations
+
+import torch
+
+from moetandem.experts.store import flat_views
+
+
+class LayerSlots:
+    def __init__(self, n: int, numel: int, num_experts: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.buf = torch.empty(n, numel, device=device, dtype=dtype)  # [n, 3*I*H] flat experts
+        #: slot of each published expert, −1 if none  [E] int32 (device; what compute reads)
+        self.slot_table = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
+        #: slot of the most similar resident expert when similarity ≥ the policy's threshold, else −1  [E]
+        self.sub_slot = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
+        #: slot of the most similar resident expert, any similarity (a token's last resort), −1 if unknown  [E]
+        self.near_slot = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
+        # host mirror
+        self.slot_of: dict[int, int] = {}  # expert -> slot (published, usable)
+        self.expert_of: list[int] = [-1] * n  # slot -> expert (−1: free or in transit)
+        self.incoming: dict[int, int] = {}  # slot -> expert being copied in (slot unpublished meanwhile)
+        self.dirty = True  # resident set changed since sub_slot / near_slot were built
+
+    @property
+    def n(self) -> int:
+        return len(self.expert_of)
+
+    @property
+    def busy(self) -> set[int]:
+        """Slots with a copy in flight."""
+        return set(self.incoming)
+
+    def views(self, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 [n, 2I, H], w2 [n, H, I] over the slot buffer."""
+        return flat_views(self.buf, inter, hidden)
+
+    def publish(self, slot: int, expert: int) -> None:
+        """Make `expert` usable from `slot` (its bytes must already be there, in stream order)."""
+        self.slot_table[expert] = slot  # a fill on the current stream: no host sync
+        self.slot_of[expert], self.expert_of[slot] = slot, expert
+        self.dirty = True
+
+    def unpublish(self, expert: int) -> int:
+        """Stop compute from reading `expert`; returns its slot (now free to overwrite, after the kernels
+        already queued on the stream)."""
+        slot = self.slot_of.pop(expert)
+        self.slot_table[expert] = -1
+        self.expert_of[slot] = -1
+        self.dirty = True
+        return slot
+
+    def free_slots(self) -> list[int]:
+        """Slots holding nothing and with no copy in flight."""
+        return [s for s, e in enumerate(self.expert_of) if e < 0 and s not in self.incoming]
+
+    def plan_swaps(self, score: torch.Tensor) -> list[tuple[int, int]]:
+        """(slot, expert) copies that make the slots hold the top experts by `score` [E] (host): free slots first,
+        then the least important published experts give way to more important ones (unpublished here, before
+        anything overwrites them). Nothing before any routing was seen."""
+        if not score.any():
+            return []
+        present = set(self.slot_of) | set(self.incoming.values())
+        want = set(torch.topk(score, self.n).indices.tolist())
+        out = sorted((e for e in self.slot_of if e not in want), key=lambda e: float(score[e]))
+        into = sorted((e for e in want if e not in present), key=lambda e: -float(score[e]))
+        free = self.free_slots()
+        swaps = list(zip(free, into))
+        for old, new in zip(out, into[len(free):]):
+            if float(score[new]) <= float(score[old]):
+                break
+            swaps.append((self.unpublish(old), new))
+        return swaps
+
+    def resident_mask(self) -> torch.Tensor:
+        return self.slot_table >= 0  # [E] bool, device
+
+    def rebuild_substitutes(self, similarity: torch.Tensor | None, min_sim: float | None) -> None:
+        """Refill sub_slot / near_slot from the resident set, with tensor ops (no host sync).
+        similarity [E, E] on the device (None: no substitutes); min_sim None: no thresholded substitutes."""
+        self.dirty = False
+        if similarity is None:
+            self.sub_slot.fill_(-1)
+            self.near_slot.fill_(-1)
+            return
+        resident = self.slot_table >= 0  # [E]
+        sim = similarity.masked_fill(~resident[None, :], -torch.inf)  # [E, E]: row e = candidates for e
+        best_sim, best = sim.max(dim=1)  # [E], [E]
+        near = torch.where(best_sim > -torch.inf, self.slot_table[best], -1)  # [E]
+        self.near_slot.copy_(near)
+        if min_sim is None:
+            self.sub_slot.fill_(-1)
+        else:
+            self.sub_slot.copy_(torch.where(best_sim >= min_sim, near, -1))

@@ -1,0 +1,48 @@
+"""Committee counters. Per-assignment counts (hits, misses, substitutions, skips, deferrals) are accumulated on the
+device with tensor ops, so a graph-captured step counts too; host events (fetches, host computes, swaps, bytes,
+stalls) are plain fields. `snapshot()` reads the device part: call it between steps."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+DEVICE_FIELDS = ("hits", "misses", "substitutions", "skips", "deferred")
+
+
+@dataclass
+class CommitteeStats:
+    hits: int = 0
+    misses: int = 0
+    substitutions: int = 0
+    skips: int = 0  # assignments dropped because their gate weight was below τ
+    deferred: int = 0  # misses a graph-safe policy could neither substitute nor compute: weight 0 this step
+    fetches: int = 0
+    host_computes: int = 0
+    swaps: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+
+class StatCounters:
+    """Host fields in `host`; the DEVICE_FIELDS in one int64 tensor on the compute device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.host = CommitteeStats()
+        self.device = torch.zeros(len(DEVICE_FIELDS), dtype=torch.int64, device=device)  # [5]
+
+    def add(self, counts: torch.Tensor) -> None:
+        """counts [5] in DEVICE_FIELDS order, on the device (no host sync)."""
+        self.device.add_(counts)
+
+    def snapshot(self) -> CommitteeStats:
+        """Host fields plus the device counts (one host sync)."""
+        dev = dict(zip(DEVICE_FIELDS, self.device.tolist()))
+        return replace(self.host, **dev)
