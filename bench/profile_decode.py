@@ -20,7 +20,7 @@ from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 
 ROLES = [  # first match wins: (role, regex over the kernel name)
     ("moe: fused kernels", r"_gate_up_kernel|_down_kernel|_sum_kernel|_align_kernel"),
-    ("moe: grouped GEMM", r"grouped|Grouped|cutlass.*group"),
+    ("moe: grouped GEMM", r"grouped|Grouped|enable_3x_kernel"),
     ("attention (SDPA)", r"flash|fmha|attention|sdpa|softmax_warp|efficient"),
     ("GEMM / GEMV (projections, router, lm_head)", r"gemm|gemv|cublas|cutlass|sm90_xmma|nvjet|splitK"),
     ("sort / top-k / scan", r"sort|topk|radix|scan|cub|bitonic"),

@@ -7,7 +7,6 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 

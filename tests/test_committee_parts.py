@@ -8,6 +8,7 @@ import contextlib
 import pytest
 import torch
 
+import moetandem
 from conftest import build_checkpoint
 from moetandem import Engine, InvalidRequestError
 from moetandem.experts.committee import CommitteeProvider
@@ -19,8 +20,8 @@ from moetandem.experts.slots import LayerSlots
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return Engine.from_pretrained(build_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral")), device="cpu",
-                                  progress=False)
+    return moetandem.load(build_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral")), device="cpu",
+                          progress=False)
 
 
 def _committee(engine, policy: MissPolicy, slots: int, **kw) -> CommitteeProvider:
@@ -324,7 +325,7 @@ def test_graph_safe_committee_captures_and_replays_on_cuda(tmp_path):
     """A balanced committee's compute captured into a CUDA graph (sync debug mode "error"), replayed after a refresh
     changed the resident set, equals the eager deferring computation."""
     path = build_checkpoint("olmoe", tmp_path / "m")
-    eng = Engine.from_pretrained(path, device="cuda", dtype="bfloat16", progress=False, expert_budget=0.5,
+    eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, expert_budget=0.5,
                                  fidelity="balanced", refresh_every=1)
     c, layer, E = eng.provider, eng.store.layers[0], eng.args.num_experts
     if not c.grouped:

@@ -61,10 +61,6 @@ class ExpertProvider(ABC):
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids [T, k] (long); weights [T, k] -> [T, H] in x's dtype."""
 
-    def after_step(self) -> None:
-        """Called by the engine once after every forward (eager or CUDA-graph replay), outside any graph: the
-        place for per-step bookkeeping, since a captured compute() does not run in Python on replay."""
-
     def expert_bytes(self) -> int:
         """Bytes of expert weights this provider holds on the compute device."""
         return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
