@@ -19,6 +19,14 @@ SHAPES: dict[str, dict] = {
                           max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                           norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                           tie_word_embeddings=False),
+    # the Qwen3-30B-A3B layer shape with half its layers: per-layer speed and memory are the same, and the checkpoint
+    # plus a pinned copy of its experts fit the GPU host's RAM (the full 61 GB model does not, twice)
+    "qwen3-30b-a3b-24l": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                              moe_intermediate_size=768, num_hidden_layers=24, num_attention_heads=32,
+                              num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                              max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                              tie_word_embeddings=False),
     "tiny-olmoe": dict(model_type="olmoe", vocab_size=512, hidden_size=64, intermediate_size=32,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
                        num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,

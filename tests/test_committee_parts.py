@@ -16,6 +16,7 @@ from moetandem.experts.executor import HostRows, _grouped_mm, run_experts
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.scorer import Scorer
 from moetandem.experts.slots import LayerSlots
+from moetandem.kernels import fused_moe_reference
 
 
 @pytest.fixture(scope="module")
@@ -355,3 +356,32 @@ def test_graph_safe_committee_captures_and_replays_on_cuda(tmp_path):
     c.policy = MissPolicy(skip_below=0.05, substitute_min_sim=0.5, exact="defer")
     torch.testing.assert_close(y, c.compute(layer, x, ids, w), rtol=2e-2, atol=2e-2)
     assert c.stats.hits + c.stats.misses > 0
+
+
+def test_mapped_exact_misses_equal_all_resident_without_host_sync(engine, monkeypatch, in_graph):
+    """Exact misses read from the pinned host copy of every expert (slot n + e in the fused kernel) give the
+    all-resident output, with no host round trip, so exact policies are graph-safe too (forced on the CPU)."""
+    monkeypatch.setattr(CommitteeProvider, "_maps", lambda self, policy, total: policy.exact == "auto")
+    layer, E, H = engine.store.layers[0], engine.store.num_experts, engine.args.hidden_size
+    c = _committee(engine, MissPolicy(), 2)
+    assert c.mapped is not None and c.mapped[layer].shape == (E, engine.store.expert_numel())
+    c.grouped = True
+    c.after_step()
+    assert c.graph_safe  # exact, yet graph-safe
+    x = torch.randn(6, H)
+    ids = torch.stack([torch.randperm(E)[:2] for _ in range(6)])
+    w = torch.softmax(torch.randn(6, 2), -1)
+    import moetandem.experts.executor as executor
+    calls = []
+    monkeypatch.setattr(executor, "fused_moe_op", lambda *a: calls.append(a) or torch.zeros_like(a[0]))
+    with no_host_sync():  # the committee's part of the step: routing -> slots, all on the device
+        c.compute(layer, x, ids, w)
+    got = fused_moe_reference(*calls[0][:6], host=calls[0][7:9])  # what the kernel computes from those inputs
+    monkeypatch.undo()
+    want = engine.provider.compute(layer, x, ids, w)  # every expert resident
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    s = c.stats
+    assert s.misses > 0 and s.substitutions == 0 and s.skips == 0  # misses were served, exactly
+    assert c.host_flat(layer, 3).data_ptr() == c.mapped[layer][3].data_ptr()  # swaps copy from the same pinned copy
+    lru = _committee(engine, MissPolicy.named("lru"), 2)
+    assert lru.mapped is None  # the baselines keep their own miss handling

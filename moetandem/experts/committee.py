@@ -19,7 +19,9 @@ from tqdm import tqdm
 
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.costs import CostModel
-from moetandem.experts.executor import grouped_mm_supported, run_experts
+from moetandem.experts.executor import device_path_supported, run_experts
+from moetandem.experts.store import flat_views
+from moetandem.kernels import fused_moe_supported
 from moetandem.experts.misses import resolve_exact
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
@@ -62,9 +64,12 @@ class CommitteeProvider(ExpertProvider):
         self.counters = StatCounters(device)
         self.cost = CostModel(device, dtype, self.I, self.H)
         #: the executor's device path (grouped GEMM over the slot buffers, no host sync); else the per-slot loop
-        self.grouped = grouped_mm_supported(device, dtype, (self.I, self.H))
+        self.grouped = device_path_supported(device, dtype, (self.I, self.H))
         total = store.total_numel() * torch.empty((), dtype=dtype).element_size()
-        self.copies = HostCopies(store, dtype, pin=device.type == "cuda", cap=pinned_cap(total))
+        #: exact misses read zero-copy from pinned host memory by the fused kernel (no copy, no host sync, so the
+        #: step stays one CUDA graph): every expert pinned once, when it fits the pinned-memory cap
+        self.mapped = self._map_experts(total, progress) if self._maps(policy, total) else None
+        self.copies = HostCopies(store, dtype, pin=device.type == "cuda", cap=pinned_cap(total), mapped=self.mapped)
         self.swapper = Swapper(self.copies, device)
         self.similarity = similarity
         self.layers: dict[int, LayerSlots] = {}
@@ -77,11 +82,29 @@ class CommitteeProvider(ExpertProvider):
         self.set_budget(budget_bytes, slots, progress)
 
     # ------------------------------------------------------------------ interface
+    def _maps(self, policy: MissPolicy, total: int) -> bool:
+        """Zero-copy exact misses: CUDA with the fused kernel, a policy whose exact misses may be computed anywhere
+        (auto; not the fetch / host / lru / host-only baselines), and every expert fitting the pinned cap."""
+        if self.device.type != "cuda" or not fused_moe_supported(self.device, self.dtype):
+            return False
+        return policy.exact == "auto" and not policy.lru and policy.refresh and total <= pinned_cap(total, mapped=True)
+
+    def _map_experts(self, total: int, progress: bool) -> dict[int, torch.Tensor]:
+        out = {}
+        for l in tqdm(self.store.layers, desc="pinning experts", unit="layer", disable=not progress, leave=False):
+            buf = torch.empty(self.E, self.store.expert_numel(), dtype=self.dtype,
+                              pin_memory=self.device.type == "cuda")  # [E, 3IH]
+            for e in range(self.E):
+                buf[e].copy_(self.store.read_flat(l, e, self.dtype))
+            out[l] = buf
+        return out
+
     @property
     def graph_safe(self) -> bool:
         # grouped: the executor's device path (CUDA bf16; tests force it on the CPU); external_observe: a routing
         # hook (moetandem.gating) is attached, and it syncs with the host itself
-        return self.policy.graph_safe and self._stepped and self.grouped and not self.external_observe
+        safe = self.policy.graph_safe or self.mapped is not None
+        return safe and self._stepped and self.grouped and not self.external_observe
 
     @property
     def stats(self) -> CommitteeStats:
@@ -124,10 +147,14 @@ class CommitteeProvider(ExpertProvider):
                 self._settle(layer, x.shape[0])
         if st.dirty:
             self._rebuild(st, layer)
-        asg = self.policy.assign(expert_ids, weights, st, in_graph=capturing)
+        asg = self.policy.assign(expert_ids, weights, st, in_graph=capturing and self.mapped is None)
         self.counters.add(asg.counts)
-        host = resolve_exact(self, layer, x, expert_ids, asg) if asg.exact is not None else None
         w13, w2 = st.views(self.I, self.H)  # [n, 2I, H], [n, H, I]
+        if self.mapped is not None:  # exact misses: expert e read from pinned host memory as slot n + e
+            slots = asg.slots if asg.exact is None else torch.where(asg.exact, st.n + expert_ids.int(), asg.slots)
+            return run_experts(x, slots, asg.weights, w13, w2, True, mapped=flat_views(self.mapped[layer], self.I,
+                                                                                        self.H))
+        host = resolve_exact(self, layer, x, expert_ids, asg) if asg.exact is not None else None
         return run_experts(x, asg.slots, asg.weights, w13, w2, self.grouped, host)
 
     def observe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:

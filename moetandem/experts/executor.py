@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moetandem.experts.provider import group_by_expert
+from moetandem.kernels import fused_moe_op, fused_moe_supported
 from moetandem.models.layers import expert_ffn
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -41,12 +42,19 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: tuple[i
             and torch.cuda.get_device_capability(device)[0] >= 8 and all(d % 8 == 0 for d in dims))
 
 
+def device_path_supported(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
+    """The executor's device path runs here: the fused Triton kernel, or grouped GEMMs."""
+    return fused_moe_supported(device, dtype) or grouped_mm_supported(device, dtype, dims)
+
+
 def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor, grouped: bool, host: HostRows | None = None) -> torch.Tensor:
-    """x [T, H]; slot_ids [T, k] (−1: nothing on the device); weights [T, k]; w13 [n, 2I, H] (gate; up),
-    w2 [n, H, I] -> [T, H] in x's dtype. grouped: the device path (no host sync), else the per-slot loop."""
+                w2: torch.Tensor, grouped: bool, host: HostRows | None = None,
+                mapped: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [T, H]; slot_ids [T, k] (−1: nothing on the device; n + e: expert e read zero-copy from `mapped`, its
+    pinned host weights [E, 2I, H] / [E, H, I]); weights [T, k]; w13 [n, 2I, H] (gate; up), w2 [n, H, I] -> [T, H]
+    in x's dtype. grouped: the device path (no host sync), else the per-slot loop."""
     if grouped:
-        out = device_moe(x, slot_ids, weights, w13, w2)  # [T, H]
+        out = device_moe(x, slot_ids, weights, w13, w2, mapped)  # [T, H]
         if host is not None and host.token.numel():
             g = weights[host.token, host.col].to(host.y.dtype)  # [m]
             out.index_add_(0, host.token, host.y * g[:, None])
@@ -55,9 +63,13 @@ def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, 
 
 
 def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-               w2: torch.Tensor) -> torch.Tensor:
-    """The CUDA path, graph-safe: every assignment runs (slot −1 on slot 0), outputs of slot −1 are masked
-    out, so nothing here waits on the host. Swap the body for the fused kernel when it lands."""
+               w2: torch.Tensor, mapped: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The CUDA path, graph-safe (nothing waits on the host): the fused Triton kernel over the slot buffers
+    (slot ids as expert ids, identity table; −1 and weight 0 read nothing). Without Triton: grouped GEMMs where
+    every assignment runs (slot −1 on slot 0) and outputs of slot −1 are masked out."""
+    if fused_moe_supported(x.device, w13.dtype) or mapped is not None:  # (the op's PyTorch reference off CUDA)
+        hw13, hw2 = mapped if mapped is not None else (None, None)
+        return fused_moe_op(x, slot_ids, weights, w13, w2, None, "silu", hw13, hw2)  # [T, H]
     n, I2, _ = w13.shape
     I = I2 // 2
     T, k = slot_ids.shape

@@ -6,6 +6,7 @@ import torch
 from tqdm import tqdm
 
 from moetandem.experts.executor import _grouped_mm, grouped_mm_supported, run_experts  # noqa: F401 (re-exported)
+from moetandem.experts.executor import device_path_supported
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.store import ExpertStore
 
@@ -26,7 +27,7 @@ class ResidentProvider(ExpertProvider):
                 w13[e, I:].copy_(u)
                 w2[e].copy_(d)
             self.w13[layer], self.w2[layer] = w13, w2
-        self.grouped = grouped_mm_supported(device, dtype, (I, H))
+        self.grouped = device_path_supported(device, dtype, (I, H))
         self.graph_safe = self.grouped
         self._all = torch.ones(E, dtype=torch.bool, device=device)  # [E]
 

@@ -18,8 +18,10 @@ import torch
 from moetandem.experts.store import ExpertStore
 
 
-def pinned_cap(total_bytes: int) -> int:
-    """Bytes of pinned host copies to keep: MOETANDEM_PINNED_BYTES, else a quarter of host RAM."""
+def pinned_cap(total_bytes: int, mapped: bool = False) -> int:
+    """Bytes of pinned host memory to use: MOETANDEM_PINNED_BYTES, else a quarter of host RAM for a cache of
+    copies, or three quarters for pinning every expert once (mapped: the checkpoint's page cache is then not
+    needed any more, since every read comes from the pinned copy)."""
     env = os.environ.get("MOETANDEM_PINNED_BYTES")
     if env:
         return int(env)
@@ -27,15 +29,18 @@ def pinned_cap(total_bytes: int) -> int:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return total_bytes
-    return min(total_bytes, ram // 4)
+    return min(total_bytes, ram * 3 // 4 if mapped else ram // 4)
 
 
 class HostCopies:
     """Experts' flat weights in host memory; on CUDA, pinned copies are kept, least recently used first,
     bounded so host RAM holds the mmap'd checkpoint plus at most `cap` pinned bytes."""
 
-    def __init__(self, store: ExpertStore, dtype: torch.dtype, pin: bool, cap: int) -> None:
-        self.store, self.dtype, self.pin, self.cap = store, dtype, pin, cap
+    def __init__(self, store: ExpertStore, dtype: torch.dtype, pin: bool, cap: int,
+                 mapped: dict[int, torch.Tensor] | None = None) -> None:
+        """mapped: every expert of each layer already in pinned host memory ([E, 3*I*H] per layer): get() returns
+        views of it and keeps no cache of its own."""
+        self.store, self.dtype, self.pin, self.cap, self.mapped = store, dtype, pin, cap, mapped
         self._cache: collections.OrderedDict[tuple[int, int], torch.Tensor] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -43,6 +48,8 @@ class HostCopies:
     def get(self, layer: int, expert: int, pin: bool = True) -> torch.Tensor:
         """[3*I*H] on the host. pin=False (synchronous paths): the cached pinned copy if any, else a plain read,
         since pinning an expert met for the first time can cost more (~10 ms) than the copy it speeds up."""
+        if self.mapped is not None:
+            return self.mapped[layer][expert]
         if not self.pin:
             return self.store.read_flat(layer, expert, self.dtype)
         key = (layer, expert)
