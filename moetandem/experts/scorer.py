@@ -48,7 +48,7 @@ class Scorer:
         if self.kind == "ema":
             self.ema[layer].mul_((1.0 - 1.0 / self.window) ** T).add_(vec[: self.E])
             return
-        vec[self.E] = T  # the call's tokens (a fill: T is fixed for a captured graph)
+        vec.narrow(0, self.E, 1).fill_(T)  # the call's tokens (a fill: T is fixed for a captured graph)
         head = self.head[layer]
         self.ring[layer].index_copy_(0, head % self.R, vec[None])
         head.add_(1)
