@@ -18,12 +18,11 @@ def get_family(model_type: str | None) -> Family:
     """The family of a runnable model_type, or UnsupportedModelError saying why not."""
     if model_type is None:
         raise UnsupportedModelError("config.json has no model_type; is this a transformers checkpoint?")
-    if model_type not in FAMILIES:
+    family = FAMILIES.get(model_type)
+    if family is None or family.experts_unsupported is not None:
         runnable = sorted(t for t, f in FAMILIES.items() if f.experts_unsupported is None)
-        raise UnsupportedModelError(f"unsupported model_type {model_type!r}; moetandem runs: {', '.join(runnable)}")
-    family = FAMILIES[model_type]
-    if family.experts_unsupported is not None:
-        raise UnsupportedModelError(f"model_type {model_type!r}: {family.experts_unsupported}")
+        why = "" if family is None else f" ({family.experts_unsupported})"
+        raise UnsupportedModelError(f"unsupported model_type {model_type!r}{why}; moetandem runs: {', '.join(runnable)}")
     return family
 
 
