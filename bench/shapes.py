@@ -1,4 +1,7 @@
-"""Random hub-format checkpoints of real MoE shapes, written straight from tensors (no model init)."""
+"""Random checkpoints of real MoE shapes, written straight from tensors (no model init). OLMoE / Qwen3 shapes use
+the hub's per-expert layout; the newer families take their tensor names and shapes from transformers' own model
+built on the meta device, i.e. transformers 5's fused expert layout, which both moetandem's ExpertStore and
+transformers read."""
 from __future__ import annotations
 
 import json
@@ -27,6 +30,38 @@ SHAPES: dict[str, dict] = {
                               max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                               tie_word_embeddings=False),
+    # 27 layers (first dense), MLA (kv_lora 512, no q LoRA), 64 experts top-6 + 2 shared, YaRN as released
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                             moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                             num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+                             kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                             v_head_dim=128, first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1,
+                             routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=163840,
+                             rms_norm_eps=1e-6, tie_word_embeddings=False,
+                             rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                                               beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707,
+                                               rope_theta=10000.0)),
+    # the first 4 layers of DeepSeek-V3 (3 dense + 1 MoE with 256 experts top-8, n_group 8 / topk_group 4):
+    # ~30 GB in bf16, 22.5 GB of it one layer's routed experts
+    "deepseek-v3-4l": dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                           moe_intermediate_size=2048, num_hidden_layers=4, num_attention_heads=128,
+                           num_key_value_heads=128, n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
+                           kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                           v_head_dim=128, first_k_dense_replace=3, n_group=8, topk_group=4,
+                           routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=163840,
+                           rms_norm_eps=1e-6, tie_word_embeddings=False, rope_interleave=True,
+                           rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                                             beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0,
+                                             rope_theta=10000.0)),
+    # GLM-4.5-Air: 46 layers, 128 experts top-8 + 1 shared, ~212 GB in bf16 (a committee budget, or more GPUs);
+    # glm-4.5-air-8l is its first 8 layers (~31 GB) for one GPU with everything resident
+    "glm-4.5-air": dict(model_type="glm4_moe", vocab_size=151552, hidden_size=4096, intermediate_size=10944,
+                        moe_intermediate_size=1408, num_hidden_layers=46, num_attention_heads=96,
+                        num_key_value_heads=8, head_dim=128, n_routed_experts=128, num_experts_per_tok=8,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                        routed_scaling_factor=1.0, norm_topk_prob=True, partial_rotary_factor=0.5,
+                        attention_bias=True, use_qk_norm=False, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        rope_theta=1000000.0, tie_word_embeddings=False),
     "tiny-olmoe": dict(model_type="olmoe", vocab_size=512, hidden_size=64, intermediate_size=32,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
                        num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -34,7 +69,26 @@ SHAPES: dict[str, dict] = {
 }
 
 
+SHAPES["glm-4.5-air-8l"] = {**SHAPES["glm-4.5-air"], "num_hidden_layers": 8}
+HUB_LAYOUT = ("olmoe", "qwen3_moe")  # written by hand in the per-expert hub layout; the rest via transformers
+
+
 def tensor_shapes(cfg: dict) -> dict[str, list[int]]:
+    """Tensor names and shapes of a checkpoint of this config."""
+    return hub_tensor_shapes(cfg) if cfg["model_type"] in HUB_LAYOUT else hf_tensor_shapes(cfg)
+
+
+def hf_tensor_shapes(cfg: dict) -> dict[str, list[int]]:
+    """transformers' own parameter (and persistent buffer) names and shapes, from its model on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    return {name: list(t.shape) for name, t in model.state_dict().items()}
+
+
+def hub_tensor_shapes(cfg: dict) -> dict[str, list[int]]:
     """Hub tensor names and shapes for the OLMoE / Qwen3-MoE layouts."""
     H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -78,8 +132,8 @@ def build_random_checkpoint(shape: str, path: Path, dtype: torch.dtype = torch.b
         shard, nbytes, idx = {}, 0, idx + 1
 
     for name, shp in tqdm(tensor_shapes(cfg).items(), desc=f"building {shape}", unit="tensor", mininterval=5):
-        if name.endswith("norm.weight"):
-            t = torch.ones(shp, dtype=dtype)
+        if name.endswith("norm.weight") or name.endswith("e_score_correction_bias"):
+            t = torch.ones(shp, dtype=dtype) if name.endswith("weight") else torch.zeros(shp, dtype=dtype)
         else:
             t = (torch.randn(shp, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
         shard[name] = t

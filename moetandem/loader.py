@@ -25,6 +25,8 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
         model = MoEForCausalLM(args)
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
+    fp32 = {f"{mod}.{p}" for mod, m in model.named_modules() if getattr(m, "keep_fp32", False)
+            for p, _ in m.named_parameters(recurse=False)}  # routers transformers also keeps in fp32
     experts = expert_pattern(family)
     todo = [n for n in ckpt.names() if not experts.match(n)]
     filled: set[str] = set()
@@ -37,7 +39,7 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
             raise CheckpointError(f"{hub_name} has shape {list(t.shape)}, config.json implies "
                                   f"{list(params[name].shape)}")
         with torch.no_grad():
-            params[name].data = t.to(device=device, dtype=dtype)
+            params[name].data = t.to(device=device, dtype=torch.float32 if name in fp32 else dtype)
         filled.add(name)
     if args.tie_word_embeddings and "lm_head.weight" not in filled:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,43 +1,61 @@
-"""What a family module declares, and the config.json fields all families share."""
+"""What a family module declares (its components, read from config.json into ArchArgs, and its tensor-name
+table), and the config.json fields all families share."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from moetandem.errors import UnsupportedModelError
+from moetandem.models.components import AttentionSpec, GQASpec, RouterSpec
 from moetandem.models.transformer import ArchArgs
+
+FUSED = ("model.layers.{l}.mlp.experts.gate_up_proj", "model.layers.{l}.mlp.experts.down_proj")
 
 
 @dataclass(frozen=True)
 class Family:
+    """One architecture, picked by config.json "model_type" (or one of `aliases`). The tensor-name table:
+    `expert_keys` / `fused` name the routed experts (read by the ExpertStore, never loaded as parameters);
+    `renames` are (regex, replacement) pairs, applied in order, that turn every other hub name into our parameter
+    name (mlx-lm's `sanitize`); hub tensors that match no parameter after renaming are ignored (MTP layers,
+    rotary buffers)."""
+
     model_type: str
     args: Callable[[dict[str, Any], Path], ArchArgs]
     #: hub names of one expert's matrices ({l} layer, {e} expert): gate [I, H], up [I, H], down [H, I]
-    expert_keys: tuple[str, str, str]
-    #: hub name prefix of a layer's MoE block; our parameter tree calls it "mlp"
-    moe_prefix: str = "model.layers.{l}.mlp"
+    expert_keys: tuple[str, ...]
+    #: transformers 5 in-memory layout, if a checkpoint was saved fused: gate_up [E, 2I, H], down [E, H, I]
+    fused: tuple[str, ...] = FUSED
+    renames: tuple[tuple[str, str], ...] = ()
+    aliases: tuple[str, ...] = ()
+    #: None when the expert providers run this family's routed experts; else why they cannot yet
+    experts_unsupported: str | None = None
+    model_types: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_types", (self.model_type, *self.aliases))
+
+    @cached_property
+    def _renames(self) -> list[tuple[re.Pattern[str], str]]:
+        return [(re.compile(p), r) for p, r in self.renames]
 
     def rename(self, hub_name: str) -> str:
         """Hub tensor name -> our parameter name (non-expert tensors only)."""
-        head, _, tail = self.moe_prefix.partition("{l}")
-        if hub_name.startswith(head) and tail != ".mlp":
-            layer, sep, rest = hub_name[len(head):].partition(tail)
-            if sep and layer.isdigit():
-                return f"{head}{layer}.mlp{rest}"
+        for pattern, repl in self._renames:
+            hub_name = pattern.sub(repl, hub_name)
         return hub_name
 
-    def fused_keys(self, layer: int | str) -> tuple[str, str]:
-        """transformers 5 in-memory layout, if a checkpoint was saved fused: gate_up [E, 2I, H], down [E, H, I]."""
-        p = self.moe_prefix.format(l=layer)
-        return f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj"
+    def fused_keys(self, layer: int | str) -> tuple[str, ...]:
+        return tuple(k.format(l=layer) for k in self.fused)
 
 
-def _rope(c: dict[str, Any], path: Path, head_dim: int) -> tuple[torch.Tensor, float]:
-    params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-    params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+def _rope(c: dict[str, Any], path: Path, head_dim: int, hf_type: str | None) -> tuple[torch.Tensor, float]:
+    params = rope_params(c)
     kind = params.get("rope_type") or params.get("type") or "default"
     dim = int(head_dim * float(params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))))
     if kind == "default":
@@ -50,8 +68,19 @@ def _rope(c: dict[str, Any], path: Path, head_dim: int) -> tuple[torch.Tensor, f
 
     if kind not in ROPE_INIT_FUNCTIONS:
         raise UnsupportedModelError(f"unknown rope_type {kind!r} in {path / 'config.json'}")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](AutoConfig.from_pretrained(str(path)), torch.device("cpu"))
+    if hf_type is None:
+        cfg = AutoConfig.from_pretrained(str(path))
+    else:  # a model_type transformers has no class for (kimi_k2): read config.json as its base architecture
+        cfg = AutoConfig.for_model(hf_type, **{k: v for k, v in c.items() if k not in ("model_type", "auto_map")})
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](cfg, torch.device("cpu"))
     return inv_freq, float(scaling)
+
+
+def rope_params(c: dict[str, Any]) -> dict[str, Any]:
+    """RoPE parameters whichever way config.json spells them (rope_parameters, or legacy rope_scaling)."""
+    params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+    return params
 
 
 def need(c: dict[str, Any], path: Path, *keys: str) -> Any:
@@ -64,12 +93,19 @@ def need(c: dict[str, Any], path: Path, *keys: str) -> Any:
     raise UnsupportedModelError(f"{path / 'config.json'} lacks {' / '.join(map(repr, keys))}")
 
 
-def common_args(c: dict[str, Any], path: Path, *, num_experts: int, moe_intermediate_size: int,
-                norm_topk_prob: bool, **extra: Any) -> ArchArgs:
+def gqa(c: dict[str, Any], path: Path, **variant: Any) -> GQASpec:
+    """Grouped-query attention sized from config.json; `variant`: GQASpec's flags (biases, qk_norm, sinks...)."""
     hidden, heads = int(need(c, path, "hidden_size")), int(need(c, path, "num_attention_heads"))
-    head_dim = int(c.get("head_dim") or hidden // heads)
+    return GQASpec(num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
+                   head_dim=int(c.get("head_dim") or hidden // heads), **variant)
+
+
+def common_args(c: dict[str, Any], path: Path, *, num_experts: int, moe_intermediate_size: int, router: RouterSpec,
+                attention: AttentionSpec | None = None, hf_type: str | None = None, **extra: Any) -> ArchArgs:
+    """ArchArgs from the fields every family shares; attention defaults to plain GQA."""
+    attention = attention or gqa(c, path)
     layers = int(need(c, path, "num_hidden_layers"))
-    inv_freq, scaling = _rope(c, path, head_dim)
+    inv_freq, scaling = _rope(c, path, attention.rope_dim, hf_type)
     if "layer_types" in c and c["layer_types"]:
         windows = [c.get("sliding_window") if t == "sliding_attention" else None for t in c["layer_types"]]
     else:
@@ -77,12 +113,11 @@ def common_args(c: dict[str, Any], path: Path, *, num_experts: int, moe_intermed
     eos = c.get("eos_token_id")
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return ArchArgs(
-        vocab_size=int(need(c, path, "vocab_size")), hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim,
+        vocab_size=int(need(c, path, "vocab_size")), hidden_size=int(need(c, path, "hidden_size")), num_layers=layers,
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
         num_experts=num_experts, top_k=int(need(c, path, "num_experts_per_tok")),
-        moe_intermediate_size=moe_intermediate_size, norm_topk_prob=norm_topk_prob,
+        moe_intermediate_size=moe_intermediate_size, attention=attention, router=router,
         inv_freq=inv_freq, rope_scaling=scaling, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         sliding_windows=windows, eos_token_ids=eos_ids, **extra)
 
@@ -92,3 +127,18 @@ def sparse_layers(c: dict[str, Any], layers: int) -> list[bool]:
     step = int(c.get("decoder_sparse_step", 1) or 1)
     dense = set(c.get("mlp_only_layers") or [])
     return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+
+
+def first_dense_layers(c: dict[str, Any], layers: int) -> list[bool]:
+    """DeepSeek-style first_k_dense_replace (and moe_layer_freq): the first k layers are dense MLPs."""
+    k, freq = int(c.get("first_k_dense_replace") or 0), int(c.get("moe_layer_freq") or 1)
+    return [i >= k and i % freq == 0 for i in range(layers)]
+
+
+def reject_quantized(c: dict[str, Any], path: Path) -> None:
+    """Quantized checkpoints (FP8 block scales, MXFP4) would be read as if they were plain weights."""
+    q = c.get("quantization_config")
+    if q:
+        raise UnsupportedModelError(
+            f"{path} is quantized ({q.get('quant_method', 'unknown method')}); moetandem reads bf16/fp16/fp32 "
+            "weights: use the checkpoint's bf16 release, or dequantize it first")

@@ -1,24 +1,28 @@
-"""The sparse MoE block: router -> top-k -> ExpertProvider (+ optional gated shared expert)."""
+"""The sparse MoE block: router -> top-k -> ExpertProvider (+ an always-resident shared expert)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moetandem.errors import UnsupportedModelError
 from moetandem.experts.provider import ExpertProvider
-from moetandem.models.layers import MLP
+from moetandem.models.components.mlp import SharedExpertSpec
+from moetandem.models.components.routers import RouterSpec
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, layer: int, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool,
-                 shared_intermediate: int = 0) -> None:
+    """Only the routed experts go through the provider (and so can live off the device); the router and the
+    shared expert are ordinary parameters of the block."""
+
+    def __init__(self, layer: int, hidden: int, num_experts: int, top_k: int, router: RouterSpec,
+                 shared: SharedExpertSpec | None = None) -> None:
         super().__init__()
-        self.layer, self.num_experts, self.top_k, self.norm_topk_prob = layer, num_experts, top_k, norm_topk_prob
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.shared_expert = MLP(hidden, shared_intermediate) if shared_intermediate else None
-        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_intermediate else None
+        self.layer, self.num_experts, self.top_k = layer, num_experts, top_k
+        self.gate = router.build(hidden, num_experts, top_k)
+        self.norm_topk_prob = self.gate.norm_topk_prob
+        self.shared_expert = shared.build(hidden) if shared is not None else None
         #: routing hook (moetandem.gating): (block, x [T, H], logits [T, E]) -> ids [T, k], weights [T, k];
         #: None routes with the original router exactly
         self.router: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -27,22 +31,21 @@ class SparseMoE(nn.Module):
         """x [T, H] -> expert ids [T, k], weights [T, k] (x's dtype)."""
         logits = self.gate(x)  # [T, E]
         if self.router is not None:
+            if not self.gate.softmax_logits:
+                raise UnsupportedModelError(f"routing hooks (--gate) assume softmax routing; this model routes with "
+                                            f"{type(self.gate).__name__}: run it with --gate off")
             return self.router(self, x, logits)
-        probs = F.softmax(logits.float(), dim=-1)  # [T, E]
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights.to(x.dtype)
+        return self.gate.select(logits, x.dtype)
 
     def forward(self, x: torch.Tensor, provider: ExpertProvider, valid: torch.Tensor | None = None) -> torch.Tensor:
         # x [B, L, H]; valid [B, L] bool marks real (non-padding) tokens, None = all real
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
-        rows = flat if valid is None else flat[valid.reshape(-1)]
-        ids, w = self.route(rows)
+        rows = flat if valid is None else flat[valid.reshape(-1)]  # [T', H]
+        ids, w = self.route(rows)  # [T', k] each
         y = provider.compute(self.layer, rows, ids, w)  # [T', H]
         if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
+            y = y + self.shared_expert(rows)
         if valid is not None:
             y = torch.zeros_like(flat).index_put_((valid.reshape(-1),), y)
         return y.view(shape)

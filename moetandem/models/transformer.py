@@ -1,4 +1,4 @@
-"""The decoder-only MoE transformer every family instantiates, configured by ArchArgs."""
+"""The decoder-only MoE transformer every family instantiates from its components, described by ArchArgs."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -9,73 +9,72 @@ from torch import nn
 
 from moetandem.errors import MoetandemError
 from moetandem.experts.provider import ExpertProvider
-from moetandem.models.layers import MLP, Attention, RMSNorm, rope_tables
+from moetandem.models.cache import KVCache
+from moetandem.models.components import MLP, AttentionSpec, RMSNorm, RouterSpec, SharedExpertSpec, rope_tables
 from moetandem.models.moe import SparseMoE
 
 
 @dataclass
 class ArchArgs:
-    """Everything the shared model code needs, read from config.json by a family module."""
+    """Everything the shared model code needs, read from config.json by a family module: sizes, and the
+    components (attention, router, shared expert) each layer is built from."""
 
     vocab_size: int
     hidden_size: int
     num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
     rms_norm_eps: float
     max_position_embeddings: int
     num_experts: int
     top_k: int
     moe_intermediate_size: int
-    norm_topk_prob: bool
+    attention: AttentionSpec
+    router: RouterSpec
     inv_freq: torch.Tensor
     rope_scaling: float = 1.0
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: str | None = None
-    clip_qkv: float | None = None
+    shared_expert: SharedExpertSpec | None = None
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer, None = full attention
     moe_layers: list[bool] = field(default_factory=list)  # per layer, False = dense MLP
     dense_intermediate_size: int = 0
-    shared_expert_intermediate_size: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.sliding_windows = self.sliding_windows or [None] * self.num_layers
         self.moe_layers = self.moe_layers or [True] * self.num_layers
 
+    @property
+    def num_heads(self) -> int:
+        return self.attention.num_heads
 
-class KVCache:
-    """Static per-layer K/V buffers [B, S, n_kv, D]; sequence b's token at position p lives at [b, p]."""
+    @property
+    def num_kv_heads(self) -> int:
+        return self.attention.num_kv_heads
 
-    def __init__(self, args: ArchArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 layers: range | None = None) -> None:
-        # layers: allocate only these (split mode: the cloud holds K/V of its layer range); others stay empty
-        shape = (batch, max_len, args.num_kv_heads, args.head_dim)
-        keep = range(args.num_layers) if layers is None else layers
-        self.k = [torch.zeros(shape if i in keep else (0,), device=device, dtype=dtype) for i in range(args.num_layers)]
-        self.v = [torch.zeros(shape if i in keep else (0,), device=device, dtype=dtype) for i in range(args.num_layers)]
-        self.batch, self.max_len = batch, max_len
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+    @property
+    def norm_topk_prob(self) -> bool:
+        return bool(getattr(self.router, "norm_topk_prob", False))
+
+    def cache_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
+        """Per-token shapes of what layer `layer` keeps in the KV cache."""
+        return self.attention.cache_shapes()
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, a: ArchArgs, i: int) -> None:
         super().__init__()
-        self.self_attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps,
-                                   qkv_bias=a.qkv_bias, o_bias=a.o_bias, qk_norm=a.qk_norm, clip_qkv=a.clip_qkv)
+        self.self_attn = a.attention.build(a.hidden_size, a.rms_norm_eps)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.window = a.sliding_windows[i]
         self.mlp: SparseMoE | MLP = (
-            SparseMoE(i, a.hidden_size, a.num_experts, a.top_k, a.norm_topk_prob, a.shared_expert_intermediate_size)
+            SparseMoE(i, a.hidden_size, a.num_experts, a.top_k, a.router, a.shared_expert)
             if a.moe_layers[i] else MLP(a.hidden_size, a.dense_intermediate_size))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, ...],
                 rows: torch.Tensor | None, pos: torch.Tensor, masks: dict[int | None, torch.Tensor], kv_len: int,
                 valid: torch.Tensor | None, experts: Mapping[int, ExpertProvider]) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
@@ -98,9 +97,9 @@ class Backbone(nn.Module):
 
 
 class MoEForCausalLM(nn.Module):
-    """Parameter names mirror the hub layout (model.layers.N.self_attn.q_proj.weight, ...) so loading is a
-    name map; expert weights are not parameters: each forward takes `experts`, MoE layer -> the ExpertProvider
-    that computes it (the engine owns that mapping; the model never stores one)."""
+    """Parameter names follow the hub layout after the family's renames (model.layers.N.self_attn.q_proj.weight,
+    ...) so loading is a name map; expert weights are not parameters: each forward takes `experts`, MoE layer ->
+    the ExpertProvider that computes it (the engine owns that mapping; the model never stores one)."""
 
     def __init__(self, a: ArchArgs) -> None:
         super().__init__()
@@ -137,7 +136,7 @@ class MoEForCausalLM(nn.Module):
                        experts: Mapping[int, ExpertProvider], valid: torch.Tensor | None = None,
                        rows: torch.Tensor | None = None) -> torch.Tensor:
         """Run layers [start, end) on hidden states x [B, L, H] at positions pos [B, L]; same arguments as
-        forward. Only cache.k/v[start:end] are touched."""
+        forward. Only cache.layers[start:end] are touched."""
         cos = self.rope_cos[pos].to(x.dtype)  # [B, L, D]
         sin = self.rope_sin[pos].to(x.dtype)
         kpos = torch.arange(kv_len, device=pos.device)
@@ -146,8 +145,7 @@ class MoEForCausalLM(nn.Module):
         for w in {l.window for l in self.model.layers[start:end]} - {None}:
             masks[w] = (causal & (kpos[None, None, :] > pos[:, :, None] - w))[:, None]
         for i in range(start, end):
-            x = self.model.layers[i](x, cos, sin, (cache.k[i], cache.v[i]), rows, pos, masks, kv_len, valid,
-                                     experts)
+            x = self.model.layers[i](x, cos, sin, cache.layers[i], rows, pos, masks, kv_len, valid, experts)
         return x
 
     def head(self, x: torch.Tensor, last_only: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Grouped-query attention over the static cache, with the variants families add: q/k RMSNorm (per head or over
+all heads), QKV clipping, biases, partial rotary, sliding windows (the model passes the layer's mask) and
+attention sinks (gpt-oss: a learned per-head logit that joins the softmax and takes no value)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetandem.models.cache import write_read
+from moetandem.models.components.norm import RMSNorm
+from moetandem.models.components.rope import apply_rope
+
+
+@dataclass(frozen=True)
+class GQASpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None, "head" (per head: Qwen3, GLM-4.5) or "full" (all heads: OLMoE)
+    clip_qkv: float | None = None
+    sinks: bool = False
+
+    @property
+    def rope_dim(self) -> int:
+        """Head dims the rotary tables are built for (a family's partial_rotary_factor shortens them)."""
+        return self.head_dim
+
+    def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+
+    def build(self, hidden: int, eps: float) -> "Attention":
+        return Attention(hidden, self, eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, s: GQASpec, eps: float) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
+        self.q_proj = nn.Linear(hidden, s.num_heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o_proj = nn.Linear(s.num_heads * s.head_dim, hidden, bias=s.o_bias)
+        self.qk_norm, self.clip_qkv = s.qk_norm, s.clip_qkv
+        if s.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(s.head_dim, eps), RMSNorm(s.head_dim, eps)
+        elif s.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(s.num_heads * s.head_dim, eps), RMSNorm(s.num_kv_heads * s.head_dim, eps)
+        self.sinks = nn.Parameter(torch.zeros(s.num_heads)) if s.sinks else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, ...],
+                rows: torch.Tensor | None, pos: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+        # x [B, L, H]; cache k/v [R, S, n_kv, D]; rows [B] = cache row of each sequence (None: row b);
+        # pos [B, L]; mask [B, 1, L, kv_len] (True = may attend)
+        B, L, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, L, nH*D], [B, L, nKV*D] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, L, self.n_heads, self.head_dim)
+        k = k.view(B, L, self.n_kv, self.head_dim)
+        v = v.view(B, L, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nH, L, D]
+        k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, L, nKV, D]
+        keys, values = write_read(cache, (k, v), rows, pos, kv_len)  # [B, S, nKV, D] each
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, nKV, S, D]
+        if self.sinks is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            out = self._with_sinks(q, keys, values, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # [B, L, H]
+
+    def _with_sinks(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """Softmax over [scores | sink] with the sink's probability dropped: one extra key of zeros (its logit
+        q·0 = 0) whose additive mask is the sink logit, and a zero value."""
+        assert self.sinks is not None
+        B, nH, L, _ = q.shape
+        pad = keys.new_zeros(*keys.shape[:2], 1, keys.shape[-1])  # [B, nKV, 1, D]
+        keys, values = torch.cat([keys, pad], dim=2), torch.cat([values, pad], dim=2)  # [B, nKV, S+1, D]
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))  # [B, 1, L, S]
+        sink = self.sinks.to(q.dtype)[None, :, None, None].expand(B, nH, L, 1)  # [B, nH, L, 1]
+        bias = torch.cat([bias.expand(B, nH, L, -1), sink], dim=-1)  # [B, nH, L, S+1]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=self.n_kv != self.n_heads)

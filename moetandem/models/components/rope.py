@@ -1,0 +1,37 @@
+"""Rotary position embeddings: the cos/sin tables of a model, and the two ways families turn a head with them."""
+from __future__ import annotations
+
+import torch
+
+
+def rope_tables(inv_freq: torch.Tensor, scaling: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [0, max_pos): [P, D], fp32, same arithmetic as transformers."""
+    freqs = torch.arange(max_pos, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()[None, :]  # [P, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split pairs (x_i, x_{i+D/2}), Llama style. x [B, h, L, D]; cos/sin [B, L, d]. Partial rotary: only
+    the first d dims turn (GLM-4.5, d = D/2)."""
+    cos, sin = cos[:, None], sin[:, None]
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Adjacent pairs (x_{2i}, x_{2i+1}), DeepSeek style; the result is de-interleaved ([evens | odds] turned),
+    as transformers does: queries and keys share the layout, so their dot products are the model's.
+    x [B, h, L, D]; cos/sin [B, L, D] (the cat(freqs, freqs) tables: the first half holds each pair's angle)."""
+    half = cos.shape[-1] // 2
+    c, s = cos[:, None, :, :half], sin[:, None, :, :half]  # [B, 1, L, D/2]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)

@@ -1,0 +1,146 @@
+"""Routers: gate logits [T, E] -> expert ids [T, k] and weights [T, k]. Each is a module named `gate` in our tree
+(weight [E, H], plus the bias the family has) with
+    forward(x [T, H]) -> logits [T, E]                       (what routing hooks and calibration read)
+    select(logits [T, E], dtype) -> ids [T, k], weights [T, k]
+and a frozen spec (what config.json says) that builds it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    #: routing hooks (moetandem.gating) re-route from softmax(logits); False where that is not the model's rule
+    softmax_logits: bool = True
+    #: keep weight (and bias) in fp32 whatever the model dtype (the loader honours it), as transformers does
+    keep_fp32: bool = False
+    norm_topk_prob: bool = False
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, bias: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_fp32:
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())  # [T, E]
+        return F.linear(x, self.weight, self.bias)  # [T, E]
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+# ---- softmax -> top-k (-> renormalise): Mixtral, Qwen, OLMoE
+@dataclass(frozen=True)
+class SoftmaxTopK:
+    norm_topk_prob: bool = False
+
+    def build(self, hidden: int, num_experts: int, top_k: int) -> Router:
+        return SoftmaxTopKRouter(hidden, num_experts, top_k, self.norm_topk_prob)
+
+
+class SoftmaxTopKRouter(Router):
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__(hidden, num_experts, top_k)
+        self.norm_topk_prob = norm_topk_prob
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(logits.float(), dim=-1)  # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(dtype)
+
+
+# ---- top-k -> softmax over the chosen logits, router with a bias: gpt-oss
+@dataclass(frozen=True)
+class TopKSoftmax:
+    bias: bool = True
+
+    def build(self, hidden: int, num_experts: int, top_k: int) -> Router:
+        return TopKSoftmaxRouter(hidden, num_experts, top_k, self.bias)
+
+
+class TopKSoftmaxRouter(Router):
+    softmax_logits = False
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        top, ids = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
+        return ids, F.softmax(top.float(), dim=-1).to(dtype)
+
+
+def _group_mask(scores: torch.Tensor, n_group: int, topk_group: int, per_group: str) -> torch.Tensor:
+    """Experts of the topk_group best groups: scores [T, E] -> bool [T, E]. A group scores by its best expert
+    ("max", DeepSeek-V2) or the sum of its best two ("top2", DeepSeek-V3 / GLM-4.5)."""
+    T, E = scores.shape
+    grouped = scores.view(T, n_group, E // n_group)  # [T, G, E/G]
+    group_scores = grouped.max(dim=-1).values if per_group == "max" else grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)  # [T, G]
+    return mask[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
+
+
+# ---- sigmoid + e_score_correction_bias, group-limited top-k, routed scaling: DeepSeek-V3, Kimi-K2, GLM-4.5
+@dataclass(frozen=True)
+class SigmoidGroupTopK:
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+    def build(self, hidden: int, num_experts: int, top_k: int) -> Router:
+        return SigmoidGroupRouter(hidden, num_experts, top_k, self)
+
+
+class SigmoidGroupRouter(Router):
+    softmax_logits, keep_fp32 = False, True
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, s: SigmoidGroupTopK) -> None:
+        super().__init__(hidden, num_experts, top_k)
+        self.s, self.norm_topk_prob = s, s.norm_topk_prob
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts))  # [E], chooses experts only
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = logits.float().sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias.float()  # [T, E]
+        if self.s.n_group > 1:
+            choice = choice.masked_fill(~_group_mask(choice, self.s.n_group, self.s.topk_group, "top2"), float("-inf"))
+        ids = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]  # [T, k]
+        weights = scores.gather(1, ids)  # [T, k]
+        if self.s.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, (weights * self.s.routed_scaling_factor).to(dtype)
+
+
+# ---- softmax, greedy or group-limited greedy top-k, routed scaling: DeepSeek-V2
+@dataclass(frozen=True)
+class SoftmaxGroupGreedy:
+    method: str = "greedy"  # "greedy" | "group_limited_greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def build(self, hidden: int, num_experts: int, top_k: int) -> Router:
+        return SoftmaxGroupGreedyRouter(hidden, num_experts, top_k, self)
+
+
+class SoftmaxGroupGreedyRouter(Router):
+    keep_fp32 = True
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, s: SoftmaxGroupGreedy) -> None:
+        super().__init__(hidden, num_experts, top_k)
+        self.s = s
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.softmax(logits.float(), dim=-1)  # [T, E]
+        if self.s.method == "group_limited_greedy":
+            scores = scores.masked_fill(~_group_mask(scores, self.s.n_group, self.s.topk_group, "max"), 0.0)
+        weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # [T, k]
+        return ids, (weights * self.s.routed_scaling_factor).to(dtype)
+
+
+RouterSpec = SoftmaxTopK | TopKSoftmax | SigmoidGroupTopK | SoftmaxGroupGreedy
