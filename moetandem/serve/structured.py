@@ -27,7 +27,9 @@ MARGIN = 4
 WINDOW = 16
 #: no closing plan is searched beyond this many tokens (the grammar is then left to the model)
 PLAN_LIMIT = 512
-CLOSERS = ["}", "]", '"', "0", "1", "true", "false", "null", "a", ",", ":", "{", "[", " "]
+#: closing pieces in order of preference: end a container or string, then separate (a number that must grow, as
+#: under "minimum", is ended as soon as it may be), then the shortest values
+CLOSERS = ["}", "]", '"', ",", "0", "1", "true", "false", "null", "a", ":", "{", "[", " "]
 #: a letter is allowed only inside a JSON string (outside, values start with t/f/n at most): then '"' comes first
 PROBE = "a"
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: a random model cannot pad it with spaces forever
@@ -148,12 +150,11 @@ class Constraint:
         self.m = gt.matcher(grammar)
         self.produced = 0
         self.closing: list[int] | None = None  # the plan being followed, once the budget is tight
-        plan = self._plan(PLAN_LIMIT)
-        if plan is None or len(plan) + 1 > max_new:  # +1: room for end-of-sequence
-            need = f"more than {PLAN_LIMIT}" if plan is None else str(len(plan) + 1)
+        plan = self._plan(PLAN_LIMIT)  # None: the greedy search found no end; the model is left to find one
+        if plan is not None and len(plan) + 1 > max_new:  # +1: room for end-of-sequence
             raise GrammarError(f"max_tokens {max_new} is too small for the required format: the shortest "
-                               f"complete output takes {need} tokens")
-        self.plan_len, self.checked_at = len(plan), 0
+                               f"complete output takes {len(plan) + 1} tokens")
+        self.plan_len, self.checked_at = len(plan or []), 0
 
     def _plan(self, limit: int) -> list[int] | None:
         """Shortest completion found greedily from the current state (up to an accepting state), or None."""
