@@ -18,7 +18,7 @@ from moetandem.serve.chat import ChatDeltas, ChatPlan, constraint, message
 from moetandem.serve.errors import APIError
 from moetandem.serve.loop import EngineLoop
 from moetandem.serve.processors import Penalties, Processor, attach
-from moetandem.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingParams
+from moetandem.serve.protocol import CompletionRequest, SamplingParams
 from moetandem.serve.responses import chat_chunk, completion_chunk
 from moetandem.serve.scoring import request_logprobs
 from moetandem.serve.scheduler import Draining, EngineDead, NeverFits, QueueFull

@@ -5,7 +5,6 @@ unknown fields, which are ignored so that newer clients keep working."""
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator

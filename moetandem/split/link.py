@@ -104,7 +104,7 @@ class CloudLink:
         misconfigured; CloudError when it cannot be reached (the breaker is then open and probing)."""
         try:
             for m in self._streams:
-                client = self._open(m, self.opts.retries)
+                client = self._open(m, self.opts.retries, check_tls=True)
                 with self._lock:
                     self._install(m, client)
         except CloudRefused:
@@ -176,9 +176,11 @@ class CloudLink:
                 return None
             return self._streams[method]
 
-    def _open(self, method: str, attempts: int, hello_timeout_s: float | None = None) -> StreamClient:
+    def _open(self, method: str, attempts: int, hello_timeout_s: float | None = None,
+              check_tls: bool = False) -> StreamClient:
         """A new stream that answered hello, after up to `attempts` tries with backoff. CloudRefused on a
-        configuration error (token, checkpoint, TLS), which no retry can fix."""
+        configuration error (token, checkpoint, TLS), which no retry can fix. check_tls (at start): when a
+        plaintext attempt fails, see whether the cloud speaks TLS (gRPC itself reports only a closed socket)."""
         o = self.opts
         err: CloudError | None = None
         for attempt in range(max(1, attempts)):
@@ -196,7 +198,7 @@ class CloudLink:
                 if tls_failure(client.detail):
                     raise CloudRefused(f"TLS to the cloud at {o.address} failed ({client.detail}); check --tls-ca, "
                                        "the certificate's host name, and that both sides use TLS") from None
-                if not (o.tls or o.tls_ca) and "socket closed" in client.detail.lower() and speaks_tls(o.address):
+                if check_tls and not attempt and not (o.tls or o.tls_ca) and speaks_tls(o.address):
                     raise CloudRefused(f"the cloud at {o.address} speaks TLS but this end connects in plain TCP; "
                                        "pass --tls-ca with its certificate (or CA)") from None
                 err = e
