@@ -2,6 +2,7 @@
 prefilled into a free slot), decodes together with the others, and leaves when it finishes."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,10 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     slot: int = -1
     generator: torch.Generator | None = None
+    #: per-sequence hook on the sampler: maps this sequence's logits row [V] to the row it samples from (e.g. a
+    #: grammar mask); `accept` then sees the token chosen. Sequences without one are untouched.
+    logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None
+    accept: Callable[[int], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -111,6 +116,11 @@ class Batcher:
 
     def _emit(self, seqs: list[Request], logits: torch.Tensor) -> list[tuple[Request, int]]:
         # logits [A, V]; greedy rows share one argmax, sampled rows use their own generator
+        if any(s.logits_processor is not None for s in seqs):
+            logits = logits.clone()  # may be a CUDA-graph output buffer
+            for i, s in enumerate(seqs):
+                if s.logits_processor is not None:
+                    logits[i] = s.logits_processor(logits[i])  # [V]
         toks = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             if s.temperature > 0:
@@ -122,6 +132,8 @@ class Batcher:
         for s, tok in zip(seqs, toks):
             s.out.append(tok)
             events.append((s, tok))
+            if s.accept is not None:
+                s.accept(tok)
             if tok in s.stop_ids:
                 s.finish_reason = "stop"
             elif len(s.out) >= s.max_new_tokens:

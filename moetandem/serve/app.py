@@ -17,11 +17,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moetandem.serve.errors import APIError, error_response, type_for_status
-from moetandem.serve.generation import chat_prompt, completion_prompts, respond
+from moetandem.serve.chat import chat_prompt, plan_chat
+from moetandem.serve.generation import completion_prompts, respond
 from moetandem.serve.loop import EngineLoop
 from moetandem.serve.metrics import ServerMetrics
-from moetandem.serve.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, ExpertBudgetRequest,
-                                      ModelCard, ModelList)
+from moetandem.serve.protocol import ChatCompletionRequest, CompletionRequest, ExpertBudgetRequest
+from moetandem.serve.responses import ErrorResponse, ModelCard, ModelList
 
 log = logging.getLogger("moetandem.serve")
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
@@ -241,7 +242,9 @@ def create_app(engine: Any | None = None, *, loader: Callable[[], Any] | None = 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         state.check_model(body.model)
         loop = state.ready_loop()
-        return await respond(request, loop, state.model_id, "chat", body, [chat_prompt(loop, body)], "messages")
+        plan = plan_chat(loop, body)
+        return await respond(request, loop, state.model_id, "chat", body, [chat_prompt(loop, body, plan)],
+                             "messages", plan)
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:

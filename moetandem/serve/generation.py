@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import Any, Literal
 
@@ -14,16 +14,13 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from moetandem.errors import ContextLengthError, InvalidRequestError
+from moetandem.serve.chat import ChatDeltas, ChatPlan, constraint, message
 from moetandem.serve.errors import APIError
 from moetandem.serve.loop import EngineLoop
-from moetandem.serve.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingParams,
-    chat_chunk,
-    completion_chunk,
-)
-from moetandem.serve.scoring import chat_logprobs, completion_logprobs, score
+from moetandem.serve.processors import Penalties, Processor, attach
+from moetandem.serve.protocol import CompletionRequest, SamplingParams
+from moetandem.serve.responses import chat_chunk, completion_chunk
+from moetandem.serve.scoring import request_logprobs
 from moetandem.serve.scheduler import Draining, EngineDead, NeverFits, QueueFull
 from moetandem.serve.sequence import ERROR_STATUS, Event, Job
 from moetandem.streaming import TextStream
@@ -32,22 +29,6 @@ Kind = Literal["chat", "completion"]
 DISCONNECTED = object()  # put on a request's event queue when its client goes away
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy decoding
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def chat_prompt(loop: EngineLoop, body: ChatCompletionRequest) -> list[int]:
-    tok = loop.engine.tokenizer
-    if tok is None:
-        raise APIError(400, "this model ships no tokenizer, so it cannot take chat messages; use /v1/completions "
-                            "with token ids", param="messages")
-    if not getattr(tok, "chat_template", None):
-        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    with loop.tokenizer_lock:
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # a template may raise, e.g. on roles that do not alternate
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-        return list(tok(text, add_special_tokens=False)["input_ids"])  # the template holds BOS itself
 
 
 def completion_prompts(loop: EngineLoop, body: CompletionRequest) -> list[list[int]]:
@@ -66,7 +47,24 @@ def completion_prompts(loop: EngineLoop, body: CompletionRequest) -> list[list[i
     return out
 
 
-def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], param: str) -> list[Job]:
+def processors(loop: EngineLoop, body: SamplingParams, plan: ChatPlan | None, max_new: int) -> list[Processor]:
+    """The logits processors of one choice: penalties and logit_bias, then the grammar (if any)."""
+    out: list[Processor] = []
+    bias = {int(k): float(v) for k, v in (body.logit_bias or {}).items()}
+    vocab = int(loop.engine.args.vocab_size)
+    if any(t >= vocab for t in bias):
+        raise APIError(400, f"logit_bias: token id {max(bias)} is outside the vocabulary (size {vocab})",
+                       param="logit_bias")
+    if body.presence_penalty or body.frequency_penalty or bias:
+        out.append(Penalties(body.presence_penalty or 0.0, body.frequency_penalty or 0.0, bias))
+    c = constraint(loop, plan, max_new) if plan is not None else None
+    if c is not None:
+        out.append(c)
+    return out
+
+
+def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], param: str,
+              plan: ChatPlan | None = None) -> list[Job]:
     """Validate and build one Job per (prompt, choice); raises APIError (400) on a bad value."""
     engine = loop.engine
     temperature, top_p = body.temperature, body.top_p
@@ -94,6 +92,7 @@ def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], 
             for k in range(body.n):
                 seed = None if body.seed is None else (body.seed + k) % 2**64
                 req = engine.make_sequence(ids, max_new, temperature, top_p, seed, stop_on_eos=not body.ignore_eos)
+                attach(req, processors(loop, body, plan, max_new))
                 stream = TextStream(engine.tokenizer, ids) if engine.tokenizer is not None else None
                 jobs.append(Job(req, p * body.n + k, queue, aloop, stops, stream=stream))
         except ContextLengthError as e:
@@ -154,18 +153,18 @@ def usage(prompts: list[list[int]], jobs: list[Job]) -> dict[str, int]:
 
 
 async def respond(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, body: SamplingParams,
-                  prompts: list[list[int]], param: str) -> Response:
+                  prompts: list[list[int]], param: str, plan: ChatPlan | None = None) -> Response:
     echo = isinstance(body, CompletionRequest) and body.echo
     if body.max_tokens == 0 and not echo:
         raise APIError(400, "max_tokens 0 generates nothing; it is only allowed with echo (to score the prompt)",
                        param="max_tokens")
-    jobs = make_jobs(loop, body, prompts, param)
+    jobs = make_jobs(loop, body, prompts, param, plan)
     if jobs:
         submit(loop, jobs)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(_sse(request, loop, model, kind, body, prompts, jobs, rid, created),
+        return StreamingResponse(_sse(request, loop, model, kind, body, prompts, jobs, rid, created, plan),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     count = len(prompts) * body.n
     texts = [""] * count
@@ -179,11 +178,11 @@ async def respond(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind
                 finishes[ev.choice] = ev.finish
     if any(f is None for f in finishes):
         return Response(status_code=499)  # the client is gone; nobody reads this
-    logprobs = await _logprobs(loop, kind, body, prompts, jobs)
+    logprobs = await request_logprobs(loop, kind, body, prompts, jobs)
     if kind == "chat":
-        choices: list[dict[str, Any]] = [
-            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": f}
-            for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))]
+        shaped = [message(plan or ChatPlan(), t, f) for t, f in zip(texts, finishes)]
+        choices: list[dict[str, Any]] = [{"index": i, "message": msg, "logprobs": lp, "finish_reason": f}
+                                         for i, ((msg, f), lp) in enumerate(zip(shaped, logprobs))]
     else:
         if echo:
             shown = _prompt_texts(loop, body)  # type: ignore[arg-type]
@@ -192,37 +191,6 @@ async def respond(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind
                    for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))]
     return JSONResponse({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                          "created": created, "model": model, "choices": choices, "usage": usage(prompts, jobs)})
-
-
-async def _logprobs(loop: EngineLoop, kind: Kind, body: SamplingParams, prompts: list[list[int]],
-                    jobs: list[Job]) -> list[dict[str, Any] | None]:
-    """Per choice: the `logprobs` object when the request asked for one (one scoring forward), else None."""
-    count = len(prompts) * body.n
-    if isinstance(body, ChatCompletionRequest):
-        want, k = bool(body.logprobs), body.top_logprobs or 0
-    else:
-        assert isinstance(body, CompletionRequest)
-        want, k = body.logprobs is not None, body.logprobs or 0
-    if not want:
-        return [None] * count
-    engine = loop.engine
-    if getattr(engine, "split", None) is not None:
-        raise APIError(400, "logprobs are not available with split execution yet", param="logprobs")
-    by_index = {j.index: j.req.out[: j.tokens] for j in jobs}
-    seqs = [prompts[i // body.n] + by_index.get(i, []) for i in range(count)]
-    try:
-        scores = await asyncio.wrap_future(loop.call(lambda: score(engine, seqs, k)))
-    except EngineDead as e:
-        raise APIError(503, f"the engine is not running ({e})", type="server_error", code="engine_unavailable",
-                       headers={"Retry-After": "5"}) from None
-    except Exception as e:
-        raise APIError(500, f"internal engine error while scoring: {type(e).__name__}: {e}", type="server_error",
-                       code="engine_error") from None
-    echo = isinstance(body, CompletionRequest) and body.echo
-    shape = chat_logprobs if kind == "chat" else completion_logprobs
-    with loop.tokenizer_lock:
-        return [shape(engine.tokenizer, ids, sc, 0 if echo else len(prompts[i // body.n]), k)
-                for i, (ids, sc) in enumerate(zip(seqs, scores))]
 
 
 def _prompt_texts(loop: EngineLoop, body: CompletionRequest) -> list[str]:
@@ -238,23 +206,32 @@ def _data(obj: Any) -> str:
 
 
 async def _sse(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, body: SamplingParams,
-               prompts: list[list[int]], jobs: list[Job], rid: str, created: int) -> AsyncIterator[str]:
+               prompts: list[list[int]], jobs: list[Job], rid: str, created: int,
+               plan: ChatPlan | None) -> AsyncIterator[str]:
     with_usage = body.include_usage()
+    deltas = {j.index: ChatDeltas(plan or ChatPlan()) for j in jobs} if kind == "chat" else {}
 
-    def chunk(index: int, text: str, finish: str | None, first: bool = False) -> str:
-        if kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else \
-                ({"content": text} if finish is None else {})
-            obj = chat_chunk(rid, created, model, index, delta, finish)
-        else:
-            obj = completion_chunk(rid, created, model, index, text, finish)
+    def emit(obj: dict[str, Any]) -> str:
         if with_usage:
             obj["usage"] = None
         return _data(obj)
 
+    def chunks(index: int, text: str, finish: str | None) -> Iterator[str]:
+        if kind != "chat":
+            if text or finish is None:
+                yield emit(completion_chunk(rid, created, model, index, text, None))
+            if finish is not None:
+                yield emit(completion_chunk(rid, created, model, index, "", finish))
+            return
+        d = deltas[index]
+        for delta in d.feed(text, final=finish is not None):
+            yield emit(chat_chunk(rid, created, model, index, delta, None))
+        if finish is not None:
+            yield emit(chat_chunk(rid, created, model, index, {}, d.finish_reason(finish)))
+
     if kind == "chat":
         for j in jobs:
-            yield chunk(j.index, "", None, first=True)
+            yield emit(chat_chunk(rid, created, model, j.index, {"role": "assistant", "content": ""}, None))
     ended = 0
     async with aclosing(_events(request, loop, jobs)) as events:
         async for ev in events:
@@ -263,10 +240,9 @@ async def _sse(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, b
                 yield _data({"error": {"message": ev.error, "type": "server_error", "param": None,
                                        "code": ev.code}})
                 continue
-            if ev.text:
-                yield chunk(ev.choice, ev.text, None)
-            if ev.finish is not None:
-                yield chunk(ev.choice, "", ev.finish)
+            if ev.text or ev.finish is not None:
+                for c in chunks(ev.choice, ev.text, ev.finish):
+                    yield c
     if ended < len(jobs):
         return  # the client left
     if with_usage:

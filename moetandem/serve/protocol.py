@@ -5,7 +5,6 @@ unknown fields, which are ignored so that newer clients keep working."""
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -70,10 +69,22 @@ class SamplingParams(StrictModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence (benchmarks)")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False,
-                                           description="accepted and ignored")
+                                           description="subtracted from the logit of every token generated so far")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False,
-                                            description="accepted and ignored")
+                                            description="subtracted once per earlier occurrence of a token")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100] "
+                                                                   "added to its logit")
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for k, b in (v or {}).items():
+            if not k.isdigit():
+                raise ValueError(f"logit_bias keys are token ids as strings, got {k!r}")
+            if not (math.isfinite(b) and -100 <= b <= 100):
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b}")
+        return v
 
     _integral = field_validator("max_tokens", "seed", "n", mode="before")(integral)
 
@@ -97,10 +108,23 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str = Field(..., description="JSON text")
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool: the call this message answers")
 
     @model_validator(mode="after")
     def _has_content(self) -> "ChatMessage":
@@ -114,8 +138,64 @@ class ChatMessage(StrictModel):
         return self.content or ""
 
 
+class FunctionDef(StrictModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class ToolDef(StrictModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchemaFormat(StrictModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+#: chat fields of OpenAI's API this server refuses (400) rather than silently ignore
+REFUSED_CHAT = {"functions": "use tools", "function_call": "use tool_choice", "audio": None,
+                "reasoning_effort": None, "web_search_options": None, "prediction": None}
+
+
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text"]] | None = Field(None, description="only text")
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    prediction: Any = None
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool | None = Field(None, description="return each generated token's log-probability")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the most likely "
@@ -125,6 +205,23 @@ class ChatCompletionRequest(SamplingParams):
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatCompletionRequest":
+        for name, hint in REFUSED_CHAT.items():
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported by this server{f'; {hint}' if hint else ''}")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names the function {choice.function.name!r}, which is not in tools")
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text" and names and choice != "none":
+            raise ValueError("response_format json_object/json_schema together with tools is not supported; "
+                             "use one or the other (or tool_choice: none)")
+        if fmt is not None and fmt.type != "text" and self.ignore_eos:
+            raise ValueError("response_format with ignore_eos is not supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.logprobs and self.stream:
@@ -167,86 +264,6 @@ class CompletionRequest(SamplingParams):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------- responses
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "moetandem"
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatResponseMessage
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any],
-               finish_reason: str | None) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-
-
-def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
-                     finish_reason: str | None) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
 
 class ExpertBudgetRequest(StrictModel):

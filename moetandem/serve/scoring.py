@@ -7,12 +7,18 @@ engine thread between decode steps (`EngineLoop.call`). The log-probabilities ar
 computes."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from moetandem.models import KVCache
+from moetandem.serve.errors import APIError
+from moetandem.serve.loop import EngineLoop
+from moetandem.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingParams
+from moetandem.serve.scheduler import EngineDead
+from moetandem.serve.sequence import Job
 
 MAX_LOGPROBS = 20  # top alternatives per token
 
@@ -93,3 +99,34 @@ def chat_logprobs(tokenizer: Any, ids: list[int], sc: Scores, first: int, k: int
     return {"content": [{**entry(ids[i], sc.logprob[i - 1]),
                          "top_logprobs": [entry(t, lp) for t, lp in sc.top[i - 1][:k]]}
                         for i in range(first, len(ids))]}
+
+
+async def request_logprobs(loop: EngineLoop, kind: str, body: SamplingParams, prompts: list[list[int]],
+                    jobs: list[Job]) -> list[dict[str, Any] | None]:
+    """Per choice: the `logprobs` object when the request asked for one (one scoring forward), else None."""
+    count = len(prompts) * body.n
+    if isinstance(body, ChatCompletionRequest):
+        want, k = bool(body.logprobs), body.top_logprobs or 0
+    else:
+        assert isinstance(body, CompletionRequest)
+        want, k = body.logprobs is not None, body.logprobs or 0
+    if not want:
+        return [None] * count
+    engine = loop.engine
+    if getattr(engine, "split", None) is not None:
+        raise APIError(400, "logprobs are not available with split execution yet", param="logprobs")
+    by_index = {j.index: j.req.out[: j.tokens] for j in jobs}
+    seqs = [prompts[i // body.n] + by_index.get(i, []) for i in range(count)]
+    try:
+        scores = await asyncio.wrap_future(loop.call(lambda: score(engine, seqs, k)))
+    except EngineDead as e:
+        raise APIError(503, f"the engine is not running ({e})", type="server_error", code="engine_unavailable",
+                       headers={"Retry-After": "5"}) from None
+    except Exception as e:
+        raise APIError(500, f"internal engine error while scoring: {type(e).__name__}: {e}", type="server_error",
+                       code="engine_error") from None
+    echo = isinstance(body, CompletionRequest) and body.echo
+    shape = chat_logprobs if kind == "chat" else completion_logprobs
+    with loop.tokenizer_lock:
+        return [shape(engine.tokenizer, ids, sc, 0 if echo else len(prompts[i // body.n]), k)
+                for i, (ids, sc) in enumerate(zip(seqs, scores))]

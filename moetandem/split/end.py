@@ -231,6 +231,7 @@ class SplitModel:
 
     def split_stats(self) -> dict[str, float]:
         return {**self.stats, **self.link.monitor.as_dict(), "link_losses": self.link.losses,
+                "breaker_open": int(self.link.breaker_open), "link_probes": self.link.probes,
                 "expert_rows_cloud": self.experts.remote_rows, "expert_rows_fallback": self.experts.fallback_rows}
 
 

@@ -1,5 +1,6 @@
 """LinkMonitor: the link's bandwidth and RTT measured from live split traffic (bytes and timings of each
-exchange), for the profile and the re-planner. bandwidth_bps is in bytes per second (gating.profile.LinkStats)."""
+exchange), for the profile and the re-planner, and the per-exchange deadline derived from them.
+bandwidth_bps is in bytes per second (gating.profile.LinkStats)."""
 from __future__ import annotations
 
 import threading
@@ -12,8 +13,9 @@ class LinkMonitor:
     bytes / (wire time − RTT) summed over the window. Only exchanges with nothing else in flight are used, so
     queueing behind a pipelined micro-batch does not count as link time."""
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, window: int = 64, deadline_window: int = 256) -> None:
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)  # (bytes both ways, wire seconds)
+        self._exchanges: deque[tuple[float, int]] = deque(maxlen=deadline_window)  # (seconds to reply, bytes sent)
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -25,6 +27,7 @@ class LinkMonitor:
             self.bytes_sent += sent
             self.bytes_received += received
             self.exchanges += 1
+            self._exchanges.append((elapsed_s, sent))
             if alone:
                 self._samples.append((sent + received, max(elapsed_s - server_s, 1e-6)))
 
@@ -41,6 +44,19 @@ class LinkMonitor:
             nbytes = sum(b for b, _ in self._samples)
             busy = sum(w - rtt for _, w in self._samples)
         return nbytes / busy if busy > 1e-6 and nbytes else float("inf")
+
+    def deadline_s(self, sent: int, k: float, floor: float, ceiling: float, min_samples: int = 8) -> float:
+        """How long to wait for the reply to a frame of `sent` bytes: k x the p99 of recent exchange times, times
+        (sent / p99 of recent frame sizes) when this frame is larger than those, bounded to [floor, ceiling].
+        The ceiling (the configured timeout) until min_samples exchanges have been measured."""
+        with self._lock:
+            if len(self._exchanges) < min_samples:
+                return ceiling
+            times = sorted(t for t, _ in self._exchanges)
+            sizes = sorted(b for _, b in self._exchanges)
+        p99_t, p99_b = _p99(times), _p99(sizes)
+        scale = max(1.0, sent / p99_b) if p99_b > 0 else 1.0
+        return min(ceiling, max(floor, k * p99_t * scale))
 
     def changed(self, factor: float = 2.0, min_samples: int = 8) -> bool:
         """True (once) when bandwidth or RTT moved by more than `factor` since the last call that said so
@@ -59,6 +75,11 @@ class LinkMonitor:
     def as_dict(self) -> dict[str, float]:
         return {"bandwidth_bps": self.bandwidth_bps, "rtt_s": self.rtt_s, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "exchanges": self.exchanges}
+
+
+def _p99(xs: list) -> float:
+    """The 99th percentile of sorted xs (nearest rank)."""
+    return float(xs[min(len(xs) - 1, int(0.99 * len(xs)))])
 
 
 def _ratio(a: float, b: float) -> float:

@@ -63,3 +63,31 @@ def _read(path: str | Path) -> bytes:
         return p.read_bytes()
     except OSError as e:
         raise InvalidRequestError(f"cannot read {p}: {e.strerror or e}") from None
+
+
+#: gRPC status details that mean TLS is misconfigured (wrong CA, name mismatch, TLS to a plaintext cloud)
+TLS_FAILURES = ("handshake failed", "ssl_error", "certificate_verify_failed", "hostname verification",
+                "wrong_version_number", "tsi_", "certificate")
+
+
+def tls_failure(detail: str) -> bool:
+    """True when a connection failure's details are a TLS configuration error, not a network outage."""
+    d = detail.lower()
+    return any(m in d for m in TLS_FAILURES)
+
+
+def speaks_tls(address: str, timeout_s: float = 2.0) -> bool:
+    """True when the server at HOST:PORT completes a TLS handshake (certificate unchecked): a plaintext end
+    talking to it sees only "Socket closed", which would otherwise look like an outage."""
+    import socket
+    import ssl
+    host, _, port = address.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            with ctx.wrap_socket(sock, server_hostname=host.strip("[]") or None):
+                return True
+    except (OSError, ValueError):
+        return False

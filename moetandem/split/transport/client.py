@@ -9,6 +9,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -30,11 +31,15 @@ _CLOSE = object()
 
 class StreamClient:
     """One stream on `channel`. `delay_s` is an emulated one-way delay: each frame leaves `delay_s` after it was
-    submitted (frames submitted together still travel together, as on a real link)."""
+    submitted (frames submitted together still travel together, as on a real link). A reply is awaited for
+    `deadline(bytes sent)` seconds when given (derived from the measured link), else `timeout_s`."""
 
     def __init__(self, channel: grpc.Channel, method: str, metadata: list[tuple[str, str]], timeout_s: float,
-                 monitor: LinkMonitor | None = None, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS) -> None:
+                 monitor: LinkMonitor | None = None, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS,
+                 deadline: Callable[[int], float] | None = None) -> None:
         self.timeout_s, self.monitor, self.delay_s, self.limits = timeout_s, monitor, delay_s, limits
+        self.deadline = deadline
+        self.detail: str = ""  # gRPC status details when the stream failed
         self._out: queue.Queue[Any] = queue.Queue()
         self._pending: deque[tuple[int, Future, float, int, bool]] = deque()
         self._lock = threading.Lock()
@@ -60,6 +65,7 @@ class StreamClient:
             frame.id = self._next_id
             self._next_id += 1
             data = pack(frame)
+            fut.sent_bytes = len(data)  # type: ignore[attr-defined]  # for the deadline of its reply
             self._pending.append((frame.id, fut, time.perf_counter(), len(data), len(self._pending) == 0))
             self._out.put((time.monotonic() + self.delay_s, data))
             self.max_in_flight = max(self.max_in_flight, len(self._pending))
@@ -70,12 +76,14 @@ class StreamClient:
         return self.wait(self.submit(frame))
 
     def wait(self, fut: Future[Frame], timeout_s: float | None = None) -> Frame:
-        """The reply, or CloudError (the stream is then closed) after timeout_s (default: the stream's)."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        """The reply, or CloudError (the stream is then closed) after timeout_s (default: the deadline for this
+        frame's size, or the stream's timeout)."""
+        if timeout_s is None:
+            timeout_s = self.deadline(getattr(fut, "sent_bytes", 0)) if self.deadline else self.timeout_s
         try:
             return fut.result(timeout=timeout_s)
         except FutureTimeout:
-            self._fail(CloudError(f"the cloud did not answer within {timeout_s:g} s"))
+            self._fail(CloudError(f"the cloud did not answer within {timeout_s:.3g} s"))
             raise self.error from None  # type: ignore[misc]
 
     def close(self) -> None:
@@ -116,6 +124,7 @@ class StreamClient:
             code = e.code() if hasattr(e, "code") else None
             self.status = getattr(code, "name", None)
             detail = e.details() if hasattr(e, "details") else str(e)
+            self.detail = str(detail)
             self._fail(CloudError(f"link to the cloud lost ({getattr(code, 'name', code)}: {detail})"))
         except (FrameError, CloudError) as e:
             self._fail(e if isinstance(e, CloudError) else CloudError(f"bad reply from the cloud: {e}"))
