@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -233,12 +235,17 @@ def _timer(fn: Callable[[], None]) -> float:
     return triton.testing.do_bench(fn, warmup=3, rep=15)
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             slot_table: torch.Tensor | None, activation: str,
             host: tuple[torch.Tensor, torch.Tensor] | None) -> tuning.MoEConfig:
     T, k = expert_ids.shape
     N, I, H = w13.shape[0] + (host[0].shape[0] if host is not None else 0), w13.shape[1] // 2, w13.shape[2]
-    gpu = torch.cuda.get_device_name(x.device)
+    gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
     key = tuning.cache_key(str(w13.dtype).removeprefix("torch."), N, H, I, k, T)
     cfg = tuning.CACHE.get(gpu, key)
     if cfg is not None:
