@@ -62,11 +62,18 @@ class ModelConfig:
     dtype: str = "auto"
     use_graphs: bool = True
     progress: bool = True
-    compile: str = "auto"  # torch.compile the captured decode step: auto (on CUDA) | on | off
+    compile: str = "auto"  # torch.compile the captured decode step: auto | on | off
+    #: a server (serve, cloud): "auto" compiles, since ~30 s once pays off over many requests; a one-shot
+    #: generate / eval does not compile under "auto"
+    long_running: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in ("auto", "on", "off"):
             raise InvalidRequestError(f"--compile {self.compile!r}: choose auto, on or off")
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether the CUDA-graph decode step goes through torch.compile."""
+        return device_type == "cuda" and (self.compile == "on" or self.compile == "auto" and self.long_running)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace, path: Path, **kw: Any) -> "ModelConfig":

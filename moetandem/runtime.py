@@ -51,9 +51,8 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
             log.warning("split execution: decode steps run eagerly (each step exchanges frames with the cloud, "
                         "which a CUDA graph cannot hold)")
         use_graphs = False
-    compile_step = model.compile == "on" or (model.compile == "auto" and dev.type == "cuda")
     engine = Engine(runner, ckpt.tokenizer(), experts, provider, store, dev, dt, use_graphs, router, splitter,
-                    compile_step)
+                    model.compiles(dev.type))
     if router is not None and gate.latency_budget_s > 0:
         from moetandem.gating import measure_profile
         router.selector.update(measure_profile(engine))

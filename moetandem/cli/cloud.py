@@ -42,7 +42,8 @@ def cloud_command(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--max-sessions, --idle-timeout and --max-session-bytes must be positive")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     token = read_token(args.token_file)
-    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype))
+    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype, compile=args.compile,
+                                      long_running=True))
     server = CloudServer(engine, token, args.max_sessions, args.idle_timeout, args.max_session_bytes,
                          args.emulate_rtt_ms / 2000.0)
     port = server.start(args.listen, args.tls_cert, args.tls_key)

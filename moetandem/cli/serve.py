@@ -56,7 +56,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise MoetandemError(f"`moetandem serve` needs the server dependencies ({e.name} is missing): "
                              "pip install fastapi uvicorn prometheus-client") from None
     path = Path(args.model) if args.model else _demo_path()
-    cfgs = configs(args, path)  # bad flags fail now, before the server starts
+    cfgs = configs(args, path, long_running=True)  # bad flags fail now, before the server starts
     serve_cfg = ServeConfig.from_args(args)
     from moetandem.checkpoint import Checkpoint
     from moetandem.engine import Engine
