@@ -160,6 +160,9 @@ class Engine:
                 old = self._caches.pop(next(iter(self._caches)))
                 if self.graphs is not None:
                     self.graphs.forget(old)
+                pieces = getattr(self.split, "pieces", None)
+                if pieces is not None:
+                    pieces.forget(old)
             self._caches[key] = KVCache(self.args, batch, max_len, self.device, self.dtype)
         return self._caches[key]
 

@@ -91,3 +91,50 @@ class DecodeGraphs:
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
             self.forward = self.model
             self.model(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)
+
+
+class PieceGraphs:
+    """CUDA graphs for pieces of a decode step that run between host work: in split execution, the end's head layers
+    (before the frame goes to the cloud) and its tail layers + LM head (after the answer). A piece is a function of
+    tensors; each (name, cache, input shapes, providers) is captured once and replayed with new inputs copied into
+    its static buffers. capture=False keeps the same static-buffer plumbing but calls the function (CPU tests)."""
+
+    def __init__(self, capture: bool = True) -> None:
+        self.capture = capture
+        self.entries: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def run(self, name: str, key: tuple, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs) -> a new tensor (the captured output is copied out, so a later replay cannot overwrite it).
+        key: what else fn depends on (the cache, kv_len, the expert providers); it must not change under a key."""
+        full = (name, key, tuple((t.shape, t.dtype) for t in inputs))
+        entry = self.entries.get(full)
+        if entry is None:
+            statics = [t.clone() for t in inputs]
+            graph, out = self._capture(fn, statics) if self.capture else (None, None)
+            entry = self.entries[full] = (statics, graph, out)
+        statics, graph, out = entry
+        for s, t in zip(statics, inputs):
+            s.copy_(t)
+        if graph is None:
+            return fn(*statics)
+        graph.replay()
+        assert out is not None
+        return out.clone()
+
+    def _capture(self, fn: Callable[..., torch.Tensor], statics: list[torch.Tensor]
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # warm-up runs compute the real piece (same K/V written at the same positions): harmless
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*statics)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn(*statics)
+        return graph, out
+
+    def forget(self, cache: object) -> None:
+        self.entries = {k: e for k, e in self.entries.items() if k[1][0] != id(cache)}

@@ -43,14 +43,13 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
     runner: Any = net
     splitter = None
     use_graphs = model.use_graphs
-    if split is not None:
+    if split is not None:  # the end's head and tail layers of a decode step are CUDA graphs; the exchange is not
+        from moetandem.graphs import PieceGraphs
         from moetandem.split.end import connect_split
-        splitter = connect_split(net, provider, ckpt, split)
+        pieces = PieceGraphs() if use_graphs and dev.type == "cuda" else None
+        splitter = connect_split(net, provider, ckpt, split, pieces)
         runner, experts = splitter, splitter.expert_map()
-        if use_graphs and dev.type == "cuda":
-            log.warning("split execution: decode steps run eagerly (each step exchanges frames with the cloud, "
-                        "which a CUDA graph cannot hold)")
-        use_graphs = False
+        use_graphs = False  # no whole-step graph: each step exchanges frames with the cloud
     engine = Engine(runner, ckpt.tokenizer(), experts, provider, store, dev, dt, use_graphs, router, splitter,
                     model.compiles(dev.type))
     if router is not None and gate.latency_budget_s > 0:

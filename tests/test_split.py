@@ -278,3 +278,37 @@ def test_trace_and_calibration_keep_cloud_experts(ckpt, reference, cloud):
     before = split.split_stats()["expert_rows_cloud"]
     assert generate(eng) == reference
     assert split.split_stats()["expert_rows_cloud"] > before
+
+
+def test_end_layers_run_through_piece_graphs(ckpt, reference, cloud):
+    """Decode steps of a split engine run the end's head and tail layers through PieceGraphs (CUDA graphs on a GPU;
+    here the same static-buffer plumbing without capture): the tokens stay the single-process ones."""
+    from moetandem.config import SplitConfig
+    from moetandem.engine import Engine
+    from moetandem.graphs import PieceGraphs
+    from moetandem.split.end import connect_split
+
+    base = moetandem.load(ckpt, device="cpu", progress=False)
+    cfg = SplitConfig(f"127.0.0.1:{cloud.port}", token=TOKEN, head=1, tail=1, link={"retry_after_s": 0.2})
+    pieces = PieceGraphs(capture=False)
+    split = connect_split(base.model, base.provider, base.store.ckpt, cfg, pieces)
+    eng = Engine(split, base.tokenizer, split.expert_map(), base.provider, base.store, base.device, base.dtype,
+                 use_graphs=False, split=split)
+    assert generate(eng) == reference
+    names = {k[0] for k in pieces.entries}
+    assert names == {"head", "tail"} and split.stats["cloud_forwards"] == 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_split_end_on_cuda_uses_graphs(ckpt, cloud):
+    """--cloud on a GPU end: the head and tail layers of decode steps are captured CUDA graphs (fp32 end, CPU
+    cloud), with the tokens of the GPU model run alone."""
+    alone = moetandem.load(ckpt, device="cuda", dtype="float32", progress=False, use_graphs=False)
+    want = [g.token_ids for g in alone.generate(PROMPTS, max_new_tokens=10, stop_on_eos=False)]
+    eng = moetandem.load(ckpt, device="cuda", dtype="float32", progress=False, cloud=f"127.0.0.1:{cloud.port}",
+                         token=TOKEN, split={"head": 1, "tail": 1, "retry_after_s": 0.2})
+    assert eng.split.pieces is not None and eng.split.pieces.capture
+    assert generate(eng) == want
+    assert {k[0] for k in eng.split.pieces.entries} == {"head", "tail"}
+    assert all(e[1] is not None for e in eng.split.pieces.entries.values())  # captured graphs, replayed

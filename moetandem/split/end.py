@@ -22,6 +22,7 @@ import torch
 
 from moetandem.config import SplitConfig
 from moetandem.errors import CloudError, InvalidRequestError, MoetandemError
+from moetandem.graphs import PieceGraphs
 from moetandem.models import KVCache
 from moetandem.split.experts import CloudExpertProvider
 from moetandem.split.link import CloudLink, CloudRefused, LinkOptions
@@ -56,8 +57,11 @@ class _Rows:
 
 
 class SplitModel:
-    def __init__(self, model: Any, link: CloudLink, plan: Any, codec: str, ckpt: Any, local_provider: Any) -> None:
+    def __init__(self, model: Any, link: CloudLink, plan: Any, codec: str, ckpt: Any, local_provider: Any,
+                 pieces: PieceGraphs | None = None) -> None:
+        """pieces: CUDA graphs for the end's head and tail layers of decode steps (None: eager)."""
         self.model, self.link, self.codec_kind, self.ckpt, self.local_provider = model, link, codec, ckpt, local_provider
+        self.pieces = pieces
         self.args = model.args
         self.stats = {"cloud_forwards": 0, "local_forwards": 0, "fallbacks": 0, "rebuilt_tokens": 0, "replans": 0}
         self.replanner: Callable[[Any], Any] | None = None  # (LinkMonitor) -> new plan or None
@@ -132,13 +136,23 @@ class SplitModel:
                        experts: Mapping[int, Any]) -> torch.Tensor:
         session = self._ensure_cloud_cache(st, cache)
         m, L, H = self.model, self.args.num_layers, self.args.hidden_size
+        graphed = self._graphed(ids, valid, last_only, experts)
+        gkey = (id(cache), kv_len, tuple(id(p) for p in experts.values()))  # what the captured pieces close over
+
+        def head_layers(i: torch.Tensor, q: torch.Tensor, r: torch.Tensor, v: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+            return m.forward_layers(m.embed(i), q, cache, kv_len, 0, self.start, experts, v, r)  # [b, L, H]
+
+        def tail_layers(y: torch.Tensor, q: torch.Tensor, r: torch.Tensor, v: torch.Tensor | None = None,
+                        last: torch.Tensor | None = None) -> torch.Tensor:
+            return m.head(m.forward_layers(y, q, cache, kv_len, self.end, L, experts, v, r), last)  # [b, L|1, V]
 
         def head(p: slice) -> torch.Tensor | None:
             if self.start == 0:
                 return None  # the cloud embeds
-            x = m.forward_layers(m.embed(ids[p]), pos[p], cache, kv_len, 0, self.start, experts, _at(valid, p),
-                                 rows[p])
-            return x  # [b, L, H]
+            if graphed:
+                return self.pieces.run("head", gkey, head_layers, ids[p], pos[p], rows[p])
+            return head_layers(ids[p], pos[p], rows[p], _at(valid, p))
 
         def send(p: slice, x: torch.Tensor | None) -> Any:
             v = _at(valid, p)
@@ -169,10 +183,19 @@ class SplitModel:
                 raise CloudError(f"bad reply from the cloud: {e}") from None
             y = y_rows.view(b, n, H) if v is None else torch.zeros(b, n, H, dtype=y_rows.dtype,
                                                                    device=y_rows.device).index_put_((v,), y_rows)
-            y = m.forward_layers(y, pos[p], cache, kv_len, self.end, L, experts, v, rows[p])
-            return m.head(y, None if last_only is None else last_only[p])
+            if graphed:
+                return self.pieces.run("tail", gkey, tail_layers, y, pos[p], rows[p])
+            return tail_layers(y, pos[p], rows[p], v, None if last_only is None else last_only[p])
 
         return torch.cat(run_pipelined(micro_batches(ids.shape[0], self.micro), head, send, tail))
+
+    def _graphed(self, ids: torch.Tensor, valid: torch.Tensor | None, last_only: torch.Tensor | None,
+                 experts: Mapping[int, Any]) -> bool:
+        """Decode steps (one token per row, every row real) run the end's layers as CUDA graphs when every
+        provider of them is graph-safe (no cloud-placed experts in the end's layers: those need the network)."""
+        if self.pieces is None or ids.shape[1] != 1 or valid is not None or last_only is not None:
+            return False
+        return not self.pieces.capture or all(getattr(p, "graph_safe", False) for p in experts.values())
 
     def _ensure_cloud_cache(self, st: _Rows, cache: KVCache) -> Any:
         session = self.link.session()
@@ -272,7 +295,8 @@ def load_placement(plan: Any = None, head: int | None = None, tail: int | None =
     return plan
 
 
-def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig) -> SplitModel:
+def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces: PieceGraphs | None = None
+                  ) -> SplitModel:
     """The end side of split execution over `model` (layers [0, head) and [L - tail, L) stay here) with the cloud
     at cfg.address. The end keeps its checkpoint and committee (`provider`) for its own layers and for fallback.
     A cloud that refuses us (token, checkpoint) raises CloudError; one that cannot be reached now is retried
@@ -280,7 +304,7 @@ def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig) -> Spl
     token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
     link = CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
     placement = load_placement(cfg.plan, cfg.head, cfg.tail, cfg.cloud_experts, cfg.codec_rank, cfg.micro_batches)
-    split = SplitModel(model, link, placement, cfg.codec, ckpt, provider)
+    split = SplitModel(model, link, placement, cfg.codec, ckpt, provider, pieces)
     try:
         link.connect()
     except CloudRefused:

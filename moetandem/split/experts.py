@@ -39,6 +39,11 @@ class CloudExpertProvider(ExpertProvider):
                        for l, e in remote.items() if e}
 
     @property
+    def graph_safe(self) -> bool:
+        """Only when no expert of the end's layers is placed in the cloud (then compute is the local provider's)."""
+        return not self.remote and bool(getattr(self.local, "graph_safe", False))
+
+    @property
     def stats(self) -> object:
         return getattr(self.local, "stats", None)
 
