@@ -128,7 +128,7 @@ def test_codec_file_is_keyed_by_the_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError, match="calibrate --codec"):
         load_codec(b, 1, 8)  # no file yet
     shutil.copy(path, codec_path(b))  # a file made for another checkpoint is refused, not used
-    with pytest.raises(CalibrationError, match="calibrated for checkpoint"):
+    with pytest.raises(CalibrationError, match="made for checkpoint"):
         load_codec(b, 1, 8)
 
 

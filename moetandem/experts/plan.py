@@ -4,6 +4,7 @@ the most hits (greedy on marginal gains, which is optimal for concave per-layer 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,9 @@ def simulate_hits(ids: torch.Tensor, weights: torch.Tensor, num_experts: int, sl
     return hits / ids.numel(), swaps
 
 
+PLAN_VERSION = 1
+
+
 @dataclass
 class Plan:
     budget_bytes: int
@@ -62,12 +66,20 @@ class Plan:
     candidates: list[dict] = field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        """Atomically (a temporary file, then rename), with the format version."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"version": PLAN_VERSION, **asdict(self)}, indent=1))
+        os.replace(tmp, path)
 
     @staticmethod
     def load(path: str | Path) -> "Plan":
         try:
             d = json.loads(Path(path).read_text())
+            version = d.pop("version", PLAN_VERSION)
+            if version != PLAN_VERSION:
+                raise InvalidRequestError(f"plan file {path} has format version {version}, this moetandem reads "
+                                          f"{PLAN_VERSION}; run `moetandem plan` again")
             d["slots"] = {int(k): int(v) for k, v in d["slots"].items()}
             return Plan(**d)
         except (OSError, ValueError, KeyError, TypeError) as e:

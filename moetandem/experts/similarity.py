@@ -3,17 +3,15 @@ from weights or from expert outputs on calibration text. Saved next to the check
 the checkpoint directory is read-only), keyed by the checkpoint's fingerprint; never recomputed silently."""
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moetandem.checkpoint import Checkpoint
+from moetandem.products import product_path, read_product, write_product
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.store import ExpertStore, flat_views
 from moetandem.experts.tap import Tap
@@ -23,37 +21,30 @@ if TYPE_CHECKING:
     from moetandem.engine import Engine
 
 FILE = "moetandem-calibration.safetensors"
+KIND = "expert-similarity"
 
 
 def calibration_path(ckpt: Checkpoint, file: str = FILE) -> Path:
-    """Where a calibration product `file` of this checkpoint lives: next to it, or in the user cache keyed by
-    the fingerprint when the checkpoint directory is read-only."""
-    if os.access(ckpt.path, os.W_OK):
-        return ckpt.path / file
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moetandem"
-    return cache / f"{ckpt.fingerprint()}-{file}"
+    """Where this checkpoint's expert similarity file lives (moetandem.products.product_path)."""
+    return product_path(ckpt, file)
 
 
 def save_calibration(ckpt: Checkpoint, similarity: dict[int, torch.Tensor], norms: dict[int, torch.Tensor],
                      source: str) -> Path:
-    path = calibration_path(ckpt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"similarity.{l}": s.float().contiguous() for l, s in similarity.items()}
-    tensors |= {f"norm.{l}": n.float().contiguous() for l, n in norms.items()}
-    save_file(tensors, str(path), metadata={"fingerprint": ckpt.fingerprint(), "similarity": source})
-    return path
+    tensors = {f"similarity.{l}": s.float() for l, s in similarity.items()}
+    tensors |= {f"norm.{l}": n.float() for l, n in norms.items()}
+    return write_product(ckpt, FILE, KIND, tensors, {"similarity": source})
 
 
 def load_calibration(ckpt: Checkpoint) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None:
-    """(similarity, norms) by layer, or None when absent or made for another checkpoint."""
-    path = calibration_path(ckpt)
-    if not path.is_file():
+    """(similarity, norms) by layer, or None when absent, or stale (made for another checkpoint or format
+    version: a warning says it is rebuilt). A corrupt file is a CalibrationError."""
+    got = read_product(ckpt, calibration_path(ckpt), KIND, f"moetandem calibrate {ckpt.path}", stale="none")
+    if got is None:
         return None
-    with safe_open(str(path), framework="pt") as f:
-        if (f.metadata() or {}).get("fingerprint") != ckpt.fingerprint():
-            return None
-        sim = {int(k.split(".")[1]): f.get_tensor(k) for k in f.keys() if k.startswith("similarity.")}
-        norms = {int(k.split(".")[1]): f.get_tensor(k) for k in f.keys() if k.startswith("norm.")}
+    tensors = got[0]
+    sim = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("similarity.")}
+    norms = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("norm.")}
     return sim, norms
 
 

@@ -15,11 +15,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from moetandem.checkpoint import Checkpoint
+from moetandem.products import product_path, read_product, write_product
 from moetandem.errors import InvalidRequestError
 
 FILE = "moetandem-group-gate.safetensors"
@@ -131,34 +130,25 @@ class GatedRouter:
 
 # ---------------------------------------------------------------------- files
 def gate_path(ckpt: Checkpoint) -> Path:
-    from moetandem.experts.similarity import calibration_path
-    return calibration_path(ckpt).with_name(calibration_path(ckpt).name.replace(
-        "moetandem-calibration.safetensors", FILE))
+    return product_path(ckpt, FILE)
 
 
 def save_gates(ckpt: Checkpoint, gates: dict[int, GroupGate], meta: dict[str, str] | None = None) -> Path:
-    path = gate_path(ckpt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{l}.{k}": v.detach().float().contiguous() for l, g in gates.items() for k, v in g.state_dict().items()}
+    tensors = {f"{l}.{k}": v.detach().float() for l, g in gates.items() for k, v in g.state_dict().items()}
     rank = next(iter(gates.values())).down.out_features
-    save_file(tensors, str(path), metadata={"fingerprint": ckpt.fingerprint(), "rank": str(rank), **(meta or {})})
-    return path
+    return write_product(ckpt, FILE, "group-gate", tensors, {"rank": str(rank), **(meta or {})})
 
 
 def load_gates(ckpt: Checkpoint, hidden: int, num_experts: int, device: torch.device) -> dict[int, GroupGate]:
-    path = gate_path(ckpt)
-    if not path.is_file():
-        raise InvalidRequestError(f"no trained group gate for {ckpt.path}: run `moetandem calibrate "
-                                  f"{ckpt.path} --group-gate --data TEXT` first")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("fingerprint") != ckpt.fingerprint():
-            raise InvalidRequestError(f"{path} was trained for another checkpoint; run `moetandem calibrate "
-                                      f"{ckpt.path} --group-gate --data TEXT` again")
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key in f.keys():
-            layer, name = key.split(".", 1)
-            state.setdefault(int(layer), {})[name] = f.get_tensor(key)
+    remake = f"moetandem calibrate {ckpt.path} --group-gate --data TEXT"
+    got = read_product(ckpt, gate_path(ckpt), "group-gate", remake)
+    if got is None:
+        raise InvalidRequestError(f"no trained group gate for {ckpt.path}: run `{remake}` first")
+    tensors, meta = got
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        layer, name = key.split(".", 1)
+        state.setdefault(int(layer), {})[name] = t
     gates = {}
     for l, sd in state.items():
         g = GroupGate(hidden, num_experts, int(meta.get("rank", 16)))

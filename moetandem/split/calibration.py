@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moetandem.analysis.eval import encode_text, evaluate_ids, windows
 from moetandem.checkpoint import Checkpoint
 from moetandem.errors import CalibrationError, InvalidRequestError
-from moetandem.experts.similarity import calibration_path
+from moetandem.products import product_path, read_product, write_product
 from moetandem.models import KVCache
 from moetandem.split.codec import ActivationCodec, fit_pca
 
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
     from moetandem.engine import Engine
 
 FILE = "moetandem-codec.safetensors"
+KIND = "activation-codec"
 
 
 def _cut_module(engine: "Engine", cut: int) -> torch.nn.Module:
@@ -181,7 +181,7 @@ def fit_codecs(engine: "Engine", texts: Sequence[str] | Sequence[int], cut_layer
 
 def codec_path(ckpt: Checkpoint) -> Path:
     """Next to the checkpoint, or in ~/.cache/moetandem keyed by the fingerprint when it is read-only."""
-    return calibration_path(ckpt, FILE)
+    return product_path(ckpt, FILE)
 
 
 def save_codecs(ckpt: Checkpoint, codecs: dict[tuple[int, int], ActivationCodec]) -> Path:
@@ -195,24 +195,18 @@ def save_codecs(ckpt: Checkpoint, codecs: dict[tuple[int, int], ActivationCodec]
     for (c, r), codec in codecs.items():  # the side table is one per cut, shared by its ranks
         tensors |= codec.tensors(f"cut{c}.r{r}.", side_key=f"cut{c}.side")
         infos[f"{c}.{r}"] = codec.info
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"fingerprint": ckpt.fingerprint(), "codecs": json.dumps(infos)})
-    return path
+    return write_product(ckpt, FILE, KIND, tensors, {"codecs": json.dumps(infos)}, path)
 
 
 def _read_all(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    got = read_product(None, path, KIND, "moetandem calibrate --codec", fingerprint=fingerprint)
+    if got is None:
+        raise CalibrationError(f"no codec file at {path}; run `moetandem calibrate --codec`")
+    tensors, meta = got
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("fingerprint") != fingerprint:
-                raise CalibrationError(
-                    f"codec file {path} was calibrated for checkpoint {meta.get('fingerprint') or '?'}, not this one "
-                    f"({fingerprint}); run `moetandem calibrate --codec` for this checkpoint")
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta.get("codecs") or "{}")
-    except CalibrationError:
-        raise
-    except Exception as e:
-        raise CalibrationError(f"cannot read codec file {path} ({e}); run `moetandem calibrate --codec`") from None
+        return tensors, json.loads(meta.get("codecs") or "{}")
+    except ValueError:
+        raise CalibrationError(f"{path} has unreadable codec metadata; run `moetandem calibrate --codec`") from None
 
 
 def codec_table(ckpt_or_path: Checkpoint | str | Path, fingerprint: str | None = None) -> dict[tuple[int, int], dict]:
