@@ -158,3 +158,17 @@ def test_tls_misconfiguration_exits_2_but_an_outage_falls_back(ckpt: Path, certs
     assert "speaks TLS" in capsys.readouterr().err
     # nothing listening: a network outage, so the end runs alone and exits 0
     assert main([*args, "--cloud", "127.0.0.1:1", "--tls-ca", str(certs["cloud"])]) == 0
+
+
+def test_serve_refuses_a_misconfigured_cloud_before_loading(ckpt: Path, certs: dict[str, Path],
+                                                            clouds: dict[str, int], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`moetandem serve --cloud` checks the cloud before the server starts: a TLS mistake exits 2 with one line."""
+    from moetandem.cli import main
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    rc = main(["serve", str(ckpt), "--port", "0", "--device", "cpu", "--token-file", str(token),
+               "--cloud", f"localhost:{clouds['tls']}", "--tls-ca", str(certs["other"])])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("moetandem: error:") and "TLS" in err[-1]

@@ -62,7 +62,10 @@ def serve_command(args: argparse.Namespace) -> int:
     from moetandem.engine import Engine
     from moetandem.runtime import build_engine
 
-    Checkpoint(path)  # a wrong path fails now, before the server starts
+    ckpt = Checkpoint(path)  # a wrong path fails now, before the server starts
+    if cfgs[3] is not None:  # a cloud that refuses us (token, checkpoint, TLS) is exit 2 now, not a 503 later
+        from moetandem.split.end import preflight
+        preflight(ckpt, cfgs[3])
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     name = args.served_model_name or path.resolve().name
 

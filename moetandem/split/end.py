@@ -295,6 +295,21 @@ def load_placement(plan: Any = None, head: int | None = None, tail: int | None =
     return plan
 
 
+def preflight(ckpt: Any, cfg: SplitConfig) -> None:
+    """Check, before any weights load, that the cloud accepts us: CloudRefused (exit 2) on a wrong token, another
+    checkpoint or a TLS misconfiguration; a cloud that cannot be reached now is fine (the end starts alone)."""
+    token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
+    link = CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
+    try:
+        link.connect()
+    except CloudRefused:
+        raise
+    except CloudError as e:
+        log.warning("split: cloud unavailable at start (%s); the end will compute alone until it answers", e)
+    finally:
+        link.close()
+
+
 def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces: PieceGraphs | None = None
                   ) -> SplitModel:
     """The end side of split execution over `model` (layers [0, head) and [L - tail, L) stay here) with the cloud
