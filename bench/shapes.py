@@ -62,6 +62,16 @@ SHAPES: dict[str, dict] = {
                         routed_scaling_factor=1.0, norm_topk_prob=True, partial_rotary_factor=0.5,
                         attention_bias=True, use_qk_norm=False, max_position_embeddings=131072, rms_norm_eps=1e-5,
                         rope_theta=1000000.0, tie_word_embeddings=False),
+    # gpt-oss-20b: 24 layers, 32 experts top-4, sliding (128) / full attention alternating, sinks; the random
+    # checkpoint's experts are bf16 (gate_up_proj [E, H, 2I], interleaved), not the hub's MXFP4
+    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                        layer_types=["sliding_attention", "full_attention"] * 12, attention_bias=True,
+                        swiglu_limit=7.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                             beta_slow=1.0, truncate=False, original_max_position_embeddings=4096),
+                        tie_word_embeddings=False),
     "tiny-olmoe": dict(model_type="olmoe", vocab_size=512, hidden_size=64, intermediate_size=32,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
                        num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -57,12 +57,6 @@ def test_routed_experts_only_in_the_store(v3):
     assert not any(".experts." in n for n in names)
 
 
-def test_gpt_oss_refused_with_reason(tmp_path):
-    path = build_checkpoint("gpt_oss", tmp_path / "gpt_oss")
-    with pytest.raises(UnsupportedModelError, match="gpt-oss routed experts"):
-        moetandem.load(path, device="cpu", progress=False)
-
-
 def test_quantized_checkpoint_refused(v3, tmp_path):
     fp8 = with_config(v3, tmp_path / "fp8", quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
     with pytest.raises(UnsupportedModelError, match="quantized \\(fp8\\)"):

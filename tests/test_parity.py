@@ -1,56 +1,20 @@
-"""Our engine against transformers on tiny random checkpoints of every registered family (fp32, CPU). A family
-whose routed experts the providers cannot run yet (gpt-oss) is checked with its experts computed by a reference
-provider defined here, so everything else (attention, sinks, sliding windows, router, loading) is still held to
-transformers."""
+"""Our engine against transformers on tiny random checkpoints of every registered family (fp32, CPU), loaded
+through `moetandem.load`: logits, decode steps, greedy tokens, batching, and an exact committee at half the
+experts. (gpt-oss's MXFP4 checkpoints: tests/test_gpt_oss.py.)"""
 from __future__ import annotations
 
 import moetandem
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from moetandem import Engine
-from moetandem.checkpoint import Checkpoint
-from moetandem.experts.provider import ExpertProvider
-from moetandem.loader import load_dense
 from moetandem.models import FAMILIES, KVCache
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3, 1, 0, 9, 18, 36, 72]]
 
 
-class GptOssReferenceExperts(ExpertProvider):
-    """gpt-oss routed experts as transformers computes them: x @ gate_up [H, 2I] + bias, gate/up interleaved,
-    clamped SwiGLU (alpha 1.702, limit 7), (up + 1) · glu @ down [I, H] + bias. The expert path must do this."""
-
-    def __init__(self, path, alpha: float, limit: float) -> None:
-        self.w: dict[str, torch.Tensor] = {}
-        for f in path.glob("*.safetensors"):
-            self.w.update({k: v for k, v in load_file(str(f)).items() if ".mlp.experts." in k})
-        self.alpha, self.limit = alpha, limit
-
-    def compute(self, layer, x, expert_ids, weights):
-        p = f"model.layers.{layer}.mlp.experts."
-        out = torch.zeros_like(x)  # [T, H]
-        for j in range(expert_ids.shape[1]):
-            for e in expert_ids[:, j].unique().tolist():
-                t = (expert_ids[:, j] == e).nonzero()[:, 0]  # token rows routed to e in slot j
-                gu = x[t] @ self.w[p + "gate_up_proj"][e] + self.w[p + "gate_up_proj_bias"][e]  # [t, 2I]
-                g, u = gu[:, ::2].clamp(max=self.limit), gu[:, 1::2].clamp(-self.limit, self.limit)
-                y = ((u + 1) * g * torch.sigmoid(g * self.alpha)) @ self.w[p + "down_proj"][e]  # [t, H]
-                out[t] += (y + self.w[p + "down_proj_bias"][e]) * weights[t, j, None]
-        return out
-
-
 def load_ours(path) -> Engine:
-    ckpt = Checkpoint(path)
-    family = FAMILIES[ckpt.config["model_type"]]
-    if family.experts_unsupported is None:
-        return moetandem.load(path, device="cpu", dtype="float32", progress=False)
-    args = family.args(ckpt.config, ckpt.path)
-    net = load_dense(ckpt, family, args, torch.device("cpu"), torch.float32, progress=False)
-    ref = GptOssReferenceExperts(path, ckpt.config["swiglu_alpha"], ckpt.config["swiglu_limit"])
-    experts = {b.layer: ref for b in net.moe_blocks()}
-    return Engine(net, None, experts, ref, None, torch.device("cpu"), torch.float32, use_graphs=False)
+    return moetandem.load(path, device="cpu", dtype="float32", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.costs import CostModel
 from moetandem.experts.executor import device_path_supported, run_experts
-from moetandem.experts.store import flat_views
+from moetandem.experts.store import flat_bias_views, flat_views
 from moetandem.kernels import fused_moe_supported
 from moetandem.experts.misses import resolve_exact
 from moetandem.experts.policies import MissPolicy
@@ -30,6 +30,7 @@ from moetandem.experts.slots import LayerSlots
 from moetandem.experts.stats import CommitteeStats, StatCounters
 from moetandem.experts.store import ExpertStore, return_freed_memory_to_os
 from moetandem.experts.swapper import HostCopies, Swapper, SwapJob, pinned_cap
+from moetandem.models.expert_activation import ExpertActivation
 
 __all__ = ["SCORES", "CommitteeProvider", "CommitteeStats"]
 
@@ -44,9 +45,10 @@ class CommitteeProvider(ExpertProvider):
                  policy: MissPolicy, top_k: int, similarity: dict[int, torch.Tensor] | None = None,
                  norms: dict[int, torch.Tensor] | None = None, slots: dict[int, int] | None = None,
                  refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True,
-                 async_swaps: bool = True) -> None:
+                 async_swaps: bool = True, activation: ExpertActivation | None = None) -> None:
         """async_swaps=False waits for each refresh's swaps before going on: slower, but the resident set at
-        every step no longer depends on thread timing (reproducible quality measurements)."""
+        every step no longer depends on thread timing (reproducible quality measurements). activation: the
+        experts' (default: the store's); with biases, each flat slot ends with them."""
         if policy.substitute_min_sim is not None and similarity is None:
             raise InvalidRequestError("substitution needs expert similarity: run `moetandem calibrate MODEL` first")
         if refresh_every < 1:
@@ -58,6 +60,7 @@ class CommitteeProvider(ExpertProvider):
         #: local experts, but importance must keep following what the model asks for)
         self.external_observe = False
         self.E, self.I, self.H = store.num_experts, store.inter, store.hidden
+        self.act = activation or store.activation
         self.expert_size = store.expert_bytes(dtype)
         self.norms = norms or {l: torch.ones(self.E) for l in store.layers}
         self.scorer = Scorer(score, window, store.layers, self.E, self.norms, device)
@@ -150,12 +153,14 @@ class CommitteeProvider(ExpertProvider):
         asg = self.policy.assign(expert_ids, weights, st, in_graph=capturing and self.mapped is None)
         self.counters.add(asg.counts)
         w13, w2 = st.views(self.I, self.H)  # [n, 2I, H], [n, H, I]
+        bias = flat_bias_views(st.buf, self.I, self.H) if self.act.bias else None  # [n, 2I], [n, H]
         if self.mapped is not None:  # exact misses: expert e read from pinned host memory as slot n + e
             slots = asg.slots if asg.exact is None else torch.where(asg.exact, st.n + expert_ids.int(), asg.slots)
-            return run_experts(x, slots, asg.weights, w13, w2, True, mapped=flat_views(self.mapped[layer], self.I,
-                                                                                        self.H))
+            hbuf = self.mapped[layer]  # [E, numel]
+            mapped = (*flat_views(hbuf, self.I, self.H), *(flat_bias_views(hbuf, self.I, self.H) if bias else ()))
+            return run_experts(x, slots, asg.weights, w13, w2, True, mapped=mapped, act=self.act, bias=bias)
         host = resolve_exact(self, layer, x, expert_ids, asg) if asg.exact is not None else None
-        return run_experts(x, asg.slots, asg.weights, w13, w2, self.grouped, host)
+        return run_experts(x, asg.slots, asg.weights, w13, w2, self.grouped, host, act=self.act, bias=bias)
 
     def observe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         """Score the model's own routing (ids/weights [T, k]) when a routing hook changes what is computed."""

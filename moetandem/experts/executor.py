@@ -8,9 +8,12 @@ contribute nothing. Two paths:
   the one function to change when the fused Triton kernel lands: `kernels.fused_moe(x, slot_ids, weights, w13,
   w2, identity)` with `identity = torch.arange(n, dtype=torch.int32)`, or pass a committee's expert ids and its
   `slot_table` straight through.
-- `loop_moe` (CPU and the rest): one SwiGLU per slot that has live rows; syncs for the group sizes.
+- `loop_moe` (CPU and the rest): one expert FFN per slot that has live rows; syncs for the group sizes.
 
 Rows computed elsewhere (a committee's host-computed misses) come in as `HostRows` and are added in.
+The experts' activation (`ExpertActivation`: SwiGLU, GELU, gpt-oss's clamped SwiGLU) and their biases
+(`bias = (b13 [n, 2I], b2 [n, H])`, gate/up bias before the activation, down bias before the routing weight) are
+passed per call; without them every path computes exactly what it did for the SwiGLU families.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 from moetandem.experts.provider import group_by_expert
 from moetandem.kernels import fused_moe_op, fused_moe_supported
-from moetandem.models.layers import expert_ffn
+from moetandem.models.expert_activation import SWIGLU, ExpertActivation
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -47,29 +50,41 @@ def device_path_supported(device: torch.device, dtype: torch.dtype, dims: tuple[
     return fused_moe_supported(device, dtype) or grouped_mm_supported(device, dtype, dims)
 
 
+Bias = tuple[torch.Tensor, torch.Tensor]  # b13 [n, 2I] (gate; up), b2 [n, H]
+
+
 def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor, grouped: bool, host: HostRows | None = None,
-                mapped: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                mapped: tuple[torch.Tensor, ...] | None = None, act: ExpertActivation = SWIGLU,
+                bias: Bias | None = None) -> torch.Tensor:
     """x [T, H]; slot_ids [T, k] (−1: nothing on the device; n + e: expert e read zero-copy from `mapped`, its
-    pinned host weights [E, 2I, H] / [E, H, I]); weights [T, k]; w13 [n, 2I, H] (gate; up), w2 [n, H, I] -> [T, H]
-    in x's dtype. grouped: the device path (no host sync), else the per-slot loop."""
+    pinned host weights [E, 2I, H] / [E, H, I] (+ biases [E, 2I] / [E, H] for biased experts)); weights [T, k];
+    w13 [n, 2I, H] (gate; up), w2 [n, H, I]; act, bias: see the module docstring -> [T, H] in x's dtype.
+    grouped: the device path (no host sync), else the per-slot loop."""
+    if act.bias != (bias is not None):
+        raise ValueError(f"expert activation {act} {'needs' if act.bias else 'takes no'} biases")
     if grouped:
-        out = device_moe(x, slot_ids, weights, w13, w2, mapped)  # [T, H]
+        out = device_moe(x, slot_ids, weights, w13, w2, mapped, act, bias)  # [T, H]
         if host is not None and host.token.numel():
             g = weights[host.token, host.col].to(host.y.dtype)  # [m]
             out.index_add_(0, host.token, host.y * g[:, None])
         return out
-    return loop_moe(x, slot_ids, weights, w13, w2, host)
+    return loop_moe(x, slot_ids, weights, w13, w2, host, act, bias)
 
 
 def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-               w2: torch.Tensor, mapped: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               w2: torch.Tensor, mapped: tuple[torch.Tensor, ...] | None = None, act: ExpertActivation = SWIGLU,
+               bias: Bias | None = None) -> torch.Tensor:
     """The CUDA path, graph-safe (nothing waits on the host): the fused Triton kernel over the slot buffers
     (slot ids as expert ids, identity table; −1 and weight 0 read nothing). Without Triton: grouped GEMMs where
     every assignment runs (slot −1 on slot 0) and outputs of slot −1 are masked out."""
     if fused_moe_supported(x.device, w13.dtype) or mapped is not None:  # (the op's PyTorch reference off CUDA)
-        hw13, hw2 = mapped if mapped is not None else (None, None)
-        return fused_moe_op(x, slot_ids, weights, w13, w2, None, "silu", hw13, hw2)  # [T, H]
+        hw13, hw2, hb13, hb2 = (*mapped, None, None)[:4] if mapped is not None else (None, None, None, None)
+        if act == SWIGLU:  # the SwiGLU families' call, unchanged
+            return fused_moe_op(x, slot_ids, weights, w13, w2, None, "silu", hw13, hw2)  # [T, H]
+        b13, b2 = bias if bias is not None else (None, None)
+        return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2,
+                            act.alpha, act.limit)  # [T, H]
     n, I2, _ = w13.shape
     I = I2 // 2
     T, k = slot_ids.shape
@@ -78,7 +93,15 @@ def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
     xs = x[groups.token]  # [T*k, H] rows sorted by slot
     offs = groups.counts.cumsum(0, dtype=torch.int32)  # [n]
     h = _grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [T*k, 2I]
-    ys = _grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)  # [T*k, H]
+    if act == SWIGLU:
+        ys = _grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)  # [T*k, H]
+    else:
+        slot = slot_ids.clamp_min(0).long().reshape(-1)[groups.order]  # [T*k] slot of each sorted row
+        if bias is not None:
+            h = h + bias[0][slot]  # [T*k, 2I]
+        ys = _grouped_mm(act.glu(h[:, :I], h[:, I:]).to(h.dtype), w2.transpose(1, 2), offs=offs)  # [T*k, H]
+        if bias is not None:
+            ys = ys + bias[1][slot]
     y = torch.empty_like(ys)
     y[groups.order] = ys
     y = y.view(T, k, -1).masked_fill(~valid[..., None], 0)  # [T, k, H]; a slot in transit may hold anything
@@ -86,8 +109,9 @@ def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
 
 
 def loop_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-             w2: torch.Tensor, host: HostRows | None = None) -> torch.Tensor:
-    """One SwiGLU per slot on its live rows (slot ≥ 0, weight ≠ 0); host rows slot in before the weighted sum,
+             w2: torch.Tensor, host: HostRows | None = None, act: ExpertActivation = SWIGLU,
+             bias: Bias | None = None) -> torch.Tensor:
+    """One expert FFN per slot on its live rows (slot ≥ 0, weight ≠ 0); host rows slot in before the weighted sum,
     so a committee with exact policies matches the all-resident provider bit for bit."""
     n = w13.shape[0]
     T, k = slot_ids.shape
@@ -98,7 +122,8 @@ def loop_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13
     start = 0
     for s, c in enumerate(groups.counts[:n].tolist()):
         if c:
-            ys[start:start + c] = expert_ffn(xs[start:start + c], w13[s], w2[s])
+            b13, b2 = (bias[0][s], bias[1][s]) if bias is not None else (None, None)
+            ys[start:start + c] = act.ffn(xs[start:start + c], w13[s], w2[s], b13, b2)
             start += c
     y = torch.empty_like(ys)
     y[groups.order] = ys

@@ -32,7 +32,7 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
     if expert_budget is None:
         if policy is not None:
             raise InvalidRequestError("--policy needs --expert-budget (with no budget every expert is resident)")
-        return ResidentProvider(store, device, dtype, progress)
+        return ResidentProvider(store, device, dtype, progress, activation=store.activation)
     budget = parse_budget(expert_budget, total_expert_bytes(store, dtype))
     tau = cfg.skip_threshold
     miss = MissPolicy.named(policy, tau or 0.1) if policy else MissPolicy.from_fidelity(cfg.fidelity)
@@ -45,4 +45,4 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
     sim, norms = calib if calib is not None else (None, None)
     return CommitteeProvider(store, device, dtype, int(budget), miss, top_k, similarity=sim, norms=norms,
                              slots=slots, refresh_every=refresh_every, window=cfg.window, score=cfg.score,
-                             progress=progress, async_swaps=cfg.async_swaps)
+                             progress=progress, async_swaps=cfg.async_swaps, activation=store.activation)

@@ -10,8 +10,7 @@ import torch
 
 from moetandem.experts.executor import HostRows
 from moetandem.experts.policies import Assignment
-from moetandem.experts.store import flat_views
-from moetandem.models.layers import expert_ffn
+from moetandem.experts.store import flat_bias_views, flat_views
 
 if TYPE_CHECKING:
     from moetandem.experts.committee import CommitteeProvider
@@ -77,9 +76,11 @@ def _host_compute(c: "CommitteeProvider", layer: int, x: torch.Tensor, ids: torc
     toks, cols, ys = [], [], []
     for e in experts:
         tok, col = torch.nonzero((ids == e) & need, as_tuple=True)  # host [r], [r]
-        w13, w2 = flat_views(c.host_flat(layer, e, pin=False), c.I, c.H)
+        flat = c.host_flat(layer, e, pin=False)  # [numel]
+        w13, w2 = flat_views(flat, c.I, c.H)
+        b13, b2 = flat_bias_views(flat, c.I, c.H) if c.act.bias else (None, None)
         rows = x[tok.to(x.device)].to("cpu", w13.dtype)  # [r, H]
-        ys.append(expert_ffn(rows, w13, w2).to(x.device, x.dtype))  # [r, H]
+        ys.append(c.act.ffn(rows, w13, w2, b13, b2).to(x.device, x.dtype))  # [r, H]
         toks.append(tok)
         cols.append(col)
     out = HostRows(token=torch.cat(toks).to(x.device), col=torch.cat(cols).to(x.device), y=torch.cat(ys))

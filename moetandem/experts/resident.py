@@ -9,15 +9,20 @@ from moetandem.experts.executor import _grouped_mm, grouped_mm_supported, run_ex
 from moetandem.experts.executor import device_path_supported
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.store import ExpertStore
+from moetandem.models.expert_activation import ExpertActivation
 
 
 class ResidentProvider(ExpertProvider):
-    """Every expert of every MoE layer stacked on the device: w13 [E, 2I, H] (gate; up) and w2 [E, H, I]."""
+    """Every expert of every MoE layer stacked on the device: w13 [E, 2I, H] (gate; up) and w2 [E, H, I]; with
+    biased experts also b13 [E, 2I] and b2 [E, H]. `activation`: the experts' (default: the store's)."""
 
-    def __init__(self, store: ExpertStore, device: torch.device, dtype: torch.dtype, progress: bool = True) -> None:
+    def __init__(self, store: ExpertStore, device: torch.device, dtype: torch.dtype, progress: bool = True,
+                 activation: ExpertActivation | None = None) -> None:
         E, I, H = store.num_experts, store.inter, store.hidden
+        self.act = activation or store.activation
         self.w13: dict[int, torch.Tensor] = {}
         self.w2: dict[int, torch.Tensor] = {}
+        self.bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (b13 [E, 2I], b2 [E, H])
         for layer in tqdm(store.layers, desc="experts", unit="layer", disable=not progress, leave=False):
             w13 = torch.empty(E, 2 * I, H, device=device, dtype=dtype)
             w2 = torch.empty(E, H, I, device=device, dtype=dtype)
@@ -27,15 +32,26 @@ class ResidentProvider(ExpertProvider):
                 w13[e, I:].copy_(u)
                 w2[e].copy_(d)
             self.w13[layer], self.w2[layer] = w13, w2
+            if self.act.bias:
+                b13 = torch.empty(E, 2 * I, device=device, dtype=dtype)
+                b2 = torch.empty(E, H, device=device, dtype=dtype)
+                for e in range(E):
+                    bg, bu, bd = store.read_bias(layer, e) or ()
+                    b13[e, :I].copy_(bg)
+                    b13[e, I:].copy_(bu)
+                    b2[e].copy_(bd)
+                self.bias[layer] = (b13, b2)
         self.grouped = device_path_supported(device, dtype, (I, H))
         self.graph_safe = self.grouped
         self._all = torch.ones(E, dtype=torch.bool, device=device)  # [E]
 
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return run_experts(x, expert_ids, weights, self.w13[layer], self.w2[layer], self.grouped)
+        return run_experts(x, expert_ids, weights, self.w13[layer], self.w2[layer], self.grouped,
+                           act=self.act, bias=self.bias.get(layer))
 
     def expert_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.w13, self.w2) for t in d.values())
+        ts = [*self.w13.values(), *self.w2.values(), *(b for pair in self.bias.values() for b in pair)]
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def resident_mask(self, layer: int) -> torch.Tensor:
         return self._all

@@ -1,5 +1,7 @@
 """ExpertStore: where each expert's bytes live. Reads one (layer, expert) at a time from the mmap'd
-safetensors files, in either the hub's per-expert layout or transformers' fused [E, ...] layout."""
+safetensors files: the hub's per-expert layout, transformers' fused [E, ...] layout, or gpt-oss's (gate/up
+interleaved in [E, H, 2I], biases; MXFP4 blocks + scales dequantized on read). Every reader sees gate [I, H],
+up [I, H], down [H, I] in nn.Linear layout, and biases for families that have them."""
 from __future__ import annotations
 
 import torch
@@ -10,14 +12,49 @@ from moetandem.models.family import Family
 from moetandem.models.transformer import ArchArgs
 
 
+#: E2M1 code -> value (MXFP4 elements; low nibble first), as transformers' integrations/mxfp4.py
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """blocks [..., G, 16] uint8 (two E2M1 codes a byte, low nibble first), scales [..., G] uint8 (E8M0, bias 127)
+    -> [..., G*32] fp32: each group of 32 values times 2^(scale - 127)."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2).long()  # [..., G, 32]
+    vals = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127)[..., None])  # [..., G, 32]
+    return vals.flatten(-2)
+
+
 class ExpertStore:
     def __init__(self, ckpt: Checkpoint, family: Family, args: ArchArgs) -> None:
         self.ckpt, self.family = ckpt, family
         self.num_experts, self.hidden, self.inter = args.num_experts, args.hidden_size, args.moe_intermediate_size
+        #: the experts' activation; with `.bias`, read_flat appends [b_gate | b_up | b_down]
+        self.activation = args.expert_activation
         self.layers = [i for i, moe in enumerate(args.moe_layers) if moe]
-        self._fused: dict[int, bool] = {}
+        self._layout: dict[int, str] = {}  # layer -> "per_expert" | "fused" | "gpt_oss" | "mxfp4"
         for layer in self.layers:
-            self._fused[layer] = self._check_layer(layer)
+            self._layout[layer] = self._check_gpt_oss(layer) if family.expert_layout == "gpt_oss" else (
+                "fused" if self._check_layer(layer) else "per_expert")
+
+    def _check_gpt_oss(self, layer: int) -> str:
+        I, H, E = self.inter, self.hidden, self.num_experts
+        gu, gub, d, db, gu_blk, gu_sc, d_blk, d_sc = (k.format(l=layer) for k in self.family.expert_keys)
+        want = {gub: [E, 2 * I], db: [E, H]}
+        if self.ckpt.has(gu) and self.ckpt.has(d):
+            kind, want = "gpt_oss", {gu: [E, H, 2 * I], d: [E, I, H], **want}
+        elif H % 32 or I % 32:
+            raise CheckpointError(f"expert weights of layer {layer} are missing from the checkpoint (no {gu})")
+        else:
+            kind = "mxfp4"
+            want = {gu_blk: [E, 2 * I, H // 32, 16], gu_sc: [E, 2 * I, H // 32], d_blk: [E, H, I // 32, 16],
+                    d_sc: [E, H, I // 32], **want}
+        for key, shape in want.items():
+            if not self.ckpt.has(key):
+                raise CheckpointError(f"expert weights of layer {layer} are missing from the checkpoint (no {key})")
+            if self.ckpt.shape(key) != shape:
+                raise CheckpointError(f"{key} has shape {self.ckpt.shape(key)}, config.json implies {shape}")
+        return kind
 
     def _check_layer(self, layer: int) -> bool:
         I, H, E = self.inter, self.hidden, self.num_experts
@@ -38,17 +75,38 @@ class ExpertStore:
 
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate [I, H], up [I, H], down [H, I] of one expert, on the CPU in the checkpoint's dtype."""
-        if not 0 <= expert < self.num_experts or layer not in self._fused:
+        if not 0 <= expert < self.num_experts or layer not in self._layout:
             raise IndexError(f"no expert {expert} in MoE layer {layer}")
-        if self._fused[layer]:
+        layout = self._layout[layer]
+        if layout in ("gpt_oss", "mxfp4"):
+            gu, _, d, _, gu_blk, gu_sc, d_blk, d_sc = (k.format(l=layer) for k in self.family.expert_keys)
+            if layout == "gpt_oss":
+                w13 = self.ckpt.slice(gu, expert).t()  # [2I, H], gate/up interleaved along 2I
+                w2 = self.ckpt.slice(d, expert).t()  # [H, I]
+            else:
+                w13 = dequantize_mxfp4(self.ckpt.slice(gu_blk, expert), self.ckpt.slice(gu_sc, expert))  # [2I, H]
+                w2 = dequantize_mxfp4(self.ckpt.slice(d_blk, expert), self.ckpt.slice(d_sc, expert))  # [H, I]
+            return w13[0::2], w13[1::2], w2
+        if layout == "fused":
             gate_up, down = self.family.fused_keys(layer)
             gu = self.ckpt.slice(gate_up, expert)  # [2I, H]
             return gu[: self.inter], gu[self.inter:], self.ckpt.slice(down, expert)
         g, u, d = (self.ckpt.tensor(k.format(l=layer, e=expert)) for k in self.family.expert_keys)
         return g, u, d
 
+    def read_bias(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """b_gate [I], b_up [I], b_down [H] of one expert (CPU, checkpoint dtype); None for families without."""
+        if not self.activation.bias:
+            return None
+        if layer not in self._layout:
+            raise IndexError(f"no MoE layer {layer}")
+        _, gub, _, db = (k.format(l=layer) for k in self.family.expert_keys[:4])
+        b13 = self.ckpt.slice(gub, expert)  # [2I], gate/up interleaved
+        return b13[0::2], b13[1::2], self.ckpt.slice(db, expert)
+
     def expert_numel(self) -> int:
-        return 3 * self.inter * self.hidden
+        """Elements of one flat expert: the three matrices, then the biases (if any)."""
+        return 3 * self.inter * self.hidden + self.activation.bias_numel(self.inter, self.hidden)
 
     def total_numel(self) -> int:
         return self.expert_numel() * self.num_experts * len(self.layers)
@@ -57,15 +115,24 @@ class ExpertStore:
         return self.expert_numel() * torch.empty((), dtype=dtype).element_size()
 
     def read_flat(self, layer: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        """One expert as a single flat buffer [gate | up | down] (so a swap is one copy)."""
-        g, u, d = self.read(layer, expert)
-        return torch.cat([g.reshape(-1), u.reshape(-1), d.reshape(-1)]).to(dtype)
+        """One expert as a single flat buffer [gate | up | down (| b_gate | b_up | b_down)] (a swap is one copy)."""
+        parts = [*self.read(layer, expert), *(self.read_bias(layer, expert) or ())]
+        return torch.cat([p.reshape(-1).to(dtype) for p in parts])
 
 
 def flat_views(buf: torch.Tensor, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of flat expert buffers [..., 3*I*H] as w13 [..., 2I, H] (gate; up) and w2 [..., H, I]."""
+    """Views of flat expert buffers [..., 3*I*H (+ biases)] as w13 [..., 2I, H] (gate; up) and w2 [..., H, I]."""
     n = 2 * inter * hidden
-    return buf[..., :n].unflatten(-1, (2 * inter, hidden)), buf[..., n:].unflatten(-1, (hidden, inter))
+    return (buf[..., :n].unflatten(-1, (2 * inter, hidden)),
+            buf[..., n:n + inter * hidden].unflatten(-1, (hidden, inter)))
+
+
+def flat_bias_views(buf: torch.Tensor, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The biases at the end of flat expert buffers [..., 3*I*H + 2I + H]: b13 [..., 2I] (gate; up), b2 [..., H]."""
+    n = 3 * inter * hidden
+    if buf.shape[-1] != n + 2 * inter + hidden:
+        raise ValueError(f"flat experts of {buf.shape[-1]} elements hold no biases for I={inter}, H={hidden}")
+    return buf[..., n:n + 2 * inter], buf[..., n + 2 * inter:]
 
 
 def return_freed_memory_to_os() -> None:

@@ -7,6 +7,8 @@ experts (the design of vLLM/SGLang's fused_moe; own code).
 Weights are read through a slot table (expert -> slot, -1 = not resident) and arbitrary strides, so the
 committee's flat slot buffers (w13/w2 views of one [N, 3IH] buffer) are used in place. Assignments whose slot is
 -1 or whose weight is exactly 0 read nothing. No host sync and fixed grids: CUDA-graph safe once tuned.
+Optional per-expert biases (gpt-oss): the gate/up bias is added to the accumulators before the activation, the
+down bias in the down epilogue before the routing weight; read through the same slot table.
 Weights are read in their own dtype (bf16/fp16/fp32); packed formats (fp8/int4 + scales) would add scale
 pointers and a dequant step at the weight loads of the two GEMM kernels, nothing else."""
 from __future__ import annotations
@@ -16,10 +18,10 @@ from typing import Callable
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from moetandem.kernels import tuning
 from moetandem.kernels.align import Aligned, align, triton_cdiv
+from moetandem.kernels.reference import ACTIVATIONS, Pair, check_args, fused_moe_reference
 
 try:
     import triton
@@ -30,7 +32,6 @@ try:
 except ImportError:
     triton = None
 
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # gelu = erf form; gelu_tanh = gelu_pytorch_tanh (Gemma)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -40,55 +41,6 @@ def fused_moe_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
     if triton is None or device.type != "cuda" or not torch.cuda.is_available() or dtype not in _DTYPES:
         return False
     return dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] >= 8
-
-
-def _check(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-           slot_table: torch.Tensor | None, activation: str,
-           host: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    if activation not in ACTIVATIONS:
-        raise NotImplementedError(f"fused_moe: activation {activation!r} is not supported (have {list(ACTIVATIONS)})")
-    T, H = x.shape
-    n, i2, h = w13.shape
-    if h != H or i2 % 2 or w2.shape != (n, H, i2 // 2):
-        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} disagree")
-    if expert_ids.shape != weights.shape or expert_ids.dim() != 2 or expert_ids.shape[0] != T:
-        raise ValueError(f"fused_moe: expert_ids {tuple(expert_ids.shape)} / weights {tuple(weights.shape)} vs T={T}")
-    if slot_table is not None and slot_table.dim() != 1:
-        raise ValueError("fused_moe: slot_table must be [E]")
-    if host is not None and (host[0].shape[1:] != w13.shape[1:] or host[1].shape[1:] != w2.shape[1:]
-                             or host[0].stride()[1:] != w13.stride()[1:] or host[1].stride()[1:] != w2.stride()[1:]
-                             or host[0].dtype != w13.dtype):
-        raise ValueError("fused_moe: host weights must have the slot buffers' expert shape, inner strides and dtype")
-
-
-def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return F.silu(g)
-    return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
-
-
-def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                        w2: torch.Tensor, slot_table: torch.Tensor | None = None, activation: str = "silu",
-                        host: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Plain PyTorch with the semantics of fused_moe (each busy slot once on its rows; syncs with the host).
-    GEMMs in the weights' dtype, the sum over k in fp32, the result in x's dtype."""
-    _check(x, expert_ids, weights, w13, w2, slot_table, activation, host)
-    T, k = expert_ids.shape
-    I, n = w13.shape[1] // 2, w13.shape[0]
-    n_all = n + (host[0].shape[0] if host is not None else 0)
-    ids = expert_ids.long()  # [T, k]
-    slots = ids if slot_table is None else slot_table.to(ids.device).long()[ids]  # [T, k]
-    valid = (slots >= 0) & (slots < n_all) & (weights != 0)  # [T, k]
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
-    for s in slots[valid].unique().tolist():
-        t, j = ((slots == s) & valid).nonzero(as_tuple=True)
-        a, b = (w13[s], w2[s]) if s < n else (host[0][s - n], host[1][s - n])  # type: ignore[index]
-        a, b = a.to(x.device), b.to(x.device)
-        gu = x[t].to(a.dtype) @ a.t()  # [n, 2I]
-        h = _act_torch(gu[:, :I], activation) * gu[:, I:]  # [n, I]
-        y = h @ b.t()  # [n, H]
-        out.index_add_(0, t, y.float() * weights[t, j].float()[:, None])
-    return out.to(x.dtype)
 
 
 if triton is not None:
@@ -104,17 +56,30 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, I, TOP_K, N,
-                        sx_m, sx_k, sw_e, shw_e, sw_n, sw_k, sh_m, ACT: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _glu(g, u, ACT: tl.constexpr, alpha, limit):
+        if ACT == 3:  # clamped SwiGLU (gpt-oss)
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            r = (u + 1.0) * (g * tl.sigmoid(g * alpha))
+        else:
+            r = _act(g, ACT) * u
+        return r
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, I, TOP_K,
+                        N, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k, sb_e, shb_e, sh_m, alpha, limit, ACT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         slot = tl.load(bslot_ptr + pid_m)
         if slot < 0:
             return
         if slot < N:  # a device slot
             w_base = w_ptr + slot.to(tl.int64) * sw_e
+            b_base = b_ptr + slot.to(tl.int64) * sb_e
         else:  # a mapped host expert (zero-copy over the bus)
             w_base = hw_ptr + (slot - N).to(tl.int64) * shw_e
+            b_base = hb_ptr + (slot - N).to(tl.int64) * shb_e
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < tl.load(brows_ptr + pid_m)
         a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
@@ -135,21 +100,26 @@ if triton is not None:
             a_ptrs += BLOCK_K * sx_k
             g_ptrs += BLOCK_K * sw_k
             u_ptrs += BLOCK_K * sw_k
-        h = (_act(acc_g, ACT) * acc_u).to(h_ptr.dtype.element_ty)  # [BM, BN]
+        if HAS_BIAS:  # b13 [2I] (gate; up), rows contiguous
+            acc_g += tl.load(b_base + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_base + I + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        h = _glu(acc_g, acc_u, ACT, alpha, limit).to(h_ptr.dtype.element_ty)  # [BM, BN]
         tl.store(h_ptr + a_id[:, None] * sh_m + offs_n[None, :], h, mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _down_kernel(h_ptr, w_ptr, hw_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, N, NS,
-                     sh_m, sw_e, shw_e, sw_n, sw_k, sy_m, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _down_kernel(h_ptr, w_ptr, hw_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, N,
+                     NS, sh_m, sw_e, shw_e, sw_n, sw_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         slot = tl.load(bslot_ptr + pid_m)
         if slot < 0:
             return
         if slot < NS:
             w_base = w_ptr + slot.to(tl.int64) * sw_e
+            b_base = b_ptr + slot.to(tl.int64) * sb_e
         else:
             w_base = hw_ptr + (slot - NS).to(tl.int64) * shw_e
+            b_base = hb_ptr + (slot - NS).to(tl.int64) * shb_e
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < tl.load(brows_ptr + pid_m)
         a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
@@ -166,6 +136,8 @@ if triton is not None:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * sw_k
+        if HAS_BIAS:  # b2 [H], before the routing weight
+            acc += tl.load(b_base + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc *= tl.load(rw_ptr + a_id, mask=mask_m, other=0.0).to(tl.float32)[:, None]  # routing weight
         tl.store(y_ptr + a_id[:, None] * sy_m + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
@@ -188,9 +160,13 @@ class _Plan:
 
     def __init__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                  w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int,
-                 host: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
+                 limit: float = 7.0) -> None:
         self.x, self.w13, self.w2, self.table = x, w13, w2, slot_table
-        self.hw13, self.hw2 = host if host is not None else (w13, w2)
+        self.hw13, self.hw2 = host[:2] if host is not None else (w13, w2)
+        self.b13, self.b2 = bias if bias is not None else (w13, w2)  # (never read without biases)
+        self.hb13, self.hb2 = host[2:4] if host is not None and bias is not None else (self.b13, self.b2)
+        self.has_bias, self.alpha, self.limit = bias is not None, float(alpha), float(limit)
         self.T, self.k = expert_ids.shape
         self.NS, self.H, self.I = w13.shape[0], w13.shape[2], w13.shape[1] // 2
         self.N = self.NS + (host[0].shape[0] if host is not None else 0)  # keys: device slots, then host experts
@@ -206,18 +182,18 @@ class _Plan:
     def up(self, c: tuning.KernelConfig) -> None:
         al, w = self.al, self.w13
         _gate_up_kernel[(al.num_blocks, triton_cdiv(self.I, c.block_n))](
-            self.x, w, self.hw13, self.h, al.sorted_ids, al.block_slot, al.block_rows, self.H, self.I, self.k,
-            self.NS, self.x.stride(0), self.x.stride(1), w.stride(0), self.hw13.stride(0), w.stride(1), w.stride(2),
-            self.h.stride(0),
-            ACT=self.act, PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            self.x, w, self.hw13, self.b13, self.hb13, self.h, al.sorted_ids, al.block_slot, al.block_rows, self.H,
+            self.I, self.k, self.NS, self.x.stride(0), self.x.stride(1), w.stride(0), self.hw13.stride(0),
+            w.stride(1), w.stride(2), self.b13.stride(0), self.hb13.stride(0), self.h.stride(0), self.alpha,
+            self.limit, ACT=self.act, HAS_BIAS=self.has_bias, PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
             num_warps=c.num_warps, num_stages=c.num_stages)
 
     def down(self, c: tuning.KernelConfig) -> None:
         al, w = self.al, self.w2
         _down_kernel[(al.num_blocks, triton_cdiv(self.H, c.block_n))](
-            self.h, w, self.hw2, self.y, self.rw, al.sorted_ids, al.block_slot, al.block_rows, self.I, self.H,
-            self.NS, self.h.stride(0), w.stride(0), self.hw2.stride(0), w.stride(1), w.stride(2), self.y.stride(0),
-            PRECISION=self.precision,
+            self.h, w, self.hw2, self.b2, self.hb2, self.y, self.rw, al.sorted_ids, al.block_slot, al.block_rows,
+            self.I, self.H, self.NS, self.h.stride(0), w.stride(0), self.hw2.stride(0), w.stride(1), w.stride(2),
+            self.b2.stride(0), self.hb2.stride(0), self.y.stride(0), HAS_BIAS=self.has_bias, PRECISION=self.precision,
             BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
             num_stages=c.num_stages)
 
@@ -241,8 +217,8 @@ def _gpu_name(index: int) -> str:
 
 
 def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-            slot_table: torch.Tensor | None, activation: str,
-            host: tuple[torch.Tensor, torch.Tensor] | None) -> tuning.MoEConfig:
+            slot_table: torch.Tensor | None, activation: str, host: tuple[torch.Tensor, ...] | None,
+            bias: Pair | None, alpha: float, limit: float) -> tuning.MoEConfig:
     T, k = expert_ids.shape
     N, I, H = w13.shape[0] + (host[0].shape[0] if host is not None else 0), w13.shape[1] // 2, w13.shape[2]
     gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
@@ -253,7 +229,8 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1
     if torch.cuda.is_current_stream_capturing() or not tuning.tuning_enabled():
         return tuning.default_config(T * k, N)
     cfg = tuning.search(tuning.block_m_choices(T * k, N),
-                        lambda bm: _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, bm, host),
+                        lambda bm: _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, bm, host, bias,
+                                         alpha, limit),
                         _Plan.up, _Plan.down, _timer)
     tuning.CACHE.put(gpu, key, cfg)
     return cfg
@@ -261,18 +238,21 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               slot_table: torch.Tensor | None = None, activation: str = "silu",
-              host: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
+              limit: float = 7.0) -> torch.Tensor:
     """x [T, H]; expert_ids [T, k] (model ids 0..E-1); weights [T, k]; w13 [N, 2I, H] (gate; up); w2 [N, H, I]
     (any strides, e.g. views of flat slot buffers); slot_table [E] int (expert -> slot, -1 = not resident; None =
-    identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) over assignments with a slot and a non-zero weight.
+    identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) (+ biases) over assignments with a slot and a non-zero weight.
     host: (w13 [E', 2I, H], w2 [E', H, I]) in pinned host memory, same inner strides: a slot-table entry N + e reads
-    expert e from there, zero-copy over the bus (exact misses without a copy or a host sync).
+    expert e from there, zero-copy over the bus (exact misses without a copy or a host sync); with biases, also their
+    (b13 [E', 2I], b2 [E', H]). bias: (b13 [N, 2I] (gate; up), b2 [N, H]), rows contiguous (views of flat slot
+    buffers); activation "clamped_swiglu" takes alpha and limit (gpt-oss).
     Triton on CUDA (tuned at first use per shape bucket, never during graph capture); the reference elsewhere."""
-    _check(x, expert_ids, weights, w13, w2, slot_table, activation, host)
+    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias)
     if not fused_moe_supported(x.device, w13.dtype) or x.shape[0] == 0:
-        return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation, host)
-    cfg = _config(x, expert_ids, weights, w13, w2, slot_table, activation, host)
-    plan = _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, cfg.block_m, host)
+        return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit)
+    cfg = _config(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit)
+    plan = _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, cfg.block_m, host, bias, alpha, limit)
     plan.up(cfg.up)
     plan.down(cfg.down)
     return plan.reduce()

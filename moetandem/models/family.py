@@ -33,6 +33,10 @@ class Family:
     fused: tuple[str, ...] = FUSED
     renames: tuple[tuple[str, str], ...] = ()
     aliases: tuple[str, ...] = ()
+    #: how `expert_keys` store the routed experts: "linear" (per expert gate/up [I, H], down [H, I], or `fused`),
+    #: "gpt_oss" (all experts in one tensor per layer, gate_up [E, H, 2I] with gate/up interleaved, down [E, I, H],
+    #: biases; or MXFP4 *_blocks / *_scales)
+    expert_layout: str = "linear"
     #: None when the expert providers run this family's routed experts; else why they cannot yet
     experts_unsupported: str | None = None
     model_types: tuple[str, ...] = field(init=False)
@@ -135,10 +139,11 @@ def first_dense_layers(c: dict[str, Any], layers: int) -> list[bool]:
     return [i >= k and i % freq == 0 for i in range(layers)]
 
 
-def reject_quantized(c: dict[str, Any], path: Path) -> None:
-    """Quantized checkpoints (FP8 block scales, MXFP4) would be read as if they were plain weights."""
+def reject_quantized(c: dict[str, Any], path: Path, allow: tuple[str, ...] = ()) -> None:
+    """Quantized checkpoints (FP8 block scales, MXFP4) would be read as if they were plain weights; `allow`: the
+    quant_methods this family's ExpertStore dequantizes itself (gpt-oss: mxfp4)."""
     q = c.get("quantization_config")
-    if q:
+    if q and q.get("quant_method") not in allow:
         raise UnsupportedModelError(
             f"{path} is quantized ({q.get('quant_method', 'unknown method')}); moetandem reads bf16/fp16/fp32 "
             "weights: use the checkpoint's bf16 release, or dequantize it first")

@@ -11,6 +11,7 @@ from moetandem.errors import MoetandemError
 from moetandem.experts.provider import ExpertProvider
 from moetandem.models.cache import KVCache
 from moetandem.models.components import MLP, AttentionSpec, RMSNorm, RouterSpec, SharedExpertSpec, rope_tables
+from moetandem.models.expert_activation import SWIGLU, ExpertActivation
 from moetandem.models.moe import SparseMoE
 
 
@@ -37,6 +38,7 @@ class ArchArgs:
     moe_layers: list[bool] = field(default_factory=list)  # per layer, False = dense MLP
     dense_intermediate_size: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
+    expert_activation: ExpertActivation = SWIGLU  # routed experts: activation and biases
 
     def __post_init__(self) -> None:
         self.sliding_windows = self.sliding_windows or [None] * self.num_layers
