@@ -5,7 +5,6 @@ import moetandem
 import pytest
 import torch
 
-from moetandem import Engine
 from moetandem.models import KVCache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -75,23 +74,26 @@ def test_exact_committee_tokens_equal_all_resident_in_one_graph(fam, tmp_path):
 
 
 def test_committee_memory_bound(tmp_path):
-    """A half budget saves (nearly) half the expert bytes of peak GPU memory against all-resident, and the slots
-    never exceed the budget (the 5%-workspace bound on real shapes is checked by bench/committee_speed.py; a tiny
-    model's fixed runtime workspace would dominate a share-based bound here)."""
+    """Against all-resident, a committee's engine holds on the GPU only its slots plus small device tables (slot
+    table, scores, counters): everything else it needs lives in host memory. (The peak-memory bound of the issue,
+    dense + slots + KV + 5% workspace, is measured on real shapes by bench/committee_speed.py; on a tiny model a
+    fixed runtime workspace would dominate any share-based bound.)"""
     from conftest import build_checkpoint
     path = build_checkpoint("olmoe", tmp_path / "m")
 
-    def peak(**kw):
+    def held(**kw):
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, **kw)
-        eng.generate([[1, 2, 3, 4]], max_new_tokens=64, stop_on_eos=False)
-        return torch.cuda.max_memory_allocated() - base, eng
+        eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, use_graphs=False, **kw)
+        eng.generate([[1, 2, 3, 4]], max_new_tokens=16, stop_on_eos=False)
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() - base, eng
 
-    full, eng_full = peak()
+    full, eng_full = held()
     total = eng_full.provider.expert_bytes()
     del eng_full
-    half, eng = peak(expert_budget=0.5, policy="auto")
-    assert eng.provider.expert_bytes() <= eng.provider.budget_bytes <= total // 2 + 1
-    assert half <= full - 0.45 * total
+    part, eng = held(expert_budget=0.25, policy="auto")
+    slots = eng.provider.expert_bytes()
+    assert slots <= eng.provider.budget_bytes <= total // 4 + 1
+    assert full - part >= total - slots - (64 << 10)  # the committee's own device tables stay under 64 KiB
