@@ -47,10 +47,19 @@ class Front:
             return {b: n for b, n in self.open.items() if n}
 
     def pick(self, live: list[str], tried: set[str]) -> str | None:
-        """The untried live backend with the fewest open connections (ties: the order given)."""
+        """The untried live backend with the fewest open connections (ties: the order given), counted as open
+        from now on (so concurrent connections spread); release() it when the connection fails or ends."""
         with self._lock:
             free = [b for b in live if b not in tried]
-            return min(free, key=lambda b: self.open.get(b, 0)) if free else None
+            if not free:
+                return None
+            b = min(free, key=lambda b: self.open.get(b, 0))
+            self.open[b] = self.open.get(b, 0) + 1
+            return b
+
+    def release(self, b: str) -> None:
+        with self._lock:
+            self.open[b] -= 1
 
     def _accept(self) -> None:
         assert self._sock is not None
@@ -70,16 +79,14 @@ class Front:
             try:
                 up = socket.create_connection((host, int(port)), timeout=self.connect_timeout_s)
             except OSError as e:  # a replica that just died (its registration not yet expired): the next one
+                self.release(b)
                 log.info("front: replica %s unreachable (%s), trying another", b, e)
                 continue
             up.settimeout(None)
-            with self._lock:
-                self.open[b] = self.open.get(b, 0) + 1
             try:
                 self._pipe(client, up)
             finally:
-                with self._lock:
-                    self.open[b] -= 1
+                self.release(b)
             return
         log.warning("front: no live replica for a new connection (%d known)", len(live))
         client.close()
