@@ -66,6 +66,9 @@ class ModelConfig:
     #: a server (serve, cloud): "auto" compiles, since ~30 s once pays off over many requests; a one-shot
     #: generate / eval does not compile under "auto"
     long_running: bool = False
+    #: shard the routed experts over the ranks of the initialised torch.distributed group (moetandem cloud
+    #: --expert-parallel N); non-expert layers are replicated on every rank
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in ("auto", "on", "off"):

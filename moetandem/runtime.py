@@ -32,7 +32,13 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
     args = family.args(ckpt.config, ckpt.path)
     net = load_dense(ckpt, family, args, dev, dt, model.progress)
     store = ExpertStore(ckpt, family, args)
-    provider = build_provider(ckpt, store, args.top_k, dev, dt, committee, model.progress)
+    if model.expert_parallel:  # this rank's share of the experts (a committee over it within a per-rank budget)
+        from moetandem.experts.parallel import ExpertParallelProvider
+        inner = None if not committee.enabled else \
+            (lambda shard: build_provider(ckpt, shard, args.top_k, dev, dt, committee, model.progress))
+        provider: Any = ExpertParallelProvider(store, dev, dt, inner=inner, progress=model.progress)
+    else:
+        provider = build_provider(ckpt, store, args.top_k, dev, dt, committee, model.progress)
     router = None
     if gate.mode != "off":
         from moetandem.gating import build_router

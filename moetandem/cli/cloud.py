@@ -28,6 +28,10 @@ def register(sub: Any) -> None:
     p.add_argument("--max-session-bytes", type=int, default=2**30, metavar="BYTES", help="KV cache per session")
     p.add_argument("--emulate-rtt-ms", type=float, default=0.0, metavar="MS",
                    help="delay each reply by MS/2 (application-layer RTT emulation)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                   help="shard the experts over N ranks of this host (NCCL on GPUs, gloo on CPU); rank 0 serves")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="N cloud replicas under Ray Serve behind --listen (needs pip install moetandem[cluster])")
     p.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     add_device_args(p)
     p.set_defaults(run=cloud_command)
@@ -40,19 +44,55 @@ def cloud_command(args: argparse.Namespace) -> int:
 
     if args.max_sessions < 1 or args.idle_timeout <= 0 or args.max_session_bytes < 1:
         raise InvalidRequestError("--max-sessions, --idle-timeout and --max-session-bytes must be positive")
+    if args.expert_parallel < 1 or args.replicas < 1:
+        raise InvalidRequestError("--expert-parallel and --replicas must be >= 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     token = read_token(args.token_file)
-    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype, compile=args.compile,
-                                      long_running=True))
-    server = CloudServer(engine, token, args.max_sessions, args.idle_timeout, args.max_session_bytes,
-                         args.emulate_rtt_ms / 2000.0)
-    port = server.start(args.listen, args.tls_cert, args.tls_key)
-    # one machine-readable line: scripts (tests, bench/split.py) wait for it
-    print(json.dumps({"listening": port, "fingerprint": server.fingerprint}), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if args.replicas > 1:  # this process is the front; each Ray Serve replica runs `moetandem cloud` (below)
+        from moetandem.split.replicas import serve_replicas
+        return serve_replicas(args.replicas, replica_argv(sys.argv[1:]), args.listen, stop)
+    ep, group, device, followers = args.expert_parallel, None, args.device, []
+    if ep > 1:
+        from moetandem.split import parallel
+        followers = parallel.launch_followers(ep) if parallel.launched_rank() is None else []
+        group, device = parallel.init_group(args.device)
+    engine = build_engine(ModelConfig(model_path(args), device, args.dtype, compile=args.compile,
+                                      long_running=True, expert_parallel=ep > 1))
+    follower = group is not None and bool(parallel.launched_rank())
+    mirror = parallel.Mirror(group) if group is not None and not follower else None
+    server = CloudServer(engine, token, args.max_sessions, args.idle_timeout, args.max_session_bytes,
+                         args.emulate_rtt_ms / 2000.0, mirror=mirror)
+    if follower:
+        parallel.gather_expert_bytes(engine.provider)
+        parallel.follow(server, group)  # a follower rank: compute what rank 0 is sent, until rank 0 stops
+        return 0
+    port = server.start(args.listen, args.tls_cert, args.tls_key)
+    info: dict[str, Any] = {"listening": port, "fingerprint": server.fingerprint}
+    if group is not None:
+        info["expert_bytes"] = parallel.gather_expert_bytes(engine.provider)  # per rank
+    # one machine-readable line: scripts (tests, bench/split.py) wait for it
+    print(json.dumps(info), flush=True)
     stop.wait()
     server.stop(grace=2)
+    if mirror is not None:
+        mirror.stop()
+        for f in followers:
+            f.wait(timeout=30)
     print("moetandem cloud: stopped", file=sys.stderr)
     return 0
+
+
+def replica_argv(argv: list[str]) -> list[str]:
+    """This command line for one replica: without --replicas and --listen (a replica picks its own port)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--replicas", "--listen"):
+            skip = True
+        elif not a.startswith(("--replicas=", "--listen=")):
+            out.append(a)
+    return out

@@ -64,6 +64,7 @@ class _Session:
         self.server, self.kind = server, kind
         self.hello = False
         self.caches: dict[int, _Cache] = {}
+        self.key = server.mirror.new_key() if server.mirror is not None else 0
 
     def nbytes(self) -> int:
         return sum(c.kv.nbytes() for c in self.caches.values())
@@ -78,6 +79,8 @@ class _Session:
         if handler is None:
             raise FrameError(f"{f.kind!r} frames do not belong on the {self.kind} stream")
         with torch.inference_mode(), self.server.compute_lock:
+            if self.server.mirror is not None:  # expert parallel: the other ranks compute this frame too
+                self.server.mirror.send(self.key, self.kind, f)
             return handler(f)
 
     def on_hello(self, f: Frame) -> Frame:
@@ -184,14 +187,18 @@ class CloudServer:
     """`CloudServer(engine, token).start("0.0.0.0:50051")` serves split streams until stop()."""
 
     def __init__(self, engine: Any, token: str, max_sessions: int = 16, idle_timeout_s: float = 300.0,
-                 max_session_bytes: int = 2**30, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.engine, self.token, self.limits = engine, token, limits
+                 max_session_bytes: int = 2**30, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS,
+                 mirror: Any = None) -> None:
+        """mirror: split.parallel.Mirror when the engine's experts are sharded over ranks (rank 0 only)."""
+        self.engine, self.token, self.limits, self.mirror = engine, token, limits, mirror
         self.max_sessions, self.idle_timeout_s, self.max_session_bytes = max_sessions, idle_timeout_s, max_session_bytes
         self.delay_s = delay_s
         self.fingerprint = engine.store.ckpt.fingerprint()
         self.stats = StreamStats()
         # all-resident experts are read-only and thread-safe; a committee is not: serialise compute then
-        self.compute_lock: Any = nullcontext() if isinstance(engine.provider, ResidentProvider) else threading.Lock()
+        # (and expert-parallel ranks must meet in their collectives in one order)
+        self.compute_lock: Any = nullcontext() if isinstance(engine.provider, ResidentProvider) and mirror is None \
+            else threading.Lock()
         self._lock = threading.Lock()
         self.sessions: dict[str, set[_Session]] = {"Session": set(), "Experts": set()}
         self._server: grpc.Server | None = None
@@ -246,6 +253,9 @@ class CloudServer:
 
             def close() -> None:
                 session.caches.clear()  # the session's KV cache is freed now
+                if self.mirror is not None and session.hello:
+                    with self.compute_lock:
+                        self.mirror.close(session.key)
                 with self._lock:
                     self.sessions[kind].discard(session)
 

@@ -16,7 +16,9 @@ Cost of one decode step of a micro-batch of s tokens (t = per-token times from t
           cloud), P = 1-(1-p_l)^s, p_l = 1-Π_e∈cloud(1-f_le) (routing treated as independent across experts)
   cycle = end + cloud + link_up + link_down + round trips·RTT
 With m micro-batches in flight the step period is max(cycle, m·end, m·cloud, m·link_up, m·link_down): latency
-per token = period, throughput = concurrency / period. Bandwidth is in bytes per second."""
+per token = period, throughput = concurrency / period. Bandwidth is in bytes per second.
+A shared cloud (cloud_queue_depth micro-batches of other ends queued over cloud_replicas replicas) stretches the
+cloud term: cloud × (1 + queue_depth / replicas)."""
 from __future__ import annotations
 
 import math
@@ -52,6 +54,10 @@ class SplitProfile:
     cloud_step_overhead_s: float = 0.0
     token_bytes: int = 4
     cloud_available: bool = True
+    #: the cloud side: its replicas (moetandem cloud --replicas) and the micro-batches of other ends queued on
+    #: the whole cloud; the front spreads them, so ours waits behind queue_depth / replicas of them on average
+    cloud_replicas: int = 1
+    cloud_queue_depth: float = 0.0
 
     def __post_init__(self) -> None:
         L, E = self.num_layers, self.num_experts
@@ -62,6 +68,8 @@ class SplitProfile:
         if self.cloud_available and (self.bandwidth_bps <= 0 or self.rtt_s < 0):
             raise InvalidRequestError(f"link needs bandwidth > 0 bytes/s and RTT >= 0 (got {self.bandwidth_bps}, "
                                       f"{self.rtt_s})")
+        if self.cloud_replicas < 1 or self.cloud_queue_depth < 0:
+            raise InvalidRequestError("cloud_replicas must be >= 1 and cloud_queue_depth >= 0")
         if self.concurrency < 1 or self.expert_bytes <= 0:
             raise InvalidRequestError("concurrency must be >= 1 and expert_bytes > 0")
 
@@ -178,6 +186,8 @@ def _cost(p: SplitProfile, w: _Parts, unit: int, m: int, objective: str
     bw = p.bandwidth_bps if p.cloud_available else math.inf
     t_end = p.end_step_overhead_s + s * w.end_t
     t_cloud = (p.cloud_step_overhead_s + s * w.cloud_t) if (w.cloud_t > 0 or trips > 0) else 0.0
+    # a shared cloud: the other ends' queued micro-batches, spread over the replicas, run before ours
+    t_cloud *= 1.0 + p.cloud_queue_depth / p.cloud_replicas
     t_up, t_down = s * up / bw, s * down / bw
     cycle = t_end + t_cloud + t_up + t_down + trips * p.rtt_s
     period = max(cycle, m * t_end, m * t_cloud, m * t_up, m * t_down)
@@ -241,4 +251,5 @@ def should_replan(old: SplitProfile, new: SplitProfile, factor: float = 2.0) -> 
     return (moved(old.bandwidth_bps, new.bandwidth_bps) or moved(old.rtt_s, new.rtt_s, 1e-4)
             or moved(sum(old.end_layer_s) + old.end_expert_s, sum(new.end_layer_s) + new.end_expert_s)
             or moved(sum(old.cloud_layer_s) + old.cloud_expert_s, sum(new.cloud_layer_s) + new.cloud_expert_s)
-            or moved(old.concurrency, new.concurrency))
+            or moved(old.concurrency, new.concurrency)
+            or moved(1 + old.cloud_queue_depth / old.cloud_replicas, 1 + new.cloud_queue_depth / new.cloud_replicas))

@@ -1,0 +1,161 @@
+"""The cloud side scales out: experts sharded over 2 ranks (gloo) give the tokens of one process with half the
+expert bytes per rank; Ray Serve replicas behind one front lose no request when one dies; the split scheduler
+divides the cloud's queue over its replicas."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import build_checkpoint
+
+import moetandem
+from moetandem.split.front import Front
+from moetandem.split.plan import make_split_plan, should_replan
+from test_split_plan import L, profile
+
+try:
+    import ray
+except ImportError:
+    ray = None
+
+TOKEN = "t0k3n-for-tests-0123456789abcdef"
+PROMPTS = [[5, 17, 42, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint("qwen2_moe", tmp_path_factory.mktemp("scaleout"))
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("tok") / "token"
+    p.write_text(TOKEN)
+    return p
+
+
+def cloud(ckpt: Path, token: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", str(ckpt), "--listen",
+                             "127.0.0.1:0", "--token-file", str(token), "--device", "cpu", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    assert line, f"moetandem cloud {' '.join(extra)} exited with {proc.wait()}"
+    return proc, json.loads(line)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_expert_parallel_tokens_equal_one_process(ckpt: Path, token: Path) -> None:
+    ref = moetandem.load(ckpt, device="cpu", progress=False)
+    reference = [g.token_ids for g in ref.generate(PROMPTS, max_new_tokens=24, stop_on_eos=False)]
+    proc, info = cloud(ckpt, token, "--expert-parallel", "2")
+    try:
+        total = ref.provider.expert_bytes()
+        assert sum(info["expert_bytes"]) == total and info["expert_bytes"] == [total // 2] * 2  # each its half
+        # layer 0 (end side) sends its experts 0-3 to the cloud; layer 2 runs in the cloud: both paths sharded
+        eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{info['listening']}",
+                             token=TOKEN, split={"head": 1, "tail": 0, "cloud_experts": {0: [0, 1, 2, 3]}})
+        out = [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=24, stop_on_eos=False)]
+        stats = eng.split.split_stats()
+        assert out == reference
+        assert stats["local_forwards"] == 0 and stats["expert_rows_cloud"] > 0
+        eng.split.link.close()
+    finally:
+        stop(proc)
+
+
+def _listener() -> tuple[socket.socket, str]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    threading.Thread(target=lambda: [s.accept() for _ in range(16)], daemon=True).start()
+    return s, f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_front_spreads_connections_and_skips_a_dead_replica() -> None:
+    (a, addr_a), (b, addr_b) = _listener(), _listener()
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    addr_dead = f"127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()  # registered but gone: connection refused
+    front = Front(lambda: [addr_dead, addr_a, addr_b])
+    port = front.start("127.0.0.1:0")
+    conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    deadline = time.monotonic() + 5
+    while sum(front.load().values()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert front.load() == {addr_a: 2, addr_b: 2}
+    for c in conns:
+        c.close()
+    front.stop()
+    a.close()
+    b.close()
+
+
+def test_scheduler_divides_cloud_queue_over_replicas() -> None:
+    slow_end = dict(end_layer_s=[2e-3] * L, end_expert_s=1e-3, end_head_s=2e-3, bandwidth_bps=125e6, rtt_s=0.001)
+    free = make_split_plan(profile(**slow_end))
+    busy = make_split_plan(profile(**slow_end, cloud_queue_depth=400))
+    spread = make_split_plan(profile(**slow_end, cloud_queue_depth=400, cloud_replicas=400))
+    assert len(busy.cloud_layers) < len(free.cloud_layers)  # a saturated cloud: keep more on the end
+    assert busy.predicted_latency_s > free.predicted_latency_s
+    assert len(spread.cloud_layers) == len(free.cloud_layers)  # the same queue over many replicas: cloud again
+    assert should_replan(profile(**slow_end), profile(**slow_end, cloud_queue_depth=4))
+    assert not should_replan(profile(**slow_end, cloud_queue_depth=4, cloud_replicas=4),
+                             profile(**slow_end, cloud_queue_depth=5, cloud_replicas=4))
+    with pytest.raises(moetandem.errors.InvalidRequestError):
+        profile(cloud_replicas=0)
+
+
+@pytest.mark.skipif(ray is None, reason="needs ray[serve] (pip install moetandem[cluster])")
+def test_replicas_lose_no_request_when_one_dies(ckpt: Path, token: Path) -> None:
+    new = 40
+    prompts = [[5, 17, 42, 9], [3, 1, 4], [7], [2, 7, 1, 8, 2, 8]]
+    ref = moetandem.load(ckpt, device="cpu", progress=False)
+    reference = [g.token_ids for g in ref.generate(prompts, max_new_tokens=new, stop_on_eos=False)]
+    proc, info = cloud(ckpt, token, "--replicas", "2")
+    try:
+        assert len(info["replicas"]) == 2
+        ends = [moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{info['listening']}",
+                               token=TOKEN, split={"head": 1, "tail": 1, "retry_after_s": 0.3}) for _ in prompts]
+        out: list[list[int] | None] = [None] * len(ends)
+        produced = threading.Semaphore(0)
+
+        def run(i: int) -> None:
+            def tick(_: int, __: int) -> None:
+                produced.release()
+                time.sleep(0.03)  # spread the generation over a few seconds
+            out[i] = ends[i].generate([prompts[i]], max_new_tokens=new, stop_on_eos=False,
+                                      on_token=tick)[0].token_ids
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(ends))]
+        for t in threads:
+            t.start()
+        for _ in range(len(ends) * 8):  # every end is well into its request
+            assert produced.acquire(timeout=30)
+        os.kill(info["replicas"][0]["pid"], signal.SIGKILL)  # one replica's cloud dies mid-run
+        for t in threads:
+            t.join(timeout=60)
+        assert out == reference  # every request finished, with the tokens of one process
+        stats = [e.split.split_stats() for e in ends]
+        assert sum(s["link_losses"] for s in stats) >= 1  # some ends were on the dead replica ...
+        assert all(s["cloud_forwards"] > 0 for s in stats)  # ... and every end used the cloud
+        for e in ends:
+            e.split.link.close()
+    finally:
+        stop(proc)
