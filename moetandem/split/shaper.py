@@ -68,13 +68,14 @@ class LinkShaper:
         self.lost_packets = 0
         self.set_rate(spec.rate_mbit)
 
-    def set_rate(self, mbit: float) -> None:
-        """Change the rate on the fly (0 = not limited); the bucket keeps its debt."""
+    def set_rate(self, mbit: float, burst_bytes: float | None = None) -> None:
+        """Change the rate on the fly (0 = not limited); the bucket keeps its debt. The burst (bytes that pass
+        at once after an idle spell) defaults to max(16 KiB, 4 ms of the rate), as tbf in bench/netem.py."""
         if not (math.isfinite(mbit) and mbit >= 0):
             raise InvalidRequestError(f"rate {mbit} Mbit/s: must be >= 0")
         with self._lock:
             self.rate_bps = mbit * 1e6 / 8  # bytes per second
-            self.burst = max(16384.0, 0.004 * self.rate_bps)  # as bench/netem.py configures tbf
+            self.burst = burst_bytes if burst_bytes is not None else max(16384.0, 0.004 * self.rate_bps)
             self._tokens = min(self._tokens, self.burst) if self._tokens else self.burst
 
     def set_rtt(self, rtt_ms: float) -> None:
@@ -130,8 +131,8 @@ class PeerShapers:
                 sh = self._by_peer[peer] = self.spec.shaper(len(self._by_peer))
             return sh
 
-    def set_rate(self, mbit: float) -> None:
+    def set_rate(self, mbit: float, burst_bytes: float | None = None) -> None:
         with self._lock:
             self.spec = LinkSpec(mbit, self.spec.rtt_ms, self.spec.jitter_ms, self.spec.loss, self.spec.seed)
             for sh in self._by_peer.values():
-                sh.set_rate(mbit)
+                sh.set_rate(mbit, burst_bytes)
