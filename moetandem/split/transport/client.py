@@ -38,9 +38,11 @@ rate, RTT, jitter and loss instead. A reply is awaited for
 
     def __init__(self, channel: grpc.Channel, method: str, metadata: list[tuple[str, str]], timeout_s: float,
                  monitor: LinkMonitor | None = None, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS,
-                 deadline: Callable[[int], float] | None = None, shaper: LinkShaper | None = None) -> None:
+                 deadline: Callable[[int], float] | None = None, shaper: LinkShaper | None = None,
+                 down_shaper: LinkShaper | None = None) -> None:
         self.timeout_s, self.monitor, self.delay_s, self.limits = timeout_s, monitor, delay_s, limits
         self.shaper = shaper  # emulated link (rate, RTT, jitter, loss) for what this end sends; replaces delay_s
+        self.down_shaper = down_shaper  # the reply direction, applied here when the cloud does not shape it
         self.deadline = deadline
         self.detail: str = ""  # gRPC status details when the stream failed
         self._out: queue.Queue[Any] = queue.Queue()
@@ -108,6 +110,10 @@ rate, RTT, jitter and loss instead. A reply is awaited for
     def _read(self) -> None:
         try:
             for data in self._call:
+                if self.down_shaper is not None:  # in order: later replies wait behind this one, as on TCP
+                    wait = self.down_shaper.due(len(data)) - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
                 reply = unpack(data, self.limits)
                 if reply.kind == "error" and reply.meta.get("fatal"):  # e.g. idle expiry: not tied to a request
                     raise CloudError(f"the cloud closed the session: {reply.meta.get('message')}")
