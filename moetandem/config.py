@@ -175,6 +175,13 @@ class SplitConfig:
                 raise InvalidRequestError(f"{name} must be >= 0, got {v}")
         _positive_int("--codec-rank", self.codec_rank)
         _positive_int("--micro-batches", self.micro_batches)
+        for flag in ("emulate_rtt_ms", "emulate_rate_mbit", "emulate_jitter_ms"):
+            v = self.link.get(flag, 0.0)
+            if not (math.isfinite(v) and v >= 0):
+                raise InvalidRequestError(f"--{flag.replace('_', '-')} {v}: must be a number >= 0 (0 = off)")
+        if not 0 <= self.link.get("emulate_loss", 0.0) < 1:
+            raise InvalidRequestError(f"--emulate-loss {self.link['emulate_loss']}: a packet-loss probability in "
+                                      "[0, 1), e.g. 0.001")
         timeout = self.link.get("timeout_s", 30.0)
         if not (math.isfinite(timeout) and timeout > 0):
             raise InvalidRequestError(f"--cloud-timeout must be a positive number of seconds, got {timeout}")
@@ -184,6 +191,8 @@ class SplitConfig:
         if not getattr(ns, "cloud", None):
             return None
         link: dict[str, Any] = {"timeout_s": ns.cloud_timeout, "emulate_rtt_ms": ns.emulate_rtt_ms}
+        link.update({k: getattr(ns, k) for k in ("emulate_rate_mbit", "emulate_jitter_ms", "emulate_loss")
+                     if getattr(ns, k, 0.0)})
         if ns.tls_ca:
             link.update(tls=True, tls_ca=ns.tls_ca)
         return cls(ns.cloud, token_file=ns.token_file, plan=ns.split_plan, head=ns.split_head, tail=ns.split_tail,

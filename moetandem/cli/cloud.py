@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Any
 
-from moetandem.cli.flags import add_device_args, model_path
+from moetandem.cli.flags import add_device_args, add_emulate_args, model_path
 from moetandem.config import ModelConfig
 from moetandem.errors import InvalidRequestError
 
@@ -26,8 +26,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-sessions", type=int, default=16, metavar="N", help="concurrent end sessions (16)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="free idle sessions after S s")
     p.add_argument("--max-session-bytes", type=int, default=2**30, metavar="BYTES", help="KV cache per session")
-    p.add_argument("--emulate-rtt-ms", type=float, default=0.0, metavar="MS",
-                   help="delay each reply by MS/2 (application-layer RTT emulation)")
+    add_emulate_args(p)
     p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                    help="shard the experts over N ranks of this host (NCCL on GPUs, gloo on CPU); rank 0 serves")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
@@ -63,8 +62,11 @@ def cloud_command(args: argparse.Namespace) -> int:
                                       long_running=True, expert_parallel=ep > 1))
     follower = group is not None and bool(parallel.launched_rank())
     mirror = parallel.Mirror(group) if group is not None and not follower else None
-    server = CloudServer(engine, token, args.max_sessions, args.idle_timeout, args.max_session_bytes,
-                         args.emulate_rtt_ms / 2000.0, mirror=mirror)
+    from moetandem.split.shaper import LinkSpec, PeerShapers
+    spec = LinkSpec(args.emulate_rate_mbit, args.emulate_rtt_ms, args.emulate_jitter_ms, args.emulate_loss)
+    shaping = PeerShapers(spec) if spec.active else 0.0  # each reply shaped on its end's emulated link
+    server = CloudServer(engine, token, args.max_sessions, args.idle_timeout, args.max_session_bytes, shaping,
+                         mirror=mirror)
     if follower:
         parallel.gather_expert_bytes(engine.provider)
         parallel.follow(server, group)  # a follower rank: compute what rank 0 is sent, until rank 0 stops

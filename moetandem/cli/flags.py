@@ -5,6 +5,7 @@ import argparse
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 from moetandem.config import (BASELINES, CODECS, FIDELITY, GATES, POLICIES, CommitteeConfig, GateConfig, ModelConfig,
                               SplitConfig, parse_budget)
@@ -59,8 +60,20 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batches", type=int, metavar="M", help="micro-batches in flight (pipelining)")
     g.add_argument("--tls-ca", metavar="PEM", help="use TLS to the cloud, trusting this CA / self-signed cert")
     g.add_argument("--cloud-timeout", type=float, default=30.0, metavar="S", help="deadline of one exchange (30)")
+    add_emulate_args(g)
+
+
+def add_emulate_args(g: Any) -> None:
+    """The application-layer link emulation (split.shaper), shared by the end and `moetandem cloud`: each side
+    shapes what it sends."""
     g.add_argument("--emulate-rtt-ms", type=float, default=0.0, metavar="MS",
                    help="add this round-trip time in the application layer (half per direction), for tests")
+    g.add_argument("--emulate-rate-mbit", type=float, default=0.0, metavar="MBIT",
+                   help="limit what this side sends to MBIT Mbit/s (token bucket; 0 = not limited), for tests")
+    g.add_argument("--emulate-jitter-ms", type=float, default=0.0, metavar="MS",
+                   help="vary the one-way delay uniformly within ±MS/2, for tests")
+    g.add_argument("--emulate-loss", type=float, default=0.0, metavar="P",
+                   help="lose each packet with probability P (costs a TCP retransmission), for tests")
 
 
 def configs(ns: argparse.Namespace, path: Path, progress: bool = True, use_graphs: bool = True,

@@ -21,6 +21,7 @@ import grpc
 
 from moetandem.errors import CloudError
 from moetandem.split.monitor import LinkMonitor
+from moetandem.split.shaper import LinkShaper, LinkSpec
 from moetandem.split.transport import EXPERTS_METHOD, SESSION_METHOD
 from moetandem.split.transport.auth import call_metadata, channel_credentials, speaks_tls, tls_failure
 from moetandem.split.transport.client import StreamClient
@@ -47,6 +48,11 @@ class LinkOptions:
     deadline_k: float = 4.0  # exchange deadline = k x p99 of measured exchange times ...
     deadline_floor_s: float = 0.5  # ... but never less than this
     emulate_rtt_ms: float = 0.0  # application-layer delay: each frame leaves rtt/2 after it was submitted
+    emulate_rate_mbit: float = 0.0  # application-layer link shaper (split.shaper): rate, jitter, loss
+    emulate_jitter_ms: float = 0.0
+    emulate_loss: float = 0.0
+    emulate_down: bool = False  # also shape the replies on the end (the cloud then shapes nothing: one process
+    # controls both directions, e.g. a test bed changing the link of a running end)
     limits: Limits = field(default_factory=Limits)
 
 
@@ -54,6 +60,9 @@ class CloudLink:
     def __init__(self, opts: LinkOptions, fingerprint: str, monitor: LinkMonitor | None = None) -> None:
         self.opts, self.fingerprint = opts, fingerprint
         self.monitor = monitor or LinkMonitor()
+        spec = LinkSpec(opts.emulate_rate_mbit, opts.emulate_rtt_ms, opts.emulate_jitter_ms, opts.emulate_loss)
+        self.shaper: LinkShaper | None = spec.shaper() if spec.active else None  # up-link, shared by all streams
+        self.down_shaper: LinkShaper | None = spec.shaper(1) if spec.active and opts.emulate_down else None
         self.epoch = 0  # +1 per Session stream opened: cloud KV state of older epochs is gone
         self.losses = 0
         self.probes = 0  # background attempts while the breaker was open
@@ -187,7 +196,8 @@ class CloudLink:
             if attempt:
                 time.sleep(min(0.2 * 2 ** attempt, 2.0))
             client = StreamClient(self._get_channel(), method, call_metadata(o.token), o.timeout_s, self.monitor,
-                                  o.emulate_rtt_ms / 2000.0, o.limits, deadline=self.deadline_s)
+                                  o.emulate_rtt_ms / 2000.0, o.limits, deadline=self.deadline_s, shaper=self.shaper,
+                                  down_shaper=self.down_shaper)
             try:
                 hello = client.submit(Frame("hello", meta={"fingerprint": self.fingerprint}))
                 self.info = client.wait(hello, hello_timeout_s or o.connect_timeout_s).meta

@@ -20,7 +20,8 @@ class LinkMonitor:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.exchanges = 0
-        self._baseline: tuple[float, float] | None = None
+        self._baseline: tuple[float, float] | None = None  # (wire time of the reference frame, RTT)
+        self._ref_bytes = 0
 
     def record(self, sent: int, received: int, elapsed_s: float, server_s: float, alone: bool = True) -> None:
         with self._lock:
@@ -33,17 +34,20 @@ class LinkMonitor:
 
     @property
     def rtt_s(self) -> float:
-        with self._lock:
-            return min((w for _, w in self._samples), default=0.0)
+        return self.estimate()[1]
 
     @property
     def bandwidth_bps(self) -> float:
         """Bytes per second on the link (inf while there is not enough traffic to tell)."""
-        rtt = self.rtt_s
+        return self.estimate()[0]
+
+    def estimate(self, last: int | None = None) -> tuple[float, float]:
+        """(bandwidth bytes/s, RTT s) from the last `last` samples (all of the window by default). Frames of
+        different sizes: a least-squares line wire = RTT + bytes / bandwidth (so a slow link is not mistaken for
+        a long RTT); frames of one size: RTT = the smallest wire time, bandwidth = bytes / (wire − RTT)."""
         with self._lock:
-            nbytes = sum(b for b, _ in self._samples)
-            busy = sum(w - rtt for _, w in self._samples)
-        return nbytes / busy if busy > 1e-6 and nbytes else float("inf")
+            xs = list(self._samples)[-last:] if last else list(self._samples)
+        return _fit(xs)
 
     def deadline_s(self, sent: int, k: float, floor: float, ceiling: float, min_samples: int = 8) -> float:
         """How long to wait for the reply to a frame of `sent` bytes: k x the p99 of recent exchange times, times
@@ -58,23 +62,52 @@ class LinkMonitor:
         scale = max(1.0, sent / p99_b) if p99_b > 0 else 1.0
         return min(ceiling, max(floor, k * p99_t * scale))
 
-    def changed(self, factor: float = 2.0, min_samples: int = 8) -> bool:
-        """True (once) when bandwidth or RTT moved by more than `factor` since the last call that said so
-        (the first call with enough samples sets the baseline)."""
+    def changed(self, factor: float = 2.0, min_samples: int = 8, recent: int = 8, min_shift_s: float = 3e-3) -> bool:
+        """True (once) when the wire time of a typical frame (RTT + its bytes / bandwidth, the frame size being
+        the median at the last change) moved by more than `factor` and by at least `min_shift_s` since the last
+        call that said so, judged on the last `recent` samples (the first call with enough samples sets the
+        baseline). Scheduling noise of a few ms does not count; a slower rate or a longer RTT does. On a change
+        the window keeps only those recent samples, so `bandwidth_bps` / `rtt_s` (what the re-planner reads)
+        describe the new link."""
         if len(self._samples) < min_samples:
             return False
-        now = (self.bandwidth_bps, self.rtt_s)
+        bw, rtt = self.estimate(recent)
         if self._baseline is None:
-            self._baseline = now
+            with self._lock:
+                sizes = sorted(b for b, _ in self._samples)
+            self._ref_bytes = sizes[len(sizes) // 2]
+            self._baseline = (rtt + self._ref_bytes / bw, rtt)
             return False
-        moved = any(_ratio(a, b) > factor for a, b in zip(now, self._baseline))
+        now = rtt + self._ref_bytes / bw
+        moved = _ratio(max(now, 1e-6), max(self._baseline[0], 1e-6)) > factor and \
+            abs(now - self._baseline[0]) >= min_shift_s
         if moved:
-            self._baseline = now
+            self._baseline = (now, rtt)
+            with self._lock:
+                keep = list(self._samples)[-recent:]
+                self._samples.clear()
+                self._samples.extend(keep)
         return moved
 
     def as_dict(self) -> dict[str, float]:
         return {"bandwidth_bps": self.bandwidth_bps, "rtt_s": self.rtt_s, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "exchanges": self.exchanges}
+
+
+def _fit(xs: list[tuple[int, float]]) -> tuple[float, float]:
+    """(bandwidth, RTT) of (bytes, wire seconds) samples; see LinkMonitor.estimate."""
+    if not xs:
+        return float("inf"), 0.0
+    n = len(xs)
+    mb, mw = sum(b for b, _ in xs) / n, sum(w for _, w in xs) / n
+    vb = sum((b - mb) ** 2 for b, _ in xs) / n
+    if n >= 4 and vb > (0.2 * mb) ** 2:  # sizes differ enough to separate the two terms
+        slope = sum((b - mb) * (w - mw) for b, w in xs) / n / vb  # seconds per byte
+        if slope > 0:
+            return 1.0 / slope, max(0.0, min(w - b * slope for b, w in xs))
+    rtt = min(w for _, w in xs)
+    nbytes, busy = sum(b for b, _ in xs), sum(w - rtt for _, w in xs)
+    return (nbytes / busy if busy > 1e-6 and nbytes else float("inf")), rtt
 
 
 def _p99(xs: list) -> float:

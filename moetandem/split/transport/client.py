@@ -16,6 +16,7 @@ import grpc
 
 from moetandem.errors import CloudError
 from moetandem.split.monitor import LinkMonitor
+from moetandem.split.shaper import LinkShaper
 from moetandem.split.transport.frame import (
     DEFAULT_LIMITS,
     Frame,
@@ -31,13 +32,17 @@ _CLOSE = object()
 
 class StreamClient:
     """One stream on `channel`. `delay_s` is an emulated one-way delay: each frame leaves `delay_s` after it was
-    submitted (frames submitted together still travel together, as on a real link). A reply is awaited for
+    submitted (frames submitted together still travel together, as on a real link); `shaper` (split.shaper) emulates
+rate, RTT, jitter and loss instead. A reply is awaited for
     `deadline(bytes sent)` seconds when given (derived from the measured link), else `timeout_s`."""
 
     def __init__(self, channel: grpc.Channel, method: str, metadata: list[tuple[str, str]], timeout_s: float,
                  monitor: LinkMonitor | None = None, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS,
-                 deadline: Callable[[int], float] | None = None) -> None:
+                 deadline: Callable[[int], float] | None = None, shaper: LinkShaper | None = None,
+                 down_shaper: LinkShaper | None = None) -> None:
         self.timeout_s, self.monitor, self.delay_s, self.limits = timeout_s, monitor, delay_s, limits
+        self.shaper = shaper  # emulated link (rate, RTT, jitter, loss) for what this end sends; replaces delay_s
+        self.down_shaper = down_shaper  # the reply direction, applied here when the cloud does not shape it
         self.deadline = deadline
         self.detail: str = ""  # gRPC status details when the stream failed
         self._out: queue.Queue[Any] = queue.Queue()
@@ -67,7 +72,8 @@ class StreamClient:
             data = pack(frame)
             fut.sent_bytes = len(data)  # type: ignore[attr-defined]  # for the deadline of its reply
             self._pending.append((frame.id, fut, time.perf_counter(), len(data), len(self._pending) == 0))
-            self._out.put((time.monotonic() + self.delay_s, data))
+            due = self.shaper.due(len(data)) if self.shaper else time.monotonic() + self.delay_s
+            self._out.put((due, data))
             self.max_in_flight = max(self.max_in_flight, len(self._pending))
         return fut
 
@@ -104,6 +110,10 @@ class StreamClient:
     def _read(self) -> None:
         try:
             for data in self._call:
+                if self.down_shaper is not None:  # in order: later replies wait behind this one, as on TCP
+                    wait = self.down_shaper.due(len(data)) - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
                 reply = unpack(data, self.limits)
                 if reply.kind == "error" and reply.meta.get("fatal"):  # e.g. idle expiry: not tied to a request
                     raise CloudError(f"the cloud closed the session: {reply.meta.get('message')}")

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from moetandem.errors import MoetandemError
+from moetandem.split.shaper import PeerShapers
 from moetandem.split.transport.frame import Frame, FrameError, Limits, pack, unpack
 
 log = logging.getLogger("moetandem.split.cloud")
@@ -39,8 +40,10 @@ class StreamStats:
 
 def serve_stream(requests: Iterator[bytes], context: grpc.ServicerContext, handle: Callable[[Frame], Frame],
                  on_close: Callable[[], None], stats: StreamStats, limits: Limits, idle_timeout_s: float,
-                 delay_s: float) -> Iterator[bytes]:
-    """The body of a stream-stream handler (a generator of reply bytes), after authentication."""
+                 delay_s: float | PeerShapers) -> Iterator[bytes]:
+    """The body of a stream-stream handler (a generator of reply bytes), after authentication. `delay_s`: a
+    fixed emulated one-way delay, or the emulated link's reply shapers (one per connected end)."""
+    shaper = delay_s.get(context.peer()) if isinstance(delay_s, PeerShapers) else None
     replies: queue.Queue[tuple[Any, ...]] = queue.Queue()
     state = {"last": time.monotonic(), "busy": False}
 
@@ -63,7 +66,9 @@ def serve_stream(requests: Iterator[bytes], context: grpc.ServicerContext, handl
                     return
                 reply.id = frame.id
                 reply.meta["server_s"] = time.perf_counter() - t0
-                replies.put(("reply", time.monotonic() + delay_s, pack(reply)))
+                data_out = pack(reply)
+                due = shaper.due(len(data_out)) if shaper is not None else time.monotonic() + float(delay_s)
+                replies.put(("reply", due, data_out))
                 state["last"], state["busy"] = time.monotonic(), False
         except Exception as e:  # the client went away (RpcError) or a bug: end this stream only
             if not isinstance(e, grpc.RpcError):

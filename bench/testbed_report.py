@@ -1,0 +1,77 @@
+"""Table and plot of bench/testbed.py results (one row per link × budget × ends × config, summed over ends)."""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+BASELINES = ("end-only", "cloud-only", "naive")
+
+
+def scenarios(res: dict[str, Any]) -> dict[tuple, dict[str, dict[str, float]]]:
+    """(rate, rtt, budget, ends) -> config -> tok/s over all ends, median p50/p95 over ends, B/token/crossing."""
+    acc: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in res["rows"]:
+        acc[r["rate"], r["rtt"], r["budget"], r["ends"]][r["config"]].append(r)
+    out: dict[tuple, dict[str, dict[str, float]]] = {}
+    for key, by in acc.items():
+        out[key] = {}
+        for c, rows in by.items():
+            conc = max(rows[0]["throughput"], key=int)
+            crossings = 0 if c == "end-only" else 2
+            out[key][c] = {"tok_s": sum(r["throughput"][conc] for r in rows),
+                           "p50": statistics.median(r["lat_p50_ms"] for r in rows),
+                           "p95": statistics.median(r["lat_p95_ms"] for r in rows),
+                           "bpt": statistics.mean(r["bytes_per_token"] for r in rows) / max(crossings, 1),
+                           "fallbacks": sum(r.get("fallbacks", 0) for r in rows), "plan": rows[0].get("plan", "")}
+    return out
+
+
+def ratio(sc: dict[str, dict[str, float]]) -> tuple[float, str]:
+    best = max((c for c in BASELINES if c in sc), key=lambda c: sc[c]["tok_s"])
+    return sc["adaptive"]["tok_s"] / sc[best]["tok_s"], best
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = ["| link (Mbit/s, RTT ms) | budget | ends | config | tok/s (all ends) | p50 / p95 ms/token | B/token/crossing "
+             "| vs best baseline |", "|---|---|---|---|---|---|---|---|"]
+    plans = []
+    for key, sc in sorted(scenarios(res).items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
+        rate, rtt, budget, ends = key
+        r, best = ratio(sc) if "adaptive" in sc else (float("nan"), "")
+        for c in ("end-only", "cloud-only", "naive", "adaptive"):
+            if c not in sc:
+                continue
+            m = sc[c]
+            fb = f" ({m['fallbacks']:.0f} fallbacks)" if m["fallbacks"] else ""
+            vs = f"**{r:.2f}×** (vs {best})" if c == "adaptive" else ""
+            lines.append(f"| {rate:g}, {rtt:g} | {budget:g} | {ends} | {c}{fb} | {m['tok_s']:.1f} | "
+                         f"{m['p50']:.1f} / {m['p95']:.1f} | {m['bpt']:.0f} | {vs} |")
+        plans.append(f"- {rate:g} Mbit/s, {rtt:g} ms, budget {budget:g}, {ends} end(s): {sc['adaptive']['plan']}")
+    rs = [ratio(sc)[0] for sc in scenarios(res).values() if "adaptive" in sc]
+    summary = (f"\nadaptive / best baseline (tok/s): min {min(rs):.2f}×, median {statistics.median(rs):.2f}×, "
+               f"max {max(rs):.2f}× over {len(rs)} scenarios; wall {res.get('wall_s', 0):.0f} s\n") if rs else ""
+    return "\n".join(lines) + "\n" + summary + "\nAdaptive plans (end 0 of each scenario):\n\n" + "\n".join(plans) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sc = scenarios(res)
+    rtts = sorted({k[1] for k in sc})
+    fig, axes = plt.subplots(1, len(rtts), figsize=(4.2 * len(rtts), 3.6), squeeze=False, sharey=True)
+    for ax, rtt in zip(axes[0], rtts):
+        for budget, ends in sorted({(k[2], k[3]) for k in sc}):
+            keys = sorted(k for k in sc if k[1] == rtt and k[2] == budget and k[3] == ends and "adaptive" in sc[k])
+            ax.plot([k[0] for k in keys], [ratio(sc[k])[0] for k in keys], marker="o",
+                    label=f"budget {budget:g}, {ends} end(s)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("link Mbit/s")
+        ax.set_title(f"RTT {rtt:g} ms")
+    axes[0][0].set_ylabel("adaptive / best baseline (tok/s)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
