@@ -10,7 +10,8 @@ from torch import nn
 from moetandem.errors import MoetandemError
 from moetandem.experts.provider import ExpertProvider
 from moetandem.models.cache import KVCache
-from moetandem.models.components import MLP, AttentionSpec, RMSNorm, RouterSpec, SharedExpertSpec, rope_tables
+from moetandem.models.components import (MLP, AttentionSpec, GatedDeltaNetSpec, RMSNorm, RouterSpec, SharedExpertSpec,
+                                         rope_tables)
 from moetandem.models.moe import SparseMoE
 
 
@@ -37,10 +38,19 @@ class ArchArgs:
     moe_layers: list[bool] = field(default_factory=list)  # per layer, False = dense MLP
     dense_intermediate_size: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
+    # hybrid stacks (Qwen3-Next, Qwen3.5): per layer "full_attention" or "linear_attention" (the latter built from
+    # linear_attention); norm_offset: every RMSNorm is zero-centred (1 + w)
+    layer_types: list[str] = field(default_factory=list)
+    linear_attention: GatedDeltaNetSpec | None = None
+    norm_offset: bool = False
 
     def __post_init__(self) -> None:
         self.sliding_windows = self.sliding_windows or [None] * self.num_layers
         self.moe_layers = self.moe_layers or [True] * self.num_layers
+        self.layer_types = self.layer_types or ["full_attention"] * self.num_layers
+
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types[layer] == "linear_attention"
 
     @property
     def num_heads(self) -> int:
@@ -60,15 +70,27 @@ class ArchArgs:
 
     def cache_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
         """Per-token shapes of what layer `layer` keeps in the KV cache."""
-        return self.attention.cache_shapes()
+        return () if self.is_linear(layer) else self.attention.cache_shapes()
+
+    def state_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
+        """Per-sequence shapes of what layer `layer` keeps (linear attention: conv and recurrent state)."""
+        if not self.is_linear(layer):
+            return ()
+        assert self.linear_attention is not None
+        return self.linear_attention.state_shapes()
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, a: ArchArgs, i: int) -> None:
         super().__init__()
-        self.self_attn = a.attention.build(a.hidden_size, a.rms_norm_eps)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        if a.is_linear(i):
+            assert a.linear_attention is not None
+            self.linear_attn = a.linear_attention.build(a.hidden_size, a.rms_norm_eps)
+        else:
+            self.self_attn = a.attention.build(a.hidden_size, a.rms_norm_eps)
+        self.linear = a.is_linear(i)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.norm_offset)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.norm_offset)
         self.window = a.sliding_windows[i]
         self.mlp: SparseMoE | MLP = (
             SparseMoE(i, a.hidden_size, a.num_experts, a.top_k, a.router, a.shared_expert)
@@ -77,7 +99,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, ...],
                 rows: torch.Tensor | None, pos: torch.Tensor, masks: dict[int | None, torch.Tensor], kv_len: int,
                 valid: torch.Tensor | None, experts: Mapping[int, ExpertProvider]) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
+        if self.linear:
+            h = x + self.linear_attn(self.input_layernorm(x), cache, rows, pos, valid)
+        else:
+            h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
         y = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoE):
             provider = experts.get(self.mlp.layer)
@@ -93,7 +118,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(a, i) for i in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.norm_offset)
 
 
 class MoEForCausalLM(nn.Module):

@@ -1,8 +1,9 @@
 """The parts a family is assembled from: attention variants (with what each caches), routers, feed-forward
-pieces (expert activation, dense MLP, shared experts), RMSNorm and RoPE."""
+pieces (expert activation, dense MLP, shared experts), RMSNorm and RoPE, and the Gated DeltaNet linear attention."""
 from __future__ import annotations
 
 from moetandem.models.components.attention import Attention, GQASpec
+from moetandem.models.components.deltanet import GatedDeltaNet, GatedDeltaNetSpec
 from moetandem.models.components.mla import MLASpec, MLAttention
 from moetandem.models.components.mlp import MLP, SharedExpert, SharedExpertSpec, expert_ffn, swiglu
 from moetandem.models.components.norm import RMSNorm
@@ -12,6 +13,6 @@ from moetandem.models.components.routers import (Router, RouterSpec, SigmoidGrou
 
 AttentionSpec = GQASpec | MLASpec
 
-__all__ = ["MLP", "Attention", "AttentionSpec", "GQASpec", "MLASpec", "MLAttention", "RMSNorm", "Router",
+__all__ = ["MLP", "Attention", "AttentionSpec", "GQASpec", "GatedDeltaNet", "GatedDeltaNetSpec", "MLASpec", "MLAttention", "RMSNorm", "Router",
            "RouterSpec", "SharedExpert", "SharedExpertSpec", "SigmoidGroupTopK", "SoftmaxGroupGreedy", "SoftmaxTopK",
            "TopKSoftmax", "apply_rope", "apply_rope_interleaved", "expert_ffn", "rope_tables", "swiglu"]
