@@ -4,7 +4,7 @@
 
 in two PyTorch forms: `chunked` (prefill: a UT transform per chunk of 64 tokens, then one scan over chunks) and
 `recurrent` (decode: token by token). On CUDA, flash-linear-attention's kernels are used when installed
-(`pip install moetandem[gpu]`); they are never required. A token with g = 0 and β = 0 leaves the state exactly as
+(`pip install moetandem[linear-gpu]`); they are never required. A token with g = 0 and β = 0 leaves the state exactly as
 it was, which is how right-padding stays out of a sequence's state."""
 from __future__ import annotations
 
