@@ -33,7 +33,8 @@ def test_chunked_equals_recurrent_and_transformers():
 def test_padding_tokens_leave_the_state_alone():
     g_ = torch.Generator().manual_seed(1)
     q, k = (torch.randn(1, 9, 1, 8, generator=g_) for _ in range(2))
-    v, g, beta = torch.randn(1, 9, 1, 8, generator=g_), -torch.rand(1, 9, 1, generator=g_), torch.rand(1, 9, 1, generator=g_)
+    v = torch.randn(1, 9, 1, 8, generator=g_)
+    g, beta = -torch.rand(1, 9, 1, generator=g_), torch.rand(1, 9, 1, generator=g_)
     s0 = torch.zeros(1, 1, 8, 8)
     _, want = chunked(q[:, :5], k[:, :5], v[:, :5], g[:, :5], beta[:, :5], s0)
     g[:, 5:], beta[:, 5:] = 0.0, 0.0  # what GatedDeltaNet does to right-padding

@@ -18,11 +18,12 @@ SHARED_GATE = ((r"\.mlp\.shared_expert_gate\.", ".mlp.shared_expert.gate."),)
 
 def layer_types(c: dict[str, Any], path: Path) -> list[str]:
     layers = int(need(c, path, "num_hidden_layers"))
-    types = c.get("layer_types") or ["full_attention" if (i + 1) % int(c.get("full_attention_interval", 4)) == 0
-                                     else "linear_attention" for i in range(layers)]
+    every = int(c.get("full_attention_interval", 4))
+    types = c.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                                     for i in range(layers)]
     if len(types) != layers or set(types) - {"full_attention", "linear_attention"}:
-        raise UnsupportedModelError(f"{path / 'config.json'}: layer_types must name full_attention / linear_attention for "
-                         f"each of the {layers} layers")
+        raise UnsupportedModelError(f"{path / 'config.json'}: layer_types must name full_attention or "
+                                    f"linear_attention for each of the {layers} layers")
     return list(types)
 
 
@@ -32,7 +33,8 @@ def hybrid_args(c: dict[str, Any], path: Path, *, fused_proj: bool, moe_layers: 
     reject_quantized(c, path)
     c = {"partial_rotary_factor": 0.25, **c}  # transformers' default for these families
     linear = GatedDeltaNetSpec(
-        num_k_heads=int(need(c, path, "linear_num_key_heads")), num_v_heads=int(need(c, path, "linear_num_value_heads")),
+        num_k_heads=int(need(c, path, "linear_num_key_heads")),
+        num_v_heads=int(need(c, path, "linear_num_value_heads")),
         head_k_dim=int(need(c, path, "linear_key_head_dim")), head_v_dim=int(need(c, path, "linear_value_head_dim")),
         conv_kernel=int(c.get("linear_conv_kernel_dim", 4)), fused_proj=fused_proj)
     shared = int(c.get("shared_expert_intermediate_size") or 0)

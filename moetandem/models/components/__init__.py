@@ -13,6 +13,7 @@ from moetandem.models.components.routers import (Router, RouterSpec, SigmoidGrou
 
 AttentionSpec = GQASpec | MLASpec
 
-__all__ = ["MLP", "Attention", "AttentionSpec", "GQASpec", "GatedDeltaNet", "GatedDeltaNetSpec", "MLASpec", "MLAttention", "RMSNorm", "Router",
+__all__ = ["MLP", "Attention", "AttentionSpec", "GQASpec",
+           "GatedDeltaNet", "GatedDeltaNetSpec", "MLASpec", "MLAttention", "RMSNorm", "Router",
            "RouterSpec", "SharedExpert", "SharedExpertSpec", "SigmoidGroupTopK", "SoftmaxGroupGreedy", "SoftmaxTopK",
            "TopKSoftmax", "apply_rope", "apply_rope_interleaved", "expert_ffn", "rope_tables", "swiglu"]

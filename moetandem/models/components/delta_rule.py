@@ -4,8 +4,8 @@
 
 in two PyTorch forms: `chunked` (prefill: a UT transform per chunk of 64 tokens, then one scan over chunks) and
 `recurrent` (decode: token by token). On CUDA, flash-linear-attention's kernels are used when installed
-(`pip install moetandem[linear-gpu]`); they are never required. A token with g = 0 and β = 0 leaves the state exactly as
-it was, which is how right-padding stays out of a sequence's state."""
+(`pip install moetandem[linear-gpu]`); they are never required. A token with g = 0 and β = 0 leaves the state
+exactly as it was, which is how right-padding stays out of a sequence's state."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -57,7 +57,8 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     g, beta = (F.pad(t, (0, pad)) for t in (g, beta))  # [B, nV, Lp]
     B, nV, Lp, _ = v.shape
     v_beta, k_beta = v * beta[..., None], k * beta[..., None]
-    q, k, k_beta, v_beta = (t.reshape(B, nV, Lp // chunk, chunk, -1) for t in (q, k, k_beta, v_beta))  # [B, nV, N, C, d]
+    # [B, nV, N, C, d]: N chunks of C tokens
+    q, k, k_beta, v_beta = (t.reshape(B, nV, Lp // chunk, chunk, -1) for t in (q, k, k_beta, v_beta))
     cum = g.reshape(B, nV, Lp // chunk, chunk).cumsum(dim=-1)  # [B, nV, N, C]
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [B, nV, N, C, C]
