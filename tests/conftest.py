@@ -48,7 +48,24 @@ def family_configs() -> dict:
                                   use_qk_norm=True, attention_bias=True, head_dim=16, routed_scaling_factor=1.5),
         "gpt_oss": GptOssConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=4),
         **hybrid_configs(),
+        **gemma4_configs(),
     }
+
+
+def gemma4_configs() -> dict:
+    """Gemma-4 MoE: sliding layers (window 4) and full layers with their own head size, one KV head and k = v,
+    proportional partial RoPE, soft-capped logits; the text model and the multimodal wrapper."""
+    from transformers.models.gemma4 import Gemma4Config, Gemma4TextConfig
+    text = dict({**COMMON, "pad_token_id": 0}, num_hidden_layers=4, head_dim=16, global_head_dim=32,
+                num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=4,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+                enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
+                hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8)
+    return {"gemma4_text": Gemma4TextConfig(**text),
+            "gemma4": Gemma4Config(text_config=Gemma4TextConfig(**text).to_dict(), vision_config=vision,
+                                   audio_config=None)}
 
 
 def hybrid_configs() -> dict:

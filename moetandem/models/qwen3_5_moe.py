@@ -7,19 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moetandem.models.family import FUSED, Family, need
+from moetandem.models.family import FUSED, Family, need, text_config
 from moetandem.models.qwen2_moe import EXPERT_KEYS
 from moetandem.models.qwen3_next import SHARED_GATE, hybrid_args
 from moetandem.models.transformer import ArchArgs
 
 LM = "model.language_model."
-
-
-def text_config(c: dict[str, Any]) -> dict[str, Any]:
-    """The language model's config.json fields of a multimodal wrapper (or c itself)."""
-    if not isinstance(c.get("text_config"), dict):
-        return c
-    return {k: v for k, v in c.items() if k in ("tie_word_embeddings", "eos_token_id")} | c["text_config"]
 
 
 def args(c: dict[str, Any], path: Path) -> ArchArgs:

@@ -42,11 +42,11 @@ def hybrid_args(c: dict[str, Any], path: Path, *, fused_proj: bool, moe_layers: 
         c, path, num_experts=int(need(c, path, "num_experts")),
         moe_intermediate_size=int(need(c, path, "moe_intermediate_size")),
         attention=gqa(c, path, qkv_bias=bool(c.get("attention_bias", False)), qk_norm="head", output_gate=True,
-                      norm_offset=True),
+                      norm_kind="offset"),
         router=SoftmaxTopK(norm_topk_prob=norm_topk_prob),
         shared_expert=SharedExpertSpec(shared, gated=True) if shared else None, moe_layers=moe_layers,
         dense_intermediate_size=int(c.get("intermediate_size") or 0), layer_types=layer_types(c, path),
-        linear_attention=linear, norm_offset=True)
+        linear_attention=linear, norm_kind="offset")
 
 
 def args(c: dict[str, Any], path: Path) -> ArchArgs:

@@ -26,7 +26,7 @@ class GQASpec:
     clip_qkv: float | None = None
     sinks: bool = False
     output_gate: bool = False  # q_proj gives [q | gate] per head; out = attn * sigmoid(gate)
-    norm_offset: bool = False  # q/k norms are zero-centred (1 + w)
+    norm_kind: str = "cast"  # how the q/k norms scale (components/norm.py); "offset": zero-centred (1 + w)
 
     @property
     def rope_dim(self) -> int:
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, hidden, bias=s.o_bias)
         self.qk_norm, self.clip_qkv = s.qk_norm, s.clip_qkv
         if s.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(s.head_dim, eps, s.norm_offset), RMSNorm(s.head_dim, eps, s.norm_offset)
+            self.q_norm, self.k_norm = RMSNorm(s.head_dim, eps, s.norm_kind), RMSNorm(s.head_dim, eps, s.norm_kind)
         elif s.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(s.num_heads * s.head_dim, eps), RMSNorm(s.num_kv_heads * s.head_dim, eps)
         self.sinks = nn.Parameter(torch.zeros(s.num_heads)) if s.sinks else None
