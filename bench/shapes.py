@@ -80,6 +80,25 @@ SHAPES: dict[str, dict] = {
 
 
 SHAPES["glm-4.5-air-8l"] = {**SHAPES["glm-4.5-air"], "num_hidden_layers": 8}
+# Qwen3.5-35B-A3B (text model): 40 layers, 3 Gated DeltaNet : 1 gated attention, 256 experts top-8 + a gated shared
+# expert, ~67 GB in bf16; the -20l variant is its first 20 layers (same per-layer shape, fits a pinned host copy)
+SHAPES["qwen3.5-35b-a3b"] = dict(
+    model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, num_hidden_layers=40, num_attention_heads=16,
+    num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+    linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4, num_experts=256,
+    num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+    max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25))
+SHAPES["qwen3.5-35b-a3b-20l"] = {**SHAPES["qwen3.5-35b-a3b"], "num_hidden_layers": 20}
+# Qwen3-Next-80B-A3B with 12 of its 48 layers (~40 GB): 512 experts top-10 + a gated shared expert
+SHAPES["qwen3-next-80b-a3b-12l"] = dict(
+    model_type="qwen3_next", vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=12,
+    num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+    linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
+    num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=262144,
+    rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25))
 HUB_LAYOUT = ("olmoe", "qwen3_moe")  # written by hand in the per-expert hub layout; the rest via transformers
 
 

@@ -15,6 +15,12 @@ MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_h
            moe_intermediate_size=16, first_k_dense_replace=1)
 
 
+#: hybrid linear attention (Qwen3-Next, Qwen3.5): 3 Gated DeltaNet layers + 1 gated full attention, grouped value heads
+LINEAR = dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+              linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=8,
+              num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=24)
+
+
 def family_configs() -> dict:
     """One tiny config per registered family (moetandem.models.REGISTRY): a family without one fails its tests."""
     from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, GptOssConfig, MixtralConfig,
@@ -41,6 +47,37 @@ def family_configs() -> dict:
                                   n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
                                   use_qk_norm=True, attention_bias=True, head_dim=16, routed_scaling_factor=1.5),
         "gpt_oss": GptOssConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=4),
+        **hybrid_configs(),
+        **gemma4_configs(),
+    }
+
+
+def gemma4_configs() -> dict:
+    """Gemma-4 MoE: sliding layers (window 4) and full layers with their own head size, one KV head and k = v,
+    proportional partial RoPE, soft-capped logits; the text model and the multimodal wrapper."""
+    from transformers.models.gemma4 import Gemma4Config, Gemma4TextConfig
+    text = dict({**COMMON, "pad_token_id": 0}, num_hidden_layers=4, head_dim=16, global_head_dim=32,
+                num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=4,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+                enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
+                hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8)
+    return {"gemma4_text": Gemma4TextConfig(**text),
+            "gemma4": Gemma4Config(text_config=Gemma4TextConfig(**text).to_dict(), vision_config=vision,
+                                   audio_config=None)}
+
+
+def hybrid_configs() -> dict:
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
+    text = {k: v for k, v in {**COMMON, **LINEAR}.items() if k != "intermediate_size"}
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=COMMON["hidden_size"])
+    return {
+        "qwen3_next": Qwen3NextConfig(**{**COMMON, **LINEAR}, mlp_only_layers=[2]),  # one dense layer
+        "qwen3_5_moe_text": Qwen3_5MoeTextConfig(**text),
+        # the multimodal wrapper: language model under model.language_model., a vision tower we do not run
+        "qwen3_5_moe": Qwen3_5MoeConfig(text_config=Qwen3_5MoeTextConfig(**text).to_dict(), vision_config=vision),
     }
 
 
@@ -54,7 +91,7 @@ FAMILIES, RUNNABLE = _registry()
 
 
 def build_checkpoint(family: str, path: Path, seed: int = 0, **overrides: object) -> Path:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     configs = family_configs()
     if family not in configs:
         pytest.fail(f"family {family!r} is registered but has no tiny config: add one to family_configs() in "
@@ -63,7 +100,8 @@ def build_checkpoint(family: str, path: Path, seed: int = 0, **overrides: object
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    auto = AutoModelForImageTextToText if hasattr(cfg, "text_config") else AutoModelForCausalLM  # wrappers as released
+    model = auto.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # init leaves DeepSeek-V3's expert-choice bias at zero: make it matter
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

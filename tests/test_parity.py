@@ -6,15 +6,27 @@ from __future__ import annotations
 import moetandem
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moetandem import Engine
+from moetandem.checkpoint import Checkpoint
+from moetandem.experts.provider import ExpertProvider
+from moetandem.loader import load_dense
 from moetandem.models import FAMILIES, KVCache
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3, 1, 0, 9, 18, 36, 72]]
 
 
 def load_ours(path) -> Engine:
-    return moetandem.load(path, device="cpu", dtype="float32", progress=False)
+    ckpt = Checkpoint(path)
+    family = FAMILIES[ckpt.config["model_type"]]
+    if family.experts_unsupported is None:
+        return moetandem.load(path, device="cpu", dtype="float32", progress=False)
+    args = family.args(ckpt.config, ckpt.path)
+    net = load_dense(ckpt, family, args, torch.device("cpu"), torch.float32, progress=False)
+    ref = reference_experts(path, ckpt.config)
+    experts = {b.layer: ref for b in net.moe_blocks()}
+    return Engine(net, None, experts, ref, None, torch.device("cpu"), torch.float32, use_graphs=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +93,30 @@ def test_batched_equals_one_by_one(pair):
     sampled_b = [g.token_ids for g in ours.generate(PROMPTS[:1], max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3)]
     sampled_a = [g.token_ids for g in ours.generate(PROMPTS[:1], max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3)]
     assert sampled_a == sampled_b  # a seed makes sampling reproducible
+
+
+class GeGLUReferenceExperts(ExpertProvider):
+    """Gemma-4 routed experts as transformers computes them: fused gate_up [E, 2I, H], down [E, H, I],
+    down(gelu_tanh(gate(x)) * up(x)). The expert path must do this (an expert activation beside SwiGLU)."""
+
+    def __init__(self, path) -> None:
+        self.w: dict[str, torch.Tensor] = {}
+        for f in path.glob("*.safetensors"):
+            self.w.update({k: v for k, v in load_file(str(f)).items() if ".experts." in k})
+
+    def compute(self, layer, x, expert_ids, weights):
+        gate_up = next(v for k, v in self.w.items() if k.endswith(f"layers.{layer}.experts.gate_up_proj"))
+        down = next(v for k, v in self.w.items() if k.endswith(f"layers.{layer}.experts.down_proj"))
+        out = torch.zeros_like(x)  # [T, H]
+        for j in range(expert_ids.shape[1]):
+            for e in expert_ids[:, j].unique().tolist():
+                t = (expert_ids[:, j] == e).nonzero()[:, 0]
+                g, u = torch.nn.functional.linear(x[t], gate_up[e]).chunk(2, dim=-1)  # [t, I] each
+                y = torch.nn.functional.linear(torch.nn.functional.gelu(g, approximate="tanh") * u, down[e])
+                out[t] += y * weights[t, j, None]
+        return out
+
+
+def reference_experts(path, config: dict) -> ExpertProvider:
+    """The routed experts of a family the providers cannot run yet, computed here as transformers does."""
+    return GeGLUReferenceExperts(path)

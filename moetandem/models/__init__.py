@@ -3,13 +3,15 @@ tests (tests/test_parity.py) to run it against transformers."""
 from __future__ import annotations
 
 from moetandem.errors import UnsupportedModelError
-from moetandem.models import deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moetandem.models import (deepseek_v2, deepseek_v3, gemma4, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe,
+                               qwen3_5_moe, qwen3_moe, qwen3_next)
 from moetandem.models.cache import KVCache
 from moetandem.models.family import Family
 from moetandem.models.transformer import ArchArgs, MoEForCausalLM
 
-REGISTRY: tuple[Family, ...] = tuple(m.FAMILY for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2,
-                                                         deepseek_v3, glm4_moe, gpt_oss))
+REGISTRY: tuple[Family, ...] = (*(m.FAMILY for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3,
+                                                      glm4_moe, gpt_oss, qwen3_next)), qwen3_5_moe.TEXT,
+                                 qwen3_5_moe.FAMILY, gemma4.TEXT, gemma4.FAMILY)
 #: model_type (and aliases) -> family
 FAMILIES: dict[str, Family] = {t: f for f in REGISTRY for t in f.model_types}
 

@@ -139,6 +139,13 @@ def first_dense_layers(c: dict[str, Any], layers: int) -> list[bool]:
     return [i >= k and i % freq == 0 for i in range(layers)]
 
 
+def text_config(c: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config.json fields of a multimodal wrapper (Qwen3.5, Gemma-4), or c itself."""
+    if not isinstance(c.get("text_config"), dict):
+        return c
+    return {k: v for k, v in c.items() if k in ("tie_word_embeddings", "eos_token_id")} | c["text_config"]
+
+
 def reject_quantized(c: dict[str, Any], path: Path, allow: tuple[str, ...] = ()) -> None:
     """Quantized checkpoints (FP8 block scales, MXFP4) would be read as if they were plain weights; `allow`: the
     quant_methods this family's ExpertStore dequantizes itself (gpt-oss: mxfp4)."""

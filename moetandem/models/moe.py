@@ -1,12 +1,13 @@
 """The sparse MoE block: router -> top-k -> ExpertProvider (+ an always-resident shared expert)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 
-from moetandem.errors import UnsupportedModelError
+from moetandem.errors import MoetandemError, UnsupportedModelError
 from moetandem.experts.provider import ExpertProvider
 from moetandem.models.components.mlp import SharedExpertSpec
 from moetandem.models.components.routers import RouterSpec
@@ -37,15 +38,29 @@ class SparseMoE(nn.Module):
             return self.router(self, x, logits)
         return self.gate.select(logits, x.dtype)
 
+    def expert_input(self, rows: torch.Tensor) -> torch.Tensor:
+        """What the routed experts see of the routed rows [T, H] (Gemma-4 normalises them first)."""
+        return rows
+
     def forward(self, x: torch.Tensor, provider: ExpertProvider, valid: torch.Tensor | None = None) -> torch.Tensor:
         # x [B, L, H]; valid [B, L] bool marks real (non-padding) tokens, None = all real
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
         rows = flat if valid is None else flat[valid.reshape(-1)]  # [T', H]
         ids, w = self.route(rows)  # [T', k] each
-        y = provider.compute(self.layer, rows, ids, w)  # [T', H]
+        y = provider.compute(self.layer, self.expert_input(rows), ids, w)  # [T', H]
         if self.shared_expert is not None:
             y = y + self.shared_expert(rows)
         if valid is not None:
             y = torch.zeros_like(flat).index_put_((valid.reshape(-1),), y)
         return y.view(shape)
+
+
+def run_moe(block: SparseMoE, x: torch.Tensor, experts: Mapping[int, ExpertProvider],
+            valid: torch.Tensor | None) -> torch.Tensor:
+    """block(x) with the provider the engine passed for its layer."""
+    provider = experts.get(block.layer)
+    if provider is None:
+        raise MoetandemError(f"no expert provider for MoE layer {block.layer}; build the engine with "
+                             "moetandem.load() / moetandem.runtime.build_engine()")
+    return block(x, provider, valid)

@@ -1,18 +1,19 @@
 """The decoder-only MoE transformer every family instantiates from its components, described by ArchArgs."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from moetandem.errors import MoetandemError
 from moetandem.experts.provider import ExpertProvider
 from moetandem.models.cache import KVCache
-from moetandem.models.components import MLP, AttentionSpec, RMSNorm, RouterSpec, SharedExpertSpec, rope_tables
+from moetandem.models.components import (MLP, AttentionSpec, GatedDeltaNetSpec, RMSNorm, RouterSpec, SharedExpertSpec,
+                                         rope_tables)
 from moetandem.models.expert_activation import SWIGLU, ExpertActivation
-from moetandem.models.moe import SparseMoE
+from moetandem.models.moe import SparseMoE, run_moe
 
 
 @dataclass
@@ -39,10 +40,26 @@ class ArchArgs:
     dense_intermediate_size: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
     expert_activation: ExpertActivation = SWIGLU  # routed experts: activation and biases
+    # hybrid stacks (Qwen3-Next, Qwen3.5): per layer "full_attention" or "linear_attention" (the latter built from
+    # linear_attention); norm_kind: how every RMSNorm scales (components/norm.py)
+    layer_types: list[str] = field(default_factory=list)
+    linear_attention: GatedDeltaNetSpec | None = None
+    norm_kind: str = "cast"
+    # Gemma-style stacks: attention specs per layer (head size and KV heads differ by layer type), a RoPE table
+    # (inv_freq, scaling) per layer type, the embedding scale, final logit soft-capping, the decoder-layer class
+    layer_attention: list[Any] = field(default_factory=list)
+    rope_by_type: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    embed_scale: float = 1.0
+    final_logit_softcapping: float | None = None
+    decoder: Callable[["ArchArgs", int], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         self.sliding_windows = self.sliding_windows or [None] * self.num_layers
         self.moe_layers = self.moe_layers or [True] * self.num_layers
+        self.layer_types = self.layer_types or ["full_attention"] * self.num_layers
+
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types[layer] == "linear_attention"
 
     @property
     def num_heads(self) -> int:
@@ -62,15 +79,29 @@ class ArchArgs:
 
     def cache_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
         """Per-token shapes of what layer `layer` keeps in the KV cache."""
-        return self.attention.cache_shapes()
+        if self.is_linear(layer):
+            return ()
+        return (self.layer_attention[layer] if self.layer_attention else self.attention).cache_shapes()
+
+    def state_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
+        """Per-sequence shapes of what layer `layer` keeps (linear attention: conv and recurrent state)."""
+        if not self.is_linear(layer):
+            return ()
+        assert self.linear_attention is not None
+        return self.linear_attention.state_shapes()
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, a: ArchArgs, i: int) -> None:
         super().__init__()
-        self.self_attn = a.attention.build(a.hidden_size, a.rms_norm_eps)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        if a.is_linear(i):
+            assert a.linear_attention is not None
+            self.linear_attn = a.linear_attention.build(a.hidden_size, a.rms_norm_eps)
+        else:
+            self.self_attn = a.attention.build(a.hidden_size, a.rms_norm_eps)
+        self.linear = a.is_linear(i)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.norm_kind)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.norm_kind)
         self.window = a.sliding_windows[i]
         self.mlp: SparseMoE | MLP = (
             SparseMoE(i, a.hidden_size, a.num_experts, a.top_k, a.router, a.shared_expert)
@@ -79,14 +110,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, ...],
                 rows: torch.Tensor | None, pos: torch.Tensor, masks: dict[int | None, torch.Tensor], kv_len: int,
                 valid: torch.Tensor | None, experts: Mapping[int, ExpertProvider]) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
+        if self.linear:
+            h = x + self.linear_attn(self.input_layernorm(x), cache, rows, pos, valid)
+        else:
+            h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
         y = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoE):
-            provider = experts.get(self.mlp.layer)
-            if provider is None:
-                raise MoetandemError(f"no expert provider for MoE layer {self.mlp.layer}; build the engine with "
-                                     "moetandem.load() / moetandem.runtime.build_engine()")
-            return h + self.mlp(y, provider, valid)
+            return h + run_moe(self.mlp, y, experts, valid)
         return h + self.mlp(y)
 
 
@@ -94,8 +124,8 @@ class Backbone(nn.Module):
     def __init__(self, a: ArchArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(a, i) for i in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.layers = nn.ModuleList((a.decoder or DecoderLayer)(a, i) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.norm_kind)
 
 
 class MoEForCausalLM(nn.Module):
@@ -110,14 +140,22 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [P, D] once init_rope ran
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.ropes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer type, when the family has them
+        self.embed_scale = 1.0
 
     def init_rope(self, device: torch.device) -> None:
         """cos/sin tables for every position; after the weights are placed (to_empty clears buffers)."""
         cos, sin = rope_tables(self.args.inv_freq, self.args.rope_scaling, self.args.max_position_embeddings)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for kind, (inv_freq, scaling) in self.args.rope_by_type.items():
+            cos, sin = rope_tables(inv_freq, scaling, self.args.max_position_embeddings)
+            self.ropes[kind] = cos.to(device), sin.to(device)
+        # the scale rounded to the weights' dtype, as transformers applies it
+        dtype = self.model.embed_tokens.weight.dtype
+        self.embed_scale = float(torch.tensor(self.args.embed_scale, dtype=dtype))
 
     def moe_blocks(self) -> list[SparseMoE]:
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+        return [m for layer in self.model.layers for m in layer.children() if isinstance(m, SparseMoE)]
 
     def forward(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
                 experts: Mapping[int, ExpertProvider], valid: torch.Tensor | None = None,
@@ -132,21 +170,26 @@ class MoEForCausalLM(nn.Module):
     # ---- pieces of forward, for split execution (layers [0, a) and [L-b, L) on the end, the rest in the cloud)
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> hidden states [B, L, H]."""
-        return self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)  # [B, L, H]
+        return x if self.embed_scale == 1.0 else x * self.embed_scale
 
     def forward_layers(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int, start: int, end: int,
                        experts: Mapping[int, ExpertProvider], valid: torch.Tensor | None = None,
                        rows: torch.Tensor | None = None) -> torch.Tensor:
         """Run layers [start, end) on hidden states x [B, L, H] at positions pos [B, L]; same arguments as
         forward. Only cache.layers[start:end] are touched."""
-        cos = self.rope_cos[pos].to(x.dtype)  # [B, L, D]
-        sin = self.rope_sin[pos].to(x.dtype)
+        a = self.args
+        kind = [t if t in self.ropes else "" for t in a.layer_types]  # each layer's RoPE table ("": the model's)
+        tables = {"": (self.rope_cos, self.rope_sin), **self.ropes}
+        rope = {t: (tables[t][0][pos].to(x.dtype), tables[t][1][pos].to(x.dtype))  # [B, L, D] each
+                for t in set(kind[start:end])}
         kpos = torch.arange(kv_len, device=pos.device)
         causal = kpos[None, None, :] <= pos[:, :, None]  # [B, L, S]
         masks: dict[int | None, torch.Tensor] = {None: causal[:, None]}
         for w in {l.window for l in self.model.layers[start:end]} - {None}:
             masks[w] = (causal & (kpos[None, None, :] > pos[:, :, None] - w))[:, None]
         for i in range(start, end):
+            cos, sin = rope[kind[i]]
             x = self.model.layers[i](x, cos, sin, cache.layers[i], rows, pos, masks, kv_len, valid, experts)
         return x
 
@@ -154,4 +197,6 @@ class MoEForCausalLM(nn.Module):
         """Final norm + lm_head: x [B, L, H] -> logits [B, L, V], or [B, 1, V] at last_only [B]."""
         if last_only is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_only][:, None]  # [B, 1, H]
-        return self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))  # [B, L, V]
+        cap = self.args.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -1,17 +1,21 @@
 """The parts a family is assembled from: attention variants (with what each caches), routers, feed-forward
-pieces (expert activation, dense MLP, shared experts), RMSNorm and RoPE."""
+pieces (expert activation, dense MLP, shared experts), RMSNorm and RoPE, and the Gated DeltaNet linear attention."""
 from __future__ import annotations
 
 from moetandem.models.components.attention import Attention, GQASpec
+from moetandem.models.components.deltanet import GatedDeltaNet, GatedDeltaNetSpec
+from moetandem.models.components.gemma_attention import GemmaAttention, GemmaAttentionSpec
 from moetandem.models.components.mla import MLASpec, MLAttention
-from moetandem.models.components.mlp import MLP, SharedExpert, SharedExpertSpec, expert_ffn, swiglu
+from moetandem.models.components.mlp import MLP, GeGLUMLP, SharedExpert, SharedExpertSpec, expert_ffn, swiglu
 from moetandem.models.components.norm import RMSNorm
 from moetandem.models.components.rope import apply_rope, apply_rope_interleaved, rope_tables
-from moetandem.models.components.routers import (Router, RouterSpec, SigmoidGroupTopK, SoftmaxGroupGreedy,
-                                                 SoftmaxTopK, TopKSoftmax)
+from moetandem.models.components.routers import (Router, RouterSpec, ScaledSoftmaxTopK, SigmoidGroupTopK,
+                                                 SoftmaxGroupGreedy, SoftmaxTopK, TopKSoftmax)
 
-AttentionSpec = GQASpec | MLASpec
+AttentionSpec = GQASpec | MLASpec | GemmaAttentionSpec
 
-__all__ = ["MLP", "Attention", "AttentionSpec", "GQASpec", "MLASpec", "MLAttention", "RMSNorm", "Router",
+__all__ = ["MLP", "Attention", "AttentionSpec", "GQASpec",
+           "GatedDeltaNet", "GatedDeltaNetSpec", "GeGLUMLP", "GemmaAttention", "GemmaAttentionSpec",
+           "ScaledSoftmaxTopK", "MLASpec", "MLAttention", "RMSNorm", "Router",
            "RouterSpec", "SharedExpert", "SharedExpertSpec", "SigmoidGroupTopK", "SoftmaxGroupGreedy", "SoftmaxTopK",
            "TopKSoftmax", "apply_rope", "apply_rope_interleaved", "expert_ffn", "rope_tables", "swiglu"]

@@ -1,6 +1,7 @@
 """Grouped-query attention over the static cache, with the variants families add: q/k RMSNorm (per head or over
 all heads), QKV clipping, biases, partial rotary, sliding windows (the model passes the layer's mask) and
-attention sinks (gpt-oss: a learned per-head logit that joins the softmax and takes no value)."""
+attention sinks (gpt-oss: a learned per-head logit that joins the softmax and takes no value) and an output gate
+(Qwen3-Next / Qwen3.5: q_proj also yields a per-head gate g, and the output is attn · sigmoid(g))."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ class GQASpec:
     qk_norm: str | None = None  # None, "head" (per head: Qwen3, GLM-4.5) or "full" (all heads: OLMoE)
     clip_qkv: float | None = None
     sinks: bool = False
+    output_gate: bool = False  # q_proj gives [q | gate] per head; out = attn * sigmoid(gate)
+    norm_kind: str = "cast"  # how the q/k norms scale (components/norm.py); "offset": zero-centred (1 + w)
 
     @property
     def rope_dim(self) -> int:
@@ -41,13 +44,14 @@ class Attention(nn.Module):
     def __init__(self, hidden: int, s: GQASpec, eps: float) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
-        self.q_proj = nn.Linear(hidden, s.num_heads * s.head_dim, bias=s.qkv_bias)
+        self.gated = s.output_gate
+        self.q_proj = nn.Linear(hidden, s.num_heads * s.head_dim * (2 if s.output_gate else 1), bias=s.qkv_bias)
         self.k_proj = nn.Linear(hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
         self.v_proj = nn.Linear(hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, hidden, bias=s.o_bias)
         self.qk_norm, self.clip_qkv = s.qk_norm, s.clip_qkv
         if s.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(s.head_dim, eps), RMSNorm(s.head_dim, eps)
+            self.q_norm, self.k_norm = RMSNorm(s.head_dim, eps, s.norm_kind), RMSNorm(s.head_dim, eps, s.norm_kind)
         elif s.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(s.num_heads * s.head_dim, eps), RMSNorm(s.num_kv_heads * s.head_dim, eps)
         self.sinks = nn.Parameter(torch.zeros(s.num_heads)) if s.sinks else None
@@ -58,6 +62,10 @@ class Attention(nn.Module):
         # pos [B, L]; mask [B, 1, L, kv_len] (True = may attend)
         B, L, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, L, nH*D], [B, L, nKV*D] x2
+        gate = None
+        if self.gated:  # per head [q | gate]
+            q, gate = q.view(B, L, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [B, L, nH, D] each
+            q, gate = q.reshape(B, L, -1), gate.reshape(B, L, -1)  # [B, L, nH*D]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -75,7 +83,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         else:
             out = self._with_sinks(q, keys, values, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # [B, L, H]
+        out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, nH*D]
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)  # [B, L, H]
 
     def _with_sinks(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,13 @@ class MLP(nn.Module):
         return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
+class GeGLUMLP(MLP):
+    """Dense MLP with the tanh-approximated GELU in place of SiLU (Gemma)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
 class SharedExpert(MLP):
     """An always-resident expert every token goes through; `gated`: scaled by sigmoid(gate(x)) (Qwen2-MoE), else
     added as is (DeepSeek, GLM: n_shared_experts of them fused into one MLP of n·I)."""

@@ -143,4 +143,33 @@ class SoftmaxGroupGreedyRouter(Router):
         return ids, (weights * self.s.routed_scaling_factor).to(dtype)
 
 
-RouterSpec = SoftmaxTopK | TopKSoftmax | SigmoidGroupTopK | SoftmaxGroupGreedy
+# ---- Gemma-4: the router reads RMSNorm(x) · scale / √H; softmax -> top-k -> renormalise -> per-expert scale
+@dataclass(frozen=True)
+class ScaledSoftmaxTopK:
+    eps: float = 1e-6
+
+    def build(self, hidden: int, num_experts: int, top_k: int) -> Router:
+        return ScaledSoftmaxTopKRouter(hidden, num_experts, top_k, self.eps)
+
+
+class ScaledSoftmaxTopKRouter(Router):
+    softmax_logits, norm_topk_prob = False, True  # the per-expert scale is not a softmax's
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, eps: float) -> None:
+        super().__init__(hidden, num_experts, top_k)
+        self.scale = nn.Parameter(torch.ones(hidden))  # [H]
+        self.per_expert_scale = nn.Parameter(torch.ones(num_experts))  # [E]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return F.linear(h * self.scale * x.shape[-1] ** -0.5, self.weight)  # [T, E]
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)  # [T, k]
+        weights = weights / weights.sum(dim=-1, keepdim=True) * self.per_expert_scale[ids]
+        return ids, weights.to(dtype)
+
+
+RouterSpec = SoftmaxTopK | TopKSoftmax | SigmoidGroupTopK | SoftmaxGroupGreedy | ScaledSoftmaxTopK
