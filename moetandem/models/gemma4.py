@@ -2,8 +2,8 @@
 heads and proportional partial RoPE, values from the key projection (`attention_k_eq_v`); q/k/v norms, sandwich
 norms, a dense GeGLU MLP beside 128 GeGLU experts (models/sandwich.py), a scaled embedding and final logit
 soft-capping. The multimodal release (`gemma4`) loads its text model. Per-layer embeddings and KV sharing (the
-small dense Gemma-4 models) are refused. Its routed experts use GELU-tanh, which the expert providers do not run
-yet (`experts_unsupported`); everything else is tested against transformers with reference experts."""
+small dense Gemma-4 models) are refused. Its routed experts are GeGLU (GELU-tanh gate), an expert activation the
+providers, the fused kernel and the committee's host path all run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +16,7 @@ from moetandem.models.components import GemmaAttentionSpec, ScaledSoftmaxTopK
 from moetandem.models.family import FUSED, Family, common_args, need, reject_quantized, text_config
 from moetandem.models.sandwich import SandwichLayer
 from moetandem.models.transformer import ArchArgs
+from moetandem.models.expert_activation import ExpertActivation
 
 FUSED_GEMMA = tuple(k.replace(".mlp.experts.", ".experts.") for k in FUSED)
 EXPERT_KEYS = tuple(f"model.layers.{{l}}.experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down"))
@@ -67,14 +68,13 @@ def args(c: dict[str, Any], path: Path) -> ArchArgs:
         router=ScaledSoftmaxTopK(eps=float(c.get("rms_norm_eps", 1e-6))),
         dense_intermediate_size=int(need(c, path, "intermediate_size")), layer_types=types, layer_attention=specs,
         rope_by_type=ropes, embed_scale=float(c["hidden_size"]) ** 0.5,
-        final_logit_softcapping=c.get("final_logit_softcapping"), decoder=SandwichLayer)
+        final_logit_softcapping=c.get("final_logit_softcapping"), decoder=SandwichLayer,
+        expert_activation=GEGLU)
 
 
-WHY = ("Gemma-4 routed experts use GELU-tanh (GeGLU), which moetandem's expert providers do not run yet; they run "
-       "SwiGLU experts only")
-TEXT = Family(model_type="gemma4_text", args=args, expert_keys=EXPERT_KEYS, fused=FUSED_GEMMA, renames=RENAMES,
-              experts_unsupported=WHY)
+GEGLU = ExpertActivation("gelu_tanh")  # down(gelu_tanh(gate x) * up x), no biases
+TEXT = Family(model_type="gemma4_text", args=args, expert_keys=EXPERT_KEYS, fused=FUSED_GEMMA, renames=RENAMES)
 LM = "model.language_model."
 FAMILY = Family(model_type="gemma4", args=args, expert_keys=tuple(k.replace("model.", LM, 1) for k in EXPERT_KEYS),
                 fused=tuple(k.replace("model.", LM, 1) for k in FUSED_GEMMA),
-                renames=((r"^model\.language_model\.", "model."), *RENAMES), experts_unsupported=WHY)
+                renames=((r"^model\.language_model\.", "model."), *RENAMES))
