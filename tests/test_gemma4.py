@@ -14,11 +14,13 @@ from moetandem import UnsupportedModelError
 from moetandem.models import FAMILIES
 
 
-def test_refused_until_the_providers_run_gelu_experts(tmp_path):
+def test_experts_run_on_the_geglu_activation(tmp_path):
+    """Gemma-4's routed experts are GeGLU: the store, the providers and the committee carry that activation."""
     from conftest import build_checkpoint
     path = build_checkpoint("gemma4_text", tmp_path / "g")
-    with pytest.raises(UnsupportedModelError, match="GELU-tanh"):
-        moetandem.load(path, device="cpu", progress=False)
+    eng = moetandem.load(path, device="cpu", progress=False, expert_budget=0.5, fidelity="exact")
+    assert eng.args.expert_activation.kind == "gelu_tanh"
+    assert len(eng.generate([[5, 17, 42]], max_new_tokens=4, stop_on_eos=False)[0].token_ids) == 4
 
 
 @pytest.mark.parametrize("change", [dict(enable_moe_block=False), dict(hidden_size_per_layer_input=256),
