@@ -24,7 +24,7 @@ CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balance
 
 
 def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | None, kw: dict) -> dict:
-    eng = moetandem.load(path, device=device, progress=False, expert_budget=budget, **kw)
+    eng = moetandem.load(path, device=device, progress=False, expert_budget=budget, compile="on", **kw)
     eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)  # warm-up: same cache, graph, compile, tuning
     _free()
     eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)
