@@ -1,6 +1,7 @@
 """Split execution under faults: a cloud that stops answering (SIGSTOP) stalls no step for long and is used
 again once it answers; TLS misconfiguration is a configuration error (CloudRefused, CLI exit 2), while an
-unreachable cloud is an outage the end rides out alone."""
+unreachable cloud is an outage the end rides out alone; a cloud told to stop (SIGTERM) drains: it answers the
+exchanges in flight, refuses new ends (who fall back), and exits 0."""
 from __future__ import annotations
 
 import json
@@ -9,17 +10,24 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from conftest import build_checkpoint
 
 import moetandem
 from moetandem.batcher import Batcher
 from moetandem.split.cloud import CloudServer
-from moetandem.split.link import CloudRefused
+from moetandem.errors import CloudError
+from moetandem.split.link import CloudLink, CloudRefused, LinkOptions
 from moetandem.split.monitor import LinkMonitor
+from moetandem.split.transport import SESSION_METHOD
+from moetandem.split.transport.auth import call_metadata
+from moetandem.split.transport.client import StreamClient
+from moetandem.split.transport.frame import Frame
 
 TOKEN = "t0k3n-for-tests-0123456789abcdef"
 PROMPTS = [[5, 17, 42, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7]]
@@ -172,3 +180,83 @@ def test_serve_refuses_a_misconfigured_cloud_before_loading(ckpt: Path, certs: d
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("moetandem: error:") and "TLS" in err[-1]
+
+
+# ---------------------------------------------------------------- drain on shutdown
+def test_drain_finishes_the_exchange_in_flight_and_refuses_new_ends(ckpt: Path) -> None:
+    """In process, deterministic: a reply held 1 s by the emulated link is still sent after drain() starts; a
+    stream opened during the drain gets UNAVAILABLE (an outage: the end falls back), never CloudRefused."""
+    eng = moetandem.load(ckpt, device="cpu", progress=False)
+    server = CloudServer(eng, TOKEN, delay_s=1.0)
+    port = server.start("127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    client = StreamClient(channel, SESSION_METHOD, call_metadata(TOKEN), 10.0)
+    hello = client.submit(Frame("hello", meta={"fingerprint": server.fingerprint}))
+    time.sleep(0.2)  # the cloud has computed the reply; the link holds it for 0.8 s more
+    result: list[bool] = []
+    t0 = time.monotonic()
+    drainer = threading.Thread(target=lambda: result.append(server.drain(timeout_s=5.0)))
+    drainer.start()
+    time.sleep(0.05)
+    link = CloudLink(LinkOptions(f"127.0.0.1:{port}", TOKEN, retries=1), server.fingerprint)
+    with pytest.raises(CloudError, match="draining") as e:
+        link.connect()
+    assert not isinstance(e.value, CloudRefused)
+    assert link.breaker_open  # end-only, probing
+    link.close()
+    assert client.wait(hello, 5.0).meta["fingerprint"] == server.fingerprint  # the in-flight exchange finished
+    drainer.join(10)
+    assert result == [True] and time.monotonic() - t0 < 3.0
+    deadline = time.monotonic() + 2
+    while client.alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not client.alive and "draining" in str(client.error)  # then the stream was ended, with the reason
+    channel.close()
+
+
+def test_sigterm_drains_the_cloud_and_the_end_finishes_alone(ckpt: Path, tmp_path: Path) -> None:
+    """`moetandem cloud` on SIGTERM mid-generation: the exchange in flight (held 2 s by the emulated link) is
+    answered, a new end connecting meanwhile falls back at once, the cloud exits 0 within drain-timeout + 2 s, and
+    the generation ends on the end with the reference tokens."""
+    ref_engine = moetandem.load(ckpt, device="cpu", progress=False)
+    reference = [g.token_ids for g in ref_engine.generate(PROMPTS, max_new_tokens=NEW, stop_on_eos=False)]
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    drain_timeout = 8.0
+    proc = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", str(ckpt), "--listen",
+                             "127.0.0.1:0", "--token-file", str(token), "--device", "cpu", "--emulate-rtt-ms", "4000",
+                             "--drain-timeout", str(drain_timeout), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        address = f"127.0.0.1:{json.loads(proc.stdout.readline())['listening']}"
+        link = {"head": 1, "tail": 1, "connect_timeout_s": 10.0, "retry_after_s": 0.5}
+        eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=address, token=TOKEN, split=link)
+        out: list = []
+        gen = threading.Thread(target=lambda: out.append(eng.generate(PROMPTS, max_new_tokens=NEW,
+                                                                      stop_on_eos=False)))
+        gen.start()
+        deadline = time.monotonic() + 30
+        while eng.split.stats["cloud_forwards"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.split.stats["cloud_forwards"] >= 1
+        time.sleep(0.3)  # the next exchange is in flight: its reply leaves the cloud ~1.7 s from now
+        proc.send_signal(signal.SIGTERM)
+        t_term = time.monotonic()
+        while "draining" not in (line := proc.stderr.readline()):
+            assert line, "the cloud exited without draining"
+        t = time.monotonic()
+        late = moetandem.load(ckpt, device="cpu", progress=False, cloud=address, token=TOKEN,
+                              split={"head": 1, "tail": 1, "retries": 1})
+        assert time.monotonic() - t < 5 and late.split.link.breaker_open  # fell back, did not hang
+        assert "draining" in str(late.split.link.last_error)
+        late_out = late.generate(PROMPTS[:1], max_new_tokens=8, stop_on_eos=False)
+        assert late_out[0].token_ids == reference[0][:8] and late.split.stats["cloud_forwards"] == 0
+        rc = proc.wait(timeout=drain_timeout + 2)
+        assert rc == 0 and time.monotonic() - t_term <= drain_timeout + 2
+        gen.join(60)
+        assert [g.token_ids for g in out[0]] == reference  # nothing lost: finished on the end
+        assert eng.split.stats["cloud_forwards"] >= 2  # the exchange in flight at SIGTERM was answered
+        assert eng.split.stats["local_forwards"] >= 1
+    finally:
+        proc.kill()
+        proc.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,9 @@ def register(sub: Any) -> None:
                    help="shard the experts over N ranks of this host (NCCL on GPUs, gloo on CPU); rank 0 serves")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="N cloud replicas under Ray Serve behind --listen (needs pip install moetandem[cluster])")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C: refuse new sessions, let in-flight exchanges finish for up to S "
+                        "seconds, then exit (default 30); a second signal exits at once")
     p.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     add_device_args(p)
     p.set_defaults(run=cloud_command)
@@ -45,11 +49,20 @@ def cloud_command(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--max-sessions, --idle-timeout and --max-session-bytes must be positive")
     if args.expert_parallel < 1 or args.replicas < 1:
         raise InvalidRequestError("--expert-parallel and --replicas must be >= 1")
+    if not args.drain_timeout >= 0:
+        raise InvalidRequestError(f"--drain-timeout {args.drain_timeout:g}: must be >= 0 seconds")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     token = read_token(args.token_file)
     stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        if stop.is_set():  # a second signal: no more waiting
+            print("moetandem cloud: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     if args.replicas > 1:  # this process is the front; each Ray Serve replica runs `moetandem cloud` (below)
         from moetandem.split.replicas import serve_replicas
         return serve_replicas(args.replicas, replica_argv(sys.argv[1:]), args.listen, stop)
@@ -77,8 +90,10 @@ def cloud_command(args: argparse.Namespace) -> int:
         info["expert_bytes"] = parallel.gather_expert_bytes(engine.provider)  # per rank
     # one machine-readable line: scripts (tests, bench/split.py) wait for it
     print(json.dumps(info), flush=True)
-    stop.wait()
-    server.stop(grace=2)
+    while not stop.wait(1.0):  # a timed wait: the signal handler runs promptly on the main thread
+        pass
+    print(f"moetandem cloud: draining (up to {args.drain_timeout:g} s)", file=sys.stderr, flush=True)
+    server.drain(args.drain_timeout)
     if mirror is not None:
         mirror.stop()
         for f in followers:

@@ -6,11 +6,13 @@ Two gRPC bidirectional streams (transport/__init__.py names them):
            states at `end`; the KV cache lives until `free`, the end of the stream or idle expiry.
   Experts  stateless: `experts` frames (layer, rows x [T, H], expert ids/weights [T, k]) return Σ w·E(x).
 Every stream starts with `hello` (checkpoint fingerprint must match). Bounded: --max-sessions streams of
-each kind, --max-session-bytes of KV per session."""
+each kind, --max-session-bytes of KV per session. drain() (SIGTERM) refuses new streams with UNAVAILABLE (an outage
+to the end: it computes alone and probes), lets each open stream finish the frame it is computing, then ends it."""
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import nullcontext
@@ -33,7 +35,7 @@ from moetandem.split.transport.frame import (
     meta_int,
     tensor,
 )
-from moetandem.split.transport.server import RequestRefused, StreamStats, serve_stream
+from moetandem.split.transport.server import DRAINING, RequestRefused, StreamStats, serve_stream
 from moetandem.split.wire import (
     CODECS,
     decode_rows,
@@ -202,6 +204,7 @@ class CloudServer:
         self._lock = threading.Lock()
         self.sessions: dict[str, set[_Session]] = {"Session": set(), "Experts": set()}
         self._server: grpc.Server | None = None
+        self.draining = threading.Event()
 
     @property
     def active_sessions(self) -> int:
@@ -232,6 +235,26 @@ class CloudServer:
         if self._server is not None:
             self._server.stop(grace).wait()
 
+    def drain(self, timeout_s: float = 30.0, grace_s: float = 1.0) -> bool:
+        """Graceful shutdown: refuse new streams, let open streams finish the frames they are computing (each then
+        ends with a fatal "draining" error frame), wait up to timeout_s for every stream to close, then stop the
+        server (cutting what is left after grace_s). True when every stream closed in time."""
+        self.draining.set()
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            open_now = sum(len(s) for s in self.sessions.values())
+        log.info("moetandem cloud: draining %d stream(s) for up to %g s", open_now, timeout_s)
+        while True:
+            with self._lock:
+                left = sum(len(s) for s in self.sessions.values())
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if left:
+            log.warning("moetandem cloud: %d stream(s) still open at the %g s drain timeout: cut", left, timeout_s)
+        self.stop(grace=grace_s)
+        return not left
+
     def wait(self) -> None:
         if self._server is not None:
             self._server.wait_for_termination()
@@ -242,6 +265,8 @@ class CloudServer:
                 self.stats.add(unauthenticated=1)
                 log.warning("refused a %s stream from %s: missing or wrong token", kind, context.peer())
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+            if self.draining.is_set():  # UNAVAILABLE: an outage to the end, which computes alone and probes
+                context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
             session = _Session(self, kind)
             with self._lock:
                 full = len(self.sessions[kind]) >= self.max_sessions
@@ -260,5 +285,5 @@ class CloudServer:
                     self.sessions[kind].discard(session)
 
             yield from serve_stream(requests, context, session.handle, close, self.stats, self.limits,
-                                    self.idle_timeout_s, self.delay_s)
+                                    self.idle_timeout_s, self.delay_s, self.draining)
         return handler

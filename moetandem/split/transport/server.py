@@ -1,6 +1,8 @@
 """The cloud's side of one stream: authenticate, then validate each frame, hand it to the session's handler
 on a worker thread and send the replies (after the emulated delay). A malformed or forged frame ends that
-stream with INVALID_ARGUMENT; other streams are untouched. An idle stream expires and frees its state."""
+stream with INVALID_ARGUMENT; other streams are untouched. An idle stream expires and frees its state. While the
+cloud drains (shutdown), a stream finishes the frame it is computing, sends that reply, then ends with a fatal
+error frame (the end takes it as an outage and computes alone); a frame arriving after that is not computed."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +19,7 @@ from moetandem.split.shaper import PeerShapers
 from moetandem.split.transport.frame import Frame, FrameError, Limits, pack, unpack
 
 log = logging.getLogger("moetandem.split.cloud")
+DRAINING = "this cloud is shutting down (draining); compute on the end"
 
 
 class RequestRefused(MoetandemError):
@@ -40,17 +43,24 @@ class StreamStats:
 
 def serve_stream(requests: Iterator[bytes], context: grpc.ServicerContext, handle: Callable[[Frame], Frame],
                  on_close: Callable[[], None], stats: StreamStats, limits: Limits, idle_timeout_s: float,
-                 delay_s: float | PeerShapers) -> Iterator[bytes]:
+                 delay_s: float | PeerShapers, draining: threading.Event | None = None) -> Iterator[bytes]:
     """The body of a stream-stream handler (a generator of reply bytes), after authentication. `delay_s`: a
-    fixed emulated one-way delay, or the emulated link's reply shapers (one per connected end)."""
+    fixed emulated one-way delay, or the emulated link's reply shapers (one per connected end). `draining`: set
+    when the cloud shuts down (see the module doc)."""
     shaper = delay_s.get(context.peer()) if isinstance(delay_s, PeerShapers) else None
     replies: queue.Queue[tuple[Any, ...]] = queue.Queue()
-    state = {"last": time.monotonic(), "busy": False}
+    state = {"last": time.monotonic(), "busy": False, "closing": False}
+    turn = threading.Lock()  # a frame is either taken for compute (busy) or the stream is closing, never both
+    drain = draining or threading.Event()
 
     def work() -> None:
         try:
             for data in requests:
-                state["last"], state["busy"] = time.monotonic(), True
+                with turn:
+                    if state["closing"] or drain.is_set():
+                        replies.put(("drained",))
+                        return
+                    state["last"], state["busy"] = time.monotonic(), True
                 t0 = time.perf_counter()
                 stats.add(frames=1, bytes_in=len(data))
                 try:
@@ -79,8 +89,14 @@ def serve_stream(requests: Iterator[bytes], context: grpc.ServicerContext, handl
     threading.Thread(target=work, name="moetandem-cloud-stream", daemon=True).start()
     try:
         while True:
+            if drain.is_set():  # shutting down: end the stream once no frame is being computed or due
+                with turn:
+                    state["closing"] = not state["busy"] and replies.empty()
+                if state["closing"]:
+                    yield pack(Frame("error", meta={"message": DRAINING, "fatal": True}))
+                    return
             try:
-                item = replies.get(timeout=min(1.0, idle_timeout_s))
+                item = replies.get(timeout=min(0.2 if draining is not None else 1.0, idle_timeout_s))
             except queue.Empty:
                 if not state["busy"] and time.monotonic() - state["last"] > idle_timeout_s:
                     log.info("session from %s idle for %.0f s: freed", context.peer(), idle_timeout_s)
@@ -96,6 +112,8 @@ def serve_stream(requests: Iterator[bytes], context: grpc.ServicerContext, handl
                 yield item[2]
             elif item[0] == "abort":
                 context.abort(item[1], item[2])
+            elif item[0] == "drained":
+                continue  # closes at the top of the loop
             else:
                 return
     finally:
