@@ -704,3 +704,39 @@ def test_admin_expert_budget_live(model_dir: Path) -> None:
         after = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8, "temperature": 0}, headers=auth).json()
         assert after["choices"][0]["text"] == before["choices"][0]["text"]  # exact policy: same tokens
         assert c.get("/health").status_code == 200
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path):
+    """`moetandem serve` on SIGTERM: drains, then exits 0 (not killed by the signal it caught)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    port_file = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, "-m", "moetandem", "serve", "--port", "0", "--device", "cpu",
+                             "--drain-timeout", "2"], stdout=subprocess.PIPE, stderr=open(port_file, "w"),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            text = port_file.read_text()
+            if "on http://" in text:
+                url = text.split("on http://", 1)[1].split()[0]
+            time.sleep(0.2)
+        assert url, port_file.read_text()
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, port_file.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

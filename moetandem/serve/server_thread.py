@@ -33,6 +33,10 @@ class DrainingServer(uvicorn.Server):
                 await asyncio.wait({drain}, timeout=0.1)
             await asyncio.sleep(0.05)  # let the handlers write the last events the drain produced
         await super().shutdown(sockets)
+        if not self.force_exit:  # drained: exit 0 rather than die by the captured signal (uvicorn re-raises it)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
 
 
 class ServerThread:
