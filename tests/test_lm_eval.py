@@ -79,3 +79,42 @@ def test_loglikelihood_tasks_match_the_transformers_backend(tmp_path: Path) -> N
     b = [s["filtered_resps"] for s in ref["samples"]["moetandem_mc"]]
     for x, y in zip(a, b):  # per-choice log-likelihoods, as the transformers backend computes them
         assert [round(v[0], 3) for v in x] == pytest.approx([round(v[0], 3) for v in y], abs=2e-3)
+
+
+def test_generate_until_through_local_chat_completions(tmp_path: Path) -> None:
+    """lm-eval's `local-chat-completions` runs a generate-until task through /v1/chat/completions (greedy, `until`
+    stop strings, max_gen_toks): every document gets a completion, the same one on a second run."""
+    from lm_eval.tasks import TaskManager
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps({"q": q, "a": a}) + "\n"
+                                              for q, a in [("Say hello.", "hello"), ("Name a king.", "king")]))
+    (tmp_path / "g.yaml").write_text(f"""task: moetandem_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'g.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    eng = moetandem.load(str(demo_model_path()), device="cpu", progress=False)
+    runs = []
+    with ServerThread(create_app(eng, model_id="demo-moe", max_batch=4, max_waiting=64)) as srv:
+        for _ in range(2):
+            r = lm_eval.simple_evaluate(
+                model="local-chat-completions", tasks=["moetandem_gen"], log_samples=True, apply_chat_template=True,
+                task_manager=TaskManager(include_path=str(tmp_path)),
+                model_args=f"base_url={srv.url}/v1/chat/completions,model=demo-moe,num_concurrent=1,max_retries=1")
+            runs.append([s["resps"][0][0] for s in r["samples"]["moetandem_gen"]])
+            assert "exact_match,none" in r["results"]["moetandem_gen"]
+    assert len(runs[0]) == 2 and all(isinstance(t, str) and t.strip() for t in runs[0])
+    assert runs[0] == runs[1]  # greedy: reproducible
+    assert all("\n\n" not in t for t in runs[0])  # the `until` stop string ends the completion
