@@ -70,7 +70,7 @@ def worker(a: argparse.Namespace) -> int:
     """One end: every (budget, config) engine once, then every link; in step with the other ends (barrier)."""
     import torch
     import moetandem
-    from moetandem.split.end import profile_replanner
+    from moetandem.split.connect import profile_replanner
     from moetandem.split.plan import make_split_plan
     torch.set_num_threads(a.threads)
     engines = {}

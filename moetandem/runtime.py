@@ -51,7 +51,7 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
     use_graphs = model.use_graphs
     if split is not None:  # the end's head and tail layers of a decode step are CUDA graphs; the exchange is not
         from moetandem.graphs import PieceGraphs
-        from moetandem.split.end import connect_split
+        from moetandem.split.connect import connect_split
         pieces = PieceGraphs() if use_graphs and dev.type == "cuda" else None
         splitter = connect_split(net, provider, ckpt, split, pieces)
         runner, experts = splitter, splitter.expert_map()

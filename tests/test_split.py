@@ -200,7 +200,7 @@ def test_fp16_codec_halves_bytes(ckpt, cloud):
 
 
 def test_replan_hook_on_link_change(ckpt, cloud):
-    from moetandem.split.end import Placement
+    from moetandem.split.connect import Placement
     eng, split = end_engine(ckpt, cloud.port)
     calls = []
     split.replanner = lambda mon: calls.append(mon.rtt_s) or Placement(0, 2)
@@ -286,7 +286,7 @@ def test_end_layers_run_through_piece_graphs(ckpt, reference, cloud):
     from moetandem.config import SplitConfig
     from moetandem.engine import Engine
     from moetandem.graphs import PieceGraphs
-    from moetandem.split.end import connect_split
+    from moetandem.split.connect import connect_split
 
     base = moetandem.load(ckpt, device="cpu", progress=False)
     cfg = SplitConfig(f"127.0.0.1:{cloud.port}", token=TOKEN, head=1, tail=1, link={"retry_after_s": 0.2})

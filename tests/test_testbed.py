@@ -150,7 +150,7 @@ def ckpt(tmp_path_factory):
 
 
 def test_shaper_rate_change_triggers_replan(ckpt):
-    from moetandem.split.end import Placement
+    from moetandem.split.connect import Placement
     shaping = PeerShapers(LinkSpec(rate_mbit=100, rtt_ms=4))
     srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN, 4, 60, 2**30, shaping)
     port = srv.start("127.0.0.1:0")

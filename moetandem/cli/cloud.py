@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any
 
-from moetandem.cli.flags import add_device_args, add_emulate_args, model_path
+from moetandem.cli.flags import add_device_args, add_drain_args, add_emulate_args, model_path
 from moetandem.config import ModelConfig
 from moetandem.errors import InvalidRequestError
 
@@ -32,9 +32,7 @@ def register(sub: Any) -> None:
                    help="shard the experts over N ranks of this host (NCCL on GPUs, gloo on CPU); rank 0 serves")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="N cloud replicas under Ray Serve behind --listen (needs pip install moetandem[cluster])")
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                   help="on SIGTERM / Ctrl-C: refuse new sessions, let in-flight exchanges finish for up to S "
-                        "seconds, then exit (default 30); a second signal exits at once")
+    add_drain_args(p, "refuse new sessions (ends fall back), let in-flight exchanges finish")
     p.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     add_device_args(p)
     p.set_defaults(run=cloud_command)

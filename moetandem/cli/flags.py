@@ -22,6 +22,13 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "once (auto: on for serve and cloud, off for one-shot commands)")
 
 
+def add_drain_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--drain-timeout of the long-running servers (serve, cloud); `what`: what finishes during the drain."""
+    p.add_argument("--drain-timeout", type=non_negative_float, default=30.0, metavar="S",
+                   help=f"on SIGTERM / Ctrl-C: {what} for up to S seconds, then stop (default 30); a second signal "
+                        "stops at once")
+
+
 def add_committee_args(p: argparse.ArgumentParser) -> None:
     """--expert-budget and what a miss gets (Parameter Committee), plus the gate flags."""
     g = p.add_argument_group("expert budget (Parameter Committee)")
@@ -148,6 +155,13 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moetandem.cli.flags import (add_committee_args, add_device_args, add_split_args, configs, non_negative_int,
-                                 positive_int)
+from moetandem.cli.flags import (add_committee_args, add_device_args, add_drain_args, add_split_args, configs,
+                                 non_negative_int, positive_int)
 from moetandem.config import ServeConfig
 from moetandem.errors import MoetandemError
 
@@ -36,9 +36,7 @@ def register(subparsers: Any, **parser_kwargs: Any) -> argparse.ArgumentParser:
                    help="sequences queued for a slot before new requests get 429 (default 64)")
     p.add_argument("--max-model-len", type=positive_int, metavar="TOKENS",
                    help="context per sequence, prompt + completion (default: the model's maximum)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                   help="on SIGTERM / Ctrl-C: stop admitting, let running requests finish for up to S seconds, then "
-                        "end the rest with an error event and [DONE] (default 30)")
+    add_drain_args(p, "stop admitting, let running requests finish (the rest end with an error event and [DONE])")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_committee_args(p)  # --expert-budget, --policy, --fidelity, ... (the engine's Parameter Committee)
     add_split_args(p)  # --cloud HOST:PORT --token-file F ... (split execution, moetandem/split)
@@ -64,7 +62,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint(path)  # a wrong path fails now, before the server starts
     if cfgs[3] is not None:  # a cloud that refuses us (token, checkpoint, TLS) is exit 2 now, not a 503 later
-        from moetandem.split.end import preflight
+        from moetandem.split.connect import preflight
         preflight(ckpt, cfgs[3])
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     name = args.served_model_name or path.resolve().name

@@ -9,40 +9,23 @@ re-prefilling the sequence so far (token ids are recorded per cache row), and th
 when the cloud comes back. Per row we track how many positions each route has valid K/V for."""
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from moetandem.config import SplitConfig
 from moetandem.errors import CloudError, InvalidRequestError, MoetandemError
 from moetandem.graphs import PieceGraphs
 from moetandem.models import KVCache
 from moetandem.split.experts import CloudExpertProvider
-from moetandem.split.link import CloudLink, CloudRefused, LinkOptions
+from moetandem.split.link import CloudLink
 from moetandem.split.pipeline import micro_batches, run_pipelined
-from moetandem.split.transport.auth import read_token
 from moetandem.split.transport.frame import Frame, FrameError
 from moetandem.split.wire import decode_rows, encode_rows, make_codec, uses_tokens
 
 log = logging.getLogger("moetandem.split")
-
-
-@dataclass
-class Placement:
-    """Where things run: layers [0, head) and [L - tail, L) on the end, the rest in the cloud; in end layers,
-    cloud_experts[layer] are computed in the cloud. Duck-compatible with split.plan.SplitPlan."""
-    end_layers_head: int = 1
-    end_layers_tail: int = 1
-    cloud_experts: dict[int, list[int]] | None = None
-    codec_rank: int | None = None
-    micro_batches: int = 2
 
 
 class _Rows:
@@ -258,72 +241,5 @@ class SplitModel:
                 "expert_rows_cloud": self.experts.remote_rows, "expert_rows_fallback": self.experts.fallback_rows}
 
 
-def profile_replanner(profile: Any, objective: str = "latency") -> Callable[[Any], Any]:
-    """A SplitModel.replanner: split.plan.make_split_plan on `profile` (a SplitProfile) with the link's
-    measured bandwidth and RTT."""
-    from dataclasses import replace
-
-    from moetandem.split.plan import make_split_plan
-
-    def replan(monitor: Any) -> Any:
-        bw = monitor.bandwidth_bps if monitor.bandwidth_bps != float("inf") else profile.bandwidth_bps
-        return make_split_plan(replace(profile, bandwidth_bps=bw, rtt_s=monitor.rtt_s), objective)
-    return replan
-
-
 def _at(t: torch.Tensor | None, p: slice) -> torch.Tensor | None:
     return None if t is None else t[p]
-
-
-def load_placement(plan: Any = None, head: int | None = None, tail: int | None = None,
-                   cloud_experts: dict[int, list[int]] | None = None, codec_rank: int | None = None,
-                   micro_batches: int | None = None) -> Any:
-    """A plan object (split.plan.SplitPlan or Placement), a JSON file of Placement's fields, or the defaults;
-    explicit arguments override the plan's fields."""
-    if isinstance(plan, (str, Path)):
-        try:
-            raw = json.loads(Path(plan).read_text())
-            plan = Placement(**{k: raw[k] for k in Placement.__dataclass_fields__ if k in raw})
-        except (OSError, ValueError, TypeError) as e:
-            raise InvalidRequestError(f"cannot read the split plan {plan}: {e}") from None
-        plan.cloud_experts = {int(k): [int(e) for e in v] for k, v in (plan.cloud_experts or {}).items()}
-    plan = copy.copy(plan) if plan is not None else Placement()
-    for field, value in (("end_layers_head", head), ("end_layers_tail", tail), ("cloud_experts", cloud_experts),
-                         ("codec_rank", codec_rank), ("micro_batches", micro_batches)):
-        if value is not None:
-            setattr(plan, field, value)
-    return plan
-
-
-def preflight(ckpt: Any, cfg: SplitConfig) -> None:
-    """Check, before any weights load, that the cloud accepts us: CloudRefused (exit 2) on a wrong token, another
-    checkpoint or a TLS misconfiguration; a cloud that cannot be reached now is fine (the end starts alone)."""
-    token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
-    link = CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
-    try:
-        link.connect()
-    except CloudRefused:
-        raise
-    except CloudError as e:
-        log.warning("split: cloud unavailable at start (%s); the end will compute alone until it answers", e)
-    finally:
-        link.close()
-
-
-def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces: PieceGraphs | None = None
-                  ) -> SplitModel:
-    """The end side of split execution over `model` (layers [0, head) and [L - tail, L) stay here) with the cloud
-    at cfg.address. The end keeps its checkpoint and committee (`provider`) for its own layers and for fallback.
-    A cloud that refuses us (token, checkpoint) raises CloudError; one that cannot be reached now is retried
-    later (the end computes alone meanwhile)."""
-    token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
-    link = CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
-    placement = load_placement(cfg.plan, cfg.head, cfg.tail, cfg.cloud_experts, cfg.codec_rank, cfg.micro_batches)
-    split = SplitModel(model, link, placement, cfg.codec, ckpt, provider, pieces)
-    try:
-        link.connect()
-    except CloudRefused:
-        raise
-    except CloudError as e:
-        log.warning("split: cloud unavailable at start (%s); computing on the end until it answers", e)
-    return split
