@@ -51,17 +51,28 @@ def load_placement(plan: Any = None, head: int | None = None, tail: int | None =
     return plan
 
 
-def preflight(ckpt: Any, cfg: SplitConfig) -> None:
-    """Check, before any weights load, that the cloud accepts us: CloudRefused (exit 2) on a wrong token, another
-    checkpoint or a TLS misconfiguration; a cloud that cannot be reached now is fine (the end starts alone)."""
-    token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
-    link = CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
+def _connect(link: CloudLink, when_down: str) -> None:
+    """Open the link now: CloudRefused (a configuration error: token, checkpoint, TLS) propagates; an outage is
+    logged and left to the link's background probing."""
     try:
         link.connect()
     except CloudRefused:
         raise
     except CloudError as e:
-        log.warning("split: cloud unavailable at start (%s); the end will compute alone until it answers", e)
+        log.warning("split: cloud unavailable at start (%s); %s", e, when_down)
+
+
+def _link(ckpt: Any, cfg: SplitConfig) -> CloudLink:
+    token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
+    return CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
+
+
+def preflight(ckpt: Any, cfg: SplitConfig) -> None:
+    """Check, before any weights load, that the cloud accepts us: CloudRefused (exit 2) on a wrong token, another
+    checkpoint or a TLS misconfiguration; a cloud that cannot be reached now is fine (the end starts alone)."""
+    link = _link(ckpt, cfg)
+    try:
+        _connect(link, "the end will compute alone until it answers")
     finally:
         link.close()
 
@@ -72,16 +83,10 @@ def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces
     at cfg.address. The end keeps its checkpoint and committee (`provider`) for its own layers and for fallback.
     A cloud that refuses us (token, checkpoint) raises CloudError; one that cannot be reached now is retried
     later (the end computes alone meanwhile)."""
-    token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
-    link = CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
+    link = _link(ckpt, cfg)
     placement = load_placement(cfg.plan, cfg.head, cfg.tail, cfg.cloud_experts, cfg.codec_rank, cfg.micro_batches)
     split = SplitModel(model, link, placement, cfg.codec, ckpt, provider, pieces)
-    try:
-        link.connect()
-    except CloudRefused:
-        raise
-    except CloudError as e:
-        log.warning("split: cloud unavailable at start (%s); computing on the end until it answers", e)
+    _connect(link, "computing on the end until it answers")
     return split
 
 
