@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,6 +24,22 @@ class _Entry:
     rows: torch.Tensor  # [Ap]
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # [Ap, V] static output
+
+
+def capture_graph(warm: Callable[[], object], pool: Any, step: Callable[[], torch.Tensor]
+                  ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Two warm-up calls of `warm` on a side stream (kernel tuning, compilation, lazy allocations), then `step`
+    captured into a new graph drawing on `pool`. Returns the graph (not yet replayed) and the step's static output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            warm()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
 
 
 class DecodeGraphs:
@@ -69,15 +86,9 @@ class DecodeGraphs:
 
     def _capture(self, e: _Entry) -> None:
         # Warm-up runs compute the real step (same K/V written at the same positions), so they are harmless.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._warm(e)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            e.logits = self.forward(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)[:, -1]
+        graph, e.logits = capture_graph(
+            lambda: self._warm(e), self.pool,
+            lambda: self.forward(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)[:, -1])
         graph.replay()
         e.graph = graph
 
@@ -125,16 +136,7 @@ class PieceGraphs:
     def _capture(self, fn: Callable[..., torch.Tensor], statics: list[torch.Tensor]
                  ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # warm-up runs compute the real piece (same K/V written at the same positions): harmless
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(*statics)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn(*statics)
-        return graph, out
+        return capture_graph(lambda: fn(*statics), self.pool, lambda: fn(*statics))
 
     def forget(self, cache: object) -> None:
         self.entries = {k: e for k, e in self.entries.items() if k[1][0] != id(cache)}
