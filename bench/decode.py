@@ -9,6 +9,7 @@ import moetandem
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--hf", nargs="*", default=["default"], help="HF experts_implementation values to run")
+    ap.add_argument("--cleanup", action="store_true", help="delete each built checkpoint after its shape (RAM disk)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -120,6 +122,8 @@ def main() -> None:
             r = bench_ours(path, args.device, prompt, args.new_tokens, VARIANTS[name], args.repeats)
             results.append({"shape": shape, "engine": name, **r})
             print(json.dumps(results[-1]), flush=True)
+        if args.cleanup and not args.model:
+            shutil.rmtree(path, ignore_errors=True)
     (args.out / "decode.json").write_text(json.dumps(results, indent=1))
     report(results, args)
 

@@ -45,8 +45,10 @@ def weight_bytes(cfg: dict) -> dict[str, float]:
             "lm_head + embed row": cfg["vocab_size"] * H * 2}
 
 
-def profile(path: Path, steps: int) -> dict:
-    eng = moetandem.load(path, device="cuda", progress=False, use_graphs=False)
+def profile(path: Path, steps: int, graphs: bool = False) -> dict:
+    """graphs: profile the shipped decode path (CUDA graph + torch.compile; CUPTI reports the kernels a graph
+    replay runs) instead of eager steps."""
+    eng = moetandem.load(path, device="cuda", progress=False, use_graphs=graphs, compile="on" if graphs else "off")
     prompt = list(range(2, 34))
     eng.generate([prompt], max_new_tokens=8, stop_on_eos=False)  # warm-up, kernel tuning
     acts = [torch.profiler.ProfilerActivity.CUDA]
@@ -63,8 +65,15 @@ def profile(path: Path, steps: int) -> dict:
             names[r][ev.name[:60]] += 1
     cfg = json.loads((path / "config.json").read_text())
     n_tok = steps + 1  # decode steps profiled (the prefill is one more forward; small next to them)
+    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name[:90]][0] += ev.time_range.elapsed_us() / n_tok
+            kernels[ev.name[:90]][1] += 1 / n_tok
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
     return {"roles": {r: {"us_per_token": t / n_tok, "kernels_per_token": c / n_tok,
                           "top": names[r].most_common(3)} for r, (t, c) in per.items()},
+            "kernels": [{"name": n, "us_per_token": round(t, 2), "per_token": round(c, 2)} for n, (t, c) in top],
             "bytes": weight_bytes(cfg), "layers": cfg["num_hidden_layers"]}
 
 
@@ -74,6 +83,7 @@ def main() -> None:
     ap.add_argument("--ckpt-root", type=Path, default=Path("/dev/shm/moetandem-bench"))
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("out/profile"))
+    ap.add_argument("--graphs", action="store_true", help="profile CUDA graph + torch.compile decode (shipped path)")
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline (H200: 4.8e12)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +93,7 @@ def main() -> None:
         path = args.ckpt_root / shape
         if not (path / "model.safetensors.index.json").exists():
             build_random_checkpoint(shape, path, device="cuda")
-        res = out[shape] = profile(path, args.steps)
+        res = out[shape] = profile(path, args.steps, args.graphs)
         total = sum(v["us_per_token"] for v in res["roles"].values())
         for r, v in sorted(res["roles"].items(), key=lambda kv: -kv[1]["us_per_token"]):
             lines.append(f"| {shape} | {r} | {v['us_per_token']:.1f} | {v['us_per_token'] / res['layers']:.1f} | "
@@ -94,6 +104,8 @@ def main() -> None:
                      f"{sum(v['kernels_per_token'] for v in res['roles'].values()):.0f} |")
         lines.append(f"| {shape} | roofline: {nbytes / 1e9:.2f} GB / token at {args.bandwidth / 1e12:.1f} TB/s | "
                      f"{floor:.1f} | {floor / res['layers']:.1f} | – |")
+        lines += ["", f"top kernels ({shape}): µs / token, launches / token"]
+        lines += [f"  {k['us_per_token']:8.1f} {k['per_token']:6.1f}  {k['name']}" for k in res["kernels"]]
     table = "\n".join(lines)
     print(table)
     (args.out / "profile.md").write_text(table + "\n")

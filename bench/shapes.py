@@ -99,6 +99,15 @@ SHAPES["qwen3-next-80b-a3b-12l"] = dict(
     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=262144,
     rms_norm_eps=1e-6, tie_word_embeddings=False,
     rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25))
+# Gemma-4-26B-A4B (text model; the published config as we read it: 30 layers, 5 sliding : 1 global attention,
+# 128 GELU experts top-8 beside a dense MLP, global layers with 512-dim heads and K = V); -10l: its first 10 layers
+SHAPES["gemma-4-26b-a4b"] = dict(
+    model_type="gemma4_text", vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
+    attention_k_eq_v=True, sliding_window=1024, enable_moe_block=True, num_experts=128, top_k_experts=8,
+    moe_intermediate_size=704, hidden_size_per_layer_input=0, vocab_size_per_layer_input=262144,
+    final_logit_softcapping=30.0, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True)
+SHAPES["gemma-4-26b-a4b-10l"] = {**SHAPES["gemma-4-26b-a4b"], "num_hidden_layers": 10}
 HUB_LAYOUT = ("olmoe", "qwen3_moe")  # written by hand in the per-expert hub layout; the rest via transformers
 
 
