@@ -18,13 +18,26 @@ def expert_pattern(family: Family) -> re.Pattern[str]:
     return re.compile("^(?:" + "|".join(alts) + ")$")
 
 
+def packed_shards(model: torch.nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Checkpoint names that fill rows [a, b) of a packed parameter (e.g. q/k/v_proj -> qkv_proj): each module's
+    `packed` table ({local checkpoint name: (local parameter, a, b)}), with the module prefix added."""
+    out = {}
+    for prefix, m in model.named_modules():
+        for name, (target, a, b) in getattr(m, "packed", {}).items():
+            out[f"{prefix}.{name}" if prefix else name] = (f"{prefix}.{target}" if prefix else target, a, b)
+    return out
+
+
 def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.device, dtype: torch.dtype,
                progress: bool = True) -> MoEForCausalLM:
-    """Instantiate the model without allocating on the host, then fill each parameter from its tensor."""
+    """Instantiate the model without allocating on the host, then fill each parameter from its tensor (a packed
+    parameter from its shards, in place)."""
     with torch.device("meta"):
         model = MoEForCausalLM(args)
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
+    shards = packed_shards(model)
+    pending = {target: {n for n, (t, _, _) in shards.items() if t == target} for target, _, _ in shards.values()}
     fp32 = {f"{mod}.{p}" for mod, m in model.named_modules() if getattr(m, "keep_fp32", False)
             for p, _ in m.named_parameters(recurse=False)}  # routers transformers also keeps in fp32
     experts = expert_pattern(family)
@@ -32,6 +45,21 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
     filled: set[str] = set()
     for hub_name in tqdm(todo, desc="weights", unit="tensor", disable=not progress, leave=False):
         name = family.rename(hub_name)
+        if name in shards:
+            target, a, b = shards[name]
+            t = ckpt.tensor(hub_name)
+            p = params[target]
+            if list(t.shape) != [b - a, *p.shape[1:]]:
+                raise CheckpointError(f"{hub_name} has shape {list(t.shape)}, config.json implies "
+                                      f"{[b - a, *p.shape[1:]]}")
+            with torch.no_grad():
+                if p.dtype != dtype:
+                    p.data = torch.empty(p.shape, device=device, dtype=dtype)
+                p.data[a:b].copy_(t)
+            pending[target].discard(name)
+            if not pending[target]:
+                filled.add(target)
+            continue
         if name not in params:
             continue  # e.g. stale rotary buffers some exporters save
         t = ckpt.tensor(hub_name)

@@ -7,7 +7,7 @@ layer's device tables slot_table [E] / sub_slot [E] / near_slot [E]) -> `Assignm
 | name | skip below τ | substitute | remaining misses, eager step | … inside a CUDA graph | refresh |
 |---|---|---|---|---|---|
 | exact / auto, fetch, host | – | – | fetch / host compute (cost model for auto) | (never captured) | yes |
-| balanced | τ=0.05 | similarity ≥ 0.5 | fetch / host (cost model) | deferred | yes |
+| balanced | τ=0.05 | similarity ≥ 0.5 | the token's top expert: fetch / host; the rest deferred | top: zero-copy | yes |
 | fast | τ=0.1, resident too | any resident | fetch / host (cost model) | deferred | yes |
 | substitute | – | any resident | fetch / host (cost model) | deferred | yes |
 | skip | τ (default 0.1) | – | fetch / host (cost model) | deferred | yes |
@@ -64,6 +64,9 @@ class MissPolicy:
     refresh: bool = True  # committee refreshed from importance (False: static / LRU baselines)
     lru: bool = False  # fetched experts evict the least recently used slot (mixtral-offloading)
     graph: bool = False  # may be captured into a CUDA graph: there, misses left for the host are deferred
+    #: only a token's `exact_top` largest-weight assignments get exact miss handling (fetch, host, zero-copy);
+    #: its other remaining misses are deferred (None: every remaining miss is exact)
+    exact_top: int | None = None
 
     def __post_init__(self) -> None:
         if self.exact not in EXACT:
@@ -79,7 +82,7 @@ class MissPolicy:
         if fidelity == "exact":
             return MissPolicy()
         if fidelity == "balanced":
-            return MissPolicy(skip_below=0.05, substitute_min_sim=0.5, graph=True)
+            return MissPolicy(skip_below=0.05, substitute_min_sim=0.5, graph=True, exact_top=1)
         if fidelity == "fast":
             return MissPolicy(skip_below=0.1, skip_resident=True, substitute_min_sim=-1.0, graph=True)
         raise InvalidRequestError(f"unknown fidelity {fidelity!r}; choose one of {', '.join(FIDELITY)}")
@@ -124,7 +127,12 @@ class MissPolicy:
         subbed = ~hit & ~dropped & (sub >= 0)
         exact = ~hit & ~dropped & ~subbed  # misses left for the host (or deferred)
         slot = torch.where(hit, res, torch.where(subbed, sub, -1))  # [T, k]
-        keep = (hit & ~dropped) | subbed | (exact & (not defer))
+        if self.exact_top is not None:  # past a token's top assignments, remaining misses are deferred
+            rank = torch.argsort(torch.argsort(g, dim=1, descending=True, stable=True), dim=1)  # [T, k] 0 = largest
+            late = rank >= self.exact_top
+        else:
+            late = torch.zeros_like(hit)
+        keep = (hit & ~dropped) | subbed | (exact & ~late & (not defer))
         # never drop a whole token: its top assignment comes back from its slot, a substitute, the nearest
         # resident expert (graph-safe) or the host (exact policies)
         none = ~keep.any(dim=1)  # [T]

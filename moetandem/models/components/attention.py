@@ -45,9 +45,14 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
         self.gated = s.output_gate
-        self.q_proj = nn.Linear(hidden, s.num_heads * s.head_dim * (2 if s.output_gate else 1), bias=s.qkv_bias)
-        self.k_proj = nn.Linear(hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.v_proj = nn.Linear(hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
+        nq, nk = s.num_heads * s.head_dim * (2 if s.output_gate else 1), s.num_kv_heads * s.head_dim
+        self.qkv_sizes = [nq, nk, nk]
+        # one projection for q, k and v (one GEMV reading 3 matrices at a time instead of three launches);
+        # the checkpoint's q/k/v_proj fill its rows (the loader reads `packed`)
+        self.qkv_proj = nn.Linear(hidden, nq + 2 * nk, bias=s.qkv_bias)
+        rows = {"q_proj": (0, nq), "k_proj": (nq, nq + nk), "v_proj": (nq + nk, nq + 2 * nk)}
+        kinds = ("weight", "bias") if s.qkv_bias else ("weight",)
+        self.packed = {f"{n}.{w}": (f"qkv_proj.{w}", a, b) for n, (a, b) in rows.items() for w in kinds}
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, hidden, bias=s.o_bias)
         self.qk_norm, self.clip_qkv = s.qk_norm, s.clip_qkv
         if s.qk_norm == "head":
@@ -61,7 +66,7 @@ class Attention(nn.Module):
         # x [B, L, H]; cache k/v [R, S, n_kv, D]; rows [B] = cache row of each sequence (None: row b);
         # pos [B, L]; mask [B, 1, L, kv_len] (True = may attend)
         B, L, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, L, nH*D], [B, L, nKV*D] x2
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # [B, L, nH*D], [B, L, nKV*D] x2
         gate = None
         if self.gated:  # per head [q | gate]
             q, gate = q.view(B, L, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [B, L, nH, D] each

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetandem.kernels.router import route_topk
+
 
 class Router(nn.Module):
     #: routing hooks (moetandem.gating) re-route from softmax(logits); False where that is not the model's rule
@@ -49,10 +51,7 @@ class SoftmaxTopKRouter(Router):
         self.norm_topk_prob = norm_topk_prob
 
     def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(logits.float(), dim=-1)  # [T, E]
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        ids, weights = route_topk(logits, self.top_k, "softmax_topk", self.norm_topk_prob)  # [T, k] each
         return ids, weights.to(dtype)
 
 
@@ -69,8 +68,8 @@ class TopKSoftmaxRouter(Router):
     softmax_logits = False
 
     def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        top, ids = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
-        return ids, F.softmax(top.float(), dim=-1).to(dtype)
+        ids, weights = route_topk(logits, self.top_k, "topk_softmax")  # [T, k] each
+        return ids, weights.to(dtype)
 
 
 def _group_mask(scores: torch.Tensor, n_group: int, topk_group: int, per_group: str) -> torch.Tensor:
@@ -167,8 +166,8 @@ class ScaledSoftmaxTopKRouter(Router):
         return F.linear(h * self.scale * x.shape[-1] ** -0.5, self.weight)  # [T, E]
 
     def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)  # [T, k]
-        weights = weights / weights.sum(dim=-1, keepdim=True) * self.per_expert_scale[ids]
+        ids, weights = route_topk(logits, self.top_k, "softmax_topk", renorm=True)  # [T, k] each
+        weights = weights * self.per_expert_scale[ids]
         return ids, weights.to(dtype)
 
 
