@@ -94,7 +94,8 @@ def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], 
                 req = engine.make_sequence(ids, max_new, temperature, top_p, seed, stop_on_eos=not body.ignore_eos)
                 req.top_logprobs = body.logprob_count()
                 attach(req, processors(loop, body, plan, max_new))
-                stream = TextStream(engine.tokenizer, ids) if engine.tokenizer is not None else None
+                stream = (TextStream(engine.tokenizer, ids, skip_special=not (plan is not None and plan.harmony))
+                          if engine.tokenizer is not None else None)
                 jobs.append(Job(req, p * body.n + k, queue, aloop, stops, stream=stream))
         except ContextLengthError as e:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
