@@ -177,6 +177,26 @@ def test_app_returns_the_final_channel(client: "openai.OpenAI", script: Any) -> 
         assert c.finish_reason == "stop" and c.message.content == "It is sunny in Paris." and not c.message.tool_calls
         streamed = client.chat.completions.create(model="oss", messages=messages, max_tokens=80, stream=True, **kw)
         assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == "It is sunny in Paris."
-    with pytest.raises(openai.BadRequestError, match="harmony"):
-        client.chat.completions.create(model="oss", messages=USER, tools=[WEATHER], tool_choice="required",
-                                       max_tokens=8)
+
+
+def test_required_and_named_tool_choice_force_a_harmony_call(client: "openai.OpenAI") -> None:
+    """No script: the random model writes what the grammar allows, one harmony call with schema-valid arguments."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    time = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, time)}
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice, seed in (("required", 1), ("required", 2), (named, 3)):
+        kw: dict[str, Any] = {"messages": USER, "tools": [WEATHER, time], "tool_choice": choice, "max_tokens": 60,
+                              "temperature": 1.0, "seed": seed}
+        c = client.chat.completions.create(model="oss", **kw).choices[0]
+        assert c.finish_reason == "tool_calls", c.message
+        (call,) = c.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        assert choice == "required" or call.function.name == "get_time"
+        deltas = [ch.choices[0].delta for ch in client.chat.completions.create(model="oss", stream=True, **kw)
+                  if ch.choices]
+        (streamed,) = [t for d in deltas for t in d.tool_calls or []]
+        assert (streamed.function.name, streamed.function.arguments) == (call.function.name,
+                                                                         call.function.arguments)

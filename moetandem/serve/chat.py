@@ -12,8 +12,8 @@ from moetandem.serve.harmony import HarmonyParser, is_harmony
 from moetandem.serve.harmony import parse_all as parse_harmony
 from moetandem.serve.loop import EngineLoop
 from moetandem.serve.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
-from moetandem.serve.structured import (Constraint, GrammarError, grammar_tokenizer, json_grammar,
-                                        tool_grammar)
+from moetandem.serve.structured import (Constraint, GrammarError, grammar_tokenizer, harmony_tool_grammar,
+                                        json_grammar, tool_grammar)
 from moetandem.serve.tools import ToolCallParser, parse_all
 
 @dataclass
@@ -34,9 +34,6 @@ def plan_chat(loop: EngineLoop, body: ChatCompletionRequest) -> ChatPlan:
     plan = ChatPlan(parallel=body.parallel_tool_calls,
                     harmony=is_harmony(str(getattr(tok, "chat_template", None) or "")))
     choice = body.tool_choice
-    if plan.harmony and body.tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
-        raise APIError(400, "tool_choice 'required' or a named function is not supported with gpt-oss's harmony "
-                            "format yet; use 'auto' (calls are parsed from the output)", param="tool_choice")
     if body.tools and choice != "none":
         plan.tools = [t.function.model_dump(exclude_none=True, exclude={"strict"}) for t in body.tools]
         plan.tools = [{"type": "function", "function": f} for f in plan.tools]
@@ -45,8 +42,9 @@ def plan_chat(loop: EngineLoop, body: ChatCompletionRequest) -> ChatPlan:
             picked = [t.function for t in body.tools
                       if not isinstance(choice, NamedToolChoice) or t.function.name == choice.function.name]
             plan.parallel = plan.parallel and not isinstance(choice, NamedToolChoice)
-            plan.grammar = _grammar(lambda: tool_grammar([(f.name, f.parameters) for f in picked], plan.parallel),
-                                    "tool_choice")
+            functions = [(f.name, f.parameters) for f in picked]
+            plan.grammar = _grammar(lambda: harmony_tool_grammar(functions) if plan.harmony
+                                    else tool_grammar(functions, plan.parallel), "tool_choice")
             plan.grammar_param = "tool_choice"
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":

@@ -43,6 +43,7 @@ class ModelList(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, description="gpt-oss (harmony): the analysis channel")
     tool_calls: list[ToolCall] | None = None
 
 
