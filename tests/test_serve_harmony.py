@@ -83,6 +83,7 @@ def test_what_is_not_a_call_stays_text() -> None:
     assert parse_all(unknown, NAMES) == ('{"city": "Paris"}', None, [])
     assert parse_all(CALL.replace('{"city": "Paris"}', "not json"), NAMES) == ("not json", None, [])
     assert parse_all(CALL, None) == ('{"city": "Paris"}', None, [])  # no tools in the request
+    assert parse_all('{"a": 1}<|return|>', NAMES) == ('{"a": 1}', None, [])  # no header: content to its end
     # a preamble on commentary without recipient is content; a header that never got its body is dropped
     assert parse_all("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>final",
                      NAMES) == ("Checking.", None, [])
@@ -200,3 +201,14 @@ def test_required_and_named_tool_choice_force_a_harmony_call(client: "openai.Ope
         (streamed,) = [t for d in deltas for t in d.tool_calls or []]
         assert (streamed.function.name, streamed.function.arguments) == (call.function.name,
                                                                          call.function.arguments)
+
+
+def test_response_format_with_harmony_is_plain_json(client: "openai.OpenAI") -> None:
+    """The JSON grammar starts the output at the JSON itself (no channel header): the parser passes it on."""
+    pytest.importorskip("llguidance")
+    for stream in (False, True):
+        r = client.chat.completions.create(model="oss", messages=USER, response_format={"type": "json_object"},
+                                           max_tokens=40, seed=5, stream=stream)
+        text = ("".join(ch.choices[0].delta.content or "" for ch in r if ch.choices) if stream
+                else r.choices[0].message.content)
+        assert isinstance(json.loads(text), dict)

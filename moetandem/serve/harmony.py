@@ -11,8 +11,8 @@ A header (up to `<|message|>`) names the channel and, for a tool call, the recip
 or after the channel); the body runs to `<|end|>`, `<|call|>` or `<|return|>`. The `final` channel (and
 `commentary` without a recipient, the preamble the user sees) is content, `analysis` is reasoning, a body addressed
 to `functions.NAME` with a name in the request's tools is a tool call. A call whose arguments are not a JSON object,
-or to a function not in the tools, stays content (its body, as written). Text without any harmony header (a model
-that ignores the format) is content as it comes. Same interface as `tools.ToolCallParser`, incremental for streams:
+or to a function not in the tools, stays content (its body, as written). Output that starts without a header (a
+model that ignores the format, or JSON forced by a grammar) is one content message up to its end marker. Same interface as `tools.ToolCallParser`, incremental for streams:
 a possible start of a marker is held back until decided, a call is handed out whole once its body ends."""
 from __future__ import annotations
 
@@ -51,7 +51,6 @@ class HarmonyParser:
         self.names, self.parallel = names or set(), parallel
         self.buf = ""
         self.header: str | None = None  # the open message's header; None while reading one
-        self.plain = False  # no harmony in sight: everything is content
         self.seen = False  # at least one message header was read
         self.calls: list[dict[str, Any]] = []
 
@@ -59,17 +58,12 @@ class HarmonyParser:
         self.buf += text
         items: list[tuple[str, Any]] = []
         while True:
-            if self.plain:
-                if self.buf:
-                    items.append(("content", self.buf))
-                self.buf = ""
-                return items
             if self.header is None:
                 at = self.buf.find(MESSAGE)
                 if at < 0:
                     lead = self.buf.lstrip()
                     if not self.seen and lead and not any(s.startswith(lead[: len(s)]) for s in HEADER_STARTS):
-                        self.plain = True  # the model does not write harmony
+                        self.header, self.seen = "", True  # no header: a content message (up to an end marker)
                         continue
                     if final:  # a header that never got its body: nothing to show
                         self.buf = ""
