@@ -217,3 +217,33 @@ def test_no_logprob_work_when_nobody_asks(model_dir: Path, monkeypatch: pytest.M
     plain = run(False)
     assert calls == []
     assert run(True) == plain and calls == [1] * 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_logprobs_equal_a_full_forward(model_dir: Path) -> None:
+    """On CUDA the decode step is a graph replay whose logits buffer is reused: the logprobs read from it equal
+    a full forward's (scoring.score), and asking for them changes no token."""
+    import moetandem
+    from moetandem.serve.scoring import score
+    engine = moetandem.load(model_dir, device="cuda", dtype="float32", progress=False)
+    assert engine.graphs is not None
+
+    def run(ask: bool) -> list[Any]:
+        b = Batcher(engine, max_batch=3, max_len=64)
+        seqs = [engine.make_sequence(p, 12, stop_on_eos=False) for p in ([1, 2, 3], [4, 5], [6, 7, 8, 9])]
+        if ask:
+            seqs[0].top_logprobs, seqs[2].top_logprobs = 3, 0
+        b.add(seqs)
+        while b.active:
+            b.step()
+        return seqs
+
+    plain, asked = run(False), run(True)
+    assert [s.out for s in plain] == [s.out for s in asked]
+    for s in (asked[0], asked[2]):
+        (full,) = score(engine, [s.prompt + s.out], 3)
+        want = full[len(s.prompt) - 1:]  # the generated tokens' entries
+        assert [e.token for e in s.logprobs] == [e.token for e in want] == s.out
+        torch.testing.assert_close(torch.tensor([e.logprob for e in s.logprobs]),
+                                   torch.tensor([e.logprob for e in want]), atol=1e-3, rtol=0)
