@@ -1,5 +1,5 @@
 """From a validated request body to sequences in the engine loop, and from their events to an OpenAI response
-(one JSON body, or server-sent events ending in ``data: [DONE]``)."""
+(one JSON body here, or server-sent events by `serve/stream.py`)."""
 from __future__ import annotations
 
 import asyncio
@@ -149,6 +149,7 @@ async def _events(request: HTTPRequest, loop: EngineLoop, jobs: list[Job]) -> As
 
 
 async def echo_of(loop: EngineLoop, body: CompletionRequest, prompts: list[list[int]]) -> Echo:
+    """The prompts as `echo` shows them (text as sent, token ids decoded) and, with logprobs, their scores."""
     tok = loop.engine.tokenizer
     k = body.logprob_count()
     scored = await prompt_logprobs(loop, prompts, k) if k is not None else None
