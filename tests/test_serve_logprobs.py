@@ -247,3 +247,18 @@ def test_cuda_graph_step_logprobs_equal_a_full_forward(model_dir: Path) -> None:
         assert [e.token for e in s.logprobs] == [e.token for e in want] == s.out
         torch.testing.assert_close(torch.tensor([e.logprob for e in s.logprobs]),
                                    torch.tensor([e.logprob for e in want]), atol=1e-3, rtol=0)
+
+
+def test_token_bytes_are_the_tokens_own(model_dir: Path) -> None:
+    """Tokens holding part of a UTF-8 character decode to U+FFFD; their `bytes` are still their own, so the
+    bytes of a text's tokens joined are the text's."""
+    from transformers import AutoTokenizer
+    from moetandem.serve.logprobs import chat_logprobs
+    from moetandem.sampling import TokenLogprob
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = "é€ hello"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    content = chat_logprobs(tok, [TokenLogprob(t, -1.0, [(t, -1.0)]) for t in ids])["content"]
+    assert any(c["token"] == "\ufffd" for c in content)  # the test means something: split characters
+    assert bytes(b for c in content for b in c["bytes"]).decode() == text
+    assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)

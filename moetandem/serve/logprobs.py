@@ -5,6 +5,8 @@ has `null` logprob and alternatives. Chat: `{"content": [{token, logprob, bytes,
 from the sampler (`TokenLogprob`, generated tokens) or the scoring forward (an echoed prompt)."""
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 from moetandem.sampling import TokenLogprob
@@ -12,6 +14,32 @@ from moetandem.sampling import TokenLogprob
 
 def token_text(tokenizer: Any, tok: int) -> str:
     return str(tok) if tokenizer is None else tokenizer.decode([tok])
+
+
+@functools.cache
+def _byte_level() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (a printable character per byte) -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+def token_bytes(tokenizer: Any, tok: int, text: str) -> list[int]:
+    """The token's own bytes. A token holding part of a UTF-8 character decodes to U+FFFD; then its bytes come
+    from the vocabulary entry: byte-level BPE ("Ġ" = space, ...) or SentencePiece byte fallback ("<0xE2>")."""
+    if "\ufffd" in text and tokenizer is not None:
+        piece = tokenizer.convert_ids_to_tokens(tok)
+        if isinstance(piece, str):
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                return [int(piece[3:5], 16)]
+            table = _byte_level()
+            if piece and all(c in table for c in piece):
+                return [table[c] for c in piece]
+    return list(text.encode("utf-8", "replace"))
 
 
 def _top_dict(tokenizer: Any, top: list[tuple[int, float]]) -> dict[str, float]:
@@ -47,7 +75,7 @@ def chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]
     """The chat shape."""
     def entry(t: int, lp: float) -> dict[str, Any]:
         s = token_text(tokenizer, t)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
+        return {"token": s, "logprob": lp, "bytes": token_bytes(tokenizer, t, s)}
 
     return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
                         for e in entries]}
