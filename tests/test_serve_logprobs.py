@@ -262,3 +262,15 @@ def test_token_bytes_are_the_tokens_own(model_dir: Path) -> None:
     assert any(c["token"] == "\ufffd" for c in content)  # the test means something: split characters
     assert bytes(b for c in content for b in c["bytes"]).decode() == text
     assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)
+
+
+def test_streamed_logprobs_per_choice_with_n(server: ServerThread) -> None:
+    body = {"prompt": [PROMPT], "max_tokens": 6, "logprobs": 1, "n": 3, "temperature": 0.8, "seed": 7,
+            "ignore_eos": True}
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    whole = post(server, "/v1/completions", body)["choices"]
+    chunks = sse(server, "/v1/completions", body)
+    for c in whole:
+        mine = [ch for ch in chunks if ch["choices"] and ch["choices"][0]["index"] == c["index"]]
+        assert joined(mine, keys) == {k: c["logprobs"][k] for k in keys}
+        assert len(c["logprobs"]["tokens"]) == 6
