@@ -10,7 +10,7 @@ import torch
 
 from moetandem.errors import ContextLengthError
 from moetandem.models import KVCache
-from moetandem.sampling import sample
+from moetandem.sampling import TokenLogprob, sample, token_logprobs
 
 if TYPE_CHECKING:
     from moetandem.engine import Engine
@@ -32,6 +32,10 @@ class Request:
     #: grammar mask); `accept` then sees the token chosen. Sequences without one are untouched.
     logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None
     accept: Callable[[int], None] | None = None
+    #: None: no log-probabilities; k >= 0: `logprobs[i]` is out[i]'s logprob under the model's raw distribution
+    #: (the step's logits before the hook, temperature and top-p) with its k best alternatives
+    top_logprobs: int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -116,6 +120,7 @@ class Batcher:
 
     def _emit(self, seqs: list[Request], logits: torch.Tensor) -> list[tuple[Request, int]]:
         # logits [A, V]; greedy rows share one argmax, sampled rows use their own generator
+        raw = logits
         if any(s.logits_processor is not None for s in seqs):
             logits = logits.clone()  # may be a CUDA-graph output buffer
             for i, s in enumerate(seqs):
@@ -128,6 +133,12 @@ class Batcher:
                     toks[i] = int(sample(logits[i: i + 1], s.temperature, s.top_p, s.generator)[0])
                 except RuntimeError:  # e.g. non-finite probabilities: this row falls back to greedy, others go on
                     pass
+        want = [i for i, s in enumerate(seqs) if s.top_logprobs is not None]
+        if want:  # only then: one more read-back in this step
+            k = max(seqs[i].top_logprobs or 0 for i in want)
+            rows = raw if len(want) == len(seqs) else raw[torch.tensor(want, device=raw.device)]  # [W, V]
+            for i, lp in zip(want, token_logprobs(rows, [toks[i] for i in want], k)):
+                seqs[i].logprobs.append(lp._replace(top=lp.top[: seqs[i].top_logprobs]))
         events = []
         for s, tok in zip(seqs, toks):
             s.out.append(tok)

@@ -12,10 +12,12 @@ class TextStream:
     Decodes a short window (a few tokens of context + the pending ones) rather than everything so far, and prints
     the part beyond the context. A piece is held back while it ends in U+FFFD: with byte-level BPE one character can
     span several tokens, and printing early would print a replacement char. Seeding the context with the prompt's
-    last tokens keeps the leading space SentencePiece tokenizers drop at the start of a decode."""
+    last tokens keeps the leading space SentencePiece tokenizers drop at the start of a decode. Special tokens are
+    left out unless `skip_special` is False (gpt-oss's harmony markers are special tokens its parser needs)."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), context: int = 6) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), context: int = 6,
+                 skip_special: bool = True) -> None:
+        self.tokenizer, self.skip_special = tokenizer, skip_special
         self.ids: list[int] = list(prompt_ids[-context:]) if context > 0 else []
         self.prefix = 0  # ids[prefix:read] is context already printed
         self.read = len(self.ids)
@@ -38,4 +40,6 @@ class TextStream:
         return text[len(shown):]
 
     def _decode(self, start: int, stop: int) -> str:
-        return self.tokenizer.decode(self.ids[start:stop], skip_special_tokens=True) if stop > start else ""
+        if stop <= start:
+            return ""
+        return self.tokenizer.decode(self.ids[start:stop], skip_special_tokens=self.skip_special)

@@ -8,28 +8,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moetandem.serve.errors import APIError
+from moetandem.serve.harmony import HarmonyParser, is_harmony
+from moetandem.serve.harmony import parse_all as parse_harmony
 from moetandem.serve.loop import EngineLoop
 from moetandem.serve.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
-from moetandem.serve.structured import (Constraint, GrammarError, grammar_tokenizer, json_grammar,
-                                        tool_grammar)
+from moetandem.serve.structured import (Constraint, GrammarError, grammar_tokenizer, harmony_tool_grammar,
+                                        json_grammar, tool_grammar)
 from moetandem.serve.tools import ToolCallParser, parse_all
-
-HARMONY_MARKERS = ("<|channel|>", "<|start|>")  # gpt-oss's harmony format
-
 
 @dataclass
 class ChatPlan:
     """What a chat request asks beyond text: the tool names whose calls are parsed (None: no parsing), whether
-    several calls may come, and the grammar every choice is held to (None: free text)."""
+    several calls may come, the grammar every choice is held to (None: free text), and whether the model writes
+    harmony (gpt-oss: its output is parsed into content, reasoning and calls, special tokens kept in the text)."""
     tool_names: set[str] | None = None
     parallel: bool = True
     grammar: str | None = None
     grammar_param: str = "response_format"
     tools: list[dict[str, Any]] = field(default_factory=list)
+    harmony: bool = False
 
 
 def plan_chat(loop: EngineLoop, body: ChatCompletionRequest) -> ChatPlan:
-    plan = ChatPlan(parallel=body.parallel_tool_calls)
+    tok = loop.engine.tokenizer
+    plan = ChatPlan(parallel=body.parallel_tool_calls,
+                    harmony=is_harmony(str(getattr(tok, "chat_template", None) or "")))
     choice = body.tool_choice
     if body.tools and choice != "none":
         plan.tools = [t.function.model_dump(exclude_none=True, exclude={"strict"}) for t in body.tools]
@@ -39,8 +42,9 @@ def plan_chat(loop: EngineLoop, body: ChatCompletionRequest) -> ChatPlan:
             picked = [t.function for t in body.tools
                       if not isinstance(choice, NamedToolChoice) or t.function.name == choice.function.name]
             plan.parallel = plan.parallel and not isinstance(choice, NamedToolChoice)
-            plan.grammar = _grammar(lambda: tool_grammar([(f.name, f.parameters) for f in picked], plan.parallel),
-                                    "tool_choice")
+            functions = [(f.name, f.parameters) for f in picked]
+            plan.grammar = _grammar(lambda: harmony_tool_grammar(functions) if plan.harmony
+                                    else tool_grammar(functions, plan.parallel), "tool_choice")
             plan.grammar_param = "tool_choice"
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":
@@ -86,9 +90,6 @@ def chat_prompt(loop: EngineLoop, body: ChatCompletionRequest, plan: ChatPlan) -
     template = getattr(tok, "chat_template", None)
     if not template:
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-    if plan.tools and any(m in str(template) for m in HARMONY_MARKERS):
-        raise APIError(400, "tool calls in gpt-oss's harmony format are not supported by this server yet",
-                       param="tools")
     if plan.tools and "tools" not in str(template):
         raise APIError(400, "this model's chat template does not render tools, so the model cannot be told about "
                             "them; send the request without tools", param="tools")
@@ -116,20 +117,33 @@ def constraint(loop: EngineLoop, plan: ChatPlan, max_new: int) -> Constraint | N
 
 def message(plan: ChatPlan, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
     """A choice's whole text -> (assistant message, finish_reason)."""
+    if plan.harmony:
+        content, reasoning, calls = parse_harmony(text, plan.tool_names, plan.parallel)
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
+        if calls:
+            msg["tool_calls"] = calls
+        return msg, "tool_calls" if calls else finish
     if plan.tool_names is None:
         return {"role": "assistant", "content": text}, finish
     content, calls = parse_all(text, plan.tool_names, plan.parallel)
-    msg: dict[str, Any] = {"role": "assistant", "content": content}
+    msg = {"role": "assistant", "content": content}
     if calls:
         msg["tool_calls"] = calls
     return msg, "tool_calls" if calls else finish
 
 
 class ChatDeltas:
-    """A streamed choice's text pieces -> OpenAI delta objects (content, or one tool call each)."""
+    """A streamed choice's text pieces -> OpenAI delta objects (content, reasoning_content, or one tool call
+    each)."""
 
     def __init__(self, plan: ChatPlan) -> None:
-        self.parser = ToolCallParser(plan.tool_names, plan.parallel) if plan.tool_names is not None else None
+        self.parser: ToolCallParser | HarmonyParser | None = None
+        if plan.harmony:
+            self.parser = HarmonyParser(plan.tool_names, plan.parallel)
+        elif plan.tool_names is not None:
+            self.parser = ToolCallParser(plan.tool_names, plan.parallel)
         self.ncalls = 0
 
     def feed(self, text: str, final: bool = False) -> list[dict[str, Any]]:
@@ -139,6 +153,8 @@ class ChatDeltas:
         for kind, x in self.parser.feed(text, final):
             if kind == "content":
                 out.append({"content": x})
+            elif kind == "reasoning":
+                out.append({"reasoning_content": x})
             else:
                 out.append({"tool_calls": [{"index": self.ncalls, **x}]})
                 self.ncalls += 1

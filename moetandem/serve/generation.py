@@ -1,31 +1,31 @@
 """From a validated request body to sequences in the engine loop, and from their events to an OpenAI response
-(one JSON body, or server-sent events ending in ``data: [DONE]``)."""
+(one JSON body here, or server-sent events by `serve/stream.py`)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any, Literal
+from typing import Any
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from moetandem.errors import ContextLengthError, InvalidRequestError
-from moetandem.serve.chat import ChatDeltas, ChatPlan, constraint, message
+from moetandem.sampling import TokenLogprob
+from moetandem.serve.chat import ChatPlan, constraint, message
 from moetandem.serve.errors import APIError
+from moetandem.serve.logprobs import completion_logprobs, text_length
 from moetandem.serve.loop import EngineLoop
 from moetandem.serve.processors import Penalties, Processor, attach
 from moetandem.serve.protocol import CompletionRequest, SamplingParams
-from moetandem.serve.responses import chat_chunk, completion_chunk
-from moetandem.serve.scoring import request_logprobs
 from moetandem.serve.scheduler import Draining, EngineDead, NeverFits, QueueFull
+from moetandem.serve.scoring import prompt_logprobs
 from moetandem.serve.sequence import ERROR_STATUS, Event, Job
+from moetandem.serve.stream import Echo, Kind, Stream, shape_logprobs, usage
 from moetandem.streaming import TextStream
 
-Kind = Literal["chat", "completion"]
 DISCONNECTED = object()  # put on a request's event queue when its client goes away
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy decoding
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -92,8 +92,10 @@ def make_jobs(loop: EngineLoop, body: SamplingParams, prompts: list[list[int]], 
             for k in range(body.n):
                 seed = None if body.seed is None else (body.seed + k) % 2**64
                 req = engine.make_sequence(ids, max_new, temperature, top_p, seed, stop_on_eos=not body.ignore_eos)
+                req.top_logprobs = body.logprob_count()
                 attach(req, processors(loop, body, plan, max_new))
-                stream = TextStream(engine.tokenizer, ids) if engine.tokenizer is not None else None
+                stream = (TextStream(engine.tokenizer, ids, skip_special=not (plan is not None and plan.harmony))
+                          if engine.tokenizer is not None else None)
                 jobs.append(Job(req, p * body.n + k, queue, aloop, stops, stream=stream))
         except ContextLengthError as e:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
@@ -146,10 +148,17 @@ async def _events(request: HTTPRequest, loop: EngineLoop, jobs: list[Job]) -> As
             loop.cancel(jobs)
 
 
-def usage(prompts: list[list[int]], jobs: list[Job]) -> dict[str, int]:
-    p = sum(len(ids) for ids in prompts)
-    c = sum(j.tokens for j in jobs)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+async def echo_of(loop: EngineLoop, body: CompletionRequest, prompts: list[list[int]]) -> Echo:
+    """The prompts as `echo` shows them (text as sent, token ids decoded) and, with logprobs, their scores."""
+    tok = loop.engine.tokenizer
+    k = body.logprob_count()
+    scored = await prompt_logprobs(loop, prompts, k) if k is not None else None
+    with loop.tokenizer_lock:
+        texts = [p if isinstance(p, str) else tok.decode(p) if tok is not None else " ".join(map(str, p))
+                 for p in body.prompts()]
+        shaped = None if scored is None else [completion_logprobs(tok, e, first=ids[0])
+                                              for ids, e in zip(prompts, scored)]
+    return Echo(texts, shaped)
 
 
 async def respond(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, body: SamplingParams,
@@ -159,93 +168,43 @@ async def respond(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind
         raise APIError(400, "max_tokens 0 generates nothing; it is only allowed with echo (to score the prompt)",
                        param="max_tokens")
     jobs = make_jobs(loop, body, prompts, param, plan)
+    echoed = await echo_of(loop, body, prompts) if echo else None  # type: ignore[arg-type]
     if jobs:
         submit(loop, jobs)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(_sse(request, loop, model, kind, body, prompts, jobs, rid, created, plan),
+        sse = Stream(loop, model, kind, body, prompts, jobs, rid, created, plan, echoed)
+        return StreamingResponse(sse.events(_events(request, loop, jobs) if jobs else None),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     count = len(prompts) * body.n
     texts = [""] * count
     finishes: list[str | None] = [None if jobs else "length"] * count
+    generated: list[list[TokenLogprob]] = [[] for _ in range(count)]
     if jobs:
         async with aclosing(_events(request, loop, jobs)) as events:
             async for ev in events:
                 texts[ev.choice] += ev.text
+                generated[ev.choice] += ev.logprobs or []
                 if ev.error is not None:
                     raise APIError(ERROR_STATUS.get(ev.code, 500), ev.error, type="server_error", code=ev.code)
                 finishes[ev.choice] = ev.finish
     if any(f is None for f in finishes):
         return Response(status_code=499)  # the client is gone; nobody reads this
-    logprobs = await request_logprobs(loop, kind, body, prompts, jobs)
+    want = body.logprob_count() is not None
     if kind == "chat":
         shaped = [message(plan or ChatPlan(), t, f) for t, f in zip(texts, finishes)]
-        choices: list[dict[str, Any]] = [{"index": i, "message": msg, "logprobs": lp, "finish_reason": f}
-                                         for i, ((msg, f), lp) in enumerate(zip(shaped, logprobs))]
+        choices: list[dict[str, Any]] = [
+            {"index": i, "message": msg, "logprobs": shape_logprobs(loop, kind, lp) if want else None,
+             "finish_reason": f} for i, ((msg, f), lp) in enumerate(zip(shaped, generated))]
     else:
-        if echo:
-            shown = _prompt_texts(loop, body)  # type: ignore[arg-type]
-            texts = [shown[i // body.n] + t for i, t in enumerate(texts)]
-        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": f}
-                   for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))]
+        choices = []
+        for i, (t, f, lp) in enumerate(zip(texts, finishes, generated)):
+            head = echoed.logprobs[i // body.n] if echoed is not None and echoed.logprobs is not None else None
+            obj = shape_logprobs(loop, kind, lp, text_length(head) if head else 0) if want else None
+            if head is not None and obj is not None:
+                obj = {key: head[key] + obj[key] for key in obj}
+            choices.append({"index": i, "text": (echoed.texts[i // body.n] if echoed else "") + t, "logprobs": obj,
+                            "finish_reason": f})
     return JSONResponse({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                          "created": created, "model": model, "choices": choices, "usage": usage(prompts, jobs)})
-
-
-def _prompt_texts(loop: EngineLoop, body: CompletionRequest) -> list[str]:
-    """The prompts as `echo` shows them: text as sent, token ids decoded."""
-    tok = loop.engine.tokenizer
-    with loop.tokenizer_lock:
-        return [p if isinstance(p, str) else tok.decode(p) if tok is not None else " ".join(map(str, p))
-                for p in body.prompts()]
-
-
-def _data(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-async def _sse(request: HTTPRequest, loop: EngineLoop, model: str, kind: Kind, body: SamplingParams,
-               prompts: list[list[int]], jobs: list[Job], rid: str, created: int,
-               plan: ChatPlan | None) -> AsyncIterator[str]:
-    with_usage = body.include_usage()
-    deltas = {j.index: ChatDeltas(plan or ChatPlan()) for j in jobs} if kind == "chat" else {}
-
-    def emit(obj: dict[str, Any]) -> str:
-        if with_usage:
-            obj["usage"] = None
-        return _data(obj)
-
-    def chunks(index: int, text: str, finish: str | None) -> Iterator[str]:
-        if kind != "chat":
-            if text or finish is None:
-                yield emit(completion_chunk(rid, created, model, index, text, None))
-            if finish is not None:
-                yield emit(completion_chunk(rid, created, model, index, "", finish))
-            return
-        d = deltas[index]
-        for delta in d.feed(text, final=finish is not None):
-            yield emit(chat_chunk(rid, created, model, index, delta, None))
-        if finish is not None:
-            yield emit(chat_chunk(rid, created, model, index, {}, d.finish_reason(finish)))
-
-    if kind == "chat":
-        for j in jobs:
-            yield emit(chat_chunk(rid, created, model, j.index, {"role": "assistant", "content": ""}, None))
-    ended = 0
-    async with aclosing(_events(request, loop, jobs)) as events:
-        async for ev in events:
-            ended += ev.finish is not None
-            if ev.error is not None:
-                yield _data({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                       "code": ev.code}})
-                continue
-            if ev.text or ev.finish is not None:
-                for c in chunks(ev.choice, ev.text, ev.finish):
-                    yield c
-    if ended < len(jobs):
-        return  # the client left
-    if with_usage:
-        yield _data({"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                     "created": created, "model": model, "choices": [], "usage": usage(prompts, jobs)})
-    yield "data: [DONE]\n\n"

@@ -102,6 +102,10 @@ class SamplingParams(StrictModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def logprob_count(self) -> int | None:
+        """Alternatives per token when logprobs are asked, else None (the endpoints say how they are asked)."""
+        return None
+
 
 class TextPart(StrictModel):
     type: Literal["text"]
@@ -224,11 +228,13 @@ class ChatCompletionRequest(SamplingParams):
             raise ValueError("response_format with ignore_eos is not supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.logprobs and self.stream:
-            raise ValueError("logprobs with stream is not supported by this server; use stream: false")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per generated token; None: no logprobs asked."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -247,13 +253,15 @@ class CompletionRequest(SamplingParams):
 
     @model_validator(mode="after")
     def _unsupported(self) -> "CompletionRequest":
-        if self.stream and (self.echo or self.logprobs is not None):
-            raise ValueError("echo and logprobs with stream are not supported by this server; use stream: false")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported by this server")
         return self
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token; None: no logprobs asked."""
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

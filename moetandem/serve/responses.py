@@ -43,6 +43,7 @@ class ModelList(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, description="gpt-oss (harmony): the analysis channel")
     tool_calls: list[ToolCall] | None = None
 
 
@@ -79,14 +80,14 @@ class Completion(BaseModel):
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any],
-               finish_reason: str | None) -> dict[str, Any]:
+               finish_reason: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
-                     finish_reason: str | None) -> dict[str, Any]:
+                     finish_reason: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 

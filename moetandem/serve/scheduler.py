@@ -141,7 +141,7 @@ class Scheduler:
             reason = "stop"
         if reason is None:
             if piece:
-                j.emit(Event(j.index, piece))
+                j.emit(Event(j.index, piece, logprobs=j.new_logprobs()))
         else:
             self.finish(j, reason, piece=piece)
 
@@ -171,7 +171,7 @@ class Scheduler:
             self.metrics.request_generation_tokens.observe(j.tokens)
         self.metrics.sequences_finished.labels(reason).inc()
         if reason != "cancelled":
-            j.emit(Event(j.index, piece, reason, error, code))
+            j.emit(Event(j.index, piece, reason, error, code, j.new_logprobs()))
 
     def finish_all(self, message: str, code: str) -> None:
         """The engine thread is leaving: end everything still queued or running."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from moetandem.batcher import Request
+from moetandem.sampling import TokenLogprob
 from moetandem.streaming import TextStream
 
 #: error codes an Event can carry, and the HTTP status a non-streaming request answers with
@@ -16,12 +17,14 @@ ERROR_STATUS = {"engine_error": 500, "server_shutting_down": 503}
 
 class Event(NamedTuple):
     """What a handler receives: new text of choice `choice`; `finish` is set on the last event of that choice.
-    With `error` set, `code` is a key of ERROR_STATUS."""
+    With `error` set, `code` is a key of ERROR_STATUS. `logprobs` (None unless the sequence asks for them): those of
+    the tokens that completed `text` (they may span several events' worth of held-back text)."""
     choice: int
     text: str
     finish: str | None = None
     error: str | None = None
     code: str = "engine_error"
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -39,6 +42,15 @@ class Job:
     tokens: int = 0  # tokens counted as generated (up to the one that completed a stop string)
     finish: str | None = None
     last: float = 0.0
+    lp_sent: int = 0  # tokens whose logprobs were handed out
+
+    def new_logprobs(self) -> list[TokenLogprob] | None:
+        """Logprobs of the counted tokens not handed out yet; None when the sequence does not ask for them."""
+        if self.req.top_logprobs is None:
+            return None
+        out = self.req.logprobs[self.lp_sent: self.tokens]
+        self.lp_sent = max(self.lp_sent, self.tokens)
+        return out
 
     def emit(self, event: Event) -> None:
         try:

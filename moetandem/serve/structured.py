@@ -140,6 +140,21 @@ def tool_grammar(functions: list[tuple[str, dict[str, Any] | None]], parallel: b
     return str(llg.LLMatcher.grammar_from_lark(lark))
 
 
+def harmony_tool_grammar(functions: list[tuple[str, dict[str, Any] | None]]) -> str:
+    """The same for gpt-oss's harmony format: right after the prompt's `<|start|>assistant`, one message
+    `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{arguments}<|call|>` (harmony ends the
+    turn at a call, so there is one per response). The markers are the tokenizer's special tokens."""
+    llg = _llguidance()
+    rules = []
+    for i, (name, params) in enumerate(functions):
+        schema = {**(params or {"type": "object"}), "x-guidance": {**JSON_OPTIONS, "lenient": True}}
+        rules.append(f'call{i}: "{name}" " " <|constrain|> "json" <|message|> args{i} <|call|>\n'
+                     f"args{i}: %json {json.dumps(schema)}\n")
+    calls = " | ".join(f"call{i}" for i in range(len(functions)))
+    lark = f'start: <|channel|> "commentary to=functions." ({calls})\n' + "".join(rules)
+    return str(llg.LLMatcher.grammar_from_lark(lark))
+
+
 class Constraint:
     """One sequence's grammar state, for the batcher hook: `constraint.process` masks a logits row,
     `constraint.accept` advances the matcher. Raises GrammarError when the grammar is invalid or cannot be

@@ -41,7 +41,7 @@ def parse_call(body: str, names: set[str]) -> dict[str, Any] | None:
             "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
-def _held(text: str, tag: str) -> int:
+def held_prefix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper prefix of `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -65,7 +65,7 @@ class ToolCallParser:
             if not self.in_call:
                 at = self.buf.find(OPEN)
                 if at < 0:
-                    keep = 0 if final else _held(self.buf, OPEN)
+                    keep = 0 if final else held_prefix(self.buf, OPEN)
                     self._content(items, self.buf[: len(self.buf) - keep])
                     self.buf = self.buf[len(self.buf) - keep:]
                     return items
