@@ -14,15 +14,17 @@ from moetandem.models import ArchArgs, Family, MoEForCausalLM
 def expert_pattern(family: Family) -> re.Pattern[str]:
     """Matches every hub name that belongs to an expert (per-expert or fused layout)."""
     templates = [*family.expert_keys, *family.fused_keys("{l}")]
-    alts = [re.escape(k).replace(r"\{l\}", r"\d+").replace(r"\{e\}", r"\d+") for k in templates]
+    # {l}: a layer number, or a family's layer prefix (Switch Transformers: encoder.block.3.layer.1)
+    alts = [re.escape(k).replace(r"\{l\}", r"[\w.]+").replace(r"\{e\}", r"\d+") for k in templates]
     return re.compile("^(?:" + "|".join(alts) + ")$")
 
 
 def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.device, dtype: torch.dtype,
                progress: bool = True) -> MoEForCausalLM:
-    """Instantiate the model without allocating on the host, then fill each parameter from its tensor."""
+    """Instantiate the model (the family's class) without allocating on the host, then fill each parameter from
+    its tensor."""
     with torch.device("meta"):
-        model = MoEForCausalLM(args)
+        model = (family.model or MoEForCausalLM)(args)
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     fp32 = {f"{mod}.{p}" for mod, m in model.named_modules() if getattr(m, "keep_fp32", False)
@@ -42,7 +44,7 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
             params[name].data = t.to(device=device, dtype=torch.float32 if name in fp32 else dtype)
         filled.add(name)
     if args.tie_word_embeddings and "lm_head.weight" not in filled:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.input_embeddings().weight
         filled.add("lm_head.weight")
     missing = sorted(set(params) - filled)
     if missing:
