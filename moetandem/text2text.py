@@ -16,7 +16,7 @@ from moetandem.models import KVCache
 from moetandem.sampling import sample
 
 if TYPE_CHECKING:
-    from moetandem.engine import Engine, Generation
+    from moetandem.engine import Engine
 
 
 def encode_sources(engine: "Engine", sources: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,12 +80,6 @@ def generate_seq2seq(engine: "Engine", requests: list[Request],
                 break
             tok = torch.tensor(nxt, device=dev)[:, None]  # [B, 1]
     return enc_s, engine._sync_time(t1)
-
-
-def generations(engine: "Engine", requests: list[Request]) -> list["Generation"]:
-    from moetandem.engine import Generation
-    return [Generation(r.out, engine.decode_text(r.out), len(r.prompt), r.finish_reason or "length")
-            for r in requests]
 
 
 def target_logits(engine: "Engine", source: Sequence[int], target: Sequence[int],

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1] / "moetandem"
 #: the core: model code, the engine, checkpoints, KV cache, sampling, plain configs, and the interfaces features
 #: implement (the expert provider) with the expert bytes they read (store, budget)
 CORE = ("moetandem", "moetandem.errors", "moetandem.config", "moetandem.checkpoint", "moetandem.loader",
-        "moetandem.engine", "moetandem.batcher", "moetandem.graphs", "moetandem.sampling", "moetandem.streaming",
+        "moetandem.engine", "moetandem.batcher", "moetandem.text2text", "moetandem.graphs", "moetandem.sampling",
+        "moetandem.streaming",
         "moetandem.assets", "moetandem.models", "moetandem.experts.provider", "moetandem.experts.store",
         "moetandem.experts.budget", "moetandem.products")
 FEATURES = ("moetandem.experts", "moetandem.kernels", "moetandem.gating", "moetandem.split", "moetandem.analysis")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetandem.errors import UnsupportedModelError
 from moetandem.experts.provider import ExpertProvider
 from moetandem.models.cache import KVCache
 from moetandem.models.components import RelativeBias, ReluMLP, RMSNorm, T5Attention, Top1
@@ -173,6 +174,11 @@ class Seq2SeqLM(nn.Module):
         self.shared = nn.Embedding(a.vocab_size, a.hidden_size)
         self.encoder, self.decoder = Stack(a, decoder=False), Stack(a, decoder=True)
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+
+    def forward(self, *_: object, **__: object) -> torch.Tensor:
+        """The decoder-only step (Engine.forward: trace, calibrate from outputs, the batcher) has no meaning here."""
+        raise UnsupportedModelError("this is an encoder-decoder (text-to-text) model; this command runs decoder-only "
+                                    "models: use `moetandem generate` or `moetandem eval` with it")
 
     def init_rope(self, device: torch.device) -> None:
         """Nothing to build: positions are the stacks' learned relative bias."""
