@@ -64,10 +64,12 @@ def bench_ours(path: Path, device: str, prompt: list[int], new: int, kw: dict, r
 
 
 def bench_hf(path: Path, device: str, prompt: list[int], new: int, impl: str | None) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     kw = {"experts_implementation": impl} if impl else {}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the same dtype moetandem picks
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, **kw).eval()
+    seq2seq = _seq2seq(path)  # the prompt is the encoder's input; outputs start with the decoder start token
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype, device_map=device, **kw).eval()
     ids = torch.tensor([prompt], device=device)
     gen_kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -78,10 +80,14 @@ def bench_hf(path: Path, device: str, prompt: list[int], new: int, impl: str | N
         _sync()
     dt = time.perf_counter() - t
     res = {"tok_s": new / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0,
-           "tokens": out[0, len(prompt):len(prompt) + 16].tolist()}
+           "tokens": out[0, 1:17].tolist() if seq2seq else out[0, len(prompt):len(prompt) + 16].tolist()}
     del model
     _free()
     return res
+
+
+def _seq2seq(path: Path) -> bool:
+    return bool(json.loads((path / "config.json").read_text()).get("is_encoder_decoder"))
 
 
 def main() -> None:
@@ -117,8 +123,8 @@ def main() -> None:
             results.append({"shape": shape, "engine": f"HF transformers ({impl})", **r})
             print(json.dumps(results[-1]), flush=True)
         for name in args.variants:
-            if args.device != "cuda" and VARIANTS[name]["use_graphs"]:
-                continue
+            if (args.device != "cuda" or _seq2seq(path)) and VARIANTS[name]["use_graphs"]:
+                continue  # encoder-decoders decode eagerly (moetandem.text2text)
             r = bench_ours(path, args.device, prompt, args.new_tokens, VARIANTS[name], args.repeats)
             results.append({"shape": shape, "engine": name, **r})
             print(json.dumps(results[-1]), flush=True)

@@ -108,6 +108,15 @@ SHAPES["gemma-4-26b-a4b"] = dict(
     moe_intermediate_size=704, hidden_size_per_layer_input=0, vocab_size_per_layer_input=262144,
     final_logit_softcapping=30.0, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True)
 SHAPES["gemma-4-26b-a4b-10l"] = {**SHAPES["gemma-4-26b-a4b"], "num_hidden_layers": 10}
+# Switch Transformers (google/switch-base-64 / -128): T5-base encoder-decoder, 12 + 12 blocks, every second one a
+# top-1 MoE of 64 / 128 ReLU experts (d_ff 3072), capacity 64; 7.2 / 14.5 GB of experts in bf16
+SHAPES["switch-base-64"] = dict(
+    model_type="switch_transformers", vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+    num_decoder_layers=12, num_heads=12, num_experts=64, num_sparse_encoder_layers=6, num_sparse_decoder_layers=6,
+    expert_capacity=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6, dense_act_fn="relu", tie_word_embeddings=True, is_encoder_decoder=True,
+    pad_token_id=0, decoder_start_token_id=0)
+SHAPES["switch-base-128"] = {**SHAPES["switch-base-64"], "num_experts": 128}
 HUB_LAYOUT = ("olmoe", "qwen3_moe")  # written by hand in the per-expert hub layout; the rest via transformers
 
 
@@ -117,13 +126,18 @@ def tensor_shapes(cfg: dict) -> dict[str, list[int]]:
 
 
 def hf_tensor_shapes(cfg: dict) -> dict[str, list[int]]:
-    """transformers' own parameter (and persistent buffer) names and shapes, from its model on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """transformers' own parameter (and persistent buffer) names and shapes, from its model on the meta device;
+    an encoder-decoder's tied copies of the shared embedding are left out (transformers ties them on load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     conf = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    seq2seq = bool(cfg.get("is_encoder_decoder"))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf)
-    return {name: list(t.shape) for name, t in model.state_dict().items()}
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(conf)
+    tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} if seq2seq else set()
+    if seq2seq and cfg.get("tie_word_embeddings", True):
+        tied.add("lm_head.weight")
+    return {name: list(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
 
 def hub_tensor_shapes(cfg: dict) -> dict[str, list[int]]:

@@ -86,6 +86,9 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.last_stats: GenerationStats | None = None
+        #: an encoder-decoder: generate() and evaluation go through moetandem.text2text (no batcher, no graphs)
+        self.seq2seq = bool(getattr(self.args, "is_seq2seq", False))
+        use_graphs = use_graphs and not self.seq2seq
         self.graphs = DecodeGraphs(self.model, self.experts, compile) if use_graphs and device.type == "cuda" else None
         self._caches: dict[tuple[int, int], KVCache] = {}
 
@@ -193,6 +196,16 @@ class Engine:
             raise InvalidRequestError("no prompts given")
         seqs = [self.make_sequence(p, max_new_tokens, temperature, top_p, None if seed is None else seed + i,
                                    stop_on_eos) for i, p in enumerate(prompts)]
+        if self.seq2seq:  # text-to-text: the prompts are sources, the outputs decoder tokens
+            from moetandem.text2text import generate_seq2seq
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            enc_s, dec_s = generate_seq2seq(self, seqs, on_token)
+            n_gen = sum(len(s.out) for s in seqs)
+            self.last_stats = GenerationStats(sum(len(s.prompt) for s in seqs), n_gen, enc_s, dec_s,
+                                              self.peak_memory(), n_gen)
+            return [Generation(s.out, self.decode_text(s.out), len(s.prompt), s.finish_reason or "length")
+                    for s in seqs]
         index = {id(s): i for i, s in enumerate(seqs)}
         need = max(len(s.prompt) for s in seqs) + max_new_tokens
         S = min(max(128, 1 << (need - 1).bit_length()), max(self.args.max_position_embeddings, need))

@@ -14,7 +14,8 @@ from moetandem.models import ArchArgs, Family, MoEForCausalLM
 def expert_pattern(family: Family) -> re.Pattern[str]:
     """Matches every hub name that belongs to an expert (per-expert or fused layout)."""
     templates = [*family.expert_keys, *family.fused_keys("{l}")]
-    alts = [re.escape(k).replace(r"\{l\}", r"\d+").replace(r"\{e\}", r"\d+") for k in templates]
+    # {l}: a layer number, or a family's layer prefix (Switch Transformers: encoder.block.3.layer.1)
+    alts = [re.escape(k).replace(r"\{l\}", r"[\w.]+").replace(r"\{e\}", r"\d+") for k in templates]
     return re.compile("^(?:" + "|".join(alts) + ")$")
 
 
@@ -30,10 +31,10 @@ def packed_shards(model: torch.nn.Module) -> dict[str, tuple[str, int, int]]:
 
 def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.device, dtype: torch.dtype,
                progress: bool = True) -> MoEForCausalLM:
-    """Instantiate the model without allocating on the host, then fill each parameter from its tensor (a packed
-    parameter from its shards, in place)."""
+    """Instantiate the model (the family's class) without allocating on the host, then fill each parameter from
+    its tensor (a packed parameter from its shards, in place)."""
     with torch.device("meta"):
-        model = MoEForCausalLM(args)
+        model = (family.model or MoEForCausalLM)(args)
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     shards = packed_shards(model)
@@ -70,7 +71,7 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
             params[name].data = t.to(device=device, dtype=torch.float32 if name in fp32 else dtype)
         filled.add(name)
     if args.tie_word_embeddings and "lm_head.weight" not in filled:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.input_embeddings().weight
         filled.add("lm_head.weight")
     missing = sorted(set(params) - filled)
     if missing:

@@ -14,6 +14,7 @@ from typing import Any
 from moetandem.checkpoint import Checkpoint
 from moetandem.config import CommitteeConfig, GateConfig, ModelConfig, SplitConfig
 from moetandem.engine import Engine, resolve_device, resolve_dtype
+from moetandem.errors import UnsupportedModelError
 from moetandem.experts.factory import build_provider
 from moetandem.experts.store import ExpertStore
 from moetandem.loader import load_dense
@@ -29,6 +30,8 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
     dt = resolve_dtype(model.dtype, dev)
     ckpt = Checkpoint(model.path, check_family=get_family)
     family = get_family(ckpt.config.get("model_type"))
+    if family.seq2seq:
+        check_seq2seq(family.model_type, model, gate, split)
     args = family.args(ckpt.config, ckpt.path)
     net = load_dense(ckpt, family, args, dev, dt, model.progress)
     store = ExpertStore(ckpt, family, args)
@@ -62,6 +65,18 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
         from moetandem.gating import measure_profile
         router.selector.update(measure_profile(engine))
     return engine
+
+
+def check_seq2seq(model_type: str, model: ModelConfig, gate: GateConfig, split: SplitConfig | None) -> None:
+    """An encoder-decoder runs in generate / eval (moetandem.text2text), all experts resident or under a
+    committee; the decoder-only features refuse it here, before anything loads."""
+    used = [name for name, on in (("the server and the cloud (serve / cloud)", model.long_running),
+                                  ("end-cloud split (--cloud)", split is not None), ("--gate", gate.mode != "off"),
+                                  ("--expert-parallel", model.expert_parallel)) if on]
+    if used:
+        raise UnsupportedModelError(f"{model_type} is an encoder-decoder (text-to-text) model: {used[0]} runs "
+                                    "decoder-only models; use `moetandem generate` / `moetandem eval` (with "
+                                    "--expert-budget if you like) for it")
 
 
 def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: bool = True,

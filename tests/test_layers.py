@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1] / "moetandem"
 #: implement (the expert provider) with the expert bytes they read (store, budget), and the device kernels
 #: (kernels/: Triton with PyTorch references, imported by model code and features alike)
 CORE = ("moetandem", "moetandem.errors", "moetandem.config", "moetandem.checkpoint", "moetandem.loader",
-        "moetandem.engine", "moetandem.batcher", "moetandem.graphs", "moetandem.sampling", "moetandem.streaming",
-        "moetandem.assets", "moetandem.models", "moetandem.kernels", "moetandem.experts.provider", "moetandem.experts.store",
+        "moetandem.engine", "moetandem.batcher", "moetandem.text2text", "moetandem.graphs", "moetandem.sampling",
+        "moetandem.streaming", "moetandem.assets", "moetandem.models", "moetandem.kernels", "moetandem.experts.provider",
+        "moetandem.experts.store",
         "moetandem.experts.budget", "moetandem.products")
 FEATURES = ("moetandem.experts", "moetandem.gating", "moetandem.split", "moetandem.analysis")
 ASSEMBLY = ("moetandem.runtime",)

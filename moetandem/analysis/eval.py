@@ -2,13 +2,18 @@
 
 The text is tokenized whole and cut into non-overlapping windows of `context` tokens; each window starts from a
 fresh KV cache and predicts its tokens 1..n-1 from the prefix. With `step` each window is fed in pieces of `step`
-tokens over one KV cache (`step=1` is decode-time behaviour: what a budgeted committee sees while generating)."""
+tokens over one KV cache (`step=1` is decode-time behaviour: what a budgeted committee sees while generating).
+
+A text-to-text (encoder-decoder) model scores each window as a source and its target: the first half of the window
+is the encoder's input, the decoder predicts the second half teacher-forced from the decoder start token
+(moetandem.text2text.target_logits), so the perplexity is that of the target given the source; `step` feeds the
+decoder in pieces the same way."""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +82,17 @@ def window_logits(engine: "Engine", window: Sequence[int], context: int, step: i
         yield a, engine.forward(ids[:, a:b], pos[:, a:b], cache, kv_len=b)[0].float()
 
 
+def window_pieces(engine: "Engine", window: Sequence[int], context: int, step: int | None
+                  ) -> tuple[list[int], Iterator[tuple[int, torch.Tensor]]]:
+    """The tokens a window predicts and its pieces (start a, logits [b-a, V]): row i of a piece predicts
+    targets[a + i]. Decoder-only: the window's tokens 1..n-1; text-to-text: its second half (see the module doc)."""
+    if not engine.seq2seq:
+        return list(window[1:]), window_logits(engine, window, context, step)
+    from moetandem.text2text import target_logits
+    half = len(window) // 2
+    return list(window[half:]), target_logits(engine, window[:half], window[half:], step)
+
+
 def _sync(engine: "Engine") -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
@@ -97,7 +113,7 @@ def evaluate_ids(engine: "Engine", ids: Sequence[int], *, context: int = 256, st
     if reference is not None and reference.args.vocab_size != engine.args.vocab_size:
         raise InvalidRequestError("the reference model has another vocabulary; it must be the same model")
     wins = windows(ids, context, engine.args.max_position_embeddings)
-    total = sum(len(w) - 1 for w in wins)
+    total = sum(len(w) - (len(w) // 2 if engine.seq2seq else 1) for w in wins)
     before = engine.expert_stats()
     nll = ref_nll = kl = 0.0
     agree, engine_s = 0, 0.0
@@ -105,9 +121,9 @@ def evaluate_ids(engine: "Engine", ids: Sequence[int], *, context: int = 256, st
     bar = tqdm(total=total, desc="eval", unit="tok", disable=not progress)
     with torch.inference_mode():
         for w in wins:
-            target = torch.tensor(w[1:], device=engine.device)
-            ref_pieces = window_logits(reference, w, context, step) if reference is not None else None
-            pieces = window_logits(engine, w, context, step)
+            targets, pieces = window_pieces(engine, w, context, step)
+            target = torch.tensor(targets, device=engine.device)
+            ref_pieces = window_pieces(reference, w, context, step)[1] if reference is not None else None
             while True:
                 t1 = time.perf_counter()
                 got = next(pieces, None)
@@ -117,7 +133,7 @@ def evaluate_ids(engine: "Engine", ids: Sequence[int], *, context: int = 256, st
                     break
                 a, logits = got
                 rlogits = next(ref_pieces)[1] if ref_pieces is not None else None  # the same piece
-                m = min(logits.shape[0], len(w) - 1 - a)  # rows with a next token to predict
+                m = min(logits.shape[0], len(targets) - a)  # rows with a next token to predict
                 if m <= 0:
                     continue
                 logp = F.log_softmax(logits[:m], dim=-1)  # [m, V]

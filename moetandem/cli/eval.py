@@ -46,6 +46,9 @@ def eval_command(args: argparse.Namespace) -> int:
             print("[moetandem] every expert is resident already; the reference is the engine itself",
                   file=sys.stderr)
             reference = engine
+    if engine.seq2seq:
+        print("[moetandem] text-to-text model: each window's second half is scored as the target of its first half "
+              "(the encoder's input); perplexity is of the target given the source", file=sys.stderr)
     res = evaluate_ids(engine, ids, context=args.context, step=args.step, reference=reference)
     print(format_result(res, committee=_describe(args)))
     if args.json:

@@ -1,4 +1,5 @@
-"""`moetandem generate`: stream a completion of one prompt to stdout; stats to stderr."""
+"""`moetandem generate`: stream a completion of one prompt to stdout (a text-to-text model's output for the prompt
+as input); stats to stderr."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,8 @@ def generate_command(args: argparse.Namespace) -> int:
     out = sys.stdout
     if hasattr(out, "reconfigure"):
         out.reconfigure(errors="replace")  # a terminal that cannot show a character must not end the run
-    stream = TextStream(tokenizer, prompt_ids) if tokenizer is not None else None
+    # a text-to-text model's output does not continue its input: no prompt context for the detokenizer
+    stream = TextStream(tokenizer, () if engine.seq2seq else prompt_ids) if tokenizer is not None else None
     count = 0
 
     def on_token(_: int, token: int) -> None:

@@ -61,6 +61,10 @@ def serve_command(args: argparse.Namespace) -> int:
     from moetandem.runtime import build_engine
 
     ckpt = Checkpoint(path)  # a wrong path fails now, before the server starts
+    from moetandem.models import get_family
+    from moetandem.runtime import check_seq2seq
+    if get_family(ckpt.config.get("model_type")).seq2seq:  # refused now, not as a failed background load
+        check_seq2seq(str(ckpt.config["model_type"]), cfgs[0], cfgs[2], cfgs[3])
     if cfgs[3] is not None:  # a cloud that refuses us (token, checkpoint, TLS) is exit 2 now, not a 503 later
         from moetandem.split.connect import preflight
         preflight(ckpt, cfgs[3])

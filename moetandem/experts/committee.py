@@ -67,7 +67,7 @@ class CommitteeProvider(ExpertProvider):
         self.counters = StatCounters(device)
         self.cost = CostModel(device, dtype, self.I, self.H)
         #: the executor's device path (grouped GEMM over the slot buffers, no host sync); else the per-slot loop
-        self.grouped = device_path_supported(device, dtype, (self.I, self.H))
+        self.grouped = device_path_supported(device, dtype, (self.I, self.H), self.act)
         total = store.total_numel() * torch.empty((), dtype=dtype).element_size()
         #: exact misses read zero-copy from pinned host memory by the fused kernel (no copy, no host sync, so the
         #: step stays one CUDA graph): every expert pinned once, when it fits the pinned-memory cap
@@ -88,7 +88,7 @@ class CommitteeProvider(ExpertProvider):
     def _maps(self, policy: MissPolicy, total: int) -> bool:
         """Zero-copy exact misses: CUDA with the fused kernel, a policy whose exact misses may be computed anywhere
         (auto; not the fetch / host / lru / host-only baselines), and every expert fitting the pinned cap."""
-        if self.device.type != "cuda" or not fused_moe_supported(self.device, self.dtype):
+        if self.device.type != "cuda" or not self.act.gated or not fused_moe_supported(self.device, self.dtype):
             return False
         return policy.exact == "auto" and not policy.lru and policy.refresh and total <= pinned_cap(total, mapped=True)
 
@@ -152,7 +152,7 @@ class CommitteeProvider(ExpertProvider):
             self._rebuild(st, layer)
         asg = self.policy.assign(expert_ids, weights, st, in_graph=capturing and self.mapped is None)
         self.counters.add(asg.counts)
-        w13, w2 = st.views(self.I, self.H)  # [n, 2I, H], [n, H, I]
+        w13, w2 = st.views(self.I, self.H, self.act.gated)  # [n, 2I | I, H], [n, H, I]
         bias = flat_bias_views(st.buf, self.I, self.H) if self.act.bias else None  # [n, 2I], [n, H]
         if self.mapped is not None:  # exact misses: expert e read from pinned host memory as slot n + e
             slots = asg.slots if asg.exact is None else torch.where(asg.exact, st.n + expert_ids.int(), asg.slots)

@@ -45,9 +45,10 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: tuple[i
             and torch.cuda.get_device_capability(device)[0] >= 8 and all(d % 8 == 0 for d in dims))
 
 
-def device_path_supported(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
-    """The executor's device path runs here: the fused Triton kernel, or grouped GEMMs."""
-    return fused_moe_supported(device, dtype) or grouped_mm_supported(device, dtype, dims)
+def device_path_supported(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...],
+                          act: ExpertActivation = SWIGLU) -> bool:
+    """The executor's device path runs here: the fused Triton kernel (gated experts), or grouped GEMMs."""
+    return (act.gated and fused_moe_supported(device, dtype)) or grouped_mm_supported(device, dtype, dims)
 
 
 Bias = tuple[torch.Tensor, torch.Tensor]  # b13 [n, 2I] (gate; up), b2 [n, H]
@@ -78,15 +79,15 @@ def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
     """The CUDA path, graph-safe (nothing waits on the host): the fused Triton kernel over the slot buffers
     (slot ids as expert ids, identity table; −1 and weight 0 read nothing). Without Triton: grouped GEMMs where
     every assignment runs (slot −1 on slot 0) and outputs of slot −1 are masked out."""
-    if fused_moe_supported(x.device, w13.dtype) or mapped is not None:  # (the op's PyTorch reference off CUDA)
+    if act.gated and (fused_moe_supported(x.device, w13.dtype) or mapped is not None):  # (reference off CUDA)
         hw13, hw2, hb13, hb2 = (*mapped, None, None)[:4] if mapped is not None else (None, None, None, None)
         if act == SWIGLU:  # the SwiGLU families' call, unchanged
             return fused_moe_op(x, slot_ids, weights, w13, w2, None, "silu", hw13, hw2)  # [T, H]
         b13, b2 = bias if bias is not None else (None, None)
         return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2,
                             act.alpha, act.limit)  # [T, H]
-    n, I2, _ = w13.shape
-    I = I2 // 2
+    n = w13.shape[0]
+    I = w2.shape[-1]
     T, k = slot_ids.shape
     valid = slot_ids >= 0  # [T, k]
     groups = group_by_expert(slot_ids.clamp_min(0).long(), n)
@@ -94,12 +95,12 @@ def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
     offs = groups.counts.cumsum(0, dtype=torch.int32)  # [n]
     h = _grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [T*k, 2I]
     if act == SWIGLU:
-        ys = _grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)  # [T*k, H]
+        ys = _grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)  # [T*k, H]; h [T*k, 2I]
     else:
         slot = slot_ids.clamp_min(0).long().reshape(-1)[groups.order]  # [T*k] slot of each sorted row
         if bias is not None:
             h = h + bias[0][slot]  # [T*k, 2I]
-        ys = _grouped_mm(act.glu(h[:, :I], h[:, I:]).to(h.dtype), w2.transpose(1, 2), offs=offs)  # [T*k, H]
+        ys = _grouped_mm(act.hidden(h).to(h.dtype), w2.transpose(1, 2), offs=offs)  # [T*k, H]
         if bias is not None:
             ys = ys + bias[1][slot]
     y = torch.empty_like(ys)

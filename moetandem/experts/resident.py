@@ -13,8 +13,9 @@ from moetandem.models.expert_activation import ExpertActivation
 
 
 class ResidentProvider(ExpertProvider):
-    """Every expert of every MoE layer stacked on the device: w13 [E, 2I, H] (gate; up) and w2 [E, H, I]; with
-    biased experts also b13 [E, 2I] and b2 [E, H]. `activation`: the experts' (default: the store's)."""
+    """Every expert of every MoE layer stacked on the device: w13 [E, 2I, H] (gate; up; a plain expert's input
+    projection [E, I, H]) and w2 [E, H, I]; with biased experts also b13 [E, 2I] and b2 [E, H]. `activation`: the
+    experts' (default: the store's)."""
 
     def __init__(self, store: ExpertStore, device: torch.device, dtype: torch.dtype, progress: bool = True,
                  activation: ExpertActivation | None = None) -> None:
@@ -24,12 +25,11 @@ class ResidentProvider(ExpertProvider):
         self.w2: dict[int, torch.Tensor] = {}
         self.bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (b13 [E, 2I], b2 [E, H])
         for layer in tqdm(store.layers, desc="experts", unit="layer", disable=not progress, leave=False):
-            w13 = torch.empty(E, 2 * I, H, device=device, dtype=dtype)
+            w13 = torch.empty(E, self.act.rows(I), H, device=device, dtype=dtype)
             w2 = torch.empty(E, H, I, device=device, dtype=dtype)
             for e in range(E):
-                g, u, d = store.read(layer, e)
-                w13[e, :I].copy_(g)
-                w13[e, I:].copy_(u)
+                *first, d = store.read(layer, e)
+                w13[e].copy_(torch.cat(first))  # [2I | I, H]
                 w2[e].copy_(d)
             self.w13[layer], self.w2[layer] = w13, w2
             if self.act.bias:
@@ -41,7 +41,7 @@ class ResidentProvider(ExpertProvider):
                     b13[e, I:].copy_(bu)
                     b2[e].copy_(bd)
                 self.bias[layer] = (b13, b2)
-        self.grouped = device_path_supported(device, dtype, (I, H))
+        self.grouped = device_path_supported(device, dtype, (I, H), self.act)
         self.graph_safe = self.grouped
         self._all = torch.ones(E, dtype=torch.bool, device=device)  # [E]
 

@@ -15,7 +15,6 @@ from moetandem.products import product_path, read_product, write_product
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.store import ExpertStore, flat_views
 from moetandem.experts.tap import Tap
-from moetandem.models.layers import expert_ffn
 
 if TYPE_CHECKING:
     from moetandem.engine import Engine
@@ -100,8 +99,8 @@ def output_calibration(engine: "Engine", texts: list[str], rows: int = 512, prog
         outs, n = [], []
         for e in range(store.num_experts):
             flat = store.read_flat(l, e, torch.float32)
-            w13, w2 = flat_views(flat, I, H)
-            outs.append(expert_ffn(x, w13, w2))  # [N, H]
+            w13, w2 = flat_views(flat, I, H, store.activation.gated)
+            outs.append(store.activation.ffn(x, w13, w2))  # [N, H]
             n.append(flat.norm())
         sim[l], norms[l] = _cosine(torch.stack(outs)), torch.stack(n)
     return sim, norms

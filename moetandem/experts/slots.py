@@ -35,9 +35,9 @@ class LayerSlots:
         """Slots with a copy in flight."""
         return set(self.incoming)
 
-    def views(self, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 [n, 2I, H], w2 [n, H, I] over the slot buffer."""
-        return flat_views(self.buf, inter, hidden)
+    def views(self, inter: int, hidden: int, gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 [n, 2I, H] (a plain expert's [n, I, H]), w2 [n, H, I] over the slot buffer."""
+        return flat_views(self.buf, inter, hidden, gated)
 
     def publish(self, slot: int, expert: int) -> None:
         """Make `expert` usable from `slot` (its bytes must already be there, in stream order)."""

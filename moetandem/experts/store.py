@@ -1,7 +1,9 @@
 """ExpertStore: where each expert's bytes live. Reads one (layer, expert) at a time from the mmap'd
 safetensors files: the hub's per-expert layout, transformers' fused [E, ...] layout, or gpt-oss's (gate/up
 interleaved in [E, H, 2I], biases; MXFP4 blocks + scales dequantized on read). Every reader sees gate [I, H],
-up [I, H], down [H, I] in nn.Linear layout, and biases for families that have them."""
+up [I, H], down [H, I] in nn.Linear layout, and biases for families that have them; a plain (non-gated) expert
+reads as its input projection [I, H] and down [H, I]. `layer_keys`: what a family's ArchArgs substitutes for {l}
+in its expert names (Switch Transformers: "encoder.block.3.layer.1"), by MoE layer; default the layer number."""
 from __future__ import annotations
 
 import torch
@@ -32,6 +34,7 @@ class ExpertStore:
         #: the experts' activation; with `.bias`, read_flat appends [b_gate | b_up | b_down]
         self.activation = args.expert_activation
         self.layers = [i for i, moe in enumerate(args.moe_layers) if moe]
+        self.layer_keys: list[str] = list(getattr(args, "layer_keys", None) or map(str, range(len(args.moe_layers))))
         self._layout: dict[int, str] = {}  # layer -> "per_expert" | "fused" | "gpt_oss" | "mxfp4"
         for layer in self.layers:
             self._layout[layer] = self._check_gpt_oss(layer) if family.expert_layout == "gpt_oss" else (
@@ -58,14 +61,15 @@ class ExpertStore:
 
     def _check_layer(self, layer: int) -> bool:
         I, H, E = self.inter, self.hidden, self.num_experts
-        per_expert = [k.format(l=layer, e=e) for e in range(E) for k in self.family.expert_keys]
+        per_expert = [k.format(l=self.layer_keys[layer], e=e) for e in range(E) for k in self.family.expert_keys]
         if all(self.ckpt.has(k) for k in per_expert):
-            for key, want in zip(per_expert[:3], ([I, H], [I, H], [H, I])):
+            shapes = ([I, H], [I, H], [H, I]) if self.activation.gated else ([I, H], [H, I])
+            for key, want in zip(per_expert, shapes):
                 if self.ckpt.shape(key) != want:
                     raise CheckpointError(f"{key} has shape {self.ckpt.shape(key)}, config.json implies {want}")
             return False
-        gate_up, down = self.family.fused_keys(layer)
-        if self.ckpt.has(gate_up) and self.ckpt.has(down):
+        gate_up, down = self.family.fused_keys(layer) or ("", "")
+        if gate_up and self.ckpt.has(gate_up) and self.ckpt.has(down):
             if self.ckpt.shape(gate_up) != [E, 2 * I, H] or self.ckpt.shape(down) != [E, H, I]:
                 raise CheckpointError(f"fused experts of layer {layer} have shapes {self.ckpt.shape(gate_up)}, "
                                       f"{self.ckpt.shape(down)}; config.json implies {[E, 2 * I, H]}, {[E, H, I]}")
@@ -73,8 +77,9 @@ class ExpertStore:
         missing = next(k for k in per_expert if not self.ckpt.has(k))
         raise CheckpointError(f"expert weights of layer {layer} are missing from the checkpoint (no {missing})")
 
-    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """gate [I, H], up [I, H], down [H, I] of one expert, on the CPU in the checkpoint's dtype."""
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        """gate [I, H], up [I, H], down [H, I] of one expert (a plain expert: in [I, H], down [H, I]), on the CPU in
+        the checkpoint's dtype."""
         if not 0 <= expert < self.num_experts or layer not in self._layout:
             raise IndexError(f"no expert {expert} in MoE layer {layer}")
         layout = self._layout[layer]
@@ -91,8 +96,7 @@ class ExpertStore:
             gate_up, down = self.family.fused_keys(layer)
             gu = self.ckpt.slice(gate_up, expert)  # [2I, H]
             return gu[: self.inter], gu[self.inter:], self.ckpt.slice(down, expert)
-        g, u, d = (self.ckpt.tensor(k.format(l=layer, e=expert)) for k in self.family.expert_keys)
-        return g, u, d
+        return tuple(self.ckpt.tensor(k.format(l=self.layer_keys[layer], e=expert)) for k in self.family.expert_keys)
 
     def read_bias(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """b_gate [I], b_up [I], b_down [H] of one expert (CPU, checkpoint dtype); None for families without."""
@@ -105,8 +109,9 @@ class ExpertStore:
         return b13[0::2], b13[1::2], self.ckpt.slice(db, expert)
 
     def expert_numel(self) -> int:
-        """Elements of one flat expert: the three matrices, then the biases (if any)."""
-        return 3 * self.inter * self.hidden + self.activation.bias_numel(self.inter, self.hidden)
+        """Elements of one flat expert: the matrices (three, or two for a plain expert), then the biases (if any)."""
+        rows = self.activation.rows(self.inter)
+        return (rows + self.inter) * self.hidden + self.activation.bias_numel(self.inter, self.hidden)
 
     def total_numel(self) -> int:
         return self.expert_numel() * self.num_experts * len(self.layers)
@@ -120,16 +125,18 @@ class ExpertStore:
         return torch.cat([p.reshape(-1).to(dtype) for p in parts])
 
 
-def flat_views(buf: torch.Tensor, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of flat expert buffers [..., 3*I*H (+ biases)] as w13 [..., 2I, H] (gate; up) and w2 [..., H, I]."""
-    n = 2 * inter * hidden
-    return (buf[..., :n].unflatten(-1, (2 * inter, hidden)),
+def flat_views(buf: torch.Tensor, inter: int, hidden: int, gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of flat expert buffers [..., 3*I*H (+ biases)] as w13 [..., 2I, H] (gate; up) and w2 [..., H, I]; a
+    plain expert's ([..., 2*I*H]) as its input projection [..., I, H] and w2 [..., H, I]."""
+    rows = 2 * inter if gated else inter
+    n = rows * hidden
+    return (buf[..., :n].unflatten(-1, (rows, hidden)),
             buf[..., n:n + inter * hidden].unflatten(-1, (hidden, inter)))
 
 
 def flat_bias_views(buf: torch.Tensor, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The biases at the end of flat expert buffers [..., 3*I*H + 2I + H]: b13 [..., 2I] (gate; up), b2 [..., H]."""
-    n = 3 * inter * hidden
+    n = 3 * inter * hidden  # (gated experts: the only biased ones)
     if buf.shape[-1] != n + 2 * inter + hidden:
         raise ValueError(f"flat experts of {buf.shape[-1]} elements hold no biases for I={inter}, H={hidden}")
     return buf[..., n:n + 2 * inter], buf[..., n + 2 * inter:]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from moetandem.errors import UnsupportedModelError
 from moetandem.models import (deepseek_v2, deepseek_v3, gemma4, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe,
-                               qwen3_5_moe, qwen3_moe, qwen3_next)
+                               qwen3_5_moe, qwen3_moe, qwen3_next, switch_transformers)
 from moetandem.models.cache import KVCache
 from moetandem.models.family import Family
 from moetandem.models.transformer import ArchArgs, MoEForCausalLM
 
 REGISTRY: tuple[Family, ...] = (*(m.FAMILY for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3,
                                                       glm4_moe, gpt_oss, qwen3_next)), qwen3_5_moe.TEXT,
-                                 qwen3_5_moe.FAMILY, gemma4.TEXT, gemma4.FAMILY)
+                                 qwen3_5_moe.FAMILY, gemma4.TEXT, gemma4.FAMILY, switch_transformers.FAMILY)
 #: model_type (and aliases) -> family
 FAMILIES: dict[str, Family] = {t: f for f in REGISTRY for t in f.model_types}
 

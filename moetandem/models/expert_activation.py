@@ -1,5 +1,7 @@
 """How a routed expert turns its gate/up rows into the down projection's input, and whether its projections carry
-biases: the one description every expert path (executor loop, fused kernel, host misses) follows."""
+biases: the one description every expert path (executor loop, fused kernel, host misses) follows. A gated expert
+(the GLU kinds) holds gate, up and down; a plain one ("relu": Switch Transformers' wi / wo) holds an input
+projection [I, H] in the place of gate; up, and down; `rows(I)` says how many rows that first projection has."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +12,9 @@ import torch.nn.functional as F
 from moetandem.models.components.mlp import expert_ffn
 
 #: act(g) · u activations, and gpt-oss's clamped SwiGLU ((clamp(u) + 1) · g' σ(α g'), g' = min(g, limit))
-KINDS = ("silu", "gelu", "gelu_tanh", "clamped_swiglu")
+KINDS = ("silu", "gelu", "gelu_tanh", "clamped_swiglu", "relu")
+#: kinds with no gate: down(act(in x)), the first projection is [I, H]
+PLAIN = ("relu",)
 
 
 @dataclass(frozen=True)
@@ -25,8 +29,23 @@ class ExpertActivation:
         if self.kind not in KINDS:
             raise ValueError(f"expert activation {self.kind!r}: have {', '.join(KINDS)}")
 
+    @property
+    def gated(self) -> bool:
+        return self.kind not in PLAIN
+
+    def rows(self, inter: int) -> int:
+        """Rows of the first projection: gate and up (2I), or the plain input projection (I)."""
+        return 2 * inter if self.gated else inter
+
     def bias_numel(self, inter: int, hidden: int) -> int:
-        return 2 * inter + hidden if self.bias else 0
+        return self.rows(inter) + hidden if self.bias else 0
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The first projection's output h [T, rows(I)] (biases added) -> the down projection's input [T, I]."""
+        if not self.gated:
+            return F.relu(h)
+        g, u = h.chunk(2, dim=-1)  # [T, I] each
+        return self.glu(g, u)
 
     def glu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """g, u [T, I] (gate and up, biases added) -> the down projection's input [T, I]."""
@@ -40,11 +59,11 @@ class ExpertActivation:
 
     def ffn(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None = None,
             b2: torch.Tensor | None = None) -> torch.Tensor:
-        """One expert on rows x [T, H]: w13 [2I, H] (gate; up), w2 [H, I], b13 [2I], b2 [H] -> [T, H]."""
+        """One expert on rows x [T, H]: w13 [rows(I), H] (gate; up, or the plain input projection), w2 [H, I],
+        b13 [rows(I)], b2 [H] -> [T, H]."""
         if self.kind == "silu" and b13 is None and b2 is None:
             return expert_ffn(x, w13, w2)  # the SwiGLU families' path, unchanged
-        g, u = F.linear(x, w13, b13).chunk(2, dim=-1)  # [T, I] each
-        return F.linear(self.glu(g, u), w2, b2)  # [T, H]
+        return F.linear(self.hidden(F.linear(x, w13, b13)), w2, b2)  # [T, H]
 
 
 SWIGLU = ExpertActivation()

@@ -39,6 +39,10 @@ class Family:
     expert_layout: str = "linear"
     #: None when the expert providers run this family's routed experts; else why they cannot yet
     experts_unsupported: str | None = None
+    #: the model class built from `args(...)` (default: the decoder-only MoEForCausalLM)
+    model: Callable[[Any], Any] | None = None
+    #: an encoder-decoder (text-to-text): generated and evaluated by moetandem.text2text, not the batcher
+    seq2seq: bool = False
     model_types: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:

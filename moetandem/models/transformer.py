@@ -154,6 +154,9 @@ class MoEForCausalLM(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         self.embed_scale = float(torch.tensor(self.args.embed_scale, dtype=dtype))
 
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
     def moe_blocks(self) -> list[SparseMoE]:
         return [m for layer in self.model.layers for m in layer.children() if isinstance(m, SparseMoE)]
 

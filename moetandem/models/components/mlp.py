@@ -59,3 +59,15 @@ class SharedExpertSpec:
 
     def build(self, hidden: int) -> SharedExpert:
         return SharedExpert(hidden, self.intermediate_size, self.gated)
+
+
+class ReluMLP(nn.Module):
+    """Dense wo(relu(wi x)) (T5 / Switch Transformers' dense feed-forward layers)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.wi = nn.Linear(hidden, intermediate, bias=False)
+        self.wo = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(F.relu(self.wi(x)))

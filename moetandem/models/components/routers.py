@@ -171,4 +171,23 @@ class ScaledSoftmaxTopKRouter(Router):
         return ids, weights.to(dtype)
 
 
-RouterSpec = SoftmaxTopK | TopKSoftmax | SigmoidGroupTopK | SoftmaxGroupGreedy | ScaledSoftmaxTopK
+# ---- Switch Transformers: top-1 of the softmax (taken in the model dtype, as transformers does), fp32 router;
+# the MoE block drops tokens over an expert's capacity (models/seq2seq.py)
+@dataclass(frozen=True)
+class Top1:
+    bias: bool = False
+
+    def build(self, hidden: int, num_experts: int, top_k: int) -> Router:
+        return Top1Router(hidden, num_experts, 1, self.bias)
+
+
+class Top1Router(Router):
+    softmax_logits, keep_fp32 = False, True  # routing hooks would bypass the capacity rule
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(logits.float(), dim=-1).to(dtype)  # [T, E]
+        ids = probs.argmax(dim=-1, keepdim=True)  # [T, 1]
+        return ids, probs.gather(-1, ids)
+
+
+RouterSpec = SoftmaxTopK | TopKSoftmax | SigmoidGroupTopK | SoftmaxGroupGreedy | ScaledSoftmaxTopK | Top1
