@@ -9,12 +9,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "moetandem"
 #: the core: model code, the engine, checkpoints, KV cache, sampling, plain configs, and the interfaces features
-#: implement (the expert provider) with the expert bytes they read (store, budget)
+#: implement (the expert provider) with the expert bytes they read (store, budget); the device kernels are leaves
+#: (torch, triton) that model code (decode attention) and features (the fused MoE) both call
 CORE = ("moetandem", "moetandem.errors", "moetandem.config", "moetandem.checkpoint", "moetandem.loader",
         "moetandem.engine", "moetandem.batcher", "moetandem.graphs", "moetandem.sampling", "moetandem.streaming",
         "moetandem.assets", "moetandem.models", "moetandem.experts.provider", "moetandem.experts.store",
-        "moetandem.experts.budget", "moetandem.products")
-FEATURES = ("moetandem.experts", "moetandem.kernels", "moetandem.gating", "moetandem.split", "moetandem.analysis")
+        "moetandem.experts.budget", "moetandem.products", "moetandem.kernels")
+FEATURES = ("moetandem.experts", "moetandem.gating", "moetandem.split", "moetandem.analysis")
 ASSEMBLY = ("moetandem.runtime",)
 ENTRY = ("moetandem.cli", "moetandem.serve", "moetandem.__main__")
 
