@@ -11,6 +11,7 @@ position fill·N - 1. GB/s counts the K/V bytes a layer must read (the live posi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -109,20 +110,22 @@ def case(shape: dict, B: int, N: int, fill: float, budget: float, use_compile: b
 
 def sweep_configs(ls: list[dict], rows: torch.Tensor, pos: torch.Tensor, N: int, window: int | None, layers: int,
                   auto: int) -> list[dict]:
-    """The kernel alone under other launch choices (block_n, num_warps, splits), fastest first."""
+    """The kernel alone under other launch choices (block_n, num_warps, splits; for one query head per KV head
+    also the padded tensor-core dot), fastest first."""
     lengths = (pos[:, 0] + 1).clamp(max=N)
+    q0, k0 = ls[0]["q"], ls[0]["cache"][0]
+    dots = (None, True) if q0.shape[1] == k0.shape[2] else (None,)
     res = []
-    for block_n in (16, 32, 64, 128):
-        for warps in (2, 4, 8):
-            for splits in sorted({max(1, auto // 2), auto, auto * 2, min(64, auto * 4)}):
-                def fn(bn: int = block_n, w: int = warps, s: int = splits) -> None:
-                    for l in ls:
-                        decode_attention_triton(l["q"][:, :, 0], *l["cache"], rows, lengths, None, window,
-                                                l["sinks"], splits=s, block_n=bn, num_warps=w)
-                try:
-                    res.append(dict(block_n=block_n, num_warps=warps, splits=splits, us=graph_us(fn, layers)))
-                except Exception as e:  # a config that does not compile (e.g. shared memory): skip it
-                    print(f"  skip block_n={block_n} warps={warps} splits={splits}: {type(e).__name__}")
+    for block_n, warps, dot in itertools.product((16, 32, 64, 128), (2, 4, 8), dots):
+        for splits in sorted({max(1, auto // 2), auto, auto * 2, min(64, auto * 4)}):
+            def fn(bn: int = block_n, w: int = warps, s: int = splits, d: bool | None = dot) -> None:
+                for l in ls:
+                    decode_attention_triton(l["q"][:, :, 0], *l["cache"], rows, lengths, None, window, l["sinks"],
+                                            splits=s, block_n=bn, num_warps=w, use_dot=d)
+            try:
+                res.append(dict(block_n=block_n, num_warps=warps, splits=splits, dot=bool(dot), us=graph_us(fn, layers)))
+            except Exception as e:  # a config that does not compile (e.g. shared memory): skip it
+                print(f"  skip block_n={block_n} warps={warps} splits={splits} dot={dot}: {type(e).__name__}")
     return sorted(res, key=lambda r: r["us"])[:5]
 
 
@@ -157,7 +160,7 @@ def main() -> None:
                       f"{r['splits']:>6} {r['rel_err']:>8.1e}")
                 for s in r.get("sweep", []):
                     print(f"{'':22}   sweep: block_n {s['block_n']:>3} warps {s['num_warps']} splits "
-                          f"{s['splits']:>2}: {s['us']:.1f} µs")
+                          f"{s['splits']:>2}{' dot' if s['dot'] else ''}: {s['us']:.1f} µs")
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "decode_attention.json").write_text(json.dumps(

@@ -95,10 +95,11 @@ def test_bad_shapes_and_cpu_support() -> None:
 
 
 def check_triton(case: tuple, device: str, dtype: torch.dtype, splits: int | None, tol: float,
-                 block_n: int | None = None) -> None:
+                 block_n: int | None = None, use_dot: bool | None = None) -> None:
     B, nH, nKV, D, S, window, sinks = case
     q, k, v, rows, lengths, s = problem(B, nH, nKV, D, S, sinks, device, dtype)
-    got = decode_attention_triton(q, k, v, rows, lengths, window=window, sinks=s, splits=splits, block_n=block_n)
+    got = decode_attention_triton(q, k, v, rows, lengths, window=window, sinks=s, splits=splits, block_n=block_n,
+                                  use_dot=use_dot)
     ref = decode_attention_reference(q.float(), k.float(), v.float(), rows, lengths, window=window,
                                      sinks=None if s is None else s.float())
     assert got.dtype == dtype and got.shape == q.shape
@@ -110,6 +111,15 @@ def check_triton(case: tuple, device: str, dtype: torch.dtype, splits: int | Non
 @pytest.mark.parametrize("splits", [1, 3])
 def test_triton_interpreter(case: tuple, splits: int) -> None:
     check_triton(case, "cpu", torch.float32, splits, 1e-4, block_n=16)
+
+
+@interpret
+@pytest.mark.parametrize("splits", [1, 2])
+def test_triton_interpreter_padded_dot_for_one_head(splits: int) -> None:
+    """One query head per KV head takes FMAs by default; the padded tensor-core dot must agree."""
+    check_triton((2, 4, 4, 64, 33, 9, True), "cpu", torch.float32, splits, 1e-4, block_n=16, use_dot=True)
+    with pytest.raises(ValueError):
+        check_triton((1, 4, 2, 64, 8, None, False), "cpu", torch.float32, splits, 1e-4, use_dot=False)
 
 
 @interpret
@@ -197,8 +207,9 @@ def test_gemma_attention_decode_path_matches_mask_path(monkeypatch) -> None:
                                           (2, 16, 2, 512, 700, None, False), (1, 8, 1, 80, 300, None, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("splits", [None, 1, 7])
-def test_triton_gpu(case: tuple, dtype: torch.dtype, splits: int | None) -> None:
-    check_triton(case, "cuda", dtype, splits, 2e-2 if dtype == torch.bfloat16 else 2e-3)
+@pytest.mark.parametrize("use_dot", [None, True])
+def test_triton_gpu(case: tuple, dtype: torch.dtype, splits: int | None, use_dot: bool | None) -> None:
+    check_triton(case, "cuda", dtype, splits, 2e-2 if dtype == torch.bfloat16 else 2e-3, use_dot=use_dot)
 
 
 @pytest.mark.gpu

@@ -95,10 +95,11 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             rows: torch.Tensor | None, lengths: torch.Tensor, scale: float | None = None,
                             window: int | None = None, sinks: torch.Tensor | None = None, splits: int | None = None,
                             block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                            max_len: int | None = None) -> torch.Tensor:
+                            max_len: int | None = None, use_dot: bool | None = None) -> torch.Tensor:
     """The Triton path (CUDA, or the CPU under TRITON_INTERPRET=1); arguments as decode_attention_reference.
     splits / block_n / num_warps / num_stages: launch choices (None: chosen from the shapes); max_len: an upper
-    bound on lengths that sizes the splits (default: the cache length S, or the window)."""
+    bound on lengths that sizes the splits (default: the cache length S, or the window); use_dot: tensor-core
+    dots over the query heads padded to 16 (default: unless there is one query head per KV head)."""
     assert triton is not None, "decode_attention_triton needs triton"
     _check(q, k_cache, v_cache, rows, lengths, sinks)
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -106,6 +107,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     B, nH, D = q.shape
     S, nKV = k_cache.shape[1], k_cache.shape[2]
     G = nH // nKV
+    block_g = max(16, triton.next_power_of_2(G)) if (use_dot if use_dot is not None else G > 1) else 1
+    if block_g < G:
+        raise ValueError("use_dot=False needs one query head per KV head")
     block_d = max(16, triton.next_power_of_2(D))
     block_n = block_n or (64 if block_d <= 128 else 32 if block_d <= 256 else 16)
     bound = min(max_len or S, window or S)
@@ -118,15 +122,16 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _partial_kernel[(B, nKV, splits)](
         q, k_cache, v_cache, rows if rows is not None else lengths, lengths, sinks if sinks is not None else q, out,
         ml, acc, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), G, D, nH,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), G, D, nH, S,
         int(window or 0), float(scale) * _LOG2E, HAS_ROWS=rows is not None, HAS_SINK=sinks is not None,
-        HAS_WINDOW=bool(window), SPLITS=splits, PRECISION=precision, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        HAS_WINDOW=bool(window), SPLITS=splits, PRECISION=precision, BLOCK_G=block_g,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
+        block_s = max(2, triton.next_power_of_2(splits))
         _reduce_kernel[(B, nH)](
             ml, acc, sinks if sinks is not None else q, out, out.stride(0), out.stride(1), nH, D,
-            HAS_SINK=sinks is not None, SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-            BLOCK_D=block_d, num_warps=4)
+            HAS_SINK=sinks is not None, SPLITS=splits, BLOCK_S=block_s, BLOCK_D=block_d,
+            num_warps=8 if block_s * block_d > 8192 else 4)
     return out
 
 
@@ -161,7 +166,7 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch
 if triton is not None:
     @triton.jit
     def _partial_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, len_ptr, sink_ptr, o_ptr, ml_ptr, acc_ptr, sq_b, sq_h, sk_r,
-                        sk_s, sk_h, sv_r, sv_s, sv_h, so_b, so_h, G, D, NH, window, scale_log2,
+                        sk_s, sk_h, sv_r, sv_s, sv_h, so_b, so_h, G, D, NH, S, window, scale_log2,
                         HAS_ROWS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr,
                         SPLITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr):
@@ -172,7 +177,7 @@ if triton is not None:
             row = tl.load(rows_ptr + b).to(tl.int64)
         else:
             row = b.to(tl.int64)
-        length = tl.load(len_ptr + b).to(tl.int32)
+        length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)  # never past the cache
         start = 0
         if HAS_WINDOW:
             start = tl.maximum(length - window, 0)
@@ -197,23 +202,29 @@ if triton is not None:
             nmask = offs_n < hi
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BG, BN] log2 units
+            if BLOCK_G == 1:  # one query head per KV head (MHA): FMAs, no padded MMA
+                s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)[None, :] * scale_log2  # [1, BN] log2 units
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BG, BN] log2 units
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])  # [BG, BN]
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if BLOCK_G == 1:
+                acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * v.to(tl.float32), 0)[None, :]
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         if SPLITS == 1:
+            sink = tl.full([BLOCK_G], float("-inf"), tl.float32)  # no sink: a logit of -inf adds nothing
             if HAS_SINK:
                 sink = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32) * 1.4426950408889634
-                m_f = tl.maximum(m_i, sink)
-                l_i = l_i * tl.exp2(m_i - m_f) + tl.exp2(sink - m_f)
-                acc = acc * tl.exp2(m_i - m_f)[:, None]
-            out = acc / l_i[:, None]
+            m_f = tl.maximum(m_i, sink)
+            alpha = tl.exp2(m_i - m_f)
+            out = acc * alpha[:, None] / (l_i * alpha + tl.exp2(sink - m_f))[:, None]
             tl.store(o_ptr + b.to(tl.int64) * so_b + heads[:, None] * so_h + offs_d[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
         else:
@@ -234,14 +245,12 @@ if triton is not None:
         idx = (b.to(tl.int64) * NH + h) * SPLITS + offs_s  # [BS]
         m = tl.load(ml_ptr + idx * 2, mask=smask, other=float("-inf"))  # [BS] empty splits: -inf
         l = tl.load(ml_ptr + idx * 2 + 1, mask=smask, other=0.0)
-        m_max = tl.max(m, 0)
+        sink = float("-inf")  # no sink: a logit of -inf adds nothing
         if HAS_SINK:
             sink = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
-            m_max = tl.maximum(m_max, sink)
+        m_max = tl.maximum(tl.max(m, 0), sink)
         w = tl.exp2(m - m_max)  # [BS]
-        total = tl.sum(l * w, 0)
-        if HAS_SINK:
-            total += tl.exp2(sink - m_max)
+        total = tl.sum(l * w, 0) + tl.exp2(sink - m_max)
         acc = tl.load(acc_ptr + idx[:, None] * D + offs_d[None, :], mask=smask[:, None] & dmask[None, :],
                       other=0.0)  # [BS, BD]
         out = tl.sum(acc * w[:, None], 0) / total  # [BD]
