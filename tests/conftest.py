@@ -124,3 +124,29 @@ def family_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
     """Every registered family, including those whose routed experts moetandem cannot run yet."""
     fam = request.param
     return fam, build_checkpoint(fam, tmp_path_factory.mktemp(fam))
+
+
+def _interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter holds a scalar as a 1-element array and turns it into a loop bound with
+    int(array), which numpy >= 2.3 refuses (a TypeError at every `range(lo, hi)` over loaded values): read its one
+    element instead. Patches only the interpreter, only under TRITON_INTERPRET=1."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "scalar_index", False):
+        return
+
+    def patched(tensor: type, scope: object) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore[attr-defined]
+
+    patched.scalar_index = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_scalar_index()

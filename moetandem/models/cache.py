@@ -62,13 +62,17 @@ def write_read(cache: Sequence[torch.Tensor], new: Sequence[torch.Tensor], rows:
                pos: torch.Tensor, kv_len: int) -> list[torch.Tensor]:
     """Write each new [B, L, ...] at cache[rows[b], pos[b, l]], then return this batch's [B, kv_len, ...] of each
     buffer. rows None: sequence b owns cache row b (a view, no copy); else the batch's rows are gathered."""
+    write(cache, new, rows, pos)
     B = pos.shape[0]
-    r = torch.arange(B, device=pos.device) if rows is None else rows  # [B]
-    out = []
+    return [buf[:B, :kv_len] if rows is None else buf[rows, :kv_len] for buf in cache[:len(new)]]
+
+
+def write(cache: Sequence[torch.Tensor], new: Sequence[torch.Tensor], rows: torch.Tensor | None,
+          pos: torch.Tensor) -> None:
+    """Write each new [B, L, ...] at cache[rows[b], pos[b, l]] (rows None: row b)."""
+    r = torch.arange(pos.shape[0], device=pos.device) if rows is None else rows  # [B]
     for buf, t in zip(cache, new):
         buf[r[:, None], pos] = t.to(buf.dtype)
-        out.append(buf[:B, :kv_len] if rows is None else buf[rows, :kv_len])
-    return out
 
 
 def read_state(buf: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:

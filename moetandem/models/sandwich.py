@@ -48,7 +48,8 @@ class SandwichLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, ...],
                 rows: torch.Tensor | None, pos: torch.Tensor, masks: dict[int | None, torch.Tensor], kv_len: int,
                 valid: torch.Tensor | None, experts: Mapping[int, ExpertProvider]) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len,
+                             window=self.window)
         h = x + self.post_attention_layernorm(attn)  # [B, L, H]
         y = self.mlp(self.pre_feedforward_layernorm(h))  # [B, L, H]
         if self.moe is not None:

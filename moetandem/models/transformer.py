@@ -113,7 +113,8 @@ class DecoderLayer(nn.Module):
         if self.linear:
             h = x + self.linear_attn(self.input_layernorm(x), cache, rows, pos, valid)
         else:
-            h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len)
+            h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, pos, masks[self.window], kv_len,
+                                   window=self.window)
         y = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoE):
             return h + run_moe(self.mlp, y, experts, valid)

@@ -1,7 +1,11 @@
 """Grouped-query attention over the static cache, with the variants families add: q/k RMSNorm (per head or over
 all heads), QKV clipping, biases, partial rotary, sliding windows (the model passes the layer's mask) and
 attention sinks (gpt-oss: a learned per-head logit that joins the softmax and takes no value) and an output gate
-(Qwen3-Next / Qwen3.5: q_proj also yields a per-head gate g, and the output is attn · sigmoid(g))."""
+(Qwen3-Next / Qwen3.5: q_proj also yields a per-head gate g, and the output is attn · sigmoid(g)).
+
+Decode steps (one token per sequence) on CUDA write the new K/V into the cache and run the flash-decoding kernel
+(moetandem.kernels.decode_attention) over each sequence's cache row up to its position: no gather of the cache, no
+mask; everything else (prefill, the CPU) goes through the mask and SDPA."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetandem.models.cache import write_read
+from moetandem.kernels.decode_attention import decode_attention_op, decode_attention_supported
+from moetandem.models.cache import write, write_read
 from moetandem.models.components.norm import RMSNorm
 from moetandem.models.components.rope import apply_rope
 
@@ -40,6 +45,18 @@ class GQASpec:
         return Attention(hidden, self, eps)
 
 
+def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...],
+                rows: torch.Tensor | None, pos: torch.Tensor, kv_len: int, scale: float, window: int | None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per sequence, on the decode kernel: q [B, nH, 1, D]; k/v [B, 1, nKV, D] are written into the cache
+    at pos [B, 1], then q attends to the positions the causal (and window) mask would allow,
+    [max(0, pos - window + 1), min(pos, kv_len - 1)] of the sequence's cache row -> [B, 1, nH*D]."""
+    write(cache, (k, v), rows, pos)
+    lengths = (pos[:, 0] + 1).clamp(max=kv_len)  # [B]
+    out = decode_attention_op(q[:, :, 0], cache[0], cache[1], rows, lengths, scale, window or 0, sinks)  # [B, nH, D]
+    return out.reshape(q.shape[0], 1, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, hidden: int, s: GQASpec, eps: float) -> None:
         super().__init__()
@@ -62,9 +79,11 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(s.num_heads)) if s.sinks else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, ...],
-                rows: torch.Tensor | None, pos: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+                rows: torch.Tensor | None, pos: torch.Tensor, mask: torch.Tensor, kv_len: int,
+                window: int | None = None) -> torch.Tensor:
         # x [B, L, H]; cache k/v [R, S, n_kv, D]; rows [B] = cache row of each sequence (None: row b);
-        # pos [B, L]; mask [B, 1, L, kv_len] (True = may attend)
+        # pos [B, L]; mask [B, 1, L, kv_len] (True = may attend); window: the sliding window the mask applies
+        # (None: full attention), which the decode kernel applies itself
         B, L, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # [B, L, nH*D], [B, L, nKV*D] x2
         gate = None
@@ -82,16 +101,25 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nH, L, D]
         k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, L, nKV, D]
+        if L == 1 and decode_attention_supported(x.device, cache[0].dtype, self.head_dim):
+            out = decode_step(q, k, v, cache, rows, pos, kv_len, self.head_dim ** -0.5, window, self.sinks)  # [B, 1, nH*D]
+        else:
+            out = self._attend(q, k, v, cache, rows, pos, mask, kv_len)  # [B, L, nH*D]
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)  # [B, L, H]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...],
+                rows: torch.Tensor | None, pos: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Through the mask: q [B, nH, L, D]; k/v [B, L, nKV, D] -> [B, L, nH*D]."""
+        B, L = q.shape[0], q.shape[2]
         keys, values = write_read(cache, (k, v), rows, pos, kv_len)  # [B, S, nKV, D] each
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, nKV, S, D]
         if self.sinks is None:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         else:
             out = self._with_sinks(q, keys, values, mask)
-        out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, nH*D]
-        if gate is not None:
-            out = out * torch.sigmoid(gate)
-        return self.o_proj(out)  # [B, L, H]
+        return out.transpose(1, 2).reshape(B, L, -1)  # [B, L, nH*D]
 
     def _with_sinks(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,10 @@ class MLAttention(nn.Module):
         self.rope = apply_rope_interleaved if s.interleaved_rope else apply_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, ...],
-                rows: torch.Tensor | None, pos: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
-        # x [B, L, H]; cache (c_kv [R, S, r], k_rope [R, S, dR]); pos [B, L]; mask [B, 1, L, kv_len]
+                rows: torch.Tensor | None, pos: torch.Tensor, mask: torch.Tensor, kv_len: int,
+                window: int | None = None) -> torch.Tensor:
+        # x [B, L, H]; cache (c_kv [R, S, r], k_rope [R, S, dR]); pos [B, L]; mask [B, 1, L, kv_len] (with any
+        # sliding window already in it: `window` is taken for the GQA signature and unused)
         s, (B, L, _) = self.s, x.shape
         nope, dR, r = s.qk_nope_head_dim, s.qk_rope_head_dim, s.kv_lora_rank
         q = self.q_proj(x) if s.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # [B, L, nH*(nope+dR)]
