@@ -121,3 +121,25 @@ def family_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
     """Every registered family, including those whose routed experts moetandem cannot run yet."""
     fam = request.param
     return fam, build_checkpoint(fam, tmp_path_factory.mktemp(fam))
+
+
+def _triton_interpreter_numpy2() -> None:
+    """Triton 3.6's interpreter indexes with a scalar as int(array([v])) (a `range(K)` over a kernel argument), which
+    NumPy >= 2.4 refuses; take the one element instead. Only under TRITON_INTERPRET=1 (the CPU kernel tests)."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:  # noqa: ANN001 - triton's own types
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+_triton_interpreter_numpy2()
