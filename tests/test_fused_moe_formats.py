@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from moetandem.kernels import fused_moe, fused_moe_reference, fused_moe_supported, quant, tuning
+from moetandem.kernels import fused_moe, fused_moe_op, fused_moe_reference, fused_moe_supported, quant, tuning
 
 fm = importlib.import_module("moetandem.kernels.fused_moe")  # the module (the package exports the function)
 interpret = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or fm.triton is None,
@@ -19,28 +19,34 @@ QUANT = ("int8", "fp8", "int4", "mxfp4")
 ALIGN = 16  # bytes: every part of a slot starts aligned, so any dtype can view it
 
 
-def byte_slots(w13: torch.Tensor, w2: torch.Tensor, fmt: str, groups: tuple[int | None, int | None] = (None, None)):
+def byte_slots(w13: torch.Tensor, w2: torch.Tensor, fmt: str, pin: bool = False, chunk: int = 16):
     """Float experts w13 [n, 2I, H], w2 [n, H, I] -> (buf uint8 [n, bytes], (d13, d2), (s13, s2) | None): the
-    quantized data and scales as strided views into one flat byte row per expert."""
-    parts = [quant.quantize(w, fmt, g) for w, g in zip((w13, w2), groups)]  # [(data, scale)] x 2
-    tensors = [t for p in parts for t in p if t is not None]
-    sizes = [-(-t[0].numel() * t.element_size() // ALIGN) * ALIGN for t in tensors]
-    buf = torch.zeros(w13.shape[0], sum(sizes), dtype=torch.uint8)  # [n, bytes]
-    views, off = [], 0
-    for t, size in zip(tensors, sizes):
-        nbytes = t[0].numel() * t.element_size()
-        v = buf[:, off:off + nbytes].view(t.dtype).view(t.shape)  # strides (bytes/itemsize, ...): a slot view
-        v.copy_(t)
-        views.append(v)
-        off += size
+    quantized data and scales as strided views into one flat byte row per expert, on w13's device (pin: in pinned
+    host memory, as the committee maps its host experts). Quantized `chunk` experts at a time."""
+    n, views = w13.shape[0], []
+    for a in range(0, n, chunk):
+        parts = [quant.quantize(w[a:a + chunk], fmt) for w in (w13, w2)]  # [(data, scale)] x 2
+        tensors = [t for p in parts for t in p if t is not None]
+        if not views:  # lay out the slot: each part ALIGN-aligned
+            sizes = [-(-t[0].numel() * t.element_size() // ALIGN) * ALIGN for t in tensors]
+            dev = "cpu" if pin else w13.device
+            buf = torch.zeros(n, sum(sizes), dtype=torch.uint8, device=dev, pin_memory=pin)  # [n, bytes]
+            off = 0
+            for t, size in zip(tensors, sizes):
+                nbytes = t[0].numel() * t.element_size()
+                views.append(buf[:, off:off + nbytes].view(t.dtype).view(n, *t.shape[1:]))  # a strided slot view
+                off += size
+        for v, t in zip(views, tensors):
+            v[a:a + chunk].copy_(t)
     if fmt == "bf16":
         return buf, (views[0], views[1]), None
     return buf, (views[0], views[2]), (views[1], views[3])
 
 
-def experts(n: int, H: int, I: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 2 * I, H, generator=g) * H ** -0.5, torch.randn(n, H, I, generator=g) * I ** -0.5
+def experts(n: int, H: int, I: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device).manual_seed(seed)
+    return (torch.randn(n, 2 * I, H, generator=g, device=device) * H ** -0.5,
+            torch.randn(n, H, I, generator=g, device=device) * I ** -0.5)
 
 
 def routing(T: int, k: int, E: int, N: int, seed: int, zero_frac: float = 0.2) -> tuple:
@@ -86,6 +92,19 @@ def test_reference_is_dequantize_then_compute(fmt: str, k: int) -> None:
     wb = tuple(t.bfloat16() for t in dequantized(d, s, fmt))
     torch.testing.assert_close(fused_moe_reference(xb, ids, w, *d, tab, fmt=fmt, scales=s),
                                fused_moe_reference(xb, ids, w, *wb, tab), rtol=0, atol=0)
+
+
+def test_custom_op_carries_the_format() -> None:
+    """torch.ops.moetandem.fused_moe takes fmt and the scales as flat arguments (what torch.compile / graphs see)."""
+    T, k, E, N, H, I = 4, 2, 6, 4, 64, 64
+    ids, w, tab = routing(T, k, E, N, seed=1)
+    _, d, s = byte_slots(*experts(N, H, I, seed=1), "int4")
+    x = torch.randn(T, H)
+    want = fused_moe_reference(x, ids, w, *d, tab, fmt="int4", scales=s)
+    got = torch.ops.moetandem.fused_moe(x, ids, w, *d, tab, "silu", None, None, None, None, None, None, 1.702, 7.0,
+                                        "int4", *s)
+    assert torch.equal(got, want)
+    assert torch.equal(fused_moe_op(x, ids, w, *d, tab, fmt="int4", s13=s[0], s2=s[1]), want)
 
 
 def test_bad_format_arguments() -> None:
@@ -181,3 +200,123 @@ def test_triton_interpreter_mapped_host_experts(fmt: str) -> None:
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run_plan(x, ids, w, d, mapped, fmt, s, host=hd, host_scales=hs), want,
                                rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+#: (H, I, E, k): Qwen3-30B-A3B, OLMoE-1B-7B; gpt-oss-20b for mxfp4 with biases
+GPU_SHAPES = [(2048, 768, 128, 8), (2048, 1024, 64, 8)]
+
+
+def gpu_case(fmt: str, T: int, H: int, I: int, E: int, k: int, N: int, seed: int = 0) -> tuple:
+    """Quantized on the GPU into flat byte slots, bf16 activations; also the fp32 dequantized oracle's weights."""
+    if not fused_moe_supported("cuda", quant.data_dtype(fmt), fmt):
+        pytest.skip(f"{fmt} needs a newer GPU or Triton")
+    ids, w, tab = routing(T, k, E, N, seed)
+    _, d, s = byte_slots(*experts(N, H, I, seed, "cuda"), fmt)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)  # [T, H]
+    return x, ids.cuda(), w.cuda(), d, s, tab.cuda(), dequantized(d, s, fmt)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.fixture
+def tune_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOETANDEM_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", ("bf16",) + QUANT)
+@pytest.mark.parametrize("T", [1, 8, 64])
+@pytest.mark.parametrize("H,I,E,k", GPU_SHAPES)
+def test_triton_formats_gpu(fmt: str, T: int, H: int, I: int, E: int, k: int, tune_dir, monkeypatch) -> None:
+    if T == 8:  # the search runs on the other buckets; every config has its own test
+        monkeypatch.setenv("MOETANDEM_FUSED_MOE_TUNE", "0")
+    x, ids, w, d, s, tab, deq = gpu_case(fmt, T, H, I, E, k, N=E * 3 // 4 + 1, seed=T)
+    if s is not None and fmt != "mxfp4":
+        poison_idle(ids, w, tab, s)
+    out = fused_moe(x, ids, w, *d, tab, fmt=fmt, scales=s)  # [T, H]
+    ref = fused_moe_reference(x.float(), ids, w, *deq, tab)  # dequantized, fp32
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-2, rel_err(out, ref)
+    bf = fused_moe_reference(x, ids, w, *(t.bfloat16() for t in deq), tab)  # dequantize, then bf16
+    assert rel_err(out, bf) < 2e-2, rel_err(out, bf)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 8])
+def test_triton_mxfp4_gpt_oss_gpu(T: int, tune_dir) -> None:
+    H, I, E, k = 2880, 2880, 32, 4
+    x, ids, w, d, s, tab, deq = gpu_case("mxfp4", T, H, I, E, k, N=20, seed=T)
+    g = torch.Generator(device="cuda").manual_seed(T)
+    bias = (torch.randn(20, 2 * I, generator=g, device="cuda").bfloat16(),
+            torch.randn(20, H, generator=g, device="cuda").bfloat16())
+    out = fused_moe(x, ids, w, *d, tab, "clamped_swiglu", bias=bias, fmt="mxfp4", scales=s)
+    ref = fused_moe_reference(x.float(), ids, w, *deq, tab, "clamped_swiglu", bias=tuple(b.float() for b in bias))
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-2, rel_err(out, ref)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", QUANT)
+def test_triton_every_candidate_config_gpu(fmt: str) -> None:
+    """Any config the search may pick is right: BLOCK_M 16/32/64 x every tile (tile- and element-scaled)."""
+    from triton.runtime.errors import OutOfResources
+    x, ids, w, d, s, tab, deq = gpu_case(fmt, 40, 2048, 768, 64, 8, N=40)
+    ref = fused_moe_reference(x.float(), ids, w, *deq, tab)
+    for bm in (16, 32, 64):
+        for kc in tuning.CANDIDATES:
+            p = fm._Plan(x, ids, w, *d, tab, "silu", bm, fmt=fmt, scales=s)
+            try:
+                p.up(kc)
+                p.down(kc)
+            except OutOfResources:  # too much shared memory for this tile: the search skips it too
+                continue
+            assert rel_err(p.reduce(), ref) < 2e-2, (bm, kc)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", QUANT)
+def test_triton_zero_copy_host_and_graph_gpu(fmt: str, tune_dir) -> None:
+    """Misses read packed from pinned host memory (entry N + e) equal the all-resident result, also replayed in a
+    CUDA graph with new routing."""
+    T, k, E, N, H, I = 8, 8, 32, 12, 1024, 512
+    if not fused_moe_supported("cuda", quant.data_dtype(fmt), fmt):
+        pytest.skip(f"{fmt} needs a newer GPU or Triton")
+    ids, w, tab = routing(T, k, E, N, seed=2)
+    full = experts(E, H, I, seed=3, device="cuda")
+    _, hd, hs = byte_slots(*full, fmt, pin=True)  # every expert, pinned host
+    _, fd, fs = byte_slots(*full, fmt)  # every expert, device
+    order = torch.full((N,), -1, dtype=torch.long)
+    order[tab.long()[tab >= 0]] = torch.arange(E)[tab >= 0]  # slot -> expert
+    _, d, s = byte_slots(full[0][order.cuda()], full[1][order.cuda()], fmt)
+    mapped = torch.where(tab >= 0, tab, N + torch.arange(E)).int().cuda()  # [E]
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids, w = ids.cuda(), w.cuda()
+
+    def call() -> torch.Tensor:
+        return fused_moe(x, ids, w, *d, mapped, host=hd, fmt=fmt, scales=s, host_scales=hs)
+
+    assert rel_err(call(), fused_moe(x, ids, w, *fd, fmt=fmt, scales=fs)) < 1e-2
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for seed in (7, 8):
+        ids2, w2_, _ = routing(T, k, E, N, seed)
+        ids.copy_(ids2)
+        w.copy_(w2_)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, call())
+        assert rel_err(out, fused_moe(x, ids, w, *fd, fmt=fmt, scales=fs)) < 1e-2
