@@ -78,7 +78,7 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr,
-                        K, I, TOP_K, NS, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e,
+                        K, KP, I, TOP_K, NS, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e,
                         sh_m, alpha, limit, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
                         GROUP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
@@ -96,12 +96,12 @@ if triton is not None:
         rows = x_ptr + (a_id // TOP_K) * sx_m  # [BM]
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a0, a1 = load_a(rows, sx_k, k0, K, mask_m, h_ptr.dtype.element_ty, FMT, BLOCK_K)
-            acc_g = wdot(acc_g, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, k0, K, FMT, GROUP,
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            a0, a1 = load_a(rows, sx_k, kt, KP, mask_m, h_ptr.dtype.element_ty, FMT, BLOCK_K)
+            acc_g = wdot(acc_g, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, kt, KP, FMT, GROUP,
                          PRECISION, BLOCK_K)
             acc_u = wdot(acc_u, a0, a1, w_base + I * sw_n, s_base + I * ss_n, offs_n, mask_n, sw_n, sw_k, ss_n,
-                         ss_k, k0, K, FMT, GROUP, PRECISION, BLOCK_K)
+                         ss_k, kt, KP, FMT, GROUP, PRECISION, BLOCK_K)
         if HAS_BIAS:  # b13 [2I] (gate; up), rows contiguous
             b_base = expert_base(b_ptr, hb_ptr, slot, NS, sb_e, shb_e)
             acc_g += tl.load(b_base + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -111,7 +111,7 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr,
-                     brows_ptr, K, N, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sy_m,
+                     brows_ptr, K, KP, N, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sy_m,
                      HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -127,9 +127,9 @@ if triton is not None:
         mask_n = offs_n < N
         rows = h_ptr + a_id * sh_m  # [BM]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a0, a1 = load_a(rows, 1, k0, K, mask_m, h_ptr.dtype.element_ty, FMT, BLOCK_K)
-            acc = wdot(acc, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, k0, K, FMT, GROUP,
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            a0, a1 = load_a(rows, 1, kt, KP, mask_m, h_ptr.dtype.element_ty, FMT, BLOCK_K)
+            acc = wdot(acc, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, kt, KP, FMT, GROUP,
                        PRECISION, BLOCK_K)
         if HAS_BIAS:  # b2 [H], before the routing weight
             b_base = expert_base(b_ptr, hb_ptr, slot, NS, sb_e, shb_e)
@@ -190,7 +190,7 @@ class _Plan:
         al = self.al
         _gate_up_kernel[(al.num_blocks, triton_cdiv(self.I, c.block_n))](
             self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h, al.sorted_ids,
-            al.block_slot, al.block_rows, self.H, self.I, self.k, self.NS, self.x.stride(0), self.x.stride(1),
+            al.block_slot, al.block_rows, self.H, self.w13.shape[2], self.I, self.k, self.NS, self.x.stride(0), self.x.stride(1),
             *self._strides(self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13), self.h.stride(0),
             self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g13,
             PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
@@ -200,7 +200,7 @@ class _Plan:
         al = self.al
         _down_kernel[(al.num_blocks, triton_cdiv(self.H, c.block_n))](
             self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.y, self.rw, al.sorted_ids,
-            al.block_slot, al.block_rows, self.I, self.H, self.NS, self.h.stride(0),
+            al.block_slot, al.block_rows, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
             *self._strides(self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2), self.y.stride(0),
             HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision, BLOCK_M=al.block_m,
             BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)

@@ -51,30 +51,35 @@ if triton is not None:
         return r
 
     @triton.jit
-    def load_a(rows, sa_k, k0, K, mask_m, CDT: tl.constexpr, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
-        """rows [BM] row pointers -> the activation tile of columns k0..k0+BK in CDT: (a [BM, BK], a) or, for a
-        packed format, (even columns [BM, BK/2], odd columns [BM, BK/2]). Columns past K read 0."""
+    def load_a(rows, sa_k, kt, KP, mask_m, CDT: tl.constexpr, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """rows [BM] row pointers -> the activation tile of K tile kt (columns k0 = kt·BK ..) in CDT: (a [BM, BK], a)
+        or, for a packed format, (even columns [BM, BK/2], odd columns [BM, BK/2]). KP: the weights' packed columns
+        (K, or K/2 for a packed format: its own argument, so the compiler knows its alignment); columns past K read 0."""
+        k0 = kt * BLOCK_K
         if FMT >= 3:
             offs = tl.arange(0, BLOCK_K // 2)
-            mask = mask_m[:, None] & (offs < (K - k0) // 2)[None, :]
+            mask = mask_m[:, None] & (offs < KP - kt * (BLOCK_K // 2))[None, :]
             p = rows[:, None] + (k0 + 2 * offs)[None, :] * sa_k
             a0 = tl.load(p, mask=mask, other=0.0).to(CDT)
             a1 = tl.load(p + sa_k, mask=mask, other=0.0).to(CDT)
         else:
             offs = tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (offs < K - k0)[None, :]
+            mask = mask_m[:, None] & (offs < KP - k0)[None, :]
             a0 = tl.load(rows[:, None] + (k0 + offs)[None, :] * sa_k, mask=mask, other=0.0).to(CDT)
             a1 = a0
         return a0, a1
 
     @triton.jit
-    def wdot(acc, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, k0, K, FMT: tl.constexpr,
+    def wdot(acc, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, kt, KP, FMT: tl.constexpr,
              GROUP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-        """acc [BM, BN] += a [BM, k0:k0+BK] · W[offs_n, k0:k0+BK]ᵀ, W read from w_base (+ scales from s_base) in
-        format FMT with scale groups of GROUP along K; (a0, a1) from load_a."""
+        """acc [BM, BN] += a [BM, k0:k0+BK] · W[offs_n, k0:k0+BK]ᵀ for K tile kt (k0 = kt·BK), W read from w_base
+        (+ scales from s_base) in format FMT with scale groups of GROUP along K; (a0, a1) and KP as for load_a.
+        (Offsets and bounds are products of kt or arguments, never quotients, so the compiler sees their alignment
+        and vectorizes the weight loads.)"""
+        k0 = kt * BLOCK_K
         if FMT < 3:
             offs = tl.arange(0, BLOCK_K)
-            mask = (offs < K - k0)[:, None] & mask_n[None, :]
+            mask = (offs < KP - k0)[:, None] & mask_n[None, :]
             w_ptrs = w_base + offs_n[None, :] * sw_n + (k0 + offs)[:, None] * sw_k  # [BK, BN]
             if FMT == 1:
                 w = tl.load(w_ptrs, mask=mask, other=0)
@@ -83,7 +88,7 @@ if triton is not None:
             if FMT == 0:
                 acc = tl.dot(a0, w, acc, input_precision=PRECISION)
             elif GROUP % BLOCK_K == 0:
-                s = _scale(tl.load(s_base + offs_n * ss_n + (k0 // GROUP) * ss_k, mask=mask_n, other=0), FMT)  # [BN]
+                s = _scale(tl.load(s_base + offs_n * ss_n + (kt // (GROUP // BLOCK_K)) * ss_k, mask=mask_n, other=0), FMT)  # [BN]
                 acc += tl.dot(a0, w.to(a0.dtype), input_precision=PRECISION) * s[None, :]
             else:
                 g = (k0 + offs) // GROUP  # [BK]
@@ -91,13 +96,13 @@ if triton is not None:
                 acc = tl.dot(a0, (w.to(tl.float32) * s).to(a0.dtype), acc, input_precision=PRECISION)
         else:
             offs = tl.arange(0, BLOCK_K // 2)  # bytes
-            mask = (offs < (K - k0) // 2)[:, None] & mask_n[None, :]
-            q = tl.load(w_base + offs_n[None, :] * sw_n + (k0 // 2 + offs)[:, None] * sw_k, mask=mask,
+            mask = (offs < KP - kt * (BLOCK_K // 2))[:, None] & mask_n[None, :]
+            q = tl.load(w_base + offs_n[None, :] * sw_n + (kt * (BLOCK_K // 2) + offs)[:, None] * sw_k, mask=mask,
                         other=0).to(tl.int32)  # [BK/2, BN]
             lo = _nibble(q & 15, FMT)  # columns k0 + 2j
             hi = _nibble(q >> 4, FMT)  # columns k0 + 2j + 1 (same group: GROUP is even)
             if GROUP % BLOCK_K == 0:
-                s = _scale(tl.load(s_base + offs_n * ss_n + (k0 // GROUP) * ss_k, mask=mask_n, other=0), FMT)  # [BN]
+                s = _scale(tl.load(s_base + offs_n * ss_n + (kt // (GROUP // BLOCK_K)) * ss_k, mask=mask_n, other=0), FMT)  # [BN]
                 part = tl.dot(a0, lo.to(a0.dtype), input_precision=PRECISION)
                 part = tl.dot(a1, hi.to(a0.dtype), part, input_precision=PRECISION)
                 acc += part * s[None, :]
