@@ -6,7 +6,8 @@ Formats by code (FMTS): 0 bf16/fp16/fp32 read as they are; 1 int8 and 2 fp8, one
 the activation tile is split into its even and odd columns instead, and each half meets its own nibbles in its own
 dot. Scales: where a group spans whole K tiles (GROUP % BLOCK_K == 0, e.g. per-channel int8/fp8, int4 groups of
 128 with BLOCK_K ≤ 128), the dot runs on the raw values and its [BM, BN] result is scaled once per tile; otherwise
-each weight element is scaled before the dot (mxfp4's groups of 32, for one). Values convert exactly to bf16
+each weight element is scaled before the dot (mxfp4's groups of 32, for one), from a [BK/G, BN] scale tile spread
+over its rows where whole groups fit the tile, else gathered per row. Values convert exactly to bf16
 (int8 ≤ 127, e4m3, int4, FP4), so the tile scale path rounds nothing but the products."""
 from __future__ import annotations
 
@@ -70,6 +71,26 @@ if triton is not None:
         return a0, a1
 
     @triton.jit
+    def _row_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, KP, FMT: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PACK: tl.constexpr):
+        """fp32 scales of K tile kt for each row of its weight tile: [BK / PACK, BN] (PACK = 2: a byte's two
+        columns share a group). Where whole groups fit the tile, each is loaded once and spread over its rows."""
+        ROWS: tl.constexpr = BLOCK_K // PACK
+        BN: tl.constexpr = offs_n.shape[0]
+        if BLOCK_K % GROUP == 0:
+            NG: tl.constexpr = BLOCK_K // GROUP
+            g = kt * NG + tl.arange(0, NG)  # [NG]
+            m = (g * (GROUP // PACK) < KP)[:, None] & mask_n[None, :]
+            s = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=m, other=0), FMT)  # [NG, BN]
+            r = tl.reshape(tl.broadcast_to(s[:, None, :], (NG, ROWS // NG, BN)), (ROWS, BN))
+        else:  # groups straddle tiles: one gathered scale per row
+            offs = tl.arange(0, ROWS)
+            g = (kt * BLOCK_K + PACK * offs) // GROUP  # [ROWS]
+            m = (offs < KP - kt * ROWS)[:, None] & mask_n[None, :]
+            r = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=m, other=0), FMT)
+        return r
+
+    @triton.jit
     def wdot(acc, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, kt, KP, FMT: tl.constexpr,
              GROUP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
         """acc [BM, BN] += a [BM, k0:k0+BK] · W[offs_n, k0:k0+BK]ᵀ for K tile kt (k0 = kt·BK), W read from w_base
@@ -91,8 +112,7 @@ if triton is not None:
                 s = _scale(tl.load(s_base + offs_n * ss_n + (kt // (GROUP // BLOCK_K)) * ss_k, mask=mask_n, other=0), FMT)  # [BN]
                 acc += tl.dot(a0, w.to(a0.dtype), input_precision=PRECISION) * s[None, :]
             else:
-                g = (k0 + offs) // GROUP  # [BK]
-                s = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=mask, other=0), FMT)
+                s = _row_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, KP, FMT, GROUP, BLOCK_K, 1)  # [BK, BN]
                 acc = tl.dot(a0, (w.to(tl.float32) * s).to(a0.dtype), acc, input_precision=PRECISION)
         else:
             offs = tl.arange(0, BLOCK_K // 2)  # bytes
@@ -107,8 +127,7 @@ if triton is not None:
                 part = tl.dot(a1, hi.to(a0.dtype), part, input_precision=PRECISION)
                 acc += part * s[None, :]
             else:
-                g = (k0 + 2 * offs) // GROUP  # [BK/2]
-                s = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=mask, other=0), FMT)
+                s = _row_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, KP, FMT, GROUP, BLOCK_K, 2)  # [BK/2, BN]
                 acc = tl.dot(a0, (lo * s).to(a0.dtype), acc, input_precision=PRECISION)
                 acc = tl.dot(a1, (hi * s).to(a0.dtype), acc, input_precision=PRECISION)
         return acc
