@@ -56,18 +56,13 @@ if triton is not None:
         """rows [BM] row pointers -> the activation tile of K tile kt (columns k0 = kt·BK ..) in CDT: (a [BM, BK], a)
         or, for a packed format, (even columns [BM, BK/2], odd columns [BM, BK/2]). KP: the weights' packed columns
         (K, or K/2 for a packed format: its own argument, so the compiler knows its alignment); columns past K read 0."""
-        k0 = kt * BLOCK_K
-        if FMT >= 3:
-            offs = tl.arange(0, BLOCK_K // 2)
-            mask = mask_m[:, None] & (offs < KP - kt * (BLOCK_K // 2))[None, :]
-            p = rows[:, None] + (k0 + 2 * offs)[None, :] * sa_k
-            a0 = tl.load(p, mask=mask, other=0.0).to(CDT)
-            a1 = tl.load(p + sa_k, mask=mask, other=0.0).to(CDT)
-        else:
-            offs = tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (offs < KP - k0)[None, :]
-            a0 = tl.load(rows[:, None] + (k0 + offs)[None, :] * sa_k, mask=mask, other=0.0).to(CDT)
-            a1 = a0
+        PACK: tl.constexpr = 2 if FMT >= 3 else 1
+        offs = tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (offs < PACK * (KP - kt * (BLOCK_K // PACK)))[None, :]
+        a0 = tl.load(rows[:, None] + (kt * BLOCK_K + offs)[None, :] * sa_k, mask=mask, other=0.0).to(CDT)  # [BM, BK]
+        a1 = a0
+        if FMT >= 3:  # one contiguous (vectorized) load, split in registers
+            a0, a1 = tl.split(tl.reshape(a0, (rows.shape[0], BLOCK_K // 2, 2)))
         return a0, a1
 
     @triton.jit
