@@ -74,7 +74,8 @@ def breakdown(E: int, k: int, H: int, I: int, T: int, layers: int) -> dict:
     from moetandem.kernels.fused_moe import _config, _Plan
     _, bufs, _, xs, idss, ws = make_inputs(E, k, H, I, T, 1.0, layers)
     views = [flat_views(b, I, H) for b in bufs]
-    cfg = _config(xs[0], idss[0], ws[0], *views[0], None, "silu")
+    cfg = _config(xs[0], idss[0], views[0][0], None, "bf16", None,
+                  lambda bm: _Plan(xs[0], idss[0], ws[0], *views[0], None, "silu", bm))
 
     def upto(n: int) -> Callable[[], None]:
         def fn() -> None:

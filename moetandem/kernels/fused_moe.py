@@ -9,8 +9,9 @@ committee's flat slot buffers (w13/w2 views of one [N, 3IH] buffer) are used in 
 -1 or whose weight is exactly 0 read nothing. No host sync and fixed grids: CUDA-graph safe once tuned.
 Optional per-expert biases (gpt-oss): the gate/up bias is added to the accumulators before the activation, the
 down bias in the down epilogue before the routing weight; read through the same slot table.
-Weights are read in their own dtype (bf16/fp16/fp32); packed formats (fp8/int4 + scales) would add scale
-pointers and a dequant step at the weight loads of the two GEMM kernels, nothing else."""
+Experts in bf16/fp16/fp32 are read as they are; quantized ones (int8, fp8, int4, mxfp4: kernels/quant.py) are
+read packed, with their scales, and dequantized tile by tile at the weight loads of the two GEMMs (kernels/tiles.py),
+so the bytes a decode step reads are the packed bytes."""
 from __future__ import annotations
 
 from typing import Callable
@@ -19,9 +20,11 @@ import functools
 
 import torch
 
-from moetandem.kernels import tuning
+from moetandem.kernels import quant, tuning
 from moetandem.kernels.align import Aligned, align, triton_cdiv
-from moetandem.kernels.reference import ACTIVATIONS, Pair, check_args, fused_moe_reference
+from moetandem.kernels.reference import (ACTIVATIONS, Pair, check_args, compute_dtype, fused_moe_reference,
+                                         scale_groups)
+from moetandem.kernels.tiles import FMTS
 
 try:
     import triton
@@ -29,18 +32,26 @@ try:
     import triton.testing
 
     from moetandem.kernels.align import _keys
+    from moetandem.kernels.tiles import expert_base, load_a, wdot
 except ImportError:
     triton = None
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_QUANT_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)  # int8; int4 and mxfp4; fp8
 
 
-def fused_moe_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """True where the Triton path runs: CUDA, Triton importable, bf16 (sm80+), fp16 or fp32 weights."""
+def fused_moe_supported(device: torch.device | str, dtype: torch.dtype, fmt: str | None = None) -> bool:
+    """True where the Triton path runs: CUDA, Triton importable, and the experts' data dtype: bf16 (sm80+), fp16 or
+    fp32 weights, or a quantized format's data (int8, uint8 for int4/mxfp4: sm80+; float8_e4m3fn: sm89+).
+    fmt, when given, must be the format that dtype holds (quant.data_dtype; any float dtype for bf16)."""
     device = torch.device(device)
-    if triton is None or device.type != "cuda" or not torch.cuda.is_available() or dtype not in _DTYPES:
+    if fmt is not None and fmt != "bf16" and dtype != quant.data_dtype(fmt):
         return False
-    return dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] >= 8
+    if (triton is None or device.type != "cuda" or not torch.cuda.is_available()
+            or dtype not in _DTYPES + _QUANT_DTYPES or fmt == "bf16" and dtype not in _DTYPES):
+        return False
+    cap = torch.cuda.get_device_capability(device)
+    return cap >= (8, 9) if dtype == torch.float8_e4m3fn else dtype in (torch.float16, torch.float32) or cap[0] >= 8
 
 
 if triton is not None:
@@ -66,77 +77,62 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, I, TOP_K,
-                        N, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k, sb_e, shb_e, sh_m, alpha, limit, ACT: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr,
+                        K, KP, I, TOP_K, NS, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e,
+                        sh_m, alpha, limit, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
+                        GROUP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         slot = tl.load(bslot_ptr + pid_m)
         if slot < 0:
             return
-        if slot < N:  # a device slot
-            w_base = w_ptr + slot.to(tl.int64) * sw_e
-            b_base = b_ptr + slot.to(tl.int64) * sb_e
-        else:  # a mapped host expert (zero-copy over the bus)
-            w_base = hw_ptr + (slot - N).to(tl.int64) * shw_e
-            b_base = hb_ptr + (slot - N).to(tl.int64) * shb_e
+        w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
+        s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < tl.load(brows_ptr + pid_m)
         a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < I
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = x_ptr + (a_id // TOP_K)[:, None] * sx_m + offs_k[None, :] * sx_k  # [BM, BK]
-        g_ptrs = w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k  # [BK, BN]
-        u_ptrs = g_ptrs + I * sw_n
+        rows = x_ptr + (a_id // TOP_K) * sx_m  # [BM]
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = offs_k < K - k0
-            wmask = mask_k[:, None] & mask_n[None, :]
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(w_ptr.dtype.element_ty)
-            acc_g = tl.dot(a, tl.load(g_ptrs, mask=wmask, other=0.0), acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(a, tl.load(u_ptrs, mask=wmask, other=0.0), acc_u, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * sx_k
-            g_ptrs += BLOCK_K * sw_k
-            u_ptrs += BLOCK_K * sw_k
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            a0, a1 = load_a(rows, sx_k, kt, KP, mask_m, h_ptr.dtype.element_ty, FMT, BLOCK_K)
+            acc_g = wdot(acc_g, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, kt, KP, FMT, GROUP,
+                         PRECISION, BLOCK_K)
+            acc_u = wdot(acc_u, a0, a1, w_base + I * sw_n, s_base + I * ss_n, offs_n, mask_n, sw_n, sw_k, ss_n,
+                         ss_k, kt, KP, FMT, GROUP, PRECISION, BLOCK_K)
         if HAS_BIAS:  # b13 [2I] (gate; up), rows contiguous
+            b_base = expert_base(b_ptr, hb_ptr, slot, NS, sb_e, shb_e)
             acc_g += tl.load(b_base + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(b_base + I + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         h = _glu(acc_g, acc_u, ACT, alpha, limit).to(h_ptr.dtype.element_ty)  # [BM, BN]
         tl.store(h_ptr + a_id[:, None] * sh_m + offs_n[None, :], h, mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _down_kernel(h_ptr, w_ptr, hw_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr, brows_ptr, K, N,
-                     NS, sh_m, sw_e, shw_e, sw_n, sw_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _down_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr,
+                     brows_ptr, K, KP, N, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sy_m,
+                     HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         slot = tl.load(bslot_ptr + pid_m)
         if slot < 0:
             return
-        if slot < NS:
-            w_base = w_ptr + slot.to(tl.int64) * sw_e
-            b_base = b_ptr + slot.to(tl.int64) * sb_e
-        else:
-            w_base = hw_ptr + (slot - NS).to(tl.int64) * shw_e
-            b_base = hb_ptr + (slot - NS).to(tl.int64) * shb_e
+        w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
+        s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < tl.load(brows_ptr + pid_m)
         a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = h_ptr + a_id[:, None] * sh_m + offs_k[None, :]  # [BM, BK]
-        w_ptrs = w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k  # [BK, BN]
+        rows = h_ptr + a_id * sh_m  # [BM]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * sw_k
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            a0, a1 = load_a(rows, 1, kt, KP, mask_m, h_ptr.dtype.element_ty, FMT, BLOCK_K)
+            acc = wdot(acc, a0, a1, w_base, s_base, offs_n, mask_n, sw_n, sw_k, ss_n, ss_k, kt, KP, FMT, GROUP,
+                       PRECISION, BLOCK_K)
         if HAS_BIAS:  # b2 [H], before the routing weight
+            b_base = expert_base(b_ptr, hb_ptr, slot, NS, sb_e, shb_e)
             acc += tl.load(b_base + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc *= tl.load(rw_ptr + a_id, mask=mask_m, other=0.0).to(tl.float32)[:, None]  # routing weight
         tl.store(y_ptr + a_id[:, None] * sy_m + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -161,41 +157,53 @@ class _Plan:
     def __init__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                  w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int,
                  host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
-                 limit: float = 7.0) -> None:
+                 limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
+                 host_scales: Pair | None = None) -> None:
         self.x, self.w13, self.w2, self.table = x, w13, w2, slot_table
         self.hw13, self.hw2 = host[:2] if host is not None else (w13, w2)
         self.b13, self.b2 = bias if bias is not None else (w13, w2)  # (never read without biases)
         self.hb13, self.hb2 = host[2:4] if host is not None and bias is not None else (self.b13, self.b2)
+        self.s13, self.s2 = scales if scales is not None else (w13, w2)  # (never read for bf16)
+        self.hs13, self.hs2 = host_scales if host is not None and host_scales is not None else (self.s13, self.s2)
+        self.fmt, (self.g13, self.g2) = FMTS[fmt], scale_groups(x, w13, scales)
         self.has_bias, self.alpha, self.limit = bias is not None, float(alpha), float(limit)
         self.T, self.k = expert_ids.shape
-        self.NS, self.H, self.I = w13.shape[0], w13.shape[2], w13.shape[1] // 2
+        self.NS, self.H, self.I = w13.shape[0], x.shape[1], w13.shape[1] // 2
         self.N = self.NS + (host[0].shape[0] if host is not None else 0)  # keys: device slots, then host experts
         self.act = ACTIVATIONS[activation]
         self.ids = expert_ids.reshape(-1).contiguous()  # [T*k]
         self.rw = weights.reshape(-1).contiguous()  # [T*k]
         self.al: Aligned = align(self.ids, self.rw, slot_table, self.N, block_m)
         m = self.T * self.k
-        self.h = torch.empty(m, self.I, dtype=w13.dtype, device=x.device)  # [T*k, I]
+        cdt = compute_dtype(x, w13, fmt)
+        self.h = torch.empty(m, self.I, dtype=cdt, device=x.device)  # [T*k, I]
         self.y = torch.empty(m, self.H, dtype=torch.float32, device=x.device)  # [T*k, H]
-        self.precision = "ieee" if w13.dtype == torch.float32 else "tf32"
+        self.precision = "ieee" if cdt == torch.float32 else "tf32"
+
+    def _strides(self, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
+                 b: torch.Tensor, hb: torch.Tensor) -> tuple[int, ...]:
+        """(sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e) as the GEMM kernels take them."""
+        ss = (s.stride(0), hs.stride(0), s.stride(1), s.stride(2)) if self.fmt else (0, 0, 0, 0)
+        return (w.stride(0), hw.stride(0), w.stride(1), w.stride(2), *ss, b.stride(0), hb.stride(0))
 
     def up(self, c: tuning.KernelConfig) -> None:
-        al, w = self.al, self.w13
+        al = self.al
         _gate_up_kernel[(al.num_blocks, triton_cdiv(self.I, c.block_n))](
-            self.x, w, self.hw13, self.b13, self.hb13, self.h, al.sorted_ids, al.block_slot, al.block_rows, self.H,
-            self.I, self.k, self.NS, self.x.stride(0), self.x.stride(1), w.stride(0), self.hw13.stride(0),
-            w.stride(1), w.stride(2), self.b13.stride(0), self.hb13.stride(0), self.h.stride(0), self.alpha,
-            self.limit, ACT=self.act, HAS_BIAS=self.has_bias, PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h, al.sorted_ids,
+            al.block_slot, al.block_rows, self.H, self.w13.shape[2], self.I, self.k, self.NS, self.x.stride(0), self.x.stride(1),
+            *self._strides(self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13), self.h.stride(0),
+            self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g13,
+            PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
             num_warps=c.num_warps, num_stages=c.num_stages)
 
     def down(self, c: tuning.KernelConfig) -> None:
-        al, w = self.al, self.w2
+        al = self.al
         _down_kernel[(al.num_blocks, triton_cdiv(self.H, c.block_n))](
-            self.h, w, self.hw2, self.b2, self.hb2, self.y, self.rw, al.sorted_ids, al.block_slot, al.block_rows,
-            self.I, self.H, self.NS, self.h.stride(0), w.stride(0), self.hw2.stride(0), w.stride(1), w.stride(2),
-            self.b2.stride(0), self.hb2.stride(0), self.y.stride(0), HAS_BIAS=self.has_bias, PRECISION=self.precision,
-            BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
-            num_stages=c.num_stages)
+            self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.y, self.rw, al.sorted_ids,
+            al.block_slot, al.block_rows, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
+            *self._strides(self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2), self.y.stride(0),
+            HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision, BLOCK_M=al.block_m,
+            BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
 
     def reduce(self) -> torch.Tensor:
         out = torch.empty(self.T, self.H, dtype=self.x.dtype, device=self.x.device)  # [T, H]
@@ -216,22 +224,21 @@ def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-            slot_table: torch.Tensor | None, activation: str, host: tuple[torch.Tensor, ...] | None,
-            bias: Pair | None, alpha: float, limit: float) -> tuning.MoEConfig:
+def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: tuple[torch.Tensor, ...] | None,
+            fmt: str, scales: Pair | None, prepare: Callable[[int], _Plan]) -> tuning.MoEConfig:
+    """The cached config of this call's shape bucket, else a search over `prepare(block_m)` plans (or the default
+    while capturing a graph or with tuning off)."""
     T, k = expert_ids.shape
-    N, I, H = w13.shape[0] + (host[0].shape[0] if host is not None else 0), w13.shape[1] // 2, w13.shape[2]
+    N, I, H = w13.shape[0] + (host[0].shape[0] if host is not None else 0), w13.shape[1] // 2, x.shape[1]
     gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    key = tuning.cache_key(str(w13.dtype).removeprefix("torch."), N, H, I, k, T)
+    dtype = str(compute_dtype(x, w13, fmt)).removeprefix("torch.")
+    key = tuning.cache_key(fmt, dtype, N, H, I, k, T, scale_groups(x, w13, scales))
     cfg = tuning.CACHE.get(gpu, key)
     if cfg is not None:
         return cfg
     if torch.cuda.is_current_stream_capturing() or not tuning.tuning_enabled():
         return tuning.default_config(T * k, N)
-    cfg = tuning.search(tuning.block_m_choices(T * k, N),
-                        lambda bm: _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, bm, host, bias,
-                                         alpha, limit),
-                        _Plan.up, _Plan.down, _timer)
+    cfg = tuning.search(tuning.block_m_choices(T * k, N), prepare, _Plan.up, _Plan.down, _timer)
     tuning.CACHE.put(gpu, key, cfg)
     return cfg
 
@@ -239,7 +246,8 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               slot_table: torch.Tensor | None = None, activation: str = "silu",
               host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
-              limit: float = 7.0) -> torch.Tensor:
+              limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
+              host_scales: Pair | None = None) -> torch.Tensor:
     """x [T, H]; expert_ids [T, k] (model ids 0..E-1); weights [T, k]; w13 [N, 2I, H] (gate; up); w2 [N, H, I]
     (any strides, e.g. views of flat slot buffers); slot_table [E] int (expert -> slot, -1 = not resident; None =
     identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) (+ biases) over assignments with a slot and a non-zero weight.
@@ -247,12 +255,22 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
     expert e from there, zero-copy over the bus (exact misses without a copy or a host sync); with biases, also their
     (b13 [E', 2I], b2 [E', H]). bias: (b13 [N, 2I] (gate; up), b2 [N, H]), rows contiguous (views of flat slot
     buffers); activation "clamped_swiglu" takes alpha and limit (gpt-oss).
+    fmt: the experts' layout (kernels/quant.py): for a quantized one w13 is [N, 2I, packed_cols(fmt, H)] and w2
+    [N, H, packed_cols(fmt, I)] of quant.data_dtype(fmt), scales = (s13 [N, 2I, H // G13], s2 [N, H, I // G2]) of
+    quant.scale_dtype(fmt) (any strides; the groups follow from the shapes), host_scales the same for the host
+    experts. They are dequantized at the weight loads and never expanded in memory; GEMMs in x's dtype.
     Triton on CUDA (tuned at first use per shape bucket, never during graph capture); the reference elsewhere."""
-    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias)
-    if not fused_moe_supported(x.device, w13.dtype) or x.shape[0] == 0:
-        return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit)
-    cfg = _config(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit)
-    plan = _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, cfg.block_m, host, bias, alpha, limit)
+    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales)
+    if not fused_moe_supported(x.device, w13.dtype, fmt) or x.shape[0] == 0:
+        return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit,
+                                   fmt, scales, host_scales)
+
+    def prepare(block_m: int) -> _Plan:
+        return _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, block_m, host, bias, alpha, limit, fmt,
+                     scales, host_scales)
+
+    cfg = _config(x, expert_ids, w13, host, fmt, scales, prepare)
+    plan = prepare(cfg.block_m)
     plan.up(cfg.up)
     plan.down(cfg.down)
     return plan.reduce()

@@ -96,7 +96,7 @@ def quantize(w: torch.Tensor, fmt: str, group: int | None = None) -> tuple[torch
         e = torch.floor(torch.log2(amax.clamp_min(2.0 ** -126))) - 2  # [..., N, K/32]
         e = e.clamp(-127, 127)
         x = wg / torch.exp2(e)[..., None]  # [..., N, K/32, 32]
-        grid = torch.tensor(FP4_VALUES[:8])  # magnitudes
+        grid = torch.tensor(FP4_VALUES[:8], device=w.device)  # magnitudes
         idx = (x.abs()[..., None] - grid).abs().argmin(dim=-1)  # [..., N, K/32, 32] nearest magnitude
         q = idx + 8 * (x < 0).long()
         return _pack_nibbles(q.reshape(w.shape)), (e + 127).to(torch.uint8)

@@ -1,5 +1,5 @@
-"""Block sizes for the fused MoE kernels: a small search at first use per (GPU, dtype, slots, H, I, k, T bucket),
-kept in a JSON file under ~/.cache/moetandem/fused_moe/ (MOETANDEM_CACHE_DIR overrides the root;
+"""Block sizes for the fused MoE kernels: a small search at first use per (GPU, expert format, dtype, slots, H, I,
+k, T bucket), kept in a JSON file under ~/.cache/moetandem/fused_moe/ (MOETANDEM_CACHE_DIR overrides the root;
 MOETANDEM_FUSED_MOE_TUNE=0 turns the search off and uses the defaults). Never searches while a CUDA graph is being
 captured: the caller passes `may_tune=False` then and gets the cached entry or the default."""
 from __future__ import annotations
@@ -70,8 +70,12 @@ def tuning_enabled() -> bool:
     return os.environ.get("MOETANDEM_FUSED_MOE_TUNE", "1") != "0"
 
 
-def cache_key(dtype: str, n_slots: int, hidden: int, inter: int, top_k: int, tokens: int) -> str:
-    return f"{dtype},N={n_slots},H={hidden},I={inter},k={top_k},T={t_bucket(tokens)}"
+def cache_key(fmt: str, dtype: str, n_slots: int, hidden: int, inter: int, top_k: int, tokens: int,
+              groups: tuple[int, int] = (1, 1)) -> str:
+    """fmt: the experts' format (kernels/quant.py); dtype: the GEMMs' input dtype; groups: the scale groups of
+    w13 and w2 (they decide how a tile is scaled, so they are part of a quantized format's key)."""
+    g = "" if fmt == "bf16" else f",G={groups[0]}/{groups[1]}"
+    return f"{fmt}:{dtype},N={n_slots},H={hidden},I={inter},k={top_k},T={t_bucket(tokens)}{g}"
 
 
 class ConfigCache:
