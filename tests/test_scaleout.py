@@ -3,17 +3,15 @@ expert bytes per rank; Ray Serve replicas behind one front lose no request when 
 divides the cloud's queue over its replicas."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cloud_process import start_cloud, stop_cloud
 from conftest import build_checkpoint
 
 import moetandem
@@ -42,28 +40,10 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def cloud(ckpt: Path, token: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", str(ckpt), "--listen",
-                             "127.0.0.1:0", "--token-file", str(token), "--device", "cpu", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    assert line, f"moetandem cloud {' '.join(extra)} exited with {proc.wait()}"
-    return proc, json.loads(line)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 def test_expert_parallel_tokens_equal_one_process(ckpt: Path, token: Path) -> None:
     ref = moetandem.load(ckpt, device="cpu", progress=False)
     reference = [g.token_ids for g in ref.generate(PROMPTS, max_new_tokens=24, stop_on_eos=False)]
-    proc, info = cloud(ckpt, token, "--expert-parallel", "2")
+    proc, info = start_cloud(ckpt, token, "--expert-parallel", "2")
     try:
         total = ref.provider.expert_bytes()
         assert sum(info["expert_bytes"]) == total and info["expert_bytes"] == [total // 2] * 2  # each its half
@@ -76,7 +56,7 @@ def test_expert_parallel_tokens_equal_one_process(ckpt: Path, token: Path) -> No
         assert stats["local_forwards"] == 0 and stats["expert_rows_cloud"] > 0
         eng.split.link.close()
     finally:
-        stop(proc)
+        assert stop_cloud(proc) == 0
 
 
 def _listener() -> tuple[socket.socket, str]:
@@ -128,7 +108,7 @@ def test_replicas_lose_no_request_when_one_dies(ckpt: Path, token: Path) -> None
     prompts = [[5, 17, 42, 9], [3, 1, 4], [7], [2, 7, 1, 8, 2, 8]]
     ref = moetandem.load(ckpt, device="cpu", progress=False)
     reference = [g.token_ids for g in ref.generate(prompts, max_new_tokens=new, stop_on_eos=False)]
-    proc, info = cloud(ckpt, token, "--replicas", "2")
+    proc, info = start_cloud(ckpt, token, "--replicas", "2")
     try:
         assert len(info["replicas"]) == 2
         ends = [moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{info['listening']}",
@@ -158,4 +138,4 @@ def test_replicas_lose_no_request_when_one_dies(ckpt: Path, token: Path) -> None
         for e in ends:
             e.split.link.close()
     finally:
-        stop(proc)
+        assert stop_cloud(proc) == 0
