@@ -103,12 +103,16 @@ def test_scheduler_divides_cloud_queue_over_replicas() -> None:
 
 
 @pytest.mark.skipif(ray is None, reason="needs ray[serve] (pip install moetandem[cluster])")
-def test_replicas_lose_no_request_when_one_dies(ckpt: Path, token: Path) -> None:
+def test_replicas_lose_no_request_when_one_dies_and_drain(ckpt: Path, token: Path, tmp_path: Path) -> None:
+    """One Ray start for both: a replica killed mid-run loses no request; then SIGTERM to the front mid-generation
+    drains: a new end falls back at once, the generating end finishes with the reference tokens, every replica's
+    cloud exits 0 and so does the front, within --drain-timeout + a few seconds."""
     new = 40
     prompts = [[5, 17, 42, 9], [3, 1, 4], [7], [2, 7, 1, 8, 2, 8]]
     ref = moetandem.load(ckpt, device="cpu", progress=False)
     reference = [g.token_ids for g in ref.generate(prompts, max_new_tokens=new, stop_on_eos=False)]
-    proc, info = start_cloud(ckpt, token, "--replicas", "2")
+    log = tmp_path / "front.log"
+    proc, info = start_cloud(ckpt, token, "--replicas", "2", "--drain-timeout", "5", stderr=log.open("w"))
     try:
         assert len(info["replicas"]) == 2
         ends = [moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{info['listening']}",
@@ -135,7 +139,30 @@ def test_replicas_lose_no_request_when_one_dies(ckpt: Path, token: Path) -> None
         stats = [e.split.split_stats() for e in ends]
         assert sum(s["link_losses"] for s in stats) >= 1  # some ends were on the dead replica ...
         assert all(s["cloud_forwards"] > 0 for s in stats)  # ... and every end used the cloud
-        for e in ends:
+        # drain: SIGTERM to the front while ends[1] is generating again
+        again: list[list[int]] = []
+        gen = threading.Thread(target=lambda: again.append(ends[1].generate(
+            [prompts[1]], max_new_tokens=new, stop_on_eos=False, on_token=lambda *_: time.sleep(0.05))[0].token_ids))
+        before = ends[1].split.stats["cloud_forwards"]
+        gen.start()
+        deadline = time.monotonic() + 30
+        while ends[1].split.stats["cloud_forwards"] < before + 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        t = time.monotonic()
+        while "draining" not in log.read_text() and time.monotonic() - t < 10:
+            time.sleep(0.05)
+        late = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{info['listening']}",
+                              token=TOKEN, split={"head": 1, "tail": 1, "retries": 1})
+        assert late.split.link.breaker_open and time.monotonic() - t < 10  # refused at once: it runs alone
+        gen.join(timeout=60)
+        assert again == [reference[1]]  # the generation in flight finished (on the cloud, then on the end)
+        assert proc.wait(timeout=5 + 10) == 0
+        text = log.read_text()
+        exits = text.split("replicas exited: ", 1)[1].splitlines()[0]
+        assert exits.count(" with 0") == 2 and "cut" not in exits, text[-2000:]
+        for e in [*ends, late]:
             e.split.link.close()
     finally:
-        assert stop_cloud(proc) == 0
+        if proc.poll() is None:
+            assert stop_cloud(proc) == 0
