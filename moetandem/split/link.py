@@ -227,7 +227,10 @@ class CloudLink:
                 o = self.opts
                 opts = [("grpc.max_receive_message_length", o.limits.max_message_bytes),
                         ("grpc.max_send_message_length", o.limits.max_message_bytes),
-                        *client_keepalive(o.keepalive_s, o.keepalive_timeout_s)]
+                        *client_keepalive(o.keepalive_s, o.keepalive_timeout_s),
+                        # a connection of its own: gRPC otherwise shares one among the channels of a process to one
+                        # address, and two ends in one process would ride one connection (one replica behind a front)
+                        ("grpc.use_local_subchannel_pool", 1)]
                 self._channel = (grpc.secure_channel(o.address, channel_credentials(o.tls_ca), opts)
                                  if o.tls or o.tls_ca else grpc.insecure_channel(o.address, opts))
             return self._channel
