@@ -53,6 +53,8 @@ def test_deadline_follows_the_measured_link() -> None:
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
 def test_frozen_cloud_stalls_nobody_and_is_used_again(ckpt: Path, tmp_path: Path) -> None:
+    """3 streams; the cloud frozen for 3 s mid-generation: no step over 2 s (deadline, then end-only steps), the
+    cloud used again within 5 s of SIGCONT (its K/V refilled a bounded amount per step), the reference tokens."""
     ref_engine = moetandem.load(ckpt, device="cpu", progress=False)
     reference = [g.token_ids for g in ref_engine.generate(PROMPTS, max_new_tokens=NEW, stop_on_eos=False)]
     token = tmp_path / "token"
@@ -64,6 +66,7 @@ def test_frozen_cloud_stalls_nobody_and_is_used_again(ckpt: Path, tmp_path: Path
                              split={"head": 1, "tail": 1, "cloud_experts": {2: [0, 1, 2, 3]},
                                     "retry_after_s": 0.5})
         split = eng.split
+        split.catch_up_tokens = 24  # the cloud's K/V refilled over several steps (each still on the end)
         batcher = Batcher(eng, 3, 256)
         seqs = [eng.make_sequence(p, NEW, stop_on_eos=False) for p in PROMPTS]
         batcher.add(seqs)
@@ -92,6 +95,7 @@ def test_frozen_cloud_stalls_nobody_and_is_used_again(ckpt: Path, tmp_path: Path
         assert max(gaps) <= 2.0, f"a step took {max(gaps):.2f} s with the cloud frozen"
         assert recovered_after is not None and recovered_after <= 5.0, recovered_after
         assert not split.link.breaker_open
+        assert split.stats["catch_up_steps"] >= 1  # the way back was spread over steps that ran on the end
     finally:
         kill_cloud(proc)
 
