@@ -41,6 +41,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "chaos-bench-key-0123456789"
+SCENARIOS = ["sigterm", "frozen-cloud", "cancel-storm", "live-budget"]
 PROMPT = "the quick brown fox jumps over the lazy dog while a small model decides which experts to run"
 
 
@@ -200,11 +201,13 @@ async def frozen_cloud(args: argparse.Namespace, tmp: Path) -> dict:
                 results = await asyncio.gather(*tasks)
                 stats = (await c.get("/metrics")).text
             after = rss_mib(srv.proc.pid)
-            fallbacks = metric(stats, "moetandem_split_stats", "fallbacks")
+            fallbacks = metric(stats, "moetandem_split_stats", "fallbacks") or 0.0
+            catch_up = metric(stats, "moetandem_split_stats", "catch_up_steps") or 0.0
             rec = f"{recovery:.2f} s" if recovery is not None else "not within 30 s"
             return tally("frozen cloud 3 s (SIGSTOP/SIGCONT), `serve --cloud`, 8 streams + 2 long prompts "
                          "during the freeze", results, before, after,
-                         f"split fallbacks {fallbacks:.0f}; cloud used again {rec} after SIGCONT")
+                         f"split fallbacks {fallbacks:.0f}; cloud used again {rec} after SIGCONT, after "
+                         f"{catch_up:.0f} catch-up steps")
         finally:
             srv.stop()
     finally:
@@ -303,15 +306,19 @@ async def run(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        want = set(args.scenarios)
         if args.soak_minutes:
             rows = [await soak(args, tmp)]
         else:
-            rows = [await sigterm(args, tmp), await frozen_cloud(args, tmp)]
-            srv = Server(args, tmp, ["--max-batch", "8", "--max-waiting", "128", "--expert-budget", "0.5"])
-            try:
-                rows += [await cancel_storm(srv), await live_budget(srv)]
-            finally:
-                srv.stop()
+            rows = [await f(args, tmp) for name, f in (("sigterm", sigterm), ("frozen-cloud", frozen_cloud))
+                    if name in want]
+            if want & {"cancel-storm", "live-budget"}:
+                srv = Server(args, tmp, ["--max-batch", "8", "--max-waiting", "128", "--expert-budget", "0.5"])
+                try:
+                    rows += [await f(srv) for name, f in (("cancel-storm", cancel_storm), ("live-budget", live_budget))
+                             if name in want]
+                finally:
+                    srv.stop()
     print(table(rows))
     print(f"\nwall {time.monotonic() - t0:.0f} s")
 
@@ -320,6 +327,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (default: the demo MoE)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--scenarios", nargs="+", default=SCENARIOS, choices=SCENARIOS, help="which to run (all)")
     p.add_argument("--soak-minutes", type=float, default=0.0, metavar="M",
                    help="run only the soak, for M minutes (fractions work: 0.5 = 30 s)")
     p.add_argument("--streams", type=int, default=32, help="soak: concurrent streams (default 32)")
