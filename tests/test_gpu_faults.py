@@ -142,6 +142,9 @@ def test_budget_churn_and_failed_swaps_under_load(model_dir: Path, device: str) 
             assert (await c.post("/admin/expert-budget", json={"budget": "0.5"})).status_code == 200
             await asyncio.gather(*(stream(c, p, 4) for p in PROMPTS))
             assert (await c.get("/health")).status_code == 200
+            metrics = (await c.get("/metrics")).text
+            assert 'moetandem_memory_bytes{stat="rss"}' in metrics  # what a soak watches for drift
+            assert 'moetandem_expert_stats{stat="failed_swaps"}' in metrics
             after = gpu_bytes(device)
         assert changes >= 3 and failed_changes == 0, (changes, failed_changes)
         return results, base, after
