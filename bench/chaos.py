@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -69,7 +70,8 @@ class Server:
         key.write_text(KEY)
         self.port = free_port()
         cmd = [sys.executable, "-m", "moetandem", "serve", *([args.model] if args.model else []), "--port",
-               str(self.port), "--device", args.device, "--api-key-file", str(key), "--log-level", "warning", *extra]
+               str(self.port), "--device", args.device, "--api-key-file", str(key), "--log-level", "warning", *extra,
+               *shlex.split(args.serve_args)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
@@ -328,6 +330,8 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint directory (default: the demo MoE)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--scenarios", nargs="+", default=SCENARIOS, choices=SCENARIOS, help="which to run (all)")
+    p.add_argument("--serve-args", default="", metavar="FLAGS",
+                   help="more flags for every `moetandem serve`, e.g. \"--compile off\" (one quoted string)")
     p.add_argument("--soak-minutes", type=float, default=0.0, metavar="M",
                    help="run only the soak, for M minutes (fractions work: 0.5 = 30 s)")
     p.add_argument("--streams", type=int, default=32, help="soak: concurrent streams (default 32)")

@@ -80,9 +80,12 @@ def test_front_spreads_connections_and_skips_a_dead_replica() -> None:
     while sum(front.load().values()) < 4 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert front.load() == {addr_a: 2, addr_b: 2}
+    front.stop()  # a drain: no new connection (close() alone left the socket listening under a blocked accept)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    conns[0].sendall(b"x")  # the open ones still carry bytes
     for c in conns:
         c.close()
-    front.stop()
     a.close()
     b.close()
 
