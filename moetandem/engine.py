@@ -124,9 +124,12 @@ class Engine:
         set_budget = getattr(self.provider, "set_budget", None)
         if set_budget is None:
             raise InvalidRequestError("this engine runs all experts resident; start it with an expert budget")
-        set_budget(parse_budget(budget, total_expert_bytes(self.store, self.dtype)))
-        if self.graphs is not None:
-            self.graphs.clear()  # slot buffers were reallocated
+        nbytes = parse_budget(budget, total_expert_bytes(self.store, self.dtype))
+        try:
+            set_budget(nbytes)
+        finally:  # slot buffers were reallocated (some of them, when a copy failed half-way)
+            if self.graphs is not None:
+                self.graphs.clear()
 
     def expert_stats(self) -> dict[str, float]:
         """Committee counters (hits, misses, substitutions, skips, fetches, host computes, swaps, bytes moved,

@@ -3,17 +3,15 @@ expert bytes per rank; Ray Serve replicas behind one front lose no request when 
 divides the cloud's queue over its replicas."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cloud_process import start_cloud, stop_cloud
 from conftest import build_checkpoint
 
 import moetandem
@@ -42,28 +40,10 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def cloud(ckpt: Path, token: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", str(ckpt), "--listen",
-                             "127.0.0.1:0", "--token-file", str(token), "--device", "cpu", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    assert line, f"moetandem cloud {' '.join(extra)} exited with {proc.wait()}"
-    return proc, json.loads(line)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 def test_expert_parallel_tokens_equal_one_process(ckpt: Path, token: Path) -> None:
     ref = moetandem.load(ckpt, device="cpu", progress=False)
     reference = [g.token_ids for g in ref.generate(PROMPTS, max_new_tokens=24, stop_on_eos=False)]
-    proc, info = cloud(ckpt, token, "--expert-parallel", "2")
+    proc, info = start_cloud(ckpt, token, "--expert-parallel", "2")
     try:
         total = ref.provider.expert_bytes()
         assert sum(info["expert_bytes"]) == total and info["expert_bytes"] == [total // 2] * 2  # each its half
@@ -76,7 +56,7 @@ def test_expert_parallel_tokens_equal_one_process(ckpt: Path, token: Path) -> No
         assert stats["local_forwards"] == 0 and stats["expert_rows_cloud"] > 0
         eng.split.link.close()
     finally:
-        stop(proc)
+        assert stop_cloud(proc) == 0
 
 
 def _listener() -> tuple[socket.socket, str]:
@@ -100,9 +80,12 @@ def test_front_spreads_connections_and_skips_a_dead_replica() -> None:
     while sum(front.load().values()) < 4 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert front.load() == {addr_a: 2, addr_b: 2}
+    front.stop()  # a drain: no new connection (close() alone left the socket listening under a blocked accept)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    conns[0].sendall(b"x")  # the open ones still carry bytes
     for c in conns:
         c.close()
-    front.stop()
     a.close()
     b.close()
 
@@ -123,12 +106,16 @@ def test_scheduler_divides_cloud_queue_over_replicas() -> None:
 
 
 @pytest.mark.skipif(ray is None, reason="needs ray[serve] (pip install moetandem[cluster])")
-def test_replicas_lose_no_request_when_one_dies(ckpt: Path, token: Path) -> None:
+def test_replicas_lose_no_request_when_one_dies_and_drain(ckpt: Path, token: Path, tmp_path: Path) -> None:
+    """One Ray start for both: a replica killed mid-run loses no request; then SIGTERM to the front mid-generation
+    drains: a new end falls back at once, the generating end finishes with the reference tokens, every replica's
+    cloud exits 0 and so does the front, within --drain-timeout + a few seconds."""
     new = 40
     prompts = [[5, 17, 42, 9], [3, 1, 4], [7], [2, 7, 1, 8, 2, 8]]
     ref = moetandem.load(ckpt, device="cpu", progress=False)
     reference = [g.token_ids for g in ref.generate(prompts, max_new_tokens=new, stop_on_eos=False)]
-    proc, info = cloud(ckpt, token, "--replicas", "2")
+    log = tmp_path / "front.log"
+    proc, info = start_cloud(ckpt, token, "--replicas", "2", "--drain-timeout", "5", stderr=log.open("w"))
     try:
         assert len(info["replicas"]) == 2
         ends = [moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{info['listening']}",
@@ -155,7 +142,32 @@ def test_replicas_lose_no_request_when_one_dies(ckpt: Path, token: Path) -> None
         stats = [e.split.split_stats() for e in ends]
         assert sum(s["link_losses"] for s in stats) >= 1  # some ends were on the dead replica ...
         assert all(s["cloud_forwards"] > 0 for s in stats)  # ... and every end used the cloud
-        for e in ends:
+        # drain: SIGTERM to the front while ends[1] is generating again
+        again: list[list[int]] = []
+        gen = threading.Thread(target=lambda: again.append(ends[1].generate(
+            [prompts[1]], max_new_tokens=new, stop_on_eos=False, on_token=lambda *_: time.sleep(0.05))[0].token_ids))
+        before = ends[1].split.stats["cloud_forwards"]
+        gen.start()
+        deadline = time.monotonic() + 30
+        while ends[1].split.stats["cloud_forwards"] < before + 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        t = time.monotonic()
+        while "moetandem cloud: draining" not in log.read_text() and time.monotonic() - t < 10:
+            time.sleep(0.05)
+        late = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{info['listening']}",
+                              token=TOKEN, split={"head": 1, "tail": 1, "retries": 1})
+        assert late.split.link.breaker_open and time.monotonic() - t < 10, \
+            (late.split.link.last_error, late.split.link.epoch, log.read_text()[-3000:])  # refused: it runs alone
+        gen.join(timeout=60)
+        assert again == [reference[1]]  # the generation in flight finished (on the cloud, then on the end)
+        assert proc.wait(timeout=5 + 10) == 0
+        text = log.read_text()
+        exits = text.split("replicas exited: ", 1)[1].splitlines()[0]
+        replicas = exits.split(", ")  # those live at SIGTERM (the killed one's replacement may not be up yet)
+        assert replicas and all(r.endswith(" with 0") for r in replicas) and "cut" not in exits, text[-2000:]
+        for e in [*ends, late]:
             e.split.link.close()
     finally:
-        stop(proc)
+        if proc.poll() is None:
+            assert stop_cloud(proc) == 0

@@ -34,11 +34,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
 USER = [{"role": "user", "content": "hello world"}]
 
 
-def build_tiny_model(path: Path) -> Path:
-    """Random tiny Mixtral + a byte-level BPE tokenizer trained on two sentences, with a chat template."""
+def build_tiny_model(path: Path, family: str = "mixtral") -> Path:
+    """Random tiny checkpoint (Mixtral) + a byte-level BPE tokenizer trained on two sentences, with a chat
+    template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    build_checkpoint("mixtral", path, vocab_size=320)
+    build_checkpoint(family, path, vocab_size=320)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,16 +1,14 @@
 """Split execution end to end: an in-process (or subprocess) cloud on 127.0.0.1, ends attached to it."""
 from __future__ import annotations
 
-import moetandem
-import json
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from cloud_process import kill_cloud, start_cloud
 from conftest import build_checkpoint
 
+import moetandem
 from moetandem import Engine
 from moetandem.batcher import Batcher
 from moetandem.models import KVCache
@@ -115,11 +113,9 @@ def test_cloud_killed_mid_generation_finishes_on_end(ckpt, reference, cloud):
 def test_cloud_process_killed(ckpt, reference, tmp_path):
     token = tmp_path / "token"
     token.write_text(TOKEN)
-    proc = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", str(ckpt), "--listen",
-                             "127.0.0.1:0", "--token-file", str(token), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc, info = start_cloud(ckpt, token)
     try:
-        port = json.loads(proc.stdout.readline())["listening"]
+        port = info["listening"]
         eng, split = end_engine(ckpt, port, head=1, tail=1, cloud_experts={2: [0, 1, 2, 3]})
         n = 0
 
@@ -132,8 +128,7 @@ def test_cloud_process_killed(ckpt, reference, tmp_path):
         assert generate(eng, on_token=on_token) == reference
         assert split.stats["local_forwards"] >= 1 and split.link.losses >= 1
     finally:
-        proc.kill()
-        proc.wait()
+        kill_cloud(proc)
 
 
 def test_idle_session_expires_and_end_reconnects(ckpt, reference):

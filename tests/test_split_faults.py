@@ -4,18 +4,17 @@ unreachable cloud is an outage the end rides out alone; a cloud told to stop (SI
 exchanges in flight, refuses new ends (who fall back), and exits 0."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import pytest
+from cloud_process import kill_cloud, start_cloud
 from conftest import build_checkpoint
 
 import moetandem
@@ -54,19 +53,20 @@ def test_deadline_follows_the_measured_link() -> None:
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
 def test_frozen_cloud_stalls_nobody_and_is_used_again(ckpt: Path, tmp_path: Path) -> None:
+    """3 streams; the cloud frozen for 3 s mid-generation: no step over 2 s (deadline, then end-only steps), the
+    cloud used again within 5 s of SIGCONT (its K/V refilled a bounded amount per step), the reference tokens."""
     ref_engine = moetandem.load(ckpt, device="cpu", progress=False)
     reference = [g.token_ids for g in ref_engine.generate(PROMPTS, max_new_tokens=NEW, stop_on_eos=False)]
     token = tmp_path / "token"
     token.write_text(TOKEN)
-    proc = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", str(ckpt), "--listen",
-                             "127.0.0.1:0", "--token-file", str(token), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc, info = start_cloud(ckpt, token)
     try:
-        port = json.loads(proc.stdout.readline())["listening"]
+        port = info["listening"]
         eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{port}", token=TOKEN,
                              split={"head": 1, "tail": 1, "cloud_experts": {2: [0, 1, 2, 3]},
                                     "retry_after_s": 0.5})
         split = eng.split
+        split.catch_up_tokens = 24  # the cloud's K/V refilled over several steps (each still on the end)
         batcher = Batcher(eng, 3, 256)
         seqs = [eng.make_sequence(p, NEW, stop_on_eos=False) for p in PROMPTS]
         batcher.add(seqs)
@@ -95,10 +95,47 @@ def test_frozen_cloud_stalls_nobody_and_is_used_again(ckpt: Path, tmp_path: Path
         assert max(gaps) <= 2.0, f"a step took {max(gaps):.2f} s with the cloud frozen"
         assert recovered_after is not None and recovered_after <= 5.0, recovered_after
         assert not split.link.breaker_open
+        assert split.stats["catch_up_steps"] >= 1  # the way back was spread over steps that ran on the end
     finally:
+        kill_cloud(proc)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
+def test_frozen_cloud_is_noticed_before_a_long_deadline(ckpt: Path, tmp_path: Path) -> None:
+    """Keepalive pings, not the exchange deadline, notice a frozen cloud: on a cold link (nothing measured yet, so
+    the deadline is the 30 s --cloud-timeout) a prefill sent to a frozen cloud falls back to the end within ~1.5 s,
+    with the tokens of one process; the cloud is used again once it resumes."""
+    ref_engine = moetandem.load(ckpt, device="cpu", progress=False)
+    prompt = list(range(3, 99))  # a long prompt: a large frame (its deadline would scale with its size)
+    reference = ref_engine.generate([prompt], max_new_tokens=6, stop_on_eos=False)[0].token_ids
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    proc, info = start_cloud(ckpt, token)
+    try:
+        eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{info['listening']}", token=TOKEN,
+                             split={"head": 1, "tail": 1, "timeout_s": 30.0, "retry_after_s": 0.3})
+        split = eng.split
+        assert split.link.deadline_s(10**6) == 30.0  # cold: the exchange itself would wait 30 s
+        os.kill(proc.pid, signal.SIGSTOP)
+        t = time.monotonic()
+        first: list[float] = []
+        out = eng.generate([prompt], max_new_tokens=6, stop_on_eos=False,
+                           on_token=lambda *_: first.append(time.monotonic() - t) if not first else None)
+        assert out[0].token_ids == reference
+        assert first[0] <= 3.0, f"the first token took {first[0]:.1f} s with the cloud frozen"
+        assert split.stats["fallbacks"] == 1 and split.link.breaker_open
+        assert "UNAVAILABLE" in str(split.link.last_error) or "keepalive" in str(split.link.last_error).lower()
         os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait()
+        deadline = time.monotonic() + 5
+        while split.link.breaker_open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not split.link.breaker_open  # the prober found it within 5 s
+        before = split.stats["cloud_forwards"]
+        assert eng.generate([prompt], max_new_tokens=6, stop_on_eos=False)[0].token_ids == reference
+        assert split.stats["cloud_forwards"] > before
+        split.link.close()
+    finally:
+        kill_cloud(proc)
 
 
 # ---------------------------------------------------------------- TLS
@@ -223,12 +260,10 @@ def test_sigterm_drains_the_cloud_and_the_end_finishes_alone(ckpt: Path, tmp_pat
     token = tmp_path / "token"
     token.write_text(TOKEN)
     drain_timeout = 8.0
-    proc = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", str(ckpt), "--listen",
-                             "127.0.0.1:0", "--token-file", str(token), "--device", "cpu", "--emulate-rtt-ms", "4000",
-                             "--drain-timeout", str(drain_timeout), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, info = start_cloud(ckpt, token, "--emulate-rtt-ms", "4000", "--drain-timeout", str(drain_timeout),
+                             "--log-level", "warning", stderr=subprocess.PIPE)
     try:
-        address = f"127.0.0.1:{json.loads(proc.stdout.readline())['listening']}"
+        address = f"127.0.0.1:{info['listening']}"
         link = {"head": 1, "tail": 1, "connect_timeout_s": 10.0, "retry_after_s": 0.5}
         eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=address, token=TOKEN, split=link)
         out: list = []
@@ -258,5 +293,4 @@ def test_sigterm_drains_the_cloud_and_the_end_finishes_alone(ckpt: Path, tmp_pat
         assert eng.split.stats["cloud_forwards"] >= 2  # the exchange in flight at SIGTERM was answered
         assert eng.split.stats["local_forwards"] >= 1
     finally:
-        proc.kill()
-        proc.wait()
+        kill_cloud(proc)

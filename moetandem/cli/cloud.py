@@ -63,7 +63,7 @@ def cloud_command(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     if args.replicas > 1:  # this process is the front; each Ray Serve replica runs `moetandem cloud` (below)
         from moetandem.split.replicas import serve_replicas
-        return serve_replicas(args.replicas, replica_argv(sys.argv[1:]), args.listen, stop)
+        return serve_replicas(args.replicas, replica_argv(sys.argv[1:]), args.listen, stop, args.drain_timeout)
     ep, group, device, followers = args.expert_parallel, None, args.device, []
     if ep > 1:
         from moetandem.split import parallel

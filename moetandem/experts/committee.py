@@ -14,6 +14,8 @@ Who does the per-step host work (polling finished swaps and publishing them, cou
 `graph_safe` turns True at the first `after_step()` call, so an engine that never makes it still refreshes."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from tqdm import tqdm
 
@@ -33,6 +35,8 @@ from moetandem.experts.swapper import HostCopies, Swapper, SwapJob, pinned_cap
 from moetandem.models.expert_activation import ExpertActivation
 
 __all__ = ["SCORES", "CommitteeProvider", "CommitteeStats"]
+
+log = logging.getLogger("moetandem.experts")
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -233,6 +237,9 @@ class CommitteeProvider(ExpertProvider):
             if st is not job.owner:  # a budget change replaced the layer's slots meanwhile
                 continue
             st.incoming.pop(job.slot, None)
+            if job.error is not None:  # the slot stays free: a later refresh plans it again
+                self.counters.host.failed_swaps += 1
+                continue
             if job.expert in st.slot_of:  # fetched on demand meanwhile: keep one copy, leave this slot free
                 continue
             st.publish(job.slot, job.expert)
@@ -285,7 +292,12 @@ class CommitteeProvider(ExpertProvider):
             self.layers[l] = new
             admit = [e for e in rank if e not in new.slot_of][: n - len(keep)]
             for s, e in zip(range(len(keep), n), admit):
-                self.load(l, s, e)
+                try:
+                    self.load(l, s, e)
+                except Exception as err:  # the slot stays free (its expert is read as a miss); refresh retries
+                    self.counters.host.failed_swaps += 1
+                    log.warning("committee: loading expert %d of layer %d failed: %s: %s", e, l,
+                                type(err).__name__, err)
             self._rebuild(new, l)
         self.budget_bytes = budget_bytes
 

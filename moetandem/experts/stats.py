@@ -20,6 +20,7 @@ class CommitteeStats:
     fetches: int = 0
     host_computes: int = 0
     swaps: int = 0
+    failed_swaps: int = 0  # copies that raised (the slot stays empty; its expert is read as a miss)
     bytes_moved: int = 0
     stall_s: float = 0.0
 

@@ -6,6 +6,7 @@ directly and a job is finished when the worker is done with it."""
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import threading
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from moetandem.experts.store import ExpertStore
+
+log = logging.getLogger("moetandem.experts")
 
 
 def pinned_cap(total_bytes: int, mapped: bool = False) -> int:
@@ -82,6 +85,7 @@ class SwapJob:
     ready: torch.cuda.Event | None = None  # compute stream passed the unpublish
     done: torch.cuda.Event | None = None  # copy finished (CUDA); None on the CPU once the worker returns
     src: torch.Tensor | None = None  # kept alive until the copy finished
+    error: Exception | None = None  # the copy raised: nothing to publish
 
 
 def _worker(ref: "weakref.ref[Swapper]", jobs: queue.Queue) -> None:
@@ -92,7 +96,10 @@ def _worker(ref: "weakref.ref[Swapper]", jobs: queue.Queue) -> None:
             swapper = ref() if job is not None else None
             if swapper is None:
                 return
-            swapper._copy(job)
+            try:
+                swapper._copy(job)
+            except Exception as e:  # a failed copy must neither kill this thread nor leave wait() hanging
+                swapper._failed(job, e)
             del swapper
         finally:
             jobs.task_done()
@@ -137,6 +144,14 @@ class Swapper:
             job.src = src
         else:
             job.dst.copy_(src)
+        self._copied.append(job)
+
+    def _failed(self, job: SwapJob, err: Exception) -> None:
+        """A copy raised (host read error, device out of memory, ...): hand the job back as finished with its
+        error, so the owner leaves the slot unpublished (its expert is then read as a miss) and plans again."""
+        log.warning("swapper: copying expert %d of layer %d failed: %s: %s", job.expert, job.layer,
+                    type(err).__name__, err)
+        job.error, job.done, job.src = err, None, None
         self._copied.append(job)
 
     def poll(self) -> list[SwapJob]:

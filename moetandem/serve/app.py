@@ -265,6 +265,10 @@ def create_app(engine: Any | None = None, *, loader: Callable[[], Any] | None = 
             await asyncio.wrap_future(loop.call(lambda: engine.set_expert_budget(body.budget)))
         except MoetandemError as e:
             raise APIError(400, str(e), param="budget", code="invalid_expert_budget") from None
+        except Exception as e:  # e.g. out of device memory for the new slots: the engine keeps serving
+            raise APIError(500, f"the expert budget change failed ({type(e).__name__}: {e}); the committee holds "
+                                f"{engine.provider.expert_bytes()} bytes of experts now", type="server_error",
+                           param="budget", code="expert_budget_failed") from None
         return JSONResponse({"budget_bytes": engine.provider.budget_bytes,
                              "resident_expert_bytes": engine.provider.expert_bytes()})
 

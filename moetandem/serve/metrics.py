@@ -52,6 +52,8 @@ class ServerMetrics:
                                 registry=r)
         self.engine_errors = Counter(f"{PREFIX}_engine_errors", "engine exceptions (each fails the sequences "
                                      "it touched)", registry=r)
+        r.register(_ExpertStats(memory_bytes, "memory_bytes", "this process's resident memory (rss) and, on CUDA, "
+                                "the caching allocator's allocated and reserved bytes"))
 
     def bind_expert_stats(self, stats: Callable[[], dict[str, float]]) -> None:
         """Export Engine.expert_stats() (committee hits, misses, swaps, bytes moved, ...) at each scrape."""
@@ -69,6 +71,23 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def memory_bytes() -> dict[str, float]:
+    """RSS of this process (Linux) and the CUDA caching allocator's bytes (when CUDA is in use)."""
+    import os
+    import sys
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss"] = float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        pass
+    torch = sys.modules.get("torch")  # never import torch for this (nor initialise CUDA)
+    if torch is not None and torch.cuda.is_initialized():
+        out["gpu_allocated"] = float(torch.cuda.memory_allocated())
+        out["gpu_reserved"] = float(torch.cuda.memory_reserved())
+    return out
 
 
 class _ExpertStats(Collector):

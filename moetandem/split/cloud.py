@@ -25,7 +25,7 @@ import torch
 from moetandem.errors import CalibrationError, MoetandemError
 from moetandem.experts.resident import ResidentProvider
 from moetandem.models import KVCache
-from moetandem.split.transport import SERVICE
+from moetandem.split.transport import SERVER_KEEPALIVE, SERVICE
 from moetandem.split.transport.auth import authorized, server_credentials
 from moetandem.split.transport.frame import (
     DEFAULT_LIMITS,
@@ -214,7 +214,7 @@ class CloudServer:
     def start(self, listen: str = "127.0.0.1:0", tls_cert: Any = None, tls_key: Any = None) -> int:
         """Bind and serve in background threads; returns the port."""
         opts = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
-                ("grpc.max_send_message_length", self.limits.max_message_bytes)]
+                ("grpc.max_send_message_length", self.limits.max_message_bytes), *SERVER_KEEPALIVE]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * self.max_sessions + 8,
                                                         thread_name_prefix="moetandem-cloud"), options=opts)
         handlers = {name: grpc.stream_stream_rpc_method_handler(self._stream(name)) for name in self.sessions}

@@ -5,8 +5,11 @@ MoEForCausalLM.forward), so the batcher, `Engine.generate` and `moetandem serve`
 
 Fallback: the end holds the whole checkpoint (experts stream through its committee / ExpertStore). When an
 exchange fails, that forward runs locally; K/V of the cloud's layers missing on the end are rebuilt first by
-re-prefilling the sequence so far (token ids are recorded per cache row), and the same in the other direction
-when the cloud comes back. Per row we track how many positions each route has valid K/V for."""
+re-prefilling the sequence so far (token ids are recorded per cache row; rows lagging as much in one batch).
+When the cloud comes back, its K/V are filled in the background of serving: each step sends at most
+`catch_up_tokens` of the lagging rows' history to the cloud (no tail layers run for them) and still runs on the
+end, until every row is complete; then the steps move to the cloud: the way back never holds the batch for a whole
+re-prefill. Per row we track how many positions each route has valid K/V for."""
 from __future__ import annotations
 
 import logging
@@ -46,7 +49,9 @@ class SplitModel:
         self.model, self.link, self.codec_kind, self.ckpt, self.local_provider = model, link, codec, ckpt, local_provider
         self.pieces = pieces
         self.args = model.args
-        self.stats = {"cloud_forwards": 0, "local_forwards": 0, "fallbacks": 0, "rebuilt_tokens": 0, "replans": 0}
+        self.stats = {"cloud_forwards": 0, "local_forwards": 0, "fallbacks": 0, "rebuilt_tokens": 0,
+                      "replans": 0, "catch_up_steps": 0}
+        self.catch_up_tokens = 1024  # cloud K/V refilled per step after an outage (tokens over all lagging rows)
         self.replanner: Callable[[Any], Any] | None = None  # (LinkMonitor) -> new plan or None
         self._rows: weakref.WeakKeyDictionary[KVCache, _Rows] = weakref.WeakKeyDictionary()
         self._next_id = 0
@@ -99,11 +104,12 @@ class SplitModel:
         st.tokens[r[:, None].expand_as(pos)[keep.cpu()], pos.cpu()[keep.cpu()]] = input_ids.cpu()[keep.cpu()]
         if self.start < self.end and self.link.session() is not None:
             try:
-                self._rebuild(st, cache, r, first, experts, cloud=True)
-                logits = self._cloud_forward(st, input_ids, pos, cache, kv_len, valid, last_only, rows, experts)
-                st.cloud_len[r], st.local_len[r] = last + 1, torch.minimum(st.local_len[r], first)
-                self.stats["cloud_forwards"] += 1
-                return logits
+                if self._rebuild(st, cache, r, first, experts, cloud=True, budget=self.catch_up_tokens):
+                    logits = self._cloud_forward(st, input_ids, pos, cache, kv_len, valid, last_only, rows, experts)
+                    st.cloud_len[r], st.local_len[r] = last + 1, torch.minimum(st.local_len[r], first)
+                    self.stats["cloud_forwards"] += 1
+                    return logits
+                self.stats["catch_up_steps"] += 1  # the cloud's K/V are still being refilled: this step on the end
             except CloudError as e:
                 self.stats["fallbacks"] += 1
                 self.link.lost(e)
@@ -116,7 +122,8 @@ class SplitModel:
     # ---- the cloud route
     def _cloud_forward(self, st: _Rows, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
                        valid: torch.Tensor | None, last_only: torch.Tensor | None, rows: torch.Tensor,
-                       experts: Mapping[int, Any]) -> torch.Tensor:
+                       experts: Mapping[int, Any], fill_only: bool = False) -> torch.Tensor | None:
+        """fill_only: only fill the cloud's K/V (wait for the replies, run no tail layers; returns None)."""
         session = self._ensure_cloud_cache(st, cache)
         m, L, H = self.model, self.args.num_layers, self.args.hidden_size
         graphed = self._graphed(ids, valid, last_only, experts)
@@ -158,6 +165,8 @@ class SplitModel:
             T = b * n if v is None else int(v.sum())
             try:
                 reply = session.wait(fut).tensors
+                if fill_only:
+                    return ids.new_zeros(0)
                 if uses_tokens(self.codec_out):  # the decoder adds side[token]: the tokens must be ours
                     tok = (ids[p].reshape(-1) if v is None else ids[p][v]).cpu()
                     reply["c_tokens"] = tok.to(self.codec_out.token_dtype)
@@ -170,7 +179,8 @@ class SplitModel:
                 return self.pieces.run("tail", gkey, tail_layers, y, pos[p], rows[p])
             return tail_layers(y, pos[p], rows[p], v, None if last_only is None else last_only[p])
 
-        return torch.cat(run_pipelined(micro_batches(ids.shape[0], self.micro), head, send, tail))
+        out = run_pipelined(micro_batches(ids.shape[0], self.micro), head, send, tail)
+        return None if fill_only else torch.cat(out)
 
     def _graphed(self, ids: torch.Tensor, valid: torch.Tensor | None, last_only: torch.Tensor | None,
                  experts: Mapping[int, Any]) -> bool:
@@ -195,26 +205,37 @@ class SplitModel:
         return session
 
     def _rebuild(self, st: _Rows, cache: KVCache, rows: torch.Tensor, first: torch.Tensor, experts: Mapping[int, Any],
-                 cloud: bool) -> None:
-        """Re-prefill positions [have, first) of each row whose K/V on this route stop short of `first`."""
+                 cloud: bool, budget: int | None = None, max_batches: int = 4) -> bool:
+        """Re-prefill positions [have, first) of each row whose K/V on this route stop short of `first`; rows with
+        as many positions to do go in one batch (no padding: a padded position would overwrite valid K/V). With
+        `budget`: at most about that many tokens (an equal share per row) in at most max_batches batches. True
+        when every row is complete. On the cloud only the cloud's K/V are filled (no tail layers; the end's head
+        layers recompute what they hold), so the end's own K/V stay valid."""
         have = st.cloud_len if cloud else st.local_len
-        other = st.local_len if cloud else st.cloud_len
         if cloud:
             self._ensure_cloud_cache(st, cache)
+        lag = [(r, int(have[r]), f) for r, f in zip(rows.tolist(), first.tolist()) if int(have[r]) < f]
+        share = None if budget is None else max(2, budget // max(1, len(lag)))
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for r, h, f in lag:
+            groups.setdefault(f - h if share is None else min(share, f - h), []).append((r, h))
+        order = sorted(groups.items(), key=lambda g: -len(g[1]))  # the most rows first
         dev = self.model.lm_head.weight.device
-        for r, f in zip(rows.tolist(), first.tolist()):
-            h = int(have[r])
-            if h >= f:
-                continue
-            ids = st.tokens[r, h:f][None].to(dev)  # [1, f-h]
-            pos = torch.arange(h, f, device=dev)[None]
-            rr = torch.tensor([r], device=dev)
+        for n, spans in order if budget is None else order[:max_batches]:
+            ids = torch.stack([st.tokens[r, h:h + n] for r, h in spans]).to(dev)  # [b, n]
+            pos = torch.stack([torch.arange(h, h + n) for _, h in spans]).to(dev)  # [b, n]
+            rr = torch.tensor([r for r, _ in spans], device=dev)
+            kv_len, last = max(h for _, h in spans) + n, torch.full((len(spans),), n - 1, device=dev)
             if cloud:
-                self._cloud_forward(st, ids, pos, cache, f, None, torch.tensor([f - h - 1], device=dev), rr, experts)
+                self._cloud_forward(st, ids, pos, cache, kv_len, None, last, rr, experts, fill_only=True)
             else:
-                self.model(ids, pos, cache, f, experts, None, torch.tensor([f - h - 1], device=dev), rr)
-            have[r], other[r] = f, min(int(other[r]), h)
-            self.stats["rebuilt_tokens"] += f - h
+                self.model(ids, pos, cache, kv_len, experts, None, last, rr)
+            for r, h in spans:
+                have[r] = h + n
+                if not cloud:  # the end's head/tail K/V were rewritten on the local route: the cloud route's stop
+                    st.cloud_len[r] = min(int(st.cloud_len[r]), h)
+            self.stats["rebuilt_tokens"] += n * len(spans)
+        return all(int(have[r]) >= f for r, _, f in lag)
 
     def _maybe_replan(self) -> None:
         mon = self.link.monitor

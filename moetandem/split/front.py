@@ -38,8 +38,13 @@ class Front:
         return s.getsockname()[1]
 
     def stop(self) -> None:
+        """Stop accepting connections (those open go on until either side closes them)."""
         self._stop.set()
         if self._sock is not None:
+            try:  # wakes the accept() in progress: close() alone leaves the socket listening until it returns
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._sock.close()
 
     def load(self) -> dict[str, int]:
@@ -67,6 +72,9 @@ class Front:
             try:
                 client, _ = self._sock.accept()
             except OSError:
+                return
+            if self._stop.is_set():
+                client.close()
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 

@@ -4,6 +4,9 @@ stream, checked with `hello`. A lost link never raises out of here: callers get 
 Failure handling, so that a cloud that stops answering stalls nobody for long:
 - each exchange waits for its reply only as long as the measured link warrants (LinkMonitor.deadline_s: k x the
   p99 of recent exchange times, bounded to [deadline_floor_s, timeout_s]; timeout_s until enough exchanges);
+- HTTP/2 keepalive pings (keepalive_s, keepalive_timeout_s) notice a cloud that stopped answering within ~1.5 s
+  even while an exchange with a long deadline is in flight (a cold link, a large prefill frame): a stalled
+  exchange never holds the batch for its full deadline;
 - a circuit breaker: after a failure (timeout, reset, refused) every caller gets None at once (end-only) while a
   background thread probes the cloud (a new stream and `hello`) every retry_after_s; when one answers, the streams
   are installed and the next step uses the cloud again;
@@ -22,7 +25,7 @@ import grpc
 from moetandem.errors import CloudError
 from moetandem.split.monitor import LinkMonitor
 from moetandem.split.shaper import LinkShaper, LinkSpec
-from moetandem.split.transport import EXPERTS_METHOD, SESSION_METHOD
+from moetandem.split.transport import EXPERTS_METHOD, SESSION_METHOD, client_keepalive
 from moetandem.split.transport.auth import call_metadata, channel_credentials, speaks_tls, tls_failure
 from moetandem.split.transport.client import StreamClient
 from moetandem.split.transport.frame import Frame, Limits
@@ -47,6 +50,8 @@ class LinkOptions:
     retry_after_s: float = 1.0  # while the breaker is open: probe the cloud this often
     deadline_k: float = 4.0  # exchange deadline = k x p99 of measured exchange times ...
     deadline_floor_s: float = 0.5  # ... but never less than this
+    keepalive_s: float = 0.5  # HTTP/2 PING after this long without a byte from the cloud (0: off) ...
+    keepalive_timeout_s: float = 1.0  # ... unanswered this long: the link is dead, every exchange in flight fails
     emulate_rtt_ms: float = 0.0  # application-layer delay: each frame leaves rtt/2 after it was submitted
     emulate_rate_mbit: float = 0.0  # application-layer link shaper (split.shaper): rate, jitter, loss
     emulate_jitter_ms: float = 0.0
@@ -221,7 +226,11 @@ class CloudLink:
             if self._channel is None:
                 o = self.opts
                 opts = [("grpc.max_receive_message_length", o.limits.max_message_bytes),
-                        ("grpc.max_send_message_length", o.limits.max_message_bytes)]
+                        ("grpc.max_send_message_length", o.limits.max_message_bytes),
+                        *client_keepalive(o.keepalive_s, o.keepalive_timeout_s),
+                        # a connection of its own: gRPC otherwise shares one among the channels of a process to one
+                        # address, and two ends in one process would ride one connection (one replica behind a front)
+                        ("grpc.use_local_subchannel_pool", 1)]
                 self._channel = (grpc.secure_channel(o.address, channel_credentials(o.tls_ca), opts)
                                  if o.tls or o.tls_ca else grpc.insecure_channel(o.address, opts))
             return self._channel

@@ -12,7 +12,13 @@ spread one by one. So:
   - This process is the front (split/front.py): one TCP address; each new connection (one end) goes to the live
     replica with the fewest open connections. Bytes pass through unparsed.
 A replica lost mid-run closes its ends' connections; each end computes locally at once, probes, reconnects
-through the front to a live replica and re-prefills: no request is lost."""
+through the front to a live replica and re-prefills: no request is lost.
+
+Drain (SIGTERM / Ctrl-C of the front): the front stops accepting connections (a new end finds the cloud down and
+computes alone), raises the registry's draining flag, and each replica, at its next renewal (≤ 1 s), sends its
+`moetandem cloud` child SIGTERM: the child answers the exchanges in flight, refuses new streams as an outage and
+exits 0 (split/cloud.py drain()); its health check then stays green, so Ray Serve starts no replacement. The front
+waits for every child to exit (up to --drain-timeout + 2 s), then shuts Ray down and exits 0."""
 from __future__ import annotations
 
 import ctypes
@@ -42,16 +48,27 @@ def _die_with_parent() -> None:  # in the child, before exec: SIGKILL when the r
 
 
 class Registry:
-    """Live replicas: address → (pid of its cloud process, last renewal)."""
+    """Live replicas: address → (pid of its cloud process, last renewal); how each exited; whether to drain."""
 
     def __init__(self) -> None:
         self.entries: dict[str, tuple[int, float]] = {}
+        self.exits: dict[str, int | None] = {}  # address → exit status of its cloud process
+        self.draining = False
 
-    def renew(self, address: str, pid: int) -> None:
+    def renew(self, address: str, pid: int) -> bool:
+        """Renew a replica's entry; True when the replicas are told to drain."""
         self.entries[address] = (pid, time.monotonic())
+        return self.draining
 
-    def drop(self, address: str) -> None:
+    def drop(self, address: str, returncode: int | None = None) -> None:
         self.entries.pop(address, None)
+        self.exits[address] = returncode
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def exited(self) -> dict[str, int | None]:
+        return dict(self.exits)
 
     def live(self) -> dict[str, int]:
         now = time.monotonic()
@@ -72,16 +89,25 @@ class CloudReplica:
         self.address = f"{host}:{json.loads(line)['listening']}"
         self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
         self._stop = threading.Event()
+        self.draining = False
         threading.Thread(target=self._renew, daemon=True).start()
 
     def _renew(self) -> None:
         while not self._stop.is_set() and self.proc.poll() is None:
-            self.registry.renew.remote(self.address, self.proc.pid)
+            try:
+                drain = ray.get(self.registry.renew.remote(self.address, self.proc.pid), timeout=5.0)
+            except Exception as e:  # the registry is busy or gone: renew again next second
+                log.debug("replica %s: renewal failed (%s)", self.address, e)
+                drain = False
+            if drain and not self.draining:  # the front is shutting down: the child drains and exits 0
+                self.draining = True
+                log.info("replica %s: draining", self.address)
+                self.proc.send_signal(signal.SIGTERM)
             self._stop.wait(1.0)
-        self.registry.drop.remote(self.address)
+        self.registry.drop.remote(self.address, self.proc.wait())
 
     def check_health(self) -> None:  # Ray Serve: raise → this replica is replaced
-        if self.proc.poll() is not None:
+        if self.proc.poll() is not None and not (self.draining and self.proc.returncode == 0):
             raise RuntimeError(f"moetandem cloud at {self.address} exited with {self.proc.returncode}")
 
     def address_of(self) -> str:
@@ -119,15 +145,22 @@ def wait_live(registry: Any, n: int, timeout_s: float = 300.0) -> dict[str, int]
     return live
 
 
-def serve_replicas(n: int, argv: list[str], listen: str, stop: threading.Event) -> int:
-    """The `--replicas N` command: deploy, then serve the front on `listen` until `stop`."""
+def serve_replicas(n: int, argv: list[str], listen: str, stop: threading.Event, drain_timeout_s: float = 30.0) -> int:
+    """The `--replicas N` command: deploy, then serve the front on `listen` until `stop`; then drain (see above)."""
     from moetandem.split.front import Front
 
     host = listen.rpartition(":")[0].strip("[]")
     replica_host = "127.0.0.1" if host in ("127.0.0.1", "localhost", "::1") else ray_node_ip()
     registry = deploy(n, argv, replica_host)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # ray.init installed its own handlers: ours stop cleanly
-        signal.signal(sig, lambda *_: stop.set())
+
+    def on_signal(*_: Any) -> None:  # ray.init installed its own handlers: ours drain (a second signal: exit now)
+        if stop.is_set():
+            print("moetandem cloud: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     live = wait_live(registry, n)
     cache: dict[str, Any] = {"t": 0.0, "live": list(live)}
 
@@ -140,11 +173,29 @@ def serve_replicas(n: int, argv: list[str], listen: str, stop: threading.Event) 
     port = front.start(listen)
     print(json.dumps({"listening": port, "replicas": [{"address": a, "pid": p} for a, p in live.items()]}),
           flush=True)
-    stop.wait()
-    front.stop()
+    while not stop.wait(1.0):  # a timed wait: the signal handler runs promptly on the main thread
+        pass
+    drain(front, registry, drain_timeout_s)
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def drain(front: Any, registry: Any, timeout_s: float) -> bool:
+    """Stop taking ends, tell every replica to drain, wait for their clouds to exit (each renews within 1 s, then
+    drains for up to timeout_s). True when all exited 0 in time."""
+    front.stop()  # a new end: connection refused, an outage (it computes alone and probes)
+    ray.get(registry.drain.remote())
+    draining = set(ray.get(registry.live.remote()))
+    print(f"moetandem cloud: draining {len(draining)} replica(s) (up to {timeout_s:g} s)", file=sys.stderr,
+          flush=True)
+    deadline = time.monotonic() + timeout_s + 2.0
+    while (left := ray.get(registry.live.remote())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    exits = {a: rc for a, rc in ray.get(registry.exited.remote()).items() if a in draining}
+    print("moetandem cloud: replicas exited: " + ", ".join(f"{a} with {rc}" for a, rc in exits.items())
+          + (f"; {len(left)} still running at the timeout: cut" if left else ""), file=sys.stderr, flush=True)
+    return not left and all(rc == 0 for rc in exits.values())
 
 
 def _package_root() -> str:
