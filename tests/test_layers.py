@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "moetandem"
 CORE = ("moetandem", "moetandem.errors", "moetandem.config", "moetandem.checkpoint", "moetandem.loader",
         "moetandem.engine", "moetandem.batcher", "moetandem.graphs", "moetandem.sampling", "moetandem.streaming",
         "moetandem.assets", "moetandem.models", "moetandem.experts.provider", "moetandem.experts.store",
-        "moetandem.experts.budget", "moetandem.products")
+        "moetandem.experts.budget", "moetandem.products", "moetandem.quantization")
 FEATURES = ("moetandem.experts", "moetandem.kernels", "moetandem.gating", "moetandem.split", "moetandem.analysis")
 ASSEMBLY = ("moetandem.runtime",)
 ENTRY = ("moetandem.cli", "moetandem.serve", "moetandem.__main__")
