@@ -69,7 +69,7 @@ class CommitteeProvider(ExpertProvider):
         self.norms = norms or {l: torch.ones(self.E) for l in store.layers}
         self.scorer = Scorer(score, window, store.layers, self.E, self.norms, device)
         self.counters = StatCounters(device)
-        self.cost = CostModel(device, dtype, self.I, self.H)
+        self.cost = CostModel(device, dtype, self.I, self.H, None if self.fmt.dense else self.expert_size)
         #: the executor's device path (grouped GEMM over the slot buffers, no host sync); else the per-slot loop
         self.grouped = device_format_supported(self.fmt.name, device, dtype, (self.I, self.H))
         total = self.expert_size * self.E * len(store.layers)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moetandem.experts.provider import group_by_expert
-from moetandem.kernels import fused_moe, fused_moe_op, fused_moe_supported
+from moetandem.kernels import fused_moe_op, fused_moe_supported
 from moetandem.kernels.quant import dequantize
 from moetandem.models.expert_activation import SWIGLU, ExpertActivation
 
@@ -95,12 +95,13 @@ def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, 
 def packed_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                w2: torch.Tensor, mapped: tuple[torch.Tensor, ...] | None, act: ExpertActivation, bias: Bias | None,
                fmt: str, scales: Scales, host_scales: Scales | None) -> torch.Tensor:
-    """The device path over packed slots: the fused kernel reads data + scales in place (graph-safe)."""
-    host = None
-    if mapped is not None:
-        host = tuple(mapped[:2]) if bias is None else tuple(mapped[:4])
-    return fused_moe(x, slot_ids, weights, w13, w2, None, act.kind, host, bias, act.alpha, act.limit, fmt=fmt,
-                     scales=scales, host_scales=host_scales)  # [T, H]
+    """The device path over packed slots: the fused kernel (as the custom op, for torch.compile) reads data +
+    scales in place, and mapped host experts zero-copy (graph-safe)."""
+    hw13, hw2, hb13, hb2 = (*mapped, None, None)[:4] if mapped is not None else (None, None, None, None)
+    b13, b2 = bias if bias is not None else (None, None)
+    hs13, hs2 = host_scales if host_scales is not None else (None, None)
+    return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2, act.alpha,
+                        act.limit, fmt=fmt, s13=scales[0], s2=scales[1], host_s13=hs13, host_s2=hs2)  # [T, H]
 
 
 def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
