@@ -105,7 +105,8 @@ def speed(args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict], mode: str) -> str:
     if mode == "quality":
-        out = ["| format | bytes / expert | ppl | Δ ppl vs bf16 | top-1 agreement | KL (nats) |", "|---|---|---|---|---|---|"]
+        out = ["| format | bytes / expert | ppl | Δ ppl vs bf16 | top-1 agreement | KL (nats) |",
+               "|---|---|---|---|---|---|"]
         out += [f"| {r['format']} | {r['bytes_per_expert']:,} | {r['ppl']:.3f} | {r['dppl_pct']:+.2f}% | "
                 f"{r['top1']:.4f} | {r['kl']:.5f} |" for r in rows]
     else:

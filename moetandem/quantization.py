@@ -60,7 +60,7 @@ def _compressed_tensors(q: dict[str, Any], path: Path | str) -> Scheme:
 
 
 def fp8_row_scales(scale_inv: torch.Tensor, n: int, k: int, block: tuple[int, int]) -> torch.Tensor:
-    """Block scales [⌈N/bn⌉, ⌈K/bk⌉] -> row-wise group scales [N, K // bk] fp32 (exact: each row repeats its block's)."""
+    """Block scales [⌈N/bn⌉, ⌈K/bk⌉] -> row-wise group scales [N, K // bk] fp32 (exact: a row repeats its block's)."""
     bn, bk = block
     if k % bk:
         raise UnsupportedModelError(f"a block-FP8 matrix with {k} input columns is not a whole number of {bk}-blocks")

@@ -148,7 +148,8 @@ def _to_fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tmp_path_factory):
-    """A tiny Qwen3-MoE with every linear weight in block FP8 (16x16 blocks, dividing every matrix as real releases do), as DeepSeek-V3 / Qwen3-FP8 ship it."""
+    """A tiny Qwen3-MoE with every linear weight in block FP8, as DeepSeek-V3 / Qwen3-FP8 ship it (16×16 blocks
+    that divide every matrix, as real releases' 128×128 do: transformers assumes they do)."""
     src = build_checkpoint("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"))
     dst = tmp_path_factory.mktemp("qwen3_moe_fp8")
     out = {}

@@ -5,7 +5,8 @@ pins, swaps and maps.
 b_down)] in that dtype, exactly the flat layout the providers have always used (store.flat_views). Every other
 format (int8, fp8, int4, mxfp4; moetandem.kernels.quant defines their packed layouts) is a row of raw bytes:
 
-    w13 data [2I, packed_cols(H)] | s13 [2I, H // G13] | w2 data [H, packed_cols(I)] | s2 [H, I // G2] (| b13 [2I] | b2 [H])
+    w13 data [2I, packed_cols(H)] | s13 [2I, H // G13] | w2 data [H, packed_cols(I)] | s2 [H, I // G2]
+    (| b13 [2I] | b2 [H])
 
 each piece at a 16-byte aligned offset, biases in the compute dtype. `views` turns a [n, row] buffer into the
 kernel's (w13, w2, scales, bias) with dtype views of contiguous column ranges, so a swap stays one copy of one

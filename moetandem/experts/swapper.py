@@ -45,7 +45,7 @@ class HostCopies:
         self._lock = threading.Lock()
 
     def get(self, layer: int, expert: int, pin: bool = True) -> torch.Tensor:
-        """The expert's row on the host. pin=False (synchronous paths): the cached pinned copy if any, else a plain read,
+        """The expert's row on the host. pin=False (synchronous paths): the cached pinned copy if any, else a read,
         since pinning an expert met for the first time can cost more (~10 ms) than the copy it speeds up."""
         if self.mapped is not None:
             return self.mapped[layer][expert]
