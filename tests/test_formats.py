@@ -134,6 +134,19 @@ def test_unknown_format_is_refused(mixtral):
         moetandem.load(mixtral, device="cpu", progress=False, expert_format="int3")
 
 
+def test_flag_shared_by_the_loading_commands(mixtral):
+    """--expert-format is declared once (cli/flags.py) and reaches ModelConfig in every command that loads."""
+    from moetandem.cli import build_parser
+    from moetandem.cli.flags import configs
+    parser = build_parser()
+    for cmd in (["generate", "--prompt", "1"], ["serve"], ["eval", "--data", "x"], ["cloud", "--token-file", "t"]):
+        ns = parser.parse_args([*cmd, "--expert-format", "int4"])
+        assert ns.expert_format == "int4"
+    assert configs(ns, mixtral)[0].expert_format == "int4"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--expert-format", "int3"])
+
+
 # ------------------------------------------------------------------------ pre-quantized checkpoints
 def _to_fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A block-FP8 release's layout: fp8 [N, K], scale_inv [⌈N/b⌉, ⌈K/b⌉] (W ≈ w · s)."""
@@ -228,3 +241,27 @@ def test_unreadable_compressed_tensors_refused(mixtral, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(moetandem.errors.UnsupportedModelError, match="W4A16"):
         moetandem.load(dst, device="cpu", progress=False)
+
+
+# ------------------------------------------------------------------------ CUDA (the fused kernel over packed slots)
+
+
+@pytest.mark.parametrize("name", PACKED)
+@pytest.mark.parametrize("budget", [None, 0.3])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_packed_experts_match_the_cpu_dequantized_path(mixtral, name, budget):
+    """fp32 on both sides: the kernel over packed slots (all resident, or a committee at 30% of the bf16 bytes,
+    zero-copy exact misses, CUDA graphs) gives the CPU loop's logits and tokens."""
+    cpu = moetandem.load(mixtral, device="cpu", dtype="float32", progress=False, expert_format=name)
+    dev = moetandem.load(mixtral, device="cuda", dtype="float32", progress=False, expert_format=name,
+                         expert_budget=budget, fidelity="exact")
+    assert dev.provider.grouped  # the device path, not the per-slot loop
+    for p in PROMPTS:
+        ids = torch.tensor([p], device="cuda")
+        cache = KVCache(dev.args, 1, len(p), torch.device("cuda"), torch.float32)
+        with torch.no_grad():
+            got = dev.forward(ids, torch.arange(len(p), device="cuda")[None], cache, len(p))[0].cpu()
+        torch.testing.assert_close(got, logits(cpu, p), rtol=2e-3, atol=2e-3)
+    want = [g.token_ids for g in cpu.generate(PROMPTS, max_new_tokens=16)]
+    assert [g.token_ids for g in dev.generate(PROMPTS, max_new_tokens=16)] == want
