@@ -41,8 +41,8 @@ def scheme(c: dict[str, Any], path: Path | str = "") -> Scheme | None:
     if method == "compressed-tensors":
         return _compressed_tensors(q, path)
     raise UnsupportedModelError(
-        f"{path} is quantized ({method or 'unknown method'}"
-        f"{'' if method != 'fp8' else ' without weight_block_size'}); moetandem reads bf16/fp16/fp32 weights, "
+        f"{path} is quantized ({method or 'unknown method'})"
+        f"{'' if method != 'fp8' else ' without weight_block_size'}; moetandem reads bf16/fp16/fp32 weights, "
         "gpt-oss MXFP4, block-wise FP8 and compressed-tensors W4A16: use one of those releases, or dequantize it")
 
 
