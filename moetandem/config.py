@@ -24,6 +24,9 @@ BASELINES = ("lru", "static", "host-only")
 FIDELITY = ("exact", "balanced", "fast")
 GATES = ("off", "masked", "group")
 CODECS = ("off", "fp16", "lowrank", "plan")
+#: --expert-format: how routed experts are held (moetandem.experts.formats); auto = the checkpoint's own format
+#: when it is pre-quantized (gpt-oss MXFP4, block FP8, compressed-tensors int4), else bf16
+EXPERT_FORMATS = ("auto", "bf16", "fp8", "int8", "int4", "mxfp4")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -69,10 +72,15 @@ class ModelConfig:
     #: shard the routed experts over the ranks of the initialised torch.distributed group (moetandem cloud
     #: --expert-parallel N); non-expert layers are replicated on every rank
     expert_parallel: bool = False
+    #: how routed experts are held and moved: one of EXPERT_FORMATS (packed formats quantize on load)
+    expert_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.compile not in ("auto", "on", "off"):
             raise InvalidRequestError(f"--compile {self.compile!r}: choose auto, on or off")
+        if self.expert_format not in EXPERT_FORMATS:
+            raise InvalidRequestError(f"--expert-format {self.expert_format!r}: choose one of "
+                                      f"{', '.join(EXPERT_FORMATS)}")
 
     def compiles(self, device_type: str) -> bool:
         """Whether the CUDA-graph decode step goes through torch.compile."""
@@ -81,7 +89,7 @@ class ModelConfig:
     @classmethod
     def from_args(cls, ns: argparse.Namespace, path: Path, **kw: Any) -> "ModelConfig":
         return cls(path=Path(path), device=getattr(ns, "device", "auto"), dtype=getattr(ns, "dtype", "auto"),
-                   compile=getattr(ns, "compile", "auto"), **kw)
+                   compile=getattr(ns, "compile", "auto"), expert_format=getattr(ns, "expert_format", "auto"), **kw)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from moetandem.checkpoint import Checkpoint
 from moetandem.errors import CheckpointError
 from moetandem.models import ArchArgs, Family, MoEForCausalLM
+from moetandem.quantization import dense, param_name, scheme
 
 
 def expert_pattern(family: Family) -> re.Pattern[str]:
@@ -42,13 +43,14 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
     fp32 = {f"{mod}.{p}" for mod, m in model.named_modules() if getattr(m, "keep_fp32", False)
             for p, _ in m.named_parameters(recurse=False)}  # routers transformers also keeps in fp32
     experts = expert_pattern(family)
-    todo = [n for n in ckpt.names() if not experts.match(n)]
+    sch = scheme(ckpt.config, ckpt.path)  # pre-quantized non-expert weights are dequantized here
+    todo = [n for n in ckpt.names() if not experts.match(param_name(sch, n))]
     filled: set[str] = set()
     for hub_name in tqdm(todo, desc="weights", unit="tensor", disable=not progress, leave=False):
-        name = family.rename(hub_name)
+        name = param_name(sch, family.rename(hub_name))
         if name in shards:
             target, a, b = shards[name]
-            t = ckpt.tensor(hub_name)
+            t = dense(ckpt, sch, hub_name)
             p = params[target]
             if list(t.shape) != [b - a, *p.shape[1:]]:
                 raise CheckpointError(f"{hub_name} has shape {list(t.shape)}, config.json implies "
@@ -62,8 +64,8 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
                 filled.add(target)
             continue
         if name not in params:
-            continue  # e.g. stale rotary buffers some exporters save
-        t = ckpt.tensor(hub_name)
+            continue  # e.g. stale rotary buffers some exporters save, quantization scales
+        t = dense(ckpt, sch, hub_name)
         if list(t.shape) != list(params[name].shape):
             raise CheckpointError(f"{hub_name} has shape {list(t.shape)}, config.json implies "
                                   f"{list(params[name].shape)}")

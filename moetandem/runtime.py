@@ -15,7 +15,9 @@ from moetandem.checkpoint import Checkpoint
 from moetandem.config import CommitteeConfig, GateConfig, ModelConfig, SplitConfig
 from moetandem.engine import Engine, resolve_device, resolve_dtype
 from moetandem.errors import UnsupportedModelError
+from moetandem.errors import InvalidRequestError
 from moetandem.experts.factory import build_provider
+from moetandem.experts.formats import resolve as resolve_format
 from moetandem.experts.store import ExpertStore
 from moetandem.loader import load_dense
 from moetandem.models import get_family
@@ -35,13 +37,18 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
     args = family.args(ckpt.config, ckpt.path)
     net = load_dense(ckpt, family, args, dev, dt, model.progress)
     store = ExpertStore(ckpt, family, args)
+    fmt = resolve_format(model.expert_format, store, dt, dev)
+    if model.expert_parallel and not fmt.dense:
+        if model.expert_format != "auto":
+            raise InvalidRequestError(f"--expert-parallel holds bf16 experts; drop --expert-format {fmt.name}")
+        fmt = resolve_format("bf16", store, dt, dev)
     if model.expert_parallel:  # this rank's share of the experts (a committee over it within a per-rank budget)
         from moetandem.experts.parallel import ExpertParallelProvider
         inner = None if not committee.enabled else \
             (lambda shard: build_provider(ckpt, shard, args.top_k, dev, dt, committee, model.progress))
         provider: Any = ExpertParallelProvider(store, dev, dt, inner=inner, progress=model.progress)
     else:
-        provider = build_provider(ckpt, store, args.top_k, dev, dt, committee, model.progress)
+        provider = build_provider(ckpt, store, args.top_k, dev, dt, committee, model.progress, fmt)
     router = None
     if gate.mode != "off":
         from moetandem.gating import build_router
@@ -85,12 +92,13 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
          score: str = "importance", plan: Any = None, async_swaps: bool = True, gate: str = "off",
          gate_cost: float = math.inf, gate_latency_budget: float = 0.0, cloud: str | None = None,
          token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None,
-         compile: str = "auto") -> Engine:
+         compile: str = "auto", expert_format: str = "auto") -> Engine:
     """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all expert
     bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets. gate="group" /
     "masked" routes to the experts that are local now. cloud="HOST:PORT" runs the middle layers on a `moetandem
     cloud` server; split holds SplitConfig's other fields (plan, head, tail, codec, codec_rank, micro_batches,
-    cloud_experts) and link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...)."""
+    cloud_experts) and link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...). expert_format: bf16 | fp8 | int8
+    | int4 | mxfp4 | auto (the checkpoint's own when pre-quantized, else bf16); packed formats quantize on load."""
     cm = CommitteeConfig(expert_budget, policy, fidelity, skip_threshold, refresh_every, score=score, plan=plan,
                          async_swaps=async_swaps)
     sc = None
@@ -99,5 +107,6 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
         fields = {k: opts.pop(k) for k in ("plan", "head", "tail", "cloud_experts", "codec", "codec_rank",
                                             "micro_batches") if k in opts}
         sc = SplitConfig(cloud, token=token, token_file=token_file, link=opts, **fields)
-    return build_engine(ModelConfig(Path(path), device, dtype, use_graphs, progress, compile), cm,
+    return build_engine(ModelConfig(Path(path), device, dtype, use_graphs, progress, compile,
+                                    expert_format=expert_format), cm,
                         GateConfig(gate, gate_cost, gate_latency_budget), sc)

@@ -1,5 +1,6 @@
-"""gpt-oss experts from an MXFP4 checkpoint (the hub's *_blocks / *_scales layout, dequantized by the
-ExpertStore on read) against transformers' own dequantizer and its model on the dequantized weights."""
+"""gpt-oss experts from an MXFP4 checkpoint (the hub's *_blocks / *_scales layout: kept packed as mxfp4 experts
+by default, or dequantized by the ExpertStore on read with --expert-format bf16) against transformers' own
+dequantizer and its model on the dequantized weights."""
 from __future__ import annotations
 
 import json
@@ -107,8 +108,8 @@ def test_mxfp4_tokens_equal_transformers_dequantized(checkpoints) -> None:
                 getattr(layer.mlp.experts, name).copy_(
                     convert_moe_packed_tensors(packed[p + "_blocks"], packed[p + "_scales"], dtype=torch.float32))
     ours = moetandem.load(q, device="cpu", dtype="float32", progress=False)
-    committee = moetandem.load(q, device="cpu", dtype="float32", progress=False, expert_budget=0.5,
-                               fidelity="exact")
+    committee = moetandem.load(q, device="cpu", dtype="float32", progress=False, expert_budget=0.08,
+                               fidelity="exact")  # packed MXFP4 slots: 8% of the fp32 expert bytes holds ~half
     for p in PROMPTS:
         ids = torch.tensor([p])
         want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
@@ -116,6 +117,32 @@ def test_mxfp4_tokens_equal_transformers_dequantized(checkpoints) -> None:
         assert ours.generate([p], max_new_tokens=16)[0].token_ids == want
         assert committee.generate([p], max_new_tokens=16)[0].token_ids == want
     assert committee.expert_stats()["misses"] > 0
+
+
+def test_mxfp4_kept_packed(checkpoints) -> None:
+    """auto keeps the checkpoint's MXFP4 bytes (never expanded): a quarter of the bf16 bytes plus scales and
+    biases, the same logits as the dequantize-on-read path; a committee moves the packed rows."""
+    from moetandem.models import KVCache
+    _, q = checkpoints
+    packed = moetandem.load(q, device="cpu", dtype="float32", progress=False)
+    dense = moetandem.load(q, device="cpu", dtype="float32", progress=False, expert_format="bf16")
+    assert packed.provider.fmt.name == "mxfp4" and packed.provider.fmt.group13 == 32
+    assert packed.provider.expert_bytes() < dense.provider.expert_bytes() / 4
+    blk = load_file(str(q / "model.safetensors"))["model.layers.0.mlp.experts.down_proj_blocks"]  # [E, H, I/32, 16]
+    v = packed.provider.views[0]
+    assert torch.equal(v.w2, blk.flatten(-2))  # the checkpoint's own bytes
+    for p in PROMPTS:
+        ids = torch.tensor([p])
+        outs = []
+        for eng in (packed, dense):
+            cache = KVCache(eng.args, 1, len(p), torch.device("cpu"), torch.float32)
+            with torch.no_grad():
+                outs.append(eng.forward(ids, torch.arange(len(p))[None], cache, len(p))[0])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    committee = moetandem.load(q, device="cpu", dtype="float32", progress=False, expert_budget=0.1, policy="auto")
+    assert committee.provider.fmt.name == "mxfp4" and committee.provider.rows.source == "native"
+    want = [g.token_ids for g in packed.generate(PROMPTS, max_new_tokens=8)]
+    assert [g.token_ids for g in committee.generate(PROMPTS, max_new_tokens=8)] == want
 
 
 def test_other_quantization_refused(checkpoints, tmp_path) -> None:

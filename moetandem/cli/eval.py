@@ -40,8 +40,10 @@ def eval_command(args: argparse.Namespace) -> int:
     ids = encode_text(engine, text, args.max_tokens)
     reference = None
     if args.reference:
-        if args.expert_budget or args.plan:
-            reference = build_engine(ModelConfig(path, args.device, args.dtype, use_graphs=False))
+        quantizes = args.expert_format not in ("auto", "bf16")  # then the reference holds bf16 experts
+        if args.expert_budget or args.plan or quantizes:
+            reference = build_engine(ModelConfig(path, args.device, args.dtype, use_graphs=False,
+                                                 expert_format="bf16" if quantizes else "auto"))
         else:
             print("[moetandem] every expert is resident already; the reference is the engine itself",
                   file=sys.stderr)
@@ -61,10 +63,11 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> str:
+    fmt = "" if args.expert_format == "auto" else f" ({args.expert_format})"
     if not args.expert_budget and not args.plan:
-        return "all resident"
+        return "all resident" + fmt
     how = f"policy {args.policy}" if args.policy else f"fidelity {args.fidelity}"
-    return f"budget {args.expert_budget or 'plan'}, {how}"
+    return f"budget {args.expert_budget or 'plan'}, {how}{fmt}"
 
 
 def format_result(res: Any, committee: str = "") -> str:

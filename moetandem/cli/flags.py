@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from moetandem.config import (BASELINES, CODECS, FIDELITY, GATES, POLICIES, CommitteeConfig, GateConfig, ModelConfig,
-                              SplitConfig, parse_budget)
+from moetandem.config import (BASELINES, CODECS, EXPERT_FORMATS, FIDELITY, GATES, POLICIES, CommitteeConfig,
+                              GateConfig, ModelConfig, SplitConfig, parse_budget)
 from moetandem.errors import InvalidRequestError
 
 
@@ -20,6 +20,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the CUDA-graph decode step: ~1.8x faster decode after ~30 s of compiling "
                         "once (auto: on for serve and cloud, off for one-shot commands)")
+    p.add_argument("--expert-format", choices=EXPERT_FORMATS, default="auto",
+                   help="how routed experts are held and moved: bf16, or quantized on load to fp8 / int8 (1 byte "
+                        "a weight), int4 / mxfp4 (half a byte); auto (default) keeps a pre-quantized checkpoint's "
+                        "own format (gpt-oss MXFP4, block FP8, compressed-tensors int4), else bf16")
 
 
 def add_drain_args(p: argparse.ArgumentParser, what: str) -> None:

@@ -29,13 +29,16 @@ def plan_command(args: argparse.Namespace) -> int:
     from moetandem.experts.plan import make_plan
     from moetandem.runtime import build_engine
     text = read_text(args.data)
-    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype))
+    from moetandem.experts.formats import resolve
+    fmt_name = getattr(args, "expert_format", "auto")
+    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype, expert_format=fmt_name))
     store = engine.store
+    fmt = resolve(fmt_name, store, engine.dtype, engine.device)  # slots hold this format's bytes
     budget = parse_budget(args.expert_budget, total_expert_bytes(store, engine.dtype))
     with recording(engine) as rec, torch.inference_mode():
         for w in token_windows(engine, text, 256, args.max_tokens):
             rec.engine.generate([w], max_new_tokens=1)
-    plan = make_plan(rec.routing(), store.num_experts, engine.args.top_k, store.expert_bytes(engine.dtype), budget)
+    plan = make_plan(rec.routing(), store.num_experts, engine.args.top_k, fmt.nbytes, budget)
     plan.save(args.out)
     print("| refresh every | planned hit rate | uniform hit rate | swaps/token |\n|---|---|---|---|")
     for c in plan.candidates:

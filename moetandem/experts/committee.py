@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.costs import CostModel
-from moetandem.experts.executor import device_path_supported, run_experts
-from moetandem.experts.store import flat_bias_views, flat_views
+from moetandem.experts.executor import device_format_supported, run_experts
+from moetandem.experts.formats import ExpertFormat
 from moetandem.kernels import fused_moe_supported
 from moetandem.experts.misses import resolve_exact
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
+from moetandem.experts.rows import ExpertRows
 from moetandem.experts.scorer import SCORES, Scorer
 from moetandem.experts.slots import LayerSlots
 from moetandem.experts.stats import CommitteeStats, StatCounters
@@ -49,10 +50,12 @@ class CommitteeProvider(ExpertProvider):
                  policy: MissPolicy, top_k: int, similarity: dict[int, torch.Tensor] | None = None,
                  norms: dict[int, torch.Tensor] | None = None, slots: dict[int, int] | None = None,
                  refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True,
-                 async_swaps: bool = True, activation: ExpertActivation | None = None) -> None:
+                 async_swaps: bool = True, activation: ExpertActivation | None = None,
+                 fmt: ExpertFormat | None = None) -> None:
         """async_swaps=False waits for each refresh's swaps before going on: slower, but the resident set at
         every step no longer depends on thread timing (reproducible quality measurements). activation: the
-        experts' (default: the store's); with biases, each flat slot ends with them."""
+        experts' (default: the store's); with biases, each flat slot ends with them. fmt: how a slot holds an
+        expert (default bf16: the compute dtype); slots, pinned copies, swaps and the budget count its bytes."""
         if policy.substitute_min_sim is not None and similarity is None:
             raise InvalidRequestError("substitution needs expert similarity: run `moetandem calibrate MODEL` first")
         if refresh_every < 1:
@@ -65,18 +68,21 @@ class CommitteeProvider(ExpertProvider):
         self.external_observe = False
         self.E, self.I, self.H = store.num_experts, store.inter, store.hidden
         self.act = activation or store.activation
-        self.expert_size = store.expert_bytes(dtype)
+        self.fmt = fmt or ExpertFormat("bf16", self.I, self.H, dtype, bias=self.act.bias)
+        self.expert_size = self.fmt.nbytes  # one slot, one swap
         self.norms = norms or {l: torch.ones(self.E) for l in store.layers}
         self.scorer = Scorer(score, window, store.layers, self.E, self.norms, device)
         self.counters = StatCounters(device)
-        self.cost = CostModel(device, dtype, self.I, self.H)
+        self.cost = CostModel(device, dtype, self.I, self.H, None if self.fmt.dense else self.expert_size)
         #: the executor's device path (grouped GEMM over the slot buffers, no host sync); else the per-slot loop
-        self.grouped = device_path_supported(device, dtype, (self.I, self.H), self.act)
-        total = store.total_numel() * torch.empty((), dtype=dtype).element_size()
+        self.grouped = (device_path_supported(device, dtype, (self.I, self.H), self.act) if self.fmt.dense
+                        else device_format_supported(self.fmt.name, device, dtype, (self.I, self.H)))
+        total = self.expert_size * self.E * len(store.layers)
+        self.rows = ExpertRows(store, self.fmt, keep=True, progress=progress)
         #: exact misses read zero-copy from pinned host memory by the fused kernel (no copy, no host sync, so the
         #: step stays one CUDA graph): every expert pinned once, when it fits the pinned-memory cap
         self.mapped = self._map_experts(total, progress) if self._maps(policy, total) else None
-        self.copies = HostCopies(store, dtype, pin=device.type == "cuda", cap=pinned_cap(total), mapped=self.mapped)
+        self.copies = HostCopies(self.rows, pin=device.type == "cuda", cap=pinned_cap(total), mapped=self.mapped)
         self.swapper = Swapper(self.copies, device)
         self.similarity = similarity
         self.layers: dict[int, LayerSlots] = {}
@@ -99,10 +105,9 @@ class CommitteeProvider(ExpertProvider):
     def _map_experts(self, total: int, progress: bool) -> dict[int, torch.Tensor]:
         out = {}
         for l in tqdm(self.store.layers, desc="pinning experts", unit="layer", disable=not progress, leave=False):
-            buf = torch.empty(self.E, self.store.expert_numel(), dtype=self.dtype,
-                              pin_memory=self.device.type == "cuda")  # [E, 3IH]
+            buf = self.fmt.empty(self.E, pin=self.device.type == "cuda")  # [E, row]
             for e in range(self.E):
-                buf[e].copy_(self.store.read_flat(l, e, self.dtype))
+                buf[e].copy_(self.rows.get(l, e))
             out[l] = buf
         return out
 
@@ -156,15 +161,17 @@ class CommitteeProvider(ExpertProvider):
             self._rebuild(st, layer)
         asg = self.policy.assign(expert_ids, weights, st, in_graph=capturing and self.mapped is None)
         self.counters.add(asg.counts)
-        w13, w2 = st.views(self.I, self.H, self.act.gated)  # [n, 2I | I, H], [n, H, I]
-        bias = flat_bias_views(st.buf, self.I, self.H) if self.act.bias else None  # [n, 2I], [n, H]
+        v = self.fmt.views(st.buf)  # w13 [n, 2I, H'], w2 [n, H, I'] (+ scales, biases [n, 2I], [n, H])
+        fmt = self.fmt.name
         if self.mapped is not None:  # exact misses: expert e read from pinned host memory as slot n + e
             slots = asg.slots if asg.exact is None else torch.where(asg.exact, st.n + expert_ids.int(), asg.slots)
-            hbuf = self.mapped[layer]  # [E, numel]
-            mapped = (*flat_views(hbuf, self.I, self.H), *(flat_bias_views(hbuf, self.I, self.H) if bias else ()))
-            return run_experts(x, slots, asg.weights, w13, w2, True, mapped=mapped, act=self.act, bias=bias)
+            hv = self.fmt.views(self.mapped[layer])  # over [E, row]
+            mapped = (hv.w13, hv.w2, *(hv.bias or ()))
+            return run_experts(x, slots, asg.weights, v.w13, v.w2, True, mapped=mapped, act=self.act, bias=v.bias,
+                               fmt=fmt, scales=v.scales, host_scales=hv.scales)
         host = resolve_exact(self, layer, x, expert_ids, asg) if asg.exact is not None else None
-        return run_experts(x, asg.slots, asg.weights, w13, w2, self.grouped, host, act=self.act, bias=bias)
+        return run_experts(x, asg.slots, asg.weights, v.w13, v.w2, self.grouped, host, act=self.act, bias=v.bias,
+                           fmt=fmt, scales=v.scales)
 
     def observe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         """Score the model's own routing (ids/weights [T, k]) when a routing hook changes what is computed."""
@@ -252,7 +259,7 @@ class CommitteeProvider(ExpertProvider):
         self._publish_finished()
 
     def host_flat(self, layer: int, expert: int, pin: bool = True) -> torch.Tensor:
-        """The expert's flat weights [3*I*H] in host memory (pinned on CUDA unless pin=False: see HostCopies)."""
+        """The expert's row (self.fmt) in host memory (pinned on CUDA unless pin=False: see HostCopies)."""
         return self.copies.get(layer, expert, pin)
 
     def load(self, layer: int, slot: int, expert: int) -> None:
@@ -282,7 +289,7 @@ class CommitteeProvider(ExpertProvider):
         self.drain()
         for l in tqdm(self.store.layers, desc="committee", unit="layer", disable=not progress, leave=False):
             old, n = self.layers.get(l), plan[l]
-            new = LayerSlots(n, self.store.expert_numel(), self.E, self.device, self.dtype)
+            new = LayerSlots(n, self.fmt.row_numel, self.E, self.device, self.fmt.row_dtype)
             rank = self._ranking(l)
             keep = [e for e in rank if old is not None and e in old.slot_of][:n]
             for s, e in enumerate(keep):

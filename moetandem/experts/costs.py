@@ -14,14 +14,17 @@ class CostModel:
     """Measured costs that pick fetch vs host compute for a miss: bytes over host->device bandwidth against
     rows × host FFN time per row (plus moving the activations)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, inter: int, hidden: int) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, inter: int, hidden: int,
+                 row_bytes: int | None = None) -> None:
+        """row_bytes: one expert's bytes in its format (default: dense in `dtype`), what a fetch copies."""
         self.same_memory = device.type == "cpu"
         n = 3 * inter * hidden
         host = torch.randn(n, dtype=dtype)
+        row = host.view(torch.uint8) if row_bytes is None else torch.zeros(row_bytes, dtype=torch.uint8)
         if device.type == "cuda":
-            host = host.pin_memory()
-        dst = torch.empty(n, dtype=dtype, device=device)
-        self.fetch_s = self._time(lambda: dst.copy_(host, non_blocking=True), device)
+            row = row.pin_memory()
+        dst = torch.empty_like(row, device=device)
+        self.fetch_s = self._time(lambda: dst.copy_(row, non_blocking=True), device)
         w13, w2 = flat_views(host.float(), inter, hidden)
         x = torch.randn(1, hidden)
         self.host_row_s = self._time(lambda: expert_ffn(x, w13, w2), torch.device("cpu"))

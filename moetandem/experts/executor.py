@@ -14,6 +14,10 @@ Rows computed elsewhere (a committee's host-computed misses) come in as `HostRow
 The experts' activation (`ExpertActivation`: SwiGLU, GELU, gpt-oss's clamped SwiGLU) and their biases
 (`bias = (b13 [n, 2I], b2 [n, H])`, gate/up bias before the activation, down bias before the routing weight) are
 passed per call; without them every path computes exactly what it did for the SwiGLU families.
+
+Expert formats (moetandem.experts.formats): `fmt` names the slots' layout; a packed one comes with
+`scales = (s13 [n, 2I, H // G], s2 [n, H, I // G])` (and `host_scales` for mapped host experts). The device path
+hands them to the fused kernel, which reads the packed bytes; the loop dequantizes one slot at a time.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 from moetandem.experts.provider import group_by_expert
 from moetandem.kernels import fused_moe_op, fused_moe_supported
+from moetandem.kernels.quant import dequantize
 from moetandem.models.expert_activation import SWIGLU, ExpertActivation
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -52,25 +57,52 @@ def device_path_supported(device: torch.device, dtype: torch.dtype, dims: tuple[
 
 
 Bias = tuple[torch.Tensor, torch.Tensor]  # b13 [n, 2I] (gate; up), b2 [n, H]
+Scales = tuple[torch.Tensor, torch.Tensor]  # s13 [n, 2I, H // G], s2 [n, H, I // G]
+
+
+def device_format_supported(fmt: str, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
+    """The device path runs experts in `fmt`: bf16 as device_path_supported; packed formats need the fused kernel."""
+    return device_path_supported(device, dtype, dims) if fmt == "bf16" else fused_moe_supported(device, dtype)
 
 
 def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor, grouped: bool, host: HostRows | None = None,
                 mapped: tuple[torch.Tensor, ...] | None = None, act: ExpertActivation = SWIGLU,
-                bias: Bias | None = None) -> torch.Tensor:
+                bias: Bias | None = None, fmt: str = "bf16", scales: Scales | None = None,
+                host_scales: Scales | None = None) -> torch.Tensor:
     """x [T, H]; slot_ids [T, k] (−1: nothing on the device; n + e: expert e read zero-copy from `mapped`, its
     pinned host weights [E, 2I, H] / [E, H, I] (+ biases [E, 2I] / [E, H] for biased experts)); weights [T, k];
-    w13 [n, 2I, H] (gate; up), w2 [n, H, I]; act, bias: see the module docstring -> [T, H] in x's dtype.
-    grouped: the device path (no host sync), else the per-slot loop."""
+    w13 [n, 2I, H] (gate; up), w2 [n, H, I] (packed formats: their data, with `scales`); act, bias, fmt: see the
+    module docstring -> [T, H] in x's dtype. grouped: the device path (no host sync), else the per-slot loop."""
     if act.bias != (bias is not None):
         raise ValueError(f"expert activation {act} {'needs' if act.bias else 'takes no'} biases")
+    if (fmt != "bf16") != (scales is not None):
+        raise ValueError(f"{fmt} experts {'need' if fmt != 'bf16' else 'take no'} scales")
+    if grouped and fmt != "bf16":
+        out = packed_moe(x, slot_ids, weights, w13, w2, mapped, act, bias, fmt, scales, host_scales)  # [T, H]
+        if host is not None and host.token.numel():
+            g = weights[host.token, host.col].to(host.y.dtype)  # [m]
+            out.index_add_(0, host.token, host.y * g[:, None])
+        return out
     if grouped:
         out = device_moe(x, slot_ids, weights, w13, w2, mapped, act, bias)  # [T, H]
         if host is not None and host.token.numel():
             g = weights[host.token, host.col].to(host.y.dtype)  # [m]
             out.index_add_(0, host.token, host.y * g[:, None])
         return out
-    return loop_moe(x, slot_ids, weights, w13, w2, host, act, bias)
+    return loop_moe(x, slot_ids, weights, w13, w2, host, act, bias, fmt, scales)
+
+
+def packed_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+               w2: torch.Tensor, mapped: tuple[torch.Tensor, ...] | None, act: ExpertActivation, bias: Bias | None,
+               fmt: str, scales: Scales, host_scales: Scales | None) -> torch.Tensor:
+    """The device path over packed slots: the fused kernel (as the custom op, for torch.compile) reads data +
+    scales in place, and mapped host experts zero-copy (graph-safe)."""
+    hw13, hw2, hb13, hb2 = (*mapped, None, None)[:4] if mapped is not None else (None, None, None, None)
+    b13, b2 = bias if bias is not None else (None, None)
+    hs13, hs2 = host_scales if host_scales is not None else (None, None)
+    return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2, act.alpha,
+                        act.limit, fmt=fmt, s13=scales[0], s2=scales[1], host_s13=hs13, host_s2=hs2)  # [T, H]
 
 
 def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
@@ -111,9 +143,10 @@ def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
 
 def loop_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
              w2: torch.Tensor, host: HostRows | None = None, act: ExpertActivation = SWIGLU,
-             bias: Bias | None = None) -> torch.Tensor:
+             bias: Bias | None = None, fmt: str = "bf16", scales: Scales | None = None) -> torch.Tensor:
     """One expert FFN per slot on its live rows (slot ≥ 0, weight ≠ 0); host rows slot in before the weighted sum,
-    so a committee with exact policies matches the all-resident provider bit for bit."""
+    so a committee with exact policies matches the all-resident provider bit for bit. Packed slots are
+    dequantized to x's dtype one at a time."""
     n = w13.shape[0]
     T, k = slot_ids.shape
     live = (slot_ids >= 0) & (weights != 0)  # [T, k]
@@ -124,7 +157,11 @@ def loop_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13
     for s, c in enumerate(groups.counts[:n].tolist()):
         if c:
             b13, b2 = (bias[0][s], bias[1][s]) if bias is not None else (None, None)
-            ys[start:start + c] = act.ffn(xs[start:start + c], w13[s], w2[s], b13, b2)
+            a, b = w13[s], w2[s]
+            if scales is not None:
+                a = dequantize(a, scales[0][s], fmt).to(x.dtype)  # [2I, H]
+                b = dequantize(b, scales[1][s], fmt).to(x.dtype)  # [H, I]
+            ys[start:start + c] = act.ffn(xs[start:start + c], a, b, b13, b2)
             start += c
     y = torch.empty_like(ys)
     y[groups.order] = ys

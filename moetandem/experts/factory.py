@@ -10,6 +10,7 @@ from moetandem.config import CommitteeConfig, parse_budget
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.committee import CommitteeProvider
+from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.plan import Plan
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
@@ -18,8 +19,10 @@ from moetandem.experts.similarity import load_calibration, save_calibration, wei
 from moetandem.experts.store import ExpertStore
 
 def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: torch.device, dtype: torch.dtype,
-                   cfg: CommitteeConfig, progress: bool = True) -> ExpertProvider:
-    """All experts resident (no budget), or a Parameter Committee within cfg.budget."""
+                   cfg: CommitteeConfig, progress: bool = True, fmt: ExpertFormat | None = None) -> ExpertProvider:
+    """All experts resident (no budget), or a Parameter Committee within cfg.budget; experts held in `fmt`
+    (default bf16). A fractional budget is a fraction of the experts' bf16 (compute-dtype) bytes, so at the same
+    --expert-budget a packed format holds more experts."""
     expert_budget, policy, refresh_every = cfg.budget, cfg.policy, cfg.refresh_every
     plan = cfg.plan
     slots = None
@@ -32,7 +35,7 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
     if expert_budget is None:
         if policy is not None:
             raise InvalidRequestError("--policy needs --expert-budget (with no budget every expert is resident)")
-        return ResidentProvider(store, device, dtype, progress, activation=store.activation)
+        return ResidentProvider(store, device, dtype, progress, activation=store.activation, fmt=fmt)
     budget = parse_budget(expert_budget, total_expert_bytes(store, dtype))
     tau = cfg.skip_threshold
     miss = MissPolicy.named(policy, tau or 0.1) if policy else MissPolicy.from_fidelity(cfg.fidelity)
@@ -45,4 +48,4 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
     sim, norms = calib if calib is not None else (None, None)
     return CommitteeProvider(store, device, dtype, int(budget), miss, top_k, similarity=sim, norms=norms,
                              slots=slots, refresh_every=refresh_every, window=cfg.window, score=cfg.score,
-                             progress=progress, async_swaps=cfg.async_swaps, activation=store.activation)
+                             progress=progress, async_swaps=cfg.async_swaps, activation=store.activation, fmt=fmt)

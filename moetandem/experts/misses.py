@@ -10,7 +10,6 @@ import torch
 
 from moetandem.experts.executor import HostRows
 from moetandem.experts.policies import Assignment
-from moetandem.experts.store import flat_bias_views, flat_views
 
 if TYPE_CHECKING:
     from moetandem.experts.committee import CommitteeProvider
@@ -76,9 +75,7 @@ def _host_compute(c: "CommitteeProvider", layer: int, x: torch.Tensor, ids: torc
     toks, cols, ys = [], [], []
     for e in experts:
         tok, col = torch.nonzero((ids == e) & need, as_tuple=True)  # host [r], [r]
-        flat = c.host_flat(layer, e, pin=False)  # [numel]
-        w13, w2 = flat_views(flat, c.I, c.H, c.act.gated)
-        b13, b2 = flat_bias_views(flat, c.I, c.H) if c.act.bias else (None, None)
+        w13, w2, b13, b2 = c.fmt.unpack(c.host_flat(layer, e, pin=False))  # the one expert, in the compute dtype
         rows = x[tok.to(x.device)].to("cpu", w13.dtype)  # [r, H]
         ys.append(c.act.ffn(rows, w13, w2, b13, b2).to(x.device, x.dtype))  # [r, H]
         toks.append(tok)

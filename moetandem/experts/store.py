@@ -1,9 +1,11 @@
 """ExpertStore: where each expert's bytes live. Reads one (layer, expert) at a time from the mmap'd
 safetensors files: the hub's per-expert layout, transformers' fused [E, ...] layout, or gpt-oss's (gate/up
-interleaved in [E, H, 2I], biases; MXFP4 blocks + scales dequantized on read). Every reader sees gate [I, H],
-up [I, H], down [H, I] in nn.Linear layout, and biases for families that have them; a plain (non-gated) expert
-reads as its input projection [I, H] and down [H, I]. `layer_keys`: what a family's ArchArgs substitutes for {l}
-in its expert names (Switch Transformers: "encoder.block.3.layer.1"), by MoE layer; default the layer number."""
+interleaved in [E, H, 2I], biases; MXFP4 blocks + scales), plain or pre-quantized (moetandem.quantization:
+block FP8, compressed-tensors int4). `read` dequantizes: every reader sees gate [I, H], up [I, H], down [H, I] in
+nn.Linear layout, and biases for families that have them; a plain (non-gated) expert reads as its input projection
+[I, H] and down [H, I]. `read_raw` gives a pre-quantized expert as stored (`native_format`), for the expert
+formats that keep it packed. `layer_keys`: what a family's ArchArgs substitutes for {l} in its expert names
+(Switch Transformers: "encoder.block.3.layer.1"), by MoE layer; default the layer number."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +14,7 @@ from moetandem.checkpoint import Checkpoint
 from moetandem.errors import CheckpointError
 from moetandem.models.family import Family
 from moetandem.models.transformer import ArchArgs
+from moetandem.quantization import dense, scheme
 
 
 #: E2M1 code -> value (MXFP4 elements; low nibble first), as transformers' integrations/mxfp4.py
@@ -35,10 +38,20 @@ class ExpertStore:
         self.activation = args.expert_activation
         self.layers = [i for i, moe in enumerate(args.moe_layers) if moe]
         self.layer_keys: list[str] = list(getattr(args, "layer_keys", None) or map(str, range(len(args.moe_layers))))
+        self.scheme = scheme(ckpt.config, ckpt.path)
+        #: the checkpoint's own expert format when pre-quantized ("mxfp4" | "fp8" | "int4"), and its group along K
+        self.native_format = self.scheme.method if self.scheme else None
+        self.native_group = None if self.scheme is None else (
+            self.scheme.block[1] if self.scheme.block else self.scheme.group)
+        suffix = "_packed" if self.native_format == "int4" else ""
+        self._keys = tuple(k + suffix for k in family.expert_keys) if family.expert_layout == "linear" else \
+            family.expert_keys
         self._layout: dict[int, str] = {}  # layer -> "per_expert" | "fused" | "gpt_oss" | "mxfp4"
         for layer in self.layers:
             self._layout[layer] = self._check_gpt_oss(layer) if family.expert_layout == "gpt_oss" else (
                 "fused" if self._check_layer(layer) else "per_expert")
+        if self.native_format == "mxfp4" and set(self._layout.values()) != {"mxfp4"}:
+            self.native_format = None  # a gpt-oss checkpoint saved dequantized
 
     def _check_gpt_oss(self, layer: int) -> str:
         I, H, E = self.inter, self.hidden, self.num_experts
@@ -61,14 +74,19 @@ class ExpertStore:
 
     def _check_layer(self, layer: int) -> bool:
         I, H, E = self.inter, self.hidden, self.num_experts
-        per_expert = [k.format(l=self.layer_keys[layer], e=e) for e in range(E) for k in self.family.expert_keys]
+        per_expert = [k.format(l=self.layer_keys[layer], e=e) for e in range(E) for k in self._keys]
         if all(self.ckpt.has(k) for k in per_expert):
             shapes = ([I, H], [I, H], [H, I]) if self.activation.gated else ([I, H], [H, I])
-            for key, want in zip(per_expert, shapes):
+            if self.native_format == "int4":  # eight 4-bit values per int32
+                shapes = tuple([n, -(-k // 8)] for n, k in shapes)
+            for key, want in zip(per_expert[:len(shapes)], shapes):
                 if self.ckpt.shape(key) != want:
                     raise CheckpointError(f"{key} has shape {self.ckpt.shape(key)}, config.json implies {want}")
             return False
         gate_up, down = self.family.fused_keys(layer) or ("", "")
+        if gate_up and self.ckpt.has(gate_up) and self.ckpt.has(down) and self.scheme is not None:
+            raise CheckpointError(f"fused {self.scheme.method} experts (layer {layer}) are not supported; use a "
+                                  "checkpoint with per-expert weights or the bf16 release")
         if gate_up and self.ckpt.has(gate_up) and self.ckpt.has(down):
             if self.ckpt.shape(gate_up) != [E, 2 * I, H] or self.ckpt.shape(down) != [E, H, I]:
                 raise CheckpointError(f"fused experts of layer {layer} have shapes {self.ckpt.shape(gate_up)}, "
@@ -96,7 +114,26 @@ class ExpertStore:
             gate_up, down = self.family.fused_keys(layer)
             gu = self.ckpt.slice(gate_up, expert)  # [2I, H]
             return gu[: self.inter], gu[self.inter:], self.ckpt.slice(down, expert)
-        return tuple(self.ckpt.tensor(k.format(l=self.layer_keys[layer], e=expert)) for k in self.family.expert_keys)
+        return tuple(dense(self.ckpt, self.scheme, k.format(l=self.layer_keys[layer], e=expert))
+                     for k in self._keys[:len(self.family.expert_keys)])
+
+    def read_raw(self, layer: int, expert: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A pre-quantized expert as stored, (data, scale) per matrix: mxfp4 [(gate_up blocks [2I, H/32, 16]
+        (gate/up interleaved), scales [2I, H/32]), (down ...)]; fp8 / int4 [(gate data, scale), (up ...), (down ...)]
+        with moetandem.quantization's on-disk layouts."""
+        if self.native_format is None or layer not in self._layout:
+            raise IndexError(f"no pre-quantized experts in layer {layer}")
+        if self.native_format == "mxfp4":
+            _, _, _, _, gu_blk, gu_sc, d_blk, d_sc = (k.format(l=layer) for k in self.family.expert_keys)
+            return [(self.ckpt.slice(gu_blk, expert), self.ckpt.slice(gu_sc, expert)),
+                    (self.ckpt.slice(d_blk, expert), self.ckpt.slice(d_sc, expert))]
+        scale = "_scale_inv" if self.native_format == "fp8" else "_scale"
+        out = []
+        for k in self.family.expert_keys[:3]:
+            name = k.format(l=layer, e=expert)
+            data = self.ckpt.tensor(name + ("_packed" if self.native_format == "int4" else ""))
+            out.append((data, self.ckpt.tensor(name + scale)))
+        return out
 
     def read_bias(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """b_gate [I], b_up [I], b_down [H] of one expert (CPU, checkpoint dtype); None for families without."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from moetandem.experts.store import ExpertStore
+from moetandem.experts.rows import ExpertRows
 
 log = logging.getLogger("moetandem.experts")
 
@@ -36,32 +36,31 @@ def pinned_cap(total_bytes: int, mapped: bool = False) -> int:
 
 
 class HostCopies:
-    """Experts' flat weights in host memory; on CUDA, pinned copies are kept, least recently used first,
-    bounded so host RAM holds the mmap'd checkpoint plus at most `cap` pinned bytes."""
+    """Experts' rows (their format's bytes) in host memory; on CUDA, pinned copies are kept, least recently used
+    first, bounded so host RAM holds the mmap'd checkpoint plus at most `cap` pinned bytes."""
 
-    def __init__(self, store: ExpertStore, dtype: torch.dtype, pin: bool, cap: int,
-                 mapped: dict[int, torch.Tensor] | None = None) -> None:
-        """mapped: every expert of each layer already in pinned host memory ([E, 3*I*H] per layer): get() returns
+    def __init__(self, rows: ExpertRows, pin: bool, cap: int, mapped: dict[int, torch.Tensor] | None = None) -> None:
+        """mapped: every expert of each layer already in pinned host memory ([E, row] per layer): get() returns
         views of it and keeps no cache of its own."""
-        self.store, self.dtype, self.pin, self.cap, self.mapped = store, dtype, pin, cap, mapped
+        self.rows, self.pin, self.cap, self.mapped = rows, pin, cap, mapped
         self._cache: collections.OrderedDict[tuple[int, int], torch.Tensor] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, layer: int, expert: int, pin: bool = True) -> torch.Tensor:
-        """[3*I*H] on the host. pin=False (synchronous paths): the cached pinned copy if any, else a plain read,
+        """The expert's row on the host. pin=False (synchronous paths): the cached pinned copy if any, else a read,
         since pinning an expert met for the first time can cost more (~10 ms) than the copy it speeds up."""
         if self.mapped is not None:
             return self.mapped[layer][expert]
         if not self.pin:
-            return self.store.read_flat(layer, expert, self.dtype)
+            return self.rows.get(layer, expert)
         key = (layer, expert)
         with self._lock:
             t = self._cache.get(key)
             if t is not None:
                 self._cache.move_to_end(key)
                 return t
-        t = self.store.read_flat(layer, expert, self.dtype)
+        t = self.rows.get(layer, expert)
         if not pin:
             return t
         t = t.pin_memory()
@@ -81,7 +80,7 @@ class SwapJob:
     layer: int
     slot: int
     expert: int
-    dst: torch.Tensor  # [3*I*H] view of the slot
+    dst: torch.Tensor  # [row] view of the slot
     ready: torch.cuda.Event | None = None  # compute stream passed the unpublish
     done: torch.cuda.Event | None = None  # copy finished (CUDA); None on the CPU once the worker returns
     src: torch.Tensor | None = None  # kept alive until the copy finished

@@ -13,6 +13,7 @@ import torch
 from moetandem.errors import UnsupportedModelError
 from moetandem.models.components import AttentionSpec, GQASpec, RouterSpec
 from moetandem.models.transformer import ArchArgs
+from moetandem.quantization import scheme
 
 FUSED = ("model.layers.{l}.mlp.experts.gate_up_proj", "model.layers.{l}.mlp.experts.down_proj")
 
@@ -150,11 +151,12 @@ def text_config(c: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in c.items() if k in ("tie_word_embeddings", "eos_token_id")} | c["text_config"]
 
 
-def reject_quantized(c: dict[str, Any], path: Path, allow: tuple[str, ...] = ()) -> None:
-    """Quantized checkpoints (FP8 block scales, MXFP4) would be read as if they were plain weights; `allow`: the
-    quant_methods this family's ExpertStore dequantizes itself (gpt-oss: mxfp4)."""
-    q = c.get("quantization_config")
-    if q and q.get("quant_method") not in allow:
-        raise UnsupportedModelError(
-            f"{path} is quantized ({q.get('quant_method', 'unknown method')}); moetandem reads bf16/fp16/fp32 "
-            "weights: use the checkpoint's bf16 release, or dequantize it first")
+def reject_quantized(c: dict[str, Any], path: Path, allow: tuple[str, ...] = ("fp8", "int4")) -> None:
+    """A quantized checkpoint this family cannot read is refused before any weight is: `allow` names the schemes
+    (moetandem.quantization) its loader reads (gpt-oss: mxfp4; the linear-expert families: block FP8 and
+    compressed-tensors W4A16); an unknown scheme is refused by quantization.scheme itself."""
+    sch = scheme(c, path)
+    if sch is not None and sch.method not in allow:
+        where = "gpt-oss" if sch.method == "mxfp4" else "families with per-expert linear weights"
+        raise UnsupportedModelError(f"{path} is quantized ({sch.method}), which moetandem reads only for {where}; "
+                                    "use the checkpoint's bf16 release, or dequantize it first")

@@ -1,0 +1,47 @@
+"""Where an expert's row in a format comes from: the store's dense read (bf16), the checkpoint's own packed form
+(a pre-quantized checkpoint in that format: read packed, never expanded), or round-to-nearest quantization of the
+dense read (`--expert-format` differs from the checkpoint's). Quantized rows are made once, at load, and kept in
+host memory (a swap must not quantize)."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from moetandem.experts.formats import ExpertFormat
+from moetandem.experts.native import native_parts
+from moetandem.experts.store import ExpertStore
+
+
+class ExpertRows:
+    def __init__(self, store: ExpertStore, fmt: ExpertFormat, keep: bool = True, progress: bool = True,
+                 device: torch.device | str = "cpu") -> None:
+        """keep: quantize every expert now and hold the rows in host memory (a committee, which rereads them);
+        else each get() quantizes (an all-resident load reads each expert once). device: where quantizing runs."""
+        self.store, self.fmt, self.device = store, fmt, torch.device(device)
+        #: how rows are made: "dense" (bf16), "native" (the checkpoint's own packed form), "quantize"
+        native = getattr(store, "native_format", None)
+        self.source = "dense" if fmt.dense else "native" if native == fmt.name else "quantize"
+        self._rows: dict[int, torch.Tensor] = {}  # layer -> [E, row_numel] (quantized on load)
+        if keep and self.source == "quantize":
+            for layer in tqdm(store.layers, desc=f"quantizing experts to {fmt.name}", unit="layer",
+                              disable=not progress, leave=False):
+                self._rows[layer] = torch.stack([self._make(layer, e) for e in range(store.num_experts)])
+
+    def get(self, layer: int, expert: int) -> torch.Tensor:
+        """One expert's row [row_numel] on the host (a view into the kept rows, or freshly made)."""
+        kept = self._rows.get(layer)
+        if kept is not None:
+            return kept[expert]
+        return self._make(layer, expert)
+
+    def _make(self, layer: int, expert: int) -> torch.Tensor:
+        s, fmt = self.store, self.fmt
+        if self.source == "dense":
+            return s.read_flat(layer, expert, fmt.dtype)
+        bias = s.read_bias(layer, expert)
+        b = None if bias is None else (torch.cat([bias[0], bias[1]]), bias[2])  # b13 [2I] (gate; up), b2 [H]
+        if self.source == "native":
+            return fmt.pack_parts(*native_parts(s, layer, expert), bias=b)
+        g, u, d = s.read(layer, expert)
+        w13 = torch.cat([g, u]).to(self.device)  # [2I, H]
+        return fmt.pack(w13, d.to(self.device), b)  # on self.device
