@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.costs import CostModel
-from moetandem.experts.executor import device_format_supported, run_experts
+from moetandem.experts.executor import device_format_supported, device_path_supported, run_experts
 from moetandem.experts.formats import ExpertFormat
 from moetandem.kernels import fused_moe_supported
 from moetandem.experts.misses import resolve_exact

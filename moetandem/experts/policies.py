@@ -7,7 +7,7 @@ layer's device tables slot_table [E] / sub_slot [E] / near_slot [E]) -> `Assignm
 | name | skip below τ | substitute | remaining misses, eager step | … inside a CUDA graph | refresh |
 |---|---|---|---|---|---|
 | exact / auto, fetch, host | – | – | fetch / host compute (cost model for auto) | (never captured) | yes |
-| balanced | τ=0.05 | similarity ≥ 0.5 | the token's top expert: fetch / host; the rest deferred | top: zero-copy | yes |
+| balanced | τ=0.05 | similarity ≥ 0.5 | fetch / host (cost model) | deferred (zero-copy when mapped) | yes |
 | fast | τ=0.1, resident too | any resident | fetch / host (cost model) | deferred | yes |
 | substitute | – | any resident | fetch / host (cost model) | deferred | yes |
 | skip | τ (default 0.1) | – | fetch / host (cost model) | deferred | yes |
@@ -66,9 +66,6 @@ class MissPolicy:
     refresh: bool = True  # committee refreshed from importance (False: static / LRU baselines)
     lru: bool = False  # fetched experts evict the least recently used slot (mixtral-offloading)
     graph: bool = False  # may be captured into a CUDA graph: there, misses left for the host are deferred
-    #: only a token's `exact_top` largest-weight assignments get exact miss handling (fetch, host, zero-copy);
-    #: its other remaining misses are deferred (None: every remaining miss is exact)
-    exact_top: int | None = None
 
     def __post_init__(self) -> None:
         if self.exact not in EXACT:
@@ -84,7 +81,7 @@ class MissPolicy:
         if fidelity == "exact":
             return MissPolicy()
         if fidelity == "balanced":
-            return MissPolicy(skip_below=0.05, substitute_min_sim=0.5, graph=True, exact_top=1)
+            return MissPolicy(skip_below=0.05, substitute_min_sim=0.5, graph=True)
         if fidelity == "fast":
             return MissPolicy(skip_below=0.1, skip_resident=True, substitute_min_sim=-1.0, graph=True)
         raise InvalidRequestError(f"unknown fidelity {fidelity!r}; choose one of {', '.join(FIDELITY)}")
@@ -121,13 +118,12 @@ class MissPolicy:
         sub = slots.sub_slot[expert_ids] if self.substitute_min_sim is not None else torch.full_like(res, -1)
         near = slots.near_slot[expert_ids[:, 0]] if defer else torch.full_like(res[:, 0], -1)  # [T]
         fn = _general_compiled() if res.is_cuda else _general
-        slot, w, exact, counts = fn(res, sub, near, weights, self.skip_below, self.skip_resident, defer,
-                                    self.exact_top or 0)
+        slot, w, exact, counts = fn(res, sub, near, weights, self.skip_below, self.skip_resident, defer)
         return Assignment(slots=slot, weights=w, exact=None if defer else exact, counts=counts)
 
 
 def _general(res: torch.Tensor, sub: torch.Tensor, near: torch.Tensor, weights: torch.Tensor, skip_below: float,
-             skip_resident: bool, defer: bool, exact_top: int
+             skip_resident: bool, defer: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MissPolicy.assign's general rule as one function of tensors (so inductor can fuse it on CUDA): res/sub [T, k]
     slot or −1, near [T] the top expert's nearest resident slot (deferring) or −1 -> slots, weights', exact, counts."""
@@ -138,13 +134,7 @@ def _general(res: torch.Tensor, sub: torch.Tensor, near: torch.Tensor, weights: 
     subbed = ~hit & ~dropped & (sub >= 0)
     exact = ~hit & ~dropped & ~subbed  # misses left for the host (or deferred)
     slot = torch.where(hit, res, torch.where(subbed, sub, -1))  # [T, k]
-    if exact_top > 0:  # past a token's top assignments, remaining misses are deferred
-        col = torch.arange(g.shape[1], device=g.device)
-        ahead = (g[:, None, :] > g[:, :, None]) | ((g[:, None, :] == g[:, :, None]) & (col[None, None, :] < col[None, :, None]))
-        late = ahead.sum(dim=2) >= exact_top  # [T, k]: rank by weight (ties: lower column first)
-    else:
-        late = torch.zeros_like(hit)
-    keep = (hit & ~dropped) | subbed | (exact & ~late & (not defer))
+    keep = (hit & ~dropped) | subbed | (exact & (not defer))
     # never drop a whole token: its top assignment comes back from its slot, a substitute, the nearest
     # resident expert (graph-safe) or the host (exact policies)
     none = ~keep.any(dim=1)  # [T]

@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from moetandem.experts.executor import _grouped_mm, grouped_mm_supported, run_experts  # noqa: F401 (re-exported)
-from moetandem.experts.executor import device_format_supported
+from moetandem.experts.executor import device_format_supported, device_path_supported
 from moetandem.experts.formats import ExpertFormat, ExpertViews
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.rows import ExpertRows
