@@ -23,11 +23,15 @@ CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balance
            "lru": {"policy": "lru"}, "host-only": {"policy": "host-only"}}
 
 
-def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | None, kw: dict) -> dict:
+def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | None, kw: dict,
+         temperature: float = 0.0) -> dict:
+    """temperature > 0 samples (seeded: every config sees the same draws), so a random-weight model does not fall
+    into repeating one token, whose routing then repeats too and flatters every cache."""
     eng = moetandem.load(path, device=device, progress=False, expert_budget=budget, compile="on", **kw)
-    eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)  # warm-up: same cache, graph, compile, tuning
+    gen = dict(max_new_tokens=new, stop_on_eos=False, temperature=temperature, seed=0)
+    eng.generate([prompt], **gen)  # warm-up: same cache, graph, compile, tuning
     _free()
-    eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)
+    eng.generate([prompt], **gen)
     st = eng.last_stats
     dense = sum(p.numel() * p.element_size() for p in eng.model.parameters())
     kv = sum(c.nbytes() for c in eng._caches.values())
@@ -64,6 +68,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample (seeded) instead of greedy decoding")
     ap.add_argument("--hf-new-tokens", type=int, default=8, help="accelerate offload is slow: fewer tokens (0: skip it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("out/committee-speed"))
@@ -75,12 +80,12 @@ def main() -> None:
         if not (path / "model.safetensors.index.json").exists():
             build_random_checkpoint(shape, path, device=args.device)
         prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (32,), generator=torch.Generator().manual_seed(0)).tolist()
-        full = ours(path, args.device, prompt, args.new_tokens, None, {})
+        full = ours(path, args.device, prompt, args.new_tokens, None, {}, args.temperature)
         rows.append({"shape": shape, "budget": 1.0, "config": "all resident", **full})
         print(json.dumps(rows[-1]), flush=True)
         for b in args.budgets:
             for label in args.configs:
-                r = ours(path, args.device, prompt, args.new_tokens, b, CONFIGS[label])
+                r = ours(path, args.device, prompt, args.new_tokens, b, CONFIGS[label], args.temperature)
                 rows.append({"shape": shape, "budget": b, "config": label, **r})
                 print(json.dumps(rows[-1]), flush=True)
             if args.device == "cuda" and args.hf_new_tokens > 0:  # the GPU memory our balanced run peaked at

@@ -47,7 +47,10 @@ def args(c: dict[str, Any], path: Path) -> ArchArgs:
         if c.get(key):
             raise UnsupportedModelError(f"{path}: Gemma-4 with {key} = {c[key]!r} is not supported")
     layers, heads = int(need(c, path, "num_hidden_layers")), int(need(c, path, "num_attention_heads"))
-    types: list[str] = list(c["layer_types"])
+    # as transformers' config: 5 sliding-window layers to 1 full when config.json leaves them out; the last full
+    types: list[str] = list(c.get("layer_types") or
+                            ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)])
+    types[-1] = "full_attention"
     per = {int(k): v for k, v in (c.get("per_layer_config") or {}).items()}
     if not per:  # older configs: global_head_dim / num_global_key_value_heads for full-attention layers
         glob = {"head_dim": c.get("global_head_dim", 512)}
