@@ -106,7 +106,10 @@ SHAPES["gemma-4-26b-a4b"] = dict(
     num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
     attention_k_eq_v=True, sliding_window=1024, enable_moe_block=True, num_experts=128, top_k_experts=8,
     moe_intermediate_size=704, hidden_size_per_layer_input=0, vocab_size_per_layer_input=262144,
-    final_logit_softcapping=30.0, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    final_logit_softcapping=30.0, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                        "rope_theta": 1000000.0}})
 SHAPES["gemma-4-26b-a4b-10l"] = {**SHAPES["gemma-4-26b-a4b"], "num_hidden_layers": 10}
 # Switch Transformers (google/switch-base-64 / -128): T5-base encoder-decoder, 12 + 12 blocks, every second one a
 # top-1 MoE of 64 / 128 ReLU experts (d_ff 3072), capacity 64; 7.2 / 14.5 GB of experts in bf16
