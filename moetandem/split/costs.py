@@ -80,17 +80,20 @@ class StepCosts:
 
     def calibrated(self, samples: Sequence[tuple[float, float]], head: bool = True) -> "StepCosts":
         """These costs rescaled to whole-step timings (tokens, seconds) of all layers measured in place (the
-        real step, under the real load): the per-token parts by the measured / modelled slope, the fixed parts
-        by the measured / modelled intercept (the surplus, when the model has less, goes to step_fixed_s)."""
+        real step, under the real load, committee misses included): every per-token part by the measured /
+        modelled slope, the layers' fixed parts by the measured / modelled intercept (so a miss or a load spike
+        is charged to the layers, where a plan can move it, not to every step)."""
         fixed, per_tok = fit_linear(samples)
         L = range(len(self.layer_fixed_s))
         m_tok = sum(self.layer_token_s) + (self.head_token_s if head else 0.0)
-        m_fix = sum(self.layer_fixed_s) + (self.head_fixed_s if head else 0.0)
+        m_fix = sum(self.layer_fixed_s)
+        rest = self.step_fixed_s + (self.head_fixed_s if head else 0.0)
         a = per_tok / m_tok if m_tok > 0 else 1.0
-        b = min(1.0, fixed / m_fix) if m_fix > 0 else 1.0
+        b = max(0.0, fixed - rest) / m_fix if m_fix > 0 else 1.0
+        extra = 0.0 if m_fix > 0 else max(0.0, fixed - rest)
         return StepCosts([b * self.layer_fixed_s[l] for l in L], [a * self.layer_token_s[l] for l in L],
-                         b * self.head_fixed_s, a * self.head_token_s, a * self.expert_token_s,
-                         max(0.0, fixed - b * m_fix))
+                         self.head_fixed_s, a * self.head_token_s, a * self.expert_token_s,
+                         self.step_fixed_s + extra)
 
     def as_meta(self) -> dict[str, Any]:
         """Flat scalars and lists (a frame's meta: the cloud sends its costs in the hello reply)."""
@@ -168,7 +171,7 @@ def split_profile(end: StepCosts, cloud: StepCosts, args: Any, expert_bytes: int
     return SplitProfile(L, E, k, args.hidden_size, attn(end), attn(cloud), end.expert_token_s,
                         cloud.expert_token_s, expert_bytes, end_budget_bytes, freq, bandwidth_bps, rtt_s,
                         max_ppl_increase=max_ppl_increase, concurrency=concurrency, end_head_s=end.head_token_s,
-                        cloud_head_s=cloud.head_token_s, end_step_overhead_s=end.step_fixed_s + end.head_fixed_s,
+                        cloud_head_s=cloud.head_token_s, end_step_overhead_s=end.head_fixed_s, engine_overhead_s=end.step_fixed_s,
                         cloud_step_overhead_s=cloud.step_fixed_s, end_layer_fixed_s=list(end.layer_fixed_s),
                         cloud_layer_fixed_s=list(cloud.layer_fixed_s), frame_bytes=frame_overhead_bytes(), row_bytes=ROW_BYTES,
                         cut_codecs={int(c): dict(v) for c, v in (codecs or {}).items()}, wire_bytes=wire_bytes,

@@ -89,6 +89,12 @@ class LinkMonitor:
                 self._samples.extend(keep)
         return moved
 
+    def reset(self) -> None:
+        """Forget the link measured so far (a new link: the next estimates and changes start from scratch)."""
+        with self._lock:
+            self._samples.clear()
+            self._baseline = None
+
     def as_dict(self) -> dict[str, float]:
         return {"bandwidth_bps": self.bandwidth_bps, "rtt_s": self.rtt_s, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "exchanges": self.exchanges}

@@ -17,7 +17,7 @@ measured per layer by split.costs at two or more token counts):
           Σ_end-layers P(some token needs the cloud), P = 1-(1-p_l)^s, p_l = 1-Π_e∈cloud(1-f_le) (routing treated
           as independent across experts)
   cycle = end + cloud + link_up + link_down + round trips·RTT
-With m micro-batches in flight the step period is max(cycle, m·end, m·cloud, m·link_up, m·link_down): latency
+With m micro-batches in flight the step period is engine overhead + max(cycle, m·end, m·cloud, m·link_up, m·link_down): latency
 per token = period, throughput = concurrency / period. Bandwidth is in bytes per second.
 A shared cloud (cloud_queue_depth micro-batches of other ends queued over cloud_replicas replicas) stretches the
 cloud term: cloud × (1 + queue_depth / replicas).
@@ -74,6 +74,8 @@ class SplitProfile:
     #: per token routed to an end expert beyond the end's budget (a committee miss: fetch or host compute); 0
     #: when the measured layer times already include the committee's misses (split.costs)
     end_miss_s: float = 0.0
+    #: once per engine step, whatever the micro-batching: scheduling, sampling, Python around the forward
+    engine_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         L, E = self.num_layers, self.num_experts
@@ -100,7 +102,7 @@ class SplitProfile:
         if table is None:
             table = {r: (self.codec_bytes.get(r, r + 2), q) for r, q in self.codec_quality.items()}
         return [(None, self.wire_bytes * self.hidden_size, 0.0)] + sorted(
-            (int(r), int(b), float(q)) for r, (b, q) in table.items() if q <= self.max_ppl_increase)
+            (int(r), int(b), max(0.0, float(q))) for r, (b, q) in table.items() if q <= self.max_ppl_increase)
 
 
 @dataclass
@@ -236,7 +238,7 @@ def _cost(p: SplitProfile, w: _Parts, unit_up: int, unit_down: int, m: int, obje
     t_cloud *= 1.0 + p.cloud_queue_depth / p.cloud_replicas
     t_up, t_down = (frames * p.frame_bytes + s * up) / bw, (frames * p.frame_bytes + s * down) / bw
     cycle = t_end + t_cloud + t_up + t_down + trips * p.rtt_s
-    period = max(cycle, m * t_end, m * t_cloud, m * t_up, m * t_down)
+    period = p.engine_overhead_s + max(cycle, m * t_end, m * t_cloud, m * t_up, m * t_down)
     thr = p.concurrency / period
     score = period if objective == "latency" else -thr
     nbytes = up + down + (2 * frames * p.frame_bytes / s if frames else 0.0)
@@ -321,9 +323,25 @@ def make_split_plan(profile: SplitProfile, objective: str = "latency") -> SplitP
     assert best is not None  # (L, 0) is always feasible
     _, a, b, n, pair, m = best
     plan = _plan(p, lay, a, b, n, pair, m, objective)[1]
-    key = (lambda q: q.predicted_latency_s) if objective == "latency" else (lambda q: -q.predicted_throughput_tok_s)
-    top = min(base.values(), key=key)
-    return top if key(top) <= key(plan) * (1 + 1e-9) else plan
+    if objective == "throughput":  # a baseline as good (within rounding) is returned as itself
+        top = max(base.values(), key=lambda q: q.predicted_throughput_tok_s)
+        return top if top.predicted_throughput_tok_s >= plan.predicted_throughput_tok_s * (1 - 1e-6) else plan
+    top = min(base.values(), key=lambda q: q.predicted_latency_s)
+    return top if top.predicted_latency_s <= plan.predicted_latency_s * (1 + 1e-6) else plan
+
+
+def guard_with_measured(plan: SplitPlan, baselines: dict[str, SplitPlan], measured_tok_s: dict[str, float]
+                        ) -> SplitPlan:
+    """The plan, or the baseline measured faster. A measured baseline counts at its measured throughput; a plan
+    that is no baseline counts at its prediction times the model's worst measured / predicted ratio over the
+    baselines, so a model that flatters does not beat a measurement."""
+    seen = {c: t for c, t in measured_tok_s.items() if c in baselines and t > 0}
+    if not seen:
+        return plan
+    corr = min(1.0, *(t / baselines[c].predicted_throughput_tok_s for c, t in seen.items()))
+    best = max(seen, key=seen.__getitem__)
+    mine = seen.get(plan.label, plan.predicted_throughput_tok_s * corr)
+    return plan if plan.label == best or mine > seen[best] else baselines[best]
 
 
 def should_replan(old: SplitProfile, new: SplitProfile, factor: float = 2.0) -> bool:
