@@ -135,7 +135,7 @@ def worker(a: argparse.Namespace) -> int:
                         p = guard_with_measured(make_split_plan(prof, "throughput"), bases, seen)
                         eng.split.set_plan(p)
                         eng.generate(PROMPTS[:2], max_new_tokens=16, stop_on_eos=False)  # the committee adapts
-                        eng.split.replanner = profile_replanner(prof, "throughput")
+                        eng.split.replanner = profile_replanner(prof, "throughput", current=p)
                         plan = p.describe()
                         predicted = {k: v.predicted_throughput_tok_s for k, v in bases.items()}
                         predicted["adaptive"] = p.predicted_throughput_tok_s

@@ -15,7 +15,7 @@ import moetandem
 from moetandem.errors import InvalidRequestError
 from moetandem.split.costs import (ROW_BYTES, StepCosts, fit_linear, frame_overhead_bytes, measure_step_costs,
                                    split_profile, time_sizes)
-from moetandem.split.plan import SplitProfile, baseline_plans, guard_with_measured, make_split_plan
+from moetandem.split.plan import SplitProfile, baseline_plans, guard_with_measured, make_split_plan, predict
 from moetandem.split.transport.frame import Frame, pack
 
 
@@ -167,3 +167,18 @@ def test_a_measured_baseline_beats_a_flattering_model() -> None:
     assert guard_with_measured(plan, base, meas).label == worst
     assert guard_with_measured(base["naive"], base, {"naive": 1.0, "cloud-only": 2.0}).label == "cloud-only"
     assert guard_with_measured(plan, base, {}) is plan
+
+
+def test_predict_re_predicts_a_plan_and_the_replanner_holds_on_noise() -> None:
+    from moetandem.split.connect import profile_replanner
+    p = profile(random.Random(11), concurrency=4, bandwidth_bps=125e6, rtt_s=0.005, end_layer_s=[2e-3] * 6,
+                cloud_queue_depth=0.0)
+    plan = make_split_plan(p, "throughput")
+    assert plan.mode != "end-only", plan.describe()
+    again = predict(p, plan, "throughput")
+    assert again.predicted_throughput_tok_s == pytest.approx(plan.predicted_throughput_tok_s, rel=1e-9)
+    link = type("Mon", (), {"bandwidth_bps": p.bandwidth_bps * 1.3, "rtt_s": p.rtt_s * 1.2})()
+    rp = profile_replanner(p, "throughput", current=plan)
+    assert rp(link) is None  # the same link read a little differently: no new plan
+    link.bandwidth_bps, link.rtt_s = 1e3, 1.0  # a link that is nearly gone: the end alone
+    assert rp(link).mode == "end-only"

@@ -179,3 +179,41 @@ def test_shaper_rate_change_triggers_replan(ckpt):
         assert seen[0] < 0.3e6 / 8 * 3
     finally:
         srv.stop(0)
+
+
+def test_rate_drop_leads_to_a_new_plan(ckpt):
+    """profile_replanner under a running end: at 100 Mbit/s, 1 ms the plan sends everything to the cloud (the
+    end is slow); shaped down to 0.3 Mbit/s mid-run, a new plan (end-only) is in force within a bounded time."""
+    from moetandem.split.connect import profile_replanner
+    from moetandem.split.costs import StepCosts, split_profile
+    from moetandem.split.plan import make_split_plan
+    shaping = PeerShapers(LinkSpec(rate_mbit=100, rtt_ms=1))
+    srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN, 4, 60, 2**30, shaping)
+    port = srv.start("127.0.0.1:0")
+    try:
+        eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{port}", token=TOKEN,
+                             split={"head": 1, "tail": 1, "codec": "plan", "emulate_rtt_ms": 1,
+                                    "emulate_rate_mbit": 100})
+        ar, L = eng.args, eng.args.num_layers
+        end = StepCosts([1e-4] * L, [1.5e-3] * L, 1e-4, 1e-5, 1e-4)  # a slow end: 1.5 ms per layer and token
+        cloud = StepCosts([1e-4] * L, [1e-5] * L, 1e-4, 1e-6, 1e-6)
+        eb = eng.store.expert_bytes(eng.dtype)
+        prof = split_profile(end, cloud, ar, eb, L * ar.num_experts * eb, 100e6 / 8, 0.001)
+        split = eng.split
+        split.set_plan(make_split_plan(prof))
+        assert split.plan.mode == "cloud-only", split.plan.describe()
+        split.replanner = profile_replanner(prof, current=split.plan)
+        prompts = [[5, 17, 42, 9] * 4, [3, 1, 4], [7, 7]]
+        eng.generate(prompts, max_new_tokens=16, stop_on_eos=False)
+        assert split.start == 0 and split.stats["local_forwards"] == 0 and split.stats["replans"] == 0
+        split.link.shaper.set_rate(0.3, burst_bytes=2048)  # both directions
+        shaping.set_rate(0.3, burst_bytes=2048)
+        t0, when = time.perf_counter(), []
+        eng.generate(prompts, max_new_tokens=24, stop_on_eos=False,
+                     on_token=lambda i, tok: when.append(time.perf_counter()) if split.start == L and not when
+                     else None)
+        assert split.plan.mode == "end-only" and split.stats["replans"] >= 1, str(split.split_stats())
+        assert when and when[0] - t0 < 5.0, "the new plan took too long"  # ~10 slow exchanges of ~50 ms
+        assert split.stats["local_forwards"] > 0 and split.stats["fallbacks"] == 0
+    finally:
+        srv.stop(0)

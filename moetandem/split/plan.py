@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -328,6 +329,26 @@ def make_split_plan(profile: SplitProfile, objective: str = "latency") -> SplitP
         return top if top.predicted_throughput_tok_s >= plan.predicted_throughput_tok_s * (1 - 1e-6) else plan
     top = min(base.values(), key=lambda q: q.predicted_latency_s)
     return top if top.predicted_latency_s <= plan.predicted_latency_s * (1 + 1e-6) else plan
+
+
+def predict(profile: SplitProfile, plan: Any, objective: str = "throughput") -> SplitPlan:
+    """`plan` (a SplitPlan or Placement: cut, cloud experts, codec ranks, micro-batches) re-predicted under
+    `profile` (the end layers' experts outside cloud_experts are taken as their hottest ones)."""
+    p, L, E = profile, profile.num_layers, profile.num_experts
+    lay = _Layers(p)
+    a, b = int(plan.end_layers_head), int(plan.end_layers_tail)
+    b = b if a < L else 0
+    ce = getattr(plan, "cloud_experts", None) or {}
+    n = sum(E - len(ce.get(l, ce.get(str(l), []))) for l in list(range(a)) + list(range(L - b, L)))
+    ru, rd = getattr(plan, "codec_rank", None), getattr(plan, "codec_rank_down", None)
+
+    def unit(cut: int, rank: int | None) -> tuple[int, float]:
+        return next(((nb, q) for r, nb, q in p.codecs_at(cut) if r == rank), (p.wire_bytes * p.hidden_size, 0.0))
+    (bu, qu), (bd, qd) = unit(a, ru), unit(L - b, rd)
+    if a == 0:
+        bu, qu = p.token_bytes, 0.0
+    m = max(1, int(getattr(plan, "micro_batches", 1) or 1))
+    return _plan(p, lay, a, b, n, (ru, bu, rd, bd, qu + qd), m, objective, getattr(plan, "label", "adaptive"))[1]
 
 
 def guard_with_measured(plan: SplitPlan, baselines: dict[str, SplitPlan], measured_tok_s: dict[str, float]
