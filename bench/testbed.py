@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import time
@@ -175,7 +174,8 @@ def orchestrate(a: argparse.Namespace) -> int:
                               "127.0.0.1:0", "--token-file", str(tok), "--max-sessions", "256", "--log-level",
                               "warning", "--device", a.cloud_device, "--dtype", a.cloud_dtype],
                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(a) | {"out": str(a.out)},
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "args": vars(a) | {"out": str(a.out)},
                            "rows": []}
     t0 = time.time()
     try:
@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(demo_model_path()))
     p.add_argument("--out", type=Path, default=ROOT / "out" / "testbed")
-    p.add_argument("--quick", action="store_true", help="reduced grid: 10/1000 Mbit × 5/50 ms, budget 0.5, 1 and 2 ends")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced grid: 10/1000 Mbit × 5/50 ms, budget 0.5, 1 and 2 ends")
     p.add_argument("--gpu", action="store_true", help="GPU preset: cloud on cuda (bf16), OLMoE-shaped 4-layer "
                    "random checkpoint (built under /tmp when --model is not given), 10/100/1000 Mbit × 5/50 ms, "
                    "budget 0.25, 1 and 4 ends of 2 threads, --time-limit 210")

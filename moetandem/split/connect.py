@@ -27,8 +27,9 @@ class Placement:
     end_layers_head: int = 1
     end_layers_tail: int = 1
     cloud_experts: dict[int, list[int]] | None = None
-    codec_rank: int | None = None
+    codec_rank: int | None = None  # codec "plan": low-rank rank of the up crossing (None: fp16)
     micro_batches: int = 2
+    codec_rank_down: int | None = None  # codec "plan": the down crossing's rank (None: fp16)
 
 
 def load_placement(plan: Any = None, head: int | None = None, tail: int | None = None,

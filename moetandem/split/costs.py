@@ -171,9 +171,10 @@ def split_profile(end: StepCosts, cloud: StepCosts, args: Any, expert_bytes: int
     return SplitProfile(L, E, k, args.hidden_size, attn(end), attn(cloud), end.expert_token_s,
                         cloud.expert_token_s, expert_bytes, end_budget_bytes, freq, bandwidth_bps, rtt_s,
                         max_ppl_increase=max_ppl_increase, concurrency=concurrency, end_head_s=end.head_token_s,
-                        cloud_head_s=cloud.head_token_s, end_step_overhead_s=end.head_fixed_s, engine_overhead_s=end.step_fixed_s,
-                        cloud_step_overhead_s=cloud.step_fixed_s, end_layer_fixed_s=list(end.layer_fixed_s),
-                        cloud_layer_fixed_s=list(cloud.layer_fixed_s), frame_bytes=frame_overhead_bytes(), row_bytes=ROW_BYTES,
+                        cloud_head_s=cloud.head_token_s, end_step_overhead_s=end.head_fixed_s,
+                        engine_overhead_s=end.step_fixed_s, cloud_step_overhead_s=cloud.step_fixed_s,
+                        end_layer_fixed_s=list(end.layer_fixed_s), cloud_layer_fixed_s=list(cloud.layer_fixed_s),
+                        frame_bytes=frame_overhead_bytes(), row_bytes=ROW_BYTES,
                         cut_codecs={int(c): dict(v) for c, v in (codecs or {}).items()}, wire_bytes=wire_bytes,
                         **kw)
 

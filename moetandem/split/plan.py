@@ -12,13 +12,14 @@ In an end layer, a token whose top-k touches a cloud expert sends its row (fp16)
 Cost of one decode step of a micro-batch of s tokens (t = per-token times, o = fixed per-step times, both
 measured per layer by split.costs at two or more token counts):
   end   = o_end + Σ_end-layers o_l + s·(head + Σ_end-layers (attn_l + Σ_e∈end f_le·t_expert))
-  cloud = o_cloud + Σ_cloud-layers o_l + s·(Σ_cloud-layers (attn_l + k·t_expert) + Σ_end-layers Σ_e∈cloud f_le·t_e)
+  cloud = o_cloud + Σ_cloud-layers o_l
+          + s·(Σ_cloud-layers (attn_l + k·t_expert) + Σ_end-layers Σ_e∈cloud f_le·t_expert)
   link  = (frame header + s·bytes)/bandwidth per direction and crossing; round trips = [cloud layers] +
           Σ_end-layers P(some token needs the cloud), P = 1-(1-p_l)^s, p_l = 1-Π_e∈cloud(1-f_le) (routing treated
           as independent across experts)
   cycle = end + cloud + link_up + link_down + round trips·RTT
-With m micro-batches in flight the step period is engine overhead + max(cycle, m·end, m·cloud, m·link_up, m·link_down): latency
-per token = period, throughput = concurrency / period. Bandwidth is in bytes per second.
+With m micro-batches in flight the step period is engine overhead + max(cycle, m·end, m·cloud, m·link_up,
+m·link_down): latency per token = period, throughput = concurrency / period. Bandwidth is in bytes per second.
 A shared cloud (cloud_queue_depth micro-batches of other ends queued over cloud_replicas replicas) stretches the
 cloud term: cloud × (1 + queue_depth / replicas).
 The codec is chosen per crossing (up at a, down at L-b): fp16 or a calibrated low-rank rank of that cut, within
