@@ -110,6 +110,25 @@ def test_shaper_on_loopback_rate_and_rtt():
     assert 0.040 <= min(rtts) and sorted(rtts)[2] < 0.055, rtts  # 20 ms each way, a little software on top
 
 
+def test_pipelined_frames_pay_the_emulated_rtt_once():
+    """Both directions shaped on the end (emulate_down): 4 frames in flight at once arrive ~1 RTT later, not
+    4 half-RTTs one after another (each reply's due time is taken when it arrives, not when the one before it
+    was handed over)."""
+    echo = Echo()
+    ch = grpc.insecure_channel(f"127.0.0.1:{echo.port}")
+    c = StreamClient(ch, "/echo/Session", [], 30.0, shaper=LinkSpec(rtt_ms=40).shaper(),
+                     down_shaper=LinkSpec(rtt_ms=40).shaper(1))
+    c.request(Frame("hello"))
+    t0 = time.perf_counter()
+    futs = [c.submit(Frame("layers")) for _ in range(4)]
+    for f in futs:
+        c.wait(f)
+    dt = time.perf_counter() - t0
+    c.close()
+    echo.server.stop(0)
+    assert 0.040 <= dt < 0.075, dt  # serialised replies: 20 + 4 × 20 = 100 ms
+
+
 def _netns_ok() -> tuple[bool, str]:
     sys.path.insert(0, str(ROOT))
     from bench.netem import available
