@@ -36,8 +36,8 @@ CONFIGS = ("end-only", "cloud-only", "naive", "adaptive")
 FULL = dict(rates=[10, 50, 100, 1000], rtts=[5, 20, 50, 100], budgets=[0.25, 0.5], ends=[1, 4, 16])
 QUICK = dict(rates=[10, 1000], rtts=[5, 50], budgets=[0.5], ends=[1, 2])
 #: --gpu: the cloud on the GPU (bf16), ends as CPU processes; a 4-layer slice of the OLMoE-1B-7B shape (layer speed
-#: and memory are OLMoE's; the build takes seconds), cut off at --time-limit (default 210 s) with what finished
-GPU = dict(rates=[10, 100, 1000], rtts=[5, 50], budgets=[0.25], ends=[1, 4], shape="olmoe-1b-7b-4l")
+#: and memory are OLMoE's; the build takes seconds), cut off at --time-limit (default 180 s) with what finished
+GPU = dict(rates=[10, 100, 1000], rtts=[20], budgets=[0.25], ends=[1, 4], shape="olmoe-1b-7b-4l")
 
 
 def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
@@ -52,12 +52,14 @@ def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
-def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: float, conc: int) -> Any:
+def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: float, conc: int,
+                     overlap: bool = True) -> Any:
     """The SplitProfile the adaptive plan is made from, all of it measured in this run: the end's and the cloud's
     per-layer fixed + per-token costs (split.costs: the end timed here, the cloud timed by itself and sent in
     hello), calibrated to the baselines' decode steps at batch 1 and at `conc` (the end to end-only; the cloud
     to cloud-only less the end's head and the link), the link from the LinkMonitor, the codecs' bytes and
-    quality from the calibration file, the memory from the budget."""
+    quality from the calibration file, the memory from the budget. overlap=False: end and cloud share the cores
+    (a CPU cloud on this machine), so micro-batches overlap only the link."""
     from moetandem.split.calibration import cut_codecs
     from moetandem.split.costs import ROW_BYTES, StepCosts, frame_overhead_bytes, split_profile
     ar, mon, L = ada.args, ada.split.link.monitor, ada.args.num_layers
@@ -80,7 +82,7 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     cloud = cloud_raw.calibrated([(s, cloud_part(s, t)) for s, t in steps("cloud-only")], head=False)
     eb = ada.store.expert_bytes(ada.dtype)
     return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
-                         concurrency=conc, codecs=cut_codecs(ada.store.ckpt))
+                         concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap)
 
 
 def set_link(eng: Any, rate: float, rtt: float) -> None:
@@ -128,7 +130,8 @@ def worker(a: argparse.Namespace) -> int:
                         eng.split.set_plan(Placement(1, 1, None, None, 1))
                         eng.split.link.monitor.reset()  # this scenario's link only
                         eng.generate(PROMPTS[:2], max_new_tokens=8, stop_on_eos=False)
-                        prof = measured_profile(end_costs[b], eng, {k: v[0] for k, v in runs.items() if v}, b, conc)
+                        prof = measured_profile(end_costs[b], eng, {k: v[0] for k, v in runs.items() if v}, b, conc,
+                                                overlap=a.cloud_device != "cpu")
                         bases = baseline_plans(prof, "throughput")
                         seen = {k: v[0]["throughput"][str(conc)] for k, v in runs.items() if v}
                         p = guard_with_measured(make_split_plan(prof, "throughput"), bases, seen)
@@ -172,7 +175,7 @@ def orchestrate(a: argparse.Namespace) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.cloud_threads)}
     cloud = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", a.model, "--listen",
                               "127.0.0.1:0", "--token-file", str(tok), "--max-sessions", "256", "--log-level",
-                              "warning", "--device", a.cloud_device, "--dtype", a.cloud_dtype],
+                              "warning", "--device", a.cloud_device, "--dtype", a.cloud_dtype, "--compile", "off"],
                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "args": vars(a) | {"out": str(a.out)},
@@ -247,7 +250,7 @@ def gpu_preset(a: argparse.Namespace, argv: list[str]) -> None:
     """--gpu: defaults for one GPU host (flags given explicitly win); builds the checkpoint once."""
     given = {x.split("=")[0] for x in argv if x.startswith("--")}
     for flag, v in (("--cloud-device", "cuda"), ("--cloud-dtype", "bfloat16"), ("--threads", 2),
-                    ("--repeats", 1), ("--time-limit", 210.0)):
+                    ("--repeats", 1), ("--time-limit", 180.0)):
         if flag not in given:
             setattr(a, flag[2:].replace("-", "_"), v)
     if "--model" not in given:
@@ -269,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="reduced grid: 10/1000 Mbit × 5/50 ms, budget 0.5, 1 and 2 ends")
     p.add_argument("--gpu", action="store_true", help="GPU preset: cloud on cuda (bf16), OLMoE-shaped 4-layer "
-                   "random checkpoint (built under /tmp when --model is not given), 10/100/1000 Mbit × 5/50 ms, "
-                   "budget 0.25, 1 and 4 ends of 2 threads, --time-limit 210")
+                   "random checkpoint (built under /tmp when --model is not given), 10/100/1000 Mbit × 20 ms, "
+                   "budget 0.25, 1 and 4 ends of 2 threads, --time-limit 180")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop starting/running ends after this many "
                    "seconds and report the scenarios that finished (0: none)")
     p.add_argument("--rates", type=float, nargs="+", help="Mbit/s (full: 10 50 100 1000)")

@@ -182,3 +182,16 @@ def test_predict_re_predicts_a_plan_and_the_replanner_holds_on_noise() -> None:
     assert rp(link) is None  # the same link read a little differently: no new plan
     link.bandwidth_bps, link.rtt_s = 1e3, 1.0  # a link that is nearly gone: the end alone
     assert rp(link).mode == "end-only"
+
+
+def test_shared_cores_give_micro_batches_no_overlap() -> None:
+    """End and cloud on the same cores (a CPU test bed): pipelining overlaps only the link, so the plan keeps
+    one micro-batch where separate hardware would take several."""
+    rng = random.Random(2)
+    kw = dict(concurrency=8, end_layer_s=[1e-3] * 6, cloud_layer_s=[1e-3] * 6, end_expert_s=0.0,
+              cloud_expert_s=0.0, end_head_s=0.0, cloud_head_s=0.0, end_layer_fixed_s=[1e-4] * 6,
+              cloud_layer_fixed_s=[1e-4] * 6, bandwidth_bps=1e9, rtt_s=1e-4, cloud_queue_depth=0.0,
+              end_step_overhead_s=0.0, cloud_step_overhead_s=0.0, end_expert_budget=10**12, frame_bytes=0)
+    apart = make_split_plan(profile(rng, **kw), "throughput")
+    shared = make_split_plan(profile(rng, **kw, overlap=False), "throughput")
+    assert apart.micro_batches > 1 and shared.micro_batches == 1

@@ -78,6 +78,9 @@ class SplitProfile:
     end_miss_s: float = 0.0
     #: once per engine step, whatever the micro-batching: scheduling, sampling, Python around the forward
     engine_overhead_s: float = 0.0
+    #: end and cloud compute at the same time (separate hardware); False when they share cores (a CPU test bed):
+    #: micro-batches then overlap only the link, not the two sides' compute
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         L, E = self.num_layers, self.num_experts
@@ -240,7 +243,8 @@ def _cost(p: SplitProfile, w: _Parts, unit_up: int, unit_down: int, m: int, obje
     t_cloud *= 1.0 + p.cloud_queue_depth / p.cloud_replicas
     t_up, t_down = (frames * p.frame_bytes + s * up) / bw, (frames * p.frame_bytes + s * down) / bw
     cycle = t_end + t_cloud + t_up + t_down + trips * p.rtt_s
-    period = p.engine_overhead_s + max(cycle, m * t_end, m * t_cloud, m * t_up, m * t_down)
+    compute = (m * t_end, m * t_cloud) if p.overlap else (m * (t_end + t_cloud),)
+    period = p.engine_overhead_s + max(cycle, *compute, m * t_up, m * t_down)
     thr = p.concurrency / period
     score = period if objective == "latency" else -thr
     nbytes = up + down + (2 * frames * p.frame_bytes / s if frames else 0.0)
