@@ -195,3 +195,24 @@ def test_shared_cores_give_micro_batches_no_overlap() -> None:
     apart = make_split_plan(profile(rng, **kw), "throughput")
     shared = make_split_plan(profile(rng, **kw, overlap=False), "throughput")
     assert apart.micro_batches > 1 and shared.micro_batches == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cloud_costs_on_cuda_travel_in_hello(ckpt) -> None:
+    """The cloud's self-measurement on the GPU (synchronised per layer) is positive, and arrives at an end that
+    asks for it in hello."""
+    from moetandem.split.cloud import CloudServer
+    from moetandem.split.link import CloudLink, LinkOptions
+    cloud = moetandem.load(ckpt, device="cuda", dtype="bfloat16", progress=False)
+    srv = CloudServer(cloud, "t" * 32, 4, 60, 2**30)
+    port = srv.start("127.0.0.1:0")
+    try:
+        link = CloudLink(LinkOptions(f"127.0.0.1:{port}", "t" * 32, request_costs=True), cloud.store.ckpt.fingerprint())
+        link.connect()
+        c = StepCosts.from_meta(link.info)
+        link.close()
+        assert c is not None and len(c.layer_token_s) == cloud.args.num_layers
+        assert c.step_s(range(cloud.args.num_layers), 8, head=False) > c.step_s(range(cloud.args.num_layers), 1, False)
+    finally:
+        srv.stop(0)
