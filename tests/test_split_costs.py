@@ -134,7 +134,7 @@ def test_codec_per_crossing() -> None:
 
 def test_frame_bytes_are_what_the_wire_carries() -> None:
     """The plan's per-frame and per-token bytes against packed frames, and the header's share of a one-token
-    frame (the issue's target: <= 2%)."""
+    frame (the issue's target: <= 2%, met at real widths with the compact header)."""
     hdr = frame_overhead_bytes()
     for H in (256, 2048):
         x = torch.zeros(1, H, dtype=torch.float16)
@@ -143,8 +143,8 @@ def test_frame_bytes_are_what_the_wire_carries() -> None:
                            "x": x})
         n = len(pack(f))
         assert abs(n - (hdr + ROW_BYTES + 2 * H)) <= 4  # ids / lengths of other widths
-        if H == 2048:  # OLMoE / Qwen3 width: the header is 3.6% of a one-token fp16 frame (target 2%: not met)
-            assert (n - 2 * H - ROW_BYTES) / n < 0.04
+        if H == 2048:  # OLMoE / Qwen3 width: the compact header is <= 2% of a one-token fp16 frame (JSON: 3.6%)
+            assert (n - 2 * H - ROW_BYTES) / n <= 0.02
     end = StepCosts([1e-3] * 6, [1e-4] * 6, 1e-3, 1e-4, 1e-5)
     args = type("A", (), {"num_layers": 6, "num_experts": 16, "top_k": 2, "hidden_size": 256})()
     p = split_profile(end, end, args, 1000, 8000, 1e6, 0.01)
