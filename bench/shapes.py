@@ -79,6 +79,7 @@ SHAPES: dict[str, dict] = {
 }
 
 
+SHAPES["olmoe-1b-7b-4l"] = {**SHAPES["olmoe-1b-7b"], "num_hidden_layers": 4}  # bench/testbed.py --gpu
 SHAPES["glm-4.5-air-8l"] = {**SHAPES["glm-4.5-air"], "num_hidden_layers": 8}
 # Qwen3.5-35B-A3B (text model): 40 layers, 3 Gated DeltaNet : 1 gated attention, 256 experts top-8 + a gated shared
 # expert, ~67 GB in bf16; the -20l variant is its first 20 layers (same per-layer shape, fits a pinned host copy)

@@ -108,17 +108,22 @@ def measure(config: str, engine: Any, a: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"config": config, "lat_p50_ms": percentile(gaps, 50) * 1e3,
                            "lat_p95_ms": percentile(gaps, 95) * 1e3,
                            "bytes_per_token": dec_bytes / max(dec_tokens, 1), "throughput": {}}
+    res["step_ms"] = {}  # median decode step at each concurrency (sequence 0's token gaps: one per batch step)
     for c in a.concurrency:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
+        seen: list[float] = []
         t0 = time.perf_counter()
-        out = engine.generate(prompts, max_new_tokens=a.tokens, stop_on_eos=False)
+        out = engine.generate(prompts, max_new_tokens=a.tokens, stop_on_eos=False,
+                              on_token=lambda i, tok: seen.append(time.perf_counter()) if i == 0 else None)
         dt = time.perf_counter() - t0
         res["throughput"][str(c)] = sum(len(g.token_ids) for g in out) / dt
+        res["step_ms"][str(c)] = percentile([b - x for x, b in zip(seen, seen[1:])], 50) * 1e3
     sp = getattr(engine, "split", None)
     if sp is not None:
-        s = {k: v - before.get(k, 0) for k, v in sp.split_stats().items() if k in ("fallbacks", "local_forwards",
+        s = {k: v - before.get(k, 0) for k, v in sp.split_stats().items() if k in ("fallbacks", "local_forwards", "replans",
                                                                                   "cloud_forwards")}
         res["fallbacks"], res["local_forwards"], res["cloud_forwards"] = s["fallbacks"], s["local_forwards"], s["cloud_forwards"]
+        res["replans"] = s["replans"]
         if s["fallbacks"]:
             print(f"[split bench] WARNING: {config} fell back to the end {int(s['fallbacks'])} times", file=sys.stderr)
     return res

@@ -6,9 +6,10 @@ directions on the end (so the end can change it between scenarios without restar
   end-only   no cloud; the committee at the end's budget
   cloud-only token ids up, everything in the cloud (--split-head 0 --split-tail 0), last hidden states down
   naive      fixed cut (1 head + 1 tail layer on the end), fp16 activations, no codec, 1 micro-batch
-  adaptive   split.plan.make_split_plan on a live SplitProfile: end compute (this run's end-only step time),
-             end memory (the budget), link rate/RTT (the LinkMonitor after a warm-up), cloud time incl. its
-             queue (this run's cloud-only step time minus the measured RTT); re-plans when the link changes
+  adaptive   split.plan.make_split_plan on a measured SplitProfile (measured_profile: per-layer fixed + per-token
+             costs of end and cloud, calibrated to this run's end-only / cloud-only steps at two batch sizes;
+             the link from the LinkMonitor; codecs from the calibration file), guarded by the baselines'
+             measured throughput (guard_with_measured); re-plans when the link changes
 
     python bench/testbed.py --quick --out out/testbed                                  # CPU, demo, minutes
     python bench/testbed.py --model DIR --cloud-device cuda --out out/testbed-gpu       # GPU host, full grid
@@ -21,7 +22,6 @@ import argparse
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +34,10 @@ from bench.split import PROMPTS, measure  # noqa: E402
 
 CONFIGS = ("end-only", "cloud-only", "naive", "adaptive")
 FULL = dict(rates=[10, 50, 100, 1000], rtts=[5, 20, 50, 100], budgets=[0.25, 0.5], ends=[1, 4, 16])
-QUICK = dict(rates=[10, 1000], rtts=[5, 50], budgets=[0.25, 0.5], ends=[1, 2])
+QUICK = dict(rates=[10, 1000], rtts=[5, 50], budgets=[0.5], ends=[1, 2])
+#: --gpu: the cloud on the GPU (bf16), ends as CPU processes; a 4-layer slice of the OLMoE-1B-7B shape (layer speed
+#: and memory are OLMoE's; the build takes seconds), cut off at --time-limit (default 180 s) with what finished
+GPU = dict(rates=[10, 100, 1000], rtts=[20], budgets=[0.25], ends=[1, 4], shape="olmoe-1b-7b-4l")
 
 
 def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
@@ -42,21 +45,44 @@ def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
             "emulate_loss": a.loss, "emulate_down": True, "timeout_s": 60.0}
     if config == "cloud-only":
         return {**link, "head": 0, "tail": 0, "codec": "off", "micro_batches": 1}
-    if config in ("naive", "adaptive"):
+    if config == "naive":
         return {**link, "head": 1, "tail": 1, "codec": "fp16", "micro_batches": 1}
+    if config == "adaptive":  # codec per crossing from the plan; the cloud's measured step costs in hello
+        return {**link, "head": 1, "tail": 1, "codec": "plan", "micro_batches": 1, "request_costs": True}
     return None
 
 
-def live_profile(eng: Any, end_tok_s: float, cloud_tok_s: float, budget: float, concurrency: int) -> Any:
-    """A SplitProfile from this run's measurements: compute split half attention, half experts per layer."""
-    from moetandem.split.plan import SplitProfile
-    ar, mon = eng.args, eng.split.link.monitor
-    L, E, k = ar.num_layers, ar.num_experts, ar.top_k
-    eb = eng.store.expert_bytes(eng.dtype)
+def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: float, conc: int,
+                     overlap: bool = True) -> Any:
+    """The SplitProfile the adaptive plan is made from, all of it measured in this run: the end's and the cloud's
+    per-layer fixed + per-token costs (split.costs: the end timed here, the cloud timed by itself and sent in
+    hello), calibrated to the baselines' decode steps at batch 1 and at `conc` (the end to end-only; the cloud
+    to cloud-only less the end's head and the link), the link from the LinkMonitor, the codecs' bytes and
+    quality from the calibration file, the memory from the budget. overlap=False: end and cloud share the cores
+    (a CPU cloud on this machine), so micro-batches overlap only the link."""
+    from moetandem.split.calibration import cut_codecs
+    from moetandem.split.costs import ROW_BYTES, StepCosts, frame_overhead_bytes, split_profile
+    ar, mon, L = ada.args, ada.split.link.monitor, ada.args.num_layers
     bw = mon.bandwidth_bps if mon.bandwidth_bps != float("inf") else 1e9
-    return SplitProfile(L, E, k, ar.hidden_size, [0.5 * end_tok_s / L] * L, [0.5 * cloud_tok_s / L] * L,
-                        0.5 * end_tok_s / (L * k), 0.5 * cloud_tok_s / (L * k), eb, int(budget * L * E * eb),
-                        [[k / E] * E for _ in range(L)], bw, mon.rtt_s, concurrency=concurrency)
+    rtt = mon.rtt_s
+
+    def steps(c: str) -> list[tuple[float, float]]:
+        return [(1.0, base[c]["lat_p50_ms"] / 1e3), (float(conc), base[c]["step_ms"][str(conc)] / 1e3)]
+    end = end_costs.calibrated([(s, max(t, end_costs.step_s(range(L), s))) for s, t in steps("end-only")])
+    cloud_raw = StepCosts.from_meta(ada.split.link.info)
+    if cloud_raw is None:
+        raise SystemExit("the cloud sent no step costs in hello (an older moetandem cloud?)")
+    H, fb = ar.hidden_size, frame_overhead_bytes()
+    raw_down = H * 4  # cloud-only runs codec "off": float32 hidden states down
+
+    def cloud_part(s: float, t: float) -> float:
+        link = rtt + (2 * fb + s * (4 + ROW_BYTES + raw_down)) / bw
+        end_head = end.step_fixed_s + end.head_fixed_s + s * end.head_token_s
+        return max(0.2 * cloud_raw.step_s(range(L), s, head=False), t - link - end_head)
+    cloud = cloud_raw.calibrated([(s, cloud_part(s, t)) for s, t in steps("cloud-only")], head=False)
+    eb = ada.store.expert_bytes(ada.dtype)
+    return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
+                         concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap)
 
 
 def set_link(eng: Any, rate: float, rtt: float) -> None:
@@ -70,43 +96,68 @@ def worker(a: argparse.Namespace) -> int:
     """One end: every (budget, config) engine once, then every link; in step with the other ends (barrier)."""
     import torch
     import moetandem
-    from moetandem.split.connect import profile_replanner
-    from moetandem.split.plan import make_split_plan
+    from moetandem.split.connect import Placement, profile_replanner
+    from moetandem.split.costs import measure_step_costs
+    from moetandem.split.plan import baseline_plans, guard_with_measured, make_split_plan
     torch.set_num_threads(a.threads)
-    engines = {}
+    engines, end_costs = {}, {}
     for b in a.budgets:
         for c in CONFIGS:
             kw = {"cloud": a.cloud, "token_file": a.token_file, "split": options(c, a)} if options(c, a) else {}
             engines[b, c] = moetandem.load(a.model, device="cpu", dtype="float32", progress=False,
                                            expert_budget=b, **kw)
+        e = engines[b, "end-only"]  # the end's own step costs: its layers with its committee, quiet-box minimum
+        end_costs[b] = measure_step_costs(e.model, e.experts, "cpu", sizes=(1, max(a.concurrency)))
+    conc = max(a.concurrency)
     out = []
     step = 0
     for rtt in a.rtts:
         for rate in a.rates:
             for b in a.budgets:
-                base: dict[str, dict] = {}
-                for c in CONFIGS:
+                runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+                predicted: dict[str, float] = {}
+                plan, model = "", {}
+                # round 0: the baselines (the plan is made from them); then `repeats` rounds of all four,
+                # interleaved, so a load spike on this shared machine hits every config alike
+                order = [c for c in CONFIGS if c != "adaptive"] + \
+                    [c for r in range(a.repeats) for c in (CONFIGS[r % 4:] + CONFIGS[:r % 4])]
+                for i, c in enumerate(order):
                     eng = engines[b, c]
-                    if c != "end-only":
+                    if c != "end-only" and not runs[c]:
                         set_link(eng, rate, rtt)
-                    plan = ""
-                    if c == "adaptive":  # warm up on the naive cut, then plan from what was measured
+                    if c == "adaptive" and not runs[c]:  # warm up (prefill + decode frames: the link fit), plan
+                        eng.split.replanner = None
+                        eng.split.set_plan(Placement(1, 1, None, None, 1))
+                        eng.split.link.monitor.reset()  # this scenario's link only
                         eng.generate(PROMPTS[:2], max_new_tokens=8, stop_on_eos=False)
-                        rtt_s = eng.split.link.monitor.rtt_s
-                        prof = live_profile(eng, base["end-only"]["lat_p50_ms"] / 1e3,
-                                            max(1e-4, base["cloud-only"]["lat_p50_ms"] / 1e3 - rtt_s), b,
-                                            max(a.concurrency))
-                        p = make_split_plan(prof, "throughput")
+                        prof = measured_profile(end_costs[b], eng, {k: v[0] for k, v in runs.items() if v}, b, conc,
+                                                overlap=a.cloud_device != "cpu")
+                        bases = baseline_plans(prof, "throughput")
+                        seen = {k: v[0]["throughput"][str(conc)] for k, v in runs.items() if v}
+                        p = guard_with_measured(make_split_plan(prof, "throughput"), bases, seen)
                         eng.split.set_plan(p)
-                        eng.split.replanner = profile_replanner(prof, "throughput")
+                        eng.generate(PROMPTS[:2], max_new_tokens=16, stop_on_eos=False)  # the committee adapts
+                        eng.split.replanner = profile_replanner(prof, "throughput", current=p)
                         plan = p.describe()
+                        predicted = {k: v.predicted_throughput_tok_s for k, v in bases.items()}
+                        predicted["adaptive"] = p.predicted_throughput_tok_s
+                        model = {"bandwidth_Bps": prof.bandwidth_bps, "rtt_ms": prof.rtt_s * 1e3,
+                                 "end_ms": [1e3 * sum(prof.end_layer_fixed_s) + 1e3 * prof.end_step_overhead_s,
+                                            1e3 * (sum(prof.end_layer_s) + prof.end_head_s)],
+                                 "cloud_ms": [1e3 * sum(prof.cloud_layer_fixed_s) + 1e3 * prof.cloud_step_overhead_s,
+                                              1e3 * sum(prof.cloud_layer_s)]}
                     step += 1
                     barrier(a, step)
-                    r = measure(c, eng, a)
-                    r.update(config=c, rate=rate, rtt=rtt, budget=b, end=a.index, plan=plan)
-                    base[c] = r
+                    runs[c].append(measure(c, eng, a))
+                for c in CONFIGS:  # the run of median throughput (tok/s at the top concurrency)
+                    rs = sorted(runs[c], key=lambda r: r["throughput"][str(conc)])
+                    r = rs[len(rs) // 2]
+                    r.update(config=c, rate=rate, rtt=rtt, budget=b, end=a.index, plan=plan if c == "adaptive"
+                             else "", predicted_tok_s=predicted.get(c, float("nan")), runs=len(rs),
+                             all_tok_s=[x["throughput"][str(conc)] for x in runs[c]],
+                             model=model if c == "adaptive" else {})
                     out.append(r)
-    Path(a.result).write_text(json.dumps(out))
+                Path(a.result).write_text(json.dumps(out))  # after every scenario: a run cut short keeps them
     return 0
 
 
@@ -124,40 +175,93 @@ def orchestrate(a: argparse.Namespace) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.cloud_threads)}
     cloud = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", a.model, "--listen",
                               "127.0.0.1:0", "--token-file", str(tok), "--max-sessions", "256", "--log-level",
-                              "warning", "--device", a.cloud_device, "--dtype", a.cloud_dtype],
+                              "warning", "--device", a.cloud_device, "--dtype", a.cloud_dtype, "--compile", "off"],
                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(a) | {"out": str(a.out)},
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "args": vars(a) | {"out": str(a.out)},
                            "rows": []}
     t0 = time.time()
     try:
         addr = f"127.0.0.1:{json.loads(cloud.stdout.readline())['listening']}"
         for n in a.ends:
+            if a.time_limit and time.time() - t0 > a.time_limit:
+                print(f"[testbed] time limit: {n} ends not run", flush=True)
+                break
             sync = a.out / f"sync-{n}"
             sync.mkdir(exist_ok=True)
             for f in sync.iterdir():
                 f.unlink()
             procs = []
             for i in range(n):
+                (a.out / f"end-{n}-{i}.json").unlink(missing_ok=True)
                 cmd = [sys.executable, __file__, "--worker", "--index", str(i), "--n-ends", str(n), "--cloud", addr,
                        "--token-file", str(tok), "--sync", str(sync), "--result", str(a.out / f"end-{n}-{i}.json")]
-                cmd += sys.argv[1:]
+                cmd += sys.argv[1:] + ["--model", a.model]
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": str(a.threads)}))
-            if any(p.wait() for p in procs):
-                raise SystemExit(f"an end process failed ({n} ends)")
-            for i in range(n):
-                res["rows"] += [{**r, "ends": n} for r in json.loads((a.out / f"end-{n}-{i}.json").read_text())]
-            print(f"[testbed] {n} end(s) done, {time.time() - t0:.0f} s", flush=True)
+            cut = wait_ends(procs, t0 + a.time_limit if a.time_limit else None)
+            res["rows"] += complete_rows(a, n)
+            print(f"[testbed] {n} end(s) {'cut at the time limit' if cut else 'done'}, {time.time() - t0:.0f} s",
+                  flush=True)
+            write(res, a.out, time.time() - t0)
     finally:
         cloud.terminate()
         cloud.wait(10)
-    res["wall_s"] = time.time() - t0
-    from bench.testbed_report import plot, table
-    md = table(res)
-    (a.out / "testbed.json").write_text(json.dumps(res, indent=1, default=str))
-    (a.out / "testbed.md").write_text(md)
-    plot(res, a.out / "testbed.png")
-    print(md)
+    print(write(res, a.out, time.time() - t0))
     return 0
+
+
+def wait_ends(procs: list[subprocess.Popen], deadline: float | None) -> bool:
+    """Wait for the end processes; at the deadline stop them (their finished scenarios are kept). True if cut."""
+    while any(p.poll() is None for p in procs):
+        if deadline is not None and time.time() > deadline:
+            for p in procs:
+                p.kill()
+                p.wait()
+            return True
+        time.sleep(0.2)
+    if any(p.returncode for p in procs):
+        raise SystemExit("an end process failed")
+    return False
+
+
+def complete_rows(a: argparse.Namespace, n: int) -> list[dict]:
+    """The rows of the scenarios every one of the n ends finished."""
+    per_end = []
+    for i in range(n):
+        f = a.out / f"end-{n}-{i}.json"
+        per_end.append(json.loads(f.read_text()) if f.exists() else [])
+    done = set.intersection(*({(r["rate"], r["rtt"], r["budget"]) for r in rows} for rows in per_end))
+    return [{**r, "ends": n} for rows in per_end for r in rows if (r["rate"], r["rtt"], r["budget"]) in done]
+
+
+def write(res: dict[str, Any], out: Path, wall_s: float) -> str:
+    from bench.testbed_report import plot, table
+    res["wall_s"] = wall_s
+    (out / "testbed.json").write_text(json.dumps(res, indent=1, default=str))
+    if not res["rows"]:
+        return "no scenario finished"
+    md = table(res)
+    (out / "testbed.md").write_text(md)
+    plot(res, out / "testbed.png")
+    return md
+
+
+def gpu_preset(a: argparse.Namespace, argv: list[str]) -> None:
+    """--gpu: defaults for one GPU host (flags given explicitly win); builds the checkpoint once."""
+    given = {x.split("=")[0] for x in argv if x.startswith("--")}
+    for flag, v in (("--cloud-device", "cuda"), ("--cloud-dtype", "bfloat16"), ("--threads", 2),
+                    ("--repeats", 1), ("--time-limit", 180.0)):
+        if flag not in given:
+            setattr(a, flag[2:].replace("-", "_"), v)
+    if "--model" not in given:
+        path = Path("/tmp") / f"moetandem-{GPU['shape']}"
+        if not a.worker and not (path / "model.safetensors.index.json").exists():
+            import torch
+            from bench.shapes import build_random_checkpoint
+            t = time.time()
+            build_random_checkpoint(GPU["shape"], path, device="cuda" if torch.cuda.is_available() else "cpu")
+            print(f"[testbed] built {GPU['shape']} at {path} in {time.time() - t:.0f} s", flush=True)
+        a.model = str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(demo_model_path()))
     p.add_argument("--out", type=Path, default=ROOT / "out" / "testbed")
-    p.add_argument("--quick", action="store_true", help="reduced grid: 10/1000 Mbit × 5/50 ms, budgets 0.25/0.5, 1 and 2 ends")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced grid: 10/1000 Mbit × 5/50 ms, budget 0.5, 1 and 2 ends")
+    p.add_argument("--gpu", action="store_true", help="GPU preset: cloud on cuda (bf16), OLMoE-shaped 4-layer "
+                   "random checkpoint (built under /tmp when --model is not given), 10/100/1000 Mbit × 20 ms, "
+                   "budget 0.25, 1 and 4 ends of 2 threads, --time-limit 180")
+    p.add_argument("--time-limit", type=float, default=0.0, help="stop starting/running ends after this many "
+                   "seconds and report the scenarios that finished (0: none)")
     p.add_argument("--rates", type=float, nargs="+", help="Mbit/s (full: 10 50 100 1000)")
     p.add_argument("--rtts", type=float, nargs="+", help="ms (full: 5 20 50 100)")
     p.add_argument("--budgets", type=float, nargs="+", help="end expert budgets (0.25 0.5)")
@@ -178,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud-dtype", default="float32")
     p.add_argument("--tokens", type=int, default=8, help="new tokens per request")
     p.add_argument("--latency-prompts", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="rounds of every config per scenario (median kept)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[4], help="requests per end (throughput)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--index", "--n-ends"):
@@ -185,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--cloud", "--token-file", "--sync", "--result"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    grid = QUICK if a.quick else FULL
+    if a.gpu:
+        gpu_preset(a, argv if argv is not None else sys.argv[1:])
+    grid = GPU if a.gpu else QUICK if a.quick else FULL
     for k in ("rates", "rtts", "budgets", "ends"):
         if getattr(a, k) is None:
             setattr(a, k, grid[k])

@@ -24,7 +24,9 @@ def scenarios(res: dict[str, Any]) -> dict[tuple, dict[str, dict[str, float]]]:
                            "p50": statistics.median(r["lat_p50_ms"] for r in rows),
                            "p95": statistics.median(r["lat_p95_ms"] for r in rows),
                            "bpt": statistics.mean(r["bytes_per_token"] for r in rows) / max(crossings, 1),
-                           "fallbacks": sum(r.get("fallbacks", 0) for r in rows), "plan": rows[0].get("plan", "")}
+                           "fallbacks": sum(r.get("fallbacks", 0) for r in rows), "plan": rows[0].get("plan", ""),
+                           "model": sum(r.get("predicted_tok_s", float("nan")) for r in rows),
+                           "replans": sum(r.get("replans", 0) or 0 for r in rows)}
     return out
 
 
@@ -34,25 +36,39 @@ def ratio(sc: dict[str, dict[str, float]]) -> tuple[float, str]:
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = ["| link (Mbit/s, RTT ms) | budget | ends | config | tok/s (all ends) | p50 / p95 ms/token | B/token/crossing "
-             "| vs best baseline |", "|---|---|---|---|---|---|---|---|"]
+    """One row per scenario: tok/s of every config (all ends), adaptive ÷ each baseline; then p50 ms/token, link
+    bytes per token per crossing, the model's tok/s (how well the cost model predicted each config), plans."""
+    head = ["| link (Mbit/s, RTT ms) | budget | ends | end-only | cloud-only | naive | adaptive | ÷ end-only | "
+            "÷ cloud-only | ÷ naive | **÷ best** |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    detail = ["| link | budget | ends | config | tok/s | model tok/s | p50 / p95 ms/token | B/token/crossing |",
+              "|---|---|---|---|---|---|---|---|"]
     plans = []
-    for key, sc in sorted(scenarios(res).items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
+    sc_all = scenarios(res)
+    for key, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
         rate, rtt, budget, ends = key
-        r, best = ratio(sc) if "adaptive" in sc else (float("nan"), "")
-        for c in ("end-only", "cloud-only", "naive", "adaptive"):
-            if c not in sc:
-                continue
-            m = sc[c]
-            fb = f" ({m['fallbacks']:.0f} fallbacks)" if m["fallbacks"] else ""
-            vs = f"**{r:.2f}×** (vs {best})" if c == "adaptive" else ""
-            lines.append(f"| {rate:g}, {rtt:g} | {budget:g} | {ends} | {c}{fb} | {m['tok_s']:.1f} | "
-                         f"{m['p50']:.1f} / {m['p95']:.1f} | {m['bpt']:.0f} | {vs} |")
-        plans.append(f"- {rate:g} Mbit/s, {rtt:g} ms, budget {budget:g}, {ends} end(s): {sc['adaptive']['plan']}")
-    rs = [ratio(sc)[0] for sc in scenarios(res).values() if "adaptive" in sc]
+        if "adaptive" not in sc:
+            continue
+        r, best = ratio(sc)
+        ad = sc["adaptive"]["tok_s"]
+        cells = [f"{sc[c]['tok_s']:.1f}" if c in sc else "" for c in (*BASELINES, "adaptive")]
+        rel = [f"{ad / sc[c]['tok_s']:.2f}×" if c in sc else "" for c in BASELINES]
+        head.append(f"| {rate:g}, {rtt:g} | {budget:g} | {ends} | " + " | ".join(cells) + " | " + " | ".join(rel)
+                    + f" | **{r:.2f}×** ({best}) |")
+        for c in (*BASELINES, "adaptive"):
+            if c in sc:
+                m = sc[c]
+                fb = f" ({m['fallbacks']:.0f} fallbacks)" if m["fallbacks"] else ""
+                detail.append(f"| {rate:g}, {rtt:g} | {budget:g} | {ends} | {c}{fb} | {m['tok_s']:.1f} | "
+                              f"{m['model']:.1f} | {m['p50']:.1f} / {m['p95']:.1f} | {m['bpt']:.0f} |")
+        plans.append(f"- {rate:g} Mbit/s, {rtt:g} ms, budget {budget:g}, {ends} end(s): {sc['adaptive']['plan']}"
+                     + (f" ({sc['adaptive']['replans']:.0f} re-plans while measured)" if sc['adaptive']['replans']
+                        else ""))
+    rs = [ratio(sc)[0] for sc in sc_all.values() if "adaptive" in sc]
     summary = (f"\nadaptive / best baseline (tok/s): min {min(rs):.2f}×, median {statistics.median(rs):.2f}×, "
                f"max {max(rs):.2f}× over {len(rs)} scenarios; wall {res.get('wall_s', 0):.0f} s\n") if rs else ""
-    return "\n".join(lines) + "\n" + summary + "\nAdaptive plans (end 0 of each scenario):\n\n" + "\n".join(plans) + "\n"
+    return ("\n".join(head) + "\n" + summary + "\nPer config (model tok/s: the cost model's prediction at the "
+            "plan's concurrency, summed over ends):\n\n" + "\n".join(detail) +
+            "\n\nAdaptive plans (end 0 of each scenario):\n\n" + "\n".join(plans) + "\n")
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

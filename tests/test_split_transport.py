@@ -73,6 +73,35 @@ def test_malformed_frames_rejected(name):
         unpack(BAD[name], Limits())
 
 
+def test_compact_header_round_trip_and_garbage():
+    """pack() writes the compact header (MTS2); every meta value type survives; a one-token decode frame's header
+    is <= 2% of the frame at hidden size 2048; truncated or mangled compact headers raise FrameError only."""
+    meta = {"cache": 3, "kv_len": 1234, "neg": -(2**40), "big": 2**62, "f": 0.125, "s": "fp16", "n": None,
+            "t": True, "no": False, "l": [1, -2.5, "x", None, True]}
+    data = pack(Frame("layers", 2**40, meta, {"x": torch.ones(2, 3)}))
+    assert data[:4] == b"MTS2"
+    f = unpack(data)
+    assert (f.kind, f.id, f.meta) == ("layers", 2**40, meta) and torch.equal(f.tensors["x"], torch.ones(2, 3))
+    one = pack(Frame("layers", 123456, {"cache": 12, "kv_len": 1234},
+                     {"pos": torch.zeros(1, 1, dtype=torch.long), "rows": torch.zeros(1, dtype=torch.long),
+                      "x": torch.zeros(1, 2048, dtype=torch.float16)}))
+    assert (len(one) - 2 * 2048 - 16) / len(one) <= 0.02, len(one)
+    with pytest.raises(FrameError, match="cannot send"):
+        pack(Frame("layers", 1, {"x": 2**70}))
+    hlen = struct.unpack_from("<I", data, 4)[0]
+    for cut in range(8, 8 + hlen):  # every truncation of the header (the length field says less)
+        bad = data[:4] + struct.pack("<I", cut - 8) + data[8:cut] + data[8 + hlen:]
+        with pytest.raises(FrameError):
+            unpack(bad)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):  # random bytes in the header: FrameError, never another exception
+        junk = bytes(torch.randint(0, 256, (hlen,), generator=g, dtype=torch.uint8).tolist())
+        try:
+            unpack(data[:8] + junk + data[8 + hlen:])
+        except FrameError:
+            pass
+
+
 def test_oversize_frame_rejected():
     with pytest.raises(FrameError, match="exceeds"):
         unpack(pack(Frame("layers", tensors={"x": torch.zeros(1000)})), Limits(max_message_bytes=1000))

@@ -110,6 +110,25 @@ def test_shaper_on_loopback_rate_and_rtt():
     assert 0.040 <= min(rtts) and sorted(rtts)[2] < 0.055, rtts  # 20 ms each way, a little software on top
 
 
+def test_pipelined_frames_pay_the_emulated_rtt_once():
+    """Both directions shaped on the end (emulate_down): 4 frames in flight at once arrive ~1 RTT later, not
+    4 half-RTTs one after another (each reply's due time is taken when it arrives, not when the one before it
+    was handed over)."""
+    echo = Echo()
+    ch = grpc.insecure_channel(f"127.0.0.1:{echo.port}")
+    c = StreamClient(ch, "/echo/Session", [], 30.0, shaper=LinkSpec(rtt_ms=40).shaper(),
+                     down_shaper=LinkSpec(rtt_ms=40).shaper(1))
+    c.request(Frame("hello"))
+    t0 = time.perf_counter()
+    futs = [c.submit(Frame("layers")) for _ in range(4)]
+    for f in futs:
+        c.wait(f)
+    dt = time.perf_counter() - t0
+    c.close()
+    echo.server.stop(0)
+    assert 0.040 <= dt < 0.085, dt  # serialised replies: 20 + 4 × 20 = 100 ms
+
+
 def _netns_ok() -> tuple[bool, str]:
     sys.path.insert(0, str(ROOT))
     from bench.netem import available
@@ -172,10 +191,50 @@ def test_shaper_rate_change_triggers_replan(ckpt):
         # the first dozen steps of these ~1.3 KB frames)
         split.link.shaper.set_rate(0.3, burst_bytes=2048)
         shaping.set_rate(0.3, burst_bytes=2048)
-        eng.generate(prompts, max_new_tokens=12, stop_on_eos=False)
+        eng.generate(prompts, max_new_tokens=20, stop_on_eos=False)
         assert steps and steps[0] - before <= 10, (steps, before)  # re-planned within a few forwards
         assert split.stats["replans"] >= 1 and split.stats["fallbacks"] == 0, split.split_stats()
         # what the re-planner read: the slow link (bytes of both directions over the wire time: ≤ 2× the rate)
         assert seen[0] < 0.3e6 / 8 * 3
+    finally:
+        srv.stop(0)
+
+
+def test_rate_drop_leads_to_a_new_plan(ckpt):
+    """profile_replanner under a running end: at 100 Mbit/s, 5 ms the plan sends everything to the cloud (the
+    end is slow); shaped down to 0.3 Mbit/s and 35 ms mid-run, a new plan (end-only) is in force within a
+    bounded time."""
+    from moetandem.split.connect import profile_replanner
+    from moetandem.split.costs import StepCosts, split_profile
+    from moetandem.split.plan import make_split_plan
+    shaping = PeerShapers(LinkSpec(rate_mbit=100, rtt_ms=5))
+    srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN, 4, 60, 2**30, shaping)
+    port = srv.start("127.0.0.1:0")
+    try:
+        eng = moetandem.load(ckpt, device="cpu", progress=False, cloud=f"127.0.0.1:{port}", token=TOKEN,
+                             split={"head": 1, "tail": 1, "codec": "plan", "emulate_rtt_ms": 5,
+                                    "emulate_rate_mbit": 100})
+        ar, L = eng.args, eng.args.num_layers
+        end = StepCosts([1e-4] * L, [4e-3] * L, 1e-4, 1e-5, 1e-4)  # a slow end: 4 ms per layer and token
+        cloud = StepCosts([1e-4] * L, [1e-5] * L, 1e-4, 1e-6, 1e-6)
+        eb = eng.store.expert_bytes(eng.dtype)
+        prof = split_profile(end, cloud, ar, eb, L * ar.num_experts * eb, 100e6 / 8, 0.005)
+        split = eng.split
+        split.set_plan(make_split_plan(prof))
+        assert split.plan.mode == "cloud-only", split.plan.describe()
+        split.replanner = profile_replanner(prof, current=split.plan)
+        prompts = [[5, 17, 42, 9] * 4, [3, 1, 4], [7, 7]]
+        eng.generate(prompts, max_new_tokens=16, stop_on_eos=False)
+        assert split.start == 0 and split.stats["local_forwards"] == 0 and split.stats["replans"] == 0
+        split.link.shaper.set_rate(0.3, burst_bytes=2048)  # both directions; the up-link also 30 ms slower
+        split.link.shaper.set_rtt(65)  # (a 2 KB burst lets these small frames through at 0.3 Mbit/s alone)
+        shaping.set_rate(0.3, burst_bytes=2048)
+        t0, when = time.perf_counter(), []
+        eng.generate(prompts, max_new_tokens=24, stop_on_eos=False,
+                     on_token=lambda i, tok: when.append(time.perf_counter()) if split.start == L and not when
+                     else None)
+        assert split.plan.mode == "end-only" and split.stats["replans"] >= 1, str(split.split_stats())
+        assert when and when[0] - t0 < 5.0, "the new plan took too long"  # ~10 slow exchanges of ~50 ms
+        assert split.stats["local_forwards"] > 0 and split.stats["fallbacks"] == 0
     finally:
         srv.stop(0)

@@ -62,7 +62,7 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cloud", metavar="HOST:PORT", help="run the middle layers on this moetandem cloud server")
     g.add_argument("--token-file", metavar="FILE", help="file holding the cloud's token (needed with --cloud)")
     g.add_argument("--split-plan", metavar="FILE", help="JSON with end_layers_head, end_layers_tail, cloud_experts, "
-                   "codec_rank, micro_batches (default: 1 head + 1 tail layer on the end)")
+                   "codec_rank, codec_rank_down, micro_batches (default: 1 head + 1 tail layer on the end)")
     g.add_argument("--split-head", type=int, metavar="A", help="layers [0, A) on the end (overrides the plan)")
     g.add_argument("--split-tail", type=int, metavar="B", help="the last B layers on the end (overrides the plan)")
     g.add_argument("--codec", choices=CODECS, default="off", help="activations on the link: off = raw (exact), "

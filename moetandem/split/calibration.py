@@ -263,3 +263,18 @@ def codec_profile(ckpt_or_path: Checkpoint | str | Path, cut: int) -> tuple[dict
     table = {r: info for (c, r), info in codec_table(ckpt_or_path).items() if c == cut}
     nbytes = {r: r + 2 + (2 if info.get("side") else 0) for r, info in table.items()}
     return nbytes, {r: float(info["ppl_increase"]) for r, info in table.items() if "ppl_increase" in info}
+
+
+def cut_codecs(ckpt_or_path: Checkpoint | str | Path) -> dict[int, dict[int, tuple[int, float]]]:
+    """cut → rank → (bytes per token, measured perplexity increase) of every calibrated codec with a quality
+    figure (a SplitProfile's cut_codecs); {} when the checkpoint has no codec file."""
+    from moetandem.errors import MoetandemError
+    try:
+        table = codec_table(ckpt_or_path)
+    except (MoetandemError, OSError):
+        return {}
+    out: dict[int, dict[int, tuple[int, float]]] = {}
+    for (c, r), info in table.items():
+        if "ppl_increase" in info:
+            out.setdefault(c, {})[r] = (r + 2 + (2 if info.get("side") else 0), float(info["ppl_increase"]))
+    return out

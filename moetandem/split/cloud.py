@@ -92,9 +92,11 @@ class _Session:
                              f"{srv.fingerprint!r}: point both at the same checkpoint")
         self.hello = True
         a = srv.engine.args
-        return Frame("reply", meta={"fingerprint": srv.fingerprint, "num_layers": a.num_layers,
-                                    "hidden": a.hidden_size, "max_len": a.max_position_embeddings,
-                                    "dtype": str(srv.engine.dtype).removeprefix("torch.")})
+        meta = {"fingerprint": srv.fingerprint, "num_layers": a.num_layers, "hidden": a.hidden_size,
+                "max_len": a.max_position_embeddings, "dtype": str(srv.engine.dtype).removeprefix("torch.")}
+        if f.meta.get("costs") and srv.mirror is None:  # the end's scheduler asks for the cloud's measured step
+            meta.update(srv.step_costs().as_meta())  # costs (split.costs; not with ranks that must meet in step)
+        return Frame("reply", meta=meta)
 
     def on_alloc(self, f: Frame) -> Frame:
         a, srv = self.server.engine.args, self.server
@@ -104,8 +106,10 @@ class _Session:
         start = meta_int(f, "start", 0, a.num_layers)
         end = meta_int(f, "end", start, a.num_layers)
         kind, rank = f.meta.get("codec", "off"), f.meta.get("rank")
-        if kind not in CODECS or not (rank is None or (isinstance(rank, int) and 0 < rank <= a.hidden_size)):
-            raise FrameError(f"bad codec {str(kind)[:20]!r} / rank {str(rank)[:20]}")
+        kind_out, rank_out = f.meta.get("codec_out", kind), f.meta.get("rank_out", rank)  # per crossing
+        for k, r in ((kind, rank), (kind_out, rank_out)):
+            if k not in CODECS or not (r is None or (isinstance(r, int) and 0 < r <= a.hidden_size)):
+                raise FrameError(f"bad codec {str(k)[:20]!r} / rank {str(r)[:20]}")
         self.caches.pop(cid, None)
         layer_bytes = 2 * rows * max_len * a.num_kv_heads * a.head_dim * srv.engine.dtype.itemsize
         need = self.nbytes() + (end - start) * layer_bytes
@@ -113,8 +117,8 @@ class _Session:
             raise RequestRefused(f"a KV cache of {need} bytes exceeds this cloud's per-session limit of "
                                  f"{srv.max_session_bytes} bytes (--max-session-bytes)")
         try:
-            codecs = [make_codec(kind, srv.engine.store.ckpt, cut, rank, a.hidden_size, srv.engine.dtype)
-                      for cut in (start, end)]
+            codecs = [make_codec(k, srv.engine.store.ckpt, cut, r, a.hidden_size, srv.engine.dtype)
+                      for k, r, cut in ((kind, rank, start), (kind_out, rank_out, end))]
         except (CalibrationError, MoetandemError) as e:
             raise RequestRefused(f"codec unavailable on the cloud: {e}") from None
         kv = KVCache(a, rows, max_len, srv.engine.device, srv.engine.dtype, layers=range(start, end))
@@ -205,6 +209,17 @@ class CloudServer:
         self.sessions: dict[str, set[_Session]] = {"Session": set(), "Experts": set()}
         self._server: grpc.Server | None = None
         self.draining = threading.Event()
+        self._costs: Any = None
+        self._costs_lock = threading.Lock()
+
+    def step_costs(self) -> Any:
+        """This cloud's per-layer fixed + per-token decode costs, measured once (at the first hello asking)."""
+        from moetandem.split.costs import measure_step_costs
+        with self.compute_lock, self._costs_lock, torch.inference_mode():
+            if self._costs is None:
+                eng = self.engine
+                self._costs = measure_step_costs(eng.model, eng.experts, eng.device, eng.dtype)
+            return self._costs
 
     @property
     def active_sessions(self) -> int:

@@ -27,8 +27,9 @@ class Placement:
     end_layers_head: int = 1
     end_layers_tail: int = 1
     cloud_experts: dict[int, list[int]] | None = None
-    codec_rank: int | None = None
+    codec_rank: int | None = None  # codec "plan": low-rank rank of the up crossing (None: fp16)
     micro_batches: int = 2
+    codec_rank_down: int | None = None  # codec "plan": the down crossing's rank (None: fp16)
 
 
 def load_placement(plan: Any = None, head: int | None = None, tail: int | None = None,
@@ -90,14 +91,29 @@ def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces
     return split
 
 
-def profile_replanner(profile: Any, objective: str = "latency") -> Callable[[Any], Any]:
-    """A SplitModel.replanner: split.plan.make_split_plan on `profile` (a SplitProfile) with the link's
-    measured bandwidth and RTT."""
+def profile_replanner(profile: Any, objective: str = "latency", current: Any = None, min_gain: float = 0.1
+                      ) -> Callable[[Any], Any]:
+    """A SplitModel.replanner: split.plan.make_split_plan on `profile` (a SplitProfile) with the link's measured
+    bandwidth and RTT. A new plan is returned only when it is predicted at least `min_gain` better than the plan
+    in force (`current`, then the last one returned) under the new link: a noisy reading of the same link does
+    not make the end re-allocate its cloud caches back and forth."""
     from dataclasses import replace
 
-    from moetandem.split.plan import make_split_plan
+    from moetandem.split.plan import make_split_plan, predict
+    state = {"plan": current}
+
+    def better(new: Any, old: Any) -> bool:
+        if objective == "latency":
+            return new.predicted_latency_s * (1 + min_gain) < old.predicted_latency_s
+        return new.predicted_throughput_tok_s > old.predicted_throughput_tok_s * (1 + min_gain)
 
     def replan(monitor: Any) -> Any:
         bw = monitor.bandwidth_bps if monitor.bandwidth_bps != float("inf") else profile.bandwidth_bps
-        return make_split_plan(replace(profile, bandwidth_bps=bw, rtt_s=monitor.rtt_s), objective)
+        prof = replace(profile, bandwidth_bps=bw, rtt_s=monitor.rtt_s)
+        new = make_split_plan(prof, objective)
+        old = state["plan"]
+        if old is not None and not better(new, predict(prof, old, objective)):
+            return None
+        state["plan"] = new
+        return new
     return replan

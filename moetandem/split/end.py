@@ -39,7 +39,7 @@ class _Rows:
         self.cloud_len = torch.zeros(cache.batch, dtype=torch.long)  # [R] cloud layers' K/V in the cloud
         self.local_len = torch.zeros(cache.batch, dtype=torch.long)  # [R] every layer's K/V on the end
         self.cloud_id: int | None = None
-        self.cloud_key: tuple | None = None  # (epoch, start, end, codec, rank) the cloud cache was made for
+        self.cloud_key: tuple | None = None  # (epoch, start, end, codec/rank in, codec/rank out) of the cloud cache
 
 
 class SplitModel:
@@ -80,10 +80,16 @@ class SplitModel:
         self.micro = max(1, int(getattr(plan, "micro_batches", 1) or 1))
         self.rank = getattr(plan, "codec_rank", None)
         H, dt = self.args.hidden_size, self.model.lm_head.weight.dtype
-        # codec "plan": low-rank at the plan's rank, float16 when it has none (split.plan's convention)
-        self.kind = ("lowrank" if self.rank else "fp16") if self.codec_kind == "plan" else self.codec_kind
+        # codec "plan": per crossing, low-rank at the plan's rank (codec_rank up, codec_rank_down down), float16
+        # where it has none (split.plan's convention); any other codec: that codec both ways
+        if self.codec_kind == "plan":
+            self.rank_out = getattr(plan, "codec_rank_down", None)
+            self.kind, self.kind_out = ("lowrank" if r else "fp16" for r in (self.rank, self.rank_out))
+        else:
+            self.kind = self.kind_out = self.codec_kind
+            self.rank_out = self.rank
         self.codec_in = make_codec(self.kind, self.ckpt, self.start, self.rank, H, dt)
-        self.codec_out = make_codec(self.kind, self.ckpt, self.end, self.rank, H, dt)
+        self.codec_out = make_codec(self.kind_out, self.ckpt, self.end, self.rank_out, H, dt)
         remote = {int(l): [int(i) for i in e] for l, e in (getattr(plan, "cloud_experts", None) or {}).items()
                   if e and not self.start <= int(l) < self.end}
         if any(not 0 <= i < self.args.num_experts for e in remote.values() for i in e):
@@ -194,11 +200,12 @@ class SplitModel:
         session = self.link.session()
         if session is None:
             raise CloudError("the cloud went away")
-        key = (self.link.epoch, self.start, self.end, self.kind, self.rank)
+        key = (self.link.epoch, self.start, self.end, self.kind, self.rank, self.kind_out, self.rank_out)
         if st.cloud_key != key:
             self._next_id += 1
             meta = {"cache": self._next_id, "rows": cache.batch, "max_len": cache.max_len, "start": self.start,
-                    "end": self.end, "codec": self.kind, "rank": self.rank}
+                    "end": self.end, "codec": self.kind, "rank": self.rank, "codec_out": self.kind_out,
+                    "rank_out": self.rank_out}
             session.request(Frame("alloc", meta=meta))
             st.cloud_id, st.cloud_key = self._next_id, key
             st.cloud_len.zero_()

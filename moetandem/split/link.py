@@ -58,6 +58,7 @@ class LinkOptions:
     emulate_loss: float = 0.0
     emulate_down: bool = False  # also shape the replies on the end (the cloud then shapes nothing: one process
     # controls both directions, e.g. a test bed changing the link of a running end)
+    request_costs: bool = False  # ask the cloud for its measured step costs in hello (info["cost_*"])
     limits: Limits = field(default_factory=Limits)
 
 
@@ -204,7 +205,8 @@ class CloudLink:
                                   o.emulate_rtt_ms / 2000.0, o.limits, deadline=self.deadline_s, shaper=self.shaper,
                                   down_shaper=self.down_shaper)
             try:
-                hello = client.submit(Frame("hello", meta={"fingerprint": self.fingerprint}))
+                meta = {"fingerprint": self.fingerprint, **({"costs": 1} if o.request_costs else {})}
+                hello = client.submit(Frame("hello", meta=meta))
                 self.info = client.wait(hello, hello_timeout_s or o.connect_timeout_s).meta
             except CloudError as e:
                 client.close()

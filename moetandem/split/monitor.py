@@ -89,6 +89,12 @@ class LinkMonitor:
                 self._samples.extend(keep)
         return moved
 
+    def reset(self) -> None:
+        """Forget the link measured so far (a new link: the next estimates and changes start from scratch)."""
+        with self._lock:
+            self._samples.clear()
+            self._baseline = None
+
     def as_dict(self) -> dict[str, float]:
         return {"bandwidth_bps": self.bandwidth_bps, "rtt_s": self.rtt_s, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "exchanges": self.exchanges}
@@ -103,8 +109,9 @@ def _fit(xs: list[tuple[int, float]]) -> tuple[float, float]:
     vb = sum((b - mb) ** 2 for b, _ in xs) / n
     if n >= 4 and vb > (0.2 * mb) ** 2:  # sizes differ enough to separate the two terms
         slope = sum((b - mb) * (w - mw) for b, w in xs) / n / vb  # seconds per byte
-        if slope > 0:
-            return 1.0 / slope, max(0.0, min(w - b * slope for b, w in xs))
+        rtt = min(w - b * slope for b, w in xs)
+        if slope > 0 and rtt >= 0.5 * min(w for _, w in xs):  # else noise, not bytes, made the slope
+            return 1.0 / slope, rtt
     rtt = min(w for _, w in xs)
     nbytes, busy = sum(b for b, _ in xs), sum(w - rtt for _, w in xs)
     return (nbytes / busy if busy > 1e-6 and nbytes else float("inf")), rtt

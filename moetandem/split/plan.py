@@ -9,111 +9,35 @@ Layout of a plan (L layers): the end runs the embedding and layers [0, a), the c
 at L-b carries codec frames. a = b = 0 is cloud-only: tokens up, sampled tokens down. a = L is end-only.
 In an end layer, a token whose top-k touches a cloud expert sends its row (fp16) and gets the output back.
 
-Cost of one decode step of a micro-batch of s tokens (t = per-token times from the profile):
-  end   = o_end + s·(head + Σ_end-layers (attn_l + Σ_e∈end f_le·t_expert))
-  cloud = o_cloud + s·(Σ_cloud-layers (attn_l + k·t_expert) + Σ_end-layers Σ_e∈cloud f_le·t_expert)
-  link  = s·bytes/bandwidth per direction; round trips = [cloud layers] + Σ_end-layers P(some token needs the
-          cloud), P = 1-(1-p_l)^s, p_l = 1-Π_e∈cloud(1-f_le) (routing treated as independent across experts)
+Cost of one decode step of a micro-batch of s tokens (t = per-token times, o = fixed per-step times, both
+measured per layer by split.costs at two or more token counts):
+  end   = o_end + Σ_end-layers o_l + s·(head + Σ_end-layers (attn_l + Σ_e∈end f_le·t_expert))
+  cloud = o_cloud + Σ_cloud-layers o_l
+          + s·(Σ_cloud-layers (attn_l + k·t_expert) + Σ_end-layers Σ_e∈cloud f_le·t_expert)
+  link  = (frame header + s·bytes)/bandwidth per direction and crossing; round trips = [cloud layers] +
+          Σ_end-layers P(some token needs the cloud), P = 1-(1-p_l)^s, p_l = 1-Π_e∈cloud(1-f_le) (routing treated
+          as independent across experts)
   cycle = end + cloud + link_up + link_down + round trips·RTT
-With m micro-batches in flight the step period is max(cycle, m·end, m·cloud, m·link_up, m·link_down): latency
-per token = period, throughput = concurrency / period. Bandwidth is in bytes per second.
+With m micro-batches in flight the step period is engine overhead + max(cycle, m·end, m·cloud, m·link_up,
+m·link_down): latency per token = period, throughput = concurrency / period. Bandwidth is in bytes per second.
 A shared cloud (cloud_queue_depth micro-batches of other ends queued over cloud_replicas replicas) stretches the
-cloud term: cloud × (1 + queue_depth / replicas)."""
+cloud term: cloud × (1 + queue_depth / replicas).
+The codec is chosen per crossing (up at a, down at L-b): fp16 or a calibrated low-rank rank of that cut, within
+the perplexity bound summed over both. The baselines (end-only, cloud-only, naive split: 1 + 1 layers, fp16, one
+micro-batch) are candidates of the search, so the plan is never predicted slower than the best of them."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from moetandem.errors import InvalidRequestError
+from moetandem.split.plan_types import SplitPlan, SplitProfile
 
-
-@dataclass
-class SplitProfile:
-    num_layers: int
-    num_experts: int
-    top_k: int
-    hidden_size: int
-    end_layer_s: list[float]  # [L] attention + router (+ norms) per token on the end, seconds
-    cloud_layer_s: list[float]  # [L] the same in the cloud
-    end_expert_s: float  # one expert FFN for one token on the end (experts of a model share one shape)
-    cloud_expert_s: float
-    expert_bytes: int  # one expert's weights
-    end_expert_budget: int  # bytes the end may spend on experts
-    routing_freq: list[list[float]]  # [L][E] fraction of tokens routed to each expert (a row sums to top_k)
-    bandwidth_bps: float  # link bytes per second, each direction
-    rtt_s: float
-    codec_bytes: dict[int, int] = field(default_factory=dict)  # rank → bytes per token (r + 2)
-    codec_quality: dict[int, float] = field(default_factory=dict)  # rank → perplexity increase per crossing
-    max_ppl_increase: float = 0.01
-    concurrency: int = 1  # requests decoding together (one token each per step)
-    end_head_s: float = 0.0  # embedding + norm + lm_head per token on the end
-    cloud_head_s: float = 0.0
-    end_step_overhead_s: float = 0.0  # fixed cost of one step of one micro-batch
-    cloud_step_overhead_s: float = 0.0
-    token_bytes: int = 4
-    cloud_available: bool = True
-    #: the cloud side: its replicas (moetandem cloud --replicas) and the micro-batches of other ends queued on
-    #: the whole cloud; the front spreads them, so ours waits behind queue_depth / replicas of them on average
-    cloud_replicas: int = 1
-    cloud_queue_depth: float = 0.0
-
-    def __post_init__(self) -> None:
-        L, E = self.num_layers, self.num_experts
-        if len(self.end_layer_s) != L or len(self.cloud_layer_s) != L:
-            raise InvalidRequestError(f"profile needs {L} per-layer times on end and cloud")
-        if len(self.routing_freq) != L or any(len(r) != E for r in self.routing_freq):
-            raise InvalidRequestError(f"routing_freq must be [{L}][{E}] (layers × experts)")
-        if self.cloud_available and (self.bandwidth_bps <= 0 or self.rtt_s < 0):
-            raise InvalidRequestError(f"link needs bandwidth > 0 bytes/s and RTT >= 0 (got {self.bandwidth_bps}, "
-                                      f"{self.rtt_s})")
-        if self.cloud_replicas < 1 or self.cloud_queue_depth < 0:
-            raise InvalidRequestError("cloud_replicas must be >= 1 and cloud_queue_depth >= 0")
-        if self.concurrency < 1 or self.expert_bytes <= 0:
-            raise InvalidRequestError("concurrency must be >= 1 and expert_bytes > 0")
-
-
-@dataclass
-class SplitPlan:
-    num_layers: int
-    end_layers_head: int  # layers [0, a) on the end
-    end_layers_tail: int  # layers [L-b, L) + norm + lm_head on the end
-    cloud_experts: dict[int, list[int]]  # end layer → its experts computed in the cloud
-    codec_rank: int | None  # None: fp16 activations (or token ids only)
-    micro_batches: int
-    objective: str  # "latency" | "throughput"
-    predicted_latency_s: float  # per decode step (one token for every request)
-    predicted_throughput_tok_s: float
-    predicted_bytes_per_token: float = 0.0  # both directions
-    predicted_ppl_increase: float = 0.0
-    round_trips_per_step: float = 0.0
-
-    @property
-    def cloud_layers(self) -> range:
-        return range(self.end_layers_head, self.num_layers - self.end_layers_tail)
-
-    @property
-    def mode(self) -> str:
-        if self.end_layers_head >= self.num_layers:
-            return "end-only" if not self.cloud_experts else "end layers, cloud experts"
-        return "cloud-only" if self.end_layers_head == 0 and self.end_layers_tail == 0 else "split"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def describe(self) -> str:
-        L, a, b = self.num_layers, self.end_layers_head, self.end_layers_tail
-        n_cloud = sum(len(v) for v in self.cloud_experts.values())
-        parts = [f"{self.mode}: end layers [0,{a})" + (f" + [{L - b},{L})" if b else ""),
-                 f"cloud layers [{a},{L - b})" if a < L - b else "no cloud layers",
-                 f"{n_cloud} end-layer experts in the cloud" if n_cloud else "all end-layer experts on the end",
-                 f"codec r{self.codec_rank}" if self.codec_rank is not None else "fp16/tokens on the link",
-                 f"{self.micro_batches} micro-batch(es), {self.objective}",
-                 f"predicted {1e3 * self.predicted_latency_s:.2f} ms/step, {self.predicted_throughput_tok_s:.1f} tok/s,"
-                 f" {self.predicted_bytes_per_token:.0f} B/token, {self.round_trips_per_step:.2f} round trips/step,"
-                 f" Δppl ≤ {100 * self.predicted_ppl_increase:.2f}%"]
-        return "; ".join(parts)
+__all__ = ["SplitPlan", "SplitProfile", "baseline_plans", "guard_with_measured", "make_split_plan", "predict",
+           "should_replan"]
 
 
 class _Layers:
@@ -143,9 +67,11 @@ def _end_counts(lay: _Layers, end_layers: list[int], n: int) -> dict[int, int]:
 
 @dataclass
 class _Parts:
-    """Per-token work of one (cut, placement), independent of codec rank and micro-batching."""
+    """Work of one (cut, placement), independent of codec and micro-batching."""
     end_t: float  # seconds per token on the end
     cloud_t: float
+    end_o: float  # fixed seconds per step of a micro-batch on the end
+    cloud_o: float
     up_fixed: float  # bytes per token up/down besides the cut frames (expert rows)
     down_fixed: float
     p_layers: list[float]  # per end layer with cloud experts: P(a token needs the cloud there)
@@ -154,88 +80,176 @@ class _Parts:
     a_zero: bool
 
 
-def _parts(p: SplitProfile, lay: _Layers, a: int, b: int, counts: dict[int, int]) -> _Parts:
+def _parts(p: SplitProfile, lay: _Layers, a: int, b: int, counts: dict[int, int], n_fit: int | None = None
+           ) -> _Parts:
+    """n_fit: how many of the end layers' experts fit the budget (the rest of `counts` are committee misses)."""
     L, k, E = p.num_layers, p.top_k, p.num_experts
+    end_fix = p.end_layer_fixed_s or [0.0] * L
+    cloud_fix = p.cloud_layer_fixed_s or [0.0] * L
     cloud_layers = range(a, L - b)
     cloud_only = a == 0 and b == 0
-    end_t = 0.0 if cloud_only else p.end_head_s
-    cloud_t = p.cloud_head_s if cloud_only else 0.0
+    end_t = p.end_head_s  # the end always runs norm + lm_head (and the embedding unless a = 0)
+    cloud_t = p.cloud_head_s if a == 0 and cloud_layers else 0.0  # the cloud embeds
     cloud_t += sum(p.cloud_layer_s[l] for l in cloud_layers) + len(cloud_layers) * k * p.cloud_expert_s
+    end_o = p.end_step_overhead_s + sum(end_fix[l] for l in counts)
+    cloud_o = p.cloud_step_overhead_s + sum(cloud_fix[l] for l in cloud_layers)
+    fit = counts if n_fit is None or not p.end_miss_s else _end_counts(lay, list(counts), n_fit)
     fixed, p_layers = 0.0, []
     for l, c in counts.items():
         held = lay.held[l, c]
-        end_t += p.end_layer_s[l] + held * p.end_expert_s
+        end_t += p.end_layer_s[l] + held * p.end_expert_s + (held - lay.held[l, min(c, fit[l])]) * p.end_miss_s
         if c < E:
             cloud_t += (k - held) * p.cloud_expert_s
             p_l = 1.0 - math.exp(lay.none_cold[l, c])
             fixed += p_l * 2 * p.hidden_size  # the token's row up, its output down (fp16)
             p_layers.append(p_l)
-    return _Parts(end_t, cloud_t, fixed, fixed, p_layers, len(cloud_layers) > 0, cloud_only, a == 0)
+    return _Parts(end_t, cloud_t, end_o, cloud_o, fixed, fixed, p_layers, len(cloud_layers) > 0, cloud_only,
+                  a == 0)
 
 
-def _cost(p: SplitProfile, w: _Parts, unit: int, m: int, objective: str
+def _cost(p: SplitProfile, w: _Parts, unit_up: int, unit_down: int, m: int, objective: str
           ) -> tuple[float, float, float, float, float]:
     """(score, latency, throughput, bytes/token, round trips) of one configuration; lower score is better."""
     s = math.ceil(p.concurrency / m)
     up, down = w.up_fixed, w.down_fixed
     trips = sum(1.0 - (1.0 - q) ** s for q in w.p_layers)
     if w.has_cloud_layers:
-        up += p.token_bytes if w.a_zero else unit
-        down += p.token_bytes if w.cloud_only else unit
+        up += (p.token_bytes if w.a_zero else unit_up) + p.row_bytes
+        down += unit_down  # the hidden states at L-b (at L for cloud-only: the end runs the head)
         trips += 1.0
+    frames = trips  # one frame each way per round trip
     bw = p.bandwidth_bps if p.cloud_available else math.inf
-    t_end = p.end_step_overhead_s + s * w.end_t
-    t_cloud = (p.cloud_step_overhead_s + s * w.cloud_t) if (w.cloud_t > 0 or trips > 0) else 0.0
+    t_end = w.end_o + s * w.end_t
+    t_cloud = (w.cloud_o + s * w.cloud_t) if (w.cloud_t > 0 or trips > 0) else 0.0
     # a shared cloud: the other ends' queued micro-batches, spread over the replicas, run before ours
     t_cloud *= 1.0 + p.cloud_queue_depth / p.cloud_replicas
-    t_up, t_down = s * up / bw, s * down / bw
+    t_up, t_down = (frames * p.frame_bytes + s * up) / bw, (frames * p.frame_bytes + s * down) / bw
     cycle = t_end + t_cloud + t_up + t_down + trips * p.rtt_s
-    period = max(cycle, m * t_end, m * t_cloud, m * t_up, m * t_down)
+    compute = (m * t_end, m * t_cloud) if p.overlap else (m * (t_end + t_cloud),)
+    period = p.engine_overhead_s + max(cycle, *compute, m * t_up, m * t_down)
     thr = p.concurrency / period
     score = period if objective == "latency" else -thr
-    return score + 1e-12 * (up + down), period, thr, up + down, trips
+    nbytes = up + down + (2 * frames * p.frame_bytes / s if frames else 0.0)
+    return score + 1e-12 * nbytes, period, thr, nbytes, trips
 
 
-def _fractions(n_max: int) -> list[int]:
-    return sorted({n_max, (3 * n_max) // 4, n_max // 2, n_max // 4, 0})
+def _fractions(n_max: int, n_all: int) -> list[int]:
+    """Expert counts to try on the end: the budget and parts of it, none, and all of the end layers' experts
+    (the committee then serves them, misses included, as in end-only)."""
+    return sorted({min(x, n_all) for x in (n_max, (3 * n_max) // 4, n_max // 2, n_max // 4, 0, n_all)})
+
+
+def _codec_pairs(p: SplitProfile, a: int, b: int) -> list[tuple[int | None, int, int | None, int, float]]:
+    """(up rank, up bytes, down rank, down bytes, Δppl) per crossing pair within the bound, dominated ones out."""
+    L = p.num_layers
+    if a >= L - b:
+        return [(None, 0, None, 0, 0.0)]
+    ups = p.codecs_at(a) if a > 0 else [(None, p.token_bytes, 0.0)]
+    pairs = [(ru, bu, rd, bd, qu + qd) for ru, bu, qu in ups for rd, bd, qd in p.codecs_at(L - b)
+             if qu + qd <= p.max_ppl_increase]
+    return [x for x in pairs if not any(y[1] <= x[1] and y[3] <= x[3] and y[:4] != x[:4] and
+                                        (y[1] < x[1] or y[3] < x[3]) for y in pairs)]
+
+
+def _plan(p: SplitProfile, lay: _Layers, a: int, b: int, n: int, pair: tuple, m: int, objective: str,
+          label: str = "adaptive") -> tuple[tuple, SplitPlan]:
+    L = p.num_layers
+    end_layers = list(range(a)) + list(range(L - b, L))
+    counts = _end_counts(lay, end_layers, n)
+    ru, bu, rd, bd, dq = pair
+    c = _cost(p, _parts(p, lay, a, b, counts, p.end_expert_budget // p.expert_bytes), bu, bd, m, objective)
+    cloud = {l: sorted(int(e) for e in lay.order[l, k:]) for l, k in counts.items() if k < p.num_experts}
+    _, lat, thr, nbytes, trips = c
+    plan = SplitPlan(L, a, b if a < L else 0, cloud, ru, m, objective, lat, thr, nbytes, dq, trips, rd, label)
+    return c, plan
+
+
+def baseline_plans(profile: SplitProfile, objective: str = "throughput") -> dict[str, SplitPlan]:
+    """The plans of the baselines, predicted by the same model: end-only (the committee at the end's budget),
+    cloud-only (token ids up, hidden states down, every layer in the cloud) and naive split (layers 0 and L-1
+    on the end with all their experts, fp16 both ways, one micro-batch)."""
+    p, L, E = profile, profile.num_layers, profile.num_experts
+    lay = _Layers(p)
+    fp16 = p.wire_bytes * p.hidden_size
+    out = {"end-only": _plan(p, lay, L, 0, L * E, (None, 0, None, 0, 0.0), 1, objective, "end-only")[1]}
+    if p.cloud_available:
+        out["cloud-only"] = _plan(p, lay, 0, 0, 0, (None, p.token_bytes, None, fp16, 0.0), 1, objective,
+                                  "cloud-only")[1]
+        if L >= 3:
+            out["naive"] = _plan(p, lay, 1, 1, 2 * E, (None, fp16, None, fp16, 0.0), 1, objective, "naive")[1]
+    return out
 
 
 def make_split_plan(profile: SplitProfile, objective: str = "latency") -> SplitPlan:
-    """The configuration (cut, expert placement, codec rank, micro-batches) that minimises the per-step
-    latency ("latency") or maximises tokens/s over all requests ("throughput") under the quality bound."""
+    """The configuration (cut, expert placement, codec per crossing, micro-batches) that minimises the per-step
+    latency ("latency") or maximises tokens/s over all requests ("throughput") under the quality bound. The
+    baselines are among the candidates: a baseline that is predicted best is returned as itself (its label)."""
     if objective not in ("latency", "throughput"):
         raise InvalidRequestError(f"objective must be 'latency' or 'throughput', got {objective!r}")
-    p, L = profile, profile.num_layers
+    p, L, E = profile, profile.num_layers, profile.num_experts
+    base = baseline_plans(p, objective)
+    if not p.cloud_available:
+        return base["end-only"]
     lay = _Layers(p)
     n_max = p.end_expert_budget // p.expert_bytes
-    if not p.cloud_available:  # end-only; experts that do not fit are the committee's business
-        counts = {l: p.num_experts for l in range(L)}
-        _, lat, thr, _, _ = _cost(p, _parts(p, lay, L, 0, counts), 0, 1, objective)
-        return SplitPlan(L, L, 0, {}, None, 1, objective, lat, thr)
-    codecs = [(None, 2 * p.hidden_size, 0.0)] + [
-        (r, p.codec_bytes.get(r, r + 2), q) for r, q in sorted(p.codec_quality.items()) if q <= p.max_ppl_increase]
     ms = [1] if objective == "latency" else sorted({m for m in (1, 2, 3, 4, 8, 16, 32) if m <= p.concurrency})
     best: tuple | None = None
     for a in range(L + 1):
         for b in range(L - a + 1):
             if a + b == L and b > 0:
                 continue  # the same as (L, 0)
-            end_layers = list(range(a)) + list(range(L - b, L))
-            crossings = ((a > 0) + (a > 0 or b > 0)) if a < L - b else 0  # codec frames: up at a, down at L-b
-            for n in _fractions(n_max):
-                counts = _end_counts(lay, end_layers, n)
-                work = _parts(p, lay, a, b, counts)
-                for rank, unit, q in codecs:
-                    if crossings * q > p.max_ppl_increase or (crossings == 0 and rank is not None):
-                        continue
-                    for m in ms:
-                        c = _cost(p, work, unit, m, objective)
-                        if best is None or c[0] < best[0][0]:
-                            best = (c, a, b, counts, rank, m, crossings * q)
-    assert best is not None  # (L, 0) with fp16 is always feasible
-    (_, lat, thr, nbytes, trips), a, b, counts, rank, m, dq = best
-    cloud = {l: sorted(int(e) for e in lay.order[l, c:]) for l, c in counts.items() if c < p.num_experts}
-    return SplitPlan(L, a, b if a < L else 0, cloud, rank, m, objective, lat, thr, nbytes, dq, trips)
+            n_all = (a + b) * E
+            pairs = _codec_pairs(p, a, b)
+            for n in _fractions(n_max, n_all):
+                counts = _end_counts(lay, list(range(a)) + list(range(L - b, L)), n)
+                work = _parts(p, lay, a, b, counts, n_max)
+                for pair in pairs:
+                    for m in ms if a < L or any(k < E for k in counts.values()) else [1]:
+                        c = _cost(p, work, pair[1], pair[3], m, objective)
+                        if best is None or c[0] < best[0]:
+                            best = (c[0], a, b, n, pair, m)
+    assert best is not None  # (L, 0) is always feasible
+    _, a, b, n, pair, m = best
+    plan = _plan(p, lay, a, b, n, pair, m, objective)[1]
+    if objective == "throughput":  # a baseline as good (within rounding) is returned as itself
+        top = max(base.values(), key=lambda q: q.predicted_throughput_tok_s)
+        return top if top.predicted_throughput_tok_s >= plan.predicted_throughput_tok_s * (1 - 1e-6) else plan
+    top = min(base.values(), key=lambda q: q.predicted_latency_s)
+    return top if top.predicted_latency_s <= plan.predicted_latency_s * (1 + 1e-6) else plan
+
+
+def predict(profile: SplitProfile, plan: Any, objective: str = "throughput") -> SplitPlan:
+    """`plan` (a SplitPlan or Placement: cut, cloud experts, codec ranks, micro-batches) re-predicted under
+    `profile` (the end layers' experts outside cloud_experts are taken as their hottest ones)."""
+    p, L, E = profile, profile.num_layers, profile.num_experts
+    lay = _Layers(p)
+    a, b = int(plan.end_layers_head), int(plan.end_layers_tail)
+    b = b if a < L else 0
+    ce = getattr(plan, "cloud_experts", None) or {}
+    n = sum(E - len(ce.get(l, ce.get(str(l), []))) for l in list(range(a)) + list(range(L - b, L)))
+    ru, rd = getattr(plan, "codec_rank", None), getattr(plan, "codec_rank_down", None)
+
+    def unit(cut: int, rank: int | None) -> tuple[int, float]:
+        return next(((nb, q) for r, nb, q in p.codecs_at(cut) if r == rank), (p.wire_bytes * p.hidden_size, 0.0))
+    (bu, qu), (bd, qd) = unit(a, ru), unit(L - b, rd)
+    if a == 0:
+        bu, qu = p.token_bytes, 0.0
+    m = max(1, int(getattr(plan, "micro_batches", 1) or 1))
+    return _plan(p, lay, a, b, n, (ru, bu, rd, bd, qu + qd), m, objective, getattr(plan, "label", "adaptive"))[1]
+
+
+def guard_with_measured(plan: SplitPlan, baselines: dict[str, SplitPlan], measured_tok_s: dict[str, float]
+                        ) -> SplitPlan:
+    """The plan, or the baseline measured faster. A measured baseline counts at its measured throughput; a plan
+    that is no baseline counts at its prediction times the model's worst measured / predicted ratio over the
+    baselines, so a model that flatters does not beat a measurement."""
+    seen = {c: t for c, t in measured_tok_s.items() if c in baselines and t > 0}
+    if not seen:
+        return plan
+    corr = min(1.0, *(t / baselines[c].predicted_throughput_tok_s for c, t in seen.items()))
+    best = max(seen, key=seen.__getitem__)
+    mine = seen.get(plan.label, plan.predicted_throughput_tok_s * corr)
+    return plan if plan.label == best or mine > seen[best] else baselines[best]
 
 
 def should_replan(old: SplitProfile, new: SplitProfile, factor: float = 2.0) -> bool:

@@ -54,6 +54,9 @@ rate, RTT, jitter and loss instead. A reply is awaited for
         self.status: str | None = None  # gRPC status name when the stream failed (UNAUTHENTICATED, ...)
         stub = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
         self._call = stub(self._requests(), metadata=metadata)
+        self._inbox: queue.Queue[Any] = queue.Queue()  # (due, reply bytes | CloudError) with a down_shaper
+        if down_shaper is not None:
+            threading.Thread(target=self._delayed, name="moetandem-split-delivery", daemon=True).start()
         self._reader = threading.Thread(target=self._read, name="moetandem-split-reader", daemon=True)
         self._reader.start()
 
@@ -108,36 +111,61 @@ rate, RTT, jitter and loss instead. A reply is awaited for
             yield data
 
     def _read(self) -> None:
+        """Replies as they arrive. With a down_shaper each gets its due time on arrival and a delivery thread
+        hands it over then, in order: a reply queued behind a delayed one is not delayed again (pipelined
+        micro-batches pay the emulated RTT once, as on a real link)."""
+        err: CloudError
         try:
             for data in self._call:
-                if self.down_shaper is not None:  # in order: later replies wait behind this one, as on TCP
-                    wait = self.down_shaper.due(len(data)) - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                reply = unpack(data, self.limits)
-                if reply.kind == "error" and reply.meta.get("fatal"):  # e.g. idle expiry: not tied to a request
-                    raise CloudError(f"the cloud closed the session: {reply.meta.get('message')}")
-                with self._lock:
-                    if not self._pending or self._pending[0][0] != reply.id:
-                        raise FrameError(f"reply id {reply.id} does not match the oldest request")
-                    _, fut, t0, sent, alone = self._pending.popleft()
-                if self.monitor is not None:
-                    server_s = reply.meta.get("server_s", 0.0)
-                    self.monitor.record(sent, len(data), time.perf_counter() - t0,
-                                        float(server_s) if isinstance(server_s, (int, float)) else 0.0, alone)
-                if reply.kind == "error":
-                    fut.set_exception(CloudError(f"the cloud refused a request: {reply.meta.get('message')}"))
+                if self.down_shaper is None:
+                    self._deliver(data)
                 else:
-                    fut.set_result(reply)
-            self._fail(CloudError("the cloud ended the stream"))
+                    self._inbox.put((self.down_shaper.due(len(data)), data))
+            err = CloudError("the cloud ended the stream")
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
             self.status = getattr(code, "name", None)
             detail = e.details() if hasattr(e, "details") else str(e)
             self.detail = str(detail)
-            self._fail(CloudError(f"link to the cloud lost ({getattr(code, 'name', code)}: {detail})"))
+            err = CloudError(f"link to the cloud lost ({getattr(code, 'name', code)}: {detail})")
         except (FrameError, CloudError) as e:
-            self._fail(e if isinstance(e, CloudError) else CloudError(f"bad reply from the cloud: {e}"))
+            err = e if isinstance(e, CloudError) else CloudError(f"bad reply from the cloud: {e}")
+        if self.down_shaper is None:
+            self._fail(err)
+        else:
+            self._inbox.put((0.0, err))
+
+    def _delayed(self) -> None:
+        while True:
+            due, item = self._inbox.get()
+            if isinstance(item, CloudError):
+                self._fail(item)
+                return
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                self._deliver(item)
+            except (FrameError, CloudError) as e:
+                self._fail(e if isinstance(e, CloudError) else CloudError(f"bad reply from the cloud: {e}"))
+                return
+
+    def _deliver(self, data: bytes) -> None:
+        reply = unpack(data, self.limits)
+        if reply.kind == "error" and reply.meta.get("fatal"):  # e.g. idle expiry: not tied to a request
+            raise CloudError(f"the cloud closed the session: {reply.meta.get('message')}")
+        with self._lock:
+            if not self._pending or self._pending[0][0] != reply.id:
+                raise FrameError(f"reply id {reply.id} does not match the oldest request")
+            _, fut, t0, sent, alone = self._pending.popleft()
+        if self.monitor is not None:
+            server_s = reply.meta.get("server_s", 0.0)
+            self.monitor.record(sent, len(data), time.perf_counter() - t0,
+                                float(server_s) if isinstance(server_s, (int, float)) else 0.0, alone)
+        if reply.kind == "error":
+            fut.set_exception(CloudError(f"the cloud refused a request: {reply.meta.get('message')}"))
+        else:
+            fut.set_result(reply)
 
     def _fail(self, err: CloudError, cancel: bool = True) -> None:
         with self._lock:

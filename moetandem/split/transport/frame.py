@@ -1,12 +1,14 @@
 """The wire format of split execution: one gRPC message = one frame, never pickle.
 
-    frame   = MAGIC (4 bytes, b"MTS1") | header length (uint32, little endian) | header | payload
-    header  = UTF-8 JSON object {"v": 1, "kind": str, "id": int, "meta": {str: scalar | list of scalars},
-                                  "tensors": [[name, dtype, shape], ...]}
+    frame   = MAGIC (4 bytes) | header length (uint32, little endian) | header | payload
+    header  = b"MTS1": UTF-8 JSON object {"v": 1, "kind": str, "id": int, "meta": {str: scalar | list of scalars},
+                                          "tensors": [[name, dtype, shape], ...]}
+              b"MTS2": the same fields in a compact binary form (transport/compact.py), what pack() writes;
+              both are accepted and checked alike
     payload = the tensors' raw bytes (C order, little endian), concatenated in header order
 
 Every received frame is validated before anything is allocated from it: magic and version, header size and
-JSON shape, known kind, dtype in a whitelist, shape rank and element count bounded, and
+shape, known kind, dtype in a whitelist, shape rank and element count bounded, and
 Σ prod(shape) × itemsize == len(payload) exactly. A frame that fails any check raises FrameError."""
 from __future__ import annotations
 
@@ -21,14 +23,18 @@ import numpy as np
 import torch
 
 from moetandem.errors import MoetandemError
+from moetandem.split.transport.compact import CompactError, decode_header, encode_header
 
-MAGIC = b"MTS1"
+MAGIC = b"MTS1"  # JSON header
+MAGIC_COMPACT = b"MTS2"  # the same header in a few bytes (transport/compact.py): what pack() writes
 VERSION = 1
-KINDS = frozenset({"hello", "alloc", "free", "layers", "experts", "reply", "error", "bye"})
+KIND_ORDER = ("hello", "alloc", "free", "layers", "experts", "reply", "error", "bye")  # never reorder: compact ids
+KINDS = frozenset(KIND_ORDER)
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
     "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_ORDER = tuple(DTYPES)  # never reorder (compact header ids); append new dtypes at the end
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _PREFIX = struct.Struct("<4sI")
 
@@ -68,9 +74,11 @@ def pack(frame: Frame) -> bytes:
         specs.append([name, DTYPE_NAMES[t.dtype], list(t.shape)])
         # bytes of any dtype (bfloat16 has no numpy twin): view the storage as uint8
         blobs.append(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    header = json.dumps({"v": VERSION, "kind": frame.kind, "id": frame.id, "meta": frame.meta, "tensors": specs},
-                        separators=(",", ":")).encode()
-    return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *blobs])
+    try:
+        header = encode_header(frame.kind, frame.id, frame.meta, specs, KIND_ORDER, DTYPE_ORDER)
+    except (CompactError, ValueError) as e:
+        raise FrameError(f"cannot send this frame: {e}") from None
+    return b"".join([_PREFIX.pack(MAGIC_COMPACT, len(header)), header, *blobs])
 
 
 def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Frame:
@@ -80,14 +88,21 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Frame:
     if len(data) > limits.max_message_bytes:
         raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {limits.max_message_bytes}")
     magic, hlen = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
+    if magic not in (MAGIC, MAGIC_COMPACT):
         raise FrameError("bad magic: not a moetandem split frame")
     if hlen > limits.max_header_bytes or _PREFIX.size + hlen > len(data):
         raise FrameError(f"header length {hlen} is out of bounds")
-    try:
-        head = json.loads(bytes(data[_PREFIX.size:_PREFIX.size + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FrameError("header is not UTF-8 JSON") from None
+    raw_head = bytes(data[_PREFIX.size:_PREFIX.size + hlen])
+    if magic == MAGIC_COMPACT:
+        try:
+            head = decode_header(raw_head, KIND_ORDER, DTYPE_ORDER, VERSION)
+        except CompactError as e:
+            raise FrameError(f"bad compact header: {e}") from None
+    else:
+        try:
+            head = json.loads(raw_head.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FrameError("header is not UTF-8 JSON") from None
     if not isinstance(head, dict) or set(head) != {"v", "kind", "id", "meta", "tensors"}:
         raise FrameError("header must hold exactly v, kind, id, meta, tensors")
     if head["v"] != VERSION:
