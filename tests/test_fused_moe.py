@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_checks import check_every_candidate, rel_err
 from moetandem.experts.store import flat_views
 from moetandem.kernels import fused_moe, fused_moe_reference, fused_moe_supported
 from moetandem.kernels import tuning
@@ -125,9 +126,6 @@ def test_supported_on_cpu() -> None:
 
 # ---------------------------------------------------------------- GPU
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
 
 @pytest.fixture
 def tune_dir(tmp_path, monkeypatch):
@@ -174,20 +172,10 @@ def test_triton_dtypes_and_activations(dtype: torch.dtype, act: str, tune_dir) -
 def test_triton_every_candidate_config(T: int) -> None:
     """Any config the search may pick gives the right answer (BLOCK_M 16/32/64 x every tile)."""
     pytestmark_gpu()
-    from triton.runtime.errors import OutOfResources
-
     from moetandem.kernels.fused_moe import _Plan
     x, ids, w, w13, w2, tab, _ = problem(T, 8, 128, 100, 2048, 768, "cuda", torch.bfloat16, table=True)
     ref = fused_moe_reference(x.float(), ids, w, w13.float(), w2.float(), tab)
-    for bm in (16, 32, 64):
-        for kc in tuning.CANDIDATES:
-            p = _Plan(x, ids, w, w13, w2, tab, "silu", bm)
-            try:
-                p.up(kc)
-                p.down(kc)
-            except OutOfResources:  # too much shared memory for this tile: the search skips it too
-                continue
-            assert rel_err(p.reduce(), ref) < 1.5e-2, (bm, kc)
+    check_every_candidate(lambda bm: _Plan(x, ids, w, w13, w2, tab, "silu", bm), ref, 1.5e-2)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from kernel_checks import check_every_candidate, rel_err
 from moetandem.kernels import fused_moe, fused_moe_op, fused_moe_reference, fused_moe_supported, quant, tuning
 
 fm = importlib.import_module("moetandem.kernels.fused_moe")  # the module (the package exports the function)
@@ -222,9 +223,6 @@ def gpu_case(fmt: str, T: int, H: int, I: int, E: int, k: int, N: int, seed: int
     return x, ids.cuda(), w.cuda(), d, s, tab.cuda(), dequantized(d, s, fmt)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
 
 @pytest.fixture
 def tune_dir(tmp_path, monkeypatch):
@@ -269,18 +267,9 @@ def test_triton_mxfp4_gpt_oss_gpu(T: int, tune_dir) -> None:
 @pytest.mark.parametrize("fmt", QUANT)
 def test_triton_every_candidate_config_gpu(fmt: str) -> None:
     """Any config the search may pick is right: BLOCK_M 16/32/64 x every tile (tile- and element-scaled)."""
-    from triton.runtime.errors import OutOfResources
     x, ids, w, d, s, tab, deq = gpu_case(fmt, 40, 2048, 768, 64, 8, N=40)
     ref = fused_moe_reference(x.float(), ids, w, *deq, tab)
-    for bm in (16, 32, 64):
-        for kc in tuning.CANDIDATES:
-            p = fm._Plan(x, ids, w, *d, tab, "silu", bm, fmt=fmt, scales=s)
-            try:
-                p.up(kc)
-                p.down(kc)
-            except OutOfResources:  # too much shared memory for this tile: the search skips it too
-                continue
-            assert rel_err(p.reduce(), ref) < 2e-2, (bm, kc)
+    check_every_candidate(lambda bm: fm._Plan(x, ids, w, *d, tab, "silu", bm, fmt=fmt, scales=s), ref, 2e-2)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ openai = pytest.importorskip("openai")
 
 import moetandem
 from conftest import build_checkpoint
+from scripted import Script
 from moetandem.serve import create_app, generation
 from moetandem.serve.harmony import HarmonyParser, parse_all
 from moetandem.serve.server_thread import ServerThread
@@ -128,20 +129,7 @@ def script(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> Any:
 
     def use(text: str) -> None:
         ids = tok(text, add_special_tokens=False)["input_ids"]
-
-        class Script:
-            def __init__(self) -> None:
-                self.i = 0
-
-            def process(self, row: Any) -> Any:
-                out = row.clone().fill_(float("-inf"))
-                out[ids[min(self.i, len(ids) - 1)]] = 0.0
-                return out
-
-            def accept(self, token: int) -> None:
-                self.i += 1
-
-        monkeypatch.setattr(generation, "processors", lambda *a: [*real(*a), Script()])
+        monkeypatch.setattr(generation, "processors", lambda *a: [*real(*a), Script(ids)])
 
     real = generation.processors
     return use

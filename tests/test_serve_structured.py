@@ -16,6 +16,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 import moetandem
 from moetandem.assets import demo_model_path
+from scripted import Script
 from moetandem.serve import create_app, generation
 from moetandem.serve.server_thread import ServerThread
 
@@ -186,21 +187,8 @@ def scripted(monkeypatch: pytest.MonkeyPatch, srv: ServerThread) -> str:
     """Every sequence of the server is forced to write SCRIPT then end (a stub of the model's generation)."""
     tok = srv.app.state.server.loop.engine.tokenizer
     ids = tok(SCRIPT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-
-    class Script:
-        def __init__(self) -> None:
-            self.i = 0
-
-        def process(self, row: Any) -> Any:
-            out = row.clone().fill_(float("-inf"))
-            out[ids[min(self.i, len(ids) - 1)]] = 0.0
-            return out
-
-        def accept(self, token: int) -> None:
-            self.i += 1
-
     real = generation.processors
-    monkeypatch.setattr(generation, "processors", lambda *a: [*real(*a), Script()])
+    monkeypatch.setattr(generation, "processors", lambda *a: [*real(*a), Script(ids)])
     return SCRIPT
 
 
