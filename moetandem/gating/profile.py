@@ -206,7 +206,9 @@ class ProfileMonitor:
         if retime:
             self._timings = {k: getattr(prof, k) for k in self._timings}
         self.spent_s += prof.measure_s
-        self._last, self.profile = now, prof
+        # the interval runs from the end of a measurement: one slower than every_s (a loaded host) is not redone
+        # by the very next call
+        self._last, self.profile = time.perf_counter(), prof
         for fn in self.listeners:
             fn(prof)
         return prof
