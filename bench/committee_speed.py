@@ -107,6 +107,28 @@ def main() -> None:
                      f"{'yes' if r.get('graph_safe') else 'no'} | {hit} | {r.get('swaps', '–')} |")
     print("\n".join(lines))
     (args.out / "committee_speed.md").write_text("\n".join(lines) + "\n")
+    plot(rows, args.out / "committee_speed.png")
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """tok/s vs expert budget, one line per policy, one panel per shape (all-resident as a dashed line)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        mine = [r for r in rows if r["shape"] == shape]
+        for label in dict.fromkeys(r["config"] for r in mine if r["config"] != "all resident"):
+            pts = sorted((r["budget"], r["tok_s"]) for r in mine if r["config"] == label)
+            ax.plot(*zip(*pts), marker="o", label=label)
+        full = next(r["tok_s"] for r in mine if r["config"] == "all resident")
+        ax.axhline(full, color="gray", linestyle="--", label="all resident")
+        ax.set(title=shape, xlabel="expert budget (fraction of expert bytes)", ylabel="decode tok/s")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 if __name__ == "__main__":
