@@ -386,3 +386,19 @@ def test_mapped_exact_misses_equal_all_resident_without_host_sync(engine, monkey
     assert c.host_flat(layer, 3).data_ptr() == c.mapped[layer][3].data_ptr()  # swaps copy from the same pinned copy
     lru = _committee(engine, MissPolicy.named("lru"), 2)
     assert lru.mapped is None  # the baselines keep their own miss handling
+
+
+def test_compiled_routing_rule_falls_back_to_eager(monkeypatch):
+    """Where inductor cannot compile, the committee's routing rule runs eagerly with the same result."""
+    from moetandem.experts import policies
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setitem(policies._fast, "fn", broken)
+    res = torch.tensor([[0, -1], [-1, -1]], dtype=torch.int32)
+    sub, near = torch.full_like(res, -1), torch.tensor([-1, 1], dtype=torch.int32)
+    w = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    got = policies._general_fast(res, sub, near, w, 0.05, False, True)
+    want = policies._general(res, sub, near, w, 0.05, False, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert policies._fast["fn"] is policies._general  # compiled once, failed once: eager from then on

@@ -25,7 +25,7 @@ a deferring step leaves the token's MoE output 0.
 """
 from __future__ import annotations
 
-import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +34,8 @@ import torch
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.costs import CostModel  # noqa: F401 (re-exported: bench/miss_costs.py)
 from moetandem.experts.slots import LayerSlots
+
+log = logging.getLogger("moetandem.experts")
 
 POLICIES = ("auto", "fetch", "host", "substitute", "skip")
 BASELINES = ("lru", "static", "host-only")
@@ -117,7 +119,7 @@ class MissPolicy:
             return Assignment(slots=res, weights=weights.float(), exact=~hit, counts=counts)
         sub = slots.sub_slot[expert_ids] if self.substitute_min_sim is not None else torch.full_like(res, -1)
         near = slots.near_slot[expert_ids[:, 0]] if defer else torch.full_like(res[:, 0], -1)  # [T]
-        fn = _general_compiled() if res.is_cuda else _general
+        fn = _general_fast if res.is_cuda else _general
         slot, w, exact, counts = fn(res, sub, near, weights, self.skip_below, self.skip_resident, defer)
         return Assignment(slots=slot, weights=w, exact=None if defer else exact, counts=counts)
 
@@ -156,12 +158,21 @@ def _general(res: torch.Tensor, sub: torch.Tensor, near: torch.Tensor, weights: 
     return slot, w, exact, counts
 
 
-@functools.lru_cache(maxsize=1)
-def _general_compiled() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+_fast: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+
+def _general_fast(*args: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """On CUDA, the ~40 small ops of _general fused into a few kernels: launched one by one inside a CUDA graph
-    they made balanced half as fast as exact (227 vs 455 tok/s, OLMoE-1B-7B shape at 50%); the eager function where
-    compilation is unavailable."""
+    they made balanced half as fast as exact (227 vs 455 tok/s, OLMoE-1B-7B shape at 50%). Where inductor cannot
+    compile (no compiler, an unsupported platform), the eager rule, with one warning."""
+    fn = _fast.get("fn")
+    if fn is None:
+        fn = _fast["fn"] = torch.compile(_general, dynamic=None)
+    if fn is _general:
+        return _general(*args)
     try:
-        return torch.compile(_general, dynamic=None)
-    except Exception:  # noqa: BLE001 - a platform without inductor keeps the eager rule
-        return _general
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001 - any compiler failure: the same rule, eagerly
+        log.warning("compiling the committee's routing rule failed (%s); it runs op by op", type(err).__name__)
+        _fast["fn"] = _general
+        return _general(*args)
