@@ -271,5 +271,6 @@ def test_loaded_cloud_moves_the_plan_to_the_end_and_back(ckpt: Path, cloud: Any)
     run_until(lambda: split.plan.mode == "cloud-only")
     assert split.plan.mode == "cloud-only", split.split_stats()
     assert split.stats["fallbacks"] == 0 and split.link.monitor.cloud_queue_depth < 10
+    assert split.stats["replans"] == 2  # once each way: no plan back and forth on the way up or down
     split.link.close()
 

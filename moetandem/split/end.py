@@ -13,7 +13,8 @@ re-prefill. Per row we track how many positions each route has valid K/V for.
 Re-planning: before each forward, when the link (bandwidth, RTT) or the cloud's reported load (queue depth over
 its replicas) moved by 2x, `replanner(monitor)` may answer a new plan. While a plan keeps everything on the end,
 a `hello` on the stateless Experts stream every `load_probe_s` keeps the cloud's load measured (so an idle cloud
-brings the plan back); the Session stream then idles and the cloud frees its caches."""
+brings the plan back); the Session stream then idles and the cloud frees its caches at its idle
+timeout."""
 from __future__ import annotations
 
 import logging

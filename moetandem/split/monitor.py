@@ -43,7 +43,7 @@ class LinkMonitor:
     def record_load(self, queue: int, replicas: int | None = None, now: float | None = None) -> None:
         """A load reading from a reply: `queue` exchanges of other ends were ahead of ours on our replica;
         `replicas` (hello only) the cloud's replica count. Smoothed in time: a reading after dt seconds weighs
-        1 − exp(−dt / load_tau_s), so a burst of replies counts as one moment and a lone probe after a pause fully."""
+        1 − exp(−dt / load_tau_s), so a burst of replies counts as one moment, a lone probe after a pause fully."""
         now = time.monotonic() if now is None else now
         with self._lock:
             if replicas is not None:
