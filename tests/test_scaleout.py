@@ -1,14 +1,19 @@
 """The cloud side scales out: experts sharded over 2 ranks (gloo) give the tokens of one process with half the
 expert bytes per rank; Ray Serve replicas behind one front lose no request when one dies; the split scheduler
-divides the cloud's queue over its replicas."""
+divides the cloud's queue over its replicas; the cloud reports its replicas and queue depth and the end's
+re-planner follows them."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cloud_process import start_cloud, stop_cloud
@@ -16,7 +21,11 @@ from conftest import build_checkpoint
 
 import moetandem
 from moetandem.split.front import Front
+from moetandem.split.link import CloudLink, LinkOptions
+from moetandem.split.monitor import LinkMonitor
 from moetandem.split.plan import make_split_plan, should_replan
+from moetandem.split.transport.frame import Frame
+from test_split import cloud, end_engine  # noqa: F401  (the in-process cloud fixture, an end on it)
 from test_split_plan import L, profile
 
 try:
@@ -142,6 +151,7 @@ def test_replicas_lose_no_request_when_one_dies_and_drain(ckpt: Path, token: Pat
         stats = [e.split.split_stats() for e in ends]
         assert sum(s["link_losses"] for s in stats) >= 1  # some ends were on the dead replica ...
         assert all(s["cloud_forwards"] > 0 for s in stats)  # ... and every end used the cloud
+        assert all(s["cloud_replicas"] == 2 for s in stats)  # each replica's hello reports the deployment's N
         # drain: SIGTERM to the front while ends[1] is generating again
         again: list[list[int]] = []
         gen = threading.Thread(target=lambda: again.append(ends[1].generate(
@@ -171,3 +181,96 @@ def test_replicas_lose_no_request_when_one_dies_and_drain(ckpt: Path, token: Pat
     finally:
         if proc.poll() is None:
             assert stop_cloud(proc) == 0
+
+
+def test_cloud_reports_replicas_and_queue_depth(cloud: Any) -> None:
+    """hello carries the replica count and the queue; frames that wait for the compute lock (held here) report
+    how many were ahead of them, and the end's monitor reads both (an idle cloud sends no queue: 0)."""
+    cloud.compute_lock = threading.Lock()  # the fixture's resident cloud: unlocked
+    cloud.replicas = 3  # as one of `--replicas 3`
+    n = 3
+    links = [CloudLink(LinkOptions(f"127.0.0.1:{cloud.port}", TOKEN), cloud.fingerprint)
+             for _ in range(n + 1)]
+    try:
+        links[0].connect()
+        assert (links[0].info["replicas"], links[0].info["queue"]) == (3, 0)
+        mon = links[0].monitor
+        assert (mon.cloud_replicas, mon.cloud_queue_depth) == (3, 0.0)
+        links[0].session().request(Frame("free", meta={"cache": 0}))  # idle: no queue in the reply
+        with cloud.compute_lock:
+            futs = []
+            for link in links[1:n]:
+                link.connect()
+                futs.append(link.session().submit(Frame("free", meta={"cache": 0})))
+            futs.append(links[0].session().submit(Frame("free", meta={"cache": 0})))
+            deadline = time.monotonic() + 10
+            while cloud.queue_depth < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert cloud.queue_depth == n
+            links[n].connect()  # a new end's hello, while n exchanges wait
+            assert links[n].info["queue"] == n
+        replies = [f.result(timeout=10) for f in futs]
+        assert sorted(r.meta.get("queue", 0) for r in replies) == list(range(n))  # each saw those ahead of it
+        assert cloud.queue_depth == 0
+        assert max(link.monitor.cloud_queue_depth for link in links[:n]) > 0  # smoothed, × 3 replicas
+    finally:
+        for link in links:
+            link.close()
+
+
+def test_monitor_smooths_the_load_and_changes_with_hysteresis() -> None:
+    mon = LinkMonitor(load_tau_s=1.0)
+    t = time.monotonic()
+    assert (mon.cloud_replicas, mon.cloud_queue_depth, mon.load_changed()) == (1, 0.0, False)  # an old cloud
+    mon.record_load(0, replicas=2, now=t)
+    mon.record_load(8, now=t + 0.01)  # one reply 10 ms later: barely moves the smoothed depth
+    assert 0 < mon.cloud_queue_depth < 0.2 and not mon.load_changed()
+    mon.record_load(8, now=t + 10)  # a lasting load: 8 per replica, the whole cloud's 16 over 2 replicas
+    assert mon.cloud_queue_depth == pytest.approx(16, rel=1e-3) and mon.load_changed() and not mon.load_changed()
+    mon.record_load(6, now=t + 20)  # 9 -> 7: within 2x, no change
+    assert not mon.load_changed()
+    mon.record_load(0, now=t + 30)
+    assert mon.cloud_queue_depth == pytest.approx(0, abs=1e-3) and mon.load_changed()
+
+
+def test_loaded_cloud_moves_the_plan_to_the_end_and_back(ckpt: Path, cloud: Any) -> None:
+    """A slow end, cloud-only while the cloud is idle; the cloud reports a queue of 20 on its one replica (20
+    exchanges held in compute by the test): the re-planner puts end-only in force and holds it while the load
+    lasts; its load probes then see the queue drain and the plan goes back to the cloud."""
+    from moetandem.split.connect import profile_replanner
+    from moetandem.split.costs import StepCosts, split_profile
+    eng, split = end_engine(ckpt, cloud.port, head=1, tail=1, codec="plan")
+    ar, n = eng.args, eng.args.num_layers
+    end = StepCosts([1e-4] * n, [2e-2] * n, 1e-4, 1e-5, 1e-4)  # 20 ms per layer and token
+    cloud_costs = StepCosts([2e-3] * n, [1e-5] * n, 1e-4, 1e-6, 1e-6)
+    eb = eng.store.expert_bytes(eng.dtype)
+    prof = split_profile(end, cloud_costs, ar, eb, n * ar.num_experts * eb, 100e6 / 8, 0.005)
+    assert make_split_plan(prof).mode == "cloud-only"
+    assert make_split_plan(dataclasses.replace(prof, cloud_queue_depth=20)).mode == "end-only"
+    split.set_plan(make_split_plan(prof))
+    split.replanner = profile_replanner(prof, current=split.plan)
+    split.link.monitor.load_tau_s, split.load_probe_s = 0.1, 0.02  # fast, for the test
+    prompts = [[5, 17, 42, 9], [3, 1, 4]]
+
+    def run_until(done: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done() and time.monotonic() < deadline:
+            eng.generate(prompts, max_new_tokens=8, stop_on_eos=False, on_token=lambda *_: time.sleep(0.005))
+
+    run_until(lambda: split.stats["cloud_forwards"] >= 8, 10)
+    assert split.plan.mode == "cloud-only" and split.stats["replans"] == 0
+    with ExitStack() as load:
+        for _ in range(20):
+            load.enter_context(cloud.in_compute())
+        run_until(lambda: split.plan.mode == "end-only")
+        assert split.plan.mode == "end-only", split.split_stats()
+        assert split.link.monitor.cloud_queue_depth > 10
+        replans = split.stats["replans"]
+        run_until(lambda: False, 0.5)  # the load lasts: probes see it, no plan back and forth
+        assert split.stats["replans"] == replans and split.plan.mode == "end-only"
+    run_until(lambda: split.plan.mode == "cloud-only")
+    assert split.plan.mode == "cloud-only", split.split_stats()
+    assert split.stats["fallbacks"] == 0 and split.link.monitor.cloud_queue_depth < 10
+    assert split.stats["replans"] == 2  # once each way: no plan back and forth on the way up or down
+    split.link.close()
+

@@ -32,6 +32,8 @@ def register(sub: Any) -> None:
                    help="shard the experts over N ranks of this host (NCCL on GPUs, gloo on CPU); rank 0 serves")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="N cloud replicas under Ray Serve behind --listen (needs pip install moetandem[cluster])")
+    p.add_argument("--report-replicas", type=int, default=1, help=argparse.SUPPRESS)  # set by --replicas N on each
+    # replica: the count its hello reports to the ends' schedulers
     add_drain_args(p, "refuse new sessions (ends fall back), let in-flight exchanges finish")
     p.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     add_device_args(p)
@@ -45,7 +47,7 @@ def cloud_command(args: argparse.Namespace) -> int:
 
     if args.max_sessions < 1 or args.idle_timeout <= 0 or args.max_session_bytes < 1:
         raise InvalidRequestError("--max-sessions, --idle-timeout and --max-session-bytes must be positive")
-    if args.expert_parallel < 1 or args.replicas < 1:
+    if args.expert_parallel < 1 or args.replicas < 1 or args.report_replicas < 1:
         raise InvalidRequestError("--expert-parallel and --replicas must be >= 1")
     if not args.drain_timeout >= 0:
         raise InvalidRequestError(f"--drain-timeout {args.drain_timeout:g}: must be >= 0 seconds")
@@ -63,7 +65,8 @@ def cloud_command(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     if args.replicas > 1:  # this process is the front; each Ray Serve replica runs `moetandem cloud` (below)
         from moetandem.split.replicas import serve_replicas
-        return serve_replicas(args.replicas, replica_argv(sys.argv[1:]), args.listen, stop, args.drain_timeout)
+        return serve_replicas(args.replicas, replica_argv(sys.argv[1:], args.replicas), args.listen, stop,
+                              args.drain_timeout)
     ep, group, device, followers = args.expert_parallel, None, args.device, []
     if ep > 1:
         from moetandem.split import parallel
@@ -77,7 +80,7 @@ def cloud_command(args: argparse.Namespace) -> int:
     spec = LinkSpec(args.emulate_rate_mbit, args.emulate_rtt_ms, args.emulate_jitter_ms, args.emulate_loss)
     shaping = PeerShapers(spec) if spec.active else 0.0  # each reply shaped on its end's emulated link
     server = CloudServer(engine, token, args.max_sessions, args.idle_timeout, args.max_session_bytes, shaping,
-                         mirror=mirror)
+                         mirror=mirror, replicas=args.report_replicas)
     if follower:
         parallel.gather_expert_bytes(engine.provider)
         parallel.follow(server, group)  # a follower rank: compute what rank 0 is sent, until rank 0 stops
@@ -100,8 +103,9 @@ def cloud_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def replica_argv(argv: list[str]) -> list[str]:
-    """This command line for one replica: without --replicas and --listen (a replica picks its own port)."""
+def replica_argv(argv: list[str], replicas: int = 1) -> list[str]:
+    """This command line for one replica: without --replicas and --listen (a replica picks its own port), telling
+    it to report `replicas` to the ends."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -110,4 +114,4 @@ def replica_argv(argv: list[str]) -> list[str]:
             skip = True
         elif not a.startswith(("--replicas=", "--listen=")):
             out.append(a)
-    return out
+    return [*out, "--report-replicas", str(replicas)]

@@ -7,7 +7,11 @@ Two gRPC bidirectional streams (transport/__init__.py names them):
   Experts  stateless: `experts` frames (layer, rows x [T, H], expert ids/weights [T, k]) return Σ w·E(x).
 Every stream starts with `hello` (checkpoint fingerprint must match). Bounded: --max-sessions streams of
 each kind, --max-session-bytes of KV per session. drain() (SIGTERM) refuses new streams with UNAVAILABLE (an outage
-to the end: it computes alone and probes), lets each open stream finish the frame it is computing, then ends it."""
+to the end: it computes alone and probes), lets each open stream finish the frame it is computing, then ends it.
+Load, for the ends' schedulers (split/monitor.py): `hello` replies carry `replicas` (this cloud's replica count:
+1, or N under `--replicas N`) and `queue`; a compute reply carries `queue` = the exchanges of other streams
+waiting for or holding the compute lock when its frame arrived (left out when 0: an old end ignores it, and an
+end reads a missing one as 0)."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,10 +84,13 @@ class _Session:
                    "Experts": {"experts": self.on_experts}}[self.kind].get(f.kind)
         if handler is None:
             raise FrameError(f"{f.kind!r} frames do not belong on the {self.kind} stream")
-        with torch.inference_mode(), self.server.compute_lock:
+        with self.server.in_compute() as ahead, torch.inference_mode(), self.server.compute_lock:
             if self.server.mirror is not None:  # expert parallel: the other ranks compute this frame too
                 self.server.mirror.send(self.key, self.kind, f)
-            return handler(f)
+            reply = handler(f)
+        if ahead:
+            reply.meta["queue"] = ahead
+        return reply
 
     def on_hello(self, f: Frame) -> Frame:
         srv = self.server
@@ -93,7 +100,8 @@ class _Session:
         self.hello = True
         a = srv.engine.args
         meta = {"fingerprint": srv.fingerprint, "num_layers": a.num_layers, "hidden": a.hidden_size,
-                "max_len": a.max_position_embeddings, "dtype": str(srv.engine.dtype).removeprefix("torch.")}
+                "max_len": a.max_position_embeddings, "dtype": str(srv.engine.dtype).removeprefix("torch."),
+                "replicas": srv.replicas, "queue": srv.queue_depth}
         if f.meta.get("costs") and srv.mirror is None:  # the end's scheduler asks for the cloud's measured step
             meta.update(srv.step_costs().as_meta())  # costs (split.costs; not with ranks that must meet in step)
         return Frame("reply", meta=meta)
@@ -194,11 +202,12 @@ class CloudServer:
 
     def __init__(self, engine: Any, token: str, max_sessions: int = 16, idle_timeout_s: float = 300.0,
                  max_session_bytes: int = 2**30, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS,
-                 mirror: Any = None) -> None:
-        """mirror: split.parallel.Mirror when the engine's experts are sharded over ranks (rank 0 only)."""
+                 mirror: Any = None, replicas: int = 1) -> None:
+        """mirror: split.parallel.Mirror when the engine's experts are sharded over ranks (rank 0 only).
+        replicas: the replica count reported to ends in hello (N when this cloud is one of `--replicas N`)."""
         self.engine, self.token, self.limits, self.mirror = engine, token, limits, mirror
         self.max_sessions, self.idle_timeout_s, self.max_session_bytes = max_sessions, idle_timeout_s, max_session_bytes
-        self.delay_s = delay_s
+        self.delay_s, self.replicas = delay_s, replicas
         self.fingerprint = engine.store.ckpt.fingerprint()
         self.stats = StreamStats()
         # all-resident experts are read-only and thread-safe; a committee is not: serialise compute then
@@ -211,6 +220,25 @@ class CloudServer:
         self.draining = threading.Event()
         self._costs: Any = None
         self._costs_lock = threading.Lock()
+        self._queued = 0  # exchanges waiting for or holding compute_lock now (the cloud's load)
+
+    @contextmanager
+    def in_compute(self) -> Iterator[int]:
+        """Count one exchange as queued for compute while the block runs; yields how many were before it."""
+        with self._lock:
+            ahead = self._queued
+            self._queued += 1
+        try:
+            yield ahead
+        finally:
+            with self._lock:
+                self._queued -= 1
+
+    @property
+    def queue_depth(self) -> int:
+        """Exchanges waiting for or holding the compute lock now."""
+        with self._lock:
+            return self._queued
 
     def step_costs(self) -> Any:
         """This cloud's per-layer fixed + per-token decode costs, measured once (at the first hello asking)."""

@@ -94,9 +94,11 @@ def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces
 def profile_replanner(profile: Any, objective: str = "latency", current: Any = None, min_gain: float = 0.1
                       ) -> Callable[[Any], Any]:
     """A SplitModel.replanner: split.plan.make_split_plan on `profile` (a SplitProfile) with the link's measured
-    bandwidth and RTT. A new plan is returned only when it is predicted at least `min_gain` better than the plan
-    in force (`current`, then the last one returned) under the new link: a noisy reading of the same link does
-    not make the end re-allocate its cloud caches back and forth."""
+    bandwidth and RTT and the cloud's reported load (the monitor's smoothed queue depth and replica count: a
+    loaded cloud pushes the plan toward the end, an idle one back). A new plan is returned only when it is
+    predicted at least `min_gain` better than the plan in force (`current`, then the last one returned) under the
+    new link and load: a noisy reading of the same link does not make the end re-allocate its cloud caches back
+    and forth."""
     from dataclasses import replace
 
     from moetandem.split.plan import make_split_plan, predict
@@ -109,7 +111,9 @@ def profile_replanner(profile: Any, objective: str = "latency", current: Any = N
 
     def replan(monitor: Any) -> Any:
         bw = monitor.bandwidth_bps if monitor.bandwidth_bps != float("inf") else profile.bandwidth_bps
-        prof = replace(profile, bandwidth_bps=bw, rtt_s=monitor.rtt_s)
+        prof = replace(profile, bandwidth_bps=bw, rtt_s=monitor.rtt_s,
+                       cloud_queue_depth=getattr(monitor, "cloud_queue_depth", profile.cloud_queue_depth),
+                       cloud_replicas=getattr(monitor, "cloud_replicas", profile.cloud_replicas))
         new = make_split_plan(prof, objective)
         old = state["plan"]
         if old is not None and not better(new, predict(prof, old, objective)):

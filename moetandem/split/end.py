@@ -9,10 +9,16 @@ re-prefilling the sequence so far (token ids are recorded per cache row; rows la
 When the cloud comes back, its K/V are filled in the background of serving: each step sends at most
 `catch_up_tokens` of the lagging rows' history to the cloud (no tail layers run for them) and still runs on the
 end, until every row is complete; then the steps move to the cloud: the way back never holds the batch for a whole
-re-prefill. Per row we track how many positions each route has valid K/V for."""
+re-prefill. Per row we track how many positions each route has valid K/V for.
+Re-planning: before each forward, when the link (bandwidth, RTT) or the cloud's reported load (queue depth over
+its replicas) moved by 2x, `replanner(monitor)` may answer a new plan. While a plan keeps everything on the end,
+a `hello` on the stateless Experts stream every `load_probe_s` keeps the cloud's load measured (so an idle cloud
+brings the plan back); the Session stream then idles and the cloud frees its caches at its idle
+timeout."""
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,6 +59,8 @@ class SplitModel:
                       "replans": 0, "catch_up_steps": 0}
         self.catch_up_tokens = 1024  # cloud K/V refilled per step after an outage (tokens over all lagging rows)
         self.replanner: Callable[[Any], Any] | None = None  # (LinkMonitor) -> new plan or None
+        self.load_probe_s = 0.5  # while the plan uses no cloud: how often to ask the cloud for its load
+        self._probed = 0.0
         self._rows: weakref.WeakKeyDictionary[KVCache, _Rows] = weakref.WeakKeyDictionary()
         self._next_id = 0
         #: the provider of every end MoE layer: the experts a plan places in the cloud go there, the rest to
@@ -244,11 +252,26 @@ class SplitModel:
             self.stats["rebuilt_tokens"] += n * len(spans)
         return all(int(have[r]) >= f for r, _, f in lag)
 
+    def _probe_load(self) -> None:
+        """A plan without the cloud sends it nothing: ask for its load (hello, not awaited: its reply feeds the
+        monitor) every load_probe_s, on the Experts stream, only while nothing else is in flight there."""
+        now = time.monotonic()
+        if self.start < self.end or self.experts.remote or now - self._probed < self.load_probe_s:
+            return
+        self._probed = now
+        stream = self.link.experts() if self.replanner is not None else None
+        if stream is not None and not stream.in_flight:
+            stream.submit(Frame("hello", meta={"fingerprint": self.link.fingerprint}), sample=False)
+
     def _maybe_replan(self) -> None:
         mon = self.link.monitor
-        if not mon.changed():
+        self._probe_load()
+        link_moved, load_moved = mon.changed(), mon.load_changed()
+        if not (link_moved or load_moved):
             return
-        log.info("split: link changed (bandwidth %.3g B/s, RTT %.1f ms)", mon.bandwidth_bps, mon.rtt_s * 1e3)
+        log.info("split: %s changed (bandwidth %.3g B/s, RTT %.1f ms, cloud queue %.1f over %d replica(s))",
+                 "link" if link_moved else "cloud load", mon.bandwidth_bps, mon.rtt_s * 1e3, mon.cloud_queue_depth,
+                 mon.cloud_replicas)
         plan = self.replanner(mon) if self.replanner is not None else None
         if plan is None:
             return

@@ -3,7 +3,9 @@ exchange), for the profile and the re-planner, and the per-exchange deadline der
 bandwidth_bps is in bytes per second (gating.profile.LinkStats)."""
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import deque
 
 
@@ -13,7 +15,8 @@ class LinkMonitor:
     bytes / (wire time − RTT) summed over the window. Only exchanges with nothing else in flight are used, so
     queueing behind a pipelined micro-batch does not count as link time."""
 
-    def __init__(self, window: int = 64, deadline_window: int = 256) -> None:
+    def __init__(self, window: int = 64, deadline_window: int = 256, load_tau_s: float = 1.0) -> None:
+        """load_tau_s: time constant of the exponential smoothing of the cloud's reported queue depth."""
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)  # (bytes both ways, wire seconds)
         self._exchanges: deque[tuple[float, int]] = deque(maxlen=deadline_window)  # (seconds to reply, bytes sent)
         self._lock = threading.Lock()
@@ -22,6 +25,11 @@ class LinkMonitor:
         self.exchanges = 0
         self._baseline: tuple[float, float] | None = None  # (wire time of the reference frame, RTT)
         self._ref_bytes = 0
+        self.load_tau_s = load_tau_s
+        self.cloud_replicas = 1  # from the last hello (an old cloud sends none: 1)
+        self._queue = 0.0  # smoothed queue depth at our replica (an old cloud sends none: 0)
+        self._load_t = time.monotonic()
+        self._load_base = 1.0  # load factor 1 + queue at the last load change
 
     def record(self, sent: int, received: int, elapsed_s: float, server_s: float, alone: bool = True) -> None:
         with self._lock:
@@ -31,6 +39,33 @@ class LinkMonitor:
             self._exchanges.append((elapsed_s, sent))
             if alone:
                 self._samples.append((sent + received, max(elapsed_s - server_s, 1e-6)))
+
+    def record_load(self, queue: int, replicas: int | None = None, now: float | None = None) -> None:
+        """A load reading from a reply: `queue` exchanges of other ends were ahead of ours on our replica;
+        `replicas` (hello only) the cloud's replica count. Smoothed in time: a reading after dt seconds weighs
+        1 − exp(−dt / load_tau_s), so a burst of replies counts as one moment, a lone probe after a pause fully."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if replicas is not None:
+                self.cloud_replicas = max(1, int(replicas))
+            w = 1.0 - math.exp(-max(0.0, now - self._load_t) / self.load_tau_s)
+            self._queue += w * (max(0, queue) - self._queue)
+            self._load_t = max(now, self._load_t)
+
+    @property
+    def cloud_queue_depth(self) -> float:
+        """The whole cloud's queue for SplitProfile.cloud_queue_depth, which the scheduler spreads over the
+        replicas: the front spreads ends evenly, so our replica's smoothed queue × replicas."""
+        return self._queue * self.cloud_replicas
+
+    def load_changed(self, factor: float = 2.0) -> bool:
+        """True (once) when the load factor 1 + queue (the scheduler's cloud stretch, 1 + depth / replicas) moved
+        by `factor` or more since the last call that said so (the first baseline: an idle cloud)."""
+        now = 1.0 + self._queue
+        if _ratio(now, self._load_base) < factor:
+            return False
+        self._load_base = now
+        return True
 
     @property
     def rtt_s(self) -> float:
@@ -97,7 +132,8 @@ class LinkMonitor:
 
     def as_dict(self) -> dict[str, float]:
         return {"bandwidth_bps": self.bandwidth_bps, "rtt_s": self.rtt_s, "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received, "exchanges": self.exchanges}
+                "bytes_received": self.bytes_received, "exchanges": self.exchanges,
+                "cloud_queue_depth": self.cloud_queue_depth, "cloud_replicas": self.cloud_replicas}
 
 
 def _fit(xs: list[tuple[int, float]]) -> tuple[float, float]:

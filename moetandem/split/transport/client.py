@@ -64,7 +64,14 @@ rate, RTT, jitter and loss instead. A reply is awaited for
     def alive(self) -> bool:
         return self.error is None
 
-    def submit(self, frame: Frame) -> Future[Frame]:
+    @property
+    def in_flight(self) -> int:
+        """Requests awaiting their replies now."""
+        with self._lock:
+            return len(self._pending)
+
+    def submit(self, frame: Frame, sample: bool = True) -> Future[Frame]:
+        """sample=False: the exchange is not a link sample for the monitor (a load probe: a tiny frame)."""
         fut: Future[Frame] = Future()
         with self._lock:
             if self.error is not None:
@@ -74,7 +81,7 @@ rate, RTT, jitter and loss instead. A reply is awaited for
             self._next_id += 1
             data = pack(frame)
             fut.sent_bytes = len(data)  # type: ignore[attr-defined]  # for the deadline of its reply
-            self._pending.append((frame.id, fut, time.perf_counter(), len(data), len(self._pending) == 0))
+            self._pending.append((frame.id, fut, time.perf_counter(), len(data), sample and not self._pending))
             due = self.shaper.due(len(data)) if self.shaper else time.monotonic() + self.delay_s
             self._out.put((due, data))
             self.max_in_flight = max(self.max_in_flight, len(self._pending))
@@ -162,6 +169,9 @@ rate, RTT, jitter and loss instead. A reply is awaited for
             server_s = reply.meta.get("server_s", 0.0)
             self.monitor.record(sent, len(data), time.perf_counter() - t0,
                                 float(server_s) if isinstance(server_s, (int, float)) else 0.0, alone)
+            if reply.kind != "error":  # the cloud's load (split/cloud.py); an old cloud sends neither: 0 and 1
+                queue, replicas = reply.meta.get("queue", 0), reply.meta.get("replicas")
+                self.monitor.record_load(queue if _count(queue) else 0, replicas if _count(replicas) else None)
         if reply.kind == "error":
             fut.set_exception(CloudError(f"the cloud refused a request: {reply.meta.get('message')}"))
         else:
@@ -178,3 +188,7 @@ rate, RTT, jitter and loss instead. A reply is awaited for
         if cancel:
             self._out.put(_CLOSE)
             self._call.cancel()
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
