@@ -25,8 +25,9 @@ class CostModel:
             row = row.pin_memory()
         dst = torch.empty_like(row, device=device)
         self.fetch_s = self._time(lambda: dst.copy_(row, non_blocking=True), device)
-        w13, w2 = flat_views(host.float(), inter, hidden)
-        x = torch.randn(1, hidden)
+        # timed in the dtype the host path computes in (misses.py: the experts' own), not fp32
+        w13, w2 = flat_views(host, inter, hidden)
+        x = torch.randn(1, hidden, dtype=dtype)
         self.host_row_s = self._time(lambda: expert_ffn(x, w13, w2), torch.device("cpu"))
 
     @staticmethod
