@@ -42,35 +42,40 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_ours(path: Path, device: str, prompt: list[int], new: int, kw: dict, repeats: int) -> dict:
+def bench_ours(path: Path, device: str, prompts: list[list[int]], new: int, kw: dict, repeats: int) -> dict:
+    """prompts: the batch (one row per sequence). tok/s counts every sequence's tokens; prefill_tok_s is the
+    prompt tokens over the prefill's time."""
     eng = moetandem.load(path, device=device, progress=False, **kw)
     t = time.perf_counter()
-    eng.generate([prompt], max_new_tokens=new)  # warm-up (graph capture, compilation, kernel tuning)
+    eng.generate(prompts, max_new_tokens=new)  # warm-up (graph capture, compilation, kernel tuning)
     warm_s = time.perf_counter() - t
     runs = []
     for _ in range(repeats):
         _sync()
         t = time.perf_counter()
-        g = eng.generate([prompt], max_new_tokens=new, stop_on_eos=False)[0]
+        g = eng.generate(prompts, max_new_tokens=new, stop_on_eos=False)[0]
         _sync()
-        runs.append((time.perf_counter() - t, eng.last_stats.decode_tok_s))
+        st = eng.last_stats
+        runs.append((time.perf_counter() - t, st.decode_tok_s, st.prompt_tokens / max(st.prefill_s, 1e-9)))
     assert len(g.token_ids) == new
     e2e = statistics.median(r[0] for r in runs)
-    res = {"tok_s": new / e2e, "decode_tok_s": statistics.median(r[1] for r in runs), "warmup_s": warm_s,
+    res = {"tok_s": len(prompts) * new / e2e, "decode_tok_s": statistics.median(r[1] for r in runs),
+           "prefill_tok_s": statistics.median(r[2] for r in runs), "warmup_s": warm_s,
            "peak_gib": eng.peak_memory() / 2**30, "tokens": g.token_ids[:16]}
     del eng
     _free()
     return res
 
 
-def bench_hf(path: Path, device: str, prompt: list[int], new: int, impl: str | None) -> dict:
+def bench_hf(path: Path, device: str, prompts: list[list[int]], new: int, impl: str | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     kw = {"experts_implementation": impl} if impl else {}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the same dtype moetandem picks
     seq2seq = _seq2seq(path)  # the prompt is the encoder's input; outputs start with the decoder start token
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = auto.from_pretrained(path, dtype=dtype, device_map=device, **kw).eval()
-    ids = torch.tensor([prompt], device=device)
+    ids = torch.tensor(prompts, device=device)  # [B, P] (equal lengths: no padding)
+    prompt = prompts[0]
     gen_kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **gen_kw)
@@ -79,7 +84,8 @@ def bench_hf(path: Path, device: str, prompt: list[int], new: int, impl: str | N
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen_kw)
         _sync()
     dt = time.perf_counter() - t
-    res = {"tok_s": new / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0,
+    res = {"tok_s": len(prompts) * new / dt,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0,
            "tokens": out[0, 1:17].tolist() if seq2seq else out[0, len(prompt):len(prompt) + 16].tolist()}
     del model
     _free()
@@ -97,7 +103,8 @@ def main() -> None:
     ap.add_argument("--ckpt-root", type=Path, default=Path("/dev/shm/moetandem-bench"))
     ap.add_argument("--out", type=Path, default=Path("out/decode"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32, help="512 with --new-tokens 1..8 measures prefill")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (tok/s counts them all)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -113,10 +120,11 @@ def main() -> None:
             build_random_checkpoint(shape, path, device=args.device)
             print(f"built {shape} in {time.perf_counter() - t:.0f} s", flush=True)
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-        prompt = torch.randint(2, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(2, vocab, (args.batch, args.prompt_len), generator=gen).tolist()
         for impl in args.hf:
             try:
-                r = bench_hf(path, args.device, prompt, args.new_tokens, None if impl == "default" else impl)
+                r = bench_hf(path, args.device, prompts, args.new_tokens, None if impl == "default" else impl)
             except Exception as e:  # an HF variant missing in this transformers version is reported, not fatal
                 print(f"HF {impl} failed: {e}", flush=True)
                 continue
@@ -125,7 +133,7 @@ def main() -> None:
         for name in args.variants:
             if (args.device != "cuda" or _seq2seq(path)) and VARIANTS[name]["use_graphs"]:
                 continue  # encoder-decoders decode eagerly (moetandem.text2text)
-            r = bench_ours(path, args.device, prompt, args.new_tokens, VARIANTS[name], args.repeats)
+            r = bench_ours(path, args.device, prompts, args.new_tokens, VARIANTS[name], args.repeats)
             results.append({"shape": shape, "engine": name, **r})
             print(json.dumps(results[-1]), flush=True)
         if args.cleanup and not args.model:
@@ -135,17 +143,19 @@ def main() -> None:
 
 
 def report(results: list[dict], args: argparse.Namespace) -> None:
-    lines = [f"batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, "
+    lines = [f"batch {args.batch}, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, "
              f"{'bf16' if args.device == 'cuda' else 'fp32'} "
              f"({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__})", "",
-             "| shape | engine | tok/s (end to end) | decode tok/s | × HF default | peak GiB |",
-             "|---|---|---|---|---|---|"]
+             "| shape | engine | tok/s (end to end) | decode tok/s | prefill tok/s | × HF default | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         base = next((b["tok_s"] for b in results if b["shape"] == r["shape"]
                      and b["engine"] == "HF transformers (default)"), None)
         ratio = f"{r['tok_s'] / base:.1f}×" if base else "–"
         dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "–"
-        lines.append(f"| {r['shape']} | {r['engine']} | {r['tok_s']:.1f} | {dec} | {ratio} | {r['peak_gib']:.1f} |")
+        pre = f"{r['prefill_tok_s']:.0f}" if "prefill_tok_s" in r else "–"
+        lines.append(f"| {r['shape']} | {r['engine']} | {r['tok_s']:.1f} | {dec} | {pre} | {ratio} | "
+                     f"{r['peak_gib']:.1f} |")
     table = "\n".join(lines)
     print(table)
     (args.out / "decode.md").write_text(table + "\n")
