@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moetandem import Engine  # noqa: E402
 from moetandem.analysis.eval import encode_text, evaluate_ids  # noqa: E402
 from moetandem.assets import demo_model_path  # noqa: E402
+from moetandem.cli.calibrate import calibration_ids  # noqa: E402
 from moetandem.gating.distil import distil_gates  # noqa: E402
-from moetandem.gating.group_gate import masked_route, save_gates, topk_route  # noqa: E402
+from moetandem.gating.group_gate import FusedGate, GroupGate, masked_route, save_gates, topk_route  # noqa: E402
 from moetandem.gating.train import train_gates  # noqa: E402
 
 
@@ -49,8 +50,13 @@ def gate_cost(eng: Engine, ref: Engine, reps: int = 1000) -> dict:
     router's matmul: the extra columns, then one small matmul + the transfer + top-k), the same unfused, and masked
     gating's re-route for comparison."""
     layer = eng.model.moe_blocks()[0].layer
+    return gate_cost_of(ref, eng.gate.gates[layer], eng.gate.fused[layer], reps)
+
+
+def gate_cost_of(ref: Engine, gate: GroupGate, fused: FusedGate, reps: int = 1000) -> dict:
     block = ref.model.moe_blocks()[0]
-    gate, fused, E = eng.gate.gates[layer], eng.gate.fused[layer], eng.args.num_experts
+    E = ref.args.num_experts
+    eng = ref
     out = {"gate_params": sum(p.numel() for p in gate.parameters()),
            "layer_expert_params": eng.args.num_experts * 3 * eng.args.hidden_size * eng.args.moe_intermediate_size}
     for T in (1, 64):
@@ -64,7 +70,7 @@ def gate_cost(eng: Engine, ref: Engine, reps: int = 1000) -> dict:
         full = F.linear(x, fused.weight)
         xd, logits = full[:, E:], full[:, :E]
         p = torch.softmax(logits.float(), -1)
-        t["gate"] = _time(lambda: topk_route(*fused.scores(xd, x, p, allowed)[:1], k, allowed), reps)
+        t["gate"] = _time(lambda: fused._topk(*fused.scores(xd, x, p, allowed), k), reps)
         t["unfused"] = _time(lambda: topk_route(gate.scores(x, logits, allowed)[0], k, allowed), reps)
         t["masked"] = _time(lambda: masked_route(logits, allowed, k, block.norm_topk_prob), reps)
         extra = t["gate"] + t["fused_router"] - t["router"]  # what the fused gate adds to the layer per call
@@ -79,7 +85,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: the demo MoE)")
     ap.add_argument("--data", type=Path, required=True, help="evaluation text")
     ap.add_argument("--train-data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/train/"
-                    "tinyshakespeare.txt", help="calibration text for the gates (never the eval text)")
+                    "tinyshakespeare.txt", help="calibration text for the gates, a file or a folder of .txt (never the eval text)")
     ap.add_argument("--objectives", nargs="+", choices=["layer", "kl"], default=["layer", "kl"],
                     help="gates to train and compare (each is trained, saved next to the checkpoint, evaluated)")
     ap.add_argument("--train-tokens", type=int, default=65536, help="calibration tokens for the gates")
@@ -97,7 +103,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or demo_model_path()
     ref = moetandem.load(model, device="cpu", progress=False)
-    train_ids = encode_text(ref, args.train_data.read_text(encoding="utf-8"), args.train_tokens)
+    train_ids = calibration_ids(ref, str(args.train_data), args.train_tokens)  # a file, or each .txt of a folder
     ids = encode_text(ref, args.data.read_text(encoding="utf-8"), args.max_tokens)
     base = evaluate_ids(ref, ids, context=args.context, step=args.step, progress=False)
     rows = [{"config": "all resident", "budget": 1.0, "perplexity": base.perplexity, "top1": 1.0, "kl": 0.0,

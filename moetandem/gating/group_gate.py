@@ -66,30 +66,35 @@ class GroupGate(nn.Module):
 
 class FusedGate:
     """A trained GroupGate folded for inference. Its down-projection rides in the router's matmul (`weight`
-    [E + r, H]: the router's rows, then the gate's; logits come out [T, E + r]); the up-projection and the transfer
-    are one small matmul [T, r + 2E] @ [r + 2E, 2E + 1]. Same scores as GroupGate.scores, fewer kernels."""
+    [E + r, H]: the router's rows, then the gate's × √H, so that down(rms_norm(x)) = extra columns / ‖x‖); the
+    up-projection and the transfer are one small matmul [h, p·a, p·(1-a)] @ mix [r + 2E, 2E + 1]. Same scores as
+    GroupGate.scores (up to rms_norm's eps), fewer kernels."""
 
     def __init__(self, gate: GroupGate, router_weight: torch.Tensor) -> None:
-        E, r = gate.transfer.shape[0], gate.down.out_features
+        E, r, H = gate.transfer.shape[0], gate.down.out_features, gate.down.in_features
+        dev = router_weight.device
         with torch.no_grad():
-            self.weight = torch.cat([router_weight, gate.down.weight.to(router_weight)])  # [E + r, H]
-            mix = torch.zeros(r + 2 * E, 2 * E + 1, device=router_weight.device)
-            mix[:, : E + 1] = gate.up.weight.float().T  # score corrections and scale logit from [h, p·a, p·(1-a)]
-            mix[r + E:, E + 1:] = F.softmax(gate.transfer.float(), dim=-1) * gate.mass.float().exp()  # transfer
-            self.mix = mix.to(router_weight.device)
-            self.bias = torch.cat([gate.up.bias.float(), torch.zeros(E, device=gate.up.bias.device)]).to(mix.device)
-        self.E, self.eps = E, torch.finfo(torch.float32).eps
+            down = gate.down.weight.float() * math.sqrt(H)
+            self.weight = torch.cat([router_weight, down.to(router_weight)])  # [E + r, H]
+            up = gate.up.weight.float().T.to(dev)  # [r + 2E, E + 1] from [h, p·a, p·(1-a)]
+            t = (F.softmax(gate.transfer.float(), dim=-1) * gate.mass.float().exp()).to(dev)  # [E, E]
+            mix = torch.zeros(r + 2 * E, 2 * E + 1, device=dev)
+            mix[:, : E + 1] = up  # score corrections and the scale logit
+            mix[r + E:, E + 1:] = t  # moved = p·(1-a) @ t
+            self.mix = mix
+            self.bias = torch.cat([gate.up.bias.float().to(dev), torch.full((E,), 1e-9, device=dev)])  # [2E + 1]
+        self.E = E
 
     def scores(self, xd: torch.Tensor, x: torch.Tensor, p: torch.Tensor, allowed: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """xd [T, r] (the fused matmul's extra columns), x [T, H], p [T, E] router probabilities, allowed [T, E]
         -> scores [T, E] (-inf where not allowed), scale [T]."""
         E = self.E
-        h = xd.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)  # [T, r] = down(rms_norm(x))
+        h = xd.float() / torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)  # [T, r] = down(rms_norm(x))
         pa = p * allowed  # [T, E]
         out = torch.addmm(self.bias, torch.cat([h, pa, p - pa], dim=-1), self.mix)  # [T, 2E + 1]
-        z = torch.log(pa + out[:, E + 1:] + 1e-9) + out[:, :E]
-        return z.masked_fill(~allowed, -math.inf), 2 * torch.sigmoid(out[:, E])
+        z = (pa + out[:, E + 1:]).log_() + out[:, :E]  # [T, E] (the bias holds log's 1e-9)
+        return torch.where(allowed, z, -math.inf), 2 * torch.sigmoid(out[:, E])
 
     def route(self, xd: torch.Tensor, x: torch.Tensor, p: torch.Tensor, allowed: torch.Tensor, ids0: torch.Tensor,
               w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,14 +103,16 @@ class FusedGate:
         if not bool(miss.any()):
             return ids0, w0.float()
         if bool(miss.all()):
-            z, scale = self.scores(xd, x, p, allowed)
-            ids, w = topk_route(z, ids0.shape[1], allowed)
-            return ids, w * scale[:, None]
+            return self._topk(*self.scores(xd, x, p, allowed), ids0.shape[1])
         ids, w = ids0.clone(), w0.float().clone()
-        z, scale = self.scores(xd[miss], x[miss], p[miss], allowed[miss])
-        mids, mw = topk_route(z, ids0.shape[1], allowed[miss])
-        ids[miss], w[miss] = mids, mw * scale[:, None]
+        ids[miss], w[miss] = self._topk(*self.scores(xd[miss], x[miss], p[miss], allowed[miss]), ids0.shape[1])
         return ids, w
+
+    @staticmethod
+    def _topk(z: torch.Tensor, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk_route in three kernels: a -inf pick gets weight 0 from the softmax (a row with none allowed: 0)."""
+        zk, ids = torch.topk(z, k, dim=-1)  # [T, k]
+        return ids, torch.softmax(zk, dim=-1).nan_to_num_(0.0) * scale[:, None]
 
 
 def admitted(local: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, cost: float) -> torch.Tensor:
