@@ -159,6 +159,7 @@ def test_cli_profile_and_gate_flags(tmp_path, capsys):
     assert main(["generate", "--max-new-tokens", "4", "--expert-budget", "0.5", "--gate", "masked"]) == 0
     assert main(["generate", "--max-new-tokens", "4", "--gate", "masked"]) == 2
     assert main(["calibrate", "--group-gate"]) == 2  # needs --data
+    assert main(["calibrate", "--group-gate", "--data", str(tmp_path / "t.txt"), "--gate-tokens", "10"]) == 2
 
 
 def test_fused_gate_routes_as_the_unfused_one():
@@ -187,6 +188,17 @@ def test_fused_gate_routes_as_the_unfused_one():
     assert torch.equal(fused_ids, ids) and torch.equal(hook_ids, ids)
     assert torch.allclose(fused_w, w, atol=1e-5) and local[ids].all()
     assert not torch.equal(ids, torch.topk(block.gate(x), 2).indices)  # the gate did re-route the misses
+
+
+def test_group_gate_engine_routes_with_one_router_matmul():
+    eng = _demo(expert_budget=0.5, policy="auto", async_swaps=False, gate="group")  # the demo ships its gates
+    E, H = eng.args.num_experts, eng.args.hidden_size
+    blocks = eng.model.moe_blocks()
+    assert all(b.router_weight is not None and b.router_weight.shape[0] > E and b.router_weight.shape[1] == H
+               for b in blocks)
+    assert all(torch.equal(b.router_weight[:E], b.gate.weight) for b in blocks)
+    out = eng.generate([list(range(5, 40))], max_new_tokens=8)[0].token_ids
+    assert len(out) == 8 and eng.gate.local_share == 1.0  # cost ∞: only local experts computed
 
 
 def test_next_token_distillation_lowers_kl_against_masked_gating():
