@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +48,16 @@ class ReplayRouter:
         self.frac = torch.zeros(0, dtype=torch.long)  # [T] which fraction's local sets
         self.cost = torch.zeros(0, 1)  # [T, 1] cost knob per row (inf: local only)
 
-    def __call__(self, block: object, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layer, k = block.layer, block.top_k  # type: ignore[attr-defined]
+    def __call__(self, block: Any, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer, k = block.layer, block.top_k
         probs = F.softmax(logits.float(), dim=-1)  # [T, E]
         w0, ids0 = torch.topk(probs, k, dim=-1)
-        if block.norm_topk_prob:  # type: ignore[attr-defined]
+        if block.norm_topk_prob:
             w0 = w0 / w0.sum(dim=-1, keepdim=True)
         local = self.masks[layer][self.frac, self.rows]  # [T, E]
         allowed = local | torch.zeros_like(local).scatter_(1, ids0, w0 > self.cost)
         if self.gates is None:
-            ids, w = masked_route(logits, allowed, k, block.norm_topk_prob)  # type: ignore[attr-defined]
+            ids, w = masked_route(logits, allowed, k, block.norm_topk_prob)
         else:
             ids, w = self.gates[layer].route(x, logits, allowed, ids0, w0)
         return ids, w.to(x.dtype)
@@ -70,10 +70,10 @@ class _Recorder:
         self.ids: dict[int, list[torch.Tensor]] = {}
         self.w: dict[int, list[torch.Tensor]] = {}
 
-    def __call__(self, block: object, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, w = block.gate.select(logits, torch.float32)  # type: ignore[attr-defined]  # [T, k] each
-        self.ids.setdefault(block.layer, []).append(ids.cpu())  # type: ignore[attr-defined]
-        self.w.setdefault(block.layer, []).append(w.cpu())  # type: ignore[attr-defined]
+    def __call__(self, block: Any, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, w = block.gate.select(logits, torch.float32)  # [T, k] each
+        self.ids.setdefault(block.layer, []).append(ids.cpu())
+        self.w.setdefault(block.layer, []).append(w.cpu())
         return ids, w.to(x.dtype)
 
 
@@ -85,7 +85,7 @@ def _forward(engine: "Engine", batch: torch.Tensor) -> torch.Tensor:
     return engine.forward(batch.to(engine.device), pos, cache, kv_len=n)
 
 
-def _set_hooks(engine: "Engine", hook: object | None) -> None:
+def _set_hooks(engine: "Engine", hook: Any) -> None:
     for b in engine.model.moe_blocks():
         b.router = hook
 
