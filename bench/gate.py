@@ -1,13 +1,15 @@
 """Hardware-aware group gate vs masked gating vs original routing + committee, side by side in one run.
 
-    python bench/gate.py --data ../shared/data/eval/wikitext2_valid.txt --out out/gate
+    python bench/gate.py --data ../shared/data/eval/wikitext2_valid.txt --out out/gate --threads 1
 
 For each expert budget: the committee with exact miss handling (original routing: quality of the full model,
 locality = hit rate), masked gating (router restricted to the resident experts, SwapMoE) and the group gate,
 local-only (cost ∞) and with cost knobs that admit heavy non-local picks. Quality: perplexity, top-1 agreement
 and KL against the all-resident model, fed --step tokens at a time. Locality: share of expert assignments that
 were resident when computed. Also the gate's size and time relative to its MoE layer.
-Trains the gates first (`moetandem calibrate --group-gate`) when the checkpoint has none or with --retrain.
+Trains the gates for each --objectives first (layer: the MoE layer's output error, train.py; kl: next-token KL
+through the frozen model, distil.py), on --train-data, and saves each next to the checkpoint before its runs (the
+last one trained stays there).
 """
 from __future__ import annotations
 
@@ -21,37 +23,60 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moetandem import Engine  # noqa: E402
 from moetandem.analysis.eval import encode_text, evaluate_ids  # noqa: E402
 from moetandem.assets import demo_model_path  # noqa: E402
-from moetandem.gating.group_gate import gate_path, save_gates  # noqa: E402
+from moetandem.cli.calibrate import calibration_ids  # noqa: E402
+from moetandem.gating.distil import distil_gates  # noqa: E402
+from moetandem.gating.group_gate import FusedGate, GroupGate, masked_route, save_gates, topk_route  # noqa: E402
 from moetandem.gating.train import train_gates  # noqa: E402
 
 
-def gate_cost(eng: Engine, reps: int = 200) -> dict:
-    """Gate parameters and time against its MoE layer, batch 1 and 64 rows, when every row needs the gate (a
-    token whose original experts are all local skips it)."""
-    block = eng.model.moe_blocks()[0]
-    gate = eng.gate.gates[block.layer]
+def _time(fn, reps: int) -> float:
+    with torch.inference_mode():
+        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
+
+
+def gate_cost(eng: Engine, ref: Engine, reps: int = 1000) -> dict:
+    """Gate parameters and time against its MoE layer (all experts resident, batch 1 and 64 rows) when every row
+    needs the gate (a token whose original experts are all local skips it): the fused gate (its projection in the
+    router's matmul: the extra columns, then one small matmul + the transfer + top-k), the same unfused, and masked
+    gating's re-route for comparison."""
+    layer = eng.model.moe_blocks()[0].layer
+    return gate_cost_of(ref, eng.gate.gates[layer], eng.gate.fused[layer], reps)
+
+
+def gate_cost_of(ref: Engine, gate: GroupGate, fused: FusedGate, reps: int = 1000) -> dict:
+    block = ref.model.moe_blocks()[0]
+    E = ref.args.num_experts
+    eng = ref
     out = {"gate_params": sum(p.numel() for p in gate.parameters()),
            "layer_expert_params": eng.args.num_experts * 3 * eng.args.hidden_size * eng.args.moe_intermediate_size}
     for T in (1, 64):
-        x = torch.randn(1, T, eng.args.hidden_size, dtype=eng.dtype, device=eng.device)
-        logits = block.gate(x[0])
-        allowed = eng.gate.selector.local_mask(block.layer)[None].expand(T, -1).to(eng.device)
-        timings = {}
-        gate_fn = lambda: gate.scores(x[0], logits, allowed)  # noqa: E731  (worst case: every row missed)
-        for name, fn in (("gate", gate_fn), ("layer", lambda: block(x))):
-            with torch.inference_mode():
-                fn()
-                t = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                timings[name] = (time.perf_counter() - t) / reps
-        out[f"gate_share_T{T}"] = timings["gate"] / timings["layer"]
-        out[f"gate_us_T{T}"] = timings["gate"] * 1e6
+        x = torch.randn(T, eng.args.hidden_size, dtype=eng.dtype, device=eng.device)
+        k = block.top_k
+        allowed = torch.zeros(T, E, dtype=torch.bool)
+        allowed[:, : E // 2] = True
+        t = {"moe": _time(lambda: block(x[None], ref.experts[block.layer]), reps // 4),
+             "router": _time(lambda: block.gate(x), reps),
+             "fused_router": _time(lambda: F.linear(x, fused.weight), reps)}
+        full = F.linear(x, fused.weight)
+        xd, logits = full[:, E:], full[:, :E]
+        p = torch.softmax(logits.float(), -1)
+        t["gate"] = _time(lambda: fused._topk(*fused.scores(xd, x, p, allowed), k), reps)
+        t["unfused"] = _time(lambda: topk_route(gate.scores(x, logits, allowed)[0], k, allowed), reps)
+        t["masked"] = _time(lambda: masked_route(logits, allowed, k, block.norm_topk_prob), reps)
+        extra = t["gate"] + t["fused_router"] - t["router"]  # what the fused gate adds to the layer per call
+        out[f"T{T}"] = {**{f"{n}_us": v * 1e6 for n, v in t.items()}, "gate_share": extra / t["moe"],
+                        "over_masked_share": (extra - t["masked"]) / t["moe"],
+                        "unfused_share": t["unfused"] / t["moe"]}
     return out
 
 
@@ -60,8 +85,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: the demo MoE)")
     ap.add_argument("--data", type=Path, required=True, help="evaluation text")
     ap.add_argument("--train-data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/train/"
-                    "tinyshakespeare.txt", help="calibration text for the gates (never the eval text)")
-    ap.add_argument("--retrain", action="store_true")
+                    "tinyshakespeare.txt", help="calibration text for the gates, a file or a folder of .txt (never the eval text)")
+    ap.add_argument("--objectives", nargs="+", choices=["layer", "kl"], default=["layer", "kl"],
+                    help="gates to train and compare (each is trained, saved next to the checkpoint, evaluated)")
+    ap.add_argument("--train-tokens", type=int, default=65536, help="calibration tokens for the gates")
+    ap.add_argument("--kl-steps", type=int, default=300, help="next-token KL distillation steps")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--costs", type=float, nargs="+", default=[0.5, 0.3])
     ap.add_argument("--max-tokens", type=int, default=2048)
@@ -75,36 +103,43 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or demo_model_path()
     ref = moetandem.load(model, device="cpu", progress=False)
-    if args.retrain or not gate_path(ref.store.ckpt).is_file():
-        ids = encode_text(ref, args.train_data.read_text(encoding="utf-8"))
-        texts = [ref.decode_text(ids[i:i + 256]) or "" for i in range(0, len(ids), 256)]
-        t = time.perf_counter()
-        gates, reports = train_gates(ref, texts)
-        save_gates(ref.store.ckpt, gates, {"trained_on": args.train_data.name})
-        print(f"trained gates in {time.perf_counter() - t:.1f} s: " + ", ".join(
-            f"L{r.layer} {r.masked_error:.3f}->{r.gate_error:.3f}" for r in reports), flush=True)
+    train_ids = calibration_ids(ref, str(args.train_data), args.train_tokens)  # a file, or each .txt of a folder
     ids = encode_text(ref, args.data.read_text(encoding="utf-8"), args.max_tokens)
     base = evaluate_ids(ref, ids, context=args.context, step=args.step, progress=False)
     rows = [{"config": "all resident", "budget": 1.0, "perplexity": base.perplexity, "top1": 1.0, "kl": 0.0,
              "local": 1.0}]
     runs = [(b, "original + committee (exact)", "off", math.inf) for b in args.budgets]
-    for b in args.budgets:
-        runs += [(b, "masked gating", "masked", math.inf), (b, "group gate", "group", math.inf)]
-        for c in args.costs:
-            runs += [(b, f"masked, cost {c}", "masked", c), (b, f"group gate, cost {c}", "group", c)]
+    runs += [(b, f"masked{'' if c == math.inf else f', cost {c}'}", "masked", c)
+             for b in args.budgets for c in [math.inf, *args.costs]]
     extra: dict = {}
-    for budget, label, mode, cost in runs:
-        eng = moetandem.load(model, device="cpu", progress=False, expert_budget=budget, policy="auto",
-                             async_swaps=False, gate=mode, gate_cost=cost)
-        q = evaluate_ids(eng, ids, context=args.context, step=args.step, reference=ref, progress=False)
-        local = q.expert_stats.get("hit_rate", 1.0)
-        rows.append({"config": label, "budget": budget, "perplexity": q.perplexity, "top1": q.top1_agreement,
-                     "kl": q.mean_kl, "local": local})
-        print(json.dumps(rows[-1]), flush=True)
-        if mode == "group" and not extra:
-            extra = gate_cost(eng)
-        del eng
-        gc.collect()
+    for objective in [None, *args.objectives]:  # None: the runs without a gate
+        if objective is not None:
+            t = time.perf_counter()
+            if objective == "layer":
+                texts = [ref.decode_text(train_ids[i:i + 256]) or "" for i in range(0, len(train_ids), 256)]
+                gates, reports = train_gates(ref, texts)
+                note = ", ".join(f"L{r.layer} {r.masked_error:.3f}->{r.gate_error:.3f}" for r in reports)
+            else:
+                gates, rep = distil_gates(ref, train_ids, steps=args.kl_steps)
+                note = f"held-out KL {rep.masked_kl:.4f} -> {rep.gate_kl:.4f}, top-1 {rep.masked_top1:.4f} -> " \
+                       f"{rep.gate_top1:.4f}"
+            save_gates(ref.store.ckpt, gates, {"trained_on": args.train_data.name, "objective": objective})
+            extra[f"train_s_{objective}"] = time.perf_counter() - t
+            print(f"trained {objective} gates in {extra[f'train_s_{objective}']:.1f} s: {note}", flush=True)
+            runs = [(b, f"group gate ({objective}){'' if c == math.inf else f', cost {c}'}", "group", c)
+                    for b in args.budgets for c in [math.inf, *args.costs]]
+        for budget, label, mode, cost in runs:
+            eng = moetandem.load(model, device="cpu", progress=False, expert_budget=budget, policy="auto",
+                                 async_swaps=False, gate=mode, gate_cost=cost)
+            q = evaluate_ids(eng, ids, context=args.context, step=args.step, reference=ref, progress=False)
+            local = q.expert_stats.get("hit_rate", 1.0)
+            rows.append({"config": label, "budget": budget, "perplexity": q.perplexity, "top1": q.top1_agreement,
+                         "kl": q.mean_kl, "local": local})
+            print(json.dumps(rows[-1]), flush=True)
+            if mode == "group" and "T1" not in extra:
+                extra.update(gate_cost(eng, ref))
+            del eng
+            gc.collect()
     (args.out / "gate.json").write_text(json.dumps({"rows": rows, "gate": extra}, indent=1))
     report(rows, extra, args, model)
 
@@ -121,9 +156,16 @@ def report(rows: list[dict], extra: dict, args: argparse.Namespace, model: Path)
     if extra:
         share = 100 * extra["gate_params"] / extra["layer_expert_params"]
         lines += ["", f"gate: {extra['gate_params']} parameters per layer ({share:.2f}% of the layer's expert "
-                  f"parameters); time {extra['gate_us_T1']:.0f} µs = {100 * extra['gate_share_T1']:.1f}% of the "
-                  f"MoE layer at 1 row (every row missed), {extra['gate_us_T64']:.0f} µs = {100 * extra['gate_share_T64']:.1f}% at 64 "
-                  "rows"]
+                  "parameters). Time per call when every row needs the gate, against the MoE layer (all resident):", "",
+                  "| rows | MoE layer µs | router matmul µs | fused router matmul µs | fused gate µs | unfused gate µs "
+                  "| masked re-route µs | fused gate, % of layer | over masked, % of layer | unfused, % of layer |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for T in (1, 64):
+            c = extra[f"T{T}"]
+            lines.append(f"| {T} | {c['moe_us']:.0f} | {c['router_us']:.1f} | {c['fused_router_us']:.1f} | "
+                         f"{c['gate_us']:.1f} | {c['unfused_us']:.1f} | {c['masked_us']:.1f} | "
+                         f"{100 * c['gate_share']:.1f}% | {100 * c['over_masked_share']:.1f}% | "
+                         f"{100 * c['unfused_share']:.1f}% |")
     table = "\n".join(lines)
     print(table)
     (args.out / "gate.md").write_text(table + "\n")
@@ -131,7 +173,7 @@ def report(rows: list[dict], extra: dict, args: argparse.Namespace, model: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    families = {"original + committee": "C0", "masked": "C1", "group gate": "C2"}
+    families = {"original + committee": "C0", "masked": "C1", "group gate (layer)": "C2", "group gate (kl)": "C3"}
     for r in rows[1:]:
         fam = next(f for f in families if r["config"].startswith(f))
         for ax, key in zip(axes, ("top1", "perplexity")):

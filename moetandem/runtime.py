@@ -55,6 +55,7 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
         router = build_router(gate, provider, ckpt, args.hidden_size, args.num_experts, store.layers, dev)
         for block in net.moe_blocks():  # assembly: the model is not yet part of any engine
             block.router = router
+            block.router_weight = router.fold(block)  # the gate's projection rides in the router's matmul
     experts: dict[int, Any] = {layer: provider for layer in store.layers}
     runner: Any = net
     splitter = None

@@ -159,3 +159,66 @@ def test_cli_profile_and_gate_flags(tmp_path, capsys):
     assert main(["generate", "--max-new-tokens", "4", "--expert-budget", "0.5", "--gate", "masked"]) == 0
     assert main(["generate", "--max-new-tokens", "4", "--gate", "masked"]) == 2
     assert main(["calibrate", "--group-gate"]) == 2  # needs --data
+    assert main(["calibrate", "--group-gate", "--data", str(tmp_path / "t.txt"), "--gate-tokens", "10"]) == 2
+
+
+def test_fused_gate_routes_as_the_unfused_one():
+    from moetandem.gating.group_gate import GatedRouter
+    from moetandem.models.components.routers import SoftmaxTopK
+    from moetandem.models.moe import SparseMoE
+    torch.manual_seed(0)
+    H, E, T = 48, 12, 80
+    block = SparseMoE(3, H, E, 2, SoftmaxTopK(norm_topk_prob=True))
+    torch.nn.init.normal_(block.gate.weight, std=0.3)
+    gate = GroupGate(H, E, rank=6)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    local = torch.zeros(E, dtype=torch.bool)
+    local[::2] = True
+    router = GatedRouter(lambda layer: local, {3: gate})
+    weight = router.fold(block)
+    assert weight.shape == (E + 6, H) and torch.equal(weight[:E], block.gate.weight)
+    x = torch.randn(T, H)
+    with torch.no_grad():
+        fused_ids, fused_w = router(block, x, torch.nn.functional.linear(x, weight))  # [T, E + r] logits
+        ids, w = router(block, x, block.gate(x))  # [T, E]: the unfused GroupGate
+        block.router, block.router_weight = router, weight
+        hook_ids, _ = block.route(x)  # the block's one matmul
+    assert torch.equal(fused_ids, ids) and torch.equal(hook_ids, ids)
+    assert torch.allclose(fused_w, w, atol=1e-5) and local[ids].all()
+    assert not torch.equal(ids, torch.topk(block.gate(x), 2).indices)  # the gate did re-route the misses
+
+
+def test_group_gate_engine_routes_with_one_router_matmul():
+    eng = _demo(expert_budget=0.5, policy="auto", async_swaps=False, gate="group")  # the demo ships its gates
+    E, H = eng.args.num_experts, eng.args.hidden_size
+    blocks = eng.model.moe_blocks()
+    assert all(b.router_weight is not None and b.router_weight.shape[0] > E and b.router_weight.shape[1] == H
+               for b in blocks)
+    assert all(torch.equal(b.router_weight[:E], b.gate.weight) for b in blocks)
+    out = eng.generate([list(range(5, 40))], max_new_tokens=8)[0].token_ids
+    assert len(out) == 8 and eng.gate.local_share == 1.0  # cost ∞: only local experts computed
+
+
+def test_next_token_distillation_lowers_kl_against_masked_gating():
+    from moetandem.gating.distil import distil_gates
+    text = SHARED / "train/tinyshakespeare.txt"
+    if not text.is_file():
+        pytest.skip("../shared/data is not beside the checkout")
+    eng = _demo()
+    ids = eng.encode(text.read_text()[:24_000])[:4096]
+    grads = [p.requires_grad for p in eng.model.parameters()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: one thread is several times faster than two on a busy 2-core box
+    try:
+        gates, rep = distil_gates(eng, ids, rank=8, steps=20, window=32, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(gates) == set(eng.store.layers) and rep.steps == 20
+    assert rep.masked_kl > 0.05  # the replayed local sets do cost quality
+    assert rep.gate_kl < 0.95 * rep.masked_kl  # held-out windows, not trained on
+    assert [p.requires_grad for p in eng.model.parameters()] == grads  # the model is handed back as it was
+    assert all(b.router is None for b in eng.model.moe_blocks())
+    with pytest.raises(InvalidRequestError, match="more calibration text"):
+        distil_gates(eng, ids[:200], steps=1, progress=False)

@@ -60,21 +60,42 @@ def _add_group_gate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-gate", action="store_true", help="train the group gates by distillation on --data "
                    "(model frozen) and write moetandem-group-gate.safetensors next to the checkpoint")
     g.add_argument("--gate-rank", type=int, default=16, help="hidden-state rank of each gate (default 16)")
-    g.add_argument("--gate-steps", type=int, default=800, help="training steps per layer (default 800)")
-    g.add_argument("--gate-rows", type=int, default=4096, help="calibration rows per layer (default 4096)")
+    g.add_argument("--gate-objective", choices=["kl", "layer"], default="kl",
+                   help="kl (default): distil on the next-token KL through the frozen model, all layers together; "
+                   "layer: fit each MoE layer's output (the earlier objective)")
+    g.add_argument("--gate-steps", type=int, default=None,
+                   help="training steps (default: 300 for kl, of 8 windows of 64 tokens; 800 per layer for layer)")
+    g.add_argument("--gate-rows", type=int, default=4096, help="calibration rows per layer, layer objective "
+                   "(default 4096)")
+    g.add_argument("--gate-tokens", type=int, default=65536, help="calibration tokens, kl objective (default 65536)")
 
 
 def gate_calibrate(args: argparse.Namespace) -> int:
     from moetandem.gating.group_gate import save_gates
-    from moetandem.gating.train import train_gates
     if not args.data:
         raise InvalidRequestError("--group-gate trains on calibration text: add --data FILE (not your eval text)")
-    if args.gate_rank < 1 or args.gate_steps < 1 or args.gate_rows < 64:
-        raise InvalidRequestError("need --gate-rank >= 1, --gate-steps >= 1 and --gate-rows >= 64")
+    steps = args.gate_steps or (300 if args.gate_objective == "kl" else 800)
+    if args.gate_rank < 1 or steps < 1 or args.gate_rows < 64 or args.gate_tokens < 1024:
+        raise InvalidRequestError("need --gate-rank >= 1, --gate-steps >= 1, --gate-rows >= 64 and "
+                                  "--gate-tokens >= 1024")
     engine = _engine(args)
+    meta = {"trained_on": Path(args.data).name, "objective": args.gate_objective}
+    if args.gate_objective == "kl":
+        from moetandem.analysis.eval import encode_text
+        from moetandem.gating.distil import distil_gates
+        ids = encode_text(engine, read_text(args.data), args.gate_tokens)
+        gates, rep = distil_gates(engine, ids, rank=args.gate_rank, steps=steps)
+        path = save_gates(engine.store.ckpt, gates, meta)
+        print("| routing | held-out KL | top-1 agree |\n|---|---|---|")
+        print(f"| masked gating | {rep.masked_kl:.4f} | {100 * rep.masked_top1:.2f}% |")
+        print(f"| group gate | {rep.gate_kl:.4f} | {100 * rep.gate_top1:.2f}% |")
+        print(f"wrote {path} ({steps} steps in {rep.train_s:.1f} s; next-token KL against all experts on held-out "
+              "windows of the calibration text, committee-replayed local sets)", file=sys.stderr)
+        return 0
+    from moetandem.gating.train import train_gates
     texts = [engine.decode_text(w) or "" for w in token_windows(engine, read_text(args.data), 256, None)]
-    gates, reports = train_gates(engine, texts, rows=args.gate_rows, rank=args.gate_rank, steps=args.gate_steps)
-    path = save_gates(engine.store.ckpt, gates, {"trained_on": Path(args.data).name})
+    gates, reports = train_gates(engine, texts, rows=args.gate_rows, rank=args.gate_rank, steps=steps)
+    path = save_gates(engine.store.ckpt, gates, meta)
     print("| layer | gate params | masked gating error | group gate error | train s |\n|---|---|---|---|---|")
     for r in reports:
         print(f"| {r.layer} | {r.params} | {r.masked_error:.4f} | {r.gate_error:.4f} | {r.train_s:.1f} |")

@@ -48,8 +48,9 @@ def add_committee_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plan", metavar="FILE", help="plan from `moetandem plan` (per-layer slots, refresh interval)")
     g = p.add_argument_group("hardware-aware gate")
     g.add_argument("--gate", choices=GATES, default="off",
-                   help="route to the experts that are local now: group = learned group gate (after `moetandem "
-                        "calibrate --group-gate`), masked = router restricted to them; off = original (default)")
+                   help="route to the experts that are local now: masked = router restricted to them; group = "
+                        "learned group gate (after `moetandem calibrate --group-gate`; not recommended: it does not "
+                        "beat masked on the demo, see docs/benchmarks.md); off = original (default)")
     g.add_argument("--gate-cost", type=cost_arg, default=math.inf, metavar="C",
                    help="gate weight above which a non-local expert the router picked is still used "
                         "(default inf: local experts only; 0 keeps every original pick)")

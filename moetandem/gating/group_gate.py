@@ -64,6 +64,57 @@ class GroupGate(nn.Module):
         return ids, w
 
 
+class FusedGate:
+    """A trained GroupGate folded for inference. Its down-projection rides in the router's matmul (`weight`
+    [E + r, H]: the router's rows, then the gate's × √H, so that down(rms_norm(x)) = extra columns / ‖x‖); the
+    up-projection and the transfer are one small matmul [h, p·a, p·(1-a)] @ mix [r + 2E, 2E + 1]. Same scores as
+    GroupGate.scores (up to rms_norm's eps), fewer kernels."""
+
+    def __init__(self, gate: GroupGate, router_weight: torch.Tensor) -> None:
+        E, r, H = gate.transfer.shape[0], gate.down.out_features, gate.down.in_features
+        dev = router_weight.device
+        with torch.no_grad():
+            down = gate.down.weight.float() * math.sqrt(H)
+            self.weight = torch.cat([router_weight, down.to(router_weight)])  # [E + r, H]
+            up = gate.up.weight.float().T.to(dev)  # [r + 2E, E + 1] from [h, p·a, p·(1-a)]
+            t = (F.softmax(gate.transfer.float(), dim=-1) * gate.mass.float().exp()).to(dev)  # [E, E]
+            mix = torch.zeros(r + 2 * E, 2 * E + 1, device=dev)
+            mix[:, : E + 1] = up  # score corrections and the scale logit
+            mix[r + E:, E + 1:] = t  # moved = p·(1-a) @ t
+            self.mix = mix
+            self.bias = torch.cat([gate.up.bias.float().to(dev), torch.full((E,), 1e-9, device=dev)])  # [2E + 1]
+        self.E = E
+
+    def scores(self, xd: torch.Tensor, x: torch.Tensor, p: torch.Tensor, allowed: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """xd [T, r] (the fused matmul's extra columns), x [T, H], p [T, E] router probabilities, allowed [T, E]
+        -> scores [T, E] (-inf where not allowed), scale [T]."""
+        E = self.E
+        h = xd.float() / torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)  # [T, r] = down(rms_norm(x))
+        pa = p * allowed  # [T, E]
+        out = torch.addmm(self.bias, torch.cat([h, pa, p - pa], dim=-1), self.mix)  # [T, 2E + 1]
+        z = (pa + out[:, E + 1:]).log_() + out[:, :E]  # [T, E] (the bias holds log's 1e-9)
+        return torch.where(allowed, z, -math.inf), 2 * torch.sigmoid(out[:, E])
+
+    def route(self, xd: torch.Tensor, x: torch.Tensor, p: torch.Tensor, allowed: torch.Tensor, ids0: torch.Tensor,
+              w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As GroupGate.route, from the fused matmul's extra columns xd [T, r] and the probabilities p [T, E]."""
+        miss = ~allowed.gather(1, ids0).all(dim=1)  # [T]
+        if not bool(miss.any()):
+            return ids0, w0.float()
+        if bool(miss.all()):
+            return self._topk(*self.scores(xd, x, p, allowed), ids0.shape[1])
+        ids, w = ids0.clone(), w0.float().clone()
+        ids[miss], w[miss] = self._topk(*self.scores(xd[miss], x[miss], p[miss], allowed[miss]), ids0.shape[1])
+        return ids, w
+
+    @staticmethod
+    def _topk(z: torch.Tensor, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk_route in three kernels: a -inf pick gets weight 0 from the softmax (a row with none allowed: 0)."""
+        zk, ids = torch.topk(z, k, dim=-1)  # [T, k]
+        return ids, torch.softmax(zk, dim=-1).nan_to_num_(0.0) * scale[:, None]
+
+
 def admitted(local: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, cost: float) -> torch.Tensor:
     """local [E] or [T, E] -> allowed [T, E]: the local experts, plus each token's originally routed experts whose gate weight is above
     `cost` (a remote expert is worth its price only when it matters enough)."""
@@ -105,8 +156,19 @@ class GatedRouter:
         self.assignments = 0
         self.local_assignments = 0
         self.selector: Any = None  # the LocalSelector behind local_mask, when there is one
+        self.fused: dict[int, FusedGate] = {}
+
+    def fold(self, block: Any) -> torch.Tensor | None:
+        """The block's router weight with its gate's down-projection under it, [E + r, H], for the block to route
+        with one matmul (None: masked gating, nothing to fold)."""
+        if self.gates is None:
+            return None
+        self.fused[block.layer] = FusedGate(self.gates[block.layer], block.gate.weight)
+        return self.fused[block.layer].weight
 
     def __call__(self, block: Any, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        E = block.num_experts
+        xd, logits = logits[:, E:], logits[:, :E]  # [T, r] from a fused router matmul (else [T, 0]), [T, E]
         probs = F.softmax(logits.float(), dim=-1)  # [T, E]
         w0, ids0 = torch.topk(probs, block.top_k, dim=-1)
         if block.norm_topk_prob:
@@ -117,6 +179,8 @@ class GatedRouter:
         allowed = admitted(local, ids0, w0, self.cost)
         if self.gates is None:
             ids, w = masked_route(logits, allowed, block.top_k, block.norm_topk_prob)
+        elif xd.shape[1] and block.layer in self.fused:
+            ids, w = self.fused[block.layer].route(xd, x, probs, allowed, ids0, w0)
         else:
             ids, w = self.gates[block.layer].route(x, logits, allowed, ids0, w0)
         self.assignments += ids.numel()

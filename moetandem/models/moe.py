@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moetandem.errors import MoetandemError, UnsupportedModelError
@@ -27,10 +28,16 @@ class SparseMoE(nn.Module):
         #: routing hook (moetandem.gating): (block, x [T, H], logits [T, E]) -> ids [T, k], weights [T, k];
         #: None routes with the original router exactly
         self.router: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        #: set with a hook that folds its own projection into the router's matmul: [E + r, H], the router's rows
+        #: first; the hook then gets logits [T, E + r] and reads the router's from the first E columns
+        self.router_weight: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> expert ids [T, k], weights [T, k] (x's dtype)."""
-        logits = self.gate(x)  # [T, E]
+        if self.router is not None and self.router_weight is not None:
+            logits = F.linear(x.to(self.router_weight.dtype), self.router_weight)  # [T, E + r]
+        else:
+            logits = self.gate(x)  # [T, E]
         if self.router is not None:
             if not self.gate.softmax_logits:
                 raise UnsupportedModelError(f"routing hooks (--gate) assume softmax routing; this model routes with "
