@@ -103,7 +103,6 @@ def case(shape: dict, B: int, N: int, fill: float, budget: float, use_compile: b
                splits=num_splits(B, nKV, min(N, window or N), 64 if D <= 128 else 32, torch.device("cuda")))
     if sweep:
         row["sweep"] = sweep_configs(ls, rows, pos, N, window, layers, row["splits"])
-    del ls
     torch.cuda.empty_cache()
     return row
 

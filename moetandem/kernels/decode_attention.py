@@ -14,7 +14,6 @@ partial kernel writes the output itself. Head dims up to 512 (any size; powers o
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
