@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fused_moe import PEAK_GBS, graph_us  # noqa: E402
 from moetandem.kernels.decode_attention import (decode_attention_op, decode_attention_triton,  # noqa: E402
-                                                num_splits)
+                                                launch_choices)
 from moetandem.models.cache import write, write_read  # noqa: E402
 
 #: attention shapes: query heads, KV heads, head dim (+ sinks and a sliding window where the family has them)
@@ -100,10 +100,9 @@ def case(shape: dict, B: int, N: int, fill: float, budget: float, use_compile: b
     ts, tk = graph_us(run_s, layers), graph_us(run_k, layers)
     row = dict(B=B, N=N, live=live, layers=layers, sdpa_us=ts, kernel_us=tk, speedup=ts / tk, kv_mb=kv_bytes / 1e6,
                kernel_gbs=kv_bytes / tk / 1e3, kernel_pct=kv_bytes / tk / 1e3 / PEAK_GBS * 100, rel_err=err,
-               splits=num_splits(B, nKV, min(N, window or N), 64 if D <= 128 else 32, torch.device("cuda")))
+               splits=launch_choices(B, nH, nKV, D, min(N, window or N), torch.device("cuda"))[3])
     if sweep:
         row["sweep"] = sweep_configs(ls, rows, pos, N, window, layers, row["splits"])
-    del ls
     torch.cuda.empty_cache()
     return row
 

@@ -128,7 +128,7 @@ def family_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
 
 def _interpreter_scalar_index() -> None:
     """Triton 3.6's interpreter holds a scalar as a 1-element array and turns it into a loop bound with
-    int(array), which numpy >= 2.3 refuses (a TypeError at every `range(lo, hi)` over loaded values): read its one
+    int(array), which recent numpy (2.4 here) refuses (a TypeError at every `range(lo, hi)` over loaded values): read its one
     element instead. Patches only the interpreter, only under TRITON_INTERPRET=1."""
     import os
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -192,6 +192,17 @@ def test_attention_decode_path_matches_mask_path(spec: GQASpec, window: int | No
     assert all(torch.equal(a, b) for a, b in zip(c1, c2))  # the same K/V written
 
 
+def test_decode_path_never_syncs(monkeypatch) -> None:
+    """The write, the lengths and the op's call read nothing back to the host (a captured step could not)."""
+    from test_committee_parts import no_host_sync
+    mod = importlib.import_module("moetandem.models.components.attention")
+    monkeypatch.setattr(mod, "decode_attention_supported", lambda *a: True)
+    attn, xs, cache, rows, pos, mask, _ = layer_inputs(GQASpec(8, 2, 16, sinks=True), 3, 24, 5, "cpu", torch.float32)
+    with torch.inference_mode(), no_host_sync():
+        out = attn(*xs, cache, rows, pos, mask, 24, window=5)
+    assert out.shape == (3, 1, 64) and torch.isfinite(out).all()
+
+
 def test_gemma_attention_decode_path_matches_mask_path(monkeypatch) -> None:
     spec = GemmaAttentionSpec(4, 2, 32, k_eq_v=True)
     kernel, masked, _, _ = decode_both(monkeypatch, "moetandem.models.components.gemma_attention", spec, 3, 20, 6)

@@ -81,13 +81,24 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Splits per sequence: enough programs for about two per SM, each split at least 4 blocks of a full cache."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 16
-    by_sm = -(-2 * sms // (batch * kv_heads))
-    by_len = -(-max_len // (4 * block_n))
-    return max(1, min(by_sm, by_len, 64))
+def launch_choices(B: int, nH: int, nKV: int, D: int, max_len: int, device: torch.device,
+                   use_dot: bool | None = None, block_n: int | None = None,
+                   splits: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_G, BLOCK_D, BLOCK_N, splits) for a launch; a given choice is kept. BLOCK_G: the query heads of a KV
+    head padded to a tensor-core tile, or 1 (FMAs) for one head per KV head. BLOCK_N: K and V tiles of 16 KiB in
+    bf16 (half on the FMA path, which holds both in registers). Splits: about two programs per SM, each split at
+    least 4 blocks of a full cache."""
+    G = nH // nKV
+    block_g = max(16, triton.next_power_of_2(G)) if (use_dot if use_dot is not None else G > 1) else 1
+    if block_g < G:
+        raise ValueError("use_dot=False needs one query head per KV head")
+    block_d = max(16, triton.next_power_of_2(D))
+    block_n = block_n or max(16, (64 if block_d <= 128 else 32 if block_d <= 256 else 16) // (2 if block_g == 1 else 1))
+    if splits is None:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 16
+        splits = max(1, min(-(-2 * sms // (B * nKV)), -(-max_len // (4 * block_n)), 64))
+    return block_g, block_d, block_n, splits
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -106,13 +117,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     B, nH, D = q.shape
     S, nKV = k_cache.shape[1], k_cache.shape[2]
     G = nH // nKV
-    block_g = max(16, triton.next_power_of_2(G)) if (use_dot if use_dot is not None else G > 1) else 1
-    if block_g < G:
-        raise ValueError("use_dot=False needs one query head per KV head")
-    block_d = max(16, triton.next_power_of_2(D))
-    block_n = block_n or (64 if block_d <= 128 else 32 if block_d <= 256 else 16)
-    bound = min(max_len or S, window or S)
-    splits = splits or num_splits(B, nKV, bound, block_n, q.device)
+    block_g, block_d, block_n, splits = launch_choices(B, nH, nKV, D, min(max_len or S, window or S), q.device,
+                                                       use_dot, block_n, splits)
     out = torch.empty(B, nH, D, dtype=q.dtype, device=q.device)  # [B, nH, D]
     ml = torch.empty(B, nH, splits, 2, dtype=torch.float32, device=q.device) if splits > 1 else out  # (m, l)
     acc = torch.empty(B, nH, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
@@ -201,6 +207,7 @@ if triton is not None:
             nmask = offs_n < hi
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+            v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)  # both in flight
             if BLOCK_G == 1:  # one query head per KV head (MHA): FMAs, no padded MMA
                 s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)[None, :] * scale_log2  # [1, BN] log2 units
             else:
@@ -210,7 +217,6 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])  # [BG, BN]
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
             if BLOCK_G == 1:
                 acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * v.to(tl.float32), 0)[None, :]
             else:
