@@ -40,10 +40,10 @@ def quantized_layer(E: int, H: int, I: int, fmt: str, gen: torch.Generator, chun
     return d13, d2, None if s13 is None else (s13, s2)
 
 
-def case(E: int, k: int, H: int, I: int, T: int, fmt: str, layers: int, seed: int = 0) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def case(ex: list[Experts], E: int, k: int, H: int, I: int, T: int, fmt: str, seed: int = 0) -> dict:
+    """One format and batch size over the layers' experts `ex` (one fused_moe call per layer)."""
     g = torch.Generator().manual_seed(seed)
-    ex = [quantized_layer(E, H, I, fmt, gen) for _ in range(layers)]
+    layers = len(ex)
     xs = [torch.randn(T, H, generator=g).to("cuda", torch.bfloat16) for _ in range(layers)]  # [T, H]
     idss = [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda() for _ in range(layers)]
     ws = [torch.randn(T, k, generator=g).softmax(-1).cuda() for _ in range(layers)]  # [T, k]
@@ -111,8 +111,11 @@ def main() -> None:
             if not fused_moe_supported("cuda", quant.data_dtype(fmt), fmt):
                 print(f"| {name} | {fmt} | - | not supported on this GPU |", flush=True)
                 continue
+            sh = SHAPES[name]
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            ex = [quantized_layer(sh["E"], sh["H"], sh["I"], fmt, gen) for _ in range(args.layers)]
             for T in args.tokens:
-                r = {"shape": name, **case(**SHAPES[name], T=T, fmt=fmt, layers=args.layers)}
+                r = {"shape": name, **case(ex, **sh, T=T, fmt=fmt)}
                 base = next((b["us"] for b in rows if (b["shape"], b["fmt"], b["T"]) == (name, "bf16", T)), None)
                 r["vs_bf16"] = base / r["us"] if base else None
                 rows.append(r)
@@ -120,8 +123,9 @@ def main() -> None:
                 print(f"| {name} | {fmt} | {T} | {r['us']:.1f} | {r['mb']:.1f} | {r['gbs']:.0f} | {r['pct']:.0f}% | "
                       f"{vs} | {r['expert_kb']:.0f} | {r['rel_err']:.2%} |  <!-- groups {r['groups']}, first call "
                       f"{r['first_call_s']:.1f}s -->", flush=True)
-                torch.cuda.empty_cache()
-    (args.out / "fused_moe_formats.json").write_text(json.dumps(rows, indent=1))
+                (args.out / "fused_moe_formats.json").write_text(json.dumps(rows, indent=1))  # so far
+            del ex
+            torch.cuda.empty_cache()
     plot(rows, args.out / "fused_moe_formats.png")
 
 

@@ -190,7 +190,7 @@ class _Plan:
         al = self.al
         _gate_up_kernel[(al.num_blocks, triton_cdiv(self.I, c.block_n))](
             self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h, al.sorted_ids,
-            al.block_slot, al.block_rows, self.H, self.w13.shape[2], self.I, self.k, self.NS, self.x.stride(0), self.x.stride(1),
+            al.block_slot, al.block_rows, self.H, self.w13.shape[2], self.I, self.k, self.NS, *self.x.stride(),
             *self._strides(self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13), self.h.stride(0),
             self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g13,
             PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,

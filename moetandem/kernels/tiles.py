@@ -17,8 +17,7 @@ try:
 except ImportError:  # CPU-only installs: the reference path needs none of this
     triton = None
 
-FMTS = {"bf16": 0, "int8": 1, "fp8": 2, "int4": 3, "mxfp4": 4}
-PACKED_CODE = 3  # codes from here on hold two columns per byte
+FMTS = {"bf16": 0, "int8": 1, "fp8": 2, "int4": 3, "mxfp4": 4}  # codes 3 and up: two columns per byte
 
 if triton is not None:
     @triton.jit
@@ -55,7 +54,8 @@ if triton is not None:
     def load_a(rows, sa_k, kt, KP, mask_m, CDT: tl.constexpr, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
         """rows [BM] row pointers -> the activation tile of K tile kt (columns k0 = kt·BK ..) in CDT: (a [BM, BK], a)
         or, for a packed format, (even columns [BM, BK/2], odd columns [BM, BK/2]). KP: the weights' packed columns
-        (K, or K/2 for a packed format: its own argument, so the compiler knows its alignment); columns past K read 0."""
+        (K, or K/2 for a packed format: its own argument, so the compiler knows its alignment); columns past K
+        read 0."""
         PACK: tl.constexpr = 2 if FMT >= 3 else 1
         offs = tl.arange(0, BLOCK_K)
         mask = mask_m[:, None] & (offs < PACK * (KP - kt * (BLOCK_K // PACK)))[None, :]
@@ -64,6 +64,13 @@ if triton is not None:
         if FMT >= 3:  # one contiguous (vectorized) load, split in registers
             a0, a1 = tl.split(tl.reshape(a0, (rows.shape[0], BLOCK_K // 2, 2)))
         return a0, a1
+
+    @triton.jit
+    def _tile_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, FMT: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """fp32 scales [BN] of K tile kt where one group spans whole tiles (GROUP % BLOCK_K == 0)."""
+        g = kt // (GROUP // BLOCK_K)
+        return _scale(tl.load(s_base + offs_n * ss_n + g * ss_k, mask=mask_n, other=0), FMT)
 
     @triton.jit
     def _row_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, KP, FMT: tl.constexpr, GROUP: tl.constexpr,
@@ -76,8 +83,8 @@ if triton is not None:
             NG: tl.constexpr = BLOCK_K // GROUP
             g = kt * NG + tl.arange(0, NG)  # [NG]
             m = (g * (GROUP // PACK) < KP)[:, None] & mask_n[None, :]
-            s = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=m, other=0), FMT)  # [NG, BN]
-            r = tl.reshape(tl.broadcast_to(s[:, None, :], (NG, ROWS // NG, BN)), (ROWS, BN))
+            s = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=m, other=0), FMT)
+            r = tl.reshape(tl.broadcast_to(s[:, None, :], (NG, ROWS // NG, BN)), (ROWS, BN))  # [NG, BN] spread
         else:  # groups straddle tiles: one gathered scale per row
             offs = tl.arange(0, ROWS)
             g = (kt * BLOCK_K + PACK * offs) // GROUP  # [ROWS]
@@ -104,7 +111,7 @@ if triton is not None:
             if FMT == 0:
                 acc = tl.dot(a0, w, acc, input_precision=PRECISION)
             elif GROUP % BLOCK_K == 0:
-                s = _scale(tl.load(s_base + offs_n * ss_n + (kt // (GROUP // BLOCK_K)) * ss_k, mask=mask_n, other=0), FMT)  # [BN]
+                s = _tile_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, FMT, GROUP, BLOCK_K)  # [BN]
                 acc += tl.dot(a0, w.to(a0.dtype), input_precision=PRECISION) * s[None, :]
             else:
                 s = _row_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, KP, FMT, GROUP, BLOCK_K, 1)  # [BK, BN]
@@ -117,7 +124,7 @@ if triton is not None:
             lo = _nibble(q & 15, FMT)  # columns k0 + 2j
             hi = _nibble(q >> 4, FMT)  # columns k0 + 2j + 1 (same group: GROUP is even)
             if GROUP % BLOCK_K == 0:
-                s = _scale(tl.load(s_base + offs_n * ss_n + (kt // (GROUP // BLOCK_K)) * ss_k, mask=mask_n, other=0), FMT)  # [BN]
+                s = _tile_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, FMT, GROUP, BLOCK_K)  # [BN]
                 part = tl.dot(a0, lo.to(a0.dtype), input_precision=PRECISION)
                 part = tl.dot(a1, hi.to(a0.dtype), part, input_precision=PRECISION)
                 acc += part * s[None, :]
