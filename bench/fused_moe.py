@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moetandem.experts.resident import run_experts  # noqa: E402
 from moetandem.experts.store import flat_views  # noqa: E402
 from moetandem.kernels import fused_moe, fused_moe_reference  # noqa: E402
+from moetandem.graphs import capture_graph  # noqa: E402
 
 SHAPES = {"olmoe-1b-7b": dict(E=64, k=8, H=2048, I=1024), "qwen3-30b-a3b": dict(E=128, k=8, H=2048, I=768)}
 PEAK_GBS = 4800.0
@@ -31,14 +32,7 @@ PEAK_GBS = 4800.0
 
 def graph_us(fn: Callable[[], None], layers: int, reps: int = 20, trials: int = 5) -> float:
     """Median over trials of (replay time / reps / layers), in µs."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture_graph(fn, None, fn)
     g.replay()
     torch.cuda.synchronize()
     times = []

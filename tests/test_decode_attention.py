@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from moetandem.kernels.decode_attention import (decode_attention, decode_attention_reference,
                                                 decode_attention_supported, decode_attention_triton)
 from moetandem.models.components import GemmaAttentionSpec, GQASpec
+from moetandem.graphs import capture_graph
 
 da = importlib.import_module("moetandem.kernels.decode_attention")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -229,14 +230,9 @@ def test_cuda_graph_replay_with_new_lengths_and_rows() -> None:
     """Lengths and rows are data: one capture serves every step (no host sync, fixed grid)."""
     q, k, v, rows, lengths, s = problem(3, 16, 2, 128, 4096, True, "cuda", torch.bfloat16)
     sq, srows, slen = q.clone(), rows.clone(), lengths.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        decode_attention(sq, k, v, srows, slen, sinks=s, window=1000)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = decode_attention(sq, k, v, srows, slen, sinks=s, window=1000)
+    def call() -> torch.Tensor:
+        return decode_attention(sq, k, v, srows, slen, sinks=s, window=1000)
+    graph, out = capture_graph(call, None, call)
     for seed in range(3):
         q2, _, _, rows2, len2, _ = problem(3, 16, 2, 128, 4096, True, "cuda", torch.bfloat16, seed=seed + 1,
                                            first_len_one=False)

@@ -11,6 +11,7 @@ from moetandem.experts.store import flat_views
 from moetandem.kernels import fused_moe, fused_moe_reference, fused_moe_supported
 from moetandem.kernels import tuning
 from moetandem.kernels.align import align_torch, num_blocks_bound
+from moetandem.graphs import capture_graph
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -186,14 +187,8 @@ def test_cuda_graph_replay_with_new_ids(T: int, tune_dir) -> None:
     E, N, H, I, k = 64, 40, 2048, 1024, 8
     x, ids, w, w13, w2, tab, _ = problem(T, k, E, N, H, I, "cuda", torch.bfloat16, table=True, seed=1)
     fused_moe(x, ids, w, w13, w2, tab)  # eager first: tunes and compiles outside capture
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fused_moe(x, ids, w, w13, w2, tab)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        out = fused_moe(x, ids, w, w13, w2, tab)  # [T, H] static output
+    g, out = capture_graph(lambda: fused_moe(x, ids, w, w13, w2, tab), None,
+                           lambda: fused_moe(x, ids, w, w13, w2, tab))  # out [T, H]: the static output
     for seed in (7, 8):
         gen = torch.Generator().manual_seed(seed)
         x.copy_(torch.randn(T, H, generator=gen))
@@ -252,14 +247,9 @@ def test_triton_zero_copy_host_experts(T: int, tune_dir) -> None:
     want = fused_moe(x, ids, w, fw13, fw2)  # all resident
     got = fused_moe(x, ids, w, w13, w2, mapped, host=host)
     assert rel_err(got, want) < 1e-2
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fused_moe(x, ids, w, w13, w2, mapped, host=host)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        out = fused_moe(x, ids, w, w13, w2, mapped, host=host)
+    def call() -> torch.Tensor:
+        return fused_moe(x, ids, w, w13, w2, mapped, host=host)
+    g, out = capture_graph(call, None, call)
     g.replay()
     torch.cuda.synchronize()
     assert rel_err(out, want) < 1e-2

@@ -12,6 +12,7 @@ import torch
 
 from kernel_checks import check_every_candidate, rel_err
 from moetandem.kernels import fused_moe, fused_moe_op, fused_moe_reference, fused_moe_supported, quant, tuning
+from moetandem.graphs import capture_graph
 
 fm = importlib.import_module("moetandem.kernels.fused_moe")  # the module (the package exports the function)
 interpret = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or fm.triton is None,
@@ -296,14 +297,7 @@ def test_triton_zero_copy_host_and_graph_gpu(fmt: str, tune_dir) -> None:
         return fused_moe(x, ids, w, *d, mapped, host=hd, fmt=fmt, scales=s, host_scales=hs)
 
     assert rel_err(call(), fused_moe(x, ids, w, *fd, fmt=fmt, scales=fs)) < 1e-2
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_graph(call, None, call)
     for seed in (7, 8):
         ids2, w2_, _ = routing(T, k, E, N, seed)
         ids.copy_(ids2)
