@@ -12,7 +12,6 @@ per-token cost, so the scheduler then over-values micro-batching and under-value
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from moetandem.errors import InvalidRequestError
+from moetandem.gating.profile import time_call
 
 ROW_BYTES = 16  # per token up besides its hidden states: pos and rows, int64 each
 
@@ -37,28 +37,11 @@ def fit_linear(samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), slope
 
 
-def _time(fn: Callable[[], Any], sync: Callable[[], None], reps: int, stat: str) -> float:
-    fn()
-    sync()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return min(ts) if stat == "min" else sorted(ts)[len(ts) // 2]
-
-
 def time_sizes(fn: Callable[[int], Any], sizes: Iterable[int], device: torch.device | str = "cpu",
                reps: int = 5, stat: str = "median") -> list[tuple[float, float]]:
     """(tokens, seconds) of fn(tokens) at each size, the median (or "min": the cost without preemption by other
     processes) of `reps` runs after a warm-up, synchronised on CUDA."""
-    dev = torch.device(device)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-    return [(float(s), _time(lambda s=s: fn(s), sync, reps, stat)) for s in sizes]
+    return [(float(s), time_call(lambda s=s: fn(s), device, reps, stat)) for s in sizes]
 
 
 @dataclass
