@@ -6,6 +6,6 @@ import torch
 from moetandem.experts.store import ExpertStore
 
 
-def total_expert_bytes(store: ExpertStore, dtype: torch.dtype) -> int:
-    """Bytes of every routed expert of every MoE layer, held in `dtype`."""
-    return store.expert_bytes(dtype) * store.num_experts * len(store.layers)
+def total_expert_bytes(store: ExpertStore, dtype: torch.dtype, row_bytes: int | None = None) -> int:
+    """Bytes of every routed expert of every MoE layer, held in `dtype`, or `row_bytes` each (a packed format's)."""
+    return (row_bytes or store.expert_bytes(dtype)) * store.num_experts * len(store.layers)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.costs import CostModel
+from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.executor import device_format_supported, device_path_supported, run_experts
 from moetandem.experts.formats import ExpertFormat
 from moetandem.kernels import fused_moe_supported
@@ -77,7 +78,7 @@ class CommitteeProvider(ExpertProvider):
         #: the executor's device path (grouped GEMM over the slot buffers, no host sync); else the per-slot loop
         self.grouped = (device_path_supported(device, dtype, (self.I, self.H), self.act) if self.fmt.dense
                         else device_format_supported(self.fmt.name, device, dtype, (self.I, self.H)))
-        total = self.expert_size * self.E * len(store.layers)
+        total = total_expert_bytes(store, dtype, self.expert_size)
         self.rows = ExpertRows(store, self.fmt, keep=True, progress=progress)
         #: exact misses read zero-copy from pinned host memory by the fused kernel (no copy, no host sync, so the
         #: step stays one CUDA graph): every expert pinned once, when it fits the pinned-memory cap

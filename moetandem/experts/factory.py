@@ -37,9 +37,8 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
             raise InvalidRequestError("--policy needs --expert-budget (with no budget every expert is resident)")
         return ResidentProvider(store, device, dtype, progress, activation=store.activation, fmt=fmt)
     budget = parse_budget(expert_budget, total_expert_bytes(store, dtype))
-    packed_total = fmt.nbytes * store.num_experts * len(store.layers) if fmt is not None else None
-    if (packed_total is not None and not fmt.dense and budget >= packed_total and policy is None
-            and plan is None):
+    if (fmt is not None and not fmt.dense and policy is None and plan is None
+            and budget >= total_expert_bytes(store, dtype, fmt.nbytes)):
         # every expert of the format fits the budget (int4 at 30% of the bf16 bytes): all resident, no committee
         return ResidentProvider(store, device, dtype, progress, activation=store.activation, fmt=fmt)
     tau = cfg.skip_threshold
