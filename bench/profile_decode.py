@@ -57,23 +57,22 @@ def profile(path: Path, steps: int, graphs: bool = False) -> dict:
         torch.cuda.synchronize()
     per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])  # per kernel name: µs, launches
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            r = role(ev.name)
-            per[r][0] += ev.time_range.elapsed_us()  # µs
+            r, us = role(ev.name), ev.time_range.elapsed_us()
+            per[r][0] += us
             per[r][1] += 1
             names[r][ev.name[:60]] += 1
+            kernels[ev.name[:90]][0] += us
+            kernels[ev.name[:90]][1] += 1
     cfg = json.loads((path / "config.json").read_text())
     n_tok = steps + 1  # decode steps profiled (the prefill is one more forward; small next to them)
-    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[ev.name[:90]][0] += ev.time_range.elapsed_us() / n_tok
-            kernels[ev.name[:90]][1] += 1 / n_tok
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
     return {"roles": {r: {"us_per_token": t / n_tok, "kernels_per_token": c / n_tok,
                           "top": names[r].most_common(3)} for r, (t, c) in per.items()},
-            "kernels": [{"name": n, "us_per_token": round(t, 2), "per_token": round(c, 2)} for n, (t, c) in top],
+            "kernels": [{"name": n, "us_per_token": round(t / n_tok, 2), "per_token": round(c / n_tok, 2)}
+                        for n, (t, c) in top],
             "bytes": weight_bytes(cfg), "layers": cfg["num_hidden_layers"]}
 
 
