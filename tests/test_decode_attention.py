@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ import torch.nn.functional as F
 from moetandem.kernels.decode_attention import (decode_attention, decode_attention_reference,
                                                 decode_attention_supported, decode_attention_triton)
 from moetandem.models.components import GemmaAttentionSpec, GQASpec
+from kernel_checks import run_interpreted
 from moetandem.graphs import capture_graph
 
 da = importlib.import_module("moetandem.kernels.decode_attention")
@@ -137,12 +135,7 @@ def test_triton_interpreter_subprocess() -> None:
     compiles the kernels), so a plain `pytest` run checks the kernels too."""
     if INTERPRET or da.triton is None:
         pytest.skip("runs in this process (TRITON_INTERPRET=1) or triton is missing")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-                        "-k", "triton_interpreter and not subprocess"], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    run_interpreted(__file__, "triton_interpreter and not subprocess")
 
 
 # ---- the model's decode path (write + kernel) against its mask + SDPA path

@@ -1,14 +1,13 @@
 """The one-kernel router (kernels/router.py) against torch's softmax/top-k, run by Triton's interpreter on the CPU
-(a subprocess with TRITON_INTERPRET=1) and on a GPU when there is one."""
+(in this process under TRITON_INTERPRET=1, else in a child process that sets it) and on a GPU when there is one."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from moetandem.errors import InvalidRequestError
-from moetandem.kernels.router import route_topk, route_topk_reference
+from kernel_checks import run_interpreted
+from moetandem.kernels.router import route_topk, route_topk_op, route_topk_reference
 
 CASES = [(3, 64, 8, "softmax_topk", False), (2, 60, 8, "softmax_topk", True), (4, 8, 2, "softmax_topk", True),
          (2, 32, 4, "topk_softmax", False), (1, 512, 10, "softmax_topk", True), (5, 7, 1, "topk_softmax", False)]
@@ -26,22 +25,18 @@ def check(device: str, launch) -> None:
         torch.testing.assert_close(w.cpu(), rw.cpu(), rtol=1e-5, atol=1e-6)
 
 
-INTERPRET = """
-import torch
-from tests.test_router_kernel import check
-from moetandem.kernels.router import route_topk_op
-check("cpu", route_topk_op)
-print("ok")
-"""
-
-
-def test_kernel_matches_torch_under_the_triton_interpreter() -> None:
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (see below)")
+def test_triton_interpreter_kernel_matches_torch() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", INTERPRET], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    check("cpu", route_topk_op)
+
+
+def test_triton_interpreter_subprocess() -> None:
+    """The interpreter test above in a child process, so a plain `pytest` run checks the kernel too."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("runs in this process")
+    run_interpreted(__file__, "triton_interpreter and not subprocess")
 
 
 @pytest.mark.gpu
