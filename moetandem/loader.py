@@ -39,7 +39,9 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     shards = packed_shards(model)
-    pending = {target: {n for n, (t, _, _) in shards.items() if t == target} for target, _, _ in shards.values()}
+    pending: dict[str, set[str]] = {}  # packed parameter -> its shards not yet read
+    for name, (target, _, _) in shards.items():
+        pending.setdefault(target, set()).add(name)
     fp32 = {f"{mod}.{p}" for mod, m in model.named_modules() if getattr(m, "keep_fp32", False)
             for p, _ in m.named_parameters(recurse=False)}  # routers transformers also keeps in fp32
     experts = expert_pattern(family)
