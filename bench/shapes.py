@@ -81,6 +81,7 @@ SHAPES: dict[str, dict] = {
 
 SHAPES["olmoe-1b-7b-4l"] = {**SHAPES["olmoe-1b-7b"], "num_hidden_layers": 4}  # bench/testbed.py --gpu
 SHAPES["glm-4.5-air-8l"] = {**SHAPES["glm-4.5-air"], "num_hidden_layers": 8}
+SHAPES["deepseek-v2-lite-9l"] = {**SHAPES["deepseek-v2-lite"], "num_hidden_layers": 9}  # 1 dense + 8 MoE
 # Qwen3.5-35B-A3B (text model): 40 layers, 3 Gated DeltaNet : 1 gated attention, 256 experts top-8 + a gated shared
 # expert, ~67 GB in bf16; the -20l variant is its first 20 layers (same per-layer shape, fits a pinned host copy)
 SHAPES["qwen3.5-35b-a3b"] = dict(
@@ -91,6 +92,7 @@ SHAPES["qwen3.5-35b-a3b"] = dict(
     max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
     rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25))
 SHAPES["qwen3.5-35b-a3b-20l"] = {**SHAPES["qwen3.5-35b-a3b"], "num_hidden_layers": 20}
+SHAPES["qwen3.5-35b-a3b-8l"] = {**SHAPES["qwen3.5-35b-a3b"], "num_hidden_layers": 8}  # 2 attention + 6 DeltaNet
 # Qwen3-Next-80B-A3B with 12 of its 48 layers (~40 GB): 512 experts top-10 + a gated shared expert
 SHAPES["qwen3-next-80b-a3b-12l"] = dict(
     model_type="qwen3_next", vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=12,
