@@ -99,16 +99,17 @@ class Batcher:
         seqs = self.active
         if not seqs:
             return []
+        graphs = self.engine.graphs
+        if graphs is not None and (not graphs.capture or self.engine.graph_safe):  # eager bookkeeping: any provider
+            logits, greedy = graphs.step([s.out[-1] for s in seqs], [s.next_pos for s in seqs],
+                                         [s.slot for s in seqs], self.cache, scratch_row=self.max_batch)
+            self.engine.after_step()
+            return self._emit(seqs, logits[: len(seqs)], greedy)
         dev = self.engine.device
         ids = torch.tensor([[s.out[-1]] for s in seqs], device=dev)  # [A, 1]
         pos = torch.tensor([[s.next_pos] for s in seqs], device=dev)  # [A, 1]
         rows = torch.tensor([s.slot for s in seqs], device=dev)  # [A]
-        graphs = self.engine.graphs
-        if graphs is not None and self.engine.graph_safe:
-            logits = graphs.step(ids, pos, rows, self.cache, scratch_row=self.max_batch)[: len(seqs)]
-            self.engine.after_step()
-        else:
-            logits = self.engine.forward(ids, pos, self.cache, self.max_len, rows=rows)[:, -1]
+        logits = self.engine.forward(ids, pos, self.cache, self.max_len, rows=rows)[:, -1]
         return self._emit(seqs, logits)
 
     def cancel(self, seq: Request) -> None:
@@ -118,15 +119,18 @@ class Batcher:
         if 0 <= seq.slot < self.max_batch and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
 
-    def _emit(self, seqs: list[Request], logits: torch.Tensor) -> list[tuple[Request, int]]:
-        # logits [A, V]; greedy rows share one argmax, sampled rows use their own generator
+    def _emit(self, seqs: list[Request], logits: torch.Tensor, greedy: list[int] | None = None
+              ) -> list[tuple[Request, int]]:
+        # logits [A, V]; greedy rows share one argmax (`greedy`, when the step computed it already), sampled rows
+        # use their own generator
         raw = logits
-        if any(s.logits_processor is not None for s in seqs):
+        processed = any(s.logits_processor is not None for s in seqs)
+        if processed:
             logits = logits.clone()  # may be a CUDA-graph output buffer
             for i, s in enumerate(seqs):
                 if s.logits_processor is not None:
                     logits[i] = s.logits_processor(logits[i])  # [V]
-        toks = logits.argmax(dim=-1).tolist()
+        toks = list(greedy) if greedy is not None and not processed else logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             if s.temperature > 0:
                 try:

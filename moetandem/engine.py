@@ -89,7 +89,9 @@ class Engine:
         #: an encoder-decoder: generate() and evaluation go through moetandem.text2text (no batcher, no graphs)
         self.seq2seq = bool(getattr(self.args, "is_seq2seq", False))
         use_graphs = use_graphs and not self.seq2seq
-        self.graphs = DecodeGraphs(self.model, self.experts, compile) if use_graphs and device.type == "cuda" else None
+        # decode steps through static buffers: captured CUDA graphs on a GPU, the same bookkeeping run eagerly on CPU
+        self.graphs = (DecodeGraphs(self.model, self.experts, compile and device.type == "cuda",
+                                    capture=device.type == "cuda") if use_graphs else None)
         self._caches: dict[tuple[int, int], KVCache] = {}
 
     @property

@@ -4,7 +4,7 @@ that write into the cache's scratch row, so a handful of graphs serve every batc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,14 @@ log = logging.getLogger("moetandem")
 @dataclass
 class _Entry:
     cache: KVCache
-    ids: torch.Tensor  # [Ap, 1] static input
-    pos: torch.Tensor  # [Ap, 1]
-    rows: torch.Tensor  # [Ap]
+    inputs: torch.Tensor  # [3, Ap, 1] static input: token ids, positions, cache rows
+    staging: torch.Tensor  # [3, Ap, 1] host (pinned on CUDA) copy of the next inputs, one H2D copy per change
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # [Ap, V] static output
+    greedy: torch.Tensor | None = None  # [Ap] static output: argmax of each row's logits
+    #: (token ids, positions, rows) of the real rows that `inputs` already holds for the next replay: the step
+    #: itself writes its argmax and position + 1 there, so a greedy batch that keeps its rows copies nothing in
+    fed: tuple[tuple[int, ...], ...] | None = None
 
 
 def capture_graph(warm: Callable[[], object], pool: Any, step: Callable[[], torch.Tensor]
@@ -43,14 +46,16 @@ def capture_graph(warm: Callable[[], object], pool: Any, step: Callable[[], torc
 
 
 class DecodeGraphs:
-    def __init__(self, model: MoEForCausalLM, experts: Mapping[int, ExpertProvider], compile: bool = False) -> None:
+    def __init__(self, model: MoEForCausalLM, experts: Mapping[int, ExpertProvider], compile: bool = False,
+                 capture: bool = True) -> None:
         """compile: run the captured step through torch.compile (inductor fuses the norms, RoPE, routing and
         residual adds into few kernels; the fused MoE stays one custom op). Falls back to eager, with a warning
-        logged once, if compilation fails."""
-        self.model, self.experts = model, experts
+        logged once, if compilation fails. capture=False runs the same static-buffer bookkeeping eagerly (CPU)."""
+        self.model, self.experts, self.capture = model, experts, capture
         self.forward: Callable[..., torch.Tensor] = torch.compile(model, dynamic=False) if compile else model
         self.entries: dict[tuple[int, int], _Entry] = {}  # (padded batch, id(cache))
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.input_copies = 0  # steps whose inputs had to travel from the host (the rest reused the last step's)
 
     def clear(self) -> None:
         self.entries.clear()
@@ -59,49 +64,69 @@ class DecodeGraphs:
         """Drop graphs bound to a cache that is being freed."""
         self.entries = {k: e for k, e in self.entries.items() if e.cache is not cache}
 
-    def step(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, cache: KVCache,
-             scratch_row: int) -> torch.Tensor:
-        """ids/pos [A, 1], rows [A] -> logits [Ap, V] (first A rows are real; valid until the next step)."""
-        A = ids.shape[0]
+    def step(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int], cache: KVCache,
+             scratch_row: int) -> tuple[torch.Tensor, list[int]]:
+        """One decode step of A sequences: their last tokens, those tokens' positions and their cache rows ->
+        (logits [Ap, V], the first A rows real, valid until the next step; each real row's argmax token).
+        Padding rows (up to a power of two) write into `scratch_row`. The inputs travel to the device only when
+        they differ from what the previous replay left for this one (sampled tokens, a changed batch)."""
+        A = len(tokens)
         Ap = min(1 << (A - 1).bit_length(), cache.batch - 1)
         key = (Ap, id(cache))
         e = self.entries.get(key)
         if e is None:
-            dev = ids.device
-            e = self.entries[key] = _Entry(cache, torch.zeros(Ap, 1, dtype=torch.long, device=dev),
-                                           torch.zeros(Ap, 1, dtype=torch.long, device=dev),
-                                           torch.full((Ap,), scratch_row, dtype=torch.long, device=dev))
-        e.ids[:A].copy_(ids)
-        e.pos[:A].copy_(pos)
-        e.rows[:A].copy_(rows)
-        e.ids[A:].zero_()
-        e.pos[A:].zero_()
-        e.rows[A:].fill_(scratch_row)
+            dev = cache.device
+            staging = torch.zeros(3, Ap, 1, dtype=torch.long, pin_memory=dev.type == "cuda")
+            e = self.entries[key] = _Entry(cache, torch.zeros(3, Ap, 1, dtype=torch.long, device=dev), staging)
+        want = (tuple(tokens), tuple(positions), tuple(rows))
+        if e.fed != want:
+            e.staging.zero_()
+            e.staging[2].fill_(scratch_row)
+            e.staging[0, :A, 0] = torch.tensor(tokens)
+            e.staging[1, :A, 0] = torch.tensor(positions)
+            e.staging[2, :A, 0] = torch.tensor(rows)
+            e.inputs.copy_(e.staging, non_blocking=True)
+            self.input_copies += 1
         if e.graph is None:
-            self._capture(e)
+            self._capture(e, scratch_row)
         else:
             e.graph.replay()
-        assert e.logits is not None
-        return e.logits
+        assert e.logits is not None and e.greedy is not None
+        greedy = e.greedy[:A].tolist()  # the step's one host sync
+        e.fed = (tuple(greedy), tuple(p + 1 for p in positions), want[2])
+        return e.logits, greedy
 
-    def _capture(self, e: _Entry) -> None:
+    def _step(self, e: _Entry, scratch_row: int) -> torch.Tensor:
+        """The captured work: the forward, its argmax, and the next step's inputs for a greedy batch that keeps
+        its rows (token = argmax, position + 1; padding rows stay at position 0 of the scratch row)."""
+        ids, pos, rows = e.inputs[0], e.inputs[1], e.inputs[2, :, 0]
+        logits = self.forward(ids, pos, e.cache, e.cache.max_len, self.experts, rows=rows)[:, -1]  # [Ap, V]
+        greedy = logits.argmax(dim=-1)  # [Ap]
+        ids.copy_(greedy[:, None])
+        pos.copy_(torch.where(rows[:, None] == scratch_row, 0, pos + 1))
+        e.greedy = greedy
+        return logits
+
+    def _capture(self, e: _Entry, scratch_row: int) -> None:
+        if not self.capture:  # eager: the same bookkeeping, no graph
+            e.logits = self._step(e, scratch_row)
+            return
         # Warm-up runs compute the real step (same K/V written at the same positions), so they are harmless.
-        graph, e.logits = capture_graph(
-            lambda: self._warm(e), self.pool,
-            lambda: self.forward(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)[:, -1])
+        graph, e.logits = capture_graph(lambda: self._warm(e), self.pool, lambda: self._step(e, scratch_row))
         graph.replay()
         e.graph = graph
 
     def _warm(self, e: _Entry) -> None:
+        ids, pos, rows = e.inputs[0], e.inputs[1], e.inputs[2, :, 0]
         try:
-            self.forward(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)
+            self.forward(ids, pos, e.cache, e.cache.max_len, self.experts, rows=rows)
         except Exception as err:  # an inductor / dynamo failure must not stop generation
             if self.forward is self.model:
                 raise
             log.warning("torch.compile failed for the decode step (%s: %s); decoding with the eager model",
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
             self.forward = self.model
-            self.model(e.ids, e.pos, e.cache, e.cache.max_len, self.experts, rows=e.rows)
+            self.model(ids, pos, e.cache, e.cache.max_len, self.experts, rows=rows)
 
 
 class PieceGraphs:

@@ -71,3 +71,35 @@ def test_padding_rows_into_the_scratch_row_do_not_disturb_real_rows(engine):
                           torch.cat([pos, torch.zeros(2, 1, dtype=torch.long)]), b.cache, 64,
                           rows=torch.cat([rows, torch.tensor([3, 3])]))[:2, -1]
     torch.testing.assert_close(padded, real)
+
+
+def test_decode_steps_reuse_device_inputs_and_match_plain_forward(tmp_path):
+    """The decode step keeps its inputs on the device: a greedy batch that keeps its rows feeds the step's own
+    argmax back without a host copy; sampled rows, logits processors and a changed batch copy their inputs in.
+    Tokens equal the plain forward path (no static buffers) in every case."""
+    path = build_checkpoint("qwen2_moe", tmp_path / "plain")
+    ref = moetandem.load(path, device="cpu", dtype="float32", progress=False, use_graphs=False)
+    eng = moetandem.load(path, device="cpu", dtype="float32", progress=False)
+    assert ref.graphs is None and eng.graphs is not None
+
+    def run(e: Engine) -> list[list[int]]:
+        b = Batcher(e, max_batch=4, max_len=64)
+        greedy = e.make_sequence([5, 17, 42, 99], max_new_tokens=14)
+        sampled = e.make_sequence([1, 2, 3], max_new_tokens=6, temperature=0.8, seed=3)
+        masked = e.make_sequence([7, 7, 7], max_new_tokens=9)
+        masked.logits_processor = lambda row: row.index_fill(0, row.topk(2).indices[:1], float("-inf"))
+        b.add([greedy])
+        for _ in range(3):
+            b.step()
+        b.add([sampled, masked])
+        while b.active:
+            b.step()
+        return [greedy.out, sampled.out, masked.out]
+
+    assert run(eng) == run(ref)
+    b = Batcher(eng, max_batch=2, max_len=64)
+    b.add([eng.make_sequence([3, 1, 4, 1, 5], max_new_tokens=10)])
+    before = eng.graphs.input_copies
+    while b.active:
+        b.step()
+    assert eng.graphs.input_copies - before == 1  # 9 steps: only the first one's inputs came from the host

@@ -37,7 +37,7 @@ class KVCache:
         self.layers: list[tuple[torch.Tensor, ...]] = [
             self._alloc(args, i, batch, max_len, device, dtype) if i in keep else (empty, empty)
             for i in range(args.num_layers)]
-        self.batch, self.max_len = batch, max_len
+        self.batch, self.max_len, self.device = batch, max_len, torch.device(device)
 
     @staticmethod
     def _alloc(args: CacheLayout, i: int, batch: int, max_len: int, device: torch.device,
