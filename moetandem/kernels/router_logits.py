@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moetandem.errors import MoetandemError
 from moetandem.kernels.router import MAX_EXPERTS, RULES, check_route, route_topk, route_topk_op
 
 try:
@@ -100,6 +101,9 @@ def counters(device: torch.device) -> torch.Tensor:
     and never freed, so a captured graph's pointer stays valid."""
     c = _counters.get(device)
     if c is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # the zeros would come at replay
+            raise MoetandemError(f"route_logits_topk's first call on {device} is inside a CUDA graph capture: "
+                                 "call it once before capturing (a warm-up step), so its counters exist")
         c = _counters[device] = torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
     return c
 
@@ -143,10 +147,12 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, 
 
 
 def fused_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether route_logits_topk takes the one-launch kernel for these operands."""
+    """Whether route_logits_topk takes the one-launch kernel for these operands (not where autograd would need the
+    logits' graph: the op has no backward)."""
     T, H = x.shape
     E = weight.shape[0]
-    return (triton is not None and x.is_cuda and weight.device == x.device and x.dtype in _DTYPES
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return (triton is not None and not grad and x.is_cuda and weight.device == x.device and x.dtype in _DTYPES
             and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1 and 1 <= T <= FUSED_MAX_TOKENS
             and E <= MAX_EXPERTS and H <= MAX_HIDDEN
             and (bias is None or (bias.device == x.device and bias.dtype == x.dtype and bias.stride(0) == 1)))
