@@ -120,7 +120,8 @@ def test_triton_interpreter_fused_router_matches_torch() -> None:
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (see above)")
 def test_triton_interpreter_fused_router_tilings_and_prefill() -> None:
-    """The tilings bench/router.py sweeps give the same answer; past FUSED_MAX_TOKENS the op takes two launches."""
+    """The tilings bench/router.py sweeps give the same answer; past FUSED_MAX_TOKENS the op takes two launches;
+    the op's fake (torch.compile's view of it) agrees with what it returns."""
     pytest.importorskip("triton")
     from moetandem.kernels.router_logits import FUSED_MAX_TOKENS, default_blocks, launch, route_logits_topk_op
     for bt, be, nw in ((1, 1, 1), (2, 4, 2), (4, 8, 4), (8, 2, 1)):
@@ -129,6 +130,8 @@ def test_triton_interpreter_fused_router_tilings_and_prefill() -> None:
                          torch.float32, seed=bt)
     check_fused_case("cpu", route_logits_topk_op, FUSED_MAX_TOKENS + 5, 64, 96, 8, False, "softmax_topk", False,
                      torch.float32)
+    x, w, b = torch.randn(3, 64), torch.randn(60, 64), torch.randn(60)
+    torch.library.opcheck(route_logits_topk_op, (x, w, b, 4, "softmax_topk", True))
 
 
 def test_fused_router_cpu_path_is_unchanged() -> None:
@@ -227,3 +230,22 @@ def test_fused_router_in_a_cuda_graph_replayed_with_new_inputs() -> None:
                 rid, rw = route_topk(logits, 8, "softmax_topk", True)  # from the replay's own logits
                 assert torch.equal(ids, rid) and torch.allclose(wts, rw, rtol=1e-5, atol=1e-6)
             assert not counters(x.device).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linear_router_routes_with_the_fused_op_under_torch_compile() -> None:
+    """A model's router (SoftmaxTopKRouter.route) through torch.compile, as the decode step runs it: the op stays one
+    opaque call and gives what it gives eagerly."""
+    from moetandem.kernels.router_logits import fused_supported
+    from moetandem.models.components.routers import SoftmaxTopK
+    r = SoftmaxTopK(norm_topk_prob=True).build(2048, 64, 8)
+    torch.nn.init.normal_(r.weight, std=2048 ** -0.5)
+    r = r.to("cuda", torch.bfloat16)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert fused_supported(x, r.weight, r.bias)
+        want = r.route(x, torch.bfloat16)
+        got = torch.compile(lambda x: r.route(x, torch.bfloat16), dynamic=False, fullgraph=True)(x)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
