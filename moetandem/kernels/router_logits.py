@@ -3,8 +3,9 @@ kernels/router.py on each row -> ids [T, k], weights [T, k].
 
 At decode the router's matmul is a 256-512 KB GEMV that cuBLAS runs in ~5 µs (launch- and latency-bound, not
 bandwidth-bound), and route_topk is a second launch after it. Here the E rows are split over E / BLOCK_E programs
-per block of BLOCK_T tokens (32-64 programs at T=1, so the weight streams from many SMs at once); each program
-writes its logits (fp32 accumulation, stored in x's dtype as F.linear would), then counts itself in on an int32
+per block of BLOCK_T tokens (32 programs at T=1 for 32 <= E <= 256, so the weight streams from many SMs at once);
+each program writes its logits (fp32 accumulation, stored in x's dtype as F.linear would; the summation order differs
+from cuBLAS's, so a near-tie may pick differently), then counts itself in on an int32
 counter of its token block (acquire/release atomics). The program that arrives last sees every program's logits,
 resets the counter to 0 (so the next launch, or the next replay of a CUDA graph, starts from 0 with no memset) and
 runs route_topk's selection on the full rows. The counters are one small persistent buffer per device: launches of
