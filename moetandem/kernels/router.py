@@ -39,11 +39,10 @@ def route_topk_reference(logits: torch.Tensor, k: int, rule: str, renorm: bool) 
 
 if triton is not None:
     @triton.jit
-    def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, s_t, K: tl.constexpr, KP: tl.constexpr, RULE: tl.constexpr,
-                      RENORM: tl.constexpr, BLOCK_E: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK_E)
-        x = tl.load(logits_ptr + t * s_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)  # [BE]
+    def select_topk(x, offs, K: tl.constexpr, KP: tl.constexpr, RULE: tl.constexpr, RENORM: tl.constexpr,
+                    BLOCK_E: tl.constexpr):
+        """One row of logits x [BLOCK_E] fp32 (-inf past E), offs = arange(BLOCK_E) -> (ids int64 [KP],
+        weights fp32 [KP]); the first K are the answer (also for the fused router, kernels/router_logits.py)."""
         if RULE == 0:  # softmax over all experts first
             m = tl.max(x, 0)
             p = tl.exp(x - m)
@@ -62,6 +61,16 @@ if triton is not None:
             vals = e / tl.sum(e, 0)
         elif RENORM:
             vals = vals / tl.sum(tl.where(offs_k < K, vals, 0.0), 0)
+        return idx, vals
+
+    @triton.jit
+    def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, s_t, K: tl.constexpr, KP: tl.constexpr, RULE: tl.constexpr,
+                      RENORM: tl.constexpr, BLOCK_E: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_E)
+        x = tl.load(logits_ptr + t * s_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)  # [BE]
+        idx, vals = select_topk(x, offs, K, KP, RULE, RENORM, BLOCK_E)
+        offs_k = tl.arange(0, KP)
         tl.store(ids_ptr + t * K + offs_k, idx, mask=offs_k < K)
         tl.store(w_ptr + t * K + offs_k, vals, mask=offs_k < K)
 
@@ -84,14 +93,19 @@ def _(logits: torch.Tensor, k: int, rule: str, renorm: bool) -> tuple[torch.Tens
     return (logits.new_empty(T, k, dtype=torch.long), logits.new_empty(T, k, dtype=torch.float32))
 
 
+def check_route(k: int, E: int, rule: str) -> None:
+    """Refuse a rule or top-k that routing cannot follow."""
+    if rule not in RULES:
+        raise InvalidRequestError(f"unknown routing rule {rule!r}; choose one of {', '.join(RULES)}")
+    if not 1 <= k <= E:
+        raise InvalidRequestError(f"top-k must be in [1, {E}] for {E} experts, got {k}")
+
+
 def route_topk(logits: torch.Tensor, k: int, rule: str = "softmax_topk",
                renorm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (ids int64 [T, k] best first, weights fp32 [T, k]) by `rule` (module docstring)."""
-    if rule not in RULES:
-        raise InvalidRequestError(f"unknown routing rule {rule!r}; choose one of {', '.join(RULES)}")
     T, E = logits.shape
-    if not 1 <= k <= E:
-        raise InvalidRequestError(f"top-k must be in [1, {E}] for {E} experts, got {k}")
+    check_route(k, E, rule)
     fast = triton is not None and logits.is_cuda and E <= MAX_EXPERTS and logits.stride(1) == 1
     if fast:
         return route_topk_op(logits, k, rule, renorm)

@@ -34,16 +34,17 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> expert ids [T, k], weights [T, k] (x's dtype)."""
-        if self.router is not None and self.router_weight is not None:
+        if self.router is None:
+            _, ids, w = self.gate.route(x, x.dtype)  # logits [T, E] (one launch with the top-k where it can be)
+            return ids, w
+        if not self.gate.softmax_logits:
+            raise UnsupportedModelError(f"routing hooks (--gate) assume softmax routing; this model routes with "
+                                        f"{type(self.gate).__name__}: run it with --gate off")
+        if self.router_weight is not None:
             logits = F.linear(x.to(self.router_weight.dtype), self.router_weight)  # [T, E + r]
         else:
             logits = self.gate(x)  # [T, E]
-        if self.router is not None:
-            if not self.gate.softmax_logits:
-                raise UnsupportedModelError(f"routing hooks (--gate) assume softmax routing; this model routes with "
-                                            f"{type(self.gate).__name__}: run it with --gate off")
-            return self.router(self, x, logits)
-        return self.gate.select(logits, x.dtype)
+        return self.router(self, x, logits)
 
     def expert_input(self, rows: torch.Tensor) -> torch.Tensor:
         """What the routed experts see of the routed rows [T, H] (Gemma-4 normalises them first)."""

@@ -2,6 +2,7 @@
 (weight [E, H], plus the bias the family has) with
     forward(x [T, H]) -> logits [T, E]                       (what routing hooks and calibration read)
     select(logits [T, E], dtype) -> ids [T, k], weights [T, k]
+    route(x [T, H], dtype) -> logits, ids, weights           (both; one launch where the router fuses them)
 and a frozen spec (what config.json says) that builds it."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetandem.kernels.router import route_topk
+from moetandem.kernels.router_logits import route_logits_topk
 
 
 class Router(nn.Module):
@@ -35,6 +37,28 @@ class Router(nn.Module):
     def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def route(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> logits [T, E], ids [T, k], weights [T, k] (dtype): forward, then select."""
+        logits = self(x)  # [T, E]
+        return (logits, *self.select(logits, dtype))
+
+
+class LinearTopKRouter(Router):
+    """A plain linear (+ bias) router whose selection is route_topk's `rule`: on CUDA at decode sizes the logits
+    and the top-k are one launch (kernels/router_logits.py); elsewhere forward then select, as before."""
+    rule: str = "softmax_topk"
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights = route_topk(logits, self.top_k, self.rule, self.norm_topk_prob)  # [T, k] each
+        return ids, weights.to(dtype)
+
+    def route(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.keep_fp32:
+            return super().route(x, dtype)
+        logits, ids, weights = route_logits_topk(x, self.weight, self.bias, self.top_k, self.rule,
+                                                 self.norm_topk_prob)  # [T, E], [T, k], [T, k]
+        return logits, ids, weights.to(dtype)
+
 
 # ---- softmax -> top-k (-> renormalise): Mixtral, Qwen, OLMoE
 @dataclass(frozen=True)
@@ -45,14 +69,10 @@ class SoftmaxTopK:
         return SoftmaxTopKRouter(hidden, num_experts, top_k, self.norm_topk_prob)
 
 
-class SoftmaxTopKRouter(Router):
+class SoftmaxTopKRouter(LinearTopKRouter):
     def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
         super().__init__(hidden, num_experts, top_k)
         self.norm_topk_prob = norm_topk_prob
-
-    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, weights = route_topk(logits, self.top_k, "softmax_topk", self.norm_topk_prob)  # [T, k] each
-        return ids, weights.to(dtype)
 
 
 # ---- top-k -> softmax over the chosen logits, router with a bias: gpt-oss
@@ -64,12 +84,8 @@ class TopKSoftmax:
         return TopKSoftmaxRouter(hidden, num_experts, top_k, self.bias)
 
 
-class TopKSoftmaxRouter(Router):
-    softmax_logits = False
-
-    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, weights = route_topk(logits, self.top_k, "topk_softmax")  # [T, k] each
-        return ids, weights.to(dtype)
+class TopKSoftmaxRouter(LinearTopKRouter):
+    softmax_logits, rule = False, "topk_softmax"  # norm_topk_prob stays False: the k weights sum to 1 already
 
 
 def _group_mask(scores: torch.Tensor, n_group: int, topk_group: int, per_group: str) -> torch.Tensor:
