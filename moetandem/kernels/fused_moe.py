@@ -37,6 +37,9 @@ except ImportError:
     triton = None
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: up to this many tokens the direct path runs (no alignment; the down GEMM sums over k): batch-1/2 decode, where
+#: two tokens rarely share an expert, so reading an expert once per assignment costs little
+DIRECT_MAX_TOKENS = 2
 _QUANT_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)  # int8; int4 and mxfp4; fp8
 
 
@@ -78,19 +81,27 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr,
-                        K, KP, I, TOP_K, NS, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e,
-                        sh_m, alpha, limit, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
-                        GROUP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        ids_ptr, rw_ptr, table_ptr, M, N, K, KP, I, TOP_K, NS, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k,
+                        ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sh_m, alpha, limit, ACT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                        DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
-        slot = tl.load(bslot_ptr + pid_m)
-        if slot < 0:
-            return
+        offs_m = tl.arange(0, BLOCK_M)
+        if DIRECT:  # program pid_m = assignment pid_m (one row; no alignment)
+            slot = _keys(ids_ptr, rw_ptr, table_ptr, pid_m, M, N, HAS_TABLE)
+            if slot >= N:
+                return
+            mask_m = offs_m < 1
+            a_id = tl.full((BLOCK_M,), 0, tl.int64) + pid_m  # [BM]
+        else:
+            slot = tl.load(bslot_ptr + pid_m)
+            if slot < 0:
+                return
+            mask_m = offs_m < tl.load(brows_ptr + pid_m)
+            a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
         s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_m = offs_m < tl.load(brows_ptr + pid_m)
-        a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < I
         rows = x_ptr + (a_id // TOP_K) * sx_m  # [BM]
@@ -138,6 +149,49 @@ if triton is not None:
         tl.store(y_ptr + a_id[:, None] * sy_m + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
+    def _down_direct_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, out_ptr, ids_ptr, rw_ptr, table_ptr,
+                            M, N, K, KP, H, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e,
+                            so_t, TOP_K: tl.constexpr, KP2: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_TABLE: tl.constexpr,
+                            FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (t, n-tile): out[t, tile] = Σ_j w_j · (down_j h_{t,j} (+ b_j)) over the token's k experts in a
+        fixed order (deterministic, no atomics, no [T*k, H] scratch and no separate sum launch). One flat loop
+        over (j, K tile), so the weight loads of consecutive experts pipeline into each other."""
+        t = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < 1
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < H
+        KT = tl.cdiv(K, BLOCK_K)
+        # the token's k slots and routing weights, loaded once: nothing loaded in the loop decides an address, so
+        # the weight loads software-pipeline across experts
+        offs_j = tl.arange(0, KP2)
+        slots = _keys(ids_ptr, rw_ptr, table_ptr, t * TOP_K + offs_j, t * TOP_K + TOP_K, N, HAS_TABLE)  # [KP2]
+        rws = tl.load(rw_ptr + t * TOP_K + offs_j, mask=offs_j < TOP_K, other=0.0).to(tl.float32)  # [KP2]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for it in range(0, TOP_K * KT):
+            j = it // KT
+            kt = it - j * KT
+            a = t * TOP_K + j
+            slot = tl.sum(tl.where(offs_j == j, slots, 0), 0)
+            rw = tl.sum(tl.where(offs_j == j, rws, 0.0), 0)
+            busy = slot < N
+            slot = tl.where(busy, slot, 0)
+            w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
+            s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
+            rows = h_ptr + (tl.full((BLOCK_M,), 0, tl.int64) + a) * sh_m  # [BM]
+            a0, a1 = load_a(rows, 1, kt, KP, mask_m & busy, h_ptr.dtype.element_ty, FMT, BLOCK_K)
+            part = wdot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a0, a1, w_base, s_base, offs_n,
+                        mask_n & busy, sw_n, sw_k, ss_n, ss_k, kt, KP, FMT, GROUP, PRECISION, BLOCK_K)
+            if HAS_BIAS:  # b2 [H], once per expert (its first K tile), before the routing weight
+                b_base = expert_base(b_ptr, hb_ptr, slot, NS, sb_e, shb_e)
+                part += tl.load(b_base + offs_n, mask=mask_n & busy & (kt == 0), other=0.0).to(tl.float32)[None, :]
+            acc += part * tl.where(busy, rw, 0.0)
+        tl.store(out_ptr + t.to(tl.int64) * so_t + offs_m[:, None] * 0 + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
     def _sum_kernel(y_ptr, ids_ptr, rw_ptr, table_ptr, out_ptr, H, N, sy_m, so_t,
                     TOP_K: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_H: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
@@ -158,7 +212,7 @@ class _Plan:
                  w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int,
                  host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
                  limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
-                 host_scales: Pair | None = None) -> None:
+                 host_scales: Pair | None = None, direct: bool | None = None) -> None:
         self.x, self.w13, self.w2, self.table = x, w13, w2, slot_table
         self.hw13, self.hw2 = host[:2] if host is not None else (w13, w2)
         self.b13, self.b2 = bias if bias is not None else (w13, w2)  # (never read without biases)
@@ -173,11 +227,17 @@ class _Plan:
         self.act = ACTIVATIONS[activation]
         self.ids = expert_ids.reshape(-1).contiguous()  # [T*k]
         self.rw = weights.reshape(-1).contiguous()  # [T*k]
-        self.al: Aligned = align(self.ids, self.rw, slot_table, self.N, block_m)
+        self.tab = slot_table.contiguous() if slot_table is not None else self.ids  # (never read without a table)
         m = self.T * self.k
+        #: direct: one program row per assignment and a per-token down GEMM that sums over k (2 launches, for
+        #: decode-sized batches); else aligned: assignments bucketed by slot, so a slot's rows share its weights
+        self.direct = self.T <= DIRECT_MAX_TOKENS if direct is None else direct
+        self.al: Aligned | None = None if self.direct else align(self.ids, self.rw, slot_table, self.N, block_m)
+        self.block_m = block_m
         cdt = compute_dtype(x, w13, fmt)
         self.h = torch.empty(m, self.I, dtype=cdt, device=x.device)  # [T*k, I]
-        self.y = torch.empty(m, self.H, dtype=torch.float32, device=x.device)  # [T*k, H]
+        self.out = torch.empty(self.T, self.H, dtype=x.dtype, device=x.device)  # [T, H]
+        self.y = self.out if self.direct else torch.empty(m, self.H, dtype=torch.float32, device=x.device)  # [T*k, H]
         self.precision = "ieee" if cdt == torch.float32 else "tf32"
 
     def _strides(self, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
@@ -187,30 +247,43 @@ class _Plan:
         return (w.stride(0), hw.stride(0), w.stride(1), w.stride(2), *ss, b.stride(0), hb.stride(0))
 
     def up(self, c: tuning.KernelConfig) -> None:
-        al = self.al
-        _gate_up_kernel[(al.num_blocks, triton_cdiv(self.I, c.block_n))](
-            self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h, al.sorted_ids,
-            al.block_slot, al.block_rows, self.H, self.w13.shape[2], self.I, self.k, self.NS, *self.x.stride(),
+        al, m = self.al, self.T * self.k
+        blocks = (m, None, None, None) if al is None else (al.num_blocks, al.sorted_ids, al.block_slot, al.block_rows)
+        _gate_up_kernel[(blocks[0], triton_cdiv(self.I, c.block_n))](
+            self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h,
+            *(self.ids if b is None else b for b in blocks[1:]), self.ids, self.rw, self.tab, m, self.N, self.H,
+            self.w13.shape[2], self.I, self.k, self.NS, *self.x.stride(),
             *self._strides(self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13), self.h.stride(0),
             self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g13,
-            PRECISION=self.precision, BLOCK_M=al.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            num_warps=c.num_warps, num_stages=c.num_stages)
+            PRECISION=self.precision, DIRECT=al is None, HAS_TABLE=self.table is not None, BLOCK_M=self.block_m,
+            BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
 
     def down(self, c: tuning.KernelConfig) -> None:
         al = self.al
+        strides = self._strides(self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2)
+        if al is None:
+            _down_direct_kernel[(self.T, triton_cdiv(self.H, c.block_n))](
+                self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.out, self.ids, self.rw,
+                self.tab, self.T * self.k, self.N, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
+                *strides, self.out.stride(0), TOP_K=self.k, KP2=triton.next_power_of_2(self.k), HAS_BIAS=self.has_bias,
+                HAS_TABLE=self.table is not None, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision,
+                BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
+                num_stages=c.num_stages)
+            return
         _down_kernel[(al.num_blocks, triton_cdiv(self.H, c.block_n))](
             self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.y, self.rw, al.sorted_ids,
             al.block_slot, al.block_rows, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
-            *self._strides(self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2), self.y.stride(0),
+            *strides, self.y.stride(0),
             HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision, BLOCK_M=al.block_m,
             BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
 
     def reduce(self) -> torch.Tensor:
-        out = torch.empty(self.T, self.H, dtype=self.x.dtype, device=self.x.device)  # [T, H]
+        if self.al is None:  # the direct down GEMM summed over k already
+            return self.out
+        out = self.out
         bh = min(1024, triton.next_power_of_2(self.H))
-        table = self.table.contiguous() if self.table is not None else self.ids
         _sum_kernel[(self.T, triton_cdiv(self.H, bh))](
-            self.y, self.ids, self.rw, table, out, self.H, self.N, self.y.stride(0), out.stride(0),
+            self.y, self.ids, self.rw, self.tab, out, self.H, self.N, self.y.stride(0), out.stride(0),
             TOP_K=self.k, HAS_TABLE=self.table is not None, BLOCK_H=bh, num_warps=4)
         return out
 
@@ -232,7 +305,8 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: 
     N, I, H = w13.shape[0] + (host[0].shape[0] if host is not None else 0), w13.shape[1] // 2, x.shape[1]
     gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
     dtype = str(compute_dtype(x, w13, fmt)).removeprefix("torch.")
-    key = tuning.cache_key(fmt, dtype, N, H, I, k, T, scale_groups(x, w13, scales))
+    key = tuning.cache_key(fmt, dtype, N, H, I, k, T, scale_groups(x, w13, scales)) + (
+        ",direct" if T <= DIRECT_MAX_TOKENS else "")
     cfg = tuning.CACHE.get(gpu, key)
     if cfg is not None:
         return cfg
