@@ -33,14 +33,17 @@ if triton is not None:
         return base
 
     @triton.jit
-    def _scale(s, FMT: tl.constexpr):
-        """Loaded scales -> fp32 multipliers (mxfp4: e8m0 s -> 2^(s - 127), built as the fp32 bits s << 23; s = 0,
-        2^-127, is the subnormal 0x00400000)."""
+    def _scale(s, FMT: tl.constexpr, DT: tl.constexpr):
+        """Loaded scales -> multipliers in DT. mxfp4's e8m0 s is 2^(s - 127), built as bits: s << 23 in fp32, s << 7
+        in bf16 (s = 0, 2^-127, is a subnormal in both)."""
         if FMT == 4:
             e = s.to(tl.uint32)
-            r = tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
+            if DT == tl.bfloat16:
+                r = tl.where(e == 0, 0x40, e << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            else:
+                r = tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True).to(DT)
         else:
-            r = s.to(tl.float32)
+            r = s.to(tl.float32).to(DT)
         return r
 
     @triton.jit
@@ -60,7 +63,7 @@ if triton is not None:
                      BLOCK_K: tl.constexpr):
         """fp32 scales [BN] of K tile kt where one group spans whole tiles (GROUP % BLOCK_K == 0)."""
         g = kt // (GROUP // BLOCK_K)
-        return _scale(tl.load(s_base + offs_n * ss_n + g * ss_k, mask=mask_n, other=0), FMT)
+        return _scale(tl.load(s_base + offs_n * ss_n + g * ss_k, mask=mask_n, other=0), FMT, tl.float32)
 
     @triton.jit
     def _row_scales(s_base, offs_n, mask_n, ss_n, ss_k, kt, K, FMT: tl.constexpr, GROUP: tl.constexpr,
@@ -72,13 +75,13 @@ if triton is not None:
             NG: tl.constexpr = BLOCK_K // GROUP
             g = kt * NG + tl.arange(0, NG)  # [NG]
             m = (g * GROUP < K)[:, None] & mask_n[None, :]
-            s = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=m, other=0), FMT).to(DT)
+            s = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=m, other=0), FMT, DT)
             r = tl.reshape(tl.broadcast_to(s[:, None, :], (NG, GROUP, BN)), (BLOCK_K, BN))  # [NG, BN] spread
         else:  # groups straddle tiles: one gathered scale per row
             offs = tl.arange(0, BLOCK_K)
             g = (kt * BLOCK_K + offs) // GROUP  # [BK]
             m = (offs < K - kt * BLOCK_K)[:, None] & mask_n[None, :]
-            r = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=m, other=0), FMT).to(DT)
+            r = _scale(tl.load(s_base + offs_n[None, :] * ss_n + g[:, None] * ss_k, mask=m, other=0), FMT, DT)
         return r
 
     @triton.jit
