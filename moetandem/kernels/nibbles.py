@@ -23,16 +23,26 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-#: four bytes (operand $4) -> four words (operands $0..$3): word j = byte j's (low, high) nibble as a bf16 pair.
-#: prmt selector 0x0{4+j}0{j}: byte 0 of the result is input byte j, byte 2 is (input >> 4) byte j.
-_PRMT = ("0x0400", "0x0501", "0x0602", "0x0703")
-INT4_PTX = "{\n.reg .b32 s, t, one, off;\nmov.b32 one, 0x3F803F80;\nmov.b32 off, 0xC308C308;\nshr.b32 s, $4, 4;\n" + "".join(
-    f"prmt.b32 t, $4, s, {sel};\nlop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;\nfma.rn.bf16x2 ${j}, t, one, off;\n"
-    for j, sel in enumerate(_PRMT)) + "}"  # (t & 0x000F000F) | 0x43004300 = 128 + n; · 1 − 136
-MXFP4_PTX = "{\n.reg .b32 s, t, k, z;\nmov.b32 k, 0x7E807E80;\nmov.b32 z, 0x80008000;\nshr.b32 s, $4, 4;\n" + "".join(
-    f"prmt.b32 t, $4, s, {sel};\nand.b32 t, t, 0x000F000F;\nmul.lo.u32 t, t, 0x1040;\nand.b32 t, t, 0x81C081C0;\n"
-    f"fma.rn.bf16x2 ${j}, t, k, z;\n"
-    for j, sel in enumerate(_PRMT)) + "}"  # bits · 2^126 (+ −0: keeps the sign of a zero)
+
+def _ptx(regs: str, setup: str, per_byte: str) -> str:
+    """An inline-asm body: $4 holds four bytes, per_byte (formatted with j and sel) writes word $j from byte j.
+    s = $4 >> 4; prmt selector 0x0{4+j}0{j} makes t's byte 0 input byte j and its byte 2 (input >> 4) byte j, so
+    the low nibble of each 16-bit half of t is byte j's low / high nibble."""
+    body = "".join(per_byte.format(j=j, sel=f"0x0{4 + j}0{j}") for j in range(4))
+    return "{\n.reg .b32 " + regs + ";\n" + setup + "shr.b32 s, $4, 4;\n" + body + "}"
+
+
+#: four bytes -> four words, word j = byte j's (low, high) nibble as a bf16 pair of their values
+INT4_PTX = _ptx("s, t, one, off", "mov.b32 one, 0x3F803F80;\nmov.b32 off, 0xC308C308;\n",  # bf16 pairs 1, -136
+                "prmt.b32 t, $4, s, {sel};\n"
+                "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;\n"  # (t & 0x000F000F) | 0x43004300: 128 + n
+                "fma.rn.bf16x2 ${j}, t, one, off;\n")  # - 136
+MXFP4_PTX = _ptx("s, t, k, z", "mov.b32 k, 0x7E807E80;\nmov.b32 z, 0x80008000;\n",  # bf16 pairs 2^126, -0
+                 "prmt.b32 t, $4, s, {sel};\n"
+                 "and.b32 t, t, 0x000F000F;\n"
+                 "mul.lo.u32 t, t, 0x1040;\n"  # (x << 6) | (x << 12): e, m at bits 7-8, 6; the sign at 15
+                 "and.b32 t, t, 0x81C081C0;\n"  # = the FP4 value · 2^-126 as bf16 bits
+                 "fma.rn.bf16x2 ${j}, t, k, z;\n")  # · 2^126 (+ -0 keeps the sign of a zero)
 
 if triton is not None:
     from triton import knobs
