@@ -24,25 +24,32 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-def _ptx(regs: str, setup: str, per_byte: str) -> str:
-    """An inline-asm body: $4 holds four bytes, per_byte (formatted with j and sel) writes word $j from byte j.
-    s = $4 >> 4; prmt selector 0x0{4+j}0{j} makes t's byte 0 input byte j and its byte 2 (input >> 4) byte j, so
-    the low nibble of each 16-bit half of t is byte j's low / high nibble."""
-    body = "".join(per_byte.format(j=j, sel=f"0x0{4 + j}0{j}") for j in range(4))
-    return "{\n.reg .b32 " + regs + ";\n" + setup + "shr.b32 s, $4, 4;\n" + body + "}"
+def _ptx(regs: str, setup: str, per_byte: str, sel: str) -> str:
+    """An inline-asm body: $4 holds four bytes; setup makes s = $4 >> 4 (and more); per_byte, formatted with j and
+    the prmt selector sel.format(j, 4 + j), writes word $j from byte j. The selector puts input byte j in byte 0 of
+    t and s's byte j in its byte 2, so the low nibble of each 16-bit half of t is byte j's low / high nibble."""
+    body = "".join(per_byte.format(j=j, sel=sel.format(j, 4 + j)) for j in range(4))
+    return "{\n.reg .b32 " + regs + ";\n" + setup + body + "}"
 
 
 #: four bytes -> four words, word j = byte j's (low, high) nibble as a bf16 pair of their values
-INT4_PTX = _ptx("s, t, one, off", "mov.b32 one, 0x3F803F80;\nmov.b32 off, 0xC308C308;\n",  # bf16 pairs 1, -136
+INT4_PTX = _ptx("s, t, one, off",
+                "mov.b32 one, 0x3F803F80;\nmov.b32 off, 0xC308C308;\n"  # bf16 pairs 1, -136
+                "shr.b32 s, $4, 4;\n",
                 "prmt.b32 t, $4, s, {sel};\n"
                 "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;\n"  # (t & 0x000F000F) | 0x43004300: 128 + n
-                "fma.rn.bf16x2 ${j}, t, one, off;\n")  # - 136
-MXFP4_PTX = _ptx("s, t, k, z", "mov.b32 k, 0x7E807E80;\nmov.b32 z, 0x80008000;\n",  # bf16 pairs 2^126, -0
-                 "prmt.b32 t, $4, s, {sel};\n"
-                 "and.b32 t, t, 0x000F000F;\n"
-                 "mul.lo.u32 t, t, 0x1040;\n"  # (x << 6) | (x << 12): e, m at bits 7-8, 6; the sign at 15
+                "fma.rn.bf16x2 ${j}, t, one, off;\n",  # - 136
+                "0x0{1}0{0}")
+#: the same for e2m1. The nibbles are masked once a word (x, s); selector nibbles 8 fill bytes 1 and 3 of t with
+#: zeros (the sign-replicate of x's byte 0, whose top bit is 0), so t holds the two nibbles alone
+MXFP4_PTX = _ptx("s, t, x, k, z",
+                 "mov.b32 k, 0x7E807E80;\nmov.b32 z, 0x80008000;\n"  # bf16 pairs 2^126, -0
+                 "shr.b32 s, $4, 4;\nand.b32 s, s, 0x0F0F0F0F;\nand.b32 x, $4, 0x0F0F0F0F;\n",
+                 "prmt.b32 t, x, s, {sel};\n"
+                 "mul.lo.u32 t, t, 0x1040;\n"  # (t << 6) | (t << 12): e, m at bits 7-8, 6; the sign at 15
                  "and.b32 t, t, 0x81C081C0;\n"  # = the FP4 value · 2^-126 as bf16 bits
-                 "fma.rn.bf16x2 ${j}, t, k, z;\n")  # · 2^126 (+ -0 keeps the sign of a zero)
+                 "fma.rn.bf16x2 ${j}, t, k, z;\n",  # · 2^126 (+ -0 keeps the sign of a zero)
+                 "0x8{1}8{0}")
 
 if triton is not None:
     from triton import knobs
