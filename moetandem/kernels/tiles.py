@@ -8,8 +8,8 @@ spans whole K tiles (GROUP % BLOCK_K == 0, e.g. per-channel int8/fp8, int4 group
 runs on the raw values and its [BM, BN] result is scaled once per tile; otherwise each weight element is scaled
 before the dot (mxfp4's groups of 32, for one), from a [BK/G, BN] scale tile spread over its rows where whole groups
 fit the tile, else gathered per row; with bf16 activations that product is taken in bf16 (exact for mxfp4's powers
-of two), else in fp32. Values convert exactly to bf16 (int8 ≤ 127, e4m3, int4, FP4), so the tile scale path rounds
-nothing but the products."""
+of two; for int4 bf16(s) · (n - 8), one more rounding than bf16((n - 8) · s)), else in fp32. Values convert exactly
+to bf16 (int8 ≤ 127, e4m3, int4, FP4), so the tile scale path rounds nothing but the products."""
 from __future__ import annotations
 
 try:
