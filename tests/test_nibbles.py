@@ -121,7 +121,7 @@ if triton is not None:
 def unpacked(q: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [R, C] -> [2R, C] through nibbles.unpack."""
     out = torch.empty(2 * q.shape[0], q.shape[1], dtype=dtype, device=q.device)
-    _unpack_kernel[(1,)](q, out, FMT=FMTS[fmt], R=q.shape[0], C=q.shape[1])
+    _unpack_kernel[(1,)](q, out, FMT=FMTS[fmt], R=q.shape[0], C=q.shape[1], num_warps=1)  # 8 bytes a thread
     return out
 
 
