@@ -8,9 +8,9 @@ a few integer instructions (inline PTX, four bytes per call; t = PRMT(b, b >> 4)
 bits of the two 16-bit halves):
   int4:  (t & 0x000F000F) | 0x43004300 is the bf16 pair (128 + n) (mantissa unit 1 at 2^7); one bf16x2 FMA
          subtracts 136, giving n - 8 exactly.
-  mxfp4: the e2m1 bits s|e|m move to the bf16 sign, exponent and mantissa bits ((t & 0x000F000F) · 0x1040 &
-         0x81C081C0): that is the FP4 value times 2^-126 exactly, e = 0 landing on bf16 subnormals, so 0 and 0.5
-         need no case; one bf16x2 multiply by 2^126 (subnormal inputs are exact in it) gives the value.
+  mxfp4: with t holding the two nibbles alone, (t · 0x1040) & 0x81C081C0 moves the e2m1 bits s|e|m to the bf16
+         sign, exponent and mantissa bits: that is the FP4 value times 2^-126 exactly, e = 0 landing on bf16
+         subnormals, so 0 and 0.5 need no case; one bf16x2 multiply by 2^126 (exact on subnormal inputs) gives it.
 Elsewhere (the interpreter; fp16/fp32 activations) the same bit tricks run as Triton ops in fp32 ((n | 0x4B000000)
 as fp32 is 2^23 + n; e2m1 bits at the fp32 sign, exponent and mantissa are the value times 2^-126). Both paths give
 the exact values, so the dot sees what quant.dequantize defines; tests/test_nibbles.py runs the PTX text itself
