@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import pytest
 
@@ -54,3 +55,5 @@ def test_gemm_kernels_compile_for_sm90(fmt: str) -> None:
         assert ck.asm["cubin"] and "mma.sync" in ck.asm["ptx"]  # tensor-core dots, not a scalar fallback
         if fmt != "bf16":  # packed weights arrive in 16-byte pipelined copies, as bf16 ones do
             assert "cp.async.cg.shared.global" in ck.asm["ptx"], kernel
+        if fmt in ("int4", "mxfp4"):  # nibbles unpacked by the bit-operation PTX, no integer -> float conversions
+            assert "prmt.b32" in ck.asm["ptx"] and not re.search(r"cvt\.rn\.\w+\.[su](8|16|32)\b", ck.asm["ptx"])
