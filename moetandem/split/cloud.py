@@ -11,7 +11,12 @@ to the end: it computes alone and probes), lets each open stream finish the fram
 Load, for the ends' schedulers (split/monitor.py): `hello` replies carry `replicas` (this cloud's replica count:
 1, or N under `--replicas N`) and `queue`; a compute reply carries `queue` = the exchanges of other streams
 waiting for or holding the compute lock when its frame arrived (left out when 0: an old end ignores it, and an
-end reads a missing one as 0)."""
+end reads a missing one as 0).
+Batching (--batch-max-rows > 1, the default): the sessions' KV caches are rows of shared caches (split/cloud_cache.py)
+and `layers` decode frames (one token per row) of different sessions queued together run as one forward over
+their rows, `experts` frames of one layer as one expert call (split/cloud_batch.py); prefills run alone. Each reply
+equals the unbatched one (within float rounding), goes to its own stream, and a failing or cancelled session
+touches no other. Not with expert parallelism (ranks must replay each frame alone)."""
 from __future__ import annotations
 
 import logging
@@ -26,9 +31,11 @@ from typing import Any
 import grpc
 import torch
 
+from moetandem.config import CloudBatchConfig
 from moetandem.errors import CalibrationError, MoetandemError
 from moetandem.experts.resident import ResidentProvider
-from moetandem.models import KVCache
+from moetandem.split.cloud_batch import BatchRunner, Job
+from moetandem.split.cloud_cache import CachePools, Lease
 from moetandem.split.transport import SERVER_KEEPALIVE, SERVICE
 from moetandem.split.transport.auth import authorized, server_credentials
 from moetandem.split.transport.frame import (
@@ -55,8 +62,22 @@ MAX_ROWS = 4096
 
 
 @dataclass
+class _Step:
+    """One `layers` exchange, ready to run: x [B, L, H] at pos [B, L] into the session rows `rows` [B]."""
+
+    lease: Lease
+    x: torch.Tensor
+    pos: torch.Tensor
+    rows: torch.Tensor
+    valid: torch.Tensor | None
+    kv_len: int
+    start: int
+    end: int
+
+
+@dataclass
 class _Cache:
-    kv: KVCache
+    lease: Lease  # rows of a (shared) KV cache
     start: int
     end: int
     codec_in: Any
@@ -73,7 +94,16 @@ class _Session:
         self.key = server.mirror.new_key() if server.mirror is not None else 0
 
     def nbytes(self) -> int:
-        return sum(c.kv.nbytes() for c in self.caches.values())
+        return sum(c.lease.nbytes() for c in self.caches.values())
+
+    def free(self, cid: int) -> None:
+        c = self.caches.pop(cid, None)
+        if c is not None:
+            self.server.pools.release(c.lease)
+
+    def free_all(self) -> None:
+        for cid in list(self.caches):
+            self.free(cid)
 
     def handle(self, f: Frame) -> Frame:
         if f.kind == "hello":
@@ -84,8 +114,11 @@ class _Session:
                    "Experts": {"experts": self.on_experts}}[self.kind].get(f.kind)
         if handler is None:
             raise FrameError(f"{f.kind!r} frames do not belong on the {self.kind} stream")
-        with self.server.in_compute() as ahead, torch.inference_mode(), self.server.compute_lock:
-            if self.server.mirror is not None:  # expert parallel: the other ranks compute this frame too
+        srv = self.server
+        # batched kinds run on the batch runner, which takes the compute lock itself
+        lock = nullcontext() if srv.runner is not None and f.kind in ("layers", "experts") else srv.compute_lock
+        with srv.in_compute() as ahead, torch.inference_mode(), lock:
+            if srv.mirror is not None:  # expert parallel: the other ranks compute this frame too
                 self.server.mirror.send(self.key, self.kind, f)
             reply = handler(f)
         if ahead:
@@ -118,7 +151,7 @@ class _Session:
         for k, r in ((kind, rank), (kind_out, rank_out)):
             if k not in CODECS or not (r is None or (isinstance(r, int) and 0 < r <= a.hidden_size)):
                 raise FrameError(f"bad codec {str(k)[:20]!r} / rank {str(r)[:20]}")
-        self.caches.pop(cid, None)
+        self.free(cid)
         layer_bytes = 2 * rows * max_len * a.num_kv_heads * a.head_dim * srv.engine.dtype.itemsize
         need = self.nbytes() + (end - start) * layer_bytes
         if need > srv.max_session_bytes:
@@ -129,17 +162,18 @@ class _Session:
                       for k, r, cut in ((kind, rank, start), (kind_out, rank_out, end))]
         except (CalibrationError, MoetandemError) as e:
             raise RequestRefused(f"codec unavailable on the cloud: {e}") from None
-        kv = KVCache(a, rows, max_len, srv.engine.device, srv.engine.dtype, layers=range(start, end))
-        self.caches[cid] = _Cache(kv, start, end, *codecs)
-        return Frame("reply", meta={"cache": cid, "kv_bytes": kv.nbytes()})
+        lease = srv.pools.lease(start, end, max_len, rows, owner=self)
+        self.caches[cid] = _Cache(lease, start, end, *codecs)
+        return Frame("reply", meta={"cache": cid, "kv_bytes": lease.nbytes()})
 
     def on_free(self, f: Frame) -> Frame:
         cid = meta_int(f, "cache", 0, 2**31 - 1)
-        self.caches.pop(cid, None)
+        self.free(cid)
         return Frame("reply", meta={"cache": cid})
 
     def on_layers(self, f: Frame) -> Frame:
-        eng = self.server.engine
+        srv = self.server
+        eng = srv.engine
         cid = meta_int(f, "cache", 0, 2**31 - 1)
         c = self.caches.get(cid)
         if c is None:
@@ -150,11 +184,11 @@ class _Session:
         valid = f.tensors.get("valid")
         if valid is not None and (valid.dtype != torch.bool or valid.shape != pos.shape):
             raise FrameError("valid must be bool of the shape of pos")
-        if not 0 < B <= c.kv.batch or rows.shape[0] != B or L == 0:
-            raise FrameError(f"batch of {B} rows does not fit the cache's {c.kv.batch}")
-        if int(rows.min()) < 0 or int(rows.max()) >= c.kv.batch or rows.unique().numel() != B:
+        if not 0 < B <= c.lease.batch or rows.shape[0] != B or L == 0:
+            raise FrameError(f"batch of {B} rows does not fit the cache's {c.lease.batch}")
+        if int(rows.min()) < 0 or int(rows.max()) >= c.lease.batch or rows.unique().numel() != B:
             raise FrameError("rows must be distinct cache rows")
-        kv_len = meta_int(f, "kv_len", 1, c.kv.max_len)
+        kv_len = meta_int(f, "kv_len", 1, c.lease.max_len)
         if int(pos.min()) < 0 or int(pos.max()) >= kv_len:
             raise FrameError(f"positions must lie in [0, kv_len={kv_len})")
         T = B * L if valid is None else int(valid.sum())
@@ -169,7 +203,11 @@ class _Session:
         valid = valid.to(dev) if valid is not None else None
         x = x_rows.view(B, L, -1) if valid is None else \
             torch.zeros(B, L, x_rows.shape[1], dtype=eng.dtype, device=dev).index_put_((valid,), x_rows)
-        y = eng.model.forward_layers(x, pos, c.kv, kv_len, c.start, c.end, eng.experts, valid, rows)  # [B, L, H]
+        step = _Step(c.lease, x, pos, rows, valid, kv_len, c.start, c.end)
+        decode = L == 1 and valid is None  # decode steps of sessions on one pool batch; prefills run alone
+        with srv.pools.hold(c.lease):
+            y = srv.compute(Job(c.lease.pool if decode else None, B, srv.run_layers, step,
+                                srv.pools.peers(c.lease)))  # [B, L, H]
         y_rows = y.reshape(B * L, -1) if valid is None else y[valid]  # [T, H]
         if uses_tokens(c.codec_out) and tokens is None:
             raise FrameError("this codec needs the rows' token ids ('tok') with the hidden states")
@@ -193,7 +231,10 @@ class _Session:
         if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(w).all()):
             raise FrameError("experts: NaN or Inf in x or w")
         dev, dt = eng.device, eng.dtype
-        y = eng.provider.compute(layer, x.to(dev, dt), ids.to(dev), w.to(dev, dt)) if T else x.to(dt)
+        if not T:
+            return Frame("reply", tensors={"y": x.clone()})
+        args = (layer, x.to(dev, dt), ids.to(dev), w.to(dev, dt))
+        y = self.server.compute(Job(("experts", layer, k), T, self.server.run_experts, args))  # [T, H]
         return Frame("reply", tensors={"y": y.to(x.dtype).cpu()})
 
 
@@ -202,9 +243,10 @@ class CloudServer:
 
     def __init__(self, engine: Any, token: str, max_sessions: int = 16, idle_timeout_s: float = 300.0,
                  max_session_bytes: int = 2**30, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS,
-                 mirror: Any = None, replicas: int = 1) -> None:
+                 mirror: Any = None, replicas: int = 1, batching: CloudBatchConfig = CloudBatchConfig()) -> None:
         """mirror: split.parallel.Mirror when the engine's experts are sharded over ranks (rank 0 only).
-        replicas: the replica count reported to ends in hello (N when this cloud is one of `--replicas N`)."""
+        replicas: the replica count reported to ends in hello (N when this cloud is one of `--replicas N`).
+        batching: exchanges of different ends run as one forward (off with a mirror)."""
         self.engine, self.token, self.limits, self.mirror = engine, token, limits, mirror
         self.max_sessions, self.idle_timeout_s, self.max_session_bytes = max_sessions, idle_timeout_s, max_session_bytes
         self.delay_s, self.replicas = delay_s, replicas
@@ -221,6 +263,48 @@ class CloudServer:
         self._costs: Any = None
         self._costs_lock = threading.Lock()
         self._queued = 0  # exchanges waiting for or holding compute_lock now (the cloud's load)
+        on = batching.enabled and mirror is None
+        self.pools = CachePools(engine.args, engine.device, engine.dtype, shared=on)
+        self.runner = BatchRunner(batching.window_ms / 1e3, batching.max_rows, lambda: self.compute_lock,
+                                  torch.inference_mode) if on else None
+
+    def compute(self, job: Job) -> Any:
+        """Run one exchange's compute: on the batch runner (with others of its key), or here (the caller holds
+        the compute lock)."""
+        if self.runner is None:
+            return job.run([job])[0]
+        return self.runner.submit(job)
+
+    def run_layers(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """The `layers` exchanges `jobs` (one pool; several: decode steps) as one forward -> each y [B, L, H]."""
+        eng, steps = self.engine, [j.payload for j in jobs]
+        s0 = steps[0]
+        pool = s0.lease.pool
+        with pool.lock:  # the pool's cache neither grows nor changes rows under the forward
+            if len(steps) == 1:
+                x, pos, valid, rows, kv_len = s0.x, s0.pos, s0.valid, s0.lease.slots[s0.rows], s0.kv_len
+            else:  # one token per row: rows of different lengths share the mask of their own positions
+                x = torch.cat([s.x for s in steps])  # [ΣB, 1, H]
+                pos = torch.cat([s.pos for s in steps])  # [ΣB, 1]
+                rows = torch.cat([s.lease.slots[s.rows] for s in steps])  # [ΣB] rows of the pool
+                valid, kv_len = None, max(s.kv_len for s in steps)
+            assert pool.cache is not None
+            y = eng.model.forward_layers(x, pos, pool.cache, kv_len, s0.start, s0.end, eng.experts, valid, rows)
+        return list(y.split([s.x.shape[0] for s in steps]))  # [B, L, H] each
+
+    def run_experts(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """`experts` exchanges of one layer as one expert call -> each y [T, H]."""
+        layer = jobs[0].payload[0]
+        x, ids, w = (torch.cat([j.payload[i] for j in jobs]) for i in (1, 2, 3))  # [ΣT, H], [ΣT, k] x2
+        y = self.engine.provider.compute(layer, x, ids, w)  # [ΣT, H]
+        return list(y.split([j.rows for j in jobs]))
+
+    def batch_stats(self) -> dict[str, float]:
+        """The batch runner's counters (split/cloud_batch.py: forwards, batched_forwards, exchanges, rows,
+        max_exchanges, exchanges_per_forward), and the KV rows leased now; empty with batching off."""
+        if self.runner is None:
+            return {}
+        return {**self.runner.snapshot(), "rows_leased": self.pools.rows_in_use()}
 
     @contextmanager
     def in_compute(self) -> Iterator[int]:
@@ -277,6 +361,8 @@ class CloudServer:
     def stop(self, grace: float | None = None) -> None:
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.runner is not None:
+            self.runner.stop()
 
     def drain(self, timeout_s: float = 30.0, grace_s: float = 1.0) -> bool:
         """Graceful shutdown: refuse new streams, let open streams finish the frames they are computing (each then
@@ -320,7 +406,7 @@ class CloudServer:
                               f"this cloud already serves {self.max_sessions} {kind} streams (--max-sessions)")
 
             def close() -> None:
-                session.caches.clear()  # the session's KV cache is freed now
+                session.free_all()  # the session's KV cache is freed now (once its exchange in compute is done)
                 if self.mirror is not None and session.hello:
                     with self.compute_lock:
                         self.mirror.close(session.key)

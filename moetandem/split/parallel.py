@@ -121,7 +121,7 @@ def follow(server: Any, group: Any) -> None:
         if op == _CLOSE:
             s = sessions.pop(key, None)
             if s is not None:
-                s.caches.clear()
+                s.free_all()
             continue
         buf = torch.empty(n, dtype=torch.uint8)
         dist.broadcast(buf, 0, group=group)
