@@ -15,9 +15,10 @@ import moetandem
 from moetandem.cli import main
 from moetandem.config import CloudBatchConfig
 from moetandem.errors import InvalidRequestError
-from moetandem.split.cloud import CloudServer, _Session
+from moetandem.split.cloud import CloudServer
 from moetandem.split.cloud_batch import BatchRunner, Job
 from moetandem.split.cloud_cache import CachePools
+from moetandem.split.cloud_session import CloudSession
 from moetandem.split.transport.frame import Frame
 
 TOKEN = "t0k3n-for-tests-0123456789abcdef"
@@ -38,8 +39,8 @@ def cloud(engine, batching: CloudBatchConfig) -> CloudServer:
     return CloudServer(engine, TOKEN, max_sessions=8, idle_timeout_s=60, batching=batching)
 
 
-def open_session(srv: CloudServer, rows: int, max_len: int, start: int = 1, end: int = 3) -> _Session:
-    s = _Session(srv, "Session")
+def open_session(srv: CloudServer, rows: int, max_len: int, start: int = 1, end: int = 3) -> CloudSession:
+    s = CloudSession(srv, "Session")
     s.handle(Frame("hello", meta={"fingerprint": srv.fingerprint}))
     s.handle(Frame("alloc", meta={"cache": 1, "rows": rows, "max_len": max_len, "start": start, "end": end}))
     return s

@@ -23,7 +23,8 @@ from moetandem.models import KVCache
 class _Pool:
     def __init__(self, args: Any, start: int, end: int, max_len: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        self.args, self.start, self.end, self.max_len, self.device, self.dtype = args, start, end, max_len, device, dtype
+        self.args, self.start, self.end, self.max_len = args, start, end, max_len
+        self.device, self.dtype = device, dtype
         self.cache: KVCache | None = None
         self.free: list[int] = []
         self.leases: set[Lease] = set()
@@ -45,8 +46,9 @@ class _Pool:
                 old, cap = self.cache, self.capacity
                 self.cache = KVCache(self.args, cap + grow, self.max_len, self.device, self.dtype,
                                      layers=range(self.start, self.end))
-                if old is not None:
-                    for new_bufs, old_bufs in zip(self.cache.layers[self.start:self.end], old.layers[self.start:self.end]):
+                if old is not None:  # the leased rows move over
+                    span = slice(self.start, self.end)
+                    for new_bufs, old_bufs in zip(self.cache.layers[span], old.layers[span]):
                         for n, o in zip(new_bufs, old_bufs):
                             n[:cap].copy_(o)
                 self.free.extend(range(cap, cap + grow))
