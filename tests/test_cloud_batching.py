@@ -193,6 +193,39 @@ def test_queue_depth_counts_exchanges_waiting_for_a_batch(engine) -> None:
     srv.stop(0)
 
 
+def test_expert_calls_of_one_layer_queued_together_run_as_one(engine) -> None:
+    """Experts frames of three ends that queue while the cloud is busy run as one expert call, each reply the
+    provider's result for its own rows."""
+    H, E = engine.args.hidden_size, engine.args.num_experts
+    srv = cloud(engine, CloudBatchConfig(window_ms=0, max_rows=64))
+    srv.compute_lock = threading.Lock()
+    ss = [CloudSession(srv, "Experts") for _ in range(3)]
+    torch.manual_seed(1)
+    frames = []
+    for s, T in zip(ss, (3, 1, 5)):
+        s.handle(Frame("hello", meta={"fingerprint": srv.fingerprint}))
+        ids = torch.stack([torch.randperm(E)[:2] for _ in range(T)])  # [T, 2]
+        frames.append(Frame("experts", meta={"layer": 0}, tensors={"x": torch.randn(T, H), "ids": ids,
+                                                                    "w": torch.rand(T, 2)}))
+    with srv.compute_lock:
+        replies: list = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, ss[i].handle(frames[i])))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while srv.runner.queued() < 2 and time.monotonic() < deadline:  # one is taken, blocked on the lock
+            time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=30)
+    with torch.inference_mode():
+        for f, r in zip(frames, replies):
+            want = engine.provider.compute(0, f.tensors["x"], f.tensors["ids"], f.tensors["w"])
+            torch.testing.assert_close(r.tensors["y"], want, rtol=1e-5, atol=1e-5)
+    assert srv.batch_stats()["max_exchanges"] >= 2
+    srv.stop(0)
+
+
 def test_batching_flags_are_validated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     token = tmp_path / "token"
     token.write_text(TOKEN)

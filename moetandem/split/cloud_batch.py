@@ -72,6 +72,11 @@ class BatchRunner:
             job.error = RuntimeError("the cloud stopped")
             job.done.set()
 
+    def queued(self) -> int:
+        """Jobs waiting for a batch now (not those running)."""
+        with self._cv:
+            return len(self._queue)
+
     def snapshot(self) -> dict[str, float]:
         """forwards (calls run), batched_forwards (of more than one exchange), exchanges, rows, max_exchanges
         (the most in one call) and their mean per call."""
