@@ -47,14 +47,16 @@ class BatchRunner:
         self._queue: list[Job] = []
         self._stopped = False
         self.stats = {"forwards": 0, "batched_forwards": 0, "exchanges": 0, "rows": 0, "max_exchanges": 0}
-        self._thread = threading.Thread(target=self._loop, name="moetandem-cloud-batch", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first job
 
     def submit(self, job: Job) -> Any:
         """Queue the job, wait for it, return its result (or raise its error)."""
         with self._cv:
             if self._stopped:
                 raise RuntimeError("the cloud's batch runner has stopped")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="moetandem-cloud-batch", daemon=True)
+                self._thread.start()
             self._queue.append(job)
             self._cv.notify()
         job.done.wait()
@@ -102,9 +104,11 @@ class BatchRunner:
                     group.append(j)
                     rows += j.rows
             wait = deadline - time.monotonic()
-            if wait <= 0 or rows >= self.max_rows or len(group) >= first.peers or self._stopped:
+            if wait <= 0 or rows >= self.max_rows or len(group) >= first.peers:
                 break
             self._cv.wait(wait)
+            if self._stopped:  # stop() has answered every queued job
+                return None
         taken = set(map(id, group))
         self._queue = [j for j in self._queue if id(j) not in taken]
         return group
