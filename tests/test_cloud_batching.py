@@ -64,11 +64,17 @@ def concurrently(calls: list) -> list:
     return out
 
 
-def test_decode_steps_of_sessions_run_as_one_forward_and_equal_alone(engine) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_decode_steps_of_sessions_run_as_one_forward_and_equal_alone(ckpt: Path, engine, device: str) -> None:
     """Three sessions (2, 1 and 2 rows; prompts of 3, 5 and 7 tokens; kv_len their own) prefill alone, then
     decode together: the cloud runs each step of all three as one forward (the window waits for all sessions of
     the cache) and every reply equals the unbatched cloud's. A fourth session with another max_len has a cache of
-    its own and still answers right."""
+    its own and still answers right. On CUDA (bf16, the decode-attention kernel over the shared cache's rows):
+    equal within bf16 rounding."""
+    tol = 1e-5
+    if device == "cuda":
+        engine, tol = moetandem.load(ckpt, device="cuda", dtype="bfloat16", progress=False), 2e-2
     H = engine.args.hidden_size
     on, off = cloud(engine, CloudBatchConfig(window_ms=100, max_rows=64)), cloud(engine, OFF)
     shapes = [(2, 3), (1, 5), (2, 7), (1, 4)]  # (rows, prompt length)
@@ -89,7 +95,7 @@ def test_decode_steps_of_sessions_run_as_one_forward_and_equal_alone(engine) -> 
                 [lambda s=s, f=f: s.handle(f) for s, f in zip(ss, frames)])])
     for a_step, b_step in zip(got[on], got[off]):
         for a, b in zip(a_step, b_step):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
     stats = on.batch_stats()
     assert stats["max_exchanges"] == 3 and stats["batched_forwards"] == 4  # each decode step: one forward of 3
     assert stats["rows_leased"] == 6 and off.batch_stats() == {}
