@@ -3,9 +3,11 @@
 
 A job joins the queue from its stream's thread (split/cloud.py) and that thread waits for its result. The runner
 takes the oldest job and every queued job of its key, up to `max_rows` rows. Jobs that queued while a batch ran
-go together at once; a lone job may wait up to `window_s` after its arrival for more of its key, but never longer
-than it takes for all `peers` possible jobs of the key (one per session sharing the cache) to arrive. A job
-without a key runs alone (a prefill). When a batch fails, each of its jobs runs again alone, so the error reaches
+go together; the batch may wait up to `window_s` (after the first job's arrival, or after the runner became
+free if that is later) for more of its key, but no longer than it takes for all `peers` jobs of the key that
+can come (one per session sharing the cache and recently active) to be queued: ends that run in step then
+meet in one batch and none waits, and two groups of ends out of step merge once their turnaround fits the
+window. A job without a key runs alone (a prefill). When a batch fails, each of its jobs runs again alone, so the error reaches
 only the stream whose exchange causes it (a decode step rewrites the same K/V at the same positions: running it
 twice is harmless)."""
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Job:
     rows: int  # rows this job adds to a batch (cache rows of a decode step, tokens of an expert call)
     run: Callable[[list["Job"]], list[Any]]
     payload: Any
-    peers: int = 1  # at most this many jobs of the key can be queued at once: no window wait beyond that
+    peers: int = 1  # this many jobs of the key can come (one per active session): no window wait beyond that
     arrived: float = field(default_factory=time.monotonic)
     result: Any = None
     error: BaseException | None = None
@@ -48,6 +50,7 @@ class BatchRunner:
         self._stopped = False
         self.stats = {"forwards": 0, "batched_forwards": 0, "exchanges": 0, "rows": 0, "max_exchanges": 0}
         self._thread: threading.Thread | None = None  # started by the first job
+        self._free_since = 0.0  # when the last batch finished
 
     def submit(self, job: Job) -> Any:
         """Queue the job, wait for it, return its result (or raise its error)."""
@@ -96,7 +99,7 @@ class BatchRunner:
         first = self._queue[0]
         if first.key is None:
             return [self._queue.pop(0)]
-        deadline = first.arrived + self.window_s
+        deadline = max(first.arrived, self._free_since) + self.window_s
         while True:
             group, rows = [], 0
             for j in self._queue:
@@ -129,6 +132,7 @@ class BatchRunner:
                     st["rows"] += sum(j.rows for j in group)
                     st["max_exchanges"] = max(st["max_exchanges"], len(group))
             finally:  # every waiting stream gets an answer, whatever happened
+                self._free_since = time.monotonic()
                 for j in group:
                     if j.result is None and j.error is None:
                         j.error = RuntimeError("the cloud's batch runner failed")

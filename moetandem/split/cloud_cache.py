@@ -11,6 +11,7 @@ being written."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,6 +72,7 @@ class Lease:
         self.pool, self.slots, self.owner = pool, slots, owner
         self.busy = 0
         self.released = False
+        self.last_used = time.monotonic()  # when its session last computed on it (or leased it)
 
     @property
     def batch(self) -> int:
@@ -117,6 +119,7 @@ class CachePools:
         """An exchange computes on the lease's rows while the block runs."""
         with self._lock:
             lease.busy += 1
+            lease.last_used = time.monotonic()
         try:
             yield
         finally:
@@ -125,10 +128,12 @@ class CachePools:
                 if lease.released and not lease.busy:
                     self._return(lease)
 
-    def peers(self, lease: Lease) -> int:
-        """How many sessions hold rows of the lease's pool (each has at most one exchange in compute)."""
+    def peers(self, lease: Lease, active_s: float = 1.0) -> int:
+        """How many sessions hold rows of the lease's pool and computed on them in the last active_s seconds
+        (each has at most one exchange in compute at a time)."""
+        since = time.monotonic() - active_s
         with self._lock:
-            return len({id(x.owner) for x in lease.pool.leases})
+            return max(1, len({id(x.owner) for x in lease.pool.leases if x.last_used >= since}))
 
     def rows_in_use(self) -> int:
         with self._lock:
