@@ -55,6 +55,7 @@ class CloudSession:
         self.server, self.kind = server, kind
         self.hello = False
         self.caches: dict[int, _Cache] = {}
+        self.closed = False  # the stream ended: nothing may stay leased
         self.key = server.mirror.new_key() if server.mirror is not None else 0
 
     def nbytes(self) -> int:
@@ -66,6 +67,8 @@ class CloudSession:
             self.server.pools.release(c.lease)
 
     def free_all(self) -> None:
+        """The stream ended (maybe while an alloc computes on its worker thread: that alloc frees its own)."""
+        self.closed = True
         for cid in list(self.caches):
             self.free(cid)
 
@@ -128,6 +131,8 @@ class CloudSession:
             raise RequestRefused(f"codec unavailable on the cloud: {e}") from None
         lease = srv.pools.lease(start, end, max_len, rows, owner=self)
         self.caches[cid] = _Cache(lease, start, end, *codecs)
+        if self.closed:
+            self.free(cid)
         return Frame("reply", meta={"cache": cid, "kv_bytes": lease.nbytes()})
 
     def on_free(self, f: Frame) -> Frame:
