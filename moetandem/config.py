@@ -239,8 +239,8 @@ class ServeConfig:
 @dataclass(frozen=True)
 class CloudBatchConfig:
     """`moetandem cloud`: decode exchanges of different ends queued together run as one forward (split/cloud.py).
-    max_rows 1: off (each session its own KV cache and forward); window_ms: how long a lone exchange may wait
-    for others (0: only those that queued while the cloud was busy)."""
+    max_rows: the most KV-cache rows in one forward (1: off, each session its own KV cache and forwards);
+    window_ms: how long a batch may wait for more (0: only those that queued while the cloud was busy)."""
 
     window_ms: float = 1.0
     max_rows: int = 64

@@ -30,8 +30,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-session-bytes", type=int, default=2**30, metavar="BYTES", help="KV cache per session")
     g = p.add_argument_group("batching across ends")
     g.add_argument("--batch-window-ms", type=non_negative_float, default=CloudBatchConfig.window_ms, metavar="MS",
-                   help="decode exchanges of different ends that queue together run as one forward; a lone one "
-                        "waits up to MS for others (default %(default)g; 0 = only those queued while busy)")
+                   help="decode exchanges of different ends that queue together run as one forward; a batch "
+                        "waits up to MS for the other active ends' exchanges (default %(default)g; 0 = only those "
+                        "queued while the cloud was busy)")
     g.add_argument("--batch-max-rows", type=positive_int, default=CloudBatchConfig.max_rows, metavar="N",
                    help="most KV-cache rows (sequences) in one batched forward (default %(default)d; 1 = batching "
                         "off: each session its own KV cache and forwards; always off with --expert-parallel)")
