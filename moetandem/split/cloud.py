@@ -45,6 +45,13 @@ from moetandem.split.transport.server import DRAINING, StreamStats, serve_stream
 log = logging.getLogger("moetandem.split.cloud")
 
 
+@contextmanager
+def _computing_on(device: torch.device) -> Iterator[None]:
+    """The batch runner's thread computes in inference mode, with the engine's GPU as its current device."""
+    with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        yield
+
+
 class CloudServer:
     """`CloudServer(engine, token).start("0.0.0.0:50051")` serves split streams until stop()."""
 
@@ -69,11 +76,11 @@ class CloudServer:
         self.draining = threading.Event()
         self._costs: Any = None
         self._costs_lock = threading.Lock()
-        self._queued = 0  # exchanges waiting for or holding compute_lock now (the cloud's load)
+        self._queued = 0  # exchanges waiting for or holding compute_lock (or in a batch) now: the cloud's load
         on = batching.enabled and mirror is None
         self.pools = CachePools(engine.args, engine.device, engine.dtype, shared=on)
         self.runner = BatchRunner(batching.window_ms / 1e3, batching.max_rows, lambda: self.compute_lock,
-                                  torch.inference_mode) if on else None
+                                  lambda: _computing_on(engine.device)) if on else None
 
     def compute(self, job: Job) -> Any:
         """Run one exchange's compute: on the batch runner (with others of its key), or here (the caller holds
