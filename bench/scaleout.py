@@ -5,8 +5,10 @@
 
 Each configuration starts `moetandem cloud` (a subprocess, its own token), runs E ends in this process (split,
 head 1 / tail 1, codec off) from threads, checks their tokens equal the single-process reference, and prints
-a table (config, ends, tok/s, speed-up over one GPU) and writes a plot. Needs CUDA GPUs for the targets of
-issue 21 (2 H200: ≥ 1.8× one GPU at 16 ends); runs on CPU too (--device cpu) as a smoke test."""
+a table (config, ends, tok/s, speed-up over one GPU) and writes a plot. `--configs nobatch,one` compares one
+GPU without and with the cloud's batching across ends (`--batch-max-rows 1` vs the default). Needs CUDA GPUs
+for the targets of issue 21 (2 H200: ≥ 1.8× one GPU at 16 ends); runs on CPU too (--device cpu) as a smoke
+test."""
 from __future__ import annotations
 
 import argparse
@@ -69,13 +71,14 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--end-device", default="cpu", help="where the ends run (default cpu: the cloud is measured)")
-    ap.add_argument("--configs", default="one,ep,replicas")
+    ap.add_argument("--configs", default="one,ep,replicas", help="of one, nobatch, ep, replicas")
     ap.add_argument("--out", default="scaleout.png")
     a = ap.parse_args()
     tok = secrets.token_hex(16)
     token = Path(tempfile.mkdtemp()) / "token"
     token.write_text(tok)
-    flags = {"one": [], "ep": ["--expert-parallel", str(a.gpus)], "replicas": ["--replicas", str(a.gpus)]}
+    flags = {"one": [], "ep": ["--expert-parallel", str(a.gpus)], "replicas": ["--replicas", str(a.gpus)],
+             "nobatch": ["--batch-max-rows", "1"]}  # one GPU without batching across ends
     rows: list[tuple[str, int, float]] = []
     reference: dict[int, list[list[int]]] = {}
     for name in a.configs.split(","):

@@ -7,6 +7,7 @@ re-reads flags.
     GateConfig       hardware-aware gate (off | masked | group)
     SplitConfig      end-cloud split: cloud address, token, TLS, codec, placement
     ServeConfig      the HTTP server
+    CloudBatchConfig the split cloud's batching of exchanges across ends
 """
 from __future__ import annotations
 
@@ -233,3 +234,27 @@ class ServeConfig:
     def from_args(cls, ns: argparse.Namespace) -> "ServeConfig":
         return cls(ns.host, ns.port, ns.api_key_file, ns.served_model_name, ns.max_batch, ns.max_waiting,
                    ns.max_model_len, ns.log_level, ns.drain_timeout)
+
+
+@dataclass(frozen=True)
+class CloudBatchConfig:
+    """`moetandem cloud`: decode exchanges of different ends queued together run as one forward (split/cloud.py).
+    max_rows: the most KV-cache rows in one forward (1: off, each session its own KV cache and forwards);
+    window_ms: how long a batch may wait for more (0: only those that queued while the cloud was busy)."""
+
+    window_ms: float = 1.0
+    max_rows: int = 64
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.window_ms) and 0 <= self.window_ms <= 100):
+            raise InvalidRequestError(f"--batch-window-ms {self.window_ms:g}: must be in [0, 100] ms (a wait of "
+                                      "1-2 ms is enough; 0 = batch only what queued while the cloud was busy)")
+        _positive_int("--batch-max-rows", self.max_rows)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_rows > 1
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "CloudBatchConfig":
+        return cls(ns.batch_window_ms, ns.batch_max_rows)

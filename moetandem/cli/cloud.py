@@ -10,8 +10,9 @@ import sys
 import threading
 from typing import Any
 
-from moetandem.cli.flags import add_device_args, add_drain_args, add_emulate_args, model_path
-from moetandem.config import ModelConfig
+from moetandem.cli.flags import (add_device_args, add_drain_args, add_emulate_args, model_path, non_negative_float,
+                                 positive_int)
+from moetandem.config import CloudBatchConfig, ModelConfig
 from moetandem.errors import InvalidRequestError
 
 
@@ -27,6 +28,14 @@ def register(sub: Any) -> None:
     p.add_argument("--max-sessions", type=int, default=16, metavar="N", help="concurrent end sessions (16)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="free idle sessions after S s")
     p.add_argument("--max-session-bytes", type=int, default=2**30, metavar="BYTES", help="KV cache per session")
+    g = p.add_argument_group("batching across ends")
+    g.add_argument("--batch-window-ms", type=non_negative_float, default=CloudBatchConfig.window_ms, metavar="MS",
+                   help="decode exchanges of different ends that queue together run as one forward; a batch "
+                        "waits up to MS for the other active ends' exchanges (default %(default)g; 0 = only those "
+                        "queued while the cloud was busy)")
+    g.add_argument("--batch-max-rows", type=positive_int, default=CloudBatchConfig.max_rows, metavar="N",
+                   help="most KV-cache rows (sequences) in one batched forward (default %(default)d; 1 = batching "
+                        "off: each session its own KV cache and forwards; always off with --expert-parallel)")
     add_emulate_args(p)
     p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                    help="shard the experts over N ranks of this host (NCCL on GPUs, gloo on CPU); rank 0 serves")
@@ -52,6 +61,7 @@ def cloud_command(args: argparse.Namespace) -> int:
     if not args.drain_timeout >= 0:
         raise InvalidRequestError(f"--drain-timeout {args.drain_timeout:g}: must be >= 0 seconds")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    batching = CloudBatchConfig.from_args(args)
     token = read_token(args.token_file)
     stop = threading.Event()
 
@@ -80,7 +90,8 @@ def cloud_command(args: argparse.Namespace) -> int:
     spec = LinkSpec(args.emulate_rate_mbit, args.emulate_rtt_ms, args.emulate_jitter_ms, args.emulate_loss)
     shaping = PeerShapers(spec) if spec.active else 0.0  # each reply shaped on its end's emulated link
     server = CloudServer(engine, token, args.max_sessions, args.idle_timeout, args.max_session_bytes, shaping,
-                         mirror=mirror, replicas=args.report_replicas)
+                         mirror=mirror, replicas=args.report_replicas,
+                         batching=batching if ep == 1 else CloudBatchConfig(max_rows=1))
     if follower:
         parallel.gather_expert_bytes(engine.provider)
         parallel.follow(server, group)  # a follower rank: compute what rank 0 is sent, until rank 0 stops
@@ -95,6 +106,10 @@ def cloud_command(args: argparse.Namespace) -> int:
         pass
     print(f"moetandem cloud: draining (up to {args.drain_timeout:g} s)", file=sys.stderr, flush=True)
     server.drain(args.drain_timeout)
+    if server.runner is not None:
+        b = server.batch_stats()
+        print(f"moetandem cloud: batching: {b['forwards']:.0f} forwards of {b['exchanges_per_forward']:.2f} exchanges "
+              f"on average (at most {b['max_exchanges']:.0f})", file=sys.stderr, flush=True)
     if mirror is not None:
         mirror.stop()
         for f in followers:

@@ -11,7 +11,13 @@ to the end: it computes alone and probes), lets each open stream finish the fram
 Load, for the ends' schedulers (split/monitor.py): `hello` replies carry `replicas` (this cloud's replica count:
 1, or N under `--replicas N`) and `queue`; a compute reply carries `queue` = the exchanges of other streams
 waiting for or holding the compute lock when its frame arrived (left out when 0: an old end ignores it, and an
-end reads a missing one as 0)."""
+end reads a missing one as 0).
+Batching (--batch-max-rows > 1, the default): the sessions' KV caches are rows of shared caches
+(split/cloud_cache.py), and `layers` decode frames (one token per row) of different sessions queued together run
+as one forward over their rows, `experts` frames of one layer as one expert call (split/cloud_batch.py);
+prefills run alone. Each reply equals the unbatched one (within float rounding) and goes to its own stream; a
+failing or cancelled session touches no other. Not with expert parallelism (ranks replay each frame alone).
+The stream handlers live in split/cloud_session.py."""
 from __future__ import annotations
 
 import logging
@@ -20,181 +26,30 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
 
-from moetandem.errors import CalibrationError, MoetandemError
+from moetandem.config import CloudBatchConfig
+from moetandem.errors import MoetandemError
 from moetandem.experts.resident import ResidentProvider
-from moetandem.models import KVCache
+from moetandem.split.cloud_batch import BatchRunner, Job
+from moetandem.split.cloud_cache import CachePools
+from moetandem.split.cloud_session import CloudSession
 from moetandem.split.transport import SERVER_KEEPALIVE, SERVICE
 from moetandem.split.transport.auth import authorized, server_credentials
-from moetandem.split.transport.frame import (
-    DEFAULT_LIMITS,
-    Frame,
-    FrameError,
-    Limits,
-    meta_int,
-    tensor,
-)
-from moetandem.split.transport.server import DRAINING, RequestRefused, StreamStats, serve_stream
-from moetandem.split.wire import (
-    CODECS,
-    decode_rows,
-    encode_rows,
-    make_codec,
-    row_tokens,
-    uses_tokens,
-)
+from moetandem.split.transport.frame import DEFAULT_LIMITS, Limits
+from moetandem.split.transport.server import DRAINING, StreamStats, serve_stream
 
 log = logging.getLogger("moetandem.split.cloud")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-MAX_ROWS = 4096
 
 
-@dataclass
-class _Cache:
-    kv: KVCache
-    start: int
-    end: int
-    codec_in: Any
-    codec_out: Any
-
-
-class _Session:
-    """One stream's state: its KV caches (Session) or nothing (Experts)."""
-
-    def __init__(self, server: CloudServer, kind: str) -> None:
-        self.server, self.kind = server, kind
-        self.hello = False
-        self.caches: dict[int, _Cache] = {}
-        self.key = server.mirror.new_key() if server.mirror is not None else 0
-
-    def nbytes(self) -> int:
-        return sum(c.kv.nbytes() for c in self.caches.values())
-
-    def handle(self, f: Frame) -> Frame:
-        if f.kind == "hello":
-            return self.on_hello(f)
-        if not self.hello:
-            raise FrameError(f"{f.kind!r} before hello")
-        handler = {"Session": {"alloc": self.on_alloc, "free": self.on_free, "layers": self.on_layers},
-                   "Experts": {"experts": self.on_experts}}[self.kind].get(f.kind)
-        if handler is None:
-            raise FrameError(f"{f.kind!r} frames do not belong on the {self.kind} stream")
-        with self.server.in_compute() as ahead, torch.inference_mode(), self.server.compute_lock:
-            if self.server.mirror is not None:  # expert parallel: the other ranks compute this frame too
-                self.server.mirror.send(self.key, self.kind, f)
-            reply = handler(f)
-        if ahead:
-            reply.meta["queue"] = ahead
-        return reply
-
-    def on_hello(self, f: Frame) -> Frame:
-        srv = self.server
-        if f.meta.get("fingerprint") != srv.fingerprint:
-            raise FrameError(f"the end holds checkpoint {str(f.meta.get('fingerprint'))[:16]!r}, this cloud serves "
-                             f"{srv.fingerprint!r}: point both at the same checkpoint")
-        self.hello = True
-        a = srv.engine.args
-        meta = {"fingerprint": srv.fingerprint, "num_layers": a.num_layers, "hidden": a.hidden_size,
-                "max_len": a.max_position_embeddings, "dtype": str(srv.engine.dtype).removeprefix("torch."),
-                "replicas": srv.replicas, "queue": srv.queue_depth}
-        if f.meta.get("costs") and srv.mirror is None:  # the end's scheduler asks for the cloud's measured step
-            meta.update(srv.step_costs().as_meta())  # costs (split.costs; not with ranks that must meet in step)
-        return Frame("reply", meta=meta)
-
-    def on_alloc(self, f: Frame) -> Frame:
-        a, srv = self.server.engine.args, self.server
-        cid = meta_int(f, "cache", 0, 2**31 - 1)
-        rows = meta_int(f, "rows", 1, MAX_ROWS)
-        max_len = meta_int(f, "max_len", 1, a.max_position_embeddings)
-        start = meta_int(f, "start", 0, a.num_layers)
-        end = meta_int(f, "end", start, a.num_layers)
-        kind, rank = f.meta.get("codec", "off"), f.meta.get("rank")
-        kind_out, rank_out = f.meta.get("codec_out", kind), f.meta.get("rank_out", rank)  # per crossing
-        for k, r in ((kind, rank), (kind_out, rank_out)):
-            if k not in CODECS or not (r is None or (isinstance(r, int) and 0 < r <= a.hidden_size)):
-                raise FrameError(f"bad codec {str(k)[:20]!r} / rank {str(r)[:20]}")
-        self.caches.pop(cid, None)
-        layer_bytes = 2 * rows * max_len * a.num_kv_heads * a.head_dim * srv.engine.dtype.itemsize
-        need = self.nbytes() + (end - start) * layer_bytes
-        if need > srv.max_session_bytes:
-            raise RequestRefused(f"a KV cache of {need} bytes exceeds this cloud's per-session limit of "
-                                 f"{srv.max_session_bytes} bytes (--max-session-bytes)")
-        try:
-            codecs = [make_codec(k, srv.engine.store.ckpt, cut, r, a.hidden_size, srv.engine.dtype)
-                      for k, r, cut in ((kind, rank, start), (kind_out, rank_out, end))]
-        except (CalibrationError, MoetandemError) as e:
-            raise RequestRefused(f"codec unavailable on the cloud: {e}") from None
-        kv = KVCache(a, rows, max_len, srv.engine.device, srv.engine.dtype, layers=range(start, end))
-        self.caches[cid] = _Cache(kv, start, end, *codecs)
-        return Frame("reply", meta={"cache": cid, "kv_bytes": kv.nbytes()})
-
-    def on_free(self, f: Frame) -> Frame:
-        cid = meta_int(f, "cache", 0, 2**31 - 1)
-        self.caches.pop(cid, None)
-        return Frame("reply", meta={"cache": cid})
-
-    def on_layers(self, f: Frame) -> Frame:
-        eng = self.server.engine
-        cid = meta_int(f, "cache", 0, 2**31 - 1)
-        c = self.caches.get(cid)
-        if c is None:
-            raise FrameError(f"cache {cid} was never allocated on this session")
-        pos = tensor(f, "pos", (torch.int64,), 2)
-        rows = tensor(f, "rows", (torch.int64,), 1)
-        B, L = pos.shape
-        valid = f.tensors.get("valid")
-        if valid is not None and (valid.dtype != torch.bool or valid.shape != pos.shape):
-            raise FrameError("valid must be bool of the shape of pos")
-        if not 0 < B <= c.kv.batch or rows.shape[0] != B or L == 0:
-            raise FrameError(f"batch of {B} rows does not fit the cache's {c.kv.batch}")
-        if int(rows.min()) < 0 or int(rows.max()) >= c.kv.batch or rows.unique().numel() != B:
-            raise FrameError("rows must be distinct cache rows")
-        kv_len = meta_int(f, "kv_len", 1, c.kv.max_len)
-        if int(pos.min()) < 0 or int(pos.max()) >= kv_len:
-            raise FrameError(f"positions must lie in [0, kv_len={kv_len})")
-        T = B * L if valid is None else int(valid.sum())
-        if c.start == 0 and "ids" in f.tensors:  # token ids instead of hidden states: the cloud embeds
-            tokens = row_tokens({"tok": f.tensors["ids"]}, T, eng.args.vocab_size)
-            x_rows = eng.model.embed(tokens.to(eng.device))  # [T, H]
-        else:
-            x_rows = decode_rows(f.tensors, c.codec_in, T, eng.args.hidden_size, eng.dtype, eng.device)  # [T, H]
-            tokens = row_tokens(f.tensors, T, eng.args.vocab_size)  # [T] or None (needed by side-info codecs)
-        dev = eng.device
-        pos, rows = pos.to(dev), rows.to(dev)
-        valid = valid.to(dev) if valid is not None else None
-        x = x_rows.view(B, L, -1) if valid is None else \
-            torch.zeros(B, L, x_rows.shape[1], dtype=eng.dtype, device=dev).index_put_((valid,), x_rows)
-        y = eng.model.forward_layers(x, pos, c.kv, kv_len, c.start, c.end, eng.experts, valid, rows)  # [B, L, H]
-        y_rows = y.reshape(B * L, -1) if valid is None else y[valid]  # [T, H]
-        if uses_tokens(c.codec_out) and tokens is None:
-            raise FrameError("this codec needs the rows' token ids ('tok') with the hidden states")
-        out = encode_rows(y_rows.cpu(), c.codec_out, tokens)
-        out.pop("c_tokens", None)  # the end has its own token ids: not sent back
-        return Frame("reply", tensors=out)
-
-    def on_experts(self, f: Frame) -> Frame:
-        eng = self.server.engine
-        layer = meta_int(f, "layer", 0, eng.args.num_layers - 1)
-        if layer not in eng.store.layers:
-            raise FrameError(f"layer {layer} has no experts")
-        x = tensor(f, "x", _FLOATS, 2)
-        ids = tensor(f, "ids", (torch.int64,), 2)
-        w = tensor(f, "w", _FLOATS, 2)
-        T, k = ids.shape
-        if x.shape != (T, eng.args.hidden_size) or w.shape != (T, k) or not 0 < k <= eng.args.num_experts:
-            raise FrameError(f"experts: x {list(x.shape)}, ids {list(ids.shape)}, w {list(w.shape)} do not fit")
-        if T and (int(ids.min()) < 0 or int(ids.max()) >= eng.args.num_experts):
-            raise FrameError("expert ids out of range")
-        if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(w).all()):
-            raise FrameError("experts: NaN or Inf in x or w")
-        dev, dt = eng.device, eng.dtype
-        y = eng.provider.compute(layer, x.to(dev, dt), ids.to(dev), w.to(dev, dt)) if T else x.to(dt)
-        return Frame("reply", tensors={"y": y.to(x.dtype).cpu()})
+@contextmanager
+def _computing_on(device: torch.device) -> Iterator[None]:
+    """The batch runner's thread computes in inference mode, with the engine's GPU as its current device."""
+    with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        yield
 
 
 class CloudServer:
@@ -202,9 +57,10 @@ class CloudServer:
 
     def __init__(self, engine: Any, token: str, max_sessions: int = 16, idle_timeout_s: float = 300.0,
                  max_session_bytes: int = 2**30, delay_s: float = 0.0, limits: Limits = DEFAULT_LIMITS,
-                 mirror: Any = None, replicas: int = 1) -> None:
+                 mirror: Any = None, replicas: int = 1, batching: CloudBatchConfig = CloudBatchConfig()) -> None:
         """mirror: split.parallel.Mirror when the engine's experts are sharded over ranks (rank 0 only).
-        replicas: the replica count reported to ends in hello (N when this cloud is one of `--replicas N`)."""
+        replicas: the replica count reported to ends in hello (N when this cloud is one of `--replicas N`).
+        batching: exchanges of different ends run as one forward (off with a mirror)."""
         self.engine, self.token, self.limits, self.mirror = engine, token, limits, mirror
         self.max_sessions, self.idle_timeout_s, self.max_session_bytes = max_sessions, idle_timeout_s, max_session_bytes
         self.delay_s, self.replicas = delay_s, replicas
@@ -215,12 +71,30 @@ class CloudServer:
         self.compute_lock: Any = nullcontext() if isinstance(engine.provider, ResidentProvider) and mirror is None \
             else threading.Lock()
         self._lock = threading.Lock()
-        self.sessions: dict[str, set[_Session]] = {"Session": set(), "Experts": set()}
+        self.sessions: dict[str, set[CloudSession]] = {"Session": set(), "Experts": set()}
         self._server: grpc.Server | None = None
         self.draining = threading.Event()
         self._costs: Any = None
         self._costs_lock = threading.Lock()
-        self._queued = 0  # exchanges waiting for or holding compute_lock now (the cloud's load)
+        self._queued = 0  # exchanges waiting for or holding compute_lock (or in a batch) now: the cloud's load
+        on = batching.enabled and mirror is None
+        self.pools = CachePools(engine.args, engine.device, engine.dtype, shared=on)
+        self.runner = BatchRunner(batching.window_ms / 1e3, batching.max_rows, lambda: self.compute_lock,
+                                  lambda: _computing_on(engine.device)) if on else None
+
+    def compute(self, job: Job) -> Any:
+        """Run one exchange's compute: on the batch runner (with others of its key), or here (the caller holds
+        the compute lock)."""
+        if self.runner is None:
+            return job.run([job])[0]
+        return self.runner.submit(job)
+
+    def batch_stats(self) -> dict[str, float]:
+        """The batch runner's counters (split/cloud_batch.py: forwards, batched_forwards, exchanges, rows,
+        max_exchanges, exchanges_per_forward), and the KV rows leased now; empty with batching off."""
+        if self.runner is None:
+            return {}
+        return {**self.runner.snapshot(), "rows_leased": self.pools.rows_in_use()}
 
     @contextmanager
     def in_compute(self) -> Iterator[int]:
@@ -277,6 +151,8 @@ class CloudServer:
     def stop(self, grace: float | None = None) -> None:
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.runner is not None:
+            self.runner.stop()
 
     def drain(self, timeout_s: float = 30.0, grace_s: float = 1.0) -> bool:
         """Graceful shutdown: refuse new streams, let open streams finish the frames they are computing (each then
@@ -310,7 +186,7 @@ class CloudServer:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
             if self.draining.is_set():  # UNAVAILABLE: an outage to the end, which computes alone and probes
                 context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
-            session = _Session(self, kind)
+            session = CloudSession(self, kind)
             with self._lock:
                 full = len(self.sessions[kind]) >= self.max_sessions
                 if not full:
@@ -320,7 +196,7 @@ class CloudServer:
                               f"this cloud already serves {self.max_sessions} {kind} streams (--max-sessions)")
 
             def close() -> None:
-                session.caches.clear()  # the session's KV cache is freed now
+                session.free_all()  # the session's KV cache is freed now (once its exchange in compute is done)
                 if self.mirror is not None and session.hello:
                     with self.compute_lock:
                         self.mirror.close(session.key)

@@ -109,7 +109,7 @@ def follow(server: Any, group: Any) -> None:
     """A follower rank's loop: receive rank 0's frames and compute them on this rank's engine (replies are
     dropped; rank 0 answers the end). `server` is an unstarted CloudServer over this rank's engine. Returns on
     stop (rank 0 shutting down)."""
-    from moetandem.split.cloud import _Session  # the same handlers as rank 0
+    from moetandem.split.cloud_session import CloudSession  # the same handlers as rank 0
 
     sessions: dict[int, Any] = {}
     while True:
@@ -121,14 +121,14 @@ def follow(server: Any, group: Any) -> None:
         if op == _CLOSE:
             s = sessions.pop(key, None)
             if s is not None:
-                s.caches.clear()
+                s.free_all()
             continue
         buf = torch.empty(n, dtype=torch.uint8)
         dist.broadcast(buf, 0, group=group)
         frame = unpack(buf.numpy().tobytes(), server.limits)
         s = sessions.get(key)
         if s is None:
-            s = sessions[key] = _Session(server, _KINDS[kind])
+            s = sessions[key] = CloudSession(server, _KINDS[kind])
             s.hello = True  # rank 0 checked the hello
         try:
             s.handle(frame)
