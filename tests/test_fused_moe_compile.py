@@ -25,10 +25,9 @@ def compile_sm90(kernel, fmt: str, c: tuning.KernelConfig, block_m: int = 16, di
     bias = fmt == "mxfp4"  # gpt-oss: biases and the clamped SwiGLU
     ce = {"HAS_BIAS": bias, "FMT": fm.FMTS[fmt], "GROUP": GROUPS[fmt], "PRECISION": "tf32", "BLOCK_M": block_m,
           "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "sw_k": 1, "ss_k": 1}
+    ce.update(DIRECT=direct, HAS_TABLE=True)
     if kernel is fm._gate_up_kernel:
-        ce.update(ACT=3 if bias else 0, sx_k=1, DIRECT=direct, HAS_TABLE=True)
-    if kernel is fm._down_direct_kernel:
-        ce.update(TOP_K=8, KP2=8, HAS_TABLE=True)
+        ce.update(ACT=3 if bias else 0, sx_k=1)
     types = {"x_ptr": "*bf16", "w_ptr": DATA[fmt], "hw_ptr": DATA[fmt], "s_ptr": SCALE[fmt], "hs_ptr": SCALE[fmt],
              "b_ptr": "*bf16" if bias else DATA[fmt], "hb_ptr": "*bf16" if bias else DATA[fmt], "h_ptr": "*bf16",
              "y_ptr": "*fp32", "rw_ptr": "*fp32", "sorted_ptr": "*i32", "bslot_ptr": "*i32", "brows_ptr": "*i32",
@@ -45,7 +44,7 @@ def test_gemm_kernels_compile_for_sm90(fmt: str) -> None:
     if fm.triton is None or os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("needs triton's compiler (not its interpreter)")
     for kernel, direct in ((fm._gate_up_kernel, False), (fm._gate_up_kernel, True), (fm._down_kernel, False),
-                           (fm._down_direct_kernel, True)):
+                           (fm._down_kernel, True)):
         try:
             ck = compile_sm90(kernel, fmt, tuning.CANDIDATES[1], direct=direct)
         except (RuntimeError, FileNotFoundError) as e:  # no bundled ptxas on this install

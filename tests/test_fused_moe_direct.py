@@ -1,6 +1,5 @@
-"""The fused MoE's direct path for decode-sized batches (kernels/fused_moe.py: no alignment launch; the down GEMM
-of each token sums its k experts in registers, so there is no [T*k, H] scratch and no sum launch) gives what the
-aligned path and the reference give: every expert format, biases, host-mapped misses, skipped assignments. Under
+"""The fused MoE's direct path for decode-sized batches (kernels/fused_moe.py: one program per assignment in both
+GEMMs, no alignment launch) gives what the aligned path and the reference give: every expert format, biases, host-mapped misses, skipped assignments. Under
 Triton's interpreter on the CPU (`TRITON_INTERPRET=1`, triton importable) and on a GPU."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Fused MoE in Triton over a slot table: y = Σ_j w_j · down(act(gate x) ⊙ (up x)), one launch per GEMM for all
 experts (the design of vLLM/SGLang's fused_moe; own code).
 
-    align (1 launch) ─► gate+up GEMM, act ⊙ mul in the epilogue ─► h [T*k, I]
+    align (1 launch; none at T ≤ 2) ─► gate+up GEMM, act ⊙ mul in the epilogue ─► h [T*k, I]
                     ─► down GEMM, routing weight in the epilogue ─► y [T*k, H] fp32 ─► Σ over k, no atomics
 
 Weights are read through a slot table (expert -> slot, -1 = not resident) and arbitrary strides, so the
@@ -37,8 +37,8 @@ except ImportError:
     triton = None
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-#: up to this many tokens the direct path runs (no alignment; the down GEMM sums over k): batch-1/2 decode, where
-#: two tokens rarely share an expert, so reading an expert once per assignment costs little
+#: up to this many tokens the direct path runs (no alignment launch; one program row per assignment): batch-1/2
+#: decode, where two tokens rarely share an expert, so reading an expert once per assignment costs little
 DIRECT_MAX_TOKENS = 2
 _QUANT_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)  # int8; int4 and mxfp4; fp8
 
@@ -122,18 +122,26 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr,
-                     brows_ptr, K, KP, N, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sy_m,
-                     HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     brows_ptr, ids_ptr, table_ptr, M, NK, K, KP, N, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e,
+                     ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+                     PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
-        slot = tl.load(bslot_ptr + pid_m)
-        if slot < 0:
-            return
+        offs_m = tl.arange(0, BLOCK_M)
+        if DIRECT:  # program pid_m = assignment pid_m, as in the gate+up kernel (NK: its keys' bound)
+            slot = _keys(ids_ptr, rw_ptr, table_ptr, pid_m, M, NK, HAS_TABLE)
+            if slot >= NK:
+                return
+            mask_m = offs_m < 1
+            a_id = tl.full((BLOCK_M,), 0, tl.int64) + pid_m  # [BM]
+        else:
+            slot = tl.load(bslot_ptr + pid_m)
+            if slot < 0:
+                return
+            mask_m = offs_m < tl.load(brows_ptr + pid_m)
+            a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
         s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_m = offs_m < tl.load(brows_ptr + pid_m)
-        a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         rows = h_ptr + a_id * sh_m  # [BM]
@@ -147,49 +155,6 @@ if triton is not None:
             acc += tl.load(b_base + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc *= tl.load(rw_ptr + a_id, mask=mask_m, other=0.0).to(tl.float32)[:, None]  # routing weight
         tl.store(y_ptr + a_id[:, None] * sy_m + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
-
-    @triton.jit
-    def _down_direct_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, out_ptr, ids_ptr, rw_ptr, table_ptr,
-                            M, N, K, KP, H, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e,
-                            so_t, TOP_K: tl.constexpr, KP2: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            HAS_TABLE: tl.constexpr,
-                            FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (t, n-tile): out[t, tile] = Σ_j w_j · (down_j h_{t,j} (+ b_j)) over the token's k experts in a
-        fixed order (deterministic, no atomics, no [T*k, H] scratch and no separate sum launch). One flat loop
-        over (j, K tile), so the weight loads of consecutive experts pipeline into each other."""
-        t = tl.program_id(0)
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_m = offs_m < 1
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < H
-        KT = tl.cdiv(K, BLOCK_K)
-        # the token's k slots and routing weights, loaded once: nothing loaded in the loop decides an address, so
-        # the weight loads software-pipeline across experts
-        offs_j = tl.arange(0, KP2)
-        slots = _keys(ids_ptr, rw_ptr, table_ptr, t * TOP_K + offs_j, t * TOP_K + TOP_K, N, HAS_TABLE)  # [KP2]
-        rws = tl.load(rw_ptr + t * TOP_K + offs_j, mask=offs_j < TOP_K, other=0.0).to(tl.float32)  # [KP2]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for it in range(0, TOP_K * KT):
-            j = it // KT
-            kt = it - j * KT
-            a = t * TOP_K + j
-            slot = tl.sum(tl.where(offs_j == j, slots, 0), 0)
-            rw = tl.sum(tl.where(offs_j == j, rws, 0.0), 0)
-            busy = slot < N
-            slot = tl.where(busy, slot, 0)
-            w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
-            s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
-            rows = h_ptr + (tl.full((BLOCK_M,), 0, tl.int64) + a) * sh_m  # [BM]
-            a0, a1 = load_a(rows, 1, kt, KP, mask_m & busy, h_ptr.dtype.element_ty, FMT, BLOCK_K)
-            part = wdot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a0, a1, w_base, s_base, offs_n,
-                        mask_n & busy, sw_n, sw_k, ss_n, ss_k, kt, KP, FMT, GROUP, PRECISION, BLOCK_K)
-            if HAS_BIAS:  # b2 [H], once per expert (its first K tile), before the routing weight
-                b_base = expert_base(b_ptr, hb_ptr, slot, NS, sb_e, shb_e)
-                part += tl.load(b_base + offs_n, mask=mask_n & busy & (kt == 0), other=0.0).to(tl.float32)[None, :]
-            acc += part * tl.where(busy, rw, 0.0)
-        tl.store(out_ptr + t.to(tl.int64) * so_t + offs_m[:, None] * 0 + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _sum_kernel(y_ptr, ids_ptr, rw_ptr, table_ptr, out_ptr, H, N, sy_m, so_t,
@@ -229,15 +194,14 @@ class _Plan:
         self.rw = weights.reshape(-1).contiguous()  # [T*k]
         self.tab = slot_table.contiguous() if slot_table is not None else self.ids  # (never read without a table)
         m = self.T * self.k
-        #: direct: one program row per assignment and a per-token down GEMM that sums over k (2 launches, for
-        #: decode-sized batches); else aligned: assignments bucketed by slot, so a slot's rows share its weights
+        #: direct: one program per assignment in both GEMMs (no alignment launch), for decode-sized batches; else
+        #: aligned: assignments bucketed by slot, so a slot's rows share its weight reads
         self.direct = self.T <= DIRECT_MAX_TOKENS if direct is None else direct
         self.al: Aligned | None = None if self.direct else align(self.ids, self.rw, slot_table, self.N, block_m)
         self.block_m = block_m
         cdt = compute_dtype(x, w13, fmt)
         self.h = torch.empty(m, self.I, dtype=cdt, device=x.device)  # [T*k, I]
-        self.out = torch.empty(self.T, self.H, dtype=x.dtype, device=x.device)  # [T, H]
-        self.y = self.out if self.direct else torch.empty(m, self.H, dtype=torch.float32, device=x.device)  # [T*k, H]
+        self.y = torch.empty(m, self.H, dtype=torch.float32, device=x.device)  # [T*k, H]
         self.precision = "ieee" if cdt == torch.float32 else "tf32"
 
     def _strides(self, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
@@ -247,40 +211,36 @@ class _Plan:
         return (w.stride(0), hw.stride(0), w.stride(1), w.stride(2), *ss, b.stride(0), hb.stride(0))
 
     def up(self, c: tuning.KernelConfig) -> None:
-        al, m = self.al, self.T * self.k
-        blocks = (m, None, None, None) if al is None else (al.num_blocks, al.sorted_ids, al.block_slot, al.block_rows)
-        _gate_up_kernel[(blocks[0], triton_cdiv(self.I, c.block_n))](
-            self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h,
-            *(self.ids if b is None else b for b in blocks[1:]), self.ids, self.rw, self.tab, m, self.N, self.H,
-            self.w13.shape[2], self.I, self.k, self.NS, *self.x.stride(),
-            *self._strides(self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13), self.h.stride(0),
-            self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g13,
-            PRECISION=self.precision, DIRECT=al is None, HAS_TABLE=self.table is not None, BLOCK_M=self.block_m,
-            BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+        nb, *blocks = self._blocks()
+        _gate_up_kernel[(nb, triton_cdiv(self.I, c.block_n))](
+            self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h, *blocks, self.ids,
+            self.rw, self.tab, self.T * self.k, self.N, self.H, self.w13.shape[2], self.I, self.k, self.NS,
+            *self.x.stride(), *self._strides(self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13),
+            self.h.stride(0), self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=self.fmt,
+            GROUP=self.g13, PRECISION=self.precision, DIRECT=self.al is None, HAS_TABLE=self.table is not None,
+            BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
+            num_stages=c.num_stages)
+
+    def _blocks(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(programs along M, sorted ids, block slots, block rows); direct: one program per assignment and the
+        three never read."""
+        al = self.al
+        if al is None:
+            return self.T * self.k, self.ids, self.ids, self.ids
+        return al.num_blocks, al.sorted_ids, al.block_slot, al.block_rows
 
     def down(self, c: tuning.KernelConfig) -> None:
-        al = self.al
-        strides = self._strides(self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2)
-        if al is None:
-            _down_direct_kernel[(self.T, triton_cdiv(self.H, c.block_n))](
-                self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.out, self.ids, self.rw,
-                self.tab, self.T * self.k, self.N, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
-                *strides, self.out.stride(0), TOP_K=self.k, KP2=triton.next_power_of_2(self.k), HAS_BIAS=self.has_bias,
-                HAS_TABLE=self.table is not None, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision,
-                BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
-                num_stages=c.num_stages)
-            return
-        _down_kernel[(al.num_blocks, triton_cdiv(self.H, c.block_n))](
-            self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.y, self.rw, al.sorted_ids,
-            al.block_slot, al.block_rows, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
-            *strides, self.y.stride(0),
-            HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision, BLOCK_M=al.block_m,
-            BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+        nb, *blocks = self._blocks()
+        _down_kernel[(nb, triton_cdiv(self.H, c.block_n))](
+            self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.y, self.rw, *blocks, self.ids,
+            self.tab, self.T * self.k, self.N, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
+            *self._strides(self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2), self.y.stride(0),
+            HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision, DIRECT=self.al is None,
+            HAS_TABLE=self.table is not None, BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            num_warps=c.num_warps, num_stages=c.num_stages)
 
     def reduce(self) -> torch.Tensor:
-        if self.al is None:  # the direct down GEMM summed over k already
-            return self.out
-        out = self.out
+        out = torch.empty(self.T, self.H, dtype=self.x.dtype, device=self.x.device)  # [T, H]
         bh = min(1024, triton.next_power_of_2(self.H))
         _sum_kernel[(self.T, triton_cdiv(self.H, bh))](
             self.y, self.ids, self.rw, self.tab, out, self.H, self.N, self.y.stride(0), out.stride(0),
