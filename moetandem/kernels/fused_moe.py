@@ -80,26 +80,33 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _program_rows(pid_m, sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr, table_ptr, M, N,
+                      HAS_TABLE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr):
+        """GEMM program pid_m's (slot, or -1 when it has no work; row mask [BM]; assignment index t·k + j of each
+        row [BM]). DIRECT: program = assignment, one row (no alignment); else block pid_m of the aligned layout."""
+        offs_m = tl.arange(0, BLOCK_M)
+        if DIRECT:
+            key = _keys(ids_ptr, rw_ptr, table_ptr, pid_m, M, N, HAS_TABLE)
+            slot = tl.where(key < N, key, -1)
+            mask_m = offs_m < 1
+            a_id = tl.full((BLOCK_M,), 0, tl.int64) + pid_m
+        else:
+            slot = tl.load(bslot_ptr + pid_m)
+            mask_m = offs_m < tl.load(brows_ptr + pid_m)  # 0 rows in a block without work
+            a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)
+        return slot, mask_m, a_id
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr,
                         ids_ptr, rw_ptr, table_ptr, M, N, K, KP, I, TOP_K, NS, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k,
                         ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sh_m, alpha, limit, ACT: tl.constexpr,
                         HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
                         DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m = tl.program_id(0)
-        offs_m = tl.arange(0, BLOCK_M)
-        if DIRECT:  # program pid_m = assignment pid_m (one row; no alignment)
-            slot = _keys(ids_ptr, rw_ptr, table_ptr, pid_m, M, N, HAS_TABLE)
-            if slot >= N:
-                return
-            mask_m = offs_m < 1
-            a_id = tl.full((BLOCK_M,), 0, tl.int64) + pid_m  # [BM]
-        else:
-            slot = tl.load(bslot_ptr + pid_m)
-            if slot < 0:
-                return
-            mask_m = offs_m < tl.load(brows_ptr + pid_m)
-            a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
+        slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
+                                           table_ptr, M, N, HAS_TABLE, DIRECT, BLOCK_M)
+        if slot < 0:
+            return
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
         s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,20 +133,10 @@ if triton is not None:
                      ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
                      PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m = tl.program_id(0)
-        offs_m = tl.arange(0, BLOCK_M)
-        if DIRECT:  # program pid_m = assignment pid_m, as in the gate+up kernel (NK: its keys' bound)
-            slot = _keys(ids_ptr, rw_ptr, table_ptr, pid_m, M, NK, HAS_TABLE)
-            if slot >= NK:
-                return
-            mask_m = offs_m < 1
-            a_id = tl.full((BLOCK_M,), 0, tl.int64) + pid_m  # [BM]
-        else:
-            slot = tl.load(bslot_ptr + pid_m)
-            if slot < 0:
-                return
-            mask_m = offs_m < tl.load(brows_ptr + pid_m)
-            a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BM]
+        slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
+                                           table_ptr, M, NK, HAS_TABLE, DIRECT, BLOCK_M)  # NK: slots' bound
+        if slot < 0:
+            return
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
         s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
