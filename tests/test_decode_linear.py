@@ -145,8 +145,8 @@ def triton_mod():
 
 
 def test_gemv_candidates_compile_for_sm90() -> None:
-    """Every candidate at T = 1 and its largest T: no spills; the fma kernel's W loads are 16-byte vectors and the
-    next tile's loads come before the current tile's FMAs in the loop; the dot kernel's tiles arrive by cp.async
+    """Every candidate at T = 1 and its largest T: no spills; the fma kernel's W loads are 16-byte vectors, the
+    next tile's loads come before the current tile's FMAs in the loop, which has no barrier or shared memory; the dot kernel's tiles arrive by cp.async
     (pipelined through shared memory) into tensor-core dots."""
     triton_mod()
     if INTERPRETED:
@@ -165,8 +165,10 @@ def test_gemv_candidates_compile_for_sm90() -> None:
                 assert "cp.async" in ptx and "mma" in ptx, (c, T)
                 continue
             loop = ptx[ptx.index("Inner Loop Header"):]
+            loop = loop[:loop.index("bra")]  # up to the back branch
             first_fma = loop.index("fma.rn.f32")
             assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", loop[:first_fma]), (c, T)
+            assert "bar.sync" not in loop and "st.shared" not in loop, (c, T)  # x arrives in W's layout
 
 
 # ---- on a GPU

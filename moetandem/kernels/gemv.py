@@ -4,8 +4,9 @@ and cuBLAS per shape):
 
 - "fma": each program owns BLOCK_N rows of W and walks K in BLOCK_K steps, loading each row's [BLOCK_K] slice
   (contiguous, 16-byte vectors) and multiply-adding it with each token's slice of x in fp32, into one [BN, BK]
-  accumulator per token (up to 8) in W's own register layout, summed over K once at the end. The next K step's W
-  tile is loaded before the current one is used (a register double buffer), so two tiles per program are in flight.
+  accumulator per token (up to 8), summed over K once at the end. x is loaded broadcast to W's tile shape, so it
+  lands in W's register layout (the repeats hit the L1): the loop has no shared memory and no barrier. The next K
+  step's W tile is loaded before the current one is used (a register double buffer): two tiles per program in flight.
 - "dot": tensor cores with the tokens padded to 16 rows (tl.dot's smallest M): W read as a [BLOCK_K, BLOCK_N] tile
   (K-major, as stored), which Triton's pipeliner streams through shared memory with num_stages async copies.
 
@@ -83,8 +84,11 @@ if triton is not None:
     def _tok(acc, x_ptr, t: tl.constexpr, T, s_xt, offs_k, K, w, BLOCK_T: tl.constexpr):
         """acc [BN, BK] += x [t, offs_k] * w [BN, BK] in fp32 (token t < BLOCK_T; rows past T read 0)."""
         if t < BLOCK_T:
-            xs = tl.load(x_ptr + t * s_xt + offs_k, mask=(offs_k < K) & (t < T), other=0.0)  # [BK]
-            acc += xs.to(tl.float32)[None, :] * w.to(tl.float32)
+            # x's slice broadcast over the rows: a [BN, BK] load in W's register layout (repeats hit the L1), so
+            # the products need no layout conversion (a [BK] load would go through shared memory and a barrier)
+            cols = tl.broadcast_to(offs_k[None, :], w.shape)
+            xs = tl.load(x_ptr + t * s_xt + cols, mask=(cols < K) & (t < T), other=0.0)  # [BN, BK]
+            acc += xs.to(tl.float32) * w.to(tl.float32)
         return acc
 
     @triton.jit
