@@ -101,7 +101,8 @@ def main() -> None:
                 triton_paths = [p for p in us if p not in ("cublas", "tuned")]
                 best = min(triton_paths, key=us.__getitem__)
                 c = L.choice(xs[0], ws[0], None)
-                chosen = "cublas" if c == L.CUBLAS else f"{c.kind} n{c.block_n} k{c.block_k} s{c.split_k} w{c.num_warps}"
+                chosen = "cublas" if c == L.CUBLAS else (
+                    f"{c.kind} n{c.block_n} k{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}")
                 rows.append(dict(shape=name, proj=proj, N=N, K=K, T=T, us=us, gbs=gbs, best_triton=best,
                                  choice=c.to_json()))
                 print(f"| {name} | {proj} | {N} x {K} | {T} | {us['cublas']:.2f} | {gbs['cublas']:.0f} | {best} | "

@@ -145,9 +145,9 @@ def triton_mod():
 
 
 def test_gemv_candidates_compile_for_sm90() -> None:
-    """Every candidate at T = 1 and its largest T: no spills; the fma kernel's W loads are 16-byte vectors, the
-    next tile's loads come before the current tile's FMAs in the loop, which has no barrier or shared memory; the dot kernel's tiles arrive by cp.async
-    (pipelined through shared memory) into tensor-core dots."""
+    """Every candidate at T = 1 and its largest T: no spills. The fma kernel: 16-byte W loads, the next tile's
+    loads before the current tile's FMAs in the loop, and no barrier or shared memory there. The dot kernel: tiles
+    arrive by cp.async (pipelined through shared memory) into tensor-core dots."""
     triton_mod()
     if INTERPRETED:
         pytest.skip("needs triton's compiler (not its interpreter)")

@@ -27,7 +27,6 @@ except ImportError:  # CPU-only installs: F.linear needs none of this
     triton = None
 
 MAX_TOKENS = 16  # tl.dot's M; the fma kernel takes up to 8 (one accumulator per token)
-KINDS = ("fma", "dot")
 
 
 @dataclass(frozen=True)
@@ -48,11 +47,13 @@ class GemvConfig:
                                                                  "num_stages")))
 
 
-#: the fma kernel's running products hold BT * BN * BK fp32 values per program: kept to <= 64 a thread (fits())
+#: tuning candidates (split_k 1: no second kernel); the fma kernel's running products hold BT * BN * BK fp32 values
+#: per program, kept to <= 64 a thread (fits()), so its wide tiles drop out as T grows
 CANDIDATES = (
     GemvConfig("fma", 4, 512, 1, 4, 1), GemvConfig("fma", 8, 256, 1, 4, 1), GemvConfig("fma", 8, 512, 1, 4, 1),
     GemvConfig("fma", 16, 256, 1, 4, 1), GemvConfig("fma", 16, 512, 1, 8, 1), GemvConfig("fma", 32, 256, 1, 8, 1),
-    GemvConfig("fma", 4, 256, 1, 4, 1), GemvConfig("fma", 8, 256, 1, 8, 1), GemvConfig("fma", 8, 256, 2, 4, 1), GemvConfig("fma", 16, 256, 4, 4, 1), GemvConfig("fma", 32, 256, 4, 8, 1),
+    GemvConfig("fma", 4, 256, 1, 4, 1), GemvConfig("fma", 8, 256, 1, 8, 1),  # these two also at T = 8
+    GemvConfig("fma", 8, 256, 2, 4, 1), GemvConfig("fma", 16, 256, 4, 4, 1), GemvConfig("fma", 32, 256, 4, 8, 1),
     GemvConfig("dot", 16, 256, 1, 4, 4), GemvConfig("dot", 32, 128, 1, 4, 4), GemvConfig("dot", 64, 128, 1, 4, 4),
     GemvConfig("dot", 32, 256, 1, 4, 3), GemvConfig("dot", 32, 128, 2, 4, 4), GemvConfig("dot", 64, 128, 4, 4, 4),
 )
@@ -64,7 +65,8 @@ def block_t(T: int) -> int:
 
 
 def fits(c: GemvConfig, T: int) -> bool:
-    """Whether a candidate suits T tokens: the fma kernel's deferred sums stay within 64 fp32 registers a thread."""
+    """Whether a candidate suits T tokens: the fma kernel's running products stay within 64 fp32 registers a
+    thread."""
     if c.kind == "dot":
         return T <= MAX_TOKENS
     return T <= 8 and block_t(T) * c.block_n * c.block_k <= 64 * 32 * c.num_warps
