@@ -53,7 +53,8 @@ CANDIDATES = (
     GemvConfig("fma", 4, 512, 1, 4, 1), GemvConfig("fma", 8, 256, 1, 4, 1), GemvConfig("fma", 8, 512, 1, 4, 1),
     GemvConfig("fma", 16, 256, 1, 4, 1), GemvConfig("fma", 16, 512, 1, 8, 1), GemvConfig("fma", 32, 256, 1, 8, 1),
     GemvConfig("fma", 4, 256, 1, 4, 1), GemvConfig("fma", 8, 256, 1, 8, 1),  # these two also at T = 8
-    GemvConfig("fma", 8, 256, 2, 4, 1), GemvConfig("fma", 16, 256, 4, 4, 1), GemvConfig("fma", 32, 256, 4, 8, 1),
+    GemvConfig("fma", 4, 512, 2, 4, 1), GemvConfig("fma", 8, 256, 2, 4, 1), GemvConfig("fma", 16, 256, 4, 4, 1),
+    GemvConfig("fma", 32, 256, 4, 8, 1),
     GemvConfig("dot", 16, 256, 1, 4, 4), GemvConfig("dot", 32, 128, 1, 4, 4), GemvConfig("dot", 64, 128, 1, 4, 4),
     GemvConfig("dot", 32, 256, 1, 4, 3), GemvConfig("dot", 32, 128, 2, 4, 4), GemvConfig("dot", 64, 128, 4, 4, 4),
 )
