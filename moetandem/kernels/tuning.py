@@ -1,7 +1,8 @@
 """Block sizes for the fused MoE kernels: a small search at first use per (GPU, expert format, dtype, slots, H, I,
 k, T bucket), kept in a JSON file under ~/.cache/moetandem/fused_moe/ (MOETANDEM_CACHE_DIR overrides the root;
 MOETANDEM_FUSED_MOE_TUNE=0 turns the search off and uses the defaults). Never searches while a CUDA graph is being
-captured: the caller passes `may_tune=False` then and gets the cached entry or the default."""
+captured: the caller passes `may_tune=False` then and gets the cached entry or the default. ConfigCache also keeps
+the decode linear's choices (kernels/linear.py), in a directory of its own."""
 from __future__ import annotations
 
 import json
@@ -10,9 +11,16 @@ import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, Generic, Protocol, TypeVar
 
 P = TypeVar("P")
+
+
+class Cacheable(Protocol):
+    def to_json(self) -> dict: ...
+
+
+C = TypeVar("C", bound=Cacheable)
 
 
 @dataclass(frozen=True, order=True)
@@ -63,9 +71,10 @@ def default_config(m: int, n_slots: int) -> MoEConfig:
     return MoEConfig(bm, kc, kc)
 
 
-def cache_dir() -> Path:
+def cache_dir(name: str = "fused_moe") -> Path:
+    """Where the `name` kernels keep their tuned entries (MOETANDEM_CACHE_DIR overrides ~/.cache/moetandem)."""
     root = os.environ.get("MOETANDEM_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "moetandem") / "fused_moe"
+    return (Path(root) if root else Path.home() / ".cache" / "moetandem") / name
 
 
 def tuning_enabled() -> bool:
@@ -80,30 +89,32 @@ def cache_key(fmt: str, dtype: str, n_slots: int, hidden: int, inter: int, top_k
     return f"{fmt}:{dtype},N={n_slots},H={hidden},I={inter},k={top_k},T={t_bucket(tokens)}{g}"
 
 
-class ConfigCache:
-    """One JSON file per GPU name: {key: MoEConfig}. Loaded on first use, rewritten atomically on each new entry."""
+class ConfigCache(Generic[C]):
+    """One JSON file per GPU name under cache_dir(name): {key: config}. Loaded on first use, rewritten atomically on
+    each new entry; `decode` turns a stored entry back into a config (default: the fused MoE's MoEConfig)."""
 
-    def __init__(self) -> None:
-        self._files: dict[Path, dict[str, MoEConfig]] = {}
+    def __init__(self, name: str = "fused_moe", decode: Callable[[dict], Any] = MoEConfig.from_json) -> None:
+        self._name, self._decode = name, decode
+        self._files: dict[Path, dict[str, C]] = {}
         self._lock = threading.Lock()
 
     def _path(self, gpu: str) -> Path:
-        return cache_dir() / ("".join(c if c.isalnum() else "_" for c in gpu) + ".json")
+        return cache_dir(self._name) / ("".join(c if c.isalnum() else "_" for c in gpu) + ".json")
 
-    def _load(self, path: Path) -> dict[str, MoEConfig]:
+    def _load(self, path: Path) -> dict[str, C]:
         if path not in self._files:
             try:
                 raw = json.loads(path.read_text())
-                self._files[path] = {k: MoEConfig.from_json(v) for k, v in raw.items()}
+                self._files[path] = {k: self._decode(v) for k, v in raw.items()}
             except (OSError, ValueError, KeyError, TypeError):
                 self._files[path] = {}
         return self._files[path]
 
-    def get(self, gpu: str, key: str) -> MoEConfig | None:
+    def get(self, gpu: str, key: str) -> C | None:
         with self._lock:
             return self._load(self._path(gpu)).get(key)
 
-    def put(self, gpu: str, key: str, cfg: MoEConfig) -> None:
+    def put(self, gpu: str, key: str, cfg: C) -> None:
         with self._lock:
             path = self._path(gpu)
             entries = self._load(path)
@@ -117,7 +128,7 @@ class ConfigCache:
                 pass
 
 
-CACHE = ConfigCache()
+CACHE: ConfigCache[MoEConfig] = ConfigCache()
 
 
 def search(block_ms: list[int], prepare: Callable[[int], P], up: Callable[[P, KernelConfig], None],

@@ -12,6 +12,7 @@ from moetandem.experts.provider import ExpertProvider
 from moetandem.models.cache import KVCache
 from moetandem.models.components import (MLP, AttentionSpec, GatedDeltaNetSpec, RMSNorm, RouterSpec, SharedExpertSpec,
                                          rope_tables)
+from moetandem.models.components.linear import DecodeLinear
 from moetandem.models.expert_activation import SWIGLU, ExpertActivation
 from moetandem.models.moe import SparseMoE, run_moe
 
@@ -138,7 +139,7 @@ class MoEForCausalLM(nn.Module):
         super().__init__()
         self.args = a
         self.model = Backbone(a)
-        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(a.hidden_size, a.vocab_size, bias=False)  # tuned GEMV at decode
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [P, D] once init_rope ran
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.ropes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer type, when the family has them

@@ -16,6 +16,7 @@ from torch import nn
 
 from moetandem.kernels.decode_attention import decode_attention_op, decode_attention_supported
 from moetandem.models.cache import write, write_read
+from moetandem.models.components.linear import DecodeLinear
 from moetandem.models.components.norm import RMSNorm
 from moetandem.models.components.rope import apply_rope
 
@@ -66,11 +67,11 @@ class Attention(nn.Module):
         self.qkv_sizes = [nq, nk, nk]
         # one projection for q, k and v (one GEMV reading 3 matrices at a time instead of three launches);
         # the checkpoint's q/k/v_proj fill its rows (the loader reads `packed`)
-        self.qkv_proj = nn.Linear(hidden, nq + 2 * nk, bias=s.qkv_bias)
+        self.qkv_proj = DecodeLinear(hidden, nq + 2 * nk, bias=s.qkv_bias)  # tuned GEMV at decode
         rows = {"q_proj": (0, nq), "k_proj": (nq, nq + nk), "v_proj": (nq + nk, nq + 2 * nk)}
         kinds = ("weight", "bias") if s.qkv_bias else ("weight",)
         self.packed = {f"{n}.{w}": (f"qkv_proj.{w}", a, b) for n, (a, b) in rows.items() for w in kinds}
-        self.o_proj = nn.Linear(s.num_heads * s.head_dim, hidden, bias=s.o_bias)
+        self.o_proj = DecodeLinear(s.num_heads * s.head_dim, hidden, bias=s.o_bias)
         self.qk_norm, self.clip_qkv = s.qk_norm, s.clip_qkv
         if s.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(s.head_dim, eps, s.norm_kind), RMSNorm(s.head_dim, eps, s.norm_kind)

@@ -7,10 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetandem.kernels.linear import decode_linear
+
 
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)); weights in nn.Linear layout [out, in]."""
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+    """down(silu(gate(x)) * up(x)); weights in nn.Linear layout [out, in] (the tuned GEMV at decode sizes on CUDA:
+    dense MLPs and shared experts)."""
+    return decode_linear(F.silu(decode_linear(x, w_gate)) * decode_linear(x, w_up), w_down)
 
 
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
