@@ -33,6 +33,12 @@ def operands(T: int, N: int, K: int, bias: bool, dtype: torch.dtype, device: str
     return tuple(None if t is None else t.to(device, dtype) for t in (x, w, b))  # type: ignore[return-value]
 
 
+@pytest.fixture(autouse=True)
+def _op_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op is off by default until measured on a GPU (MOETANDEM_DECODE_LINEAR=1); these tests turn it on."""
+    monkeypatch.setattr(L, "ENABLED", True)
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (see below)")
 def test_triton_interpreter_every_candidate_matches_f_linear() -> None:
     """Each candidate, every T it takes up to 8, shapes with tails, with and without bias, fp32 and bf16 values."""

@@ -6,7 +6,8 @@ choice for them reached about half of an H200's HBM bandwidth on 8-25 MB matrice
 (triton.testing.do_bench, which flushes the L2 between calls, as a decode step's weight bytes do) and kept in a JSON
 file per GPU under ~/.cache/moetandem/decode_linear/ (the fused MoE's cache machinery, kernels/tuning.py). Never
 searches while a CUDA graph is being captured: then the cached choice or cuBLAS. MOETANDEM_DECODE_LINEAR_TUNE=0 turns
-the search off (cached choice or cuBLAS); MOETANDEM_DECODE_LINEAR=0 (read at import) turns the op off: F.linear.
+the search off (cached choice or cuBLAS). Off by default until it is measured against cuBLAS on a GPU
+(bench/decode_linear.py): MOETANDEM_DECODE_LINEAR=1 (read at import) turns the op on; otherwise F.linear.
 
 Custom op `moetandem::decode_linear` (opaque to torch.compile, graph-safe once tuned); `decode_linear` calls it where
 it applies (CUDA, T <= DECODE_UP_TO, no autograd) and is exactly F.linear everywhere else, e.g. the CPU."""
@@ -23,7 +24,7 @@ from moetandem.kernels import tuning
 from moetandem.kernels.gemv import CANDIDATES, GemvConfig, fits, gemv, triton
 
 DECODE_UP_TO = 8  # tokens (rows of x) up to which the op applies; past that a tensor-core GEMM is cuBLAS's game
-ENABLED = os.environ.get("MOETANDEM_DECODE_LINEAR", "1") != "0"
+ENABLED = os.environ.get("MOETANDEM_DECODE_LINEAR", "0") == "1"  # experimental: see the module docstring
 CUBLAS = GemvConfig("cublas", 0, 0, 1, 0, 0)  # the F.linear "candidate"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CACHE: tuning.ConfigCache[GemvConfig] = tuning.ConfigCache("decode_linear", GemvConfig.from_json)
