@@ -122,27 +122,34 @@ def main() -> None:
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(2, vocab, (args.batch, args.prompt_len), generator=gen).tolist()
+        for name in args.variants:  # ours first: a slow or failing transformers baseline cannot hide them
+            if (args.device != "cuda" or _seq2seq(path)) and VARIANTS[name]["use_graphs"]:
+                continue  # encoder-decoders decode eagerly (moetandem.text2text)
+            r = bench_ours(path, args.device, prompts, args.new_tokens, VARIANTS[name], args.repeats)
+            record(results, {"shape": shape, "engine": name, **r}, args)
         for impl in args.hf:
             try:
                 r = bench_hf(path, args.device, prompts, args.new_tokens, None if impl == "default" else impl)
             except Exception as e:  # an HF variant missing in this transformers version is reported, not fatal
                 print(f"HF {impl} failed: {e}", flush=True)
                 continue
-            results.append({"shape": shape, "engine": f"HF transformers ({impl})", **r})
-            print(json.dumps(results[-1]), flush=True)
-        for name in args.variants:
-            if (args.device != "cuda" or _seq2seq(path)) and VARIANTS[name]["use_graphs"]:
-                continue  # encoder-decoders decode eagerly (moetandem.text2text)
-            r = bench_ours(path, args.device, prompts, args.new_tokens, VARIANTS[name], args.repeats)
-            results.append({"shape": shape, "engine": name, **r})
-            print(json.dumps(results[-1]), flush=True)
+            record(results, {"shape": shape, "engine": f"HF transformers ({impl})", **r}, args)
         if args.cleanup and not args.model:
             shutil.rmtree(path, ignore_errors=True)
-    (args.out / "decode.json").write_text(json.dumps(results, indent=1))
     report(results, args)
+    plot(results, args)
 
 
-def report(results: list[dict], args: argparse.Namespace) -> None:
+def record(results: list[dict], row: dict, args: argparse.Namespace) -> None:
+    """Keep a finished row and rewrite decode.json / decode.md at once, so a run stopped by a time limit leaves
+    every row it finished."""
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    (args.out / "decode.json").write_text(json.dumps(results, indent=1))
+    report(results, args, echo=False)
+
+
+def report(results: list[dict], args: argparse.Namespace, echo: bool = True) -> None:
     lines = [f"batch {args.batch}, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, "
              f"{'bf16' if args.device == 'cuda' else 'fp32'} "
              f"({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__})", "",
@@ -157,8 +164,12 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
         lines.append(f"| {r['shape']} | {r['engine']} | {r['tok_s']:.1f} | {dec} | {pre} | {ratio} | "
                      f"{r['peak_gib']:.1f} |")
     table = "\n".join(lines)
-    print(table)
+    if echo:
+        print(table)
     (args.out / "decode.md").write_text(table + "\n")
+
+
+def plot(results: list[dict], args: argparse.Namespace) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
