@@ -14,6 +14,7 @@ read packed, with their scales, and dequantized tile by tile at the weight loads
 so the bytes a decode step reads are the packed bytes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import functools
@@ -80,31 +81,33 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _program_rows(pid_m, sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr, table_ptr, M, N,
+    def _program_rows(pid_m, sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr, table_ptr, M, N, LO, HI,
                       HAS_TABLE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr):
         """GEMM program pid_m's (slot, or -1 when it has no work; row mask [BM]; assignment index t·k + j of each
-        row [BM]). DIRECT: program = assignment, one row (no alignment); else block pid_m of the aligned layout."""
+        row [BM]). DIRECT: program = assignment, one row (no alignment); else block pid_m of the aligned layout.
+        Only keys in [LO, HI) are this launch's work (a launch per expert format: device slots, mapped host)."""
         offs_m = tl.arange(0, BLOCK_M)
         if DIRECT:
             key = _keys(ids_ptr, rw_ptr, table_ptr, pid_m, M, N, HAS_TABLE)
-            slot = tl.where(key < N, key, -1)
+            slot = tl.where((key >= LO) & (key < HI), key, -1)
             mask_m = offs_m < 1
             a_id = tl.full((BLOCK_M,), 0, tl.int64) + pid_m
         else:
             slot = tl.load(bslot_ptr + pid_m)
+            slot = tl.where((slot >= LO) & (slot < HI), slot, -1)
             mask_m = offs_m < tl.load(brows_ptr + pid_m)  # 0 rows in a block without work
             a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)
         return slot, mask_m, a_id
 
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr,
-                        ids_ptr, rw_ptr, table_ptr, M, N, K, KP, I, TOP_K, NS, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k,
-                        ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sh_m, alpha, limit, ACT: tl.constexpr,
+                        ids_ptr, rw_ptr, table_ptr, M, N, K, KP, I, TOP_K, NS, LO, HI, sx_m, sx_k, sw_e, shw_e, sw_n,
+                        sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sh_m, alpha, limit, ACT: tl.constexpr,
                         HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
                         DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
-                                           table_ptr, M, N, HAS_TABLE, DIRECT, BLOCK_M)
+                                           table_ptr, M, N, LO, HI, HAS_TABLE, DIRECT, BLOCK_M)
         if slot < 0:
             return
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
@@ -129,12 +132,12 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr,
-                     brows_ptr, ids_ptr, table_ptr, M, NK, K, KP, N, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e,
-                     ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+                     brows_ptr, ids_ptr, table_ptr, M, NK, K, KP, N, NS, LO, HI, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e,
+                     shs_e, ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
                      PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
-                                           table_ptr, M, NK, HAS_TABLE, DIRECT, BLOCK_M)  # NK: slots' bound
+                                           table_ptr, M, NK, LO, HI, HAS_TABLE, DIRECT, BLOCK_M)  # NK: keys' bound
         if slot < 0:
             return
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
@@ -167,25 +170,73 @@ if triton is not None:
         tl.store(out_ptr + t * so_t + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@dataclass
+class _Side:
+    """What one pair of GEMM launches reads: weights (+ scales, biases) of the device slots and of the mapped host
+    experts in one format, and the keys [lo, hi) it computes. Where the host experts have a format of their own,
+    each side's pointers are all its own (the other's are never read)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    hw13: torch.Tensor
+    hw2: torch.Tensor
+    s13: torch.Tensor
+    s2: torch.Tensor
+    hs13: torch.Tensor
+    hs2: torch.Tensor
+    b13: torch.Tensor
+    b2: torch.Tensor
+    hb13: torch.Tensor
+    hb2: torch.Tensor
+    fmt: int  # FMTS code
+    groups: tuple[int, int]  # scale groups of w13 and w2
+    lo: int
+    hi: int
+
+
+def _sides(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, host: tuple[torch.Tensor, ...] | None,
+           bias: Pair | None, fmt: str, scales: Pair | None, host_scales: Pair | None, host_fmt: str,
+           N: int) -> list[_Side]:
+    """One side over every key (the host experts, if any, in the slots' format), or two: device slots [0, NS) in
+    `fmt`, then mapped host experts [NS, N) in `host_fmt`."""
+    b13, b2 = bias if bias is not None else (w13, w2)  # (never read without biases)
+    s13, s2 = scales if scales is not None else (w13, w2)  # (never read for bf16)
+    dev = (w13, w2, s13, s2, b13, b2)
+    hw13, hw2 = host[:2] if host is not None else (w13, w2)
+    hb13, hb2 = host[2:4] if host is not None and bias is not None else (b13, b2)
+    hs13, hs2 = host_scales if host is not None and host_scales is not None else (s13, s2)
+    hst = (hw13, hw2, hs13, hs2, hb13, hb2)
+    g_dev = scale_groups(x, w13, scales)
+    if host is None or host_fmt == fmt:
+        return [_Side(*_interleave(dev, hst), FMTS[fmt], g_dev, 0, N)]
+    g_host = scale_groups(x, host[0], host_scales)
+    NS = w13.shape[0]
+    return [_Side(*_interleave(dev, dev), FMTS[fmt], g_dev, 0, NS),
+            _Side(*_interleave(hst, hst), FMTS[host_fmt], g_host, NS, N)]
+
+
+def _interleave(dev: tuple[torch.Tensor, ...], hst: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """(w13, w2, s13, s2, b13, b2) of the slots and of the host -> _Side's field order."""
+    w13, w2, s13, s2, b13, b2 = dev
+    hw13, hw2, hs13, hs2, hb13, hb2 = hst
+    return w13, w2, hw13, hw2, s13, s2, hs13, hs2, b13, b2, hb13, hb2
+
+
 class _Plan:
-    """One call's tensors, alignment and scratch; the launches below run on it."""
+    """One call's tensors, alignment and scratch; the launches below run on it (a pair per side: one when every
+    expert has the slots' format, two when the mapped host experts have their own, both into the same scratch)."""
 
     def __init__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                  w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int,
                  host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
                  limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
-                 host_scales: Pair | None = None, direct: bool | None = None) -> None:
-        self.x, self.w13, self.w2, self.table = x, w13, w2, slot_table
-        self.hw13, self.hw2 = host[:2] if host is not None else (w13, w2)
-        self.b13, self.b2 = bias if bias is not None else (w13, w2)  # (never read without biases)
-        self.hb13, self.hb2 = host[2:4] if host is not None and bias is not None else (self.b13, self.b2)
-        self.s13, self.s2 = scales if scales is not None else (w13, w2)  # (never read for bf16)
-        self.hs13, self.hs2 = host_scales if host is not None and host_scales is not None else (self.s13, self.s2)
-        self.fmt, (self.g13, self.g2) = FMTS[fmt], scale_groups(x, w13, scales)
+                 host_scales: Pair | None = None, direct: bool | None = None, host_fmt: str | None = None) -> None:
+        self.x, self.table = x, slot_table
         self.has_bias, self.alpha, self.limit = bias is not None, float(alpha), float(limit)
         self.T, self.k = expert_ids.shape
         self.NS, self.H, self.I = w13.shape[0], x.shape[1], w13.shape[1] // 2
         self.N = self.NS + (host[0].shape[0] if host is not None else 0)  # keys: device slots, then host experts
+        self.sides = _sides(x, w13, w2, host, bias, fmt, scales, host_scales, host_fmt or fmt, self.N)
         self.act = ACTIVATIONS[activation]
         self.ids = expert_ids.reshape(-1).contiguous()  # [T*k]
         self.rw = weights.reshape(-1).contiguous()  # [T*k]
@@ -201,22 +252,24 @@ class _Plan:
         self.y = torch.empty(m, self.H, dtype=torch.float32, device=x.device)  # [T*k, H]
         self.precision = "ieee" if cdt == torch.float32 else "tf32"
 
-    def _strides(self, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
+    @staticmethod
+    def _strides(sd: _Side, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
                  b: torch.Tensor, hb: torch.Tensor) -> tuple[int, ...]:
         """(sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e) as the GEMM kernels take them."""
-        ss = (s.stride(0), hs.stride(0), s.stride(1), s.stride(2)) if self.fmt else (0, 0, 0, 0)
+        ss = (s.stride(0), hs.stride(0), s.stride(1), s.stride(2)) if sd.fmt else (0, 0, 0, 0)
         return (w.stride(0), hw.stride(0), w.stride(1), w.stride(2), *ss, b.stride(0), hb.stride(0))
 
     def up(self, c: tuning.KernelConfig) -> None:
         nb, *blocks = self._blocks()
-        _gate_up_kernel[(nb, triton_cdiv(self.I, c.block_n))](
-            self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h, *blocks, self.ids,
-            self.rw, self.tab, self.T * self.k, self.N, self.H, self.w13.shape[2], self.I, self.k, self.NS,
-            *self.x.stride(), *self._strides(self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13),
-            self.h.stride(0), self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=self.fmt,
-            GROUP=self.g13, PRECISION=self.precision, DIRECT=self.al is None, HAS_TABLE=self.table is not None,
-            BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
-            num_stages=c.num_stages)
+        for sd in self.sides:
+            _gate_up_kernel[(nb, triton_cdiv(self.I, c.block_n))](
+                self.x, sd.w13, sd.hw13, sd.s13, sd.hs13, sd.b13, sd.hb13, self.h, *blocks, self.ids, self.rw,
+                self.tab, self.T * self.k, self.N, self.H, sd.w13.shape[2], self.I, self.k, self.NS, sd.lo, sd.hi,
+                *self.x.stride(), *self._strides(sd, sd.w13, sd.hw13, sd.s13, sd.hs13, sd.b13, sd.hb13),
+                self.h.stride(0), self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=sd.fmt,
+                GROUP=sd.groups[0], PRECISION=self.precision, DIRECT=self.al is None,
+                HAS_TABLE=self.table is not None, BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                num_warps=c.num_warps, num_stages=c.num_stages)
 
     def _blocks(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(programs along M, sorted ids, block slots, block rows); direct: one program per assignment and the
@@ -228,13 +281,15 @@ class _Plan:
 
     def down(self, c: tuning.KernelConfig) -> None:
         nb, *blocks = self._blocks()
-        _down_kernel[(nb, triton_cdiv(self.H, c.block_n))](
-            self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.y, self.rw, *blocks, self.ids,
-            self.tab, self.T * self.k, self.N, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
-            *self._strides(self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2), self.y.stride(0),
-            HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision, DIRECT=self.al is None,
-            HAS_TABLE=self.table is not None, BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            num_warps=c.num_warps, num_stages=c.num_stages)
+        for sd in self.sides:
+            _down_kernel[(nb, triton_cdiv(self.H, c.block_n))](
+                self.h, sd.w2, sd.hw2, sd.s2, sd.hs2, sd.b2, sd.hb2, self.y, self.rw, *blocks, self.ids,
+                self.tab, self.T * self.k, self.N, self.I, sd.w2.shape[2], self.H, self.NS, sd.lo, sd.hi,
+                self.h.stride(0), *self._strides(sd, sd.w2, sd.hw2, sd.s2, sd.hs2, sd.b2, sd.hb2),
+                self.y.stride(0), HAS_BIAS=self.has_bias, FMT=sd.fmt, GROUP=sd.groups[1],
+                PRECISION=self.precision, DIRECT=self.al is None, HAS_TABLE=self.table is not None,
+                BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
+                num_stages=c.num_stages)
 
     def reduce(self) -> torch.Tensor:
         out = torch.empty(self.T, self.H, dtype=self.x.dtype, device=self.x.device)  # [T, H]
@@ -255,7 +310,7 @@ def _gpu_name(index: int) -> str:
 
 
 def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: tuple[torch.Tensor, ...] | None,
-            fmt: str, scales: Pair | None, prepare: Callable[[int], _Plan]) -> tuning.MoEConfig:
+            fmt: str, scales: Pair | None, prepare: Callable[[int], _Plan], host_fmt: str) -> tuning.MoEConfig:
     """The cached config of this call's shape bucket, else a search over `prepare(block_m)` plans (or the default
     while capturing a graph or with tuning off)."""
     T, k = expert_ids.shape
@@ -263,7 +318,7 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: 
     gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
     dtype = str(compute_dtype(x, w13, fmt)).removeprefix("torch.")
     key = tuning.cache_key(fmt, dtype, N, H, I, k, T, scale_groups(x, w13, scales)) + (
-        ",direct" if T <= DIRECT_MAX_TOKENS else "")
+        ",direct" if T <= DIRECT_MAX_TOKENS else "") + (f",host={host_fmt}" if host_fmt != fmt else "")
     cfg = tuning.CACHE.get(gpu, key)
     if cfg is not None:
         return cfg
@@ -278,7 +333,7 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
               slot_table: torch.Tensor | None = None, activation: str = "silu",
               host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
               limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
-              host_scales: Pair | None = None) -> torch.Tensor:
+              host_scales: Pair | None = None, host_fmt: str | None = None) -> torch.Tensor:
     """x [T, H]; expert_ids [T, k] (model ids 0..E-1); weights [T, k]; w13 [N, 2I, H] (gate; up); w2 [N, H, I]
     (any strides, e.g. views of flat slot buffers); slot_table [E] int (expert -> slot, -1 = not resident; None =
     identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) (+ biases) over assignments with a slot and a non-zero weight.
@@ -290,17 +345,23 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
     [N, H, packed_cols(fmt, I)] of quant.data_dtype(fmt), scales = (s13 [N, 2I, H // G13], s2 [N, H, I // G2]) of
     quant.scale_dtype(fmt) (any strides; the groups follow from the shapes), host_scales the same for the host
     experts. They are dequantized at the weight loads and never expanded in memory; GEMMs in x's dtype.
+    host_fmt: the host experts' own format (default: fmt), e.g. int8 misses beside bf16 slots; host / host_scales
+    then have its layout, and the GEMMs run twice, once per format (the device slots', then the host experts'
+    assignments only), into one scratch before the one sum over k.
     Triton on CUDA (tuned at first use per shape bucket, never during graph capture); the reference elsewhere."""
-    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales)
-    if not fused_moe_supported(x.device, w13.dtype, fmt) or x.shape[0] == 0:
+    host_fmt = host_fmt or fmt
+    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales,
+               host_fmt)
+    if (not fused_moe_supported(x.device, w13.dtype, fmt) or x.shape[0] == 0
+            or host is not None and not fused_moe_supported(x.device, host[0].dtype, host_fmt)):
         return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit,
-                                   fmt, scales, host_scales)
+                                   fmt, scales, host_scales, host_fmt)
 
     def prepare(block_m: int) -> _Plan:
         return _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, block_m, host, bias, alpha, limit, fmt,
-                     scales, host_scales)
+                     scales, host_scales, host_fmt=host_fmt)
 
-    cfg = _config(x, expert_ids, w13, host, fmt, scales, prepare)
+    cfg = _config(x, expert_ids, w13, host, fmt, scales, prepare, host_fmt)
     plan = prepare(cfg.block_m)
     plan.up(cfg.up)
     plan.down(cfg.down)
