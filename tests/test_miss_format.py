@@ -14,6 +14,7 @@ from moetandem import InvalidRequestError
 from moetandem.analysis.eval import evaluate_ids
 from moetandem.cli.flags import add_committee_args
 from moetandem.config import CommitteeConfig
+from moetandem.experts.misses import fetch_miss, miss_row
 
 IDS = [(7 * i + 3) % 250 + 1 for i in range(96)]
 
@@ -44,7 +45,7 @@ def test_int4_copy_is_dequantized_on_use(ckpt):
     eng = engine(ckpt, "int4")
     c = eng.provider
     assert c.miss_fmt.name == "int4" and c.mapped is None and c.miss_rows is not None
-    w13, w2, _, _ = c.host_fmt.unpack(c.miss_row(c.store.layers[0], 1))
+    w13, w2, _, _ = c.host_fmt.unpack(miss_row(c, c.store.layers[0], 1))
     g, u, d = c.store.read(c.store.layers[0], 1)
     dense = torch.cat([g, u]).float()
     err = (w13.float() - dense).norm() / dense.norm()
@@ -61,7 +62,7 @@ def test_fetched_miss_is_lossy_until_the_next_refresh(ckpt):
     victim = next(iter(st.slot_of.values()))
     st.unpublish(st.expert_of[victim])
     before = c.stats.bytes_moved
-    c.load_miss(layer, victim, missing)
+    fetch_miss(c, layer, victim, missing)
     assert st.slot_of[missing] == victim and st.lossy == {victim}
     assert c.stats.bytes_moved - before == c.miss_fmt.nbytes < c.expert_size
     assert not torch.equal(st.buf[victim], c.host_flat(layer, missing, pin=False))  # dequantized int8
@@ -71,6 +72,37 @@ def test_fetched_miss_is_lossy_until_the_next_refresh(ckpt):
     c.drain()
     assert not st.lossy and missing in st.slot_of
     assert torch.equal(st.buf[st.slot_of[missing]], c.host_flat(layer, missing, pin=False))
+
+
+def test_mapped_misses_read_the_copy_in_its_format(ckpt, monkeypatch):
+    """The CUDA wiring, forced on the CPU (the fused op runs its reference there): the pinned mirror holds int8
+    rows, the kernel gets them with host_fmt, swaps still copy bf16 rows, and each miss read counts int8 bytes."""
+    from moetandem.experts.committee import CommitteeProvider
+    from moetandem.experts.formats import ExpertFormat
+    from moetandem.experts.policies import MissPolicy
+    monkeypatch.setattr(CommitteeProvider, "_maps", lambda self, policy, total: True)
+    eng = moetandem.load(ckpt, device="cpu", progress=False)
+    st, layer = eng.store, eng.store.layers[0]
+    pol = MissPolicy(substitute_min_sim=None, graph=True)  # balanced's graph rule, no skips: every miss is read
+    outs = {}
+    for name in ("bf16", "int8"):
+        miss = ExpertFormat(name, st.inter, st.hidden, eng.dtype)
+        c = CommitteeProvider(st, eng.device, eng.dtype, 2 * st.expert_bytes(eng.dtype) * len(st.layers), pol,
+                              eng.args.top_k, progress=False, miss_fmt=miss, async_swaps=False)
+        c.grouped = True
+        torch.manual_seed(0)
+        x = torch.randn(6, st.hidden)
+        ids = torch.stack([torch.randperm(st.num_experts)[:2] for _ in range(6)])
+        w = torch.softmax(torch.randn(6, 2), -1)
+        outs[name] = c.compute(layer, x, ids, w)
+        s = c.stats
+        assert s.miss_reads > 0 and s.miss_bytes == s.miss_reads * c.host_fmt.nbytes
+    assert c.mapped[layer].dtype == torch.uint8 and c.mapped[layer].shape == (st.num_experts, miss.nbytes)
+    assert c.copies.mapped is None and c.host_flat(layer, 3).numel() == c.fmt.row_numel  # swaps: bf16 rows
+    want = eng.provider.compute(layer, x, ids, w)  # every expert resident: bf16 misses are exact
+    torch.testing.assert_close(outs["bf16"], want, rtol=1e-4, atol=1e-4)
+    err = float((outs["int8"] - want).norm() / want.norm())
+    assert 0 < err < 0.02, err
 
 
 @pytest.mark.parametrize("kw,match", [({"fidelity": "exact"}, "fidelity exact never allows"),

@@ -283,33 +283,12 @@ class CommitteeProvider(ExpertProvider):
         """The expert's row (self.fmt) in host memory (pinned on CUDA unless pin=False: see HostCopies)."""
         return self.copies.get(layer, expert, pin)
 
-    def miss_row(self, layer: int, expert: int) -> torch.Tensor:
-        """The host copy a miss reads: the expert's row in host_fmt (counted in miss_bytes)."""
-        self.counters.host.miss_bytes += self.host_fmt.nbytes
-        if self.miss_rows is None:
-            return self.host_flat(layer, expert, pin=False)
-        return self.miss_rows.get(layer, expert)
-
     def load(self, layer: int, slot: int, expert: int) -> None:
         """Synchronous copy into a free slot, then publish."""
         st = self.layers[layer]
         st.buf[slot].copy_(self.host_flat(layer, expert, pin=False))
         st.publish(slot, expert)
         self.counters.host.bytes_moved += self.expert_size
-
-    def load_miss(self, layer: int, slot: int, expert: int) -> None:
-        """A miss fetched into a free slot: its host copy (host_fmt's bytes over the bus), dequantized there into
-        the slot's format. Such a slot is lossy until the layer's next refresh frees it (see refresh)."""
-        if self.miss_fmt is None:
-            self.counters.host.miss_bytes += self.expert_size
-            return self.load(layer, slot, expert)
-        st = self.layers[layer]
-        row = self.miss_row(layer, expert).to(self.device, non_blocking=False)  # [miss row] on the device
-        w13, w2, b13, b2 = self.miss_fmt.unpack(row)  # in the compute dtype
-        st.buf[slot].copy_(self.fmt.pack(w13, w2, None if b13 is None else (b13, b2)))
-        st.publish(slot, expert)
-        st.lossy.add(slot)
-        self.counters.host.bytes_moved += self.miss_fmt.nbytes
 
     # ------------------------------------------------------------------ budget and slots
     def plan_slots(self, budget_bytes: int) -> dict[int, int]:

@@ -14,7 +14,6 @@ read packed, with their scales, and dequantized tile by tile at the weight loads
 so the bytes a decode step reads are the packed bytes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import functools
@@ -25,7 +24,7 @@ from moetandem.kernels import quant, tuning
 from moetandem.kernels.align import Aligned, align, triton_cdiv
 from moetandem.kernels.reference import (ACTIVATIONS, Pair, check_args, compute_dtype, fused_moe_reference,
                                          scale_groups)
-from moetandem.kernels.tiles import FMTS
+from moetandem.kernels.sides import Side, sides
 
 try:
     import triton
@@ -133,8 +132,8 @@ if triton is not None:
     @triton.jit
     def _down_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr,
                      brows_ptr, ids_ptr, table_ptr, M, NK, K, KP, N, NS, LO, HI, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e,
-                     shs_e, ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-                     PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     shs_e, ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
+                     GROUP: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
                                            table_ptr, M, NK, LO, HI, HAS_TABLE, DIRECT, BLOCK_M)  # NK: keys' bound
@@ -170,58 +169,6 @@ if triton is not None:
         tl.store(out_ptr + t * so_t + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@dataclass
-class _Side:
-    """What one pair of GEMM launches reads: weights (+ scales, biases) of the device slots and of the mapped host
-    experts in one format, and the keys [lo, hi) it computes. Where the host experts have a format of their own,
-    each side's pointers are all its own (the other's are never read)."""
-
-    w13: torch.Tensor
-    w2: torch.Tensor
-    hw13: torch.Tensor
-    hw2: torch.Tensor
-    s13: torch.Tensor
-    s2: torch.Tensor
-    hs13: torch.Tensor
-    hs2: torch.Tensor
-    b13: torch.Tensor
-    b2: torch.Tensor
-    hb13: torch.Tensor
-    hb2: torch.Tensor
-    fmt: int  # FMTS code
-    groups: tuple[int, int]  # scale groups of w13 and w2
-    lo: int
-    hi: int
-
-
-def _sides(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, host: tuple[torch.Tensor, ...] | None,
-           bias: Pair | None, fmt: str, scales: Pair | None, host_scales: Pair | None, host_fmt: str,
-           N: int) -> list[_Side]:
-    """One side over every key (the host experts, if any, in the slots' format), or two: device slots [0, NS) in
-    `fmt`, then mapped host experts [NS, N) in `host_fmt`."""
-    b13, b2 = bias if bias is not None else (w13, w2)  # (never read without biases)
-    s13, s2 = scales if scales is not None else (w13, w2)  # (never read for bf16)
-    dev = (w13, w2, s13, s2, b13, b2)
-    hw13, hw2 = host[:2] if host is not None else (w13, w2)
-    hb13, hb2 = host[2:4] if host is not None and bias is not None else (b13, b2)
-    hs13, hs2 = host_scales if host is not None and host_scales is not None else (s13, s2)
-    hst = (hw13, hw2, hs13, hs2, hb13, hb2)
-    g_dev = scale_groups(x, w13, scales)
-    if host is None or host_fmt == fmt:
-        return [_Side(*_interleave(dev, hst), FMTS[fmt], g_dev, 0, N)]
-    g_host = scale_groups(x, host[0], host_scales)
-    NS = w13.shape[0]
-    return [_Side(*_interleave(dev, dev), FMTS[fmt], g_dev, 0, NS),
-            _Side(*_interleave(hst, hst), FMTS[host_fmt], g_host, NS, N)]
-
-
-def _interleave(dev: tuple[torch.Tensor, ...], hst: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """(w13, w2, s13, s2, b13, b2) of the slots and of the host -> _Side's field order."""
-    w13, w2, s13, s2, b13, b2 = dev
-    hw13, hw2, hs13, hs2, hb13, hb2 = hst
-    return w13, w2, hw13, hw2, s13, s2, hs13, hs2, b13, b2, hb13, hb2
-
-
 class _Plan:
     """One call's tensors, alignment and scratch; the launches below run on it (a pair per side: one when every
     expert has the slots' format, two when the mapped host experts have their own, both into the same scratch)."""
@@ -236,7 +183,7 @@ class _Plan:
         self.T, self.k = expert_ids.shape
         self.NS, self.H, self.I = w13.shape[0], x.shape[1], w13.shape[1] // 2
         self.N = self.NS + (host[0].shape[0] if host is not None else 0)  # keys: device slots, then host experts
-        self.sides = _sides(x, w13, w2, host, bias, fmt, scales, host_scales, host_fmt or fmt, self.N)
+        self.sides = sides(x, w13, w2, host, bias, fmt, scales, host_scales, host_fmt or fmt, self.N)
         self.act = ACTIVATIONS[activation]
         self.ids = expert_ids.reshape(-1).contiguous()  # [T*k]
         self.rw = weights.reshape(-1).contiguous()  # [T*k]
@@ -253,7 +200,7 @@ class _Plan:
         self.precision = "ieee" if cdt == torch.float32 else "tf32"
 
     @staticmethod
-    def _strides(sd: _Side, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
+    def _strides(sd: Side, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
                  b: torch.Tensor, hb: torch.Tensor) -> tuple[int, ...]:
         """(sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e) as the GEMM kernels take them."""
         ss = (s.stride(0), hs.stride(0), s.stride(1), s.stride(2)) if sd.fmt else (0, 0, 0, 0)
