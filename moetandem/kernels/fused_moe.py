@@ -25,6 +25,7 @@ from moetandem.kernels.align import Aligned, align, triton_cdiv
 from moetandem.kernels.reference import (ACTIVATIONS, Pair, check_args, compute_dtype, fused_moe_reference,
                                          scale_groups)
 from moetandem.kernels.sides import Side, sides
+from moetandem.kernels.tiles import FMTS  # noqa: F401 (format codes; bench/fused_moe_sass.py)
 
 try:
     import triton
@@ -257,7 +258,8 @@ def _gpu_name(index: int) -> str:
 
 
 def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: tuple[torch.Tensor, ...] | None,
-            fmt: str, scales: Pair | None, prepare: Callable[[int], _Plan], host_fmt: str) -> tuning.MoEConfig:
+            fmt: str, scales: Pair | None, prepare: Callable[[int], _Plan], host_fmt: str | None = None
+            ) -> tuning.MoEConfig:
     """The cached config of this call's shape bucket, else a search over `prepare(block_m)` plans (or the default
     while capturing a graph or with tuning off)."""
     T, k = expert_ids.shape
@@ -265,7 +267,7 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: 
     gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
     dtype = str(compute_dtype(x, w13, fmt)).removeprefix("torch.")
     key = tuning.cache_key(fmt, dtype, N, H, I, k, T, scale_groups(x, w13, scales)) + (
-        ",direct" if T <= DIRECT_MAX_TOKENS else "") + (f",host={host_fmt}" if host_fmt != fmt else "")
+        ",direct" if T <= DIRECT_MAX_TOKENS else "") + (f",host={host_fmt}" if host_fmt not in (None, fmt) else "")
     cfg = tuning.CACHE.get(gpu, key)
     if cfg is not None:
         return cfg
