@@ -4,7 +4,8 @@
 
 Quality: perplexity, top-1 agreement and KL against the all-resident model on the same windows, fed `--step`
 tokens at a time (1 = exactly what decoding sees), swaps waited for so the figures are reproducible.
-Speed: batch-1 decode tok/s of `--gen-tokens` tokens (asynchronous swaps, as served), resident expert bytes.
+Speed: batch-1 decode tok/s of `--gen-tokens` tokens (asynchronous swaps, as served), resident expert bytes;
+bytes per evaluated token copied into slots and read by misses (the `--miss-format` configs read int8 / int4).
 On CUDA also HF transformers + accelerate offload capped at the same GPU memory.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ CONFIGS = {  # label -> Engine.from_pretrained kwargs
     "exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balanced"}, "fast": {"fidelity": "fast"},
     "substitute": {"policy": "substitute"}, "skip τ=0.1": {"policy": "skip"},
     "lru": {"policy": "lru"}, "static": {"policy": "static"}, "host-only": {"policy": "host-only"},
+    "balanced, int8 misses": {"fidelity": "balanced", "miss_format": "int8"},
+    "balanced, int4 misses": {"fidelity": "balanced", "miss_format": "int4"},
 }
 
 
@@ -48,19 +51,21 @@ def main() -> None:
     ap.add_argument("--step", type=int, default=1)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--plans", type=Path, nargs="*", default=[],
                     help="plan files from `moetandem plan`: each config also runs with the plan at its budget")
     ap.add_argument("--out", type=Path, default=Path("out/committee"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or demo_model_path()
-    ref = moetandem.load(model, device=args.device, progress=False)
+    ref = moetandem.load(model, device=args.device, dtype=args.dtype, progress=False)
     ids = encode_text(ref, args.data.read_text(encoding="utf-8"), args.max_tokens)
     prompt = ids[:32]
     total = ref.provider.expert_bytes()
     base = evaluate_ids(ref, ids, context=args.context, step=args.step, progress=False)
     rows = [{"config": "all resident", "budget": 1.0, "perplexity": base.perplexity, "top1": 1.0, "kl": 0.0,
-             "hit_rate": 1.0, "tok_s": speed(ref, prompt, args.gen_tokens), "expert_mib": total / 2**20}]
+             "hit_rate": 1.0, "tok_s": speed(ref, prompt, args.gen_tokens), "expert_mib": total / 2**20,
+             "moved_kib_tok": 0.0, "miss_kib_tok": 0.0}]
     print(json.dumps(rows[-1]), flush=True)
     from moetandem.experts.plan import Plan
     runs = [(b, label, None) for b in args.budgets for label in args.configs]
@@ -71,8 +76,8 @@ def main() -> None:
         kw = dict(CONFIGS[label])
         if plan is not None:
             label, kw["plan"] = f"{label} + plan", str(plan)
-        eng = moetandem.load(model, device=args.device, progress=False, expert_budget=budget,
-                                     async_swaps=False, **kw)
+        eng = moetandem.load(model, device=args.device, dtype=args.dtype, progress=False, expert_budget=budget,
+                             async_swaps=False, **kw)
         t = time.perf_counter()
         q = evaluate_ids(eng, ids, context=args.context, step=args.step, reference=ref, progress=False)
         eng.provider.async_swaps = True
@@ -80,7 +85,10 @@ def main() -> None:
         rows.append({"config": label, "budget": budget, "perplexity": q.perplexity, "top1": q.top1_agreement,
                      "kl": q.mean_kl, "hit_rate": st.get("hit_rate", 1.0),
                      "tok_s": speed(eng, prompt, args.gen_tokens),
-                     "expert_mib": eng.provider.expert_bytes() / 2**20, "eval_s": time.perf_counter() - t})
+                     "expert_mib": eng.provider.expert_bytes() / 2**20, "eval_s": time.perf_counter() - t,
+                     # per evaluated token: slot copies (swaps, fetches) and host copies read by misses
+                     "moved_kib_tok": st.get("bytes_moved", 0) / q.tokens / 2**10,
+                     "miss_kib_tok": st.get("miss_bytes", 0) / q.tokens / 2**10})
         print(json.dumps(rows[-1]), flush=True)
         del eng
         gc.collect()
@@ -93,13 +101,15 @@ def report(rows: list[dict], args: argparse.Namespace, model: Path) -> None:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     lines = [f"model {model.name}, {dev}, eval {args.max_tokens} tokens of {args.data.name}, windows of "
              f"{args.context}, fed {args.step} token(s) at a time", "",
-             "| budget | config | ppl | Δppl | top-1 agree | KL | hit rate | decode tok/s | × all-resident | expert MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| budget | config | ppl | Δppl | top-1 agree | KL | hit rate | decode tok/s | × all-resident | expert MiB "
+             "| moved KiB/tok | misses read KiB/tok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget']:.2f} | {r['config']} | {r['perplexity']:.2f} | "
                      f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {100 * r['top1']:.2f}% | "
                      f"{r['kl']:.4f} | {100 * r['hit_rate']:.1f}% | {r['tok_s']:.1f} | "
-                     f"{r['tok_s'] / base['tok_s']:.2f} | {r['expert_mib']:.1f} |")
+                     f"{r['tok_s'] / base['tok_s']:.2f} | {r['expert_mib']:.1f} | {r.get('moved_kib_tok', 0):.1f} | "
+                     f"{r.get('miss_kib_tok', 0):.1f} |")
     table = "\n".join(lines)
     print(table)
     (args.out / "committee.md").write_text(table + "\n")

@@ -20,7 +20,12 @@ from bench.decode import _free  # noqa: E402
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 
 CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balanced"}, "fast": {"fidelity": "fast"},
-           "lru": {"policy": "lru"}, "host-only": {"policy": "host-only"}}
+           "lru": {"policy": "lru"}, "host-only": {"policy": "host-only"},
+           # --miss-format: balanced / fast misses read an int8 / int4 host copy zero-copy (not in the default set)
+           "balanced, int8 misses": {"fidelity": "balanced", "miss_format": "int8"},
+           "balanced, int4 misses": {"fidelity": "balanced", "miss_format": "int4"},
+           "fast, int4 misses": {"fidelity": "fast", "miss_format": "int4"}}
+DEFAULT_CONFIGS = ["exact (auto)", "balanced", "fast", "lru", "host-only"]
 
 
 def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | None, kw: dict,
@@ -31,12 +36,15 @@ def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | N
     gen = dict(max_new_tokens=new, stop_on_eos=False, temperature=temperature, seed=0)
     eng.generate([prompt], **gen)  # warm-up: same cache, graph, compile, tuning
     _free()
+    before = eng.expert_stats().get("miss_bytes", 0)
     eng.generate([prompt], **gen)
     st = eng.last_stats
+    read = eng.expert_stats().get("miss_bytes", 0) - before  # host copies read by misses (zero-copy), this run
     dense = sum(p.numel() * p.element_size() for p in eng.model.parameters())
     kv = sum(c.nbytes() for c in eng._caches.values())
     res = {"tok_s": st.decode_tok_s, "peak_gib": eng.peak_memory() / 2**30, "graph_safe": eng.graph_safe,
-           "bound_gib": (dense + eng.provider.expert_bytes() + kv) * 1.05 / 2**30, **eng.expert_stats()}
+           "bound_gib": (dense + eng.provider.expert_bytes() + kv) * 1.05 / 2**30,
+           "miss_mib_tok": read / (len(prompt) + new) / 2**20, **eng.expert_stats()}
     del eng
     _free()
     return res
@@ -66,7 +74,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["olmoe-1b-7b"], choices=list(SHAPES))
     ap.add_argument("--ckpt-root", type=Path, default=Path("/dev/shm/moetandem-bench"))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="sample (seeded) instead of greedy decoding")
     ap.add_argument("--hf-new-tokens", type=int, default=8, help="accelerate offload is slow: fewer tokens (0: skip it)")
@@ -97,14 +105,15 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     (args.out / "committee_speed.json").write_text(json.dumps(rows, indent=1))
     lines = ["| shape | budget | config | decode tok/s | × all-resident | peak GiB | bound GiB | one CUDA graph | "
-             "hit rate | swaps |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "hit rate | swaps | misses read MiB/tok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(x["tok_s"] for x in rows if x["shape"] == r["shape"] and x["config"] == "all resident")
         looked = r.get("hits", 0) + r.get("misses", 0)
         hit = f"{r['hits'] / looked:.2f}" if looked else "–"
         lines.append(f"| {r['shape']} | {r['budget']:.2f} | {r['config']} | {r['tok_s']:.2f} | "
                      f"{r['tok_s'] / base:.2f} | {r['peak_gib']:.2f} | {r.get('bound_gib', 0):.2f} | "
-                     f"{'yes' if r.get('graph_safe') else 'no'} | {hit} | {r.get('swaps', '–')} |")
+                     f"{'yes' if r.get('graph_safe') else 'no'} | {hit} | {r.get('swaps', '–')} | "
+                     f"{r.get('miss_mib_tok', 0):.2f} |")
     print("\n".join(lines))
     (args.out / "committee_speed.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / "committee_speed.png")

@@ -3,7 +3,7 @@
 re-reads flags.
 
     ModelConfig      checkpoint, device, dtype, CUDA graphs
-    CommitteeConfig  expert budget, miss policy / fidelity, refresh, plan
+    CommitteeConfig  expert budget, miss policy / fidelity, miss format, refresh, plan
     GateConfig       hardware-aware gate (off | masked | group)
     SplitConfig      end-cloud split: cloud address, token, TLS, codec, placement
     ServeConfig      the HTTP server
@@ -28,6 +28,10 @@ CODECS = ("off", "fp16", "lowrank", "plan")
 #: --expert-format: how routed experts are held (moetandem.experts.formats); auto = the checkpoint's own format
 #: when it is pre-quantized (gpt-oss MXFP4, block FP8, compressed-tensors int4), else bf16
 EXPERT_FORMATS = ("auto", "bf16", "fp8", "int8", "int4", "mxfp4")
+#: --miss-format: the format of the host copy a balanced / fast miss reads (bf16: the expert as it is)
+MISS_FORMATS = ("bf16", "int8", "int4")
+#: policies whose misses may read a lower-precision copy (approximate ones; exact policies never do)
+_APPROXIMATE = ("substitute", "skip")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -106,6 +110,8 @@ class CommitteeConfig:
     score: str = "importance"
     plan: Any = None  # a Plan or a path to a plan JSON (moetandem plan)
     async_swaps: bool = True
+    #: the format of the host copy a miss reads under an approximate fidelity (one of MISS_FORMATS)
+    miss_format: str = "bf16"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +130,25 @@ class CommitteeConfig:
             raise InvalidRequestError(f"--skip-threshold must be in [0, 1), got {self.skip_threshold}")
         _positive_int("--refresh-every", self.refresh_every)
         _positive_int("the committee window", self.window)
+        self._validate_miss_format()
+
+    def _validate_miss_format(self) -> None:
+        m = self.miss_format
+        if m not in MISS_FORMATS:
+            raise InvalidRequestError(f"--miss-format {m!r}: choose one of {', '.join(MISS_FORMATS)}")
+        if m == "bf16":
+            return
+        if not self.enabled:
+            raise InvalidRequestError(f"--miss-format {m} needs --expert-budget: with every expert resident there "
+                                      "are no misses")
+        if self.policy is not None and self.policy not in _APPROXIMATE:
+            raise InvalidRequestError(f"--miss-format {m} reads a lower-precision copy of a missed expert, which "
+                                      f"--policy {self.policy} never allows; use --fidelity balanced or fast "
+                                      f"(or --policy {' / '.join(_APPROXIMATE)}), or drop --miss-format")
+        if self.policy is None and self.fidelity == "exact":
+            raise InvalidRequestError(f"--miss-format {m} reads a lower-precision copy of a missed expert, which "
+                                      "--fidelity exact never allows; use --fidelity balanced or fast, or drop "
+                                      "--miss-format")
 
     @property
     def enabled(self) -> bool:
@@ -133,7 +158,8 @@ class CommitteeConfig:
     def from_args(cls, ns: argparse.Namespace) -> "CommitteeConfig":
         return cls(budget=getattr(ns, "expert_budget", None), policy=getattr(ns, "policy", None),
                    fidelity=getattr(ns, "fidelity", "balanced"), skip_threshold=getattr(ns, "skip_threshold", None),
-                   refresh_every=getattr(ns, "refresh_every", 16), plan=getattr(ns, "plan", None))
+                   refresh_every=getattr(ns, "refresh_every", 16), plan=getattr(ns, "plan", None),
+                   miss_format=getattr(ns, "miss_format", "bf16"))
 
 
 @dataclass(frozen=True)

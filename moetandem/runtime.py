@@ -93,15 +93,16 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
          score: str = "importance", plan: Any = None, async_swaps: bool = True, gate: str = "off",
          gate_cost: float = math.inf, gate_latency_budget: float = 0.0, cloud: str | None = None,
          token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None,
-         compile: str = "auto", expert_format: str = "auto") -> Engine:
+         compile: str = "auto", expert_format: str = "auto", miss_format: str = "bf16") -> Engine:
     """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all expert
     bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets. gate="group" /
     "masked" routes to the experts that are local now. cloud="HOST:PORT" runs the middle layers on a `moetandem
     cloud` server; split holds SplitConfig's other fields (plan, head, tail, codec, codec_rank, micro_batches,
     cloud_experts) and link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...). expert_format: bf16 | fp8 | int8
-    | int4 | mxfp4 | auto (the checkpoint's own when pre-quantized, else bf16); packed formats quantize on load."""
+    | int4 | mxfp4 | auto (the checkpoint's own when pre-quantized, else bf16); packed formats quantize on load.
+    miss_format: bf16 | int8 | int4, the host copy a balanced / fast miss reads (never with fidelity exact)."""
     cm = CommitteeConfig(expert_budget, policy, fidelity, skip_threshold, refresh_every, score=score, plan=plan,
-                         async_swaps=async_swaps)
+                         async_swaps=async_swaps, miss_format=miss_format)
     sc = None
     if cloud is not None:
         opts = dict(split or {})

@@ -159,9 +159,10 @@ def test_assign_skip_defer_and_whole_token_rule():
     # similarity -> the token keeps nothing
     assert a.slots.tolist() == [[0, -1], [-1, 1], [-1, -1]] and a.exact is None
     torch.testing.assert_close(a.weights, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
-    assert a.counts.tolist() == [2, 4, 0, 0, 4]  # hits, misses, substitutions, skips, deferred
+    assert a.counts.tolist() == [2, 4, 0, 0, 4, 0]  # hits, misses, substitutions, skips, deferred, miss reads
     exact = MissPolicy(skip_below=0.1).assign(ids, w, st)
     assert exact.exact.tolist() == [[False, True], [True, False], [True, True]]
+    assert int(exact.counts[5]) == 4  # each kept miss reads its expert's host copy
     torch.testing.assert_close(exact.weights, w)
 
 

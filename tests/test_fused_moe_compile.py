@@ -10,20 +10,21 @@ import re
 import pytest
 
 from moetandem.kernels import tuning
+from moetandem.kernels.tiles import FMTS
 
 fm = importlib.import_module("moetandem.kernels.fused_moe")
 triton = pytest.importorskip("triton")
 DATA = {"bf16": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv", "int4": "*u8", "mxfp4": "*u8"}
 SCALE = {"bf16": "*bf16", "int8": "*fp32", "fp8": "*fp32", "int4": "*fp32", "mxfp4": "*u8"}
 GROUPS = {"bf16": 1, "int8": 2048, "fp8": 768, "int4": 128, "mxfp4": 32}  # tile-scaled and element-scaled both
-UNALIGNED = ("alpha", "limit", "TOP_K", "NS")
+UNALIGNED = ("alpha", "limit", "TOP_K", "NS", "LO", "HI")
 
 
 def compile_sm90(kernel, fmt: str, c: tuning.KernelConfig, block_m: int = 16, direct: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     bias = fmt == "mxfp4"  # gpt-oss: biases and the clamped SwiGLU
-    ce = {"HAS_BIAS": bias, "FMT": fm.FMTS[fmt], "GROUP": GROUPS[fmt], "PRECISION": "tf32", "BLOCK_M": block_m,
+    ce = {"HAS_BIAS": bias, "FMT": FMTS[fmt], "GROUP": GROUPS[fmt], "PRECISION": "tf32", "BLOCK_M": block_m,
           "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "sw_k": 1, "ss_k": 1}
     ce.update(DIRECT=direct, HAS_TABLE=True)
     if kernel is fm._gate_up_kernel:

@@ -67,7 +67,8 @@ def _describe(args: argparse.Namespace) -> str:
     if not args.expert_budget and not args.plan:
         return "all resident" + fmt
     how = f"policy {args.policy}" if args.policy else f"fidelity {args.fidelity}"
-    return f"budget {args.expert_budget or 'plan'}, {how}{fmt}"
+    miss = "" if getattr(args, "miss_format", "bf16") == "bf16" else f", {args.miss_format} misses"
+    return f"budget {args.expert_budget or 'plan'}, {how}{fmt}{miss}"
 
 
 def format_result(res: Any, committee: str = "") -> str:

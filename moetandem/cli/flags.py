@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from moetandem.config import (BASELINES, CODECS, EXPERT_FORMATS, FIDELITY, GATES, POLICIES, CommitteeConfig,
-                              GateConfig, ModelConfig, SplitConfig, parse_budget)
+from moetandem.config import (BASELINES, CODECS, EXPERT_FORMATS, FIDELITY, GATES, MISS_FORMATS, POLICIES,
+                              CommitteeConfig, GateConfig, ModelConfig, SplitConfig, parse_budget)
 from moetandem.errors import InvalidRequestError
 
 
@@ -42,6 +42,10 @@ def add_committee_args(p: argparse.ArgumentParser) -> None:
                    "--fidelity): auto/fetch/host are exact; substitute, skip; baselines lru, static, host-only")
     g.add_argument("--fidelity", choices=FIDELITY, default="balanced", help="exact | balanced | fast (default "
                    "balanced: skip misses below τ=0.05, substitute close experts, fetch/host the rest)")
+    g.add_argument("--miss-format", choices=MISS_FORMATS, default="bf16",
+                   help="balanced / fast only (refused with exact): misses read a copy of the expert quantized to "
+                        "int8 (about half the bytes over the bus) or int4 (about a quarter) instead of bf16 "
+                        "(default bf16: the expert as it is)")
     g.add_argument("--skip-threshold", type=float, metavar="TAU", help="gate weight below which experts are skipped")
     g.add_argument("--refresh-every", type=positive_int, default=16, metavar="N",
                    help="committee refresh interval (tokens)")

@@ -109,7 +109,8 @@ def format_expert_stats(s: dict[str, float]) -> str:
     return (f"[moetandem] experts: hit rate {hit_rate:.2f} | misses {int(s.get('misses', 0))} (skip "
             f"{int(s.get('skips', 0))}, substitute {int(s.get('substitutions', 0))}, fetch {int(s.get('fetches', 0))}"
             f", host {int(s.get('host_computes', 0))}) | swaps {int(s.get('swaps', 0))} | moved "
-            f"{format_bytes(int(s.get('bytes_moved', 0)))} | stall {s.get('stall_s', 0.0):.3f} s")
+            f"{format_bytes(int(s.get('bytes_moved', 0)))} | misses read {format_bytes(int(s.get('miss_bytes', 0)))}"
+            f" | stall {s.get('stall_s', 0.0):.3f} s")
 
 
 def format_split_stats(s: dict[str, float]) -> str:

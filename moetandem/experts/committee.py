@@ -25,7 +25,7 @@ from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.executor import device_format_supported, device_path_supported, run_experts
 from moetandem.experts.formats import ExpertFormat
 from moetandem.kernels import fused_moe_supported
-from moetandem.experts.misses import resolve_exact
+from moetandem.experts.misses import check_miss_format, resolve_exact
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.rows import ExpertRows
@@ -52,11 +52,13 @@ class CommitteeProvider(ExpertProvider):
                  norms: dict[int, torch.Tensor] | None = None, slots: dict[int, int] | None = None,
                  refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True,
                  async_swaps: bool = True, activation: ExpertActivation | None = None,
-                 fmt: ExpertFormat | None = None) -> None:
+                 fmt: ExpertFormat | None = None, miss_fmt: ExpertFormat | None = None) -> None:
         """async_swaps=False waits for each refresh's swaps before going on: slower, but the resident set at
         every step no longer depends on thread timing (reproducible quality measurements). activation: the
         experts' (default: the store's); with biases, each flat slot ends with them. fmt: how a slot holds an
-        expert (default bf16: the compute dtype); slots, pinned copies, swaps and the budget count its bytes."""
+        expert (default bf16: the compute dtype); slots, pinned copies, swaps and the budget count its bytes.
+        miss_fmt: the format of the host copy a miss reads (--miss-format; approximate policies over bf16 slots
+        only): the mapped host experts, host computes and fetches use it; swaps still copy `fmt` rows."""
         if policy.substitute_min_sim is not None and similarity is None:
             raise InvalidRequestError("substitution needs expert similarity: run `moetandem calibrate MODEL` first")
         if refresh_every < 1:
@@ -71,19 +73,25 @@ class CommitteeProvider(ExpertProvider):
         self.act = activation or store.activation
         self.fmt = fmt or ExpertFormat("bf16", self.I, self.H, dtype, bias=self.act.bias)
         self.expert_size = self.fmt.nbytes  # one slot, one swap
+        self.miss_fmt = check_miss_format(miss_fmt, self.fmt, policy)  # None: misses read `fmt` rows
         self.norms = norms or {l: torch.ones(self.E) for l in store.layers}
         self.scorer = Scorer(score, window, store.layers, self.E, self.norms, device)
         self.counters = StatCounters(device)
-        self.cost = CostModel(device, dtype, self.I, self.H, None if self.fmt.dense else self.expert_size)
+        self.cost = CostModel(device, dtype, self.I, self.H, None if self.host_fmt.dense else self.host_fmt.nbytes)
         #: the executor's device path (grouped GEMM over the slot buffers, no host sync); else the per-slot loop
         self.grouped = (device_path_supported(device, dtype, (self.I, self.H), self.act) if self.fmt.dense
                         else device_format_supported(self.fmt.name, device, dtype, (self.I, self.H)))
         total = total_expert_bytes(store, dtype, self.expert_size)
         self.rows = ExpertRows(store, self.fmt, keep=True, progress=progress)
+        maps = self._maps(policy, total_expert_bytes(store, dtype, self.host_fmt.nbytes))
+        #: the miss format's rows (quantized once; kept on the host unless the mapped experts hold them)
+        self.miss_rows = None if self.miss_fmt is None else ExpertRows(store, self.miss_fmt, keep=not maps,
+                                                                       progress=progress)
         #: exact misses read zero-copy from pinned host memory by the fused kernel (no copy, no host sync, so the
-        #: step stays one CUDA graph): every expert pinned once, when it fits the pinned-memory cap
-        self.mapped = self._map_experts(total, progress) if self._maps(policy, total) else None
-        self.copies = HostCopies(self.rows, pin=device.type == "cuda", cap=pinned_cap(total), mapped=self.mapped)
+        #: step stays one CUDA graph): every expert pinned once (in host_fmt), when it fits the pinned-memory cap
+        self.mapped = self._map_experts(progress) if maps else None
+        self.copies = HostCopies(self.rows, pin=device.type == "cuda", cap=pinned_cap(total),
+                                 mapped=self.mapped if self.miss_fmt is None else None)
         self.swapper = Swapper(self.copies, device)
         self.similarity = similarity
         self.layers: dict[int, LayerSlots] = {}
@@ -103,14 +111,19 @@ class CommitteeProvider(ExpertProvider):
             return False
         return policy.exact == "auto" and not policy.lru and policy.refresh and total <= pinned_cap(total, mapped=True)
 
-    def _map_experts(self, total: int, progress: bool) -> dict[int, torch.Tensor]:
-        out = {}
+    def _map_experts(self, progress: bool) -> dict[int, torch.Tensor]:
+        out, rows = {}, self.miss_rows or self.rows
         for l in tqdm(self.store.layers, desc="pinning experts", unit="layer", disable=not progress, leave=False):
-            buf = self.fmt.empty(self.E, pin=self.device.type == "cuda")  # [E, row]
+            buf = self.host_fmt.empty(self.E, pin=self.device.type == "cuda")  # [E, row]
             for e in range(self.E):
-                buf[e].copy_(self.rows.get(l, e))
+                buf[e].copy_(rows.get(l, e))
             out[l] = buf
         return out
+
+    @property
+    def host_fmt(self) -> ExpertFormat:
+        """The format of the host copies misses read (the mapped experts, host computes, fetches)."""
+        return self.miss_fmt or self.fmt
 
     @property
     def graph_safe(self) -> bool:
@@ -121,8 +134,12 @@ class CommitteeProvider(ExpertProvider):
 
     @property
     def stats(self) -> CommitteeStats:
-        """Counters so far (reads the device counts: call between steps)."""
-        return self.counters.snapshot()
+        """Counters so far (reads the device counts: call between steps). With mapped experts every miss read is
+        a zero-copy read of its host copy (counted per assignment, as the direct path reads it)."""
+        s = self.counters.snapshot()
+        if self.mapped is not None:
+            s.miss_bytes += s.miss_reads * self.host_fmt.nbytes
+        return s
 
     @property
     def similarity(self) -> dict[int, torch.Tensor] | None:
@@ -166,10 +183,10 @@ class CommitteeProvider(ExpertProvider):
         fmt = self.fmt.name
         if self.mapped is not None:  # exact misses: expert e read from pinned host memory as slot n + e
             slots = asg.slots if asg.exact is None else torch.where(asg.exact, st.n + expert_ids.int(), asg.slots)
-            hv = self.fmt.views(self.mapped[layer])  # over [E, row]
+            hv = self.host_fmt.views(self.mapped[layer])  # over [E, row]
             mapped = (hv.w13, hv.w2, *(hv.bias or ()))
             return run_experts(x, slots, asg.weights, v.w13, v.w2, True, mapped=mapped, act=self.act, bias=v.bias,
-                               fmt=fmt, scales=v.scales, host_scales=hv.scales)
+                               fmt=fmt, scales=v.scales, host_scales=hv.scales, host_fmt=self.host_fmt.name)
         host = resolve_exact(self, layer, x, expert_ids, asg) if asg.exact is not None else None
         return run_experts(x, asg.slots, asg.weights, v.w13, v.w2, self.grouped, host, act=self.act, bias=v.bias,
                            fmt=fmt, scales=v.scales)
@@ -229,8 +246,11 @@ class CommitteeProvider(ExpertProvider):
 
     # ------------------------------------------------------------------ moving experts
     def refresh(self, layer: int, score: torch.Tensor | None = None) -> None:
-        """Schedule swaps so the slots hold the most important experts of the window. score: [E] host, if read."""
+        """Schedule swaps so the slots hold the most important experts of the window. score: [E] host, if read.
+        Slots fetched from a lower-precision miss copy are freed first: an exact copy replaces them if wanted."""
         st = self.layers[layer]
+        for slot in sorted(st.lossy):
+            st.unpublish(st.expert_of[slot])
         for slot, expert in st.plan_swaps(self.scorer.scores(layer) if score is None else score):
             self._submit(layer, slot, expert)
 
@@ -292,7 +312,7 @@ class CommitteeProvider(ExpertProvider):
             old, n = self.layers.get(l), plan[l]
             new = LayerSlots(n, self.fmt.row_numel, self.E, self.device, self.fmt.row_dtype)
             rank = self._ranking(l)
-            keep = [e for e in rank if old is not None and e in old.slot_of][:n]
+            keep = [e for e in rank if old is not None and e in old.slot_of and old.slot_of[e] not in old.lossy][:n]
             for s, e in enumerate(keep):
                 new.buf[s].copy_(old.buf[old.slot_of[e]])
                 new.publish(s, e)

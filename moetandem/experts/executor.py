@@ -17,7 +17,8 @@ passed per call; without them every path computes exactly what it did for the Sw
 
 Expert formats (moetandem.experts.formats): `fmt` names the slots' layout; a packed one comes with
 `scales = (s13 [n, 2I, H // G], s2 [n, H, I // G])` (and `host_scales` for mapped host experts). The device path
-hands them to the fused kernel, which reads the packed bytes; the loop dequantizes one slot at a time.
+hands them to the fused kernel, which reads the packed bytes; the loop dequantizes one slot at a time. Mapped host
+experts may have a format of their own (`host_fmt`: a committee's --miss-format beside bf16 slots).
 """
 from __future__ import annotations
 
@@ -69,9 +70,10 @@ def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, 
                 w2: torch.Tensor, grouped: bool, host: HostRows | None = None,
                 mapped: tuple[torch.Tensor, ...] | None = None, act: ExpertActivation = SWIGLU,
                 bias: Bias | None = None, fmt: str = "bf16", scales: Scales | None = None,
-                host_scales: Scales | None = None) -> torch.Tensor:
+                host_scales: Scales | None = None, host_fmt: str | None = None) -> torch.Tensor:
     """x [T, H]; slot_ids [T, k] (−1: nothing on the device; n + e: expert e read zero-copy from `mapped`, its
-    pinned host weights [E, 2I, H] / [E, H, I] (+ biases [E, 2I] / [E, H] for biased experts)); weights [T, k];
+    pinned host weights [E, 2I, H] / [E, H, I] (+ biases [E, 2I] / [E, H] for biased experts), in `host_fmt`
+    (default fmt) with `host_scales`); weights [T, k];
     w13 [n, 2I, H] (gate; up), w2 [n, H, I] (packed formats: their data, with `scales`); act, bias, fmt: see the
     module docstring -> [T, H] in x's dtype. grouped: the device path (no host sync), else the per-slot loop."""
     if act.bias != (bias is not None):
@@ -79,13 +81,14 @@ def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, 
     if (fmt != "bf16") != (scales is not None):
         raise ValueError(f"{fmt} experts {'need' if fmt != 'bf16' else 'take no'} scales")
     if grouped and fmt != "bf16":
-        out = packed_moe(x, slot_ids, weights, w13, w2, mapped, act, bias, fmt, scales, host_scales)  # [T, H]
+        out = packed_moe(x, slot_ids, weights, w13, w2, mapped, act, bias, fmt, scales, host_scales,
+                         host_fmt)  # [T, H]
         if host is not None and host.token.numel():
             g = weights[host.token, host.col].to(host.y.dtype)  # [m]
             out.index_add_(0, host.token, host.y * g[:, None])
         return out
     if grouped:
-        out = device_moe(x, slot_ids, weights, w13, w2, mapped, act, bias)  # [T, H]
+        out = device_moe(x, slot_ids, weights, w13, w2, mapped, act, bias, host_scales, host_fmt)  # [T, H]
         if host is not None and host.token.numel():
             g = weights[host.token, host.col].to(host.y.dtype)  # [m]
             out.index_add_(0, host.token, host.y * g[:, None])
@@ -95,24 +98,32 @@ def run_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, 
 
 def packed_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                w2: torch.Tensor, mapped: tuple[torch.Tensor, ...] | None, act: ExpertActivation, bias: Bias | None,
-               fmt: str, scales: Scales, host_scales: Scales | None) -> torch.Tensor:
+               fmt: str, scales: Scales, host_scales: Scales | None, host_fmt: str | None = None) -> torch.Tensor:
     """The device path over packed slots: the fused kernel (as the custom op, for torch.compile) reads data +
     scales in place, and mapped host experts zero-copy (graph-safe)."""
     hw13, hw2, hb13, hb2 = (*mapped, None, None)[:4] if mapped is not None else (None, None, None, None)
     b13, b2 = bias if bias is not None else (None, None)
     hs13, hs2 = host_scales if host_scales is not None else (None, None)
     return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2, act.alpha,
-                        act.limit, fmt=fmt, s13=scales[0], s2=scales[1], host_s13=hs13, host_s2=hs2)  # [T, H]
+                        act.limit, fmt=fmt, s13=scales[0], s2=scales[1], host_s13=hs13, host_s2=hs2,
+                        host_fmt=host_fmt)  # [T, H]
 
 
 def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                w2: torch.Tensor, mapped: tuple[torch.Tensor, ...] | None = None, act: ExpertActivation = SWIGLU,
-               bias: Bias | None = None) -> torch.Tensor:
+               bias: Bias | None = None, host_scales: Scales | None = None,
+               host_fmt: str | None = None) -> torch.Tensor:
     """The CUDA path, graph-safe (nothing waits on the host): the fused Triton kernel over the slot buffers
     (slot ids as expert ids, identity table; −1 and weight 0 read nothing). Without Triton: grouped GEMMs where
-    every assignment runs (slot −1 on slot 0) and outputs of slot −1 are masked out."""
+    every assignment runs (slot −1 on slot 0) and outputs of slot −1 are masked out. host_fmt / host_scales: the
+    mapped host experts' own packed format (a committee's --miss-format)."""
     if act.gated and (fused_moe_supported(x.device, w13.dtype) or mapped is not None):  # (reference off CUDA)
         hw13, hw2, hb13, hb2 = (*mapped, None, None)[:4] if mapped is not None else (None, None, None, None)
+        if host_fmt not in (None, "bf16"):  # packed misses beside bf16 slots
+            b13, b2 = bias if bias is not None else (None, None)
+            hs13, hs2 = host_scales if host_scales is not None else (None, None)
+            return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2,
+                                act.alpha, act.limit, host_s13=hs13, host_s2=hs2, host_fmt=host_fmt)  # [T, H]
         if act == SWIGLU:  # the SwiGLU families' call, unchanged
             return fused_moe_op(x, slot_ids, weights, w13, w2, None, "silu", hw13, hw2)  # [T, H]
         b13, b2 = bias if bias is not None else (None, None)

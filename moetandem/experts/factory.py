@@ -37,6 +37,10 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
             raise InvalidRequestError("--policy needs --expert-budget (with no budget every expert is resident)")
         return ResidentProvider(store, device, dtype, progress, activation=store.activation, fmt=fmt)
     budget = parse_budget(expert_budget, total_expert_bytes(store, dtype))
+    if cfg.miss_format != "bf16" and fmt is not None and not fmt.dense:
+        raise InvalidRequestError(f"--miss-format {cfg.miss_format} needs bf16 experts, but they are held in "
+                                  f"{fmt.name}; use --expert-format bf16, or drop --miss-format (a packed format's "
+                                  "misses already move its smaller bytes)")
     if (fmt is not None and not fmt.dense and policy is None and plan is None
             and budget >= total_expert_bytes(store, dtype, fmt.nbytes)):
         # every expert of the format fits the budget (int4 at 30% of the bf16 bytes): all resident, no committee
@@ -50,6 +54,9 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
         calib = weight_calibration(store, progress)
         save_calibration(ckpt, *calib, source="weights")
     sim, norms = calib if calib is not None else (None, None)
+    miss_fmt = None if cfg.miss_format == "bf16" else ExpertFormat(
+        cfg.miss_format, store.inter, store.hidden, dtype, bias=store.activation.bias, gated=store.activation.gated)
     return CommitteeProvider(store, device, dtype, int(budget), miss, top_k, similarity=sim, norms=norms,
                              slots=slots, refresh_every=refresh_every, window=cfg.window, score=cfg.score,
-                             progress=progress, async_swaps=cfg.async_swaps, activation=store.activation, fmt=fmt)
+                             progress=progress, async_swaps=cfg.async_swaps, activation=store.activation, fmt=fmt,
+                             miss_fmt=miss_fmt)

@@ -1,6 +1,9 @@
 """Exact miss handling (policies exact/auto, fetch, host, lru, host-only): the misses a policy left for the host
 are fetched into a victim slot or computed on the host. This is the committee's only host round trip in compute:
-one transfer of the step's routing, then one decision per missed expert (never per assignment)."""
+one transfer of the step's routing, then one decision per missed expert (never per assignment).
+
+With --miss-format (approximate policies only), both read the expert's lower-precision host copy: a host compute
+dequantizes it on use, a fetch moves its bytes and dequantizes into the slot (fetch_miss)."""
 from __future__ import annotations
 
 import time
@@ -8,8 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moetandem.errors import InvalidRequestError
 from moetandem.experts.executor import HostRows
-from moetandem.experts.policies import Assignment
+from moetandem.experts.formats import ExpertFormat
+from moetandem.experts.policies import Assignment, MissPolicy
 
 if TYPE_CHECKING:
     from moetandem.experts.committee import CommitteeProvider
@@ -43,7 +48,7 @@ def resolve_exact(c: "CommitteeProvider", layer: int, x: torch.Tensor, expert_id
         slot = _victim(c, layer, victims)
         if st.expert_of[slot] >= 0:
             st.unpublish(st.expert_of[slot])
-        c.load(layer, slot, e)
+        fetch_miss(c, layer, slot, e)
         in_use.add(slot)
         asg.slots = torch.where((expert_ids == e) & asg.exact, slot, asg.slots)  # [T, k] device
         if pol.lru:
@@ -53,6 +58,29 @@ def resolve_exact(c: "CommitteeProvider", layer: int, x: torch.Tensor, expert_id
     if not host:
         return None
     return _host_compute(c, layer, x, ids, need, host)
+
+
+def miss_row(c: "CommitteeProvider", layer: int, expert: int) -> torch.Tensor:
+    """The host copy a miss reads: the expert's row in c.host_fmt (counted in miss_bytes)."""
+    c.counters.host.miss_bytes += c.host_fmt.nbytes
+    if c.miss_rows is None:
+        return c.host_flat(layer, expert, pin=False)
+    return c.miss_rows.get(layer, expert)
+
+
+def fetch_miss(c: "CommitteeProvider", layer: int, slot: int, expert: int) -> None:
+    """A miss fetched into a free slot. With a miss format: its host copy (those bytes over the bus), dequantized
+    there into the slot's format; the slot is lossy until the layer's next refresh frees it (committee.refresh)."""
+    if c.miss_fmt is None:
+        c.counters.host.miss_bytes += c.expert_size
+        return c.load(layer, slot, expert)
+    st = c.layers[layer]
+    row = miss_row(c, layer, expert).to(c.device)  # [miss row] on the device
+    w13, w2, b13, b2 = c.miss_fmt.unpack(row)  # in the compute dtype
+    st.buf[slot].copy_(c.fmt.pack(w13, w2, None if b13 is None or b2 is None else (b13, b2)))
+    st.publish(slot, expert)
+    st.lossy.add(slot)
+    c.counters.host.bytes_moved += c.miss_fmt.nbytes
 
 
 def _victim(c: "CommitteeProvider", layer: int, victims: list[int]) -> int:
@@ -75,7 +103,7 @@ def _host_compute(c: "CommitteeProvider", layer: int, x: torch.Tensor, ids: torc
     toks, cols, ys = [], [], []
     for e in experts:
         tok, col = torch.nonzero((ids == e) & need, as_tuple=True)  # host [r], [r]
-        w13, w2, b13, b2 = c.fmt.unpack(c.host_flat(layer, e, pin=False))  # the one expert, in the compute dtype
+        w13, w2, b13, b2 = c.host_fmt.unpack(miss_row(c, layer, e))  # the one expert, in the compute dtype
         rows = x[tok.to(x.device)].to("cpu", w13.dtype)  # [r, H]
         ys.append(c.act.ffn(rows, w13, w2, b13, b2).to(x.device, x.dtype))  # [r, H]
         toks.append(tok)
@@ -83,3 +111,19 @@ def _host_compute(c: "CommitteeProvider", layer: int, x: torch.Tensor, ids: torc
     out = HostRows(token=torch.cat(toks).to(x.device), col=torch.cat(cols).to(x.device), y=torch.cat(ys))
     c.counters.host.stall_s += time.perf_counter() - t0
     return out
+
+
+def check_miss_format(miss: ExpertFormat | None, slots: ExpertFormat, policy: MissPolicy) -> ExpertFormat | None:
+    """The committee's miss format, or None where misses read the slots' own format (none given, or the same).
+    Refused with an exact policy (its misses are computed as they are) and over packed slots."""
+    if miss is None or miss.name == slots.name:
+        return None
+    if not policy.graph:
+        raise InvalidRequestError(f"--miss-format {miss.name} reads a lower-precision copy of a missed expert, "
+                                  "which exact policies never allow; use --fidelity balanced or fast, or drop "
+                                  "--miss-format")
+    if not slots.dense:
+        raise InvalidRequestError(f"--miss-format {miss.name} needs bf16 slots, but the experts are held in "
+                                  f"{slots.name}; use --expert-format bf16, or drop --miss-format (a packed "
+                                  "format's misses already move its smaller bytes)")
+    return miss

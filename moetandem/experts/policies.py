@@ -50,7 +50,7 @@ class Assignment:
     slots: torch.Tensor  # [T, k] int32 slot to compute from; −1: nothing on the device
     weights: torch.Tensor  # [T, k] float32 weights' (0: skipped or deferred)
     exact: torch.Tensor | None  # [T, k] bool kept misses the host must fetch or compute; None if graph-safe
-    counts: torch.Tensor  # [5] int64 hits, misses, substitutions, skips, deferred (stats.DEVICE_FIELDS)
+    counts: torch.Tensor  # [6] int64 hits, misses, substitutions, skips, deferred, miss reads (stats.DEVICE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class MissPolicy:
             hit = res >= 0  # [T, k]
             n_hit = hit.sum()
             zero = torch.zeros_like(n_hit)
-            counts = torch.stack([n_hit, hit.numel() - n_hit, zero, zero, zero])  # [5]
+            counts = torch.stack([n_hit, hit.numel() - n_hit, zero, zero, zero, hit.numel() - n_hit])  # [6]
             return Assignment(slots=res, weights=weights.float(), exact=~hit, counts=counts)
         sub = slots.sub_slot[expert_ids] if self.substitute_min_sim is not None else torch.full_like(res, -1)
         near = slots.near_slot[expert_ids[:, 0]] if defer else torch.full_like(res[:, 0], -1)  # [T]
@@ -154,7 +154,7 @@ def _general(res: torch.Tensor, sub: torch.Tensor, near: torch.Tensor, weights: 
     kept = (g * keep).sum(dim=1, keepdim=True)  # [T, 1]
     w = torch.where(keep, g * (total / kept.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)  # [T, k]
     counts = torch.stack([hit.sum(), (~hit).sum(), subbed.sum(), dropped.sum(),
-                          (~keep & ~dropped).sum()])  # [5]
+                          (~keep & ~dropped).sum(), exact.sum()])  # [6]
     return slot, w, exact, counts
 
 

@@ -24,6 +24,7 @@ class LayerSlots:
         self.slot_of: dict[int, int] = {}  # expert -> slot (published, usable)
         self.expert_of: list[int] = [-1] * n  # slot -> expert (−1: free or in transit)
         self.incoming: dict[int, int] = {}  # slot -> expert being copied in (slot unpublished meanwhile)
+        self.lossy: set[int] = set()  # slots holding a miss fetched from a lower-precision copy (--miss-format)
         self.dirty = True  # resident set changed since sub_slot / near_slot were built
 
     @property
@@ -49,6 +50,7 @@ class LayerSlots:
         """Stop compute from reading `expert`; returns its slot (now free to overwrite, after the kernels
         already queued on the stream)."""
         slot = self.slot_of.pop(expert)
+        self.lossy.discard(slot)
         self.slot_table[expert] = -1
         self.expert_of[slot] = -1
         self.dirty = True

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-DEVICE_FIELDS = ("hits", "misses", "substitutions", "skips", "deferred")
+DEVICE_FIELDS = ("hits", "misses", "substitutions", "skips", "deferred", "miss_reads")
 
 
 @dataclass
@@ -17,11 +17,15 @@ class CommitteeStats:
     substitutions: int = 0
     skips: int = 0  # assignments dropped because their gate weight was below τ
     deferred: int = 0  # misses a graph-safe policy could neither substitute nor compute: weight 0 this step
+    miss_reads: int = 0  # assignments computed from a missed expert's host copy (mapped, fetched or on the host)
     fetches: int = 0
     host_computes: int = 0
     swaps: int = 0
     failed_swaps: int = 0  # copies that raised (the slot stays empty; its expert is read as a miss)
-    bytes_moved: int = 0
+    bytes_moved: int = 0  # copies into slots (swaps, fetches), each in the bytes it moved
+    #: bytes of host copies misses read (--miss-format's: fetched, host-computed, or read zero-copy, where each
+    #: mapped assignment counts its expert once)
+    miss_bytes: int = 0
     stall_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
@@ -37,10 +41,10 @@ class StatCounters:
 
     def __init__(self, device: torch.device) -> None:
         self.host = CommitteeStats()
-        self.device = torch.zeros(len(DEVICE_FIELDS), dtype=torch.int64, device=device)  # [5]
+        self.device = torch.zeros(len(DEVICE_FIELDS), dtype=torch.int64, device=device)  # [6]
 
     def add(self, counts: torch.Tensor) -> None:
-        """counts [5] in DEVICE_FIELDS order, on the device (no host sync)."""
+        """counts [6] in DEVICE_FIELDS order, on the device (no host sync)."""
         self.device.add_(counts)
 
     def snapshot(self) -> CommitteeStats:

@@ -24,7 +24,8 @@ from moetandem.kernels import quant, tuning
 from moetandem.kernels.align import Aligned, align, triton_cdiv
 from moetandem.kernels.reference import (ACTIVATIONS, Pair, check_args, compute_dtype, fused_moe_reference,
                                          scale_groups)
-from moetandem.kernels.tiles import FMTS
+from moetandem.kernels.sides import Side, sides
+from moetandem.kernels.tiles import FMTS  # noqa: F401 (format codes; bench/fused_moe_sass.py)
 
 try:
     import triton
@@ -80,31 +81,33 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _program_rows(pid_m, sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr, table_ptr, M, N,
+    def _program_rows(pid_m, sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr, table_ptr, M, N, LO, HI,
                       HAS_TABLE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr):
         """GEMM program pid_m's (slot, or -1 when it has no work; row mask [BM]; assignment index t·k + j of each
-        row [BM]). DIRECT: program = assignment, one row (no alignment); else block pid_m of the aligned layout."""
+        row [BM]). DIRECT: program = assignment, one row (no alignment); else block pid_m of the aligned layout.
+        Only keys in [LO, HI) are this launch's work (a launch per expert format: device slots, mapped host)."""
         offs_m = tl.arange(0, BLOCK_M)
         if DIRECT:
             key = _keys(ids_ptr, rw_ptr, table_ptr, pid_m, M, N, HAS_TABLE)
-            slot = tl.where(key < N, key, -1)
+            slot = tl.where((key >= LO) & (key < HI), key, -1)
             mask_m = offs_m < 1
             a_id = tl.full((BLOCK_M,), 0, tl.int64) + pid_m
         else:
             slot = tl.load(bslot_ptr + pid_m)
+            slot = tl.where((slot >= LO) & (slot < HI), slot, -1)
             mask_m = offs_m < tl.load(brows_ptr + pid_m)  # 0 rows in a block without work
             a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)
         return slot, mask_m, a_id
 
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr,
-                        ids_ptr, rw_ptr, table_ptr, M, N, K, KP, I, TOP_K, NS, sx_m, sx_k, sw_e, shw_e, sw_n, sw_k,
-                        ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sh_m, alpha, limit, ACT: tl.constexpr,
+                        ids_ptr, rw_ptr, table_ptr, M, N, K, KP, I, TOP_K, NS, LO, HI, sx_m, sx_k, sw_e, shw_e, sw_n,
+                        sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e, sh_m, alpha, limit, ACT: tl.constexpr,
                         HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
                         DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
-                                           table_ptr, M, N, HAS_TABLE, DIRECT, BLOCK_M)
+                                           table_ptr, M, N, LO, HI, HAS_TABLE, DIRECT, BLOCK_M)
         if slot < 0:
             return
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
@@ -129,12 +132,12 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr,
-                     brows_ptr, ids_ptr, table_ptr, M, NK, K, KP, N, NS, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e, shs_e,
-                     ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-                     PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     brows_ptr, ids_ptr, table_ptr, M, NK, K, KP, N, NS, LO, HI, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e,
+                     shs_e, ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
+                     GROUP: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
-                                           table_ptr, M, NK, HAS_TABLE, DIRECT, BLOCK_M)  # NK: slots' bound
+                                           table_ptr, M, NK, LO, HI, HAS_TABLE, DIRECT, BLOCK_M)  # NK: keys' bound
         if slot < 0:
             return
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
@@ -168,24 +171,20 @@ if triton is not None:
 
 
 class _Plan:
-    """One call's tensors, alignment and scratch; the launches below run on it."""
+    """One call's tensors, alignment and scratch; the launches below run on it (a pair per side: one when every
+    expert has the slots' format, two when the mapped host experts have their own, both into the same scratch)."""
 
     def __init__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                  w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int,
                  host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
                  limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
-                 host_scales: Pair | None = None, direct: bool | None = None) -> None:
-        self.x, self.w13, self.w2, self.table = x, w13, w2, slot_table
-        self.hw13, self.hw2 = host[:2] if host is not None else (w13, w2)
-        self.b13, self.b2 = bias if bias is not None else (w13, w2)  # (never read without biases)
-        self.hb13, self.hb2 = host[2:4] if host is not None and bias is not None else (self.b13, self.b2)
-        self.s13, self.s2 = scales if scales is not None else (w13, w2)  # (never read for bf16)
-        self.hs13, self.hs2 = host_scales if host is not None and host_scales is not None else (self.s13, self.s2)
-        self.fmt, (self.g13, self.g2) = FMTS[fmt], scale_groups(x, w13, scales)
+                 host_scales: Pair | None = None, direct: bool | None = None, host_fmt: str | None = None) -> None:
+        self.x, self.table = x, slot_table
         self.has_bias, self.alpha, self.limit = bias is not None, float(alpha), float(limit)
         self.T, self.k = expert_ids.shape
         self.NS, self.H, self.I = w13.shape[0], x.shape[1], w13.shape[1] // 2
         self.N = self.NS + (host[0].shape[0] if host is not None else 0)  # keys: device slots, then host experts
+        self.sides = sides(x, w13, w2, host, bias, fmt, scales, host_scales, host_fmt or fmt, self.N)
         self.act = ACTIVATIONS[activation]
         self.ids = expert_ids.reshape(-1).contiguous()  # [T*k]
         self.rw = weights.reshape(-1).contiguous()  # [T*k]
@@ -201,22 +200,24 @@ class _Plan:
         self.y = torch.empty(m, self.H, dtype=torch.float32, device=x.device)  # [T*k, H]
         self.precision = "ieee" if cdt == torch.float32 else "tf32"
 
-    def _strides(self, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
+    @staticmethod
+    def _strides(sd: Side, w: torch.Tensor, hw: torch.Tensor, s: torch.Tensor, hs: torch.Tensor,
                  b: torch.Tensor, hb: torch.Tensor) -> tuple[int, ...]:
         """(sw_e, shw_e, sw_n, sw_k, ss_e, shs_e, ss_n, ss_k, sb_e, shb_e) as the GEMM kernels take them."""
-        ss = (s.stride(0), hs.stride(0), s.stride(1), s.stride(2)) if self.fmt else (0, 0, 0, 0)
+        ss = (s.stride(0), hs.stride(0), s.stride(1), s.stride(2)) if sd.fmt else (0, 0, 0, 0)
         return (w.stride(0), hw.stride(0), w.stride(1), w.stride(2), *ss, b.stride(0), hb.stride(0))
 
     def up(self, c: tuning.KernelConfig) -> None:
         nb, *blocks = self._blocks()
-        _gate_up_kernel[(nb, triton_cdiv(self.I, c.block_n))](
-            self.x, self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13, self.h, *blocks, self.ids,
-            self.rw, self.tab, self.T * self.k, self.N, self.H, self.w13.shape[2], self.I, self.k, self.NS,
-            *self.x.stride(), *self._strides(self.w13, self.hw13, self.s13, self.hs13, self.b13, self.hb13),
-            self.h.stride(0), self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=self.fmt,
-            GROUP=self.g13, PRECISION=self.precision, DIRECT=self.al is None, HAS_TABLE=self.table is not None,
-            BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
-            num_stages=c.num_stages)
+        for sd in self.sides:
+            _gate_up_kernel[(nb, triton_cdiv(self.I, c.block_n))](
+                self.x, sd.w13, sd.hw13, sd.s13, sd.hs13, sd.b13, sd.hb13, self.h, *blocks, self.ids, self.rw,
+                self.tab, self.T * self.k, self.N, self.H, sd.w13.shape[2], self.I, self.k, self.NS, sd.lo, sd.hi,
+                *self.x.stride(), *self._strides(sd, sd.w13, sd.hw13, sd.s13, sd.hs13, sd.b13, sd.hb13),
+                self.h.stride(0), self.alpha, self.limit, ACT=self.act, HAS_BIAS=self.has_bias, FMT=sd.fmt,
+                GROUP=sd.groups[0], PRECISION=self.precision, DIRECT=self.al is None,
+                HAS_TABLE=self.table is not None, BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                num_warps=c.num_warps, num_stages=c.num_stages)
 
     def _blocks(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(programs along M, sorted ids, block slots, block rows); direct: one program per assignment and the
@@ -228,13 +229,15 @@ class _Plan:
 
     def down(self, c: tuning.KernelConfig) -> None:
         nb, *blocks = self._blocks()
-        _down_kernel[(nb, triton_cdiv(self.H, c.block_n))](
-            self.h, self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2, self.y, self.rw, *blocks, self.ids,
-            self.tab, self.T * self.k, self.N, self.I, self.w2.shape[2], self.H, self.NS, self.h.stride(0),
-            *self._strides(self.w2, self.hw2, self.s2, self.hs2, self.b2, self.hb2), self.y.stride(0),
-            HAS_BIAS=self.has_bias, FMT=self.fmt, GROUP=self.g2, PRECISION=self.precision, DIRECT=self.al is None,
-            HAS_TABLE=self.table is not None, BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            num_warps=c.num_warps, num_stages=c.num_stages)
+        for sd in self.sides:
+            _down_kernel[(nb, triton_cdiv(self.H, c.block_n))](
+                self.h, sd.w2, sd.hw2, sd.s2, sd.hs2, sd.b2, sd.hb2, self.y, self.rw, *blocks, self.ids,
+                self.tab, self.T * self.k, self.N, self.I, sd.w2.shape[2], self.H, self.NS, sd.lo, sd.hi,
+                self.h.stride(0), *self._strides(sd, sd.w2, sd.hw2, sd.s2, sd.hs2, sd.b2, sd.hb2),
+                self.y.stride(0), HAS_BIAS=self.has_bias, FMT=sd.fmt, GROUP=sd.groups[1],
+                PRECISION=self.precision, DIRECT=self.al is None, HAS_TABLE=self.table is not None,
+                BLOCK_M=self.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
+                num_stages=c.num_stages)
 
     def reduce(self) -> torch.Tensor:
         out = torch.empty(self.T, self.H, dtype=self.x.dtype, device=self.x.device)  # [T, H]
@@ -255,7 +258,8 @@ def _gpu_name(index: int) -> str:
 
 
 def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: tuple[torch.Tensor, ...] | None,
-            fmt: str, scales: Pair | None, prepare: Callable[[int], _Plan]) -> tuning.MoEConfig:
+            fmt: str, scales: Pair | None, prepare: Callable[[int], _Plan], host_fmt: str | None = None
+            ) -> tuning.MoEConfig:
     """The cached config of this call's shape bucket, else a search over `prepare(block_m)` plans (or the default
     while capturing a graph or with tuning off)."""
     T, k = expert_ids.shape
@@ -263,7 +267,7 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: 
     gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
     dtype = str(compute_dtype(x, w13, fmt)).removeprefix("torch.")
     key = tuning.cache_key(fmt, dtype, N, H, I, k, T, scale_groups(x, w13, scales)) + (
-        ",direct" if T <= DIRECT_MAX_TOKENS else "")
+        ",direct" if T <= DIRECT_MAX_TOKENS else "") + (f",host={host_fmt}" if host_fmt not in (None, fmt) else "")
     cfg = tuning.CACHE.get(gpu, key)
     if cfg is not None:
         return cfg
@@ -278,7 +282,7 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
               slot_table: torch.Tensor | None = None, activation: str = "silu",
               host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
               limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
-              host_scales: Pair | None = None) -> torch.Tensor:
+              host_scales: Pair | None = None, host_fmt: str | None = None) -> torch.Tensor:
     """x [T, H]; expert_ids [T, k] (model ids 0..E-1); weights [T, k]; w13 [N, 2I, H] (gate; up); w2 [N, H, I]
     (any strides, e.g. views of flat slot buffers); slot_table [E] int (expert -> slot, -1 = not resident; None =
     identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) (+ biases) over assignments with a slot and a non-zero weight.
@@ -290,17 +294,23 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
     [N, H, packed_cols(fmt, I)] of quant.data_dtype(fmt), scales = (s13 [N, 2I, H // G13], s2 [N, H, I // G2]) of
     quant.scale_dtype(fmt) (any strides; the groups follow from the shapes), host_scales the same for the host
     experts. They are dequantized at the weight loads and never expanded in memory; GEMMs in x's dtype.
+    host_fmt: the host experts' own format (default: fmt), e.g. int8 misses beside bf16 slots; host / host_scales
+    then have its layout, and the GEMMs run twice, once per format (the device slots', then the host experts'
+    assignments only), into one scratch before the one sum over k.
     Triton on CUDA (tuned at first use per shape bucket, never during graph capture); the reference elsewhere."""
-    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales)
-    if not fused_moe_supported(x.device, w13.dtype, fmt) or x.shape[0] == 0:
+    host_fmt = host_fmt or fmt
+    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales,
+               host_fmt)
+    if (not fused_moe_supported(x.device, w13.dtype, fmt) or x.shape[0] == 0
+            or host is not None and not fused_moe_supported(x.device, host[0].dtype, host_fmt)):
         return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit,
-                                   fmt, scales, host_scales)
+                                   fmt, scales, host_scales, host_fmt)
 
     def prepare(block_m: int) -> _Plan:
         return _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, block_m, host, bias, alpha, limit, fmt,
-                     scales, host_scales)
+                     scales, host_scales, host_fmt=host_fmt)
 
-    cfg = _config(x, expert_ids, w13, host, fmt, scales, prepare)
+    cfg = _config(x, expert_ids, w13, host, fmt, scales, prepare, host_fmt)
     plan = prepare(cfg.block_m)
     plan.up(cfg.up)
     plan.down(cfg.down)

@@ -15,7 +15,8 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 def check_args(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str,
                host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, fmt: str = "bf16",
-               scales: Pair | None = None, host_scales: Pair | None = None) -> None:
+               scales: Pair | None = None, host_scales: Pair | None = None, host_fmt: str | None = None) -> None:
+    """host_fmt: the host experts' format when it differs from the slots' (default fmt)."""
     if activation not in ACTIVATIONS:
         raise NotImplementedError(f"fused_moe: activation {activation!r} is not supported (have {list(ACTIVATIONS)})")
     quant.check_format(fmt)
@@ -37,12 +38,30 @@ def check_args(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                              or fmt == "bf16" and bias[0].dtype != w13.dtype):
         raise ValueError(f"fused_moe: biases must be b13 [{n}, {i2}] and b2 [{n}, {H}], rows contiguous, in "
                          "the weights' dtype (any float dtype for a quantized format)")
-    if host is not None and (not _twins(host[:2], (w13, w2)) or len(host) != (2 if bias is None else 4)):
+    if host is not None and len(host) != (2 if bias is None else 4):
+        raise ValueError("fused_moe: host experts have biases exactly when the slots have them")
+    if host is not None and (host_fmt or fmt) != fmt:
+        _check_host_format(host, host_fmt or fmt, host_scales, H, I)
+        return
+    if host is not None and not _twins(host[:2], (w13, w2)):
         raise ValueError("fused_moe: host weights must have the slot buffers' expert shape, inner strides and dtype "
                          "(and biases exactly when the slots have them)")
     if host is not None and scales is not None and (host_scales is None or not _twins(host_scales, scales)):
         raise ValueError(f"fused_moe: {fmt} host experts need host_scales with the slot scales' expert shape, "
                          "inner strides and dtype")
+
+
+def _check_host_format(host: tuple[torch.Tensor, ...], host_fmt: str, host_scales: Pair | None, H: int,
+                       I: int) -> None:
+    """Host experts in a format of their own (e.g. int8 misses beside bf16 slots): their shapes, dtype, scales."""
+    quant.check_format(host_fmt)
+    e, cols = host[0].shape[0], quant.packed_cols
+    if (host[0].shape != (e, 2 * I, cols(host_fmt, H)) or host[1].shape != (e, H, cols(host_fmt, I))
+            or host_fmt != "bf16" and (host[0].dtype != quant.data_dtype(host_fmt) or host[1].dtype != host[0].dtype)):
+        raise ValueError(f"fused_moe: {host_fmt} host experts must be w13 [E', {2 * I}, {cols(host_fmt, H)}], "
+                         f"w2 [E', {H}, {cols(host_fmt, I)}] of {quant.data_dtype(host_fmt)}; got "
+                         f"{tuple(host[0].shape)} {host[0].dtype}, {tuple(host[1].shape)}")
+    _check_scales(host_fmt, host_scales, ((e, 2 * I, H), (e, H, I)))
 
 
 def _twins(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
@@ -92,12 +111,13 @@ def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torc
                         w2: torch.Tensor, slot_table: torch.Tensor | None = None, activation: str = "silu",
                         host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None,
                         alpha: float = 1.702, limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
-                        host_scales: Pair | None = None) -> torch.Tensor:
+                        host_scales: Pair | None = None, host_fmt: str | None = None) -> torch.Tensor:
     """Plain PyTorch with the semantics of fused_moe (each busy slot once on its rows; syncs with the host).
     Quantized experts are dequantized one busy slot at a time (quant.dequantize). GEMMs in compute_dtype (gate/up
     bias added before the activation, down bias before the routing weight), the sum over k in fp32, the result in
-    x's dtype."""
-    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales)
+    x's dtype. host_fmt: the host experts' format (default fmt), dequantized the same way."""
+    check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales,
+               host_fmt)
     T, k = expert_ids.shape
     I, n = w13.shape[1] // 2, w13.shape[0]
     n_all = n + (host[0].shape[0] if host is not None else 0)
@@ -108,11 +128,11 @@ def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torc
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
     for s in slots[valid].unique().tolist():
         t, j = ((slots == s) & valid).nonzero(as_tuple=True)
-        src, sc = ((w13, w2, *(bias or ())), scales) if s < n else (host, host_scales)
+        src, sc, f = ((w13, w2, *(bias or ())), scales, fmt) if s < n else (host, host_scales, host_fmt or fmt)
         e = s if s < n else s - n
         parts = [p[e].to(x.device) for p in src]  # type: ignore[union-attr]
         if sc is not None:  # [2I, H], [H, I]
-            parts[:2] = [quant.dequantize(d, q[e].to(x.device), fmt) for d, q in zip(parts[:2], sc)]
+            parts[:2] = [quant.dequantize(d, q[e].to(x.device), f) for d, q in zip(parts[:2], sc)]
         parts = [p.to(cdt) for p in parts]
         gu = x[t].to(cdt) @ parts[0].t()  # [r, 2I]
         if bias is not None:
