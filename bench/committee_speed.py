@@ -90,20 +90,19 @@ def main() -> None:
         prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (32,), generator=torch.Generator().manual_seed(0)).tolist()
         full = ours(path, args.device, prompt, args.new_tokens, None, {}, args.temperature)
         rows.append({"shape": shape, "budget": 1.0, "config": "all resident", **full})
-        print(json.dumps(rows[-1]), flush=True)
+        keep(rows, args.out)
         for b in args.budgets:
             for label in args.configs:
                 r = ours(path, args.device, prompt, args.new_tokens, b, CONFIGS[label], args.temperature)
                 rows.append({"shape": shape, "budget": b, "config": label, **r})
-                print(json.dumps(rows[-1]), flush=True)
+                keep(rows, args.out)
             if args.device == "cuda" and args.hf_new_tokens > 0:  # the GPU memory our balanced run peaked at
                 at_b = [r for r in rows if r["budget"] == b and r["shape"] == shape]
                 gib = next((r["peak_gib"] for r in at_b if r["config"] == "balanced"),
                            max(r["peak_gib"] for r in at_b))
                 r = accelerate_offload(path, prompt, args.hf_new_tokens, gib)
                 rows.append({"shape": shape, "budget": b, "config": "HF + accelerate offload", **r})
-                print(json.dumps(rows[-1]), flush=True)
-    (args.out / "committee_speed.json").write_text(json.dumps(rows, indent=1))
+                keep(rows, args.out)
     lines = ["| shape | budget | config | decode tok/s | × all-resident | peak GiB | bound GiB | one CUDA graph | "
              "hit rate | swaps | misses read MiB/tok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -117,6 +116,13 @@ def main() -> None:
     print("\n".join(lines))
     (args.out / "committee_speed.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / "committee_speed.png")
+
+
+def keep(rows: list[dict], out: Path) -> None:
+    """Print the row just added and rewrite committee_speed.json, so a run stopped by a time limit keeps what it
+    finished."""
+    print(json.dumps(rows[-1]), flush=True)
+    (out / "committee_speed.json").write_text(json.dumps(rows, indent=1))
 
 
 def plot(rows: list[dict], out: Path) -> None:
