@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bars import grouped_bars  # noqa: E402
 from bench.fused_moe import PEAK_GBS, graph_us  # noqa: E402
 from moetandem.kernels import gemv as G  # noqa: E402
 from moetandem.kernels import linear as L  # noqa: E402
@@ -58,22 +59,11 @@ def paths(T: int) -> dict[str, Linear]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cases = [f"{r['shape']}\n{r['proj']} T={r['T']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(0.9 * len(rows) + 2, 3.8))
-    for i, (name, key) in enumerate((("cuBLAS", "cublas"), ("best Triton", "best_triton"), ("tuned", "tuned"))):
-        ax.bar([j + 0.27 * (i - 1) for j in range(len(rows))], [r["gbs"][r[key]] if key == "best_triton" else
-                                                                   r["gbs"][key] for r in rows], 0.27, label=name)
-    ax.axhline(PEAK_GBS, color="k", lw=0.8, ls="--")
-    ax.set_xticks(range(len(rows)), cases, fontsize=6)
-    ax.set_ylabel("GB/s per call")
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"decode linear, bf16, {torch.cuda.get_device_name()}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    series = {"cuBLAS": [r["gbs"]["cublas"] for r in rows], "best Triton": [r["gbs"][r["best_triton"]] for r in rows],
+              "tuned": [r["gbs"]["tuned"] for r in rows]}
+    grouped_bars([f"{r['shape']}\n{r['proj']} T={r['T']}" for r in rows], series, "GB/s per call",
+                 f"decode linear, bf16, {torch.cuda.get_device_name()}", path, hline=PEAK_GBS, width_per_case=0.9,
+                 fontsize=6)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bars import grouped_bars  # noqa: E402
 from bench.fused_moe import graph_us  # noqa: E402
 from moetandem.kernels.router import route_topk_op  # noqa: E402
 from moetandem.kernels.router_logits import (Blocks, default_blocks, fused_supported, launch,  # noqa: E402
@@ -80,21 +81,10 @@ def sweep(E: int, H: int, T: int, k: int, renorm: bool, ws: list[torch.Tensor], 
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cases = [f"{r['shape']}\nT={r['T']} {r['setting']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.6))
     names = ("linear+route_topk", "fused", "linear")
-    for i, name in enumerate(names):
-        ax.bar([j + 0.27 * (i - 1) for j in range(len(rows))], [r[name] for r in rows], 0.27, label=name)
-    ax.set_xticks(range(len(rows)), cases, fontsize=7)
-    ax.set_ylabel("µs per router call")
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"router logits + top-k, {torch.cuda.get_device_name()}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    grouped_bars([f"{r['shape']}\nT={r['T']} {r['setting']}" for r in rows], {n: [r[n] for r in rows] for n in names},
+                 "µs per router call", f"router logits + top-k, {torch.cuda.get_device_name()}", path,
+                 width_per_case=1.4)
 
 
 def main() -> None:
