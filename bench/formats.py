@@ -5,6 +5,8 @@
     # batch-1 decode on random checkpoints of real shapes: every expert resident, and an expert budget of 30% of
     # the bf16 expert bytes (--expert-budget 0.3: a fraction is always of the bf16 bytes), per format
     python bench/formats.py speed --shapes olmoe-1b-7b qwen3-30b-a3b-24l
+    # both, and one table per format: bytes per expert, Δppl / top-1 / KL, and per shape tok/s, × bf16, peak memory
+    python bench/formats.py table --shapes olmoe-1b-7b qwen3-30b-a3b-24l --max-tokens 32768
 
 Each mode prints a markdown table and writes it, with the rows as JSON, under --out."""
 from __future__ import annotations
@@ -117,9 +119,37 @@ def table(rows: list[dict], mode: str) -> str:
     return "\n".join(out)
 
 
+def combined(qrows: list[dict], srows: list[dict]) -> str:
+    """One row per format: its quality on the demo text and, per shape, all-resident decode speed and memory (and
+    the budget row's, where the format has one)."""
+    shapes = list(dict.fromkeys(r["shape"] for r in srows))
+    head = (f"| format | bytes / expert ({shapes[0] if shapes else 'quality model'}) | Δ ppl vs bf16 (quality "
+            "model) | top-1 agreement | KL (nats) |")
+    rule = "|---|---|---|---|---|"
+    for sh in shapes:
+        head += f" {sh}: tok/s all resident (× bf16) | peak GiB | tok/s at budget (experts resident) |"
+        rule += "---|---|---|"
+    out = [head, rule]
+    for q in qrows:
+        fmt = q["format"]
+        mine = [r for r in srows if r["format"] == fmt]
+        nbytes = next((r["bytes_per_expert"] for r in mine if r["shape"] == shapes[0]), q["bytes_per_expert"])
+        line = f"| {fmt} | {nbytes:,} | {q['dppl_pct']:+.2f}% | {q['top1']:.4f} | {q['kl']:.5f} |"
+        for sh in shapes:
+            full = next((r for r in mine if r["shape"] == sh and r["budget"] == "all"), None)
+            base = next((r for r in srows if r["shape"] == sh and r["format"] == "bf16" and r["budget"] == "all"), None)
+            part = next((r for r in mine if r["shape"] == sh and r["budget"] != "all"), None)
+            speed = (f"{full['tok_s']:.1f} ({full['tok_s'] / base['tok_s']:.2f}×)" if full and base else "–")
+            peak = f"{full['peak_gib']:.2f}" if full else "–"
+            at = f"{part['tok_s']:.1f} ({part['resident']:.0%})" if part else "–"
+            line += f" {speed} | {peak} | {at} |"
+        out.append(line)
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["quality", "speed"])
+    ap.add_argument("mode", choices=["quality", "speed", "table"])
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("out/formats"))
@@ -140,12 +170,18 @@ def main() -> None:
     args = ap.parse_args()
     if "bf16" not in args.formats:
         args.formats = ["bf16", *args.formats]  # the baseline
-    rows = quality(args) if args.mode == "quality" else speed(args)
-    md = table(rows, args.mode)
-    print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.mode}.json").write_text(json.dumps(rows, indent=1))
-    (args.out / f"{args.mode}.md").write_text(md + "\n")
+    done: dict[str, list[dict]] = {}
+    for mode in ("quality", "speed") if args.mode == "table" else (args.mode,):
+        rows = done[mode] = quality(args) if mode == "quality" else speed(args)
+        md = table(rows, mode)
+        print(md)
+        (args.out / f"{mode}.json").write_text(json.dumps(rows, indent=1))
+        (args.out / f"{mode}.md").write_text(md + "\n")
+    if args.mode == "table":
+        md = combined(done["quality"], done["speed"])
+        print(md)
+        (args.out / "table.md").write_text(md + "\n")
 
 
 if __name__ == "__main__":
