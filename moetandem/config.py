@@ -2,7 +2,7 @@
 `validate()` raising a message a user can act on. The builder (moetandem.runtime) takes these; nothing deeper
 re-reads flags.
 
-    ModelConfig      checkpoint, device, dtype, CUDA graphs
+    ModelConfig      checkpoint, device, dtype, CUDA graphs, expert format, GPU memory cap
     CommitteeConfig  expert budget, miss policy / fidelity, miss format, refresh, plan
     GateConfig       hardware-aware gate (off | masked | group)
     SplitConfig      end-cloud split: cloud address, token, TLS, codec, placement
@@ -58,6 +58,14 @@ def parse_budget(budget: str | int | float, total_bytes: int | None = None) -> i
     return nbytes if total_bytes is None else min(total_bytes, nbytes)
 
 
+def check_gpu_memory(gib: float | None) -> None:
+    """--gpu-memory: a cap that can never be right, refused before anything loads."""
+    if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not math.isfinite(gib)
+                            or gib <= 0):
+        raise InvalidRequestError(f"--gpu-memory {gib!r}: must be a positive number of GiB, e.g. 12 for a 12 GiB "
+                                  "card")
+
+
 def _positive_int(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
         raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}")
@@ -79,8 +87,12 @@ class ModelConfig:
     expert_parallel: bool = False
     #: how routed experts are held and moved: one of EXPERT_FORMATS (packed formats quantize on load)
     expert_format: str = "auto"
+    #: --gpu-memory: cap this process's allocations on the CUDA device at this many GiB (as if the GPU were that
+    #: small; moetandem.gpu_memory), set before any weight loads; None = the whole device
+    gpu_memory: float | None = None
 
     def __post_init__(self) -> None:
+        check_gpu_memory(self.gpu_memory)
         if self.compile not in ("auto", "on", "off"):
             raise InvalidRequestError(f"--compile {self.compile!r}: choose auto, on or off")
         if self.expert_format not in EXPERT_FORMATS:
@@ -94,7 +106,8 @@ class ModelConfig:
     @classmethod
     def from_args(cls, ns: argparse.Namespace, path: Path, **kw: Any) -> "ModelConfig":
         return cls(path=Path(path), device=getattr(ns, "device", "auto"), dtype=getattr(ns, "dtype", "auto"),
-                   compile=getattr(ns, "compile", "auto"), expert_format=getattr(ns, "expert_format", "auto"), **kw)
+                   compile=getattr(ns, "compile", "auto"), expert_format=getattr(ns, "expert_format", "auto"),
+                   gpu_memory=getattr(ns, "gpu_memory", None), **kw)
 
 
 @dataclass(frozen=True)

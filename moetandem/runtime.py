@@ -16,9 +16,11 @@ from moetandem.config import CommitteeConfig, GateConfig, ModelConfig, SplitConf
 from moetandem.engine import Engine, resolve_device, resolve_dtype
 from moetandem.errors import UnsupportedModelError
 from moetandem.errors import InvalidRequestError
+from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.factory import build_provider
 from moetandem.experts.formats import resolve as resolve_format
 from moetandem.experts.store import ExpertStore
+from moetandem.gpu_memory import MemoryCap, loading
 from moetandem.loader import load_dense
 from moetandem.models import get_family
 
@@ -35,20 +37,21 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
     if family.seq2seq:
         check_seq2seq(family.model_type, model, gate, split)
     args = family.args(ckpt.config, ckpt.path)
-    net = load_dense(ckpt, family, args, dev, dt, model.progress)
+    cap = MemoryCap.apply(model.gpu_memory, dev)  # before any weight is on the device (on each expert-parallel rank)
+    with loading(cap, "the non-expert weights", parallel=model.expert_parallel):
+        net = load_dense(ckpt, family, args, dev, dt, model.progress)
     store = ExpertStore(ckpt, family, args)
     fmt = resolve_format(model.expert_format, store, dt, dev)
     if model.expert_parallel and not fmt.dense:
         if model.expert_format != "auto":
             raise InvalidRequestError(f"--expert-parallel holds bf16 experts; drop --expert-format {fmt.name}")
         fmt = resolve_format("bf16", store, dt, dev)
-    if model.expert_parallel:  # this rank's share of the experts (a committee over it within a per-rank budget)
-        from moetandem.experts.parallel import ExpertParallelProvider
-        inner = None if not committee.enabled else \
-            (lambda shard: build_provider(ckpt, shard, args.top_k, dev, dt, committee, model.progress))
-        provider: Any = ExpertParallelProvider(store, dev, dt, inner=inner, progress=model.progress)
-    else:
-        provider = build_provider(ckpt, store, args.top_k, dev, dt, committee, model.progress, fmt)
+    what = describe_experts(store, dt, fmt, model.expert_parallel, committee.enabled)
+    if cap is not None and not committee.enabled and not model.expert_parallel \
+            and cap.in_use() + total_expert_bytes(store, dt, fmt.nbytes) > cap.nbytes:
+        raise cap.error(what, cap.in_use(), suggest_budget=True)  # certain not to fit: say so before loading them
+    with loading(cap, what, suggest_budget=not committee.enabled, parallel=model.expert_parallel):
+        provider = build_experts(ckpt, store, args.top_k, dev, dt, committee, model, fmt)
     router = None
     if gate.mode != "off":
         from moetandem.gating import build_router
@@ -75,6 +78,27 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
     return engine
 
 
+def build_experts(ckpt: Checkpoint, store: ExpertStore, top_k: int, dev: Any, dt: Any, committee: CommitteeConfig,
+                  model: ModelConfig, fmt: Any) -> Any:
+    if model.expert_parallel:  # this rank's share of the experts (a committee over it within a per-rank budget)
+        from moetandem.experts.parallel import ExpertParallelProvider
+        inner = None if not committee.enabled else \
+            (lambda shard: build_provider(ckpt, shard, top_k, dev, dt, committee, model.progress))
+        return ExpertParallelProvider(store, dev, dt, inner=inner, progress=model.progress)
+    return build_provider(ckpt, store, top_k, dev, dt, committee, model.progress, fmt)
+
+
+def describe_experts(store: ExpertStore, dt: Any, fmt: Any, parallel: bool, committee: bool) -> str:
+    """What loading the routed experts holds on the device, for a message under --gpu-memory."""
+    total = total_expert_bytes(store, dt, fmt.nbytes) / 2**30
+    name = str(dt).removeprefix("torch.") if fmt.dense else fmt.name  # "bf16" is the experts in the compute dtype
+    if parallel:
+        return f"this rank's share of the routed experts ({name}, {total:.2f} GiB over all ranks)"
+    if committee:
+        return f"the expert committee (slots within --expert-budget, of {total:.2f} GiB of {name} experts)"
+    return f"every routed expert resident ({name}, {total:.2f} GiB)"
+
+
 def check_seq2seq(model_type: str, model: ModelConfig, gate: GateConfig, split: SplitConfig | None) -> None:
     """An encoder-decoder runs in generate / eval (moetandem.text2text), all experts resident or under a
     committee; the decoder-only features refuse it here, before anything loads."""
@@ -93,14 +117,17 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
          score: str = "importance", plan: Any = None, async_swaps: bool = True, gate: str = "off",
          gate_cost: float = math.inf, gate_latency_budget: float = 0.0, cloud: str | None = None,
          token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None,
-         compile: str = "auto", expert_format: str = "auto", miss_format: str = "bf16") -> Engine:
+         compile: str = "auto", expert_format: str = "auto", miss_format: str = "bf16",
+         gpu_memory: float | None = None) -> Engine:
     """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all expert
     bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets. gate="group" /
     "masked" routes to the experts that are local now. cloud="HOST:PORT" runs the middle layers on a `moetandem
     cloud` server; split holds SplitConfig's other fields (plan, head, tail, codec, codec_rank, micro_batches,
     cloud_experts) and link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...). expert_format: bf16 | fp8 | int8
     | int4 | mxfp4 | auto (the checkpoint's own when pre-quantized, else bf16); packed formats quantize on load.
-    miss_format: bf16 | int8 | int4, the host copy a balanced / fast miss reads (never with fidelity exact)."""
+    miss_format: bf16 | int8 | int4, the host copy a balanced / fast miss reads (never with fidelity exact).
+    gpu_memory: cap this process's allocations on the CUDA device at this many GiB (as if the GPU were that small);
+    a load that does not fit raises InvalidRequestError saying what would."""
     cm = CommitteeConfig(expert_budget, policy, fidelity, skip_threshold, refresh_every, score=score, plan=plan,
                          async_swaps=async_swaps, miss_format=miss_format)
     sc = None
@@ -110,5 +137,5 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
                                             "micro_batches") if k in opts}
         sc = SplitConfig(cloud, token=token, token_file=token_file, link=opts, **fields)
     return build_engine(ModelConfig(Path(path), device, dtype, use_graphs, progress, compile,
-                                    expert_format=expert_format), cm,
+                                    expert_format=expert_format, gpu_memory=gpu_memory), cm,
                         GateConfig(gate, gate_cost, gate_latency_budget), sc)

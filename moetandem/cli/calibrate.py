@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
 
 def _engine(args: argparse.Namespace) -> Any:
     from moetandem.runtime import build_engine
-    return build_engine(ModelConfig(model_path(args), args.device, args.dtype))
+    return build_engine(ModelConfig(model_path(args), args.device, args.dtype, gpu_memory=args.gpu_memory))
 
 
 def token_windows(engine: Any, text: str, window: int, max_tokens: int | None) -> list[list[int]]:

@@ -83,7 +83,8 @@ def cloud_command(args: argparse.Namespace) -> int:
         followers = parallel.launch_followers(ep) if parallel.launched_rank() is None else []
         group, device = parallel.init_group(args.device)
     engine = build_engine(ModelConfig(model_path(args), device, args.dtype, compile=args.compile,
-                                      long_running=True, expert_parallel=ep > 1, expert_format=args.expert_format))
+                                      long_running=True, expert_parallel=ep > 1, expert_format=args.expert_format,
+                                      gpu_memory=args.gpu_memory))
     follower = group is not None and bool(parallel.launched_rank())
     mirror = parallel.Mirror(group) if group is not None and not follower else None
     from moetandem.split.shaper import LinkSpec, PeerShapers

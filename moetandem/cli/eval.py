@@ -43,7 +43,8 @@ def eval_command(args: argparse.Namespace) -> int:
         quantizes = args.expert_format not in ("auto", "bf16")  # then the reference holds bf16 experts
         if args.expert_budget or args.plan or quantizes:
             reference = build_engine(ModelConfig(path, args.device, args.dtype, use_graphs=False,
-                                                 expert_format="bf16" if quantizes else "auto"))
+                                                 expert_format="bf16" if quantizes else "auto",
+                                                 gpu_memory=args.gpu_memory))
         else:
             print("[moetandem] every expert is resident already; the reference is the engine itself",
                   file=sys.stderr)

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from moetandem.config import (BASELINES, CODECS, EXPERT_FORMATS, FIDELITY, GATES, MISS_FORMATS, POLICIES,
-                              CommitteeConfig, GateConfig, ModelConfig, SplitConfig, parse_budget)
+                              CommitteeConfig, GateConfig, ModelConfig, SplitConfig, check_gpu_memory,
+                              parse_budget)
 from moetandem.errors import InvalidRequestError
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    """--device / --dtype, shared by every command that loads a model."""
+    """--device / --dtype / --compile / --expert-format / --gpu-memory, shared by every command that loads a model."""
     p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -24,6 +25,9 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="how routed experts are held and moved: bf16, or quantized on load to fp8 / int8 (1 byte "
                         "a weight), int4 / mxfp4 (half a byte); auto (default) keeps a pre-quantized checkpoint's "
                         "own format (gpt-oss MXFP4, block FP8, compressed-tensors int4), else bf16")
+    p.add_argument("--gpu-memory", type=gpu_memory_arg, metavar="GIB",
+                   help="run as if the GPU had GIB GiB: cap this process's allocations on it (CUDA only; with "
+                        "--expert-parallel on each rank's GPU); a load that does not fit says what would")
 
 
 def add_drain_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -129,6 +133,15 @@ def budget_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e).removeprefix(f"--expert-budget {text!r}").lstrip(": ")
                                          or str(e)) from None
     return text
+
+
+def gpu_memory_arg(text: str) -> float:
+    value = finite_float(text)
+    try:
+        check_gpu_memory(value)
+    except InvalidRequestError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB (e.g. 12), got {text}") from None
+    return value
 
 
 def device_arg(text: str) -> str:

@@ -31,7 +31,8 @@ def plan_command(args: argparse.Namespace) -> int:
     text = read_text(args.data)
     from moetandem.experts.formats import resolve
     fmt_name = getattr(args, "expert_format", "auto")
-    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype, expert_format=fmt_name))
+    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype, expert_format=fmt_name,
+                                      gpu_memory=args.gpu_memory))
     store = engine.store
     fmt = resolve(fmt_name, store, engine.dtype, engine.device)  # slots hold this format's bytes
     budget = parse_budget(args.expert_budget, total_expert_bytes(store, engine.dtype))

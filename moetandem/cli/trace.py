@@ -32,7 +32,8 @@ def trace_command(args: argparse.Namespace) -> int:
     from moetandem.analysis.trace import trace_ids
     from moetandem.config import ModelConfig
     from moetandem.runtime import build_engine
-    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype, use_graphs=False))
+    engine = build_engine(ModelConfig(model_path(args), args.device, args.dtype, use_graphs=False,
+                                      gpu_memory=args.gpu_memory))
     tr = trace_ids(engine, encode_text(engine, text, args.max_tokens), context=args.context)
     tr.save(out, progress=True)
     print((out / "summary.md").read_text(), end="")
