@@ -274,3 +274,18 @@ def test_loaded_cloud_moves_the_plan_to_the_end_and_back(ckpt: Path, cloud: Any)
     assert split.stats["replans"] == 2  # once each way: no plan back and forth on the way up or down
     split.link.close()
 
+
+
+def test_scaleout_bench_passes_gpu_memory_to_each_cloud(ckpt: Path) -> None:
+    """bench/scaleout.py --gpu-memory reaches every cloud process (one GPU and each expert-parallel rank): on CPU
+    each refuses with the one-line error, its rows are skipped, and no rank is left behind."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "scaleout.py"), "--model", str(ckpt), "--device", "cpu",
+                        "--configs", "one,ep", "--gpus", "2", "--ends", "1", "--new", "2", "--gpu-memory", "4"],
+                       capture_output=True, text=True, timeout=300, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode != 0 and "no configuration started" in r.stderr
+    assert "one       did not start" in r.stdout and "ep        did not start" in r.stdout
+    assert r.stderr.count("moetandem: error: --gpu-memory needs a CUDA device") >= 2  # one GPU, rank 0 (and rank 1)

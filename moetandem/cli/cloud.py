@@ -82,9 +82,14 @@ def cloud_command(args: argparse.Namespace) -> int:
         from moetandem.split import parallel
         followers = parallel.launch_followers(ep) if parallel.launched_rank() is None else []
         group, device = parallel.init_group(args.device)
-    engine = build_engine(ModelConfig(model_path(args), device, args.dtype, compile=args.compile,
-                                      long_running=True, expert_parallel=ep > 1, expert_format=args.expert_format,
-                                      gpu_memory=args.gpu_memory))
+    try:
+        engine = build_engine(ModelConfig(model_path(args), device, args.dtype, compile=args.compile,
+                                          long_running=True, expert_parallel=ep > 1,
+                                          expert_format=args.expert_format, gpu_memory=args.gpu_memory))
+    except BaseException:  # e.g. a rank's share does not fit --gpu-memory: the ranks this one started go too
+        for f in followers:
+            f.terminate()
+        raise
     follower = group is not None and bool(parallel.launched_rank())
     mirror = parallel.Mirror(group) if group is not None and not follower else None
     from moetandem.split.shaper import LinkSpec, PeerShapers
