@@ -1,6 +1,8 @@
 """--gpu-memory GIB: run as if the GPU were smaller. The cap is this process's CUDA caching allocator limit on the
 engine's device (torch.cuda.set_per_process_memory_fraction), set before any weight loads; a load that does not
-fit under it ends with one message naming the cap, what was loading and the fixes, not a CUDA traceback."""
+fit under it ends with one message naming the cap, what was loading and the fixes, not a CUDA traceback. The cap
+counts what PyTorch's allocator holds (weights, KV cache, activations, cuBLAS workspace), not the CUDA context or
+NCCL's own buffers (together about 0.5 GiB more on a real card of that size)."""
 from __future__ import annotations
 
 import math

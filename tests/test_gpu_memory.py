@@ -61,6 +61,17 @@ def test_cpu_is_refused_before_loading(ckpt: Path, monkeypatch: pytest.MonkeyPat
     assert err.count("\n") == 0 and "--gpu-memory needs a CUDA device" in err and "--device cuda" in err
     with pytest.raises(InvalidRequestError, match="needs a CUDA device"):
         moetandem.load(ckpt, device="cpu", gpu_memory=4)
+    # serve loads in the background: it refuses now, before listening, not as a failed load behind /health
+    assert main(["serve", str(ckpt), "--device", "cpu", "--gpu-memory", "4", "--port", "0"]) == 2
+    assert "--gpu-memory needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_fractional_budget_stays_a_fraction_of_expert_bytes(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kw: dict[str, Any] = dict(device="cpu", dtype="float32", progress=False, use_graphs=False, expert_budget=0.5,
+                              policy="fetch")
+    plain = moetandem.load(ckpt, **kw).provider.budget_bytes
+    with_cap(monkeypatch, 64 * GIB)
+    assert moetandem.load(ckpt, gpu_memory=64, **kw).provider.budget_bytes == plain
 
 
 class FakeCuda:

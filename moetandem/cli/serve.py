@@ -68,6 +68,10 @@ def serve_command(args: argparse.Namespace) -> int:
     if cfgs[3] is not None:  # a cloud that refuses us (token, checkpoint, TLS) is exit 2 now, not a 503 later
         from moetandem.split.connect import preflight
         preflight(ckpt, cfgs[3])
+    if cfgs[0].gpu_memory is not None:  # no CUDA, or a cap above the GPU: exit 2 now, not a failed background load
+        from moetandem.engine import resolve_device
+        from moetandem.gpu_memory import MemoryCap
+        MemoryCap.apply(cfgs[0].gpu_memory, resolve_device(cfgs[0].device))
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     name = args.served_model_name or path.resolve().name
 
