@@ -86,8 +86,10 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.last_stats: GenerationStats | None = None
-        #: an encoder-decoder: generate() and evaluation go through moetandem.text2text (no batcher, no graphs)
+        #: an encoder-decoder: generate() and evaluation go through moetandem.text2text (no batcher)
         self.seq2seq = bool(getattr(self.args, "is_seq2seq", False))
+        #: seq2seq generate captures its decoder step as a CUDA graph per call (graphs.Seq2SeqStep; graph-safe experts)
+        self.capture_seq2seq = use_graphs and self.seq2seq and device.type == "cuda"
         use_graphs = use_graphs and not self.seq2seq
         # decode steps through static buffers: captured CUDA graphs on a GPU, the same bookkeeping run eagerly on CPU
         self.graphs = (DecodeGraphs(self.model, self.experts, compile and device.type == "cuda",
@@ -118,7 +120,7 @@ class Engine:
         graphs. The original engine is untouched (so a split engine keeps its cloud routing)."""
         other = copy.copy(self)
         other.experts = {l: wrap(l, p) for l, p in self.experts.items()}
-        other.graphs, other._caches = None, {}
+        other.graphs, other._caches, other.capture_seq2seq = None, {}, False
         return other
 
     def set_expert_budget(self, budget: str | int | float) -> None:

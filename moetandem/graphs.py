@@ -165,3 +165,59 @@ class PieceGraphs:
 
     def forget(self, cache: object) -> None:
         self.entries = {k: e for k, e in self.entries.items() if k[1][0] != id(cache)}
+
+
+class Seq2SeqStep:
+    """One encoder-decoder decode step over static buffers, for one generate call: every row is at the same
+    position, attends over the whole self-attention cache (kv_len = cache.max_len; keys at or past its position
+    are masked, which gives the logits of kv_len = position + 1) and reads that call's cross-attention K/V and
+    source mask. capture=True records it as a CUDA graph on the first step and replays it after; the graph is bound
+    to this call's cache, cross K/V and mask, so each generate call captures anew (two warm-up steps and one
+    capture: a few steps' time, small against a generation). capture=False runs the same bookkeeping eagerly."""
+
+    def __init__(self, model: Any, experts: Mapping[int, ExpertProvider], cache: KVCache,
+                 cross: list[tuple[torch.Tensor, torch.Tensor]], enc_mask: torch.Tensor, start_token: int,
+                 capture: bool) -> None:
+        self.model, self.experts, self.cache, self.cross, self.enc_mask = model, experts, cache, cross, enc_mask
+        self.capture, dev = capture, cache.device
+        B = cache.batch
+        self.tokens = torch.full((B, 1), start_token, dtype=torch.long, device=dev)  # static input
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)  # static input: every row at the same position
+        self.staging = torch.zeros(B, 1, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # [B, V] static output
+        self.greedy: torch.Tensor | None = None  # [B] static output: each row's argmax
+        self.fed: list[int] | None = None  # the tokens `tokens` holds for the next step (None: the start tokens)
+        self.input_copies = 0  # steps whose tokens had to travel from the host (the rest fed the step's argmax)
+
+    def step(self, tokens: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Decode the next position from `tokens` (one per row; None: what the buffer holds, the start tokens on
+        the first step) -> (logits [B, V], valid until the next step; each row's argmax). After a step the buffer
+        holds the argmax tokens, so a greedy batch copies nothing in."""
+        if tokens is not None and list(tokens) != self.fed:
+            self.staging[:, 0] = torch.tensor(list(tokens))
+            self.tokens.copy_(self.staging, non_blocking=True)
+            self.input_copies += 1
+        if not self.capture:
+            self.logits = self._step()
+        elif self.graph is None:
+            # warm-ups compute the real step (the same K/V written at the same position): harmless
+            self.graph, self.logits = capture_graph(self._forward, None, self._step)
+            self.graph.replay()
+        else:
+            self.graph.replay()
+        assert self.logits is not None and self.greedy is not None
+        self.fed = self.greedy.tolist()  # the step's one host sync
+        return self.logits, self.fed
+
+    def _forward(self) -> torch.Tensor:
+        return self.model.decode(self.tokens, self.pos, self.cache, self.cache.max_len, self.cross, self.enc_mask,
+                                 self.experts)[:, -1]  # [B, V]
+
+    def _step(self) -> torch.Tensor:
+        """The captured work: the forward, its argmax, and the next step's inputs (argmax tokens, position + 1)."""
+        logits = self._forward()
+        self.greedy = logits.argmax(dim=-1)  # [B]
+        self.tokens.copy_(self.greedy[:, None])
+        self.pos.add_(1)
+        return logits

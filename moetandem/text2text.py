@@ -2,8 +2,10 @@
 
 Generation encodes the batch's sources once (right-padded, a mask keeps padding out of attention and of the
 experts), computes each decoder layer's cross-attention K/V once, then decodes all sequences together from the
-decoder start token over a static self-attention cache, one token per step. A sequence that has finished rides
-along until the last one does (its tokens are discarded). Continuous batching (the serve path) is decoder-only."""
+decoder start token over a static self-attention cache, one token per step (graphs.Seq2SeqStep: a CUDA graph
+captured per call on a GPU with graph-safe experts, the same static-buffer step run eagerly otherwise). A sequence
+that has finished rides along until the last one does (its tokens are discarded). Continuous batching (the serve
+path) is decoder-only."""
 from __future__ import annotations
 
 import time
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 
 from moetandem.batcher import Request
+from moetandem.graphs import Seq2SeqStep
 from moetandem.models import KVCache
 from moetandem.sampling import sample
 
@@ -56,19 +59,19 @@ def generate_seq2seq(engine: "Engine", requests: list[Request],
         cross = model.cross_kv(enc)
         enc_s = engine._sync_time(t0)
         t1 = time.perf_counter()
-        B = len(requests)
-        cache = KVCache(engine.args.decoder_cache(), B, steps, dev, engine.dtype)
-        tok = torch.full((B, 1), engine.args.decoder_start_token_id, dtype=torch.long, device=dev)
-        for t in range(steps):
-            pos = torch.full((B, 1), t, dtype=torch.long, device=dev)
-            logits = model.decode(tok, pos, cache, t + 1, cross, mask, engine.experts)[:, -1].float()  # [B, V]
+        cache = KVCache(engine.args.decoder_cache(), len(requests), steps, dev, engine.dtype)
+        capture = engine.capture_seq2seq and engine.graph_safe
+        step = Seq2SeqStep(model, engine.experts, cache, cross, mask, engine.args.decoder_start_token_id, capture)
+        nxt: list[int] | None = None  # None: the start tokens
+        for _ in range(steps):
+            logits, greedy = step.step(nxt)  # [B, V]: a CUDA-graph output buffer, valid until the next step
             engine.after_step()
             nxt = []
             for b, r in enumerate(requests):
                 if r.done:
                     nxt.append(engine.args.pad_token_id)
                     continue
-                nxt.append(_pick(logits[b:b + 1], r))
+                nxt.append(_pick(logits[b:b + 1].float(), r) if r.temperature > 0 else greedy[b])
                 r.out.append(nxt[-1])
                 if on_token is not None:
                     on_token(b, nxt[-1])
@@ -78,7 +81,6 @@ def generate_seq2seq(engine: "Engine", requests: list[Request],
                     r.finish_reason = "length"
             if all(r.done for r in requests):
                 break
-            tok = torch.tensor(nxt, device=dev)[:, None]  # [B, 1]
     return enc_s, engine._sync_time(t1)
 
 
