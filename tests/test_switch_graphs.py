@@ -109,10 +109,10 @@ def test_captured_work_never_syncs(engine) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graph_generate_equals_eager(ckpt: Path, dtype: str) -> None:
-    graphed = moetandem.load(ckpt, device="cuda", dtype=dtype, progress=False)
-    eager = moetandem.load(ckpt, device="cuda", dtype=dtype, progress=False, use_graphs=False)
+def test_cuda_graph_generate_equals_eager(ckpt: Path) -> None:
+    """bf16: the plain experts run on grouped GEMMs, which are graph-safe (fp32 experts are not: eager step)."""
+    graphed = moetandem.load(ckpt, device="cuda", dtype="bfloat16", progress=False)
+    eager = moetandem.load(ckpt, device="cuda", dtype="bfloat16", progress=False, use_graphs=False)
     assert graphed.capture_seq2seq and graphed.graph_safe and not eager.capture_seq2seq
     for sources in (SOURCES, SOURCES[:1]):
         for _ in range(2):  # a second call captures anew over its own cache and cross K/V
