@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bars import grouped_bars  # noqa: E402
-from bench.fused_moe import PEAK_GBS, graph_us  # noqa: E402
+from bench.fused_moe import PEAK_GBS, matrices, per_call_us  # noqa: E402
 from moetandem.kernels import gemv as G  # noqa: E402
 from moetandem.kernels import linear as L  # noqa: E402
 
@@ -31,22 +31,6 @@ from moetandem.kernels import linear as L  # noqa: E402
 SHAPES = {"olmoe-1b-7b": dict(layers=16, qkv=(6144, 2048), o=(2048, 2048), lm_head=(50304, 2048)),
           "qwen3-30b-a3b": dict(layers=48, qkv=(5120, 2048), o=(2048, 4096), lm_head=(151936, 2048))}
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def make(N: int, K: int, T: int, n: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """n distinct weights [N, K] and inputs [T, K], bf16."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    ws = [torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) * K ** -0.5 for _ in range(n)]
-    xs = [torch.randn(T, K, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-    return ws, xs
-
-
-def timed(fn: Linear, ws: list[torch.Tensor], xs: list[torch.Tensor]) -> float:
-    """µs per call of fn over all (x, w), in one CUDA graph."""
-    def step() -> None:
-        for w, x in zip(ws, xs):
-            fn(x, w)
-    return graph_us(step, len(ws))
 
 
 def paths(T: int) -> dict[str, Linear]:
@@ -84,8 +68,8 @@ def main() -> None:
         for proj in args.proj:
             N, K = SHAPES[name][proj]
             for T in args.tokens:
-                ws, xs = make(N, K, T, args.lm_head_copies if proj == "lm_head" else args.layers)
-                us = {p: timed(fn, ws, xs) for p, fn in paths(T).items()}
+                ws, xs = matrices(N, K, T, args.lm_head_copies if proj == "lm_head" else args.layers)
+                us = {p: per_call_us(fn, ws, xs) for p, fn in paths(T).items()}
                 nbytes = 2 * (N * K + T * K + T * N)
                 gbs = {p: nbytes / (t * 1e3) for p, t in us.items()}
                 triton_paths = [p for p in us if p not in ("cublas", "tuned")]

@@ -30,6 +30,24 @@ SHAPES = {"olmoe-1b-7b": dict(E=64, k=8, H=2048, I=1024), "qwen3-30b-a3b": dict(
 PEAK_GBS = 4800.0
 
 
+def matrices(N: int, K: int, T: int, n: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """n distinct weights [N, K] (scaled by K^-1/2) and inputs [T, K], bf16 on the GPU: one per layer of a graph,
+    so the weights are read from HBM as a decode step reads them."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ws = [torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) * K ** -0.5 for _ in range(n)]
+    xs = [torch.randn(T, K, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+    return ws, xs
+
+
+def per_call_us(fn: Callable[[torch.Tensor, torch.Tensor], object], ws: list[torch.Tensor],
+                xs: list[torch.Tensor]) -> float:
+    """µs per call of fn(x, w) over all (x, w), in one CUDA graph."""
+    def step() -> None:
+        for w, x in zip(ws, xs):
+            fn(x, w)
+    return graph_us(step, len(ws))
+
+
 def graph_us(fn: Callable[[], None], layers: int, reps: int = 20, trials: int = 5) -> float:
     """Median over trials of (replay time / reps / layers), in µs."""
     g, _ = capture_graph(fn, None, fn)

@@ -22,30 +22,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bars import grouped_bars  # noqa: E402
-from bench.fused_moe import graph_us  # noqa: E402
+from bench.fused_moe import matrices, per_call_us  # noqa: E402
 from moetandem.kernels.router import route_topk_op  # noqa: E402
 from moetandem.kernels.router_logits import (Blocks, default_blocks, fused_supported, launch,  # noqa: E402
                                              route_logits_topk_op)
 
-DEVICE = "cuda"
 SHAPES = {"olmoe-1b-7b": dict(E=64, H=2048, k=8, renorm=False), "qwen3-30b-a3b": dict(E=128, H=2048, k=8, renorm=True)}
 Route = Callable[[torch.Tensor, torch.Tensor], tuple]
-
-
-def make(E: int, H: int, T: int, n: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """n distinct router weights [E, H] and inputs [T, H], bf16."""
-    g = torch.Generator().manual_seed(seed)
-    ws = [(torch.randn(E, H, generator=g) * H ** -0.5).to(DEVICE, torch.bfloat16) for _ in range(n)]
-    xs = [torch.randn(T, H, generator=g).to(DEVICE, torch.bfloat16) for _ in range(n)]
-    return ws, xs
-
-
-def timed(route: Route, ws: list[torch.Tensor], xs: list[torch.Tensor]) -> float:
-    """µs per call of `route` over all (w, x), in one CUDA graph."""
-    def step() -> None:
-        for w, x in zip(ws, xs):
-            route(x, w)
-    return graph_us(step, len(ws))
 
 
 def paths(k: int, renorm: bool) -> dict[str, Route]:
@@ -75,7 +58,7 @@ def sweep(E: int, H: int, T: int, k: int, renorm: bool, ws: list[torch.Tensor], 
         for be in (1, 2, 4, 8):
             for nw in (1, 2, 4):
                 b = default_blocks(T, E, H, block_t=bt, block_e=be, num_warps=nw)
-                us = timed(lambda x, w, b=b: launch(x, w, None, k, "softmax_topk", renorm, b), ws, xs)
+                us = per_call_us(lambda x, w, b=b: launch(x, w, None, k, "softmax_topk", renorm, b), ws, xs)
                 rows.append(dict(blocks=b.__dict__, programs=-(-E // be) * -(-T // bt), us=us))
     return sorted(rows, key=lambda r: r["us"])
 
@@ -105,10 +88,10 @@ def main() -> None:
         for T in args.tokens:
             cold = max(16, round(args.cold_mb * 1e6 / (E * H * 2)))
             for setting, n in (("hbm", cold), ("l2", 16)):
-                ws, xs = make(E, H, T, n)
+                ws, xs = matrices(E, H, T, n)
                 assert fused_supported(xs[0], ws[0], None), "the fused kernel does not take this shape"
                 r = dict(shape=name, T=T, setting=setting, calls=n,
-                         **{p: timed(fn, ws, xs) for p, fn in paths(k, renorm).items()})
+                         **{p: per_call_us(fn, ws, xs) for p, fn in paths(k, renorm).items()})
                 r.update(speedup=r["linear+route_topk"] / r["fused"], agree=agreement(ws, xs, k, renorm),
                          blocks=default_blocks(T, E, H).__dict__)
                 rows.append(r)
@@ -116,7 +99,7 @@ def main() -> None:
                       f"{r['fused']:.2f} | {r['speedup']:.2f}x | {Blocks(**r['blocks'])} | {r['agree']:.3f} |",
                       flush=True)
             if not args.no_sweep:
-                ws, xs = make(E, H, T, cold)
+                ws, xs = matrices(E, H, T, cold)
                 s = sweep(E, H, T, k, renorm, ws, xs)
                 sweeps.append(dict(shape=name, T=T, rows=s))
                 print(f"# sweep {name} T={T} (hbm), best first: " + "; ".join(
