@@ -46,10 +46,11 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
         if model.expert_format != "auto":
             raise InvalidRequestError(f"--expert-parallel holds bf16 experts; drop --expert-format {fmt.name}")
         fmt = resolve_format("bf16", store, dt, dev)
-    what = describe_experts(store, dt, fmt, model.expert_parallel, committee.enabled)
-    if cap is not None and not committee.enabled and not model.expert_parallel \
-            and cap.in_use() + total_expert_bytes(store, dt, fmt.nbytes) > cap.nbytes:
-        raise cap.error(what, cap.in_use(), suggest_budget=True)  # certain not to fit: say so before loading them
+    expert_bytes = total_expert_bytes(store, dt, fmt.nbytes)
+    what = describe_experts(expert_bytes, dt, fmt, model.expert_parallel, committee.enabled)
+    held = cap.in_use() if cap is not None else 0
+    if cap is not None and not committee.enabled and not model.expert_parallel and held + expert_bytes > cap.nbytes:
+        raise cap.error(what, held, suggest_budget=True)  # certain not to fit: say so before loading them
     with loading(cap, what, suggest_budget=not committee.enabled, parallel=model.expert_parallel):
         provider = build_experts(ckpt, store, args.top_k, dev, dt, committee, model, fmt)
     router = None
@@ -88,9 +89,9 @@ def build_experts(ckpt: Checkpoint, store: ExpertStore, top_k: int, dev: Any, dt
     return build_provider(ckpt, store, top_k, dev, dt, committee, model.progress, fmt)
 
 
-def describe_experts(store: ExpertStore, dt: Any, fmt: Any, parallel: bool, committee: bool) -> str:
-    """What loading the routed experts holds on the device, for a message under --gpu-memory."""
-    total = total_expert_bytes(store, dt, fmt.nbytes) / 2**30
+def describe_experts(expert_bytes: int, dt: Any, fmt: Any, parallel: bool, committee: bool) -> str:
+    """What loading the routed experts (expert_bytes in all) holds on the device, for a message under --gpu-memory."""
+    total = expert_bytes / 2**30
     name = str(dt).removeprefix("torch.") if fmt.dense else fmt.name  # "bf16" is the experts in the compute dtype
     if parallel:
         return f"this rank's share of the routed experts ({name}, {total:.2f} GiB over all ranks)"
