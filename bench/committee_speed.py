@@ -18,33 +18,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode import _free  # noqa: E402
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
+from moetandem.experts.budget import total_expert_bytes  # noqa: E402
 
 CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balanced"}, "fast": {"fidelity": "fast"},
            "lru": {"policy": "lru"}, "host-only": {"policy": "host-only"},
            # --miss-format: balanced / fast misses read an int8 / int4 host copy zero-copy (not in the default set)
            "balanced, int8 misses": {"fidelity": "balanced", "miss_format": "int8"},
            "balanced, int4 misses": {"fidelity": "balanced", "miss_format": "int4"},
-           "fast, int4 misses": {"fidelity": "fast", "miss_format": "int4"}}
+           "fast, int4 misses": {"fidelity": "fast", "miss_format": "int4"},
+           # --expert-format: packed experts in the committee (a budget stays a fraction of the bf16 expert bytes)
+           "exact, int8 experts": {"policy": "auto", "expert_format": "int8"},
+           "exact, fp8 experts": {"policy": "auto", "expert_format": "fp8"},
+           "exact, int4 experts": {"policy": "auto", "expert_format": "int4"},
+           "balanced, int4 experts": {"fidelity": "balanced", "expert_format": "int4"}}
 DEFAULT_CONFIGS = ["exact (auto)", "balanced", "fast", "lru", "host-only"]
 
 
-def ours(path: Path, device: str, prompt: list[int], new: int, budget: float | None, kw: dict,
+def ours(path: Path, device: str, prompts: list[list[int]], new: int, budget: float | None, kw: dict,
          temperature: float = 0.0) -> dict:
-    """temperature > 0 samples (seeded: every config sees the same draws), so a random-weight model does not fall
-    into repeating one token, whose routing then repeats too and flatters every cache."""
+    """prompts: the batch, decoded together (tok/s counts every sequence). temperature > 0 samples (seeded: every
+    config sees the same draws), so a random-weight model does not fall into repeating one token, whose routing then
+    repeats too and flatters every cache."""
     eng = moetandem.load(path, device=device, progress=False, expert_budget=budget, compile="on", **kw)
     gen = dict(max_new_tokens=new, stop_on_eos=False, temperature=temperature, seed=0)
-    eng.generate([prompt], **gen)  # warm-up: same cache, graph, compile, tuning
+    eng.generate(prompts, **gen)  # warm-up: same cache, graph, compile, tuning
     _free()
     before = eng.expert_stats().get("miss_bytes", 0)
-    eng.generate([prompt], **gen)
+    eng.generate(prompts, **gen)
     st = eng.last_stats
     read = eng.expert_stats().get("miss_bytes", 0) - before  # host copies read by misses (zero-copy), this run
     dense = sum(p.numel() * p.element_size() for p in eng.model.parameters())
     kv = sum(c.nbytes() for c in eng._caches.values())
+    # the issue's bound: non-expert weights + the budget (a fraction is of the bf16 expert bytes) + KV cache + 5%
+    held = (eng.provider.expert_bytes() if budget is None else
+            budget * total_expert_bytes(eng.store, torch.bfloat16) if budget <= 1 else budget)
     res = {"tok_s": st.decode_tok_s, "peak_gib": eng.peak_memory() / 2**30, "graph_safe": eng.graph_safe,
-           "bound_gib": (dense + eng.provider.expert_bytes() + kv) * 1.05 / 2**30,
-           "miss_mib_tok": read / (len(prompt) + new) / 2**20, **eng.expert_stats()}
+           "bound_gib": (dense + held + kv) * 1.05 / 2**30, "expert_gib": eng.provider.expert_bytes() / 2**30,
+           "miss_mib_tok": read / sum(len(p) + new for p in prompts) / 2**20, **eng.expert_stats()}
     del eng
     _free()
     return res
@@ -76,31 +86,35 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (tok/s counts them all)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sample (seeded) instead of greedy decoding")
     ap.add_argument("--hf-new-tokens", type=int, default=8, help="accelerate offload is slow: fewer tokens (0: skip it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("out/committee-speed"))
+    ap.add_argument("--from-json", type=Path, nargs="+", default=[],
+                    help="make the table and plot from committee_speed.json files of earlier runs instead of running")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    for shape in args.shapes:
+    rows: list[dict] = [r for f in args.from_json for r in json.loads(f.read_text())]
+    for shape in [] if args.from_json else args.shapes:
         path = args.ckpt_root / shape
         if not (path / "model.safetensors.index.json").exists():
             build_random_checkpoint(shape, path, device=args.device)
-        prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (32,), generator=torch.Generator().manual_seed(0)).tolist()
-        full = ours(path, args.device, prompt, args.new_tokens, None, {}, args.temperature)
+        prompts = torch.randint(2, SHAPES[shape]["vocab_size"], (args.batch, 32),
+                                generator=torch.Generator().manual_seed(0)).tolist()
+        full = ours(path, args.device, prompts, args.new_tokens, None, {}, args.temperature)
         rows.append({"shape": shape, "budget": 1.0, "config": "all resident", **full})
         keep(rows, args.out)
         for b in args.budgets:
             for label in args.configs:
-                r = ours(path, args.device, prompt, args.new_tokens, b, CONFIGS[label], args.temperature)
+                r = ours(path, args.device, prompts, args.new_tokens, b, CONFIGS[label], args.temperature)
                 rows.append({"shape": shape, "budget": b, "config": label, **r})
                 keep(rows, args.out)
             if args.device == "cuda" and args.hf_new_tokens > 0:  # the GPU memory our balanced run peaked at
                 at_b = [r for r in rows if r["budget"] == b and r["shape"] == shape]
                 gib = next((r["peak_gib"] for r in at_b if r["config"] == "balanced"),
                            max(r["peak_gib"] for r in at_b))
-                r = accelerate_offload(path, prompt, args.hf_new_tokens, gib)
+                r = accelerate_offload(path, prompts[0], args.hf_new_tokens, gib)
                 rows.append({"shape": shape, "budget": b, "config": "HF + accelerate offload", **r})
                 keep(rows, args.out)
     lines = ["| shape | budget | config | decode tok/s | × all-resident | peak GiB | bound GiB | one CUDA graph | "

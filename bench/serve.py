@@ -39,7 +39,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str, max_tokens: int) -> dict[str, Any]:
+async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str | list[int], max_tokens: int) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                             "ignore_eos": True, "stream_options": {"include_usage": True}}
     if model:
@@ -69,7 +69,7 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str,
 
 
 async def run_level(url: str, headers: dict[str, str], model: str | None, concurrency: int, n_requests: int,
-                    prompt: str, max_tokens: int) -> dict[str, Any]:
+                    prompt: str | list[int], max_tokens: int) -> dict[str, Any]:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600.0),
@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 x concurrency, >= 8)")
     ap.add_argument("--prompt-words", type=int, default=32)
+    ap.add_argument("--token-prompt", action="store_true",
+                    help="send the prompt as --prompt-words token ids (a checkpoint without a tokenizer, e.g. bench/shapes.py)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16, help="with --model: KV-cache slots of the server")
     ap.add_argument("--device", default="auto", help="with --model: auto | cpu | cuda")
@@ -206,7 +208,8 @@ def main() -> None:
     try:
         listed = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
         model = args.served_model or listed[0]["id"]
-        prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_words))
+        prompt: str | list[int] = (list(range(100, 100 + args.prompt_words)) if args.token_prompt else
+                                   " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_words)))
         rows = []
         for c in args.concurrency:
             rows.append(asyncio.run(run_level(url, headers, model, c, per_level[c], prompt, args.max_tokens)))

@@ -16,6 +16,15 @@ from moetandem.models import KVCache, MoEForCausalLM
 log = logging.getLogger("moetandem")
 
 
+def allow_layer_frames(layers: int) -> None:
+    """Let dynamo compile one frame per layer. A graph break inside a layer (a committee's host-side bookkeeping)
+    makes the rest of it a frame of its own, specialised on the layer's index; past dynamo's default of 8
+    recompiles the later layers would silently run eagerly. Process-wide and only ever raised."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 2 * layers + 8)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * layers + 64)
+
+
 @dataclass
 class _Entry:
     cache: KVCache
@@ -52,6 +61,8 @@ class DecodeGraphs:
         residual adds into few kernels; the fused MoE stays one custom op). Falls back to eager, with a warning
         logged once, if compilation fails. capture=False runs the same static-buffer bookkeeping eagerly (CPU)."""
         self.model, self.experts, self.capture = model, experts, capture
+        if compile:
+            allow_layer_frames(len(model.model.layers))
         self.forward: Callable[..., torch.Tensor] = torch.compile(model, dynamic=False) if compile else model
         self.entries: dict[tuple[int, int], _Entry] = {}  # (padded batch, id(cache))
         self.pool = torch.cuda.graph_pool_handle() if capture else None

@@ -121,6 +121,32 @@ def test_tuning_cache_roundtrip(tmp_path, monkeypatch) -> None:
     assert tuning.block_m_choices(8, 128) == [16] and tuning.block_m_choices(4096, 64)[-1] == 64
 
 
+def test_tuning_search_without_memory_to_time_falls_back(tmp_path, monkeypatch) -> None:
+    """Under a tight --gpu-memory cap the timer cannot allocate its L2-flush buffer: no config is timed, the search
+    answers None (the caller runs the default, kept in memory only); any other failure of every config is an error."""
+    monkeypatch.setenv("MOETANDEM_CACHE_DIR", str(tmp_path))
+    launched: list[int] = []
+
+    def launch(plan: int, kc: tuning.KernelConfig) -> None:
+        launched.append(plan)
+
+    def no_memory(fn) -> float:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def broken(fn) -> float:
+        raise ValueError("out of shared memory")
+
+    assert tuning.search([16], lambda bm: bm, launch, launch, no_memory) is None
+    with pytest.raises(RuntimeError, match="no kernel configuration ran") as err:
+        tuning.search([16], lambda bm: bm, launch, launch, broken)
+    assert isinstance(err.value.__cause__, ValueError)
+    picked = tuning.search([16, 32], lambda bm: bm, launch, launch, lambda fn: (fn(), 1.0)[1])
+    assert picked is not None and picked.block_m == 16 and launched
+    cache = tuning.ConfigCache()
+    cache.remember("NVIDIA H200", "k", picked)
+    assert cache.get("NVIDIA H200", "k") == picked and not list(tmp_path.rglob("*.json"))
+
+
 def test_supported_on_cpu() -> None:
     assert not fused_moe_supported("cpu", torch.bfloat16)
 

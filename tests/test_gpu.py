@@ -98,3 +98,23 @@ def test_committee_memory_bound(tmp_path):
     slots = eng.provider.expert_bytes()
     assert slots <= eng.provider.budget_bytes <= total // 4 + 1
     assert full - part >= total - slots - (64 << 10)  # the committee's own device tables stay under 64 KiB
+
+
+@pytest.mark.parametrize("fidelity", ["exact", "balanced"])
+def test_committee_decode_step_traces_as_one_graph(fidelity, tmp_path):
+    """torch.compile sees the committee's decode step (routing, slot lookup, zero-copy misses) as one graph: a
+    graph break inside a layer would leave that layer's rest a frame of its own, compiled once per layer index."""
+    from conftest import build_checkpoint
+    path = build_checkpoint("olmoe", tmp_path / "m")
+    eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, expert_budget=0.5,
+                         fidelity=fidelity, compile="off")
+    eng.generate([[5, 17, 42, 99]], max_new_tokens=4, stop_on_eos=False)
+    assert eng.graph_safe
+    cache = KVCache(eng.args, 1, 16, eng.device, eng.dtype)
+    ids = torch.tensor([[5]], device="cuda")
+    pos = torch.tensor([[0]], device="cuda")
+    with torch.inference_mode():
+        ex = torch._dynamo.explain(eng.model)(ids, pos, cache, 16, eng.experts, rows=torch.tensor([0], device="cuda"))
+    reasons = sorted({f"{b.reason}".splitlines()[0] + f" @ {b.user_stack[-1] if b.user_stack else '?'}"
+                      for b in ex.break_reasons})
+    assert ex.graph_break_count == 0, reasons

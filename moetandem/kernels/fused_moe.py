@@ -274,6 +274,10 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: 
     if torch.cuda.is_current_stream_capturing() or not tuning.tuning_enabled():
         return tuning.default_config(T * k, N)
     cfg = tuning.search(tuning.block_m_choices(T * k, N), prepare, _Plan.up, _Plan.down, _timer)
+    if cfg is None:  # no memory to time the candidates in: the default, for this process only
+        cfg = tuning.default_config(T * k, N)
+        tuning.CACHE.remember(gpu, key, cfg)
+        return cfg
     tuning.CACHE.put(gpu, key, cfg)
     return cfg
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
+import torch
+
 P = TypeVar("P")
 
 
@@ -114,6 +116,11 @@ class ConfigCache(Generic[C]):
         with self._lock:
             return self._load(self._path(gpu)).get(key)
 
+    def remember(self, gpu: str, key: str, cfg: C) -> None:
+        """Keep cfg for this process only (not written: an untuned fallback must not outlive the reason for it)."""
+        with self._lock:
+            self._load(self._path(gpu))[key] = cfg
+
     def put(self, gpu: str, key: str, cfg: C) -> None:
         with self._lock:
             path = self._path(gpu)
@@ -132,21 +139,27 @@ CACHE: ConfigCache[MoEConfig] = ConfigCache()
 
 
 def search(block_ms: list[int], prepare: Callable[[int], P], up: Callable[[P, KernelConfig], None],
-           down: Callable[[P, KernelConfig], None], timer: Callable[[Callable[[], None]], float]) -> MoEConfig:
-    """Each BLOCK_M: the fastest gate+up and the fastest down config; keep the BLOCK_M with the least total."""
+           down: Callable[[P, KernelConfig], None], timer: Callable[[Callable[[], None]], float]
+           ) -> MoEConfig | None:
+    """Each BLOCK_M: the fastest gate+up and the fastest down config; keep the BLOCK_M with the least total.
+    None when the GPU has no memory left to time them (the timer's L2-flush buffer under a tight --gpu-memory cap):
+    the caller runs the default config untuned rather than fail."""
     best: tuple[float, MoEConfig] | None = None
     for bm in block_ms:
         plan = prepare(bm)
         picked = []
         for launch in (up, down):
             times = []
+            last: Exception | None = None
             for kc in CANDIDATES:
                 try:
                     times.append((timer(lambda: launch(plan, kc)), kc))
-                except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile: not a candidate here
-                    continue
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for this tile: not a candidate here
+                    last = e
             if not times:
-                raise RuntimeError("fused_moe: no kernel configuration ran on this device")
+                if isinstance(last, torch.OutOfMemoryError):
+                    return None
+                raise RuntimeError("fused_moe: no kernel configuration ran on this device") from last
             t, kc = min(times)
             launch(plan, kc)  # leave valid outputs (the down search reads the intermediate)
             picked.append((t, kc))

@@ -115,7 +115,7 @@ class CloudServer:
             return self._queued
 
     def step_costs(self) -> Any:
-        """This cloud's per-layer fixed + per-token decode costs, measured once (at the first hello asking)."""
+        """This cloud's per-layer fixed + per-token decode costs, measured once (at start() on a GPU, else at the first hello asking)."""
         from moetandem.split.costs import measure_step_costs
         with self.compute_lock, self._costs_lock, torch.inference_mode():
             if self._costs is None:
@@ -129,7 +129,11 @@ class CloudServer:
             return len(self.sessions["Session"])
 
     def start(self, listen: str = "127.0.0.1:0", tls_cert: Any = None, tls_key: Any = None) -> int:
-        """Bind and serve in background threads; returns the port."""
+        """Bind and serve in background threads; returns the port. On a GPU the step costs are measured first
+        (split.costs), which also compiles and tunes the kernels: an end asking for them in hello then waits
+        milliseconds, not the first use's seconds of compilation, and the first exchange runs warm."""
+        if self.mirror is None and self.engine.device.type == "cuda":
+            self.step_costs()
         opts = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
                 ("grpc.max_send_message_length", self.limits.max_message_bytes), *SERVER_KEEPALIVE]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * self.max_sessions + 8,
