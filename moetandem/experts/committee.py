@@ -42,7 +42,12 @@ log = logging.getLogger("moetandem.experts")
 
 
 def _capturing(x: torch.Tensor) -> bool:
-    """True while this step is being captured into a CUDA graph (compute must not touch the host)."""
+    """True while this step is being captured into a CUDA graph (compute must not touch the host). Under
+    torch.compile on CUDA the step being traced is the one graphs.DecodeGraphs captures: True, decided at trace
+    time (dynamo puts is_current_stream_capturing() into the graph as a node, and branching on it broke the graph
+    in every MoE layer: the rest of each layer became a frame of its own, and layers past the 8th ran eagerly)."""
+    if torch.compiler.is_compiling():
+        return x.is_cuda
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
