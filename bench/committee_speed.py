@@ -39,10 +39,13 @@ def ours(path: Path, device: str, prompts: list[list[int]], new: int, budget: fl
     """prompts: the batch, decoded together (tok/s counts every sequence). temperature > 0 samples (seeded: every
     config sees the same draws), so a random-weight model does not fall into repeating one token, whose routing then
     repeats too and flatters every cache."""
+    t0 = time.perf_counter()
     eng = moetandem.load(path, device=device, progress=False, expert_budget=budget, compile="on", **kw)
+    t1 = time.perf_counter()
     gen = dict(max_new_tokens=new, stop_on_eos=False, temperature=temperature, seed=0)
     eng.generate(prompts, **gen)  # warm-up: same cache, graph, compile, tuning
     _free()
+    t2 = time.perf_counter()
     before = eng.expert_stats().get("miss_bytes", 0)
     eng.generate(prompts, **gen)
     st = eng.last_stats
@@ -53,6 +56,7 @@ def ours(path: Path, device: str, prompts: list[list[int]], new: int, budget: fl
     held = (eng.provider.expert_bytes() if budget is None else
             budget * total_expert_bytes(eng.store, torch.bfloat16) if budget <= 1 else budget)
     res = {"tok_s": st.decode_tok_s, "peak_gib": eng.peak_memory() / 2**30, "graph_safe": eng.graph_safe,
+           "load_s": t1 - t0, "warmup_s": t2 - t1, "run_s": time.perf_counter() - t2,  # where a row's time goes
            "bound_gib": (dense + held + kv) * 1.05 / 2**30, "expert_gib": eng.provider.expert_bytes() / 2**30,
            "miss_mib_tok": read / sum(len(p) + new for p in prompts) / 2**20, **eng.expert_stats()}
     del eng
