@@ -25,17 +25,37 @@ def allow_layer_frames(layers: int) -> None:
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * layers + 64)
 
 
+class StaticInput:
+    """An int64 device tensor a captured step reads, fed from the host only when its contents change (one pinned
+    staging buffer, one H2D copy per change). A step that writes its own next inputs (its argmax, position + 1)
+    says so with `holds`, and the next `feed` of those values copies nothing."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, fill: int = 0) -> None:
+        self.tensor = torch.full(shape, fill, dtype=torch.long, device=device)
+        self.staging = torch.zeros(shape, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.held: Any = None  # the key of what `tensor` holds for the next step (None: its initial fill)
+        self.copies = 0  # feeds that had to copy from the host
+
+    def feed(self, key: Any, fill: Callable[[torch.Tensor], None]) -> None:
+        """Make `tensor` hold `key`'s contents: if it does not already, fill(staging) writes them and they travel."""
+        if key == self.held:
+            return
+        fill(self.staging)
+        self.tensor.copy_(self.staging, non_blocking=True)  # the step's host sync orders the staging's next reuse
+        self.copies += 1
+        self.held = key
+
+    def holds(self, key: Any) -> None:
+        self.held = key
+
+
 @dataclass
 class _Entry:
     cache: KVCache
-    inputs: torch.Tensor  # [3, Ap, 1] static input: token ids, positions, cache rows
-    staging: torch.Tensor  # [3, Ap, 1] host (pinned on CUDA) copy of the next inputs, one H2D copy per change
+    inputs: StaticInput  # [3, Ap, 1]: token ids, positions, cache rows; keyed by the real rows' (ids, pos, rows)
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # [Ap, V] static output
     greedy: torch.Tensor | None = None  # [Ap] static output: argmax of each row's logits
-    #: (token ids, positions, rows) of the real rows that `inputs` already holds for the next replay: the step
-    #: itself writes its argmax and position + 1 there, so a greedy batch that keeps its rows copies nothing in
-    fed: tuple[tuple[int, ...], ...] | None = None
 
 
 def capture_graph(warm: Callable[[], object], pool: Any, step: Callable[[], torch.Tensor]
@@ -66,7 +86,11 @@ class DecodeGraphs:
         self.forward: Callable[..., torch.Tensor] = torch.compile(model, dynamic=False) if compile else model
         self.entries: dict[tuple[int, int], _Entry] = {}  # (padded batch, id(cache))
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.input_copies = 0  # steps whose inputs had to travel from the host (the rest reused the last step's)
+
+    @property
+    def input_copies(self) -> int:
+        """Steps whose inputs had to travel from the host (the rest reused what the last step left)."""
+        return sum(e.inputs.copies for e in self.entries.values())
 
     def clear(self) -> None:
         self.entries.clear()
@@ -86,31 +110,29 @@ class DecodeGraphs:
         key = (Ap, id(cache))
         e = self.entries.get(key)
         if e is None:
-            dev = cache.device
-            staging = torch.zeros(3, Ap, 1, dtype=torch.long, pin_memory=dev.type == "cuda")
-            e = self.entries[key] = _Entry(cache, torch.zeros(3, Ap, 1, dtype=torch.long, device=dev), staging)
+            e = self.entries[key] = _Entry(cache, StaticInput((3, Ap, 1), cache.device))
+
+        def fill(staging: torch.Tensor) -> None:  # padding rows: token 0 at position 0 of the scratch row
+            staging.zero_()
+            staging[2].fill_(scratch_row)
+            staging[0, :A, 0] = torch.tensor(tokens)
+            staging[1, :A, 0] = torch.tensor(positions)
+            staging[2, :A, 0] = torch.tensor(rows)
         want = (tuple(tokens), tuple(positions), tuple(rows))
-        if e.fed != want:
-            e.staging.zero_()
-            e.staging[2].fill_(scratch_row)
-            e.staging[0, :A, 0] = torch.tensor(tokens)
-            e.staging[1, :A, 0] = torch.tensor(positions)
-            e.staging[2, :A, 0] = torch.tensor(rows)
-            e.inputs.copy_(e.staging, non_blocking=True)
-            self.input_copies += 1
+        e.inputs.feed(want, fill)
         if e.graph is None:
             self._capture(e, scratch_row)
         else:
             e.graph.replay()
         assert e.logits is not None and e.greedy is not None
         greedy = e.greedy[:A].tolist()  # the step's one host sync
-        e.fed = (tuple(greedy), tuple(p + 1 for p in positions), want[2])
+        e.inputs.holds((tuple(greedy), tuple(p + 1 for p in positions), want[2]))
         return e.logits, greedy
 
     def _step(self, e: _Entry, scratch_row: int) -> torch.Tensor:
         """The captured work: the forward, its argmax, and the next step's inputs for a greedy batch that keeps
         its rows (token = argmax, position + 1; padding rows stay at position 0 of the scratch row)."""
-        ids, pos, rows = e.inputs[0], e.inputs[1], e.inputs[2, :, 0]
+        ids, pos, rows = e.inputs.tensor[0], e.inputs.tensor[1], e.inputs.tensor[2, :, 0]
         logits = self.forward(ids, pos, e.cache, e.cache.max_len, self.experts, rows=rows)[:, -1]  # [Ap, V]
         greedy = logits.argmax(dim=-1)  # [Ap]
         ids.copy_(greedy[:, None])
@@ -128,7 +150,7 @@ class DecodeGraphs:
         e.graph = graph
 
     def _warm(self, e: _Entry) -> None:
-        ids, pos, rows = e.inputs[0], e.inputs[1], e.inputs[2, :, 0]
+        ids, pos, rows = e.inputs.tensor[0], e.inputs.tensor[1], e.inputs.tensor[2, :, 0]
         try:
             self.forward(ids, pos, e.cache, e.cache.max_len, self.experts, rows=rows)
         except Exception as err:  # an inductor / dynamo failure must not stop generation
@@ -192,23 +214,24 @@ class Seq2SeqStep:
         self.model, self.experts, self.cache, self.cross, self.enc_mask = model, experts, cache, cross, enc_mask
         self.capture, dev = capture, cache.device
         B = cache.batch
-        self.tokens = torch.full((B, 1), start_token, dtype=torch.long, device=dev)  # static input
+        self.inputs = StaticInput((B, 1), dev, fill=start_token)  # the tokens (held key None: the start tokens)
+        self.tokens = self.inputs.tensor  # [B, 1] static input
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)  # static input: every row at the same position
-        self.staging = torch.zeros(B, 1, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # [B, V] static output
         self.greedy: torch.Tensor | None = None  # [B] static output: each row's argmax
-        self.fed: list[int] | None = None  # the tokens `tokens` holds for the next step (None: the start tokens)
-        self.input_copies = 0  # steps whose tokens had to travel from the host (the rest fed the step's argmax)
+
+    @property
+    def input_copies(self) -> int:
+        """Steps whose tokens had to travel from the host (the rest fed the step's argmax)."""
+        return self.inputs.copies
 
     def step(self, tokens: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Decode the next position from `tokens` (one per row; None: what the buffer holds, the start tokens on
         the first step) -> (logits [B, V], valid until the next step; each row's argmax). After a step the buffer
         holds the argmax tokens, so a greedy batch copies nothing in."""
-        if tokens is not None and list(tokens) != self.fed:
-            self.staging[:, 0] = torch.tensor(list(tokens))
-            self.tokens.copy_(self.staging, non_blocking=True)
-            self.input_copies += 1
+        if tokens is not None:
+            self.inputs.feed(list(tokens), lambda staging: staging[:, 0].copy_(torch.tensor(list(tokens))))
         if not self.capture:
             self.logits = self._step()
         elif self.graph is None:
@@ -218,8 +241,9 @@ class Seq2SeqStep:
         else:
             self.graph.replay()
         assert self.logits is not None and self.greedy is not None
-        self.fed = self.greedy.tolist()  # the step's one host sync
-        return self.logits, self.fed
+        greedy = self.greedy.tolist()  # the step's one host sync
+        self.inputs.holds(greedy)
+        return self.logits, greedy
 
     def _forward(self) -> torch.Tensor:
         return self.model.decode(self.tokens, self.pos, self.cache, self.cache.max_len, self.cross, self.enc_mask,
