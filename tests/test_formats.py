@@ -265,3 +265,21 @@ def test_cuda_packed_experts_match_the_cpu_dequantized_path(mixtral, name, budge
         torch.testing.assert_close(got, logits(cpu, p), rtol=2e-3, atol=2e-3)
     want = [g.token_ids for g in cpu.generate(PROMPTS, max_new_tokens=16)]
     assert [g.token_ids for g in dev.generate(PROMPTS, max_new_tokens=16)] == want
+
+
+def test_packed_committee_keeps_one_host_copy_of_its_rows(tmp_path, monkeypatch):
+    """With zero-copy misses (the CUDA wiring, forced on the CPU) a committee of int8 experts pins every row once for
+    the kernel; the rows it keeps for swaps are that pinned copy, not a second one, and still the quantized rows."""
+    from moetandem.experts.committee import CommitteeProvider
+    from moetandem.experts.rows import ExpertRows
+    monkeypatch.setattr(CommitteeProvider, "_maps", lambda self, policy, total: True)
+    ckpt = build_checkpoint("mixtral", tmp_path / "m")
+    eng = moetandem.load(ckpt, device="cpu", dtype="bfloat16", progress=False, expert_budget=0.15,
+                         expert_format="int8", policy="auto", async_swaps=False)
+    c = eng.provider
+    assert c.mapped is not None and c.rows.source == "quantize"
+    fresh = ExpertRows(c.store, c.fmt, keep=False)
+    for layer in c.store.layers:
+        assert c.rows.get(layer, 0).data_ptr() == c.mapped[layer][0].data_ptr()
+        assert torch.equal(c.host_flat(layer, 1), fresh.get(layer, 1))
+    assert eng.generate(PROMPTS[:1], max_new_tokens=8, stop_on_eos=False)[0].token_ids

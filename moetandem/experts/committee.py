@@ -122,6 +122,7 @@ class CommitteeProvider(ExpertProvider):
             buf = self.host_fmt.empty(self.E, pin=self.device.type == "cuda")  # [E, row]
             for e in range(self.E):
                 buf[e].copy_(rows.get(l, e))
+            rows.adopt(l, buf)  # quantized rows kept for swaps: one host copy, the pinned one
             out[l] = buf
         return out
 

@@ -27,6 +27,13 @@ class ExpertRows:
                               disable=not progress, leave=False):
                 self._rows[layer] = torch.stack([self._make(layer, e) for e in range(store.num_experts)])
 
+    def adopt(self, layer: int, rows: torch.Tensor) -> None:
+        """Hold `rows` [E, row_numel] (the same values in other memory, e.g. the committee's pinned copy) instead of
+        the layer's kept rows, so host memory holds them once."""
+        if layer in self._rows:
+            assert rows.shape == self._rows[layer].shape and rows.dtype == self._rows[layer].dtype
+            self._rows[layer] = rows
+
     def get(self, layer: int, expert: int) -> torch.Tensor:
         """One expert's row [row_numel] on the host (a view into the kept rows, or freshly made)."""
         kept = self._rows.get(layer)
