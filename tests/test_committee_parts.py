@@ -110,18 +110,22 @@ def test_scorer_matches_host_reference(kind, window):
     g = torch.Generator().manual_seed(window)
     E, k, H = 8, 2, 4
     norms = torch.rand(E, generator=g) + 0.5
-    sc = Scorer(kind, window, [0], E, {0: norms}, torch.device("cpu"))
+    # layer 0 between two others that see other calls: every layer's state lives in one tensor
+    sc = Scorer(kind, window, [3, 0, 5], E, {3: norms, 0: norms, 5: norms}, torch.device("cpu"))
     calls, ema = [], torch.zeros(E)
     for i in range(40):
         T = [1, 3, 1, 7][i % 4]
         x, w = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
         ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
         sc.observe(0, x, ids, w)
+        sc.observe(3 if i % 2 else 5, torch.randn(2, H, generator=g), ids[:1].repeat(2, 1), w[:1].repeat(2, 1))
         calls.append((x, ids, w))
         vec = torch.zeros(E).scatter_add_(0, ids.reshape(-1), (x.norm(dim=-1, keepdim=True) * w * norms[ids]).reshape(-1))
         ema = ema * (1 - 1 / window) ** T + vec
         want = ema if kind == "ema" else _host_window(calls, E, window, norms, kind)
         torch.testing.assert_close(sc.scores(0), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sc.scores_many([3, 0, 5])[1], want, rtol=1e-5, atol=1e-5)  # all layers at once
+        torch.testing.assert_close(sc.scores_many([5, 0])[1], want, rtol=1e-5, atol=1e-5)  # a subset
 
 
 def test_scorer_rejects_bad_settings():

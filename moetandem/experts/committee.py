@@ -215,7 +215,7 @@ class CommitteeProvider(ExpertProvider):
             if self.graph_safe and not counted and self._count(l, n or (tokens or 1)):
                 due.append(l)
         if due:  # one host read of every due layer's scores
-            scores = torch.stack([self.scorer.scores_device(l) for l in due]).cpu()  # [L', E]
+            scores = self.scorer.scores_many(due).cpu()  # [L', E]
             for l, score in zip(due, scores):
                 self.refresh(l, score)
         if not self.async_swaps:

@@ -11,6 +11,7 @@ shortest suffix holding at least `window` tokens, as a host deque would."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moetandem.errors import InvalidRequestError
 
@@ -28,11 +29,19 @@ class Scorer:
         self.kind, self.window, self.E = kind, window, num_experts
         self.R = min(window, MAX_RING)
         self.norms = {l: norms[l].to(device, torch.float32) for l in layers}  # ‖E_i‖ [E] per layer
+        self.layers = list(layers)
+        self._index = {l: i for i, l in enumerate(self.layers)}
+        # every layer's state in one tensor, so a refresh reads all due layers with one set of ops (scores_many);
+        # each layer's compute writes its own view
+        L = len(self.layers)
         if kind == "ema":
-            self.ema = {l: torch.zeros(num_experts, device=device) for l in layers}  # [E]
+            self._emas = torch.zeros(L, num_experts, device=device)  # [L, E]
+            self.ema = {l: self._emas[i] for i, l in enumerate(self.layers)}  # [E] views
         else:
-            self.ring = {l: torch.zeros(self.R, num_experts + 1, device=device) for l in layers}  # [R, E+1]
-            self.head = {l: torch.zeros(1, dtype=torch.long, device=device) for l in layers}  # [1] next write
+            self._rings = torch.zeros(L, self.R, num_experts + 1, device=device)  # [L, R, E+1]
+            self._heads = torch.zeros(L, 1, dtype=torch.long, device=device)  # [L, 1] next write
+            self.ring = {l: self._rings[i] for i, l in enumerate(self.layers)}  # [R, E+1] views
+            self.head = {l: self._heads[i] for i, l in enumerate(self.layers)}  # [1] views
 
     def observe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         """Add one call's routing: x [T, H], ids [T, k], w [T, k]. Tensor ops only."""
@@ -55,16 +64,26 @@ class Scorer:
 
     def scores_device(self, layer: int) -> torch.Tensor:
         """[E] float32 on the device: the current scores (no host sync)."""
+        return self.scores_many([layer])[0]
+
+    def scores_many(self, layers: list[int]) -> torch.Tensor:
+        """[len(layers), E] float32 on the device: the current scores of these layers, in one set of ops."""
+        everything = layers == self.layers
         if self.kind == "ema":
-            return self.ema[layer]
-        ring, head = self.ring[layer], self.head[layer]
-        age = torch.arange(self.R, device=ring.device)  # 0 = newest
-        idx = (head - 1 - age) % self.R  # [R] ring rows, newest first
-        rows = ring[idx]  # [R, E+1]
-        tokens = rows[:, self.E]  # [R]
-        newer = tokens.cumsum(0) - tokens  # tokens in newer calls  [R]
-        keep = (age < head) & (newer < self.window)  # [R]
-        return (rows[:, : self.E] * keep[:, None]).sum(0)  # [E]
+            return self._emas if everything else self._emas[[self._index[l] for l in layers]]
+        sel = [self._index[l] for l in layers]
+        rings = self._rings if everything else self._rings[sel]  # [L', R, E+1]
+        heads = self._heads if everything else self._heads[sel]  # [L', 1] writes so far
+        # in ring order (no reordering copy): the tokens of the calls newer than slot j are those of slots
+        # j+1 .. h-1, wrapping past the end when j >= h (h: the next write's slot), from one prefix sum
+        tokens = rings[..., self.E]  # [L', R]
+        P = F.pad(tokens.cumsum(1), (1, 0))  # [L', R+1]: P[:, i] = tokens of slots < i
+        j = torch.arange(self.R, device=rings.device)  # [R]
+        h = heads % self.R  # [L', 1]
+        before_h = P.gather(1, h)  # [L', 1]
+        newer = torch.where(j < h, before_h - P[:, 1:], P[:, -1:] - P[:, 1:] + before_h)  # [L', R]
+        keep = (j < heads) & (newer < self.window)  # written, and within the window of newer tokens
+        return (rings[..., : self.E] * keep[..., None]).sum(1)  # [L', E]
 
     def scores(self, layer: int) -> torch.Tensor:
         """[E] float32 on the host (syncs: call between steps)."""
