@@ -68,12 +68,13 @@ class Scorer:
 
     def scores_many(self, layers: list[int]) -> torch.Tensor:
         """[len(layers), E] float32 on the device: the current scores of these layers, in one set of ops."""
-        everything = layers == self.layers
-        if self.kind == "ema":
-            return self._emas if everything else self._emas[[self._index[l] for l in layers]]
         sel = [self._index[l] for l in layers]
-        rings = self._rings if everything else self._rings[sel]  # [L', R, E+1]
-        heads = self._heads if everything else self._heads[sel]  # [L', 1] writes so far
+
+        def pick(t: torch.Tensor) -> torch.Tensor:  # views for all layers or one, a gather for other subsets
+            return t if layers == self.layers else t.narrow(0, sel[0], 1) if len(sel) == 1 else t[sel]
+        if self.kind == "ema":
+            return pick(self._emas)
+        rings, heads = pick(self._rings), pick(self._heads)  # [L', R, E+1], [L', 1] writes so far
         # in ring order (no reordering copy): the tokens of the calls newer than slot j are those of slots
         # j+1 .. h-1, wrapping past the end when j >= h (h: the next write's slot), from one prefix sum
         tokens = rings[..., self.E]  # [L', R]
