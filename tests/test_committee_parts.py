@@ -70,6 +70,28 @@ def test_slot_table_publish_unpublish():
     assert st.free_slots() == [2] and st.busy == {1} and st.slot_table[7] == -1
 
 
+def test_plan_swaps_fills_free_slots_then_replaces_while_it_gains():
+    """Free slots take the best missing experts first; then the least important residents give way to more
+    important newcomers, pairwise, until a newcomer is no better (unpublished in one table write)."""
+    st = LayerSlots(4, 12, 10, torch.device("cpu"), torch.float32)
+    for slot, expert in ((0, 0), (1, 1), (2, 2)):  # slot 3 free
+        st.publish(slot, expert)
+    score = torch.tensor([0.5, 0.1, 0.3, 0.0, 0.0, 0.0, 0.9, 0.8, 0.05, 0.0])
+    # top 4: 6, 7, 0, 2 -> 6 into the free slot; 7 (0.8) replaces 1 (0.1); nothing else is missing
+    assert st.plan_swaps(score) == [(3, 6), (1, 7)]
+    assert st.slot_table.tolist()[:3] == [0, -1, 2] and st.slot_of == {0: 0, 2: 2}
+    st2 = LayerSlots(2, 12, 10, torch.device("cpu"), torch.float32)
+    st2.publish(0, 0)
+    st2.publish(1, 1)
+    score = torch.tensor([0.2, 0.6, 0.5, 0.6, 0, 0, 0, 0, 0, 0])  # top 2: 1 and 3 (0.6) -> 3 replaces 0
+    assert st2.plan_swaps(score) == [(0, 3)]
+    st3 = LayerSlots(2, 12, 10, torch.device("cpu"), torch.float32)
+    st3.publish(0, 0)
+    st3.publish(1, 1)
+    tie = torch.tensor([0.5, 0.6, 0.5, 0, 0, 0, 0, 0, 0, 0])  # expert 2 ties with resident 0: no gain, no swap
+    assert st3.plan_swaps(tie) == [] and st3.slot_of == {0: 0, 1: 1}
+
+
 def test_substitute_tables_follow_the_resident_set():
     E = 6
     st = LayerSlots(2, 4, E, torch.device("cpu"), torch.float32)

@@ -6,6 +6,8 @@ so they are ordered with compute and never wait on the host. A slot is unpublish
 published only once its copy has finished (the swapper's job)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from moetandem.experts.store import flat_views
@@ -49,12 +51,22 @@ class LayerSlots:
     def unpublish(self, expert: int) -> int:
         """Stop compute from reading `expert`; returns its slot (now free to overwrite, after the kernels
         already queued on the stream)."""
-        slot = self.slot_of.pop(expert)
-        self.lossy.discard(slot)
-        self.slot_table[expert] = -1
-        self.expert_of[slot] = -1
+        return self.unpublish_many([expert])[0]
+
+    def unpublish_many(self, experts: list[int]) -> list[int]:
+        """unpublish() for several experts with one table write (one launch on a GPU); returns their slots."""
+        slots = []
+        for expert in experts:
+            slot = self.slot_of.pop(expert)
+            self.lossy.discard(slot)
+            self.expert_of[slot] = -1
+            slots.append(slot)
+        if len(experts) == 1:
+            self.slot_table[experts[0]] = -1
+        elif experts:
+            self.slot_table[torch.tensor(experts, device=self.slot_table.device)] = -1
         self.dirty = True
-        return slot
+        return slots
 
     def free_slots(self) -> list[int]:
         """Slots holding nothing and with no copy in flight."""
@@ -66,17 +78,16 @@ class LayerSlots:
         anything overwrites them). Nothing before any routing was seen."""
         if not score.any():
             return []
+        sc = score.tolist()
         present = set(self.slot_of) | set(self.incoming.values())
         want = set(torch.topk(score, self.n).indices.tolist())
-        out = sorted((e for e in self.slot_of if e not in want), key=lambda e: float(score[e]))
-        into = sorted((e for e in want if e not in present), key=lambda e: -float(score[e]))
+        out = sorted((e for e in self.slot_of if e not in want), key=lambda e: sc[e])
+        into = sorted((e for e in want if e not in present), key=lambda e: -sc[e])
         free = self.free_slots()
-        swaps = list(zip(free, into))
-        for old, new in zip(out, into[len(free):]):
-            if float(score[new]) <= float(score[old]):
-                break
-            swaps.append((self.unpublish(old), new))
-        return swaps
+        pairs = [(old, new) for old, new in zip(out, into[len(free):])]
+        leaving = [old for old, new in itertools.takewhile(lambda p: sc[p[1]] > sc[p[0]], pairs)]
+        slots = self.unpublish_many(leaving)
+        return list(zip(free, into)) + list(zip(slots, into[len(free):len(free) + len(leaving)]))
 
     def resident_mask(self) -> torch.Tensor:
         return self.slot_table >= 0  # [E] bool, device
