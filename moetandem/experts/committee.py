@@ -266,6 +266,7 @@ class CommitteeProvider(ExpertProvider):
         self.swapper.submit(SwapJob(owner=st, layer=layer, slot=slot, expert=expert, dst=st.buf[slot]))
 
     def _publish_finished(self) -> None:
+        ready: dict[int, list[tuple[int, int]]] = {}  # layer -> (slot, expert) to publish, one table write each
         for job in self.swapper.poll():
             st = self.layers.get(job.layer)
             if st is not job.owner:  # a budget change replaced the layer's slots meanwhile
@@ -274,11 +275,14 @@ class CommitteeProvider(ExpertProvider):
             if job.error is not None:  # the slot stays free: a later refresh plans it again
                 self.counters.host.failed_swaps += 1
                 continue
-            if job.expert in st.slot_of:  # fetched on demand meanwhile: keep one copy, leave this slot free
-                continue
-            st.publish(job.slot, job.expert)
+            pairs = ready.setdefault(job.layer, [])
+            if job.expert in st.slot_of or any(e == job.expert for _, e in pairs):
+                continue  # fetched on demand meanwhile: keep one copy, leave this slot free
+            pairs.append((job.slot, job.expert))
             self.counters.host.swaps += 1
             self.counters.host.bytes_moved += self.expert_size
+        for layer, pairs in ready.items():
+            self.layers[layer].publish_many(pairs)
 
     def drain(self) -> None:
         """Wait for in-flight swaps and publish them (tests, budget changes, reproducible runs)."""

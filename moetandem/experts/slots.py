@@ -44,8 +44,18 @@ class LayerSlots:
 
     def publish(self, slot: int, expert: int) -> None:
         """Make `expert` usable from `slot` (its bytes must already be there, in stream order)."""
-        self.slot_table[expert] = slot  # a fill on the current stream: no host sync
-        self.slot_of[expert], self.expert_of[slot] = slot, expert
+        self.publish_many([(slot, expert)])
+
+    def publish_many(self, pairs: list[tuple[int, int]]) -> None:
+        """publish() for several (slot, expert) pairs with one table write (one launch on a GPU; no host sync)."""
+        for slot, expert in pairs:
+            self.slot_of[expert], self.expert_of[slot] = slot, expert
+        if len(pairs) == 1:
+            self.slot_table[pairs[0][1]] = pairs[0][0]  # a fill on the current stream
+        elif pairs:
+            dev = self.slot_table.device
+            experts = torch.tensor([e for _, e in pairs], device=dev)
+            self.slot_table[experts] = torch.tensor([s for s, _ in pairs], dtype=torch.int32, device=dev)
         self.dirty = True
 
     def unpublish(self, expert: int) -> int:
