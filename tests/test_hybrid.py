@@ -30,6 +30,27 @@ def test_chunked_equals_recurrent_and_transformers():
     torch.testing.assert_close(s_r, s_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_fla_op_is_one_opaque_call(monkeypatch):
+    """The flash-linear-attention path as a custom op (fla's kernels stood in for by transformers' PyTorch forms,
+    which take the same arguments): the recurrent form's results, and torch.compile traces it without a break."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import (torch_chunk_gated_delta_rule,
+                                                                    torch_recurrent_gated_delta_rule)
+    from moetandem.models.components import delta_rule
+    monkeypatch.setattr(delta_rule, "_FLA", [(torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule)])
+    g_ = torch.Generator().manual_seed(3)
+    for L in (1, 5):  # decode (the recurrent kernel) and prefill (the chunked one)
+        q, k = (torch.randn(1, L, 2, 16, generator=g_) for _ in range(2))
+        v = torch.randn(1, L, 4, 8, generator=g_)
+        g, beta = -torch.rand(1, L, 4, generator=g_), torch.rand(1, L, 4, generator=g_)
+        s0 = torch.randn(1, 4, 16, 8, generator=g_) * 0.1
+        want = recurrent(q, k, v, g, beta, s0)
+        got = delta_rule.fla_gated_delta_rule(q, k, v, g, beta, s0)
+        compiled = torch.compile(delta_rule.fla_gated_delta_rule, backend="eager", fullgraph=True)(q, k, v, g, beta, s0)
+        for a in (got, compiled):
+            torch.testing.assert_close(a[0], want[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a[1], want[1], rtol=1e-4, atol=1e-4)
+
+
 def test_padding_tokens_leave_the_state_alone():
     g_ = torch.Generator().manual_seed(1)
     q, k = (torch.randn(1, 9, 1, 8, generator=g_) for _ in range(2))

@@ -90,6 +90,29 @@ def _fla() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
 _FLA: list[Any] = []
 
 
+@torch.library.custom_op("moetandem::fla_gated_delta_rule", mutates_args=())
+def fla_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                         state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-linear-attention's kernels as one opaque op (shapes as `recurrent`): torch.compile does not trace
+    into fla's Python and Triton code, and a CUDA graph captures the launches."""
+    chunk_fn, step_fn = _FLA[0]
+    rep = v.shape[2] // k.shape[2]
+    if rep > 1:
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+    fn = step_fn if q.shape[1] == 1 else chunk_fn
+    out, final = fn(q, k, v, g=g.float(), beta=beta.to(q.dtype), initial_state=state.float(),
+                    output_final_state=True, use_qk_l2norm_in_kernel=True)
+    out, final = out.to(v.dtype), final.float()
+    # a custom op's outputs alias no input: copy only if the kernel handed back the state it was given
+    return out, final.clone() if final.data_ptr() == state.data_ptr() else final
+
+
+@fla_gated_delta_rule.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+      state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(v), torch.empty(state.shape, dtype=torch.float32, device=state.device)
+
+
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: flash-linear-attention on CUDA if installed, else chunked (L > 1) or recurrent (L == 1)."""
@@ -97,12 +120,5 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         if not _FLA:
             _FLA.append(_fla())
         if _FLA[0] is not None:
-            chunk_fn, step_fn = _FLA[0]
-            rep = v.shape[2] // k.shape[2]
-            if rep > 1:
-                q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-            fn = step_fn if q.shape[1] == 1 else chunk_fn
-            out, final = fn(q, k, v, g=g.float(), beta=beta.to(q.dtype), initial_state=state.float(),
-                            output_final_state=True, use_qk_l2norm_in_kernel=True)
-            return out.to(v.dtype), final.float()
+            return fla_gated_delta_rule(q, k, v, g, beta, state)
     return (recurrent if q.shape[1] == 1 else chunked)(q, k, v, g, beta, state)
