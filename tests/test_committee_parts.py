@@ -106,6 +106,31 @@ def test_substitute_tables_follow_the_resident_set():
     st.unpublish(3)
     st.rebuild_substitutes(sim, 0.3)
     assert st.sub_slot[0] == 1 and st.near_slot[0] == 1  # 3 gone: 4 (0.4 >= 0.3) takes over
+    st.rebuild_substitutes(None, None)  # no similarity any more: the tables empty
+    assert st.sub_slot.tolist() == [-1] * E and st.near_slot.tolist() == [-1] * E
+
+
+def test_substitute_tables_of_several_layers_at_once():
+    """rebuild_substitutes over layers with different resident sets and similarities = each layer on its own."""
+    from moetandem.experts.slots import rebuild_substitutes
+    g = torch.Generator().manual_seed(5)
+    E, layers, alone = 8, [], []
+    for i in range(3):
+        pair = []
+        for _ in range(2):
+            st = LayerSlots(3, 4, E, torch.device("cpu"), torch.float32)
+            for slot, e in enumerate(torch.randperm(E, generator=g)[: 1 + i].tolist()):
+                st.publish(slot, e)
+            pair.append(st)
+        layers.append(pair[0])
+        alone.append(pair[1])
+        pair[1].slot_table.copy_(pair[0].slot_table)
+    sims = [torch.rand(E, E, generator=g) for _ in range(3)]
+    rebuild_substitutes(layers, sims, 0.5)
+    for st, ref, sim in zip(layers, alone, sims):
+        ref.rebuild_substitutes(sim, 0.5)
+        assert st.sub_slot.tolist() == ref.sub_slot.tolist() and st.near_slot.tolist() == ref.near_slot.tolist()
+        assert not st.dirty and (st.near_slot >= 0).any()
 
 
 # ------------------------------------------------------------------------ scorer

@@ -30,7 +30,7 @@ from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.rows import ExpertRows
 from moetandem.experts.scorer import SCORES, Scorer
-from moetandem.experts.slots import LayerSlots
+from moetandem.experts.slots import LayerSlots, rebuild_substitutes
 from moetandem.experts.stats import CommitteeStats, StatCounters
 from moetandem.experts.store import ExpertStore, return_freed_memory_to_os
 from moetandem.experts.swapper import HostCopies, Swapper, SwapJob, pinned_cap
@@ -245,10 +245,15 @@ class CommitteeProvider(ExpertProvider):
         st.rebuild_substitutes(sim, self.policy.substitute_min_sim)
 
     def _rebuild_dirty(self) -> None:
-        """Substitute tables follow the resident set; rebuilt between steps, so compute finds them current."""
-        for l, st in self.layers.items():
-            if st.dirty:
-                self._rebuild(st, l)
+        """Substitute tables follow the resident set; rebuilt between steps, so compute finds them current (the
+        changed layers together, with a similarity)."""
+        dirty = [(l, st) for l, st in self.layers.items() if st.dirty]
+        if len(dirty) > 1 and self._sim_dev is not None:
+            rebuild_substitutes([st for _, st in dirty], [self._sim_dev[l] for l, _ in dirty],
+                                self.policy.substitute_min_sim)
+            return
+        for l, st in dirty:
+            self._rebuild(st, l)
 
     # ------------------------------------------------------------------ moving experts
     def refresh(self, layer: int, score: torch.Tensor | None = None) -> None:

@@ -28,6 +28,7 @@ class LayerSlots:
         self.incoming: dict[int, int] = {}  # slot -> expert being copied in (slot unpublished meanwhile)
         self.lossy: set[int] = set()  # slots holding a miss fetched from a lower-precision copy (--miss-format)
         self.dirty = True  # resident set changed since sub_slot / near_slot were built
+        self._no_substitutes = True  # sub_slot / near_slot hold only −1 (no similarity applied yet)
 
     @property
     def n(self) -> int:
@@ -105,17 +106,24 @@ class LayerSlots:
     def rebuild_substitutes(self, similarity: torch.Tensor | None, min_sim: float | None) -> None:
         """Refill sub_slot / near_slot from the resident set, with tensor ops (no host sync).
         similarity [E, E] on the device (None: no substitutes); min_sim None: no thresholded substitutes."""
+        if similarity is not None:
+            return rebuild_substitutes([self], [similarity], min_sim)
         self.dirty = False
-        if similarity is None:
+        if not self._no_substitutes:  # the tables stay all −1 until a similarity comes
             self.sub_slot.fill_(-1)
             self.near_slot.fill_(-1)
-            return
-        resident = self.slot_table >= 0  # [E]
-        sim = similarity.masked_fill(~resident[None, :], -torch.inf)  # [E, E]: row e = candidates for e
-        best_sim, best = sim.max(dim=1)  # [E], [E]
-        near = torch.where(best_sim > -torch.inf, self.slot_table[best], -1)  # [E]
-        self.near_slot.copy_(near)
-        if min_sim is None:
-            self.sub_slot.fill_(-1)
-        else:
-            self.sub_slot.copy_(torch.where(best_sim >= min_sim, near, -1))
+            self._no_substitutes = True
+
+
+def rebuild_substitutes(layers: list[LayerSlots], similarity: list[torch.Tensor], min_sim: float | None) -> None:
+    """LayerSlots.rebuild_substitutes for several layers (each with its similarity [E, E]) in one set of ops over
+    [L', E, E], then two table copies per layer: a refresh changes every layer's resident set at once."""
+    tables = torch.stack([st.slot_table for st in layers])  # [L', E]
+    sim = torch.stack(similarity).masked_fill(~(tables >= 0)[:, None, :], -torch.inf)  # row e: candidates for e
+    best_sim, best = sim.max(dim=2)  # [L', E]
+    near = torch.where(best_sim > -torch.inf, tables.gather(1, best), -1)  # [L', E]
+    sub = torch.where(best_sim >= min_sim, near, -1) if min_sim is not None else torch.full_like(near, -1)
+    for i, st in enumerate(layers):
+        st.near_slot.copy_(near[i])
+        st.sub_slot.copy_(sub[i])
+        st.dirty, st._no_substitutes = False, False
