@@ -283,3 +283,16 @@ def test_packed_committee_keeps_one_host_copy_of_its_rows(tmp_path, monkeypatch)
         assert c.rows.get(layer, 0).data_ptr() == c.mapped[layer][0].data_ptr()
         assert torch.equal(c.host_flat(layer, 1), fresh.get(layer, 1))
     assert eng.generate(PROMPTS[:1], max_new_tokens=8, stop_on_eos=False)[0].token_ids
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_rows_copy_into_a_buffer_equal_get(tmp_path, fmt):
+    """copy_into writes what get() returns (a bf16 row read from the checkpoint straight into the buffer)."""
+    from moetandem.experts.rows import ExpertRows
+    eng = moetandem.load(build_checkpoint("mixtral", tmp_path / "m"), device="cpu", dtype="bfloat16", progress=False)
+    st = eng.store
+    rows = ExpertRows(st, ExpertFormat(fmt, st.inter, st.hidden, torch.bfloat16), keep=fmt != "bf16")
+    buf = rows.fmt.empty(2).zero_()
+    for layer in st.layers[:2]:
+        rows.copy_into(layer, 3, buf[1])
+        assert torch.equal(buf[1], rows.get(layer, 3)) and not torch.equal(buf[0], buf[1])

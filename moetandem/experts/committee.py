@@ -121,7 +121,7 @@ class CommitteeProvider(ExpertProvider):
         for l in tqdm(self.store.layers, desc="pinning experts", unit="layer", disable=not progress, leave=False):
             buf = self.host_fmt.empty(self.E, pin=self.device.type == "cuda")  # [E, row]
             for e in range(self.E):
-                buf[e].copy_(rows.get(l, e))
+                rows.copy_into(l, e, buf[e])
             rows.adopt(l, buf)  # quantized rows kept for swaps: one host copy, the pinned one
             out[l] = buf
         return out

@@ -41,6 +41,13 @@ class ExpertRows:
             return kept[expert]
         return self._make(layer, expert)
 
+    def copy_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
+        """get() written into `out` [row_numel] (a bf16 row straight from the checkpoint, no temporary)."""
+        if self.source == "dense" and layer not in self._rows:
+            self.store.read_flat(layer, expert, self.fmt.dtype, out=out)
+        else:
+            out.copy_(self.get(layer, expert))
+
     def _make(self, layer: int, expert: int) -> torch.Tensor:
         s, fmt = self.store, self.fmt
         if self.source == "dense":

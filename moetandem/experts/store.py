@@ -156,10 +156,12 @@ class ExpertStore:
     def expert_bytes(self, dtype: torch.dtype) -> int:
         return self.expert_numel() * torch.empty((), dtype=dtype).element_size()
 
-    def read_flat(self, layer: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        """One expert as a single flat buffer [gate | up | down (| b_gate | b_up | b_down)] (a swap is one copy)."""
+    def read_flat(self, layer: int, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One expert as a single flat buffer [gate | up | down (| b_gate | b_up | b_down)] (a swap is one copy);
+        out: written there (e.g. a row of a pinned buffer), with no temporary when the checkpoint is in dtype."""
         parts = [*self.read(layer, expert), *(self.read_bias(layer, expert) or ())]
-        return torch.cat([p.reshape(-1).to(dtype) for p in parts])
+        flat = [p.reshape(-1).to(dtype) for p in parts]
+        return torch.cat(flat) if out is None else torch.cat(flat, out=out)
 
 
 def flat_views(buf: torch.Tensor, inter: int, hidden: int, gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
