@@ -50,7 +50,10 @@ class ResidentProvider(ExpertProvider):
             w2 = torch.empty(E, H, I, device=device, dtype=dtype)
             for e in range(E):
                 *first, d = store.read(layer, e)
-                w13[e].copy_(torch.cat(first))  # [2I | I, H]
+                row = 0
+                for part in first:  # gate, up (or the one input projection) into w13[e] [2I | I, H], no temporary
+                    w13[e, row:row + part.shape[0]].copy_(part)
+                    row += part.shape[0]
                 w2[e].copy_(d)
             self.w13[layer], self.w2[layer] = w13, w2
             if self.act.bias:
