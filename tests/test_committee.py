@@ -218,3 +218,17 @@ def test_grouped_slot_path_matches_loop_path(ckpt, policy):
         stats = eng.expert_stats()
     assert outs[0] == outs[1]
     assert stats["misses"] > 0
+
+
+def test_weight_calibration_is_the_cosine_of_flat_experts(ckpt):
+    """Norms and cosine similarity of the flattened expert weights, computed from one chunked Gram matrix per
+    layer, equal the direct float32 computation."""
+    from moetandem.experts import similarity
+    store = moetandem.load(ckpt, device="cpu", progress=False).store
+    sim, norms = similarity.weight_calibration(store, progress=False)
+    for layer in store.layers:
+        w = torch.stack([store.read_flat(layer, e, torch.float32) for e in range(store.num_experts)])
+        v = torch.nn.functional.normalize(w, dim=1)
+        torch.testing.assert_close(norms[layer], w.norm(dim=1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sim[layer], v @ v.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(similarity._gram(w, chunk=7), w @ w.T, rtol=1e-4, atol=1e-4)  # chunks add up

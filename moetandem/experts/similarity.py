@@ -52,13 +52,28 @@ def _cosine(v: torch.Tensor) -> torch.Tensor:
     return v @ v.T  # [E, E]
 
 
+def _gram(w: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """w [E, n] in any float dtype -> W Wᵀ [E, E] in float32, over column chunks (no float32 copy of all of w)."""
+    g = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float32)
+    for c in range(0, w.shape[1], chunk):
+        part = w[:, c:c + chunk].float()  # [E, chunk]
+        g += part @ part.T
+    return g
+
+
 def weight_calibration(store: ExpertStore, progress: bool = True) -> tuple[dict[int, torch.Tensor],
                                                                          dict[int, torch.Tensor]]:
-    """Norms and cosine similarity of the flattened expert weights (reads every expert once)."""
+    """Norms and cosine similarity of the flattened expert weights (reads every expert once, in the checkpoint's
+    dtype: one Gram matrix per layer gives both)."""
     sim, norms = {}, {}
+    dtype = store.read(store.layers[0], 0)[0].dtype if store.layers else torch.float32
     for l in tqdm(store.layers, desc="expert weights", unit="layer", disable=not progress):
-        w = torch.stack([store.read_flat(l, e, torch.float32) for e in range(store.num_experts)])  # [E, 3IH]
-        norms[l], sim[l] = w.norm(dim=1), _cosine(w)
+        w = torch.empty(store.num_experts, store.expert_numel(), dtype=dtype)  # [E, 3IH (+ biases)]
+        for e in range(store.num_experts):
+            store.read_flat(l, e, dtype, out=w[e])
+        g = _gram(w)  # [E, E]
+        norms[l] = g.diagonal().clamp_min(0).sqrt()
+        sim[l] = g / (norms[l][:, None] * norms[l][None, :]).clamp_min(1e-12)
     return sim, norms
 
 
