@@ -36,11 +36,21 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_budget(budget: str | int | float, total_bytes: int | None = None) -> int | float:
+AUTO_BUDGET = "auto"
+
+
+def parse_budget(budget: str | int | float, total_bytes: int | None = None, allow_auto: bool = False
+                 ) -> int | float | str:
     """An expert budget: bytes with a unit ('6GiB', '512MB', '1e9B'), a whole number of bytes (123456), or a
     fraction of all expert bytes in (0, 1] ('0.5', 0.5). With total_bytes, returns bytes (clamped to the total);
-    without it, returns the fraction as a float or the bytes as an int, so a bad string fails before any load."""
+    without it, returns the fraction as a float or the bytes as an int, so a bad string fails before any load.
+    allow_auto: 'auto' (what fits the device, decided at load: runtime.build_engine) is returned as is."""
     text = str(budget).strip()
+    if text.lower() == AUTO_BUDGET:
+        if not allow_auto:
+            raise InvalidRequestError("--expert-budget auto is decided when the model loads; here give bytes "
+                                      "(6GiB) or a fraction of all expert bytes (0.5)")
+        return AUTO_BUDGET
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)", text)
     if isinstance(budget, bool) or not m or (m.group(2) and m.group(2).lower() not in _UNITS):
         raise InvalidRequestError(f"--expert-budget {budget!r}: use bytes with a unit like 6GiB or 512MB, or a "
@@ -131,7 +141,7 @@ class CommitteeConfig:
 
     def validate(self) -> None:
         if self.budget is not None:
-            parse_budget(self.budget)
+            parse_budget(self.budget, allow_auto=True)
         if self.policy is not None and self.policy not in POLICIES + BASELINES:
             raise InvalidRequestError(f"unknown policy {self.policy!r}; choose one of "
                                       f"{', '.join(POLICIES + BASELINES)}")

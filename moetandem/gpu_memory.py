@@ -23,10 +23,27 @@ EXPERT_SHARE = 0.8
 
 @dataclass(frozen=True)
 class MemoryCap:
-    """A cap of `nbytes` on this process's allocations on `device` (set by MemoryCap.apply)."""
+    """A cap of `nbytes` on this process's allocations on `device` (set by MemoryCap.apply), or, without
+    --gpu-memory, the GPU's own memory (MemoryCap.of_device: given=False, nothing set, only checked against)."""
 
     nbytes: int
     device: torch.device
+    given: bool = True
+
+    @classmethod
+    def of_device(cls, device: torch.device) -> "MemoryCap | None":
+        """What this process can still allocate on a CUDA device now (free memory plus what its allocator holds
+        unused), as the limit loads are checked against; None off CUDA."""
+        if device.type != "cuda":
+            return None
+        index = torch.cuda.current_device() if device.index is None else device.index
+        free, _ = torch.cuda.mem_get_info(index)
+        held = torch.cuda.memory_reserved(index)
+        return cls(free + held, torch.device("cuda", index), given=False)
+
+    def room(self) -> int:
+        """Bytes that can still be allocated under the limit."""
+        return self.nbytes - self.in_use()
 
     @classmethod
     def apply(cls, gib: float | None, device: torch.device) -> "MemoryCap | None":
@@ -56,11 +73,17 @@ class MemoryCap:
         suggest_budget: no --expert-budget was given, so name one that would fit. parallel: an expert-parallel rank
         (bf16 experts, no per-command budget), whose fix is more ranks."""
         left = self.nbytes - in_use
-        head = (f"--gpu-memory {self.nbytes / GIB:g} is too small for {what}: {in_use / GIB:.2f} GiB of the cap on "
-                f"{self.device} already held, {max(left, 0) / GIB:.2f} GiB left.")
+        if self.given:
+            head = (f"--gpu-memory {self.nbytes / GIB:g} is too small for {what}: {in_use / GIB:.2f} GiB of the cap "
+                    f"on {self.device} already held, {max(left, 0) / GIB:.2f} GiB left.")
+            larger = "raise --gpu-memory"
+        else:
+            head = (f"{self.device} has too little free memory for {what}: {in_use / GIB:.2f} GiB already held by "
+                    f"this process, {max(left, 0) / GIB:.2f} GiB free.")
+            larger = "use a GPU with more free memory"
         if parallel:
             return InvalidRequestError(f"{head} Fixes: a larger --expert-parallel N shards the experts over more "
-                                       "GPUs; or raise --gpu-memory")
+                                       f"GPUs; or {larger}")
         fit = ""
         budget = math.floor(left * EXPERT_SHARE / GIB * 10) / 10
         if suggest_budget and budget > 0:
@@ -68,8 +91,17 @@ class MemoryCap:
                    "the KV cache and activations)")
         return InvalidRequestError(
             f"{head} Fixes: --expert-budget keeps only a committee of experts on the GPU (generate, serve, eval)"
-            f"{fit}; --expert-format int8 or int4 holds them in about 1/2 or 1/4 of the bytes; `moetandem cloud "
-            "--expert-parallel N` shards them over N GPUs; or raise --gpu-memory")
+            f"{fit}, or --expert-budget auto picks it; --expert-format int8 or int4 holds them in about 1/2 or 1/4 "
+            f"of the bytes; `moetandem cloud --expert-parallel N` shards them over N GPUs; or {larger}")
+
+
+def auto_budget(room: int | None, expert_bytes: int) -> int | None:
+    """--expert-budget auto: None (every expert resident) when they fit in EXPERT_SHARE of the device memory left
+    after the non-expert weights (room; None: no device limit, e.g. the CPU), else that share, in bytes."""
+    if room is None:
+        return None
+    fit = int(max(room, 0) * EXPERT_SHARE)
+    return None if expert_bytes <= fit else fit
 
 
 @contextmanager

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from moetandem.checkpoint import Checkpoint
-from moetandem.config import CommitteeConfig, GateConfig, ModelConfig, SplitConfig
+from moetandem.config import AUTO_BUDGET, CommitteeConfig, GateConfig, ModelConfig, SplitConfig
 from moetandem.engine import Engine, resolve_device, resolve_dtype
 from moetandem.errors import UnsupportedModelError
 from moetandem.errors import InvalidRequestError
@@ -20,7 +21,7 @@ from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.factory import build_provider
 from moetandem.experts.formats import resolve as resolve_format
 from moetandem.experts.store import ExpertStore
-from moetandem.gpu_memory import MemoryCap, loading
+from moetandem.gpu_memory import MemoryCap, auto_budget, loading
 from moetandem.loader import load_dense
 from moetandem.models import get_family
 
@@ -37,7 +38,9 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
     if family.seq2seq:
         check_seq2seq(family.model_type, model, gate, split)
     args = family.args(ckpt.config, ckpt.path)
-    cap = MemoryCap.apply(model.gpu_memory, dev)  # before any weight is on the device (on each expert-parallel rank)
+    # --gpu-memory's cap, set before any weight is on the device (on each expert-parallel rank); without one the
+    # GPU's own free memory, so a load that cannot fit still ends with the message and its fixes
+    cap = MemoryCap.apply(model.gpu_memory, dev) or MemoryCap.of_device(dev)
     with loading(cap, "the non-expert weights", parallel=model.expert_parallel):
         net = load_dense(ckpt, family, args, dev, dt, model.progress)
     store = ExpertStore(ckpt, family, args)
@@ -47,6 +50,8 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
             raise InvalidRequestError(f"--expert-parallel holds bf16 experts; drop --expert-format {fmt.name}")
         fmt = resolve_format("bf16", store, dt, dev)
     expert_bytes = total_expert_bytes(store, dt, fmt.nbytes)
+    if committee.budget == AUTO_BUDGET:
+        committee = resolve_auto_budget(committee, cap, expert_bytes, model.expert_parallel)
     what = describe_experts(expert_bytes, dt, fmt, model.expert_parallel, committee.enabled)
     held = cap.in_use() if cap is not None else 0
     if cap is not None and not committee.enabled and not model.expert_parallel and held + expert_bytes > cap.nbytes:
@@ -77,6 +82,24 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
         from moetandem.gating import measure_profile
         router.selector.update(measure_profile(engine))
     return engine
+
+
+def resolve_auto_budget(committee: CommitteeConfig, cap: MemoryCap | None, expert_bytes: int,
+                        parallel: bool) -> CommitteeConfig:
+    """--expert-budget auto, once the non-expert weights are on the device: every expert resident if they fit
+    (the committee's other settings then have nothing to act on), else a committee of what fits."""
+    if parallel:
+        raise InvalidRequestError("--expert-budget auto is not available with --expert-parallel; give each rank's "
+                                  "budget in bytes (e.g. 20GiB)")
+    budget = auto_budget(cap.room() if cap is not None else None, expert_bytes)
+    where = cap.device if cap is not None else "the host"
+    if budget is None:
+        log.info("--expert-budget auto: all %.2f GiB of experts fit on %s: every expert resident",
+                 expert_bytes / 2**30, where)
+        return CommitteeConfig()
+    log.info("--expert-budget auto: %.2f GiB of %.2f GiB of experts on %s (a committee)", budget / 2**30,
+             expert_bytes / 2**30, where)
+    return replace(committee, budget=budget)
 
 
 def build_experts(ckpt: Checkpoint, store: ExpertStore, top_k: int, dev: Any, dt: Any, committee: CommitteeConfig,
@@ -120,8 +143,8 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
          token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None,
          compile: str = "auto", expert_format: str = "auto", miss_format: str = "bf16",
          gpu_memory: float | None = None) -> Engine:
-    """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', or a fraction like 0.5 of all expert
-    bytes) only a committee of experts stays on the device; policy / fidelity say what a miss gets. gate="group" /
+    """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', a fraction like 0.5 of all expert
+    bytes, or 'auto': what fits the GPU's free memory) only a committee of experts stays on the device; policy / fidelity say what a miss gets. gate="group" /
     "masked" routes to the experts that are local now. cloud="HOST:PORT" runs the middle layers on a `moetandem
     cloud` server; split holds SplitConfig's other fields (plan, head, tail, codec, codec_rank, micro_batches,
     cloud_experts) and link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...). expert_format: bf16 | fp8 | int8

@@ -40,8 +40,10 @@ def add_drain_args(p: argparse.ArgumentParser, what: str) -> None:
 def add_committee_args(p: argparse.ArgumentParser) -> None:
     """--expert-budget and what a miss gets (Parameter Committee), plus the gate flags."""
     g = p.add_argument_group("expert budget (Parameter Committee)")
-    g.add_argument("--expert-budget", type=budget_arg, metavar="B", help="device bytes for experts (6GiB, 512MB) "
-                   "or a fraction of all expert bytes in (0, 1] (0.5); default: every expert resident")
+    g.add_argument("--expert-budget", type=budget_arg, metavar="B", help="device bytes for experts (6GiB, 512MB), "
+                   "a fraction of all expert bytes in (0, 1] (0.5), or auto (every expert if they fit the GPU's free "
+                   "memory, else a committee of 80%% of what the other weights leave); default: every expert "
+                   "resident")
     g.add_argument("--policy", choices=POLICIES + BASELINES, help="what a non-resident expert gets (overrides "
                    "--fidelity): auto/fetch/host are exact; substitute, skip; baselines lru, static, host-only")
     g.add_argument("--fidelity", choices=FIDELITY, default="balanced", help="exact | balanced | fast (default "
@@ -128,7 +130,7 @@ def read_text(path: str) -> str:
 # ---- argparse types: a bad value is a usage error before anything loads
 def budget_arg(text: str) -> str:
     try:
-        parse_budget(text)
+        parse_budget(text, allow_auto=True)
     except InvalidRequestError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix(f"--expert-budget {text!r}").lstrip(": ")
                                          or str(e)) from None
