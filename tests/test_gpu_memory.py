@@ -222,3 +222,25 @@ def test_gpu_same_cap_with_a_budget_runs_under_it(big_experts: Any) -> None:
     torch.cuda.synchronize()
     assert len(out) == 16 and eng.provider.expert_bytes() <= 64 << 20
     assert torch.cuda.max_memory_allocated(0) <= cap * GIB
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_auto_budget_fits_the_cap(big_experts: Any) -> None:
+    """--expert-budget auto under a cap too small for every expert: a committee that runs under the cap; with room
+    for them all, every expert resident."""
+    path, held = big_experts
+    cap = held + 0.25
+    torch.cuda.reset_peak_memory_stats(0)
+    eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, use_graphs=False, gpu_memory=cap,
+                         expert_budget="auto", fidelity="exact")
+    assert eng.provider.__class__.__name__ == "CommitteeProvider"
+    assert len(eng.generate([[1, 2, 3, 4]], max_new_tokens=16, stop_on_eos=False)[0].token_ids) == 16
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated(0) <= cap * GIB
+    del eng
+    gc.collect()
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    torch.cuda.empty_cache()
+    eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, expert_budget="auto")
+    assert eng.provider.__class__.__name__ == "ResidentProvider"
