@@ -84,10 +84,12 @@ def test_front_spreads_connections_and_skips_a_dead_replica() -> None:
     dead.close()  # registered but gone: connection refused
     front = Front(lambda: [addr_dead, addr_a, addr_b])
     port = front.start("127.0.0.1:0")
-    conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
-    deadline = time.monotonic() + 5
-    while sum(front.load().values()) < 4 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    conns = []
+    for i in range(4):  # one at a time: concurrent ones may each try the dead replica first and shift the spread
+        conns.append(socket.create_connection(("127.0.0.1", port)))
+        deadline = time.monotonic() + 5
+        while sum(n for b, n in front.load().items() if b != addr_dead) < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)  # counted on a live replica (past its try of the dead one)
     assert front.load() == {addr_a: 2, addr_b: 2}
     front.stop()  # a drain: no new connection (close() alone left the socket listening under a blocked accept)
     with pytest.raises(ConnectionRefusedError):
