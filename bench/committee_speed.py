@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode import _free  # noqa: E402
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
+from moetandem.config import parse_budget  # noqa: E402
 from moetandem.experts.budget import total_expert_bytes  # noqa: E402
 
 CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balanced"}, "fast": {"fidelity": "fast"},
@@ -54,14 +55,15 @@ def ours(path: Path, device: str, prompts: list[list[int]], new: int, budget: fl
     read, moved = (after.get(k, 0) - before.get(k, 0) for k in ("miss_bytes", "bytes_moved"))
     dense = sum(p.numel() * p.element_size() for p in eng.model.parameters())
     kv = sum(c.nbytes() for c in eng._caches.values())
-    # the bound: non-expert weights + the budget (a fraction is of the bf16 expert bytes) + KV cache + 5%
+    # the bound: non-expert weights + the budget (as the engine read it: a fraction is of the bf16 expert
+    # bytes) + KV cache + 5%
     held = (eng.provider.expert_bytes() if budget is None else
-            budget * total_expert_bytes(eng.store, torch.bfloat16) if budget <= 1 else budget)
+            parse_budget(budget, total_expert_bytes(eng.store, torch.bfloat16)))
+    tokens = sum(len(p) + new for p in prompts)
     res = {"tok_s": st.decode_tok_s, "peak_gib": eng.peak_memory() / 2**30, "graph_safe": eng.graph_safe,
            "load_s": t1 - t0, "warmup_s": t2 - t1, "run_s": time.perf_counter() - t2,  # where a row's time goes
            "bound_gib": (dense + held + kv) * 1.05 / 2**30, "expert_gib": eng.provider.expert_bytes() / 2**30,
-           "miss_mib_tok": read / sum(len(p) + new for p in prompts) / 2**20,
-           "moved_mib_tok": moved / sum(len(p) + new for p in prompts) / 2**20,
+           "miss_mib_tok": read / tokens / 2**20, "moved_mib_tok": moved / tokens / 2**20,
            "run_swaps": after.get("swaps", 0) - before.get("swaps", 0), **after}
     del eng
     _free()
@@ -126,7 +128,7 @@ def main() -> None:
                 rows.append({"shape": shape, "budget": b, "config": "HF + accelerate offload", **r})
                 keep(rows, args.out)
     lines = ["| shape | budget | config | decode tok/s | × all-resident | peak GiB | bound GiB | one CUDA graph | "
-             "hit rate | swaps (since load) | misses read MiB/tok | swapped in MiB/tok |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "hit rate | swaps (since load) | misses read MiB/tok | swapped in MiB/tok |", "|---" * 12 + "|"]
     for r in rows:
         base = next(x["tok_s"] for x in rows if x["shape"] == r["shape"] and x["config"] == "all resident")
         looked = r.get("hits", 0) + r.get("misses", 0)

@@ -39,7 +39,8 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str | list[int], max_tokens: int) -> dict[str, Any]:
+async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str | list[int],
+                      max_tokens: int) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                             "ignore_eos": True, "stream_options": {"include_usage": True}}
     if model:
@@ -187,8 +188,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 x concurrency, >= 8)")
     ap.add_argument("--prompt-words", type=int, default=32)
-    ap.add_argument("--token-prompt", action="store_true",
-                    help="send the prompt as --prompt-words token ids (a checkpoint without a tokenizer, e.g. bench/shapes.py)")
+    ap.add_argument("--token-prompt", action="store_true", help="send the prompt as --prompt-words token ids (a "
+                    "checkpoint without a tokenizer, e.g. bench/shapes.py)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16, help="with --model: KV-cache slots of the server")
     ap.add_argument("--device", default="auto", help="with --model: auto | cpu | cuda")

@@ -115,7 +115,8 @@ class CloudServer:
             return self._queued
 
     def step_costs(self) -> Any:
-        """This cloud's per-layer fixed + per-token decode costs, measured once (at start() on a GPU, else at the first hello asking)."""
+        """This cloud's per-layer fixed + per-token decode costs, measured once (at start() on a GPU, else at the
+        first hello asking)."""
         from moetandem.split.costs import measure_step_costs
         with self.compute_lock, self._costs_lock, torch.inference_mode():
             if self._costs is None:
