@@ -9,6 +9,7 @@ from __future__ import annotations
 import moetandem
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,10 +37,11 @@ DEFAULT_CONFIGS = ["exact (auto)", "balanced", "fast", "lru", "host-only"]
 
 
 def ours(path: Path, device: str, prompts: list[list[int]], new: int, budget: float | None, kw: dict,
-         temperature: float = 0.0) -> dict:
+         temperature: float = 0.0, repeats: int = 1) -> dict:
     """prompts: the batch, decoded together (tok/s counts every sequence). temperature > 0 samples (seeded: every
     config sees the same draws), so a random-weight model does not fall into repeating one token, whose routing then
-    repeats too and flatters every cache."""
+    repeats too and flatters every cache. repeats: timed runs after the warm-up; tok/s is their median (each run's
+    figure in `tok_s_runs`), the byte counters are per token over all of them."""
     t0 = time.perf_counter()
     eng = moetandem.load(path, device=device, progress=False, expert_budget=budget, compile="on", **kw)
     t1 = time.perf_counter()
@@ -48,8 +50,10 @@ def ours(path: Path, device: str, prompts: list[list[int]], new: int, budget: fl
     _free()
     t2 = time.perf_counter()
     before = eng.expert_stats()
-    eng.generate(prompts, **gen)
-    st = eng.last_stats
+    runs = []
+    for _ in range(repeats):
+        eng.generate(prompts, **gen)
+        runs.append(eng.last_stats.decode_tok_s)
     after = eng.expert_stats()
     # this run's share (the counters run from the load on, the warm-up's converging committee included)
     read, moved = (after.get(k, 0) - before.get(k, 0) for k in ("miss_bytes", "bytes_moved"))
@@ -59,8 +63,9 @@ def ours(path: Path, device: str, prompts: list[list[int]], new: int, budget: fl
     # bytes) + KV cache + 5%
     held = (eng.provider.expert_bytes() if budget is None else
             parse_budget(budget, total_expert_bytes(eng.store, torch.bfloat16)))
-    tokens = sum(len(p) + new for p in prompts)
-    res = {"tok_s": st.decode_tok_s, "peak_gib": eng.peak_memory() / 2**30, "graph_safe": eng.graph_safe,
+    tokens = sum(len(p) + new for p in prompts) * repeats
+    res = {"tok_s": statistics.median(runs), "tok_s_runs": runs, "peak_gib": eng.peak_memory() / 2**30,
+           "graph_safe": eng.graph_safe,
            "load_s": t1 - t0, "warmup_s": t2 - t1, "run_s": time.perf_counter() - t2,  # where a row's time goes
            "bound_gib": (dense + held + kv) * 1.05 / 2**30, "expert_gib": eng.provider.expert_bytes() / 2**30,
            "miss_mib_tok": read / tokens / 2**20, "moved_mib_tok": moved / tokens / 2**20,
@@ -96,6 +101,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per row after the warm-up (median)")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (tok/s counts them all)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sample (seeded) instead of greedy decoding")
     ap.add_argument("--hf-new-tokens", type=int, default=8, help="accelerate offload is slow: fewer tokens (0: skip it)")
@@ -112,12 +118,13 @@ def main() -> None:
             build_random_checkpoint(shape, path, device=args.device)
         prompts = torch.randint(2, SHAPES[shape]["vocab_size"], (args.batch, 32),
                                 generator=torch.Generator().manual_seed(0)).tolist()
-        full = ours(path, args.device, prompts, args.new_tokens, None, {}, args.temperature)
+        full = ours(path, args.device, prompts, args.new_tokens, None, {}, args.temperature, args.repeats)
         rows.append({"shape": shape, "budget": 1.0, "config": "all resident", **full})
         keep(rows, args.out)
         for b in args.budgets:
             for label in args.configs:
-                r = ours(path, args.device, prompts, args.new_tokens, b, CONFIGS[label], args.temperature)
+                r = ours(path, args.device, prompts, args.new_tokens, b, CONFIGS[label], args.temperature,
+                         args.repeats)
                 rows.append({"shape": shape, "budget": b, "config": label, **r})
                 keep(rows, args.out)
             if args.device == "cuda" and args.hf_new_tokens > 0:  # the GPU memory our balanced run peaked at
