@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from moetandem.errors import ContextLengthError
+from moetandem.graphs import buckets
 from moetandem.models import KVCache
 from moetandem.sampling import TokenLogprob, sample, token_logprobs
 
@@ -92,6 +94,25 @@ class Batcher:
         rows = torch.tensor([s.slot for s in seqs], device=dev)
         logits = self.engine.forward(ids.to(dev), pos, self.cache, Lp, valid=valid, last_only=lens_t - 1, rows=rows)
         return self._emit(seqs, logits[:, -1])
+
+    @torch.inference_mode()
+    def warm_up(self, on_size: Callable[[int, float], None] | None = None) -> list[int]:
+        """Capture the decode step of every batch size the batcher can run now (CUDA graphs: compiled, tuned and
+        captured), so the first batch of each size does not stall its sequences for seconds (a server calls
+        this before it reports ready; on a CPU the steps run eagerly and cost a forward each). The steps are
+        padding only: every row is the scratch row, so no slot's KV is touched. on_size(batch size, seconds)
+        after each. Returns the sizes warmed; [] when decode steps do not go through the graphs (experts that
+        are not graph-safe on a GPU decode eagerly)."""
+        graphs = self.engine.graphs
+        if graphs is None or graphs.capture and not self.engine.graph_safe:
+            return []
+        sizes = buckets(self.max_batch)
+        for a in sizes:
+            t = time.perf_counter()
+            graphs.step([0] * a, [0] * a, [self.max_batch] * a, self.cache, scratch_row=self.max_batch)
+            if on_size is not None:
+                on_size(a, time.perf_counter() - t)
+        return sizes
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:

@@ -58,6 +58,17 @@ class _Entry:
     greedy: torch.Tensor | None = None  # [Ap] static output: argmax of each row's logits
 
 
+def bucket(rows: int, max_rows: int) -> int:
+    """The batch size a decode step of `rows` sequences runs at: the next power of two, at most `max_rows` (a
+    graph per bucket; the rows above `rows` are padding)."""
+    return min(1 << (rows - 1).bit_length(), max_rows)
+
+
+def buckets(max_rows: int) -> list[int]:
+    """Every bucket a batch of 1..max_rows sequences can fall in."""
+    return sorted({bucket(a, max_rows) for a in range(1, max_rows + 1)})
+
+
 def capture_graph(warm: Callable[[], object], pool: Any, step: Callable[[], torch.Tensor]
                   ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Two warm-up calls of `warm` on a side stream (kernel tuning, compilation, lazy allocations), then `step`
@@ -106,7 +117,7 @@ class DecodeGraphs:
         Padding rows (up to a power of two) write into `scratch_row`. The inputs travel to the device only when
         they differ from what the previous replay left for this one (sampled tokens, a changed batch)."""
         A = len(tokens)
-        Ap = min(1 << (A - 1).bit_length(), cache.batch - 1)
+        Ap = bucket(A, cache.batch - 1)
         key = (Ap, id(cache))
         e = self.entries.get(key)
         if e is None:

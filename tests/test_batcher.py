@@ -103,3 +103,24 @@ def test_decode_steps_reuse_device_inputs_and_match_plain_forward(tmp_path):
     while b.active:
         b.step()
     assert eng.graphs.input_copies - before == 1  # 9 steps: only the first one's inputs came from the host
+
+
+def test_warm_up_prepares_every_batch_size_and_leaves_the_slots_alone(engine):
+    """A server warms every decode bucket before it reports ready; the padding-only steps write into the scratch
+    row, so sequences decoded afterwards (and their KV rows) are exactly as without the warm-up."""
+    from moetandem.graphs import buckets
+    prompts = [[5, 17, 42, 99], [1, 2, 3, 4, 5, 6, 7, 8, 9], [200, 100]]
+    cold = Batcher(engine, max_batch=5, max_len=64)
+    seen: list[int] = []
+    warm = Batcher(engine, max_batch=5, max_len=64)
+    assert warm.warm_up(lambda a, s: seen.append(a)) == seen == buckets(5) == [1, 2, 4, 5]
+    assert {a for a, _ in engine.graphs.entries} >= {1, 2, 4, 5}
+    outs = []
+    for b in (cold, warm):
+        seqs = [engine.make_sequence(p, max_new_tokens=10) for p in prompts]
+        b.add(seqs)
+        while b.active:
+            b.step()
+        outs.append([s.out for s in seqs])
+    assert outs[0] == outs[1] == [engine.generate([p], max_new_tokens=10)[0].token_ids for p in prompts]
+    assert warm.free_slots() == 5

@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,6 +44,10 @@ class ServerState:
 
     def attach(self, engine: Any) -> None:
         loop = EngineLoop(engine, metrics=self.metrics, **self.loop_kwargs)
+        t = time.perf_counter()
+        sizes = loop.batcher.warm_up()  # before /health says ready: no request waits for a graph capture
+        if sizes:
+            log.info("decode steps prepared for batch sizes %s in %.1f s", sizes, time.perf_counter() - t)
         loop.start()
         self.loop = loop
 
