@@ -69,19 +69,33 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str 
             "tpot": (end - chunks[0]) / (tokens - 1) if tokens > 1 else None}
 
 
+def make_prompts(n: int, words: int, tokens: bool, same: bool) -> list[str] | list[list[int]]:
+    """n prompts of `words` words (or token ids from 100 up), each a different rotation of the word list / id range,
+    so concurrent greedy requests do not decode the same sequence (whose rows would route alike and flatter an
+    expert cache); same: n copies of the first (the old behaviour)."""
+    def ids(i: int) -> list[int]:
+        return [100 + (j + 37 * i) % 1000 for j in range(words)]
+
+    def text(i: int) -> str:
+        return " ".join(WORDS[(j + 7 * i) % len(WORDS)] for j in range(words))
+    make = ids if tokens else text
+    return [make(0 if same else i) for i in range(n)]  # type: ignore[return-value]
+
+
 async def run_level(url: str, headers: dict[str, str], model: str | None, concurrency: int, n_requests: int,
-                    prompt: str | list[int], max_tokens: int) -> dict[str, Any]:
+                    prompts: list[str] | list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """Request i sends prompts[i % len(prompts)]."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600.0),
                                  limits=limits) as client:
-        async def guarded() -> dict[str, Any]:
+        async def guarded(i: int) -> dict[str, Any]:
             async with sem:
-                return await one_request(client, model, prompt, max_tokens)
+                return await one_request(client, model, prompts[i % len(prompts)], max_tokens)
 
-        await one_request(client, model, prompt, 4)  # warm-up (connections, first-use allocations)
+        await one_request(client, model, prompts[0], 4)  # warm-up (connections, first-use allocations)
         t = time.perf_counter()
-        results = await asyncio.gather(*(guarded() for _ in range(n_requests)))
+        results = await asyncio.gather(*(guarded(i) for i in range(n_requests)))
         wall = time.perf_counter() - t
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
@@ -190,6 +204,8 @@ def main() -> None:
     ap.add_argument("--prompt-words", type=int, default=32)
     ap.add_argument("--token-prompt", action="store_true", help="send the prompt as --prompt-words token ids (a "
                     "checkpoint without a tokenizer, e.g. bench/shapes.py)")
+    ap.add_argument("--same-prompt", action="store_true", help="every request sends the same prompt (default: each "
+                    "its own rotation of the words, so greedy requests do not decode one sequence)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16, help="with --model: KV-cache slots of the server")
     ap.add_argument("--device", default="auto", help="with --model: auto | cpu | cuda")
@@ -209,11 +225,11 @@ def main() -> None:
     try:
         listed = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
         model = args.served_model or listed[0]["id"]
-        prompt: str | list[int] = (list(range(100, 100 + args.prompt_words)) if args.token_prompt else
-                                   " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_words)))
+        prompts = make_prompts(args.requests_max, args.prompt_words, args.token_prompt, args.same_prompt)
+        prompt = prompts[0]
         rows = []
         for c in args.concurrency:
-            rows.append(asyncio.run(run_level(url, headers, model, c, per_level[c], prompt, args.max_tokens)))
+            rows.append(asyncio.run(run_level(url, headers, model, c, per_level[c], prompts, args.max_tokens)))
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                   flush=True)
         probe = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60,
