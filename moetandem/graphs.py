@@ -69,11 +69,25 @@ def buckets(max_rows: int) -> list[int]:
     return sorted({bucket(a, max_rows) for a in range(1, max_rows + 1)})
 
 
+#: the warm-up stream of each device, one per process: torch gives every stream that runs a cuBLAS call its own
+#: workspace (32 MiB on Hopper) and keeps it until the process ends, so a new stream per capture leaked that much per
+#: graph (per engine loaded, per batch size captured, per seq2seq generate call)
+_WARM_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def warm_stream() -> torch.cuda.Stream:
+    """The current device's warm-up side stream (created on first use)."""
+    dev = torch.cuda.current_device()
+    if dev not in _WARM_STREAMS:
+        _WARM_STREAMS[dev] = torch.cuda.Stream()
+    return _WARM_STREAMS[dev]
+
+
 def capture_graph(warm: Callable[[], object], pool: Any, step: Callable[[], torch.Tensor]
                   ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Two warm-up calls of `warm` on a side stream (kernel tuning, compilation, lazy allocations), then `step`
+    """Two warm-up calls of `warm` on the side stream (kernel tuning, compilation, lazy allocations), then `step`
     captured into a new graph drawing on `pool`. Returns the graph (not yet replayed) and the step's static output."""
-    side = torch.cuda.Stream()
+    side = warm_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):

@@ -74,6 +74,29 @@ def test_exact_committee_tokens_equal_all_resident_in_one_graph(fam, tmp_path):
     assert s["misses"] > 0 and s["substitutions"] == 0 and s["skips"] == 0
 
 
+def test_an_engine_dropped_returns_its_gpu_memory(tmp_path):
+    """A second engine of the same checkpoint, loaded, run at two batch sizes and dropped in the same process,
+    leaves the allocator where the first left it. (Each graph capture used to warm up on a new side stream, and
+    torch keeps a cuBLAS workspace per stream for the process's life: 32 MiB per engine on Hopper, which the
+    committee bench saw as a peak growing row by row.)"""
+    import gc
+    from conftest import build_checkpoint
+    path = build_checkpoint("olmoe", tmp_path / "m")
+
+    def cycle() -> int:
+        eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, expert_budget=0.5)
+        eng.generate([[1, 2, 3, 4]], max_new_tokens=8, stop_on_eos=False)
+        eng.generate([[1, 2, 3, 4], [5, 6]], max_new_tokens=8, stop_on_eos=False)
+        del eng
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated()
+
+    first = cycle()
+    assert cycle() - first < (1 << 20)
+
+
 def test_committee_memory_bound(tmp_path):
     """Against all-resident, a committee's engine holds on the GPU only its slots plus small device tables (slot
     table, scores, counters): everything else it needs lives in host memory. (The peak-memory bound of the issue,
@@ -118,3 +141,21 @@ def test_committee_decode_step_traces_as_one_graph(fidelity, tmp_path):
     reasons = sorted({f"{b.reason}".splitlines()[0] + f" @ {b.user_stack[-1] if b.user_stack else '?'}"
                       for b in ex.break_reasons})
     assert ex.graph_break_count == 0, reasons
+
+
+def test_warm_up_captures_every_batch_size_before_requests(tmp_path):
+    """What the server does before it reports ready: every decode bucket's graph is captured, so sequences decoded
+    afterwards at those batch sizes replay graphs and capture none."""
+    from conftest import build_checkpoint
+    from moetandem.batcher import Batcher
+    eng = moetandem.load(build_checkpoint("olmoe", tmp_path / "m"), device="cuda", dtype="bfloat16", progress=False)
+    b = Batcher(eng, max_batch=4, max_len=64)
+    assert b.warm_up() == [1, 2, 4]
+    graphs = {key: e.graph for key, e in eng.graphs.entries.items()}
+    assert len(graphs) == 3 and all(g is not None for g in graphs.values())
+    seqs = [eng.make_sequence([i + 1, i + 2, i + 3], 6) for i in range(3)]
+    b.add(seqs)
+    while b.active:
+        b.step()
+    assert {key: e.graph for key, e in eng.graphs.entries.items()} == graphs
+    assert all(len(s.out) == 6 for s in seqs)
