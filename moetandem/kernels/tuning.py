@@ -48,11 +48,15 @@ class MoEConfig:
 
 
 #: searched for both GEMMs; narrow N tiles spread a batch-1 GEMV over many SMs, wide ones reuse rows at large T
-#: (a 16-wide tile at BLOCK_M 16 gives 4 warps the same work, hence also 2-warp variants and longer K tiles)
+#: (a 16-wide tile at BLOCK_M 16 gives 4 warps the same work, hence also 2-warp variants and longer K tiles). The
+#: last three are for short reductions: the down GEMM's K is the intermediate size (768-1536 in the common shapes),
+#: a 4-8 step loop at BLOCK_K 128-256 where the pipeline's fill and drain dominate; at batch 1 down reached ~52% of
+#: HBM bandwidth against gate+up's ~66% (H200, OLMoE shape)
 CANDIDATES = (KernelConfig(16, 256, 4, 4), KernelConfig(16, 128, 4, 4), KernelConfig(32, 128, 4, 4),
               KernelConfig(32, 64, 4, 6), KernelConfig(64, 128, 4, 3),
               KernelConfig(64, 64, 4, 4), KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3),
-              KernelConfig(16, 256, 2, 4), KernelConfig(16, 512, 2, 3), KernelConfig(32, 256, 4, 3))
+              KernelConfig(16, 256, 2, 4), KernelConfig(16, 512, 2, 3), KernelConfig(32, 256, 4, 3),
+              KernelConfig(16, 1024, 4, 2), KernelConfig(16, 512, 4, 3), KernelConfig(32, 512, 4, 2))
 
 
 def t_bucket(t: int) -> int:
