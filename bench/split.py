@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +41,15 @@ sys.path.insert(0, str(ROOT))
 PROMPTS = ["The history of the city begins", "In the early morning the soldiers", "The album was released in",
            "Scientists have long debated whether", "She walked into the room and", "The river flows through",
            "During the second world war", "The game was developed by"]
+#: the same prompts as token ids, for a checkpoint that ships no tokenizer (bench/shapes.py's random ones): 6-8
+#: ids each, like the texts' lengths
+ID_PROMPTS = [[100 + 37 * i + j for j in range(6 + i % 3)] for i in range(len(PROMPTS))]
 CONFIGS = ("cloud-only", "end-only", "naive", "moetandem")
+
+
+def prompts_for(engine: Any) -> list[str] | list[list[int]]:
+    """PROMPTS where the engine has a tokenizer, else ID_PROMPTS."""
+    return PROMPTS if getattr(engine, "tokenizer", None) is not None else ID_PROMPTS
 GRID_BW, GRID_RTT = (10, 50, 100, 1000), (10, 40, 100)
 
 
@@ -73,7 +80,6 @@ def split_options(config: str, a: argparse.Namespace, rtt_ms: float) -> dict[str
 # ---------------------------------------------------------------- the end side (a worker process in the end netns)
 
 def load_engine(config: str, a: argparse.Namespace, rtt_ms: float) -> Any:
-    from moetandem.engine import Engine
     split = split_options(config, a, rtt_ms)
     budget = None if config == "single" else a.expert_budget
     kw: dict[str, Any] = {"cloud": a.cloud, "token_file": a.token_file, "split": split} if split else {}
@@ -89,11 +95,12 @@ def link_bytes(engine: Any) -> float:
 
 
 def measure(config: str, engine: Any, a: argparse.Namespace) -> dict[str, Any]:
-    engine.generate(PROMPTS[:1], max_new_tokens=4, stop_on_eos=False)  # warm-up (session, caches, link)
+    prompts = prompts_for(engine)
+    engine.generate(prompts[:1], max_new_tokens=4, stop_on_eos=False)  # warm-up (session, caches, link)
     before = dict(engine.split.split_stats()) if getattr(engine, "split", None) is not None else {}
     gaps: list[float] = []
     dec_bytes, dec_tokens = 0.0, 0
-    for p in PROMPTS[: a.latency_prompts]:
+    for p in prompts[: a.latency_prompts]:
         times: list[float] = []
         mark: list[float] = []
 
@@ -110,10 +117,10 @@ def measure(config: str, engine: Any, a: argparse.Namespace) -> dict[str, Any]:
                            "bytes_per_token": dec_bytes / max(dec_tokens, 1), "throughput": {}}
     res["step_ms"] = {}  # median decode step at each concurrency (sequence 0's token gaps: one per batch step)
     for c in a.concurrency:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
+        batch = [prompts[i % len(prompts)] for i in range(c)]
         seen: list[float] = []
         t0 = time.perf_counter()
-        out = engine.generate(prompts, max_new_tokens=a.tokens, stop_on_eos=False,
+        out = engine.generate(batch, max_new_tokens=a.tokens, stop_on_eos=False,
                               on_token=lambda i, tok: seen.append(time.perf_counter()) if i == 0 else None)
         dt = time.perf_counter() - t0
         res["throughput"][str(c)] = sum(len(g.token_ids) for g in out) / dt

@@ -30,7 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.split import PROMPTS, measure  # noqa: E402
+from bench.split import measure, prompts_for  # noqa: E402
 
 CONFIGS = ("end-only", "cloud-only", "naive", "adaptive")
 FULL = dict(rates=[10, 50, 100, 1000], rtts=[5, 20, 50, 100], budgets=[0.25, 0.5], ends=[1, 4, 16])
@@ -129,14 +129,14 @@ def worker(a: argparse.Namespace) -> int:
                         eng.split.replanner = None
                         eng.split.set_plan(Placement(1, 1, None, None, 1))
                         eng.split.link.monitor.reset()  # this scenario's link only
-                        eng.generate(PROMPTS[:2], max_new_tokens=8, stop_on_eos=False)
+                        eng.generate(prompts_for(eng)[:2], max_new_tokens=8, stop_on_eos=False)
                         prof = measured_profile(end_costs[b], eng, {k: v[0] for k, v in runs.items() if v}, b, conc,
                                                 overlap=a.cloud_device != "cpu")
                         bases = baseline_plans(prof, "throughput")
                         seen = {k: v[0]["throughput"][str(conc)] for k, v in runs.items() if v}
                         p = guard_with_measured(make_split_plan(prof, "throughput"), bases, seen)
                         eng.split.set_plan(p)
-                        eng.generate(PROMPTS[:2], max_new_tokens=16, stop_on_eos=False)  # the committee adapts
+                        eng.generate(prompts_for(eng)[:2], max_new_tokens=16, stop_on_eos=False)  # the committee adapts
                         eng.split.replanner = profile_replanner(prof, "throughput", current=p)
                         plan = p.describe()
                         predicted = {k: v.predicted_throughput_tok_s for k, v in bases.items()}
