@@ -44,10 +44,10 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 #: inductor inlines into the kernel that consumes the MoE output (residual add + next RMSNorm): one launch less per
 #: MoE layer. Not `y.sum(1)`: inductor unrolls only reductions of fewer than `unroll_reductions_threshold` (8)
 #: elements, so at top-8 (OLMoE, Qwen3, DeepSeek-V3) and above (Qwen3-Next's top-10) the sum would stay a reduction
-#: kernel of its own and nothing would be saved; the chain stays one fused kernel (checked up to k = 16 on
-#: inductor's Triton scheduling). Same numerics: fp32 adds in k's order, one cast to x's dtype. Eager steps keep
-#: the kernel's sum (there the chain would be k launches). Read once at import; dynamo guards on this global, so a
-#: test or bench/decode.py may set it between engines and the next trace follows it.
+#: kernel of its own and nothing would be saved; the chain stays one fused kernel (seen up to k = 16 in inductor's
+#: Triton scheduling, torch 2.13, on the CPU). Same numerics: fp32 adds in k's order, one cast to x's dtype. Eager
+#: steps keep the kernel's sum (there the chain would be k launches). Read once at import; dynamo guards on this
+#: global, so a test or bench/decode.py may set it between engines and the next trace follows it.
 MOE_SUM_GRAPH: bool = os.environ.get("MOETANDEM_MOE_SUM", "").strip().lower() == "graph"
 
 
