@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import moetandem
 import argparse
+import contextlib
 import gc
 import json
 import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,11 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 
-VARIANTS = {  # name -> moetandem.load keywords
+GRAPH_SUM = "moetandem CUDA graph + torch.compile, MoE sum in graph"
+VARIANTS = {  # name -> moetandem.load keywords (+ moe_sum: "graph" = MOETANDEM_MOE_SUM=graph, else off)
     "moetandem eager": {"use_graphs": False, "compile": "off"},
     "moetandem CUDA graph": {"use_graphs": True, "compile": "off"},
     "moetandem CUDA graph + torch.compile": {"use_graphs": True, "compile": "on"},
+    GRAPH_SUM: {"use_graphs": True, "compile": "on", "moe_sum": "graph"},
 }
+OPT_IN = (GRAPH_SUM,)  # opt-in paths under measurement: run when --variants names them
 
 
 def _sync() -> None:
@@ -44,27 +49,43 @@ def _free() -> None:
 
 def bench_ours(path: Path, device: str, prompts: list[list[int]], new: int, kw: dict, repeats: int) -> dict:
     """prompts: the batch (one row per sequence). tok/s counts every sequence's tokens; prefill_tok_s is the
-    prompt tokens over the prefill's time."""
-    eng = moetandem.load(path, device=device, progress=False, **kw)
-    t = time.perf_counter()
-    eng.generate(prompts, max_new_tokens=new)  # warm-up (graph capture, compilation, kernel tuning)
-    warm_s = time.perf_counter() - t
-    runs = []
-    for _ in range(repeats):
-        _sync()
+    prompt tokens over the prefill's time. kw: moetandem.load's keywords and moe_sum (see moe_sum)."""
+    kw = dict(kw)
+    with moe_sum(kw.pop("moe_sum", None)):
+        eng = moetandem.load(path, device=device, progress=False, **kw)
         t = time.perf_counter()
-        g = eng.generate(prompts, max_new_tokens=new, stop_on_eos=False)[0]
-        _sync()
-        st = eng.last_stats
-        runs.append((time.perf_counter() - t, st.decode_tok_s, st.prompt_tokens / max(st.prefill_s, 1e-9)))
-    assert len(g.token_ids) == new
-    e2e = statistics.median(r[0] for r in runs)
-    res = {"tok_s": len(prompts) * new / e2e, "decode_tok_s": statistics.median(r[1] for r in runs),
-           "prefill_tok_s": statistics.median(r[2] for r in runs), "warmup_s": warm_s,
-           "peak_gib": eng.peak_memory() / 2**30, "tokens": g.token_ids[:16]}
-    del eng
-    _free()
+        eng.generate(prompts, max_new_tokens=new)  # warm-up (graph capture, compilation, kernel tuning)
+        warm_s = time.perf_counter() - t
+        runs = []
+        for _ in range(repeats):
+            _sync()
+            t = time.perf_counter()
+            g = eng.generate(prompts, max_new_tokens=new, stop_on_eos=False)[0]
+            _sync()
+            st = eng.last_stats
+            runs.append((time.perf_counter() - t, st.decode_tok_s, st.prompt_tokens / max(st.prefill_s, 1e-9)))
+        assert len(g.token_ids) == new
+        e2e = statistics.median(r[0] for r in runs)
+        res = {"tok_s": len(prompts) * new / e2e, "decode_tok_s": statistics.median(r[1] for r in runs),
+               "prefill_tok_s": statistics.median(r[2] for r in runs), "warmup_s": warm_s,
+               "peak_gib": eng.peak_memory() / 2**30, "tokens": g.token_ids[:16]}
+        del eng
+        _free()
     return res
+
+
+@contextlib.contextmanager
+def moe_sum(mode: str | None) -> Iterator[None]:
+    """experts.executor.MOE_SUM_GRAPH (MOETANDEM_MOE_SUM) for one engine's run: on for "graph", else off, whatever
+    the environment says. The flag is read when the step is traced and dynamo guards on it, so variants in one
+    process each get a trace of their own."""
+    from moetandem.experts import executor
+    before = executor.MOE_SUM_GRAPH
+    executor.MOE_SUM_GRAPH = mode == "graph"
+    try:
+        yield
+    finally:
+        executor.MOE_SUM_GRAPH = before
 
 
 def bench_hf(path: Path, device: str, prompts: list[list[int]], new: int, impl: str | None) -> dict:
@@ -107,7 +128,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (tok/s counts them all)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in OPT_IN], choices=list(VARIANTS),
+                    help=f"default: all but the opt-in {list(OPT_IN)}")
     ap.add_argument("--hf", nargs="*", default=["default"], help="HF experts_implementation values to run")
     ap.add_argument("--cleanup", action="store_true", help="delete each built checkpoint after its shape (RAM disk)")
     args = ap.parse_args()

@@ -2,6 +2,7 @@
 grouped by role, with time per layer and the bytes each role must read (its weights), against the HBM roofline.
 
     python bench/profile_decode.py --shapes olmoe-1b-7b qwen3-30b-a3b --out out/profile
+    python bench/profile_decode.py --graphs --moe-sum kernel graph   # MOETANDEM_MOE_SUM off / on, side by side
 """
 from __future__ import annotations
 
@@ -45,9 +46,12 @@ def weight_bytes(cfg: dict) -> dict[str, float]:
             "lm_head + embed row": cfg["vocab_size"] * H * 2}
 
 
-def profile(path: Path, steps: int, graphs: bool = False) -> dict:
+def profile(path: Path, steps: int, graphs: bool = False, moe_sum: str = "kernel") -> dict:
     """graphs: profile the shipped decode path (CUDA graph + torch.compile; CUPTI reports the kernels a graph
-    replay runs) instead of eager steps."""
+    replay runs) instead of eager steps. moe_sum "graph": MOETANDEM_MOE_SUM=graph for this engine (the sum over k
+    inside the compiled step: no _sum_kernel, one launch less per MoE layer), "kernel": off."""
+    from moetandem.experts import executor
+    executor.MOE_SUM_GRAPH = moe_sum == "graph"  # read when the step is traced (dynamo guards on it)
     eng = moetandem.load(path, device="cuda", progress=False, use_graphs=graphs, compile="on" if graphs else "off")
     prompt = list(range(2, 34))
     eng.generate([prompt], max_new_tokens=8, stop_on_eos=False)  # warm-up, kernel tuning
@@ -83,16 +87,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("out/profile"))
     ap.add_argument("--graphs", action="store_true", help="profile CUDA graph + torch.compile decode (shipped path)")
+    ap.add_argument("--moe-sum", nargs="+", default=["kernel"], choices=["kernel", "graph"],
+                    help="the sum over k: the fused MoE's kernel, or (MOETANDEM_MOE_SUM=graph, needs --graphs) fused "
+                         "into the compiled step; several: one profile each")
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline (H200: 4.8e12)")
     args = ap.parse_args()
+    if "graph" in args.moe_sum and not args.graphs:
+        ap.error("--moe-sum graph needs --graphs: only a compiled step sums in the graph")
     args.out.mkdir(parents=True, exist_ok=True)
     lines = ["| shape | role | µs / token | µs / layer | kernels / token |", "|---|---|---|---|---|"]
     out = {}
-    for shape in args.shapes:
-        path = args.ckpt_root / shape
+    for name, mode in [(s, m) for s in args.shapes for m in args.moe_sum]:
+        shape = name if args.moe_sum == ["kernel"] else f"{name} (moe sum: {mode})"
+        path = args.ckpt_root / name
         if not (path / "model.safetensors.index.json").exists():
-            build_random_checkpoint(shape, path, device="cuda")
-        res = out[shape] = profile(path, args.steps, args.graphs)
+            build_random_checkpoint(name, path, device="cuda")
+        res = out[shape] = profile(path, args.steps, args.graphs, mode)
         total = sum(v["us_per_token"] for v in res["roles"].values())
         for r, v in sorted(res["roles"].items(), key=lambda kv: -kv[1]["us_per_token"]):
             lines.append(f"| {shape} | {r} | {v['us_per_token']:.1f} | {v['us_per_token'] / res['layers']:.1f} | "

@@ -22,17 +22,33 @@ experts may have a format of their own (`host_fmt`: a committee's --miss-format 
 """
 from __future__ import annotations
 
+import functools
+import operator
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from moetandem.experts.provider import group_by_expert
-from moetandem.kernels import fused_moe_op, fused_moe_supported
+from moetandem.kernels import fused_moe_op, fused_moe_parts_op, fused_moe_supported
+from moetandem.kernels.fused_moe import DIRECT_MAX_TOKENS
 from moetandem.kernels.quant import dequantize
 from moetandem.models.expert_activation import SWIGLU, ExpertActivation
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+#: MOETANDEM_MOE_SUM=graph (opt-in; default: the fused kernel's own sum launch): in a decode step traced by
+#: torch.compile (T <= DIRECT_MAX_TOKENS), the fused MoE hands out its per-assignment outputs
+#: (`moetandem::fused_moe_parts`, [T, k, H] fp32) and the sum over k is written as a chain of k - 1 adds, which
+#: inductor inlines into the kernel that consumes the MoE output (residual add + next RMSNorm): one launch less per
+#: MoE layer. Not `y.sum(1)`: inductor unrolls only reductions of fewer than `unroll_reductions_threshold` (8)
+#: elements, so at top-8 (OLMoE, Qwen3, DeepSeek-V3) and above (Qwen3-Next's top-10) the sum would stay a reduction
+#: kernel of its own and nothing would be saved; the chain stays one fused kernel (seen up to k = 16 in inductor's
+#: Triton scheduling, torch 2.13, on the CPU). Same numerics: fp32 adds in k's order, one cast to x's dtype. Eager
+#: steps keep the kernel's sum (there the chain would be k launches). Read once at import; dynamo guards on this
+#: global, so a test or bench/decode.py may set it between engines and the next trace follows it.
+MOE_SUM_GRAPH: bool = os.environ.get("MOETANDEM_MOE_SUM", "").strip().lower() == "graph"
 
 
 @dataclass
@@ -104,9 +120,18 @@ def packed_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
     hw13, hw2, hb13, hb2 = (*mapped, None, None)[:4] if mapped is not None else (None, None, None, None)
     b13, b2 = bias if bias is not None else (None, None)
     hs13, hs2 = host_scales if host_scales is not None else (None, None)
-    return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2, act.alpha,
-                        act.limit, fmt=fmt, s13=scales[0], s2=scales[1], host_s13=hs13, host_s2=hs2,
-                        host_fmt=host_fmt)  # [T, H]
+    return _fused_moe(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2, act.alpha,
+                      act.limit, fmt=fmt, s13=scales[0], s2=scales[1], host_s13=hs13, host_s2=hs2,
+                      host_fmt=host_fmt)  # [T, H]
+
+
+def _fused_moe(x: torch.Tensor, slot_ids: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """fused_moe_op(x, slot_ids, ...) -> [T, H] in x's dtype; with MOE_SUM_GRAPH in a compiled decode step, its
+    per-assignment op and the sum over k as pointwise adds that inductor fuses into the consumer."""
+    if not (MOE_SUM_GRAPH and x.shape[0] <= DIRECT_MAX_TOKENS and torch.compiler.is_compiling()):
+        return fused_moe_op(x, slot_ids, *args, **kwargs)
+    y = fused_moe_parts_op(x, slot_ids, *args, **kwargs)  # [T, k, H] fp32, zeros where nothing ran
+    return functools.reduce(operator.add, y.unbind(1)).to(x.dtype)  # [T, H]
 
 
 def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
@@ -122,13 +147,13 @@ def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
         if host_fmt not in (None, "bf16"):  # packed misses beside bf16 slots
             b13, b2 = bias if bias is not None else (None, None)
             hs13, hs2 = host_scales if host_scales is not None else (None, None)
-            return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2,
-                                act.alpha, act.limit, host_s13=hs13, host_s2=hs2, host_fmt=host_fmt)  # [T, H]
+            return _fused_moe(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2,
+                              act.alpha, act.limit, host_s13=hs13, host_s2=hs2, host_fmt=host_fmt)  # [T, H]
         if act == SWIGLU:  # the SwiGLU families' call, unchanged
-            return fused_moe_op(x, slot_ids, weights, w13, w2, None, "silu", hw13, hw2)  # [T, H]
+            return _fused_moe(x, slot_ids, weights, w13, w2, None, "silu", hw13, hw2)  # [T, H]
         b13, b2 = bias if bias is not None else (None, None)
-        return fused_moe_op(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2,
-                            act.alpha, act.limit)  # [T, H]
+        return _fused_moe(x, slot_ids, weights, w13, w2, None, act.kind, hw13, hw2, b13, b2, hb13, hb2,
+                          act.alpha, act.limit)  # [T, H]
     n = w13.shape[0]
     I = w2.shape[-1]
     T, k = slot_ids.shape

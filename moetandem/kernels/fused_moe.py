@@ -6,7 +6,9 @@ experts (the design of vLLM/SGLang's fused_moe; own code).
 
 Weights are read through a slot table (expert -> slot, -1 = not resident) and arbitrary strides, so the
 committee's flat slot buffers (w13/w2 views of one [N, 3IH] buffer) are used in place. Assignments whose slot is
--1 or whose weight is exactly 0 read nothing. No host sync and fixed grids: CUDA-graph safe once tuned.
+-1 or whose weight is exactly 0 read nothing (on the direct path their y rows are written as zeros, so
+fused_moe_parts can hand y itself out and leave the sum over k to torch.compile; aligned: left unwritten). No host
+sync and fixed grids: CUDA-graph safe once tuned.
 Optional per-expert biases (gpt-oss): the gate/up bias is added to the accumulators before the activation, the
 down bias in the down epilogue before the routing weight; read through the same slot table.
 Experts in bf16/fp16/fp32 are read as they are; quantized ones (int8, fp8, int4, mxfp4: kernels/quant.py) are
@@ -23,7 +25,7 @@ import torch
 from moetandem.kernels import quant, tuning
 from moetandem.kernels.align import Aligned, align, triton_cdiv
 from moetandem.kernels.reference import (ACTIVATIONS, Pair, check_args, compute_dtype, fused_moe_reference,
-                                         scale_groups)
+                                         fused_moe_reference_parts, scale_groups)
 from moetandem.kernels.sides import Side, sides
 from moetandem.kernels.tiles import FMTS  # noqa: F401 (format codes; bench/fused_moe_sass.py)
 
@@ -84,20 +86,23 @@ if triton is not None:
     def _program_rows(pid_m, sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr, table_ptr, M, N, LO, HI,
                       HAS_TABLE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr):
         """GEMM program pid_m's (slot, or -1 when it has no work; row mask [BM]; assignment index t·k + j of each
-        row [BM]). DIRECT: program = assignment, one row (no alignment); else block pid_m of the aligned layout.
+        row [BM]; idle: no launch has work for it). DIRECT: program = assignment, one row (no alignment), idle when
+        its key is N (not resident, not mapped, or weight 0); else block pid_m of the aligned layout, never idle.
         Only keys in [LO, HI) are this launch's work (a launch per expert format: device slots, mapped host)."""
         offs_m = tl.arange(0, BLOCK_M)
         if DIRECT:
             key = _keys(ids_ptr, rw_ptr, table_ptr, pid_m, M, N, HAS_TABLE)
             slot = tl.where((key >= LO) & (key < HI), key, -1)
+            idle = key >= N  # not the other side's key either
             mask_m = offs_m < 1
             a_id = tl.full((BLOCK_M,), 0, tl.int64) + pid_m
         else:
             slot = tl.load(bslot_ptr + pid_m)
             slot = tl.where((slot >= LO) & (slot < HI), slot, -1)
+            idle = slot < -1  # (never)
             mask_m = offs_m < tl.load(brows_ptr + pid_m)  # 0 rows in a block without work
             a_id = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_m, mask=mask_m, other=0).to(tl.int64)
-        return slot, mask_m, a_id
+        return slot, mask_m, a_id, idle
 
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, h_ptr, sorted_ptr, bslot_ptr, brows_ptr,
@@ -106,8 +111,8 @@ if triton is not None:
                         HAS_BIAS: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
                         DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
-                                           table_ptr, M, N, LO, HI, HAS_TABLE, DIRECT, BLOCK_M)
+        slot, mask_m, a_id, _ = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
+                                              table_ptr, M, N, LO, HI, HAS_TABLE, DIRECT, BLOCK_M)
         if slot < 0:
             return
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
@@ -134,16 +139,20 @@ if triton is not None:
     def _down_kernel(h_ptr, w_ptr, hw_ptr, s_ptr, hs_ptr, b_ptr, hb_ptr, y_ptr, rw_ptr, sorted_ptr, bslot_ptr,
                      brows_ptr, ids_ptr, table_ptr, M, NK, K, KP, N, NS, LO, HI, sh_m, sw_e, shw_e, sw_n, sw_k, ss_e,
                      shs_e, ss_n, ss_k, sb_e, shb_e, sy_m, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
-                     GROUP: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        slot, mask_m, a_id = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr,
-                                           table_ptr, M, NK, LO, HI, HAS_TABLE, DIRECT, BLOCK_M)  # NK: keys' bound
+                     GROUP: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr, HAS_TABLE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        slot, mask_m, a_id, idle = _program_rows(tl.program_id(0), sorted_ptr, bslot_ptr, brows_ptr, ids_ptr,
+                                                 rw_ptr, table_ptr, M, NK, LO, HI, HAS_TABLE, DIRECT,
+                                                 BLOCK_M)  # NK: keys' bound
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
         if slot < 0:
+            if DIRECT:  # an idle assignment's row is zeros (the first side's launch writes them): y fully defined
+                tl.store(y_ptr + a_id[:, None] * sy_m + offs_n[None, :], tl.zeros((BLOCK_M, BLOCK_N), tl.float32),
+                         mask=mask_m[:, None] & mask_n[None, :] & (idle & (LO == 0)))
             return
         w_base = expert_base(w_ptr, hw_ptr, slot, NS, sw_e, shw_e)
         s_base = expert_base(s_ptr, hs_ptr, slot, NS, ss_e, shs_e)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
         rows = h_ptr + a_id * sh_m  # [BM]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
@@ -289,7 +298,8 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
               host_scales: Pair | None = None, host_fmt: str | None = None) -> torch.Tensor:
     """x [T, H]; expert_ids [T, k] (model ids 0..E-1); weights [T, k]; w13 [N, 2I, H] (gate; up); w2 [N, H, I]
     (any strides, e.g. views of flat slot buffers); slot_table [E] int (expert -> slot, -1 = not resident; None =
-    identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) (+ biases) over assignments with a slot and a non-zero weight.
+    identity) -> [T, H] = Σ_j w_j · down(act(gate x) ⊙ up x) (+ biases) over assignments with a slot and a non-zero
+    weight.
     host: (w13 [E', 2I, H], w2 [E', H, I]) in pinned host memory, same inner strides: a slot-table entry N + e reads
     expert e from there, zero-copy over the bus (exact misses without a copy or a host sync); with biases, also their
     (b13 [E', 2I], b2 [E', H]). bias: (b13 [N, 2I] (gate; up), b2 [N, H]), rows contiguous (views of flat slot
@@ -302,13 +312,42 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
     then have its layout, and the GEMMs run twice, once per format (the device slots', then the host experts'
     assignments only), into one scratch before the one sum over k.
     Triton on CUDA (tuned at first use per shape bucket, never during graph capture); the reference elsewhere."""
-    host_fmt = host_fmt or fmt
+    args = (x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit, fmt, scales,
+            host_scales, host_fmt or fmt)
+    plan = _gemms(*args, zero_idle=False)
+    return fused_moe_reference(*args) if plan is None else plan.reduce()
+
+
+def fused_moe_parts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor, slot_table: torch.Tensor | None = None, activation: str = "silu",
+                    host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
+                    limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
+                    host_scales: Pair | None = None, host_fmt: str | None = None) -> torch.Tensor:
+    """fused_moe's arguments -> [T, k, H] float32: each assignment's w_j · down(...), zeros where it has no work;
+    summed over k in fp32 and cast to x's dtype once it is fused_moe's result. The two GEMMs without the sum's
+    launch, so a caller under torch.compile can fuse the sum into what consumes it (experts/executor.py). Meant for
+    decode (T <= DIRECT_MAX_TOKENS: the direct path, whose down kernel writes the zeros); above that y is zeroed
+    first (one memset more); the reference's per-assignment outputs where fused_moe runs the reference."""
+    args = (x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit, fmt, scales,
+            host_scales, host_fmt or fmt)
+    plan = _gemms(*args, zero_idle=True)
+    if plan is None:
+        return fused_moe_reference_parts(*args)
+    return plan.y.view(plan.T, plan.k, plan.H)
+
+
+def _gemms(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+           slot_table: torch.Tensor | None, activation: str, host: tuple[torch.Tensor, ...] | None,
+           bias: Pair | None, alpha: float, limit: float, fmt: str, scales: Pair | None, host_scales: Pair | None,
+           host_fmt: str, zero_idle: bool) -> _Plan | None:
+    """Checks the arguments, then None where the reference runs (off CUDA, a dtype Triton cannot take, no tokens);
+    else this call's plan on its tuned config with both GEMMs run: y holds each assignment's output. zero_idle: rows
+    of assignments without work are zeros on the aligned path too (the direct one always writes them)."""
     check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales,
                host_fmt)
     if (not fused_moe_supported(x.device, w13.dtype, fmt) or x.shape[0] == 0
             or host is not None and not fused_moe_supported(x.device, host[0].dtype, host_fmt)):
-        return fused_moe_reference(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha, limit,
-                                   fmt, scales, host_scales, host_fmt)
+        return None
 
     def prepare(block_m: int) -> _Plan:
         return _Plan(x, expert_ids, weights, w13, w2, slot_table, activation, block_m, host, bias, alpha, limit, fmt,
@@ -316,6 +355,8 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
 
     cfg = _config(x, expert_ids, w13, host, fmt, scales, prepare, host_fmt)
     plan = prepare(cfg.block_m)
+    if zero_idle and plan.al is not None:
+        plan.y.zero_()
     plan.up(cfg.up)
     plan.down(cfg.down)
-    return plan.reduce()
+    return plan

@@ -112,10 +112,23 @@ def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torc
                         host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None,
                         alpha: float = 1.702, limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
                         host_scales: Pair | None = None, host_fmt: str | None = None) -> torch.Tensor:
-    """Plain PyTorch with the semantics of fused_moe (each busy slot once on its rows; syncs with the host).
-    Quantized experts are dequantized one busy slot at a time (quant.dequantize). GEMMs in compute_dtype (gate/up
-    bias added before the activation, down bias before the routing weight), the sum over k in fp32, the result in
-    x's dtype. host_fmt: the host experts' format (default fmt), dequantized the same way."""
+    """Plain PyTorch with the semantics of fused_moe: fused_moe_reference_parts summed over k in fp32 (in k's
+    order, as the kernels' sum), the result in x's dtype."""
+    return fused_moe_reference_parts(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, alpha,
+                                     limit, fmt, scales, host_scales, host_fmt).sum(1).to(x.dtype)
+
+
+def fused_moe_reference_parts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                              w2: torch.Tensor, slot_table: torch.Tensor | None = None, activation: str = "silu",
+                              host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None,
+                              alpha: float = 1.702, limit: float = 7.0, fmt: str = "bf16",
+                              scales: Pair | None = None, host_scales: Pair | None = None,
+                              host_fmt: str | None = None) -> torch.Tensor:
+    """fused_moe's arguments -> [T, k, H] float32: each assignment's w_j · down(act(gate x) ⊙ up x), zeros where it
+    has no work (no slot or weight 0); what fused_moe_parts gives. Each busy slot runs once on its rows (syncs with
+    the host). Quantized experts are dequantized one busy slot at a time (quant.dequantize). GEMMs in compute_dtype
+    (gate/up bias added before the activation, down bias before the routing weight). host_fmt: the host experts'
+    format (default fmt), dequantized the same way."""
     check_args(x, expert_ids, weights, w13, w2, slot_table, activation, host, bias, fmt, scales, host_scales,
                host_fmt)
     T, k = expert_ids.shape
@@ -125,7 +138,7 @@ def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torc
     ids = expert_ids.long()  # [T, k]
     slots = ids if slot_table is None else slot_table.to(ids.device).long()[ids]  # [T, k]
     valid = (slots >= 0) & (slots < n_all) & (weights != 0)  # [T, k]
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    out = torch.zeros(T, k, x.shape[1], dtype=torch.float32, device=x.device)  # [T, k, H]
     for s in slots[valid].unique().tolist():
         t, j = ((slots == s) & valid).nonzero(as_tuple=True)
         src, sc, f = ((w13, w2, *(bias or ())), scales, fmt) if s < n else (host, host_scales, host_fmt or fmt)
@@ -141,5 +154,5 @@ def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: torc
         y = h @ parts[1].t()  # [r, H]
         if bias is not None:
             y = y + parts[3]
-        out.index_add_(0, t, y.float() * weights[t, j].float()[:, None])
-    return out.to(x.dtype)
+        out[t, j] = y.float() * weights[t, j].float()[:, None]  # each (t, j) once: slots are disjoint
+    return out
