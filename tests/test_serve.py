@@ -740,3 +740,24 @@ def test_sigterm_drains_and_exits_zero(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_server_prepares_every_batch_size_and_starts_when_that_fails(model_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """At load the server runs the decode step of every batch size it can hold (on a GPU: compiled and captured
+    before the first request); if that fails, it logs it and serves anyway."""
+    from moetandem.batcher import Batcher
+    eng = load(model_dir)
+    app = create_app(eng, model_id=MODEL, max_batch=4)
+    with ServerThread(app) as srv:
+        assert {a for a, _ in eng.graphs.entries} == {1, 2, 4}
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+
+    def broken(self: Batcher, on_size: Any = None) -> list[int]:
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+    monkeypatch.setattr(Batcher, "warm_up", broken)
+    with ServerThread(create_app(load(model_dir), model_id=MODEL, max_batch=4)) as srv:
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 3},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -45,8 +45,16 @@ class ServerState:
     def attach(self, engine: Any) -> None:
         loop = EngineLoop(engine, metrics=self.metrics, **self.loop_kwargs)
         t = time.perf_counter()
-        # before /health says ready: no request waits for a graph capture (seconds per batch size on a GPU)
-        sizes = loop.batcher.warm_up(lambda a, s: log.info("decode step for batch size %d prepared in %.1f s", a, s))
+        # before /health says ready: no request waits for a graph capture (seconds per batch size on a GPU); a
+        # failure here (e.g. no memory for the largest batch's graph) is logged and serving starts anyway: the
+        # batch sizes not prepared are captured at first use, as without the warm-up
+        try:
+            sizes = loop.batcher.warm_up(lambda a, s: log.info("decode step for batch size %d prepared in %.1f s",
+                                                               a, s))
+        except Exception as e:  # noqa: BLE001 - the server must still start
+            log.warning("preparing the decode steps failed (%s: %s); they are prepared at first use instead",
+                        type(e).__name__, e)
+            sizes = []
         if sizes:
             log.info("decode steps prepared for batch sizes %s in %.1f s", sizes, time.perf_counter() - t)
         loop.start()
