@@ -1,7 +1,16 @@
 """Rotary position embeddings: the cos/sin tables of a model, and the two ways families turn a head with them."""
 from __future__ import annotations
 
+import os
+
 import torch
+
+#: MOETANDEM_ROPE=flip (opt-in; default: the concatenation): rotate_half as a flip of the two halves times (-1, +1)
+#: instead of cat(-x2, x1). Same values bit for bit (negation is exact either way); under torch.compile inductor
+#: materialises that cat into a buffer written by one kernel per half (q and k: 4 launches per layer in a decode
+#: step, bench/kernel_census.py), while a flip is an index remap it fuses into the kernel that uses it. Read once at
+#: import; dynamo guards on this global, so a test or bench/decode.py may set it between engines.
+ROPE_FLIP: bool = os.environ.get("MOETANDEM_ROPE", "").strip().lower() == "flip"
 
 
 def rope_tables(inv_freq: torch.Tensor, scaling: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -12,6 +21,10 @@ def rope_tables(inv_freq: torch.Tensor, scaling: float, max_pos: int) -> tuple[t
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """cat(-x2, x1) for x = cat(x1, x2) along the last dim."""
+    if ROPE_FLIP:
+        sign = torch.arange(2, device=x.device, dtype=x.dtype)[:, None] * 2 - 1  # [[-1], [+1]]
+        return (x.unflatten(-1, (2, -1)).flip(-2) * sign).flatten(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
