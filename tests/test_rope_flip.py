@@ -1,0 +1,79 @@
+"""MOETANDEM_ROPE=flip (models/components/rope.py ROPE_FLIP): rotate_half as a flip of the halves, the same values
+bit for bit; a compiled decode step with it gives the eager model's logits; and inductor's decode step launches
+fewer kernels per layer with it (bench/kernel_census.py, inductor's Triton scheduling on the CPU)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import moetandem
+from conftest import build_checkpoint
+from moetandem.graphs import allow_layer_frames
+from moetandem.models import KVCache
+from moetandem.models.components.rope import apply_rope
+
+rope = importlib.import_module("moetandem.models.components.rope")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("D, d", ((8, 8), (64, 64), (64, 32)))  # d < D: partial rotary
+def test_flip_is_the_cat_bit_for_bit(dtype: torch.dtype, D: int, d: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(D + d)
+    x = torch.randn(2, 3, 5, D, generator=g).to(dtype)  # [B, h, L, D]
+    cos, sin = torch.randn(2, 5, d, generator=g).to(dtype), torch.randn(2, 5, d, generator=g).to(dtype)
+    monkeypatch.setattr(rope, "ROPE_FLIP", False)
+    want = apply_rope(x, cos, sin)
+    monkeypatch.setattr(rope, "ROPE_FLIP", True)
+    got = apply_rope(x, cos, sin)
+    assert torch.equal(got, want)
+    x1, x2 = x[..., :d].chunk(2, dim=-1)
+    assert torch.equal(rope._rotate_half(x[..., :d]), torch.cat([-x2, x1], dim=-1))
+
+
+def _decode(fn: object, eng: object, cache: KVCache, token: int, at: int) -> torch.Tensor:
+    ids, pos = torch.tensor([[token]]), torch.tensor([[at]])
+    return fn(ids, pos, cache, cache.max_len, eng.experts, rows=torch.tensor([0]))[:, -1]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("family", ("olmoe", "qwen3_moe"))
+def test_compiled_decode_step_with_flip(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One decode step after an eager prefill: compiled (inductor, CPU) with the switch on and off, and the eager
+    model with it on, all give the eager model's logits (fp32)."""
+    eng = moetandem.load(build_checkpoint(family, tmp_path / family), device="cpu", progress=False, use_graphs=False,
+                         compile="off")
+    model = eng.model
+    cache = KVCache(eng.args, 2, 16, torch.device("cpu"), torch.float32)
+    prompt = torch.tensor([[3, 17, 42, 9, 100]])
+    monkeypatch.setattr(rope, "ROPE_FLIP", False)
+    with torch.no_grad():
+        model(prompt, torch.arange(5)[None], cache, cache.max_len, eng.experts, rows=torch.tensor([0]))
+        want = _decode(model, eng, cache, 7, 5)  # [1, V]; rewriting position 5's K/V later writes the same values
+        allow_layer_frames(len(model.model.layers))
+        got = {}
+        for flip in (False, True):
+            monkeypatch.setattr(rope, "ROPE_FLIP", flip)
+            torch._dynamo.reset()
+            got[flip] = _decode(torch.compile(model, dynamic=False), eng, cache, 7, 5)
+        torch._dynamo.reset()
+        eager_flip = _decode(model, eng, cache, 7, 5)
+    assert torch.equal(eager_flip, want)
+    for flip in (False, True):
+        torch.testing.assert_close(got[flip], want, rtol=1e-5, atol=1e-5)
+    assert want.abs().max() > 0
+
+
+@pytest.mark.parametrize("family", ("olmoe", "qwen3"))
+def test_census_flip_drops_kernels(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor's Triton scheduling of the CUDA decode step: without the flip each layer has the rotate-half cat's
+    kernels (one per half, q and k) and separate q/k norm reductions; with it they fuse into the RoPE kernels."""
+    kc = importlib.import_module("bench.kernel_census")
+    per_layer = {}
+    for flip in (False, True):
+        monkeypatch.setattr(rope, "ROPE_FLIP", flip)
+        _, launches, step = kc.census(family, "small", tmp_path / str(flip))
+        per_layer[flip] = launches
+        assert any("aten.cat" in x.aten for x in step) != flip  # the rotate-half cat's kernels, only without
+    assert per_layer[True] <= per_layer[False] - 4, per_layer
