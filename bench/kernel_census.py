@@ -2,7 +2,8 @@
 that DecodeGraphs captures launches per decoder layer, in order, and what each inductor kernel fuses.
 
     /work/venv/bin/python bench/kernel_census.py                      # olmoe + qwen3, two sizes each
-    /work/venv/bin/python bench/kernel_census.py --shapes olmoe --sizes small --rope-flip
+    /work/venv/bin/python bench/kernel_census.py --shapes olmoe --sizes small --rope-flip --router-weights
+    (the switches: --rope-flip, --router-weights, --moe-sum-graph, as bench/decode.py's opt-in variants)
 
 How: a small random checkpoint of the shape's family (bench/shapes.py's layer structure: head counts, q/k norm kind,
 top-8 softmax routing; hidden size, experts and vocabulary scaled down) is loaded on the CPU in bf16, and its decode
@@ -10,14 +11,16 @@ step is traced by torch.compile (fullgraph, dynamic=False, as graphs.DecodeGraph
 switched on: the decode-attention custom op, the fused router op and the fused-MoE op (the same predicates the CUDA
 run evaluates to True, forced here). Inductor then lowers and schedules the graph with its Triton backend
 (`cpu_backend = "triton"`: the same TritonScheduling, fusion rules and kernel codegen as for CUDA, with an H200's
-132 SMs for the split-reduction heuristics); the generated wrapper's `call()` is the launch sequence. Nothing is
-compiled by Triton and nothing runs. The step is censused at 1 and 2 layers; the per-layer count is the difference
+132 SMs for the split-reduction heuristics, and the GPU's branch where lowering or scheduling tests for the CPU: see
+as_gpu); the generated wrapper's `call()` is the launch sequence. Nothing is compiled by Triton and nothing runs. The step is censused at 1 and 2 layers; the per-layer count is the difference
 (kernels that straddle a layer boundary, e.g. the MoE output + residual add + the next layer's input norm, count
 once per layer), and the 1-layer step is listed in full.
 
 Faithfulness to what CUDA runs:
 - inductor kernels: the same scheduler and fusion decisions as on CUDA (one Triton launch each); device-property
-  heuristics use H200 values. Not checked here: autotuning never changes the number of launches of a pointwise or
+  heuristics use H200 values; where inductor (torch 2.13) branches on the device being the CPU (cat lowering, loop
+  reordering for fusion, mixed-order reductions) as_gpu takes the GPU's branch. Remaining differences: the dtype
+  is bf16 as on CUDA, but any device check this census does not patch still sees "cpu". Not checked here: autotuning never changes the number of launches of a pointwise or
   persistent-reduction kernel; a large reduction that inductor splits on CUDA would be two (none at these shapes:
   reductions over <= 8192 elements are never split on sm90).
 - extern GEMVs (`extern_kernels.mm`: the packed qkv, o_proj and the lm_head): one cuBLAS launch each is assumed;
@@ -237,11 +240,14 @@ def main() -> None:
     ap.add_argument("--moe-sum-graph", action="store_true", help="MOETANDEM_MOE_SUM=graph (experts/executor.py)")
     ap.add_argument("--rope-flip", action="store_true",
                     help="MOETANDEM_ROPE=flip (components/rope.py): rotate_half without a cat")
+    ap.add_argument("--router-weights", action="store_true",
+                    help="MOETANDEM_ROUTER_WEIGHTS=kernel (components/routers.py): no cast after the router")
     args = ap.parse_args()
     from moetandem.experts import executor
-    from moetandem.models.components import rope
+    from moetandem.models.components import rope, routers
     executor.MOE_SUM_GRAPH = args.moe_sum_graph
     rope.ROPE_FLIP = args.rope_flip
+    routers.ROUTER_WEIGHTS_CAST = args.router_weights
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.shapes:
