@@ -24,16 +24,26 @@ routers = importlib.import_module("moetandem.models.components.routers")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("D, d", ((8, 8), (64, 64), (64, 32)))  # d < D: partial rotary
 def test_flip_is_the_cat_bit_for_bit(dtype: torch.dtype, D: int, d: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_flip_half is rotate_half's cat exactly, and apply_rope traced with the switch (dynamo, no inductor: the
+    same ops run) gives the eager apply_rope bit for bit."""
     g = torch.Generator().manual_seed(D + d)
     x = torch.randn(2, 3, 5, D, generator=g).to(dtype)  # [B, h, L, D]
     cos, sin = torch.randn(2, 5, d, generator=g).to(dtype), torch.randn(2, 5, d, generator=g).to(dtype)
-    monkeypatch.setattr(rope, "ROPE_FLIP", False)
+    x1, x2 = x[..., :d].chunk(2, dim=-1)
+    assert torch.equal(rope._flip_half(x[..., :d]), torch.cat([-x2, x1], dim=-1))
     want = apply_rope(x, cos, sin)
     monkeypatch.setattr(rope, "ROPE_FLIP", True)
-    got = apply_rope(x, cos, sin)
-    assert torch.equal(got, want)
-    x1, x2 = x[..., :d].chunk(2, dim=-1)
-    assert torch.equal(rope._rotate_half(x[..., :d]), torch.cat([-x2, x1], dim=-1))
+    assert torch.equal(apply_rope(x, cos, sin), want)  # eager: the cat
+    traced: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        traced.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+    torch._dynamo.reset()
+    got = torch.compile(apply_rope, backend=backend, fullgraph=True)(x, cos, sin)
+    torch._dynamo.reset()
+    assert torch.equal(got, want) and "flip" in traced
+    assert sum("cat" in t for t in traced) == int(d < D)  # only partial rotary's [turned | rest]
 
 
 def _decode(fn: object, eng: object, cache: KVCache, token: int, at: int) -> torch.Tensor:
