@@ -9,6 +9,7 @@ import moetandem
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import shutil
 import statistics
@@ -23,13 +24,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 
 GRAPH_SUM = "moetandem CUDA graph + torch.compile, MoE sum in graph"
-VARIANTS = {  # name -> moetandem.load keywords (+ moe_sum: "graph" = MOETANDEM_MOE_SUM=graph, else off)
+ROPE_FLIP = "moetandem CUDA graph + torch.compile, RoPE flip"
+ROUTER_WEIGHTS = "moetandem CUDA graph + torch.compile, router weights in kernel"
+ALL_OPT_IN = "moetandem CUDA graph + torch.compile, all opt-ins"
+#: opt-in switches a variant may set (key: module, attribute, the value of its environment variable that turns it
+#: on): read when the step is traced and guarded by dynamo, so variants in one process each get a trace of their own
+SWITCHES = {"moe_sum": ("moetandem.experts.executor", "MOE_SUM_GRAPH", "MOETANDEM_MOE_SUM=graph"),
+            "rope": ("moetandem.models.components.rope", "ROPE_FLIP", "MOETANDEM_ROPE=flip"),
+            "router_weights": ("moetandem.models.components.routers", "ROUTER_WEIGHTS_CAST",
+                               "MOETANDEM_ROUTER_WEIGHTS=kernel")}
+VARIANTS = {  # name -> moetandem.load keywords (+ switches: the SWITCHES on for it, the rest off)
     "moetandem eager": {"use_graphs": False, "compile": "off"},
     "moetandem CUDA graph": {"use_graphs": True, "compile": "off"},
     "moetandem CUDA graph + torch.compile": {"use_graphs": True, "compile": "on"},
-    GRAPH_SUM: {"use_graphs": True, "compile": "on", "moe_sum": "graph"},
+    GRAPH_SUM: {"use_graphs": True, "compile": "on", "switches": ("moe_sum",)},
+    ROPE_FLIP: {"use_graphs": True, "compile": "on", "switches": ("rope",)},
+    ROUTER_WEIGHTS: {"use_graphs": True, "compile": "on", "switches": ("router_weights",)},
+    ALL_OPT_IN: {"use_graphs": True, "compile": "on", "switches": tuple(SWITCHES)},
 }
-OPT_IN = (GRAPH_SUM,)  # opt-in paths under measurement: run when --variants names them
+OPT_IN = (GRAPH_SUM, ROPE_FLIP, ROUTER_WEIGHTS, ALL_OPT_IN)  # opt-in paths under measurement: run when named
 
 
 def _sync() -> None:
@@ -49,9 +62,9 @@ def _free() -> None:
 
 def bench_ours(path: Path, device: str, prompts: list[list[int]], new: int, kw: dict, repeats: int) -> dict:
     """prompts: the batch (one row per sequence). tok/s counts every sequence's tokens; prefill_tok_s is the
-    prompt tokens over the prefill's time. kw: moetandem.load's keywords and moe_sum (see moe_sum)."""
+    prompt tokens over the prefill's time. kw: moetandem.load's keywords and switches (see opt_ins)."""
     kw = dict(kw)
-    with moe_sum(kw.pop("moe_sum", None)):
+    with opt_ins(kw.pop("switches", ())):
         eng = moetandem.load(path, device=device, progress=False, **kw)
         t = time.perf_counter()
         eng.generate(prompts, max_new_tokens=new)  # warm-up (graph capture, compilation, kernel tuning)
@@ -75,17 +88,17 @@ def bench_ours(path: Path, device: str, prompts: list[list[int]], new: int, kw: 
 
 
 @contextlib.contextmanager
-def moe_sum(mode: str | None) -> Iterator[None]:
-    """experts.executor.MOE_SUM_GRAPH (MOETANDEM_MOE_SUM) for one engine's run: on for "graph", else off, whatever
-    the environment says. The flag is read when the step is traced and dynamo guards on it, so variants in one
-    process each get a trace of their own."""
-    from moetandem.experts import executor
-    before = executor.MOE_SUM_GRAPH
-    executor.MOE_SUM_GRAPH = mode == "graph"
+def opt_ins(on: tuple[str, ...]) -> Iterator[None]:
+    """The SWITCHES named in `on` set, the others cleared, for one engine's run, whatever the environment says."""
+    mods = {k: importlib.import_module(m) for k, (m, _, _) in SWITCHES.items()}
+    before = {k: getattr(mods[k], a) for k, (_, a, _) in SWITCHES.items()}
+    for k, (_, a, _) in SWITCHES.items():
+        setattr(mods[k], a, k in on)
     try:
         yield
     finally:
-        executor.MOE_SUM_GRAPH = before
+        for k, (_, a, _) in SWITCHES.items():
+            setattr(mods[k], a, before[k])
 
 
 def bench_hf(path: Path, device: str, prompts: list[list[int]], new: int, impl: str | None) -> dict:

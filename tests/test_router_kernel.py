@@ -134,6 +134,38 @@ def test_triton_interpreter_fused_router_tilings_and_prefill() -> None:
     torch.library.opcheck(route_logits_topk_op, (x, w, b, 4, "softmax_topk", True))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (see above)")
+@pytest.mark.parametrize("T", (1, 3, 7))  # 7 > FUSED_UP_TO: F.linear + route_topk, then the cast
+def test_triton_interpreter_fused_router_weights_dtype(T: int) -> None:
+    """weights_dtype (MOETANDEM_ROUTER_WEIGHTS=kernel): the kernel's store gives the fp32 weights rounded as
+    Tensor.to rounds (fp16 here: the interpreter truncates fp32 -> bf16, the GPU rounds to nearest even, see the
+    GPU test); logits and ids unchanged; the fake agrees."""
+    pytest.importorskip("triton")
+    from moetandem.kernels.router_logits import route_logits_topk_op
+    g = torch.Generator().manual_seed(T)
+    x, w, b = torch.randn(T, 64, generator=g), torch.randn(60, 64, generator=g), torch.randn(60, generator=g)
+    want = route_logits_topk_op(x, w, b, 8, "softmax_topk", False)
+    for dt in (torch.float16, torch.float32):
+        got = route_logits_topk_op(x, w, b, 8, "softmax_topk", False, dt)
+        assert got[2].dtype == dt and torch.equal(got[2], want[2].to(dt))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.library.opcheck(route_logits_topk_op, (x, w, b, 4, "softmax_topk", True, torch.float16))
+
+
+def test_router_weights_switch_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A linear router's route() gives the same weights, in the model's dtype, with the switch on and off."""
+    from moetandem.models.components import routers
+    r = routers.SoftmaxTopK(norm_topk_prob=False).build(48, 16, 4)
+    torch.nn.init.normal_(r.weight)
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(routers, "ROUTER_WEIGHTS_CAST", on)
+        out[on] = r.route(x, torch.bfloat16)
+    assert out[True][2].dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))
+
+
 def test_fused_router_cpu_path_is_unchanged() -> None:
     """On the CPU route_logits_topk is F.linear then route_topk, and a linear router's route() is exactly its
     forward() then select(): the parity tests see what they saw before the fused kernel."""
@@ -249,3 +281,17 @@ def test_linear_router_routes_with_the_fused_op_under_torch_compile() -> None:
         got = torch.compile(lambda x: r.route(x, torch.bfloat16), dynamic=False, fullgraph=True)(x)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_router_bf16_weights_round_as_torch_does() -> None:
+    """The kernel's fp32 -> bf16 store (weights_dtype) is Tensor.to's round to nearest even, bit for bit."""
+    from moetandem.kernels.router_logits import route_logits_topk_op
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for T in (1, 2, 4):
+        x = torch.randn(T, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = torch.randn(64, 2048, device="cuda", generator=g, dtype=torch.bfloat16) * 2048 ** -0.5
+        want = route_logits_topk_op(x, w, None, 8, "softmax_topk", False)
+        got = route_logits_topk_op(x, w, None, 8, "softmax_topk", False, torch.bfloat16)
+        assert torch.equal(got[2], want[2].to(torch.bfloat16)) and torch.equal(got[1], want[1])

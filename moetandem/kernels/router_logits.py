@@ -113,14 +113,17 @@ def counters(device: torch.device) -> torch.Tensor:
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, rule: str, renorm: bool,
-           blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           blocks: Blocks, weights_dtype: torch.dtype = torch.float32
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused kernel with a given tiling (the op picks default_blocks): -> logits [T, E] (x's dtype),
-    ids int64 [T, k], weights fp32 [T, k]. Needs 1 <= T <= FUSED_MAX_TOKENS * blocks.block_t."""
+    ids int64 [T, k], weights [T, k] in weights_dtype (computed in fp32; the store's implicit cast rounds to
+    nearest even, Triton's default downcast, as Tensor.to does; the interpreter truncates fp32 -> bf16).
+    Needs 1 <= T <= FUSED_MAX_TOKENS * blocks.block_t."""
     T, H = x.shape
     E = weight.shape[0]
     logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
     ids = torch.empty(T, k, dtype=torch.long, device=x.device)
-    w = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    w = torch.empty(T, k, dtype=weights_dtype, device=x.device)
     grid = (triton.cdiv(E, blocks.block_e), triton.cdiv(T, blocks.block_t))
     assert grid[1] <= FUSED_MAX_TOKENS, (T, blocks)
     _logits_topk_kernel[grid](
@@ -133,21 +136,26 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: 
 
 @torch.library.custom_op("moetandem::route_logits_topk", mutates_args=())
 def route_logits_topk_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, rule: str,
-                         renorm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         renorm: bool, weights_dtype: torch.dtype | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H], weight [E, H], bias [E] or None (CUDA, unit inner strides, one dtype) -> logits [T, E] (x's
-    dtype), ids int64 [T, k], weights fp32 [T, k]; one launch up to FUSED_UP_TO tokens, else two."""
+    dtype), ids int64 [T, k], weights [T, k] (fp32, or weights_dtype: rounded from fp32 by the kernel's store);
+    one launch up to FUSED_UP_TO tokens, else two (three with a weights_dtype)."""
     T, H = x.shape
     if not 1 <= T <= FUSED_UP_TO:
         logits = F.linear(x, weight, bias)  # [T, E]
-        return (logits, *route_topk_op(logits, k, rule, renorm))
-    return launch(x, weight, bias, k, rule, renorm, default_blocks(T, weight.shape[0], H))
+        ids, w = route_topk_op(logits, k, rule, renorm)
+        return logits, ids, w if weights_dtype is None else w.to(weights_dtype)
+    return launch(x, weight, bias, k, rule, renorm, default_blocks(T, weight.shape[0], H),
+                  weights_dtype or torch.float32)
 
 
 @route_logits_topk_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, rule: str,
-      renorm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+      renorm: bool, weights_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, E = x.shape[0], weight.shape[0]
-    return (x.new_empty(T, E), x.new_empty(T, k, dtype=torch.long), x.new_empty(T, k, dtype=torch.float32))
+    return (x.new_empty(T, E), x.new_empty(T, k, dtype=torch.long),
+            x.new_empty(T, k, dtype=weights_dtype or torch.float32))
 
 
 def fused_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -163,12 +171,14 @@ def fused_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def route_logits_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int,
-                      rule: str = "softmax_topk", renorm: bool = False
+                      rule: str = "softmax_topk", renorm: bool = False, weights_dtype: torch.dtype | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H] -> (logits [T, E] = F.linear(x, weight, bias), ids int64 [T, k] best first, weights fp32 [T, k]),
-    the top-k by `rule` as route_topk; one launch on CUDA at decode sizes, else F.linear then route_topk."""
+    the top-k by `rule` as route_topk; one launch on CUDA at decode sizes, else F.linear then route_topk.
+    weights_dtype: the weights rounded to it, by the fused kernel's own store where it runs (no cast launch)."""
     check_route(k, weight.shape[0], rule)
     if fused_supported(x, weight, bias):
-        return route_logits_topk_op(x, weight, bias, k, rule, renorm)
+        return route_logits_topk_op(x, weight, bias, k, rule, renorm, weights_dtype)
     logits = F.linear(x, weight, bias)  # [T, E]
-    return (logits, *route_topk(logits, k, rule, renorm))
+    ids, w = route_topk(logits, k, rule, renorm)
+    return logits, ids, w if weights_dtype is None else w.to(weights_dtype)

@@ -1,7 +1,17 @@
 """Rotary position embeddings: the cos/sin tables of a model, and the two ways families turn a head with them."""
 from __future__ import annotations
 
+import os
+
 import torch
+
+#: MOETANDEM_ROPE=flip (opt-in; default: the concatenation): in a step traced by torch.compile, rotate_half as a flip
+#: of the two halves times (-1, +1) instead of cat(-x2, x1). Same values bit for bit (negation is exact either way).
+#: Inductor materialises that cat (its inputs have other users: x * cos) into a buffer written by one kernel per half,
+#: and the q/k norm reductions stay kernels of their own: 5-6 launches per layer of a decode step more than with the
+#: flip, an index remap fused into the RoPE kernels (bench/kernel_census.py). Eager steps keep the cat (one launch).
+#: Read once at import; dynamo guards on this global, so a test or bench/decode.py may set it between engines.
+ROPE_FLIP: bool = os.environ.get("MOETANDEM_ROPE", "").strip().lower() == "flip"
 
 
 def rope_tables(inv_freq: torch.Tensor, scaling: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -12,8 +22,18 @@ def rope_tables(inv_freq: torch.Tensor, scaling: float, max_pos: int) -> tuple[t
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """cat(-x2, x1) for x = cat(x1, x2) along the last dim (under torch.compile with ROPE_FLIP: _flip_half)."""
+    if ROPE_FLIP and torch.compiler.is_compiling():
+        return _flip_half(x)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
+
+
+def _flip_half(x: torch.Tensor) -> torch.Tensor:
+    """_rotate_half as the two halves swapped (a flip) times (-1, +1): an index remap plus a multiply, which inductor
+    fuses into its consumer (eagerly it would be three launches where the cat is one)."""
+    sign = torch.arange(2, device=x.device, dtype=x.dtype)[:, None] * 2 - 1  # [[-1], [+1]]
+    return (x.unflatten(-1, (2, -1)).flip(-2) * sign).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@
 and a frozen spec (what config.json says) that builds it."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,12 @@ from torch import nn
 
 from moetandem.kernels.router import route_topk
 from moetandem.kernels.router_logits import route_logits_topk
+
+#: MOETANDEM_ROUTER_WEIGHTS=kernel (opt-in; default: the fused router returns fp32 weights and they are cast): a
+#: linear router asks the fused router kernel for its weights in the model's dtype, so its store rounds them (to
+#: nearest even, as Tensor.to) and the compiled decode step has no cast kernel between the router and the fused MoE:
+#: one launch less per MoE layer (bench/kernel_census.py). Same values; read once at import, dynamo guards on it.
+ROUTER_WEIGHTS_CAST: bool = os.environ.get("MOETANDEM_ROUTER_WEIGHTS", "").strip().lower() == "kernel"
 
 
 class Router(nn.Module):
@@ -55,8 +62,8 @@ class LinearTopKRouter(Router):
     def route(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.keep_fp32:
             return super().route(x, dtype)
-        logits, ids, weights = route_logits_topk(x, self.weight, self.bias, self.top_k, self.rule,
-                                                 self.norm_topk_prob)  # [T, E], [T, k], [T, k]
+        logits, ids, weights = route_logits_topk(x, self.weight, self.bias, self.top_k, self.rule, self.norm_topk_prob,
+                                                 dtype if ROUTER_WEIGHTS_CAST else None)  # [T, E], [T, k], [T, k]
         return logits, ids, weights.to(dtype)
 
 
