@@ -23,13 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 
 GRAPH_SUM = "moetandem CUDA graph + torch.compile, MoE sum in graph"
-VARIANTS = {  # name -> moetandem.load keywords (+ moe_sum: "graph" = MOETANDEM_MOE_SUM=graph, else off)
+QK_ROPE = "moetandem CUDA graph + torch.compile, fused QK RoPE"
+VARIANTS = {  # name -> moetandem.load keywords (+ moe_sum: "graph" = MOETANDEM_MOE_SUM=graph, else off;
+    # qk_rope: "fused" = MOETANDEM_QK_ROPE=fused, else off)
     "moetandem eager": {"use_graphs": False, "compile": "off"},
     "moetandem CUDA graph": {"use_graphs": True, "compile": "off"},
     "moetandem CUDA graph + torch.compile": {"use_graphs": True, "compile": "on"},
     GRAPH_SUM: {"use_graphs": True, "compile": "on", "moe_sum": "graph"},
+    QK_ROPE: {"use_graphs": True, "compile": "on", "qk_rope": "fused"},
 }
-OPT_IN = (GRAPH_SUM,)  # opt-in paths under measurement: run when --variants names them
+OPT_IN = (GRAPH_SUM, QK_ROPE)  # opt-in paths under measurement: run when --variants names them
 
 
 def _sync() -> None:
@@ -49,9 +52,9 @@ def _free() -> None:
 
 def bench_ours(path: Path, device: str, prompts: list[list[int]], new: int, kw: dict, repeats: int) -> dict:
     """prompts: the batch (one row per sequence). tok/s counts every sequence's tokens; prefill_tok_s is the
-    prompt tokens over the prefill's time. kw: moetandem.load's keywords and moe_sum (see moe_sum)."""
+    prompt tokens over the prefill's time. kw: moetandem.load's keywords, moe_sum and qk_rope (see those)."""
     kw = dict(kw)
-    with moe_sum(kw.pop("moe_sum", None)):
+    with moe_sum(kw.pop("moe_sum", None)), qk_rope(kw.pop("qk_rope", None)):
         eng = moetandem.load(path, device=device, progress=False, **kw)
         t = time.perf_counter()
         eng.generate(prompts, max_new_tokens=new)  # warm-up (graph capture, compilation, kernel tuning)
@@ -86,6 +89,19 @@ def moe_sum(mode: str | None) -> Iterator[None]:
         yield
     finally:
         executor.MOE_SUM_GRAPH = before
+
+
+@contextlib.contextmanager
+def qk_rope(mode: str | None) -> Iterator[None]:
+    """models.components.attention.QK_ROPE_FUSED (MOETANDEM_QK_ROPE) for one engine's run: on for "fused", else
+    off, whatever the environment says (dynamo guards on it, as on MOE_SUM_GRAPH)."""
+    from moetandem.models.components import attention
+    before = attention.QK_ROPE_FUSED
+    attention.QK_ROPE_FUSED = mode == "fused"
+    try:
+        yield
+    finally:
+        attention.QK_ROPE_FUSED = before
 
 
 def bench_hf(path: Path, device: str, prompts: list[list[int]], new: int, impl: str | None) -> dict:
