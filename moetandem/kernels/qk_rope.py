@@ -102,7 +102,7 @@ def decode_qk_rope_triton(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_we
     B, nKV, D = qkv.shape[0], k_cache.shape[2], k_cache.shape[3]
     q = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)  # [B, nH, D]
     lengths = torch.empty(B, dtype=pos.dtype, device=pos.device)  # [B]
-    block_h = triton.next_power_of_2(max(num_heads, nKV))
+    block_hq, block_hk = triton.next_power_of_2(num_heads), triton.next_power_of_2(nKV)
     block_d = triton.next_power_of_2(D)
     wq = q_weight if q_weight is not None else qkv  # unused pointers when there is no weight
     wk = k_weight if k_weight is not None else qkv
@@ -112,7 +112,7 @@ def decode_qk_rope_triton(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_we
         qkv.stride(0), cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pos.stride(0), s_rows, num_heads, nKV, D, kv_len,
         float(eps), NORM=NORMS.index(norm), KIND=KINDS.index(kind), HAS_ROWS=rows is not None,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=max(1, min(8, block_h * block_d // 512)))
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d, num_warps=max(4, min(16, block_hq * block_d // 256)))
     return q, lengths
 
 
@@ -191,30 +191,30 @@ if triton is not None:
 
     @triton.jit
     def _qk_rope_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, rows_ptr, pos_ptr, q_ptr, len_ptr,
-                        s_qkv, s_cos, s_sin, sk_r, sk_s, sk_h, sv_r, sv_s, sv_h, s_pos, s_rows, NH, NKV, D, kv_len,
-                        eps,
-                        NORM: tl.constexpr, KIND: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        s_qkv, s_cos, s_sin, sk_r, sk_s, sk_h, sv_r, sv_s, sv_h, s_pos, s_rows, NH, NKV, D,
+                        kv_len, eps, NORM: tl.constexpr, KIND: tl.constexpr, HAS_ROWS: tl.constexpr,
+                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)  # 0: q, 1: k, v and the length
         x_ptr = qkv_ptr + b * s_qkv
         cos_b = cos_ptr + b * s_cos
         sin_b = sin_ptr + b * s_sin
-        offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = (offs_d < D)[None, :]
         if part == 0:
-            q = _normed_turned(x_ptr, wq_ptr, cos_b, sin_b, NH, D, eps, NORM, KIND, BLOCK_H, BLOCK_D)
-            tl.store(q_ptr + b * NH * D + offs_h[:, None] * D + offs_d[None, :], q.to(q_ptr.dtype.element_ty),
-                     mask=(offs_h < NH)[:, None] & dmask)
+            offs_q = tl.arange(0, BLOCK_HQ)
+            q = _normed_turned(x_ptr, wq_ptr, cos_b, sin_b, NH, D, eps, NORM, KIND, BLOCK_HQ, BLOCK_D)
+            tl.store(q_ptr + b * NH * D + offs_q[:, None] * D + offs_d[None, :], q.to(q_ptr.dtype.element_ty),
+                     mask=(offs_q < NH)[:, None] & dmask)
         else:
             p = tl.load(pos_ptr + b * s_pos).to(tl.int64)
             if HAS_ROWS:
                 row = tl.load(rows_ptr + b * s_rows).to(tl.int64)
             else:
                 row = b
+            offs_h = tl.arange(0, BLOCK_HK)
             hmask = (offs_h < NKV)[:, None] & dmask
-            k = _normed_turned(x_ptr + NH * D, wk_ptr, cos_b, sin_b, NKV, D, eps, NORM, KIND, BLOCK_H, BLOCK_D)
+            k = _normed_turned(x_ptr + NH * D, wk_ptr, cos_b, sin_b, NKV, D, eps, NORM, KIND, BLOCK_HK, BLOCK_D)
             k = k.to(qkv_ptr.dtype.element_ty)  # the PyTorch path's k, then the cache's dtype
             tl.store(k_ptr + row * sk_r + p * sk_s + offs_h[:, None] * sk_h + offs_d[None, :],
                      k.to(k_ptr.dtype.element_ty), mask=hmask)
