@@ -133,9 +133,10 @@ class Attention(nn.Module):
                       rows: torch.Tensor | None, pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
         """decode_step with its prologue in one kernel: qkv [B, 1, nH*D + 2 nKV*D] -> [B, 1, nH*D]."""
         qn, kn = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
-        q, lengths = decode_qk_rope_op(qkv, getattr(qn, "weight", None), getattr(kn, "weight", None),
-                                       qn.eps if qn else 0.0, self.qk_norm or "none", qn.kind if qn else "none",
-                                       self.n_heads, cos, sin, cache[0], cache[1], rows, pos, kv_len)  # [B, nH, D]
+        eps, kind = (0.0, "none") if qn is None else (qn.eps, qn.kind)
+        q, lengths = decode_qk_rope_op(qkv, getattr(qn, "weight", None), getattr(kn, "weight", None), eps,
+                                       self.qk_norm or "none", kind, self.n_heads, cos, sin, cache[0], cache[1], rows,
+                                       pos, kv_len)  # [B, nH, D]
         out = decode_attention_op(q, cache[0], cache[1], rows, lengths, self.head_dim ** -0.5, window or 0, self.sinks)
         return out.reshape(qkv.shape[0], 1, -1)
 
