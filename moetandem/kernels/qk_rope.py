@@ -11,8 +11,8 @@ reductions, rotate_half's negate + cat for q and k, the cache index_puts, the le
 The math follows the PyTorch path (components/norm.py's RMSNorm, components/rope.py's apply_rope): the norm in
 fp32, its result rounded to the activations' dtype at the point RMSNorm rounds it ("cast": normalise, round, times
 the weight, round; "offset": times (1 + w) in fp32, round; "fp32": times w in fp32, round; "none": round), then
-x · cos + rotate_half(x) · sin in fp32 with one rounding (as inductor computes it; eager rounds each product, so
-bf16 results may differ by an ulp). RoPE pairs (i, i + D/2) over the whole head (no partial rotary). The normed
+x · cos + rotate_half(x) · sin in fp32 with one rounding (as inductor computes it; eager rounds each product:
+bf16 results within an ulp or two). RoPE pairs (i, i + D/2) over the whole head (no partial rotary). The normed
 value is rounded to qkv's dtype: RMSNorm's "cast" matches it when its weight has that dtype, as a loaded model's
 does. rows/pos/lengths are device tensors and the grid depends on shapes only: CUDA-graph safe, no host sync."""
 from __future__ import annotations
