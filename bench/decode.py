@@ -26,13 +26,15 @@ from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 GRAPH_SUM = "moetandem CUDA graph + torch.compile, MoE sum in graph"
 ROPE_FLIP = "moetandem CUDA graph + torch.compile, RoPE flip"
 ROUTER_WEIGHTS = "moetandem CUDA graph + torch.compile, router weights in kernel"
+QK_ROPE = "moetandem CUDA graph + torch.compile, fused QK RoPE"
 ALL_OPT_IN = "moetandem CUDA graph + torch.compile, all opt-ins"
 #: opt-in switches a variant may set (key: module, attribute, the value of its environment variable that turns it
 #: on): read when the step is traced and guarded by dynamo, so variants in one process each get a trace of their own
 SWITCHES = {"moe_sum": ("moetandem.experts.executor", "MOE_SUM_GRAPH", "MOETANDEM_MOE_SUM=graph"),
             "rope": ("moetandem.models.components.rope", "ROPE_FLIP", "MOETANDEM_ROPE=flip"),
             "router_weights": ("moetandem.models.components.routers", "ROUTER_WEIGHTS_CAST",
-                               "MOETANDEM_ROUTER_WEIGHTS=kernel")}
+                               "MOETANDEM_ROUTER_WEIGHTS=kernel"),
+            "qk_rope": ("moetandem.models.components.attention", "QK_ROPE_FUSED", "MOETANDEM_QK_ROPE=fused")}
 VARIANTS = {  # name -> moetandem.load keywords (+ switches: the SWITCHES on for it, the rest off)
     "moetandem eager": {"use_graphs": False, "compile": "off"},
     "moetandem CUDA graph": {"use_graphs": True, "compile": "off"},
@@ -40,9 +42,10 @@ VARIANTS = {  # name -> moetandem.load keywords (+ switches: the SWITCHES on for
     GRAPH_SUM: {"use_graphs": True, "compile": "on", "switches": ("moe_sum",)},
     ROPE_FLIP: {"use_graphs": True, "compile": "on", "switches": ("rope",)},
     ROUTER_WEIGHTS: {"use_graphs": True, "compile": "on", "switches": ("router_weights",)},
+    QK_ROPE: {"use_graphs": True, "compile": "on", "switches": ("qk_rope",)},
     ALL_OPT_IN: {"use_graphs": True, "compile": "on", "switches": tuple(SWITCHES)},
 }
-OPT_IN = (GRAPH_SUM, ROPE_FLIP, ROUTER_WEIGHTS, ALL_OPT_IN)  # opt-in paths under measurement: run when named
+OPT_IN = (GRAPH_SUM, ROPE_FLIP, ROUTER_WEIGHTS, QK_ROPE, ALL_OPT_IN)  # opt-in, under measurement: run when named
 
 
 def _sync() -> None:

@@ -5,9 +5,11 @@ attention sinks (gpt-oss: a learned per-head logit that joins the softmax and ta
 
 Decode steps (one token per sequence) on CUDA write the new K/V into the cache and run the flash-decoding kernel
 (moetandem.kernels.decode_attention) over each sequence's cache row up to its position: no gather of the cache, no
-mask; everything else (prefill, the CPU) goes through the mask and SDPA."""
+mask; everything else (prefill, the CPU) goes through the mask and SDPA. With QK_ROPE_FUSED, such a step also
+runs its q/k norm, RoPE, K/V write and lengths as one kernel (moetandem.kernels.qk_rope)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetandem.kernels.decode_attention import decode_attention_op, decode_attention_supported
+from moetandem.kernels.qk_rope import decode_qk_rope_op
 from moetandem.models.cache import write, write_read
 from moetandem.models.components.linear import DecodeLinear
 from moetandem.models.components.norm import RMSNorm
 from moetandem.models.components.rope import apply_rope
+
+#: MOETANDEM_QK_ROPE=fused (opt-in until measured on a GPU; default: the PyTorch ops): a decode step that takes the
+#: decode-attention kernel (one token per sequence, CUDA) runs the prologue between the qkv projection and that
+#: kernel (q/k RMSNorm, RoPE, the K/V cache write, the lengths: ~9 small inductor kernels per layer) as one Triton
+#: launch, `moetandem::decode_qk_rope`, where the layer allows it (Attention.fusable_prologue). Read once at
+#: import; dynamo guards on this global, so a test or bench/decode.py may set it between engines.
+QK_ROPE_FUSED: bool = os.environ.get("MOETANDEM_QK_ROPE", "").strip().lower() == "fused"
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,11 @@ class Attention(nn.Module):
         # pos [B, L]; mask [B, 1, L, kv_len] (True = may attend); window: the sliding window the mask applies
         # (None: full attention), which the decode kernel applies itself
         B, L, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # [B, L, nH*D], [B, L, nKV*D] x2
+        qkv = self.qkv_proj(x)  # [B, L, nH*D + 2 nKV*D]
+        if (L == 1 and QK_ROPE_FUSED and self.fusable_prologue(cos)
+                and decode_attention_supported(x.device, cache[0].dtype, self.head_dim)):
+            return self.o_proj(self._fused_decode(qkv, cos, sin, cache, rows, pos, kv_len, window))
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # [B, L, nH*D], [B, L, nKV*D] x2
         gate = None
         if self.gated:  # per head [q | gate]
             q, gate = q.view(B, L, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [B, L, nH, D] each
@@ -109,6 +123,22 @@ class Attention(nn.Module):
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)  # [B, L, H]
+
+    def fusable_prologue(self, cos: torch.Tensor) -> bool:
+        """Whether decode_qk_rope computes this layer's prologue: no output gate, no QKV clipping, RoPE over the
+        whole head (cos [B, L, D])."""
+        return not self.gated and self.clip_qkv is None and cos.shape[-1] == self.head_dim
+
+    def _fused_decode(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, ...],
+                      rows: torch.Tensor | None, pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+        """decode_step with its prologue in one kernel: qkv [B, 1, nH*D + 2 nKV*D] -> [B, 1, nH*D]."""
+        qn, kn = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+        eps, kind = (0.0, "none") if qn is None else (qn.eps, qn.kind)
+        q, lengths = decode_qk_rope_op(qkv, getattr(qn, "weight", None), getattr(kn, "weight", None), eps,
+                                       self.qk_norm or "none", kind, self.n_heads, cos, sin, cache[0], cache[1], rows,
+                                       pos, kv_len)  # [B, nH, D]
+        out = decode_attention_op(q, cache[0], cache[1], rows, lengths, self.head_dim ** -0.5, window or 0, self.sinks)
+        return out.reshape(qkv.shape[0], 1, -1)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...],
                 rows: torch.Tensor | None, pos: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
