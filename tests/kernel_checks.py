@@ -40,3 +40,26 @@ def run_interpreted(test_file: str, keyword: str) -> None:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(test_file)),
                         "-k", keyword], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def captured_decode(path: Path, seq: list[int]) -> tuple[list[torch.Tensor], list[str]]:
+    """Load `path` on CUDA (bf16, compiled), prefill seq[:8] into cache row 0, replay the captured batch-1 decode
+    step over the rest of seq: (the logits of each step, fp32 copies; the CUDA kernels one more replay launches,
+    by name, from the profiler). For A/B tests of a decode-step switch: set it before calling."""
+    import moetandem
+    eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, compile="on")
+    assert eng.graphs is not None
+    cache = eng.kv_cache(2, 64)  # row 0 + scratch row 1
+    logits = []
+    with torch.no_grad():
+        pos = torch.arange(8, device="cuda")[None]
+        eng.forward(torch.tensor([seq[:8]], device="cuda"), pos, cache, 8, rows=torch.tensor([0], device="cuda"))
+        for t in range(8, len(seq)):
+            out, _ = eng.graphs.step([seq[t]], [t], [0], cache, scratch_row=1)
+            logits.append(out[0].float().clone())
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            eng.graphs.step([seq[-1]], [len(seq)], [0], cache, scratch_row=1)
+            torch.cuda.synchronize()
+    del eng
+    return logits, [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+

@@ -219,30 +219,16 @@ def test_graph_sum_compiled_decode_matches_default(tmp_path, monkeypatch: pytest
     """MOE_SUM_GRAPH on: the compiled, captured batch-1 step gives the default step's logits within bf16 rounding,
     and its replay runs no `_sum_kernel` (the default's runs one per MoE layer). Top-8: above inductor's unrolling
     threshold, where `y.sum(1)` would have stayed a kernel of its own."""
-    import moetandem
     from conftest import build_checkpoint
+    from kernel_checks import captured_decode
     path = build_checkpoint("olmoe", tmp_path / "m", num_experts_per_tok=8)
     monkeypatch.setenv("MOETANDEM_CACHE_DIR", str(tmp_path / "cache"))
     seq = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def run(flag: bool) -> tuple[list[torch.Tensor], int]:
         monkeypatch.setattr(ex, "MOE_SUM_GRAPH", flag)
-        eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, compile="on")
-        assert eng.graphs is not None
-        cache = eng.kv_cache(2, 64)  # row 0 + scratch row 1
-        logits = []
-        with torch.no_grad():
-            pos = torch.arange(8, device="cuda")[None]
-            eng.forward(torch.tensor([seq[:8]], device="cuda"), pos, cache, 8, rows=torch.tensor([0], device="cuda"))
-            for t in range(8, len(seq)):
-                out, _ = eng.graphs.step([seq[t]], [t], [0], cache, scratch_row=1)
-                logits.append(out[0].float().clone())
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                eng.graphs.step([seq[-1]], [len(seq)], [0], cache, scratch_row=1)
-                torch.cuda.synchronize()
-        sums = sum("_sum_kernel" in e.name for e in prof.events())
-        del eng
-        return logits, sums
+        logits, kernels = captured_decode(path, seq)
+        return logits, sum("_sum_kernel" in k for k in kernels)
 
     want, sums_default = run(False)
     got, sums_graph = run(True)

@@ -239,29 +239,15 @@ def test_triton_gpu_matches_reference_closely() -> None:
 def test_compiled_captured_step_matches_default(family: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The switch on: the compiled, captured batch-1 step gives the default step's logits within bf16 rounding,
     its replay runs the fused kernel once per layer, and it launches fewer kernels than the default's."""
-    import moetandem
     from conftest import build_checkpoint
+    from kernel_checks import captured_decode
     path = build_checkpoint(family, tmp_path / "m", **({"clip_qkv": None} if family == "olmoe" else {}))
     monkeypatch.setenv("MOETANDEM_CACHE_DIR", str(tmp_path / "cache"))
     seq = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def run(flag: bool) -> tuple[list[torch.Tensor], int, int]:
         monkeypatch.setattr(att, "QK_ROPE_FUSED", flag)
-        eng = moetandem.load(path, device="cuda", dtype="bfloat16", progress=False, compile="on")
-        assert eng.graphs is not None
-        cache = eng.kv_cache(2, 64)  # row 0 + scratch row 1
-        logits = []
-        with torch.no_grad():
-            pos = torch.arange(8, device="cuda")[None]
-            eng.forward(torch.tensor([seq[:8]], device="cuda"), pos, cache, 8, rows=torch.tensor([0], device="cuda"))
-            for t in range(8, len(seq)):
-                out, _ = eng.graphs.step([seq[t]], [t], [0], cache, scratch_row=1)
-                logits.append(out[0].float().clone())
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                eng.graphs.step([seq[-1]], [len(seq)], [0], cache, scratch_row=1)
-                torch.cuda.synchronize()
-        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        del eng
+        logits, kernels = captured_decode(path, seq)
         return logits, sum("_qk_rope_kernel" in k for k in kernels), len(kernels)
 
     want, fused_off, launches_off = run(False)
