@@ -7,35 +7,26 @@ from __future__ import annotations
 
 import moetandem
 import argparse
-import contextlib
 import gc
-import importlib
 import json
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
+from bench.switches import SWITCHES, opt_ins  # noqa: E402
 
 GRAPH_SUM = "moetandem CUDA graph + torch.compile, MoE sum in graph"
 ROPE_FLIP = "moetandem CUDA graph + torch.compile, RoPE flip"
 ROUTER_WEIGHTS = "moetandem CUDA graph + torch.compile, router weights in kernel"
 QK_ROPE = "moetandem CUDA graph + torch.compile, fused QK RoPE"
 ALL_OPT_IN = "moetandem CUDA graph + torch.compile, all opt-ins"
-#: opt-in switches a variant may set (key: module, attribute, the value of its environment variable that turns it
-#: on): read when the step is traced and guarded by dynamo, so variants in one process each get a trace of their own
-SWITCHES = {"moe_sum": ("moetandem.experts.executor", "MOE_SUM_GRAPH", "MOETANDEM_MOE_SUM=graph"),
-            "rope": ("moetandem.models.components.rope", "ROPE_FLIP", "MOETANDEM_ROPE=flip"),
-            "router_weights": ("moetandem.models.components.routers", "ROUTER_WEIGHTS_CAST",
-                               "MOETANDEM_ROUTER_WEIGHTS=kernel"),
-            "qk_rope": ("moetandem.models.components.attention", "QK_ROPE_FUSED", "MOETANDEM_QK_ROPE=fused")}
-VARIANTS = {  # name -> moetandem.load keywords (+ switches: the SWITCHES on for it, the rest off)
+VARIANTS = {  # name -> moetandem.load keywords (+ switches: bench/switches.py's on for it, the rest off)
     "moetandem eager": {"use_graphs": False, "compile": "off"},
     "moetandem CUDA graph": {"use_graphs": True, "compile": "off"},
     "moetandem CUDA graph + torch.compile": {"use_graphs": True, "compile": "on"},
@@ -88,20 +79,6 @@ def bench_ours(path: Path, device: str, prompts: list[list[int]], new: int, kw: 
         del eng
         _free()
     return res
-
-
-@contextlib.contextmanager
-def opt_ins(on: tuple[str, ...]) -> Iterator[None]:
-    """The SWITCHES named in `on` set, the others cleared, for one engine's run, whatever the environment says."""
-    mods = {k: importlib.import_module(m) for k, (m, _, _) in SWITCHES.items()}
-    before = {k: getattr(mods[k], a) for k, (_, a, _) in SWITCHES.items()}
-    for k, (_, a, _) in SWITCHES.items():
-        setattr(mods[k], a, k in on)
-    try:
-        yield
-    finally:
-        for k, (_, a, _) in SWITCHES.items():
-            setattr(mods[k], a, before[k])
 
 
 def bench_hf(path: Path, device: str, prompts: list[list[int]], new: int, impl: str | None) -> dict:

@@ -3,7 +3,8 @@ that DecodeGraphs captures launches per decoder layer, in order, and what each i
 
     /work/venv/bin/python bench/kernel_census.py                      # olmoe + qwen3, two sizes each
     /work/venv/bin/python bench/kernel_census.py --shapes olmoe --sizes small --rope-flip --router-weights
-    (the switches: --rope-flip, --router-weights, --moe-sum-graph, as bench/decode.py's opt-in variants)
+    (the switches: --rope-flip, --router-weights, --moe-sum-graph, --qk-rope: bench/switches.py, as
+    bench/decode.py's opt-in variants; a switch not given is off, whatever the environment says)
 
 How: a small random checkpoint of the shape's family (bench/shapes.py's layer structure: head counts, q/k norm kind,
 top-8 softmax routing; hidden size, experts and vocabulary scaled down) is loaded on the CPU in bf16, and its decode
@@ -50,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
+from bench.switches import opt_ins  # noqa: E402
 
 #: scaled-down layer shapes: (family's bench shape, overrides) per size; the head and routing structure is kept
 SIZES: dict[str, dict[str, dict]] = {
@@ -242,14 +244,13 @@ def main() -> None:
                     help="MOETANDEM_ROPE=flip (components/rope.py): rotate_half without a cat")
     ap.add_argument("--router-weights", action="store_true",
                     help="MOETANDEM_ROUTER_WEIGHTS=kernel (components/routers.py): no cast after the router")
+    ap.add_argument("--qk-rope", action="store_true", help="MOETANDEM_QK_ROPE=fused (components/attention.py): "
+                    "q/k norm, RoPE, K/V write and lengths in one op")
     args = ap.parse_args()
-    from moetandem.experts import executor
-    from moetandem.models.components import rope, routers
-    executor.MOE_SUM_GRAPH = args.moe_sum_graph
-    rope.ROPE_FLIP = args.rope_flip
-    routers.ROUTER_WEIGHTS_CAST = args.router_weights
+    on = [k for k, flag in (("moe_sum", args.moe_sum_graph), ("rope", args.rope_flip),
+                            ("router_weights", args.router_weights), ("qk_rope", args.qk_rope)) if flag]
     summary = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, opt_ins(on):
         for family in args.shapes:
             for size in args.sizes:
                 lines, launches, step = census(family, size, Path(tmp))

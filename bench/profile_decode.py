@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moetandem  # noqa: E402
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
+from bench.switches import SWITCHES, opt_ins  # noqa: E402
 
 ROLES = [  # first match wins: (role, regex over the kernel name)
     ("moe: fused kernels", r"_gate_up_kernel|_down_kernel|_sum_kernel|_align_kernel"),
@@ -46,12 +47,17 @@ def weight_bytes(cfg: dict) -> dict[str, float]:
             "lm_head + embed row": cfg["vocab_size"] * H * 2}
 
 
-def profile(path: Path, steps: int, graphs: bool = False, moe_sum: str = "kernel") -> dict:
+def profile(path: Path, steps: int, graphs: bool = False, moe_sum: str = "kernel",
+            switches: tuple[str, ...] = ()) -> dict:
     """graphs: profile the shipped decode path (CUDA graph + torch.compile; CUPTI reports the kernels a graph
     replay runs) instead of eager steps. moe_sum "graph": MOETANDEM_MOE_SUM=graph for this engine (the sum over k
-    inside the compiled step: no _sum_kernel, one launch less per MoE layer), "kernel": off."""
-    from moetandem.experts import executor
-    executor.MOE_SUM_GRAPH = moe_sum == "graph"  # read when the step is traced (dynamo guards on it)
+    inside the compiled step: no _sum_kernel, one launch less per MoE layer), "kernel": off. switches: the other
+    opt-ins of bench/switches.py on for this engine; every switch not named is off, whatever the environment says."""
+    with opt_ins(switches + (("moe_sum",) if moe_sum == "graph" else ())):  # read when the step is traced
+        return _profile(path, steps, graphs)
+
+
+def _profile(path: Path, steps: int, graphs: bool) -> dict:
     eng = moetandem.load(path, device="cuda", progress=False, use_graphs=graphs, compile="on" if graphs else "off")
     prompt = list(range(2, 34))
     eng.generate([prompt], max_new_tokens=8, stop_on_eos=False)  # warm-up, kernel tuning
@@ -90,6 +96,8 @@ def main() -> None:
     ap.add_argument("--moe-sum", nargs="+", default=["kernel"], choices=["kernel", "graph"],
                     help="the sum over k: the fused MoE's kernel, or (MOETANDEM_MOE_SUM=graph, needs --graphs) fused "
                          "into the compiled step; several: one profile each")
+    ap.add_argument("--switches", nargs="+", default=[], choices=[k for k in SWITCHES if k != "moe_sum"],
+                    help="other opt-in switches (bench/switches.py) on in every profile, e.g. qk_rope router_weights")
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline (H200: 4.8e12)")
     args = ap.parse_args()
     if "graph" in args.moe_sum and not args.graphs:
@@ -102,7 +110,7 @@ def main() -> None:
         path = args.ckpt_root / name
         if not (path / "model.safetensors.index.json").exists():
             build_random_checkpoint(name, path, device="cuda")
-        res = out[shape] = profile(path, args.steps, args.graphs, mode)
+        res = out[shape] = profile(path, args.steps, args.graphs, mode, tuple(args.switches))
         total = sum(v["us_per_token"] for v in res["roles"].values())
         for r, v in sorted(res["roles"].items(), key=lambda kv: -kv[1]["us_per_token"]):
             lines.append(f"| {shape} | {r} | {v['us_per_token']:.1f} | {v['us_per_token'] / res['layers']:.1f} | "

@@ -1,0 +1,32 @@
+"""The opt-in switches of the compiled decode step, in one table for the benches that A/B them (bench/decode.py,
+bench/profile_decode.py, bench/kernel_census.py). Each is a module attribute read when the step is traced (dynamo
+guards on it), set at import from its environment variable; `opt_ins` sets them for one engine's run."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+
+#: name -> (module, attribute, the environment setting that turns it on)
+SWITCHES = {"moe_sum": ("moetandem.experts.executor", "MOE_SUM_GRAPH", "MOETANDEM_MOE_SUM=graph"),
+            "rope": ("moetandem.models.components.rope", "ROPE_FLIP", "MOETANDEM_ROPE=flip"),
+            "router_weights": ("moetandem.models.components.routers", "ROUTER_WEIGHTS_CAST",
+                               "MOETANDEM_ROUTER_WEIGHTS=kernel"),
+            "qk_rope": ("moetandem.models.components.attention", "QK_ROPE_FUSED", "MOETANDEM_QK_ROPE=fused")}
+
+
+@contextlib.contextmanager
+def opt_ins(on: tuple[str, ...] | list[str]) -> Iterator[None]:
+    """The SWITCHES named in `on` set, the others cleared, whatever the environment says; restored afterwards."""
+    unknown = set(on) - set(SWITCHES)
+    if unknown:
+        raise ValueError(f"unknown switches {sorted(unknown)}; known: {list(SWITCHES)}")
+    mods = {k: importlib.import_module(m) for k, (m, _, _) in SWITCHES.items()}
+    before = {k: getattr(mods[k], a) for k, (_, a, _) in SWITCHES.items()}
+    for k, (_, a, _) in SWITCHES.items():
+        setattr(mods[k], a, k in on)
+    try:
+        yield
+    finally:
+        for k, (_, a, _) in SWITCHES.items():
+            setattr(mods[k], a, before[k])
