@@ -21,22 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 from bench.switches import SWITCHES, opt_ins  # noqa: E402
 
-GRAPH_SUM = "moetandem CUDA graph + torch.compile, MoE sum in graph"
-ROPE_FLIP = "moetandem CUDA graph + torch.compile, RoPE flip"
-ROUTER_WEIGHTS = "moetandem CUDA graph + torch.compile, router weights in kernel"
-QK_ROPE = "moetandem CUDA graph + torch.compile, fused QK RoPE"
-ALL_OPT_IN = "moetandem CUDA graph + torch.compile, all opt-ins"
-VARIANTS = {  # name -> moetandem.load keywords (+ switches: bench/switches.py's on for it, the rest off)
-    "moetandem eager": {"use_graphs": False, "compile": "off"},
-    "moetandem CUDA graph": {"use_graphs": True, "compile": "off"},
-    "moetandem CUDA graph + torch.compile": {"use_graphs": True, "compile": "on"},
-    GRAPH_SUM: {"use_graphs": True, "compile": "on", "switches": ("moe_sum",)},
-    ROPE_FLIP: {"use_graphs": True, "compile": "on", "switches": ("rope",)},
-    ROUTER_WEIGHTS: {"use_graphs": True, "compile": "on", "switches": ("router_weights",)},
-    QK_ROPE: {"use_graphs": True, "compile": "on", "switches": ("qk_rope",)},
-    ALL_OPT_IN: {"use_graphs": True, "compile": "on", "switches": tuple(SWITCHES)},
+SHIPPED = "moetandem CUDA graph + torch.compile"
+ONLY = {"moe_sum": "MoE sum in graph", "rope": "RoPE flip", "router_weights": "router weights in kernel",
+        "qk_rope": "fused QK RoPE"}
+#: name -> moetandem.load keywords + switches (bench/switches.py's on for it, the rest off; all on is as shipped)
+VARIANTS = {
+    "moetandem eager": {"use_graphs": False, "compile": "off", "switches": tuple(SWITCHES)},
+    "moetandem CUDA graph": {"use_graphs": True, "compile": "off", "switches": tuple(SWITCHES)},
+    SHIPPED: {"use_graphs": True, "compile": "on", "switches": tuple(SWITCHES)},
+    f"{SHIPPED}, switches off": {"use_graphs": True, "compile": "on", "switches": ()},
+    **{f"{SHIPPED}, only {label}": {"use_graphs": True, "compile": "on", "switches": (k,)}
+       for k, label in ONLY.items()},
 }
-OPT_IN = (GRAPH_SUM, ROPE_FLIP, ROUTER_WEIGHTS, QK_ROPE, ALL_OPT_IN)  # opt-in, under measurement: run when named
+AB = tuple(v for v in VARIANTS if v.startswith(f"{SHIPPED}, "))  # the switches' A/B: run when named
 
 
 def _sync() -> None:
@@ -121,11 +118,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (tok/s counts them all)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in OPT_IN], choices=list(VARIANTS),
-                    help=f"default: all but the opt-in {list(OPT_IN)}")
-    ap.add_argument("--hf", nargs="*", default=["default"], help="HF experts_implementation values to run")
+    ap.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in AB], choices=list(VARIANTS),
+                    help=f"default: all but the switches' A/B {list(AB)}")
+    ap.add_argument("--hf", nargs="*", default=["default"],
+                    help="HF experts_implementation values to run (default, or --hf alone: 'default')")
+    ap.add_argument("--no-hf", action="store_true", help="no transformers baseline")
     ap.add_argument("--cleanup", action="store_true", help="delete each built checkpoint after its shape (RAM disk)")
     args = ap.parse_args()
+    args.hf = [] if args.no_hf else args.hf or ["default"]  # `--hf` alone used to mean none: it ran no baseline
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     todo = [(p.name, p) for p in args.model] or [(s, args.ckpt_root / s) for s in args.shapes]

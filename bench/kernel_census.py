@@ -2,9 +2,9 @@
 that DecodeGraphs captures launches per decoder layer, in order, and what each inductor kernel fuses.
 
     /work/venv/bin/python bench/kernel_census.py                      # olmoe + qwen3, two sizes each
-    /work/venv/bin/python bench/kernel_census.py --shapes olmoe --sizes small --rope-flip --router-weights
-    (the switches: --rope-flip, --router-weights, --moe-sum-graph, --qk-rope: bench/switches.py, as
-    bench/decode.py's opt-in variants; a switch not given is off, whatever the environment says)
+    /work/venv/bin/python bench/kernel_census.py --shapes olmoe --sizes small --switches rope router_weights
+    (--switches: bench/switches.py's, as bench/decode.py's A/B variants; default all, as shipped; `--switches`
+    alone: all off; a switch not given is off, whatever the environment says)
 
 How: a small random checkpoint of the shape's family (bench/shapes.py's layer structure: head counts, q/k norm kind,
 top-8 softmax routing; hidden size, experts and vocabulary scaled down) is loaded on the CPU in bf16, and its decode
@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
-from bench.switches import opt_ins  # noqa: E402
+from bench.switches import add_switches_argument, opt_ins  # noqa: E402
 
 #: scaled-down layer shapes: (family's bench shape, overrides) per size; the head and routing structure is kept
 SIZES: dict[str, dict[str, dict]] = {
@@ -239,16 +239,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--sizes", nargs="+", default=["small", "large"], choices=["small", "large"])
-    ap.add_argument("--moe-sum-graph", action="store_true", help="MOETANDEM_MOE_SUM=graph (experts/executor.py)")
-    ap.add_argument("--rope-flip", action="store_true",
-                    help="MOETANDEM_ROPE=flip (components/rope.py): rotate_half without a cat")
-    ap.add_argument("--router-weights", action="store_true",
-                    help="MOETANDEM_ROUTER_WEIGHTS=kernel (components/routers.py): no cast after the router")
-    ap.add_argument("--qk-rope", action="store_true", help="MOETANDEM_QK_ROPE=fused (components/attention.py): "
-                    "q/k norm, RoPE, K/V write and lengths in one op")
+    add_switches_argument(ap)
     args = ap.parse_args()
-    on = [k for k, flag in (("moe_sum", args.moe_sum_graph), ("rope", args.rope_flip),
-                            ("router_weights", args.router_weights), ("qk_rope", args.qk_rope)) if flag]
+    on = args.switches
     summary = []
     with tempfile.TemporaryDirectory() as tmp, opt_ins(on):
         for family in args.shapes:

@@ -3,6 +3,7 @@ grouped by role, with time per layer and the bytes each role must read (its weig
 
     python bench/profile_decode.py --shapes olmoe-1b-7b qwen3-30b-a3b --out out/profile
     python bench/profile_decode.py --graphs --moe-sum kernel graph   # MOETANDEM_MOE_SUM off / on, side by side
+    python bench/profile_decode.py --graphs --moe-sum kernel --switches   # every switch off (the shipped: none given)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moetandem  # noqa: E402
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
-from bench.switches import SWITCHES, opt_ins  # noqa: E402
+from bench.switches import SWITCHES, add_switches_argument, opt_ins  # noqa: E402
 
 ROLES = [  # first match wins: (role, regex over the kernel name)
     ("moe: fused kernels", r"_gate_up_kernel|_down_kernel|_sum_kernel|_align_kernel"),
@@ -47,12 +48,13 @@ def weight_bytes(cfg: dict) -> dict[str, float]:
             "lm_head + embed row": cfg["vocab_size"] * H * 2}
 
 
-def profile(path: Path, steps: int, graphs: bool = False, moe_sum: str = "kernel",
-            switches: tuple[str, ...] = ()) -> dict:
+def profile(path: Path, steps: int, graphs: bool = False, moe_sum: str = "graph",
+            switches: tuple[str, ...] = tuple(k for k in SWITCHES if k != "moe_sum")) -> dict:
     """graphs: profile the shipped decode path (CUDA graph + torch.compile; CUPTI reports the kernels a graph
-    replay runs) instead of eager steps. moe_sum "graph": MOETANDEM_MOE_SUM=graph for this engine (the sum over k
-    inside the compiled step: no _sum_kernel, one launch less per MoE layer), "kernel": off. switches: the other
-    opt-ins of bench/switches.py on for this engine; every switch not named is off, whatever the environment says."""
+    replay runs) instead of eager steps. moe_sum "graph" (shipped): MOETANDEM_MOE_SUM=graph for this engine (the sum
+    over k inside the compiled step: no _sum_kernel, one launch less per MoE layer), "kernel": off. switches: the
+    other switches of bench/switches.py on for this engine (default: all, as shipped); every switch not named is
+    off, whatever the environment says."""
     with opt_ins(switches + (("moe_sum",) if moe_sum == "graph" else ())):  # read when the step is traced
         return _profile(path, steps, graphs)
 
@@ -93,20 +95,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("out/profile"))
     ap.add_argument("--graphs", action="store_true", help="profile CUDA graph + torch.compile decode (shipped path)")
-    ap.add_argument("--moe-sum", nargs="+", default=["kernel"], choices=["kernel", "graph"],
-                    help="the sum over k: the fused MoE's kernel, or (MOETANDEM_MOE_SUM=graph, needs --graphs) fused "
-                         "into the compiled step; several: one profile each")
-    ap.add_argument("--switches", nargs="+", default=[], choices=[k for k in SWITCHES if k != "moe_sum"],
-                    help="other opt-in switches (bench/switches.py) on in every profile, e.g. qk_rope router_weights")
+    ap.add_argument("--moe-sum", nargs="+", default=None, choices=["kernel", "graph"],
+                    help="the sum over k: the fused MoE's kernel, or (MOETANDEM_MOE_SUM=graph, shipped; a compiled "
+                         "step only) fused into the compiled step; several: one profile each. Default: graph with "
+                         "--graphs, else kernel")
+    add_switches_argument(ap, exclude=("moe_sum",))
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline (H200: 4.8e12)")
     args = ap.parse_args()
+    args.moe_sum = args.moe_sum or (["graph"] if args.graphs else ["kernel"])
     if "graph" in args.moe_sum and not args.graphs:
         ap.error("--moe-sum graph needs --graphs: only a compiled step sums in the graph")
     args.out.mkdir(parents=True, exist_ok=True)
     lines = ["| shape | role | µs / token | µs / layer | kernels / token |", "|---|---|---|---|---|"]
     out = {}
     for name, mode in [(s, m) for s in args.shapes for m in args.moe_sum]:
-        shape = name if args.moe_sum == ["kernel"] else f"{name} (moe sum: {mode})"
+        shape = name if len(args.moe_sum) == 1 else f"{name} (moe sum: {mode})"
         path = args.ckpt_root / name
         if not (path / "model.safetensors.index.json").exists():
             build_random_checkpoint(name, path, device="cuda")

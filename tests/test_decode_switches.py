@@ -1,4 +1,4 @@
-"""The opt-in switches that drop kernels from the compiled decode step: MOETANDEM_ROPE=flip (rope.py ROPE_FLIP:
+"""The switches (on by default) that drop kernels from the compiled decode step: MOETANDEM_ROPE=flip (rope.py ROPE_FLIP:
 rotate_half as a flip of the halves, the same values bit for bit) and MOETANDEM_ROUTER_WEIGHTS=kernel (routers.py
 ROUTER_WEIGHTS_CAST: the fused router stores its weights in the model's dtype; its kernel's check is in
 test_router_kernel.py). A compiled decode step with them gives the eager model's logits, and inductor's decode step
@@ -19,6 +19,7 @@ from moetandem.models.components.rope import apply_rope
 
 rope = importlib.import_module("moetandem.models.components.rope")
 routers = importlib.import_module("moetandem.models.components.routers")
+attention = importlib.import_module("moetandem.models.components.attention")
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
@@ -87,8 +88,10 @@ def test_compiled_decode_step_with_switches(family: str, tmp_path: Path, monkeyp
 def test_census_switches_drop_kernels(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Inductor's Triton scheduling of the CUDA decode step, per layer: the flip removes the rotate-half cat's
     kernels (one per half, q and k) and fuses the q/k norm reductions into the RoPE kernels; the router switch
-    removes the weights' cast kernel."""
+    removes the weights' cast kernel. With the fused QK RoPE (the default) the RoPE is not inductor's: it is off
+    here, as it is for a layer fusable_prologue refuses."""
     kc = importlib.import_module("bench.kernel_census")
+    monkeypatch.setattr(attention, "QK_ROPE_FUSED", False)
     per_layer = {}
     for flip, cast in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(rope, "ROPE_FLIP", flip)

@@ -38,7 +38,8 @@ from moetandem.models.expert_activation import SWIGLU, ExpertActivation
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
-#: MOETANDEM_MOE_SUM=graph (opt-in; default: the fused kernel's own sum launch): in a decode step traced by
+#: MOETANDEM_MOE_SUM=graph (the default since the H200 A/B of 2026-12-01 in docs/benchmarks.md; =kernel: the fused
+#: kernel's own sum launch): in a decode step traced by
 #: torch.compile (T <= DIRECT_MAX_TOKENS), the fused MoE hands out its per-assignment outputs
 #: (`moetandem::fused_moe_parts`, [T, k, H] fp32) and the sum over k is written as a chain of k - 1 adds, which
 #: inductor inlines into the kernel that consumes the MoE output (residual add + next RMSNorm): one launch less per
@@ -48,7 +49,7 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 #: Triton scheduling, torch 2.13, on the CPU). Same numerics: fp32 adds in k's order, one cast to x's dtype. Eager
 #: steps keep the kernel's sum (there the chain would be k launches). Read once at import; dynamo guards on this
 #: global, so a test or bench/decode.py may set it between engines and the next trace follows it.
-MOE_SUM_GRAPH: bool = os.environ.get("MOETANDEM_MOE_SUM", "").strip().lower() == "graph"
+MOE_SUM_GRAPH: bool = os.environ.get("MOETANDEM_MOE_SUM", "graph").strip().lower() == "graph"
 
 
 @dataclass

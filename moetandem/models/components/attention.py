@@ -23,12 +23,12 @@ from moetandem.models.components.linear import DecodeLinear
 from moetandem.models.components.norm import RMSNorm
 from moetandem.models.components.rope import apply_rope
 
-#: MOETANDEM_QK_ROPE=fused (opt-in until measured on a GPU; default: the PyTorch ops): a decode step that takes the
-#: decode-attention kernel (one token per sequence, CUDA) runs the prologue between the qkv projection and that
-#: kernel (q/k RMSNorm, RoPE, the K/V cache write, the lengths: ~9 small inductor kernels per layer) as one Triton
-#: launch, `moetandem::decode_qk_rope`, where the layer allows it (Attention.fusable_prologue). Read once at
-#: import; dynamo guards on this global, so a test or bench/decode.py may set it between engines.
-QK_ROPE_FUSED: bool = os.environ.get("MOETANDEM_QK_ROPE", "").strip().lower() == "fused"
+#: MOETANDEM_QK_ROPE=fused (the default since the H200 A/B of 2026-12-01; =ops: the PyTorch ops): a decode step that
+#: takes the decode-attention kernel (one token per sequence, CUDA) runs the prologue between the qkv projection and
+#: that kernel (q/k RMSNorm, RoPE, the K/V cache write, the lengths: ~9 small inductor kernels per layer) as one Triton
+#: launch, `moetandem::decode_qk_rope`, where the layer allows it (Attention.fusable_prologue). Read once at import;
+#: dynamo guards on this global, so a test or bench/decode.py may set it between engines.
+QK_ROPE_FUSED: bool = os.environ.get("MOETANDEM_QK_ROPE", "fused").strip().lower() == "fused"
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,14 @@ import os
 
 import torch
 
-#: MOETANDEM_ROPE=flip (opt-in; default: the concatenation): in a step traced by torch.compile, rotate_half as a flip
-#: of the two halves times (-1, +1) instead of cat(-x2, x1). Same values bit for bit (negation is exact either way).
-#: Inductor materialises that cat (its inputs have other users: x * cos) into a buffer written by one kernel per half,
-#: and the q/k norm reductions stay kernels of their own: 5-6 launches per layer of a decode step more than with the
-#: flip, an index remap fused into the RoPE kernels (bench/kernel_census.py). Eager steps keep the cat (one launch).
-#: Read once at import; dynamo guards on this global, so a test or bench/decode.py may set it between engines.
-ROPE_FLIP: bool = os.environ.get("MOETANDEM_ROPE", "").strip().lower() == "flip"
+#: MOETANDEM_ROPE=flip (the default since the H200 A/B of 2026-12-01; =cat: the concatenation): in a step traced by
+#: torch.compile, rotate_half as a flip of the two halves times (-1, +1) instead of cat(-x2, x1). Same values bit for
+#: bit (negation is exact either way). Inductor materialises that cat (its inputs have other users: x * cos) into a
+#: buffer written by one kernel per half, and the q/k norm reductions stay kernels of their own: 5-6 launches per layer
+#: of a decode step more than with the flip, an index remap fused into the RoPE kernels (bench/kernel_census.py). Eager
+#: steps keep the cat (one launch). Read once at import; dynamo guards on this global, so a test or bench/decode.py may
+#: set it between engines.
+ROPE_FLIP: bool = os.environ.get("MOETANDEM_ROPE", "flip").strip().lower() == "flip"
 
 
 def rope_tables(inv_freq: torch.Tensor, scaling: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:

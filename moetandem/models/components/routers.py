@@ -16,11 +16,12 @@ from torch import nn
 from moetandem.kernels.router import route_topk
 from moetandem.kernels.router_logits import route_logits_topk
 
-#: MOETANDEM_ROUTER_WEIGHTS=kernel (opt-in; default: the fused router returns fp32 weights and they are cast): a
+#: MOETANDEM_ROUTER_WEIGHTS=kernel (the default since the H200 A/B of 2026-12-01; =cast: the fused router returns
+#: fp32 weights and they are cast): a
 #: linear router asks the fused router kernel for its weights in the model's dtype, so its store rounds them (to
 #: nearest even, as Tensor.to) and the compiled decode step has no cast kernel between the router and the fused MoE:
 #: one launch less per MoE layer (bench/kernel_census.py). Same values; read once at import, dynamo guards on it.
-ROUTER_WEIGHTS_CAST: bool = os.environ.get("MOETANDEM_ROUTER_WEIGHTS", "").strip().lower() == "kernel"
+ROUTER_WEIGHTS_CAST: bool = os.environ.get("MOETANDEM_ROUTER_WEIGHTS", "kernel").strip().lower() == "kernel"
 
 
 class Router(nn.Module):
