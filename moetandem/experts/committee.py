@@ -114,7 +114,16 @@ class CommitteeProvider(ExpertProvider):
         (auto; not the fetch / host / lru / host-only baselines), and every expert fitting the pinned cap."""
         if self.device.type != "cuda" or not self.act.gated or not fused_moe_supported(self.device, self.dtype):
             return False
-        return policy.exact == "auto" and not policy.lru and policy.refresh and total <= pinned_cap(total, mapped=True)
+        if not (policy.exact == "auto" and not policy.lru and policy.refresh):
+            return False
+        cap = pinned_cap(total, mapped=True)
+        if total > cap:
+            log.warning("exact misses are copied to the GPU, not read in place: pinning every expert takes %.1f GiB "
+                        "of host memory and %.1f GiB may be pinned now (3/4 of what is available); free host memory "
+                        "(a tmpfs such as /dev/shm counts as used) or set MOETANDEM_PINNED_BYTES", total / 2**30,
+                        cap / 2**30)
+            return False
+        return True
 
     def _map_experts(self, progress: bool) -> dict[int, torch.Tensor]:
         out, rows = {}, self.miss_rows or self.rows

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import torch
 
 from moetandem.errors import InvalidRequestError
+from moetandem.host_memory import host_memory
 from moetandem.experts.store import flat_views
 from moetandem.models.layers import expert_ffn
 
@@ -78,16 +79,7 @@ def memory_info(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(free), int(total)
-    info: dict[str, int] = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            info[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    total = info.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    free = info.get("MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return int(free), int(total)
+    return host_memory()
 
 
 def time_call(fn: Callable[[], Any], device: torch.device | str, reps: int = 5, stat: str = "median") -> float:
