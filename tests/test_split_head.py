@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import grpc
 import pytest
 import torch
 from conftest import build_checkpoint
@@ -18,7 +19,9 @@ from moetandem.split.cloud import CloudServer
 from moetandem.split.connect import Placement
 from moetandem.split.logits import dense_logits, pack_topk, topk_bytes, unpack_topk
 from moetandem.split.plan import SplitProfile, baseline_plans, make_split_plan, predict
-from moetandem.split.transport.frame import Frame, pack
+from moetandem.split.transport import SESSION_METHOD
+from moetandem.split.transport.auth import call_metadata
+from moetandem.split.transport.frame import Frame, pack, unpack
 
 TOKEN = "t0k3n-for-tests-0123456789abcdef"
 PROMPTS = [[5, 17, 42, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7]]
@@ -205,3 +208,44 @@ def test_plan_drops_the_end_head_cost():
     assert again.predicted_latency_s == pytest.approx(p_on.predicted_latency_s, rel=1e-9)
     with pytest.raises(InvalidRequestError):
         dataclasses.replace(off, cloud_head_topk=-1)
+
+
+def raw(port: int, frames: list[bytes]) -> tuple[list[Frame], grpc.StatusCode]:
+    """Frames on a Session stream -> (replies, final status)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream(SESSION_METHOD, request_serializer=None, response_deserializer=None)(
+            iter(frames), metadata=call_metadata(TOKEN), timeout=20)
+        replies = []
+        try:
+            for r in call:
+                replies.append(unpack(r))
+        except grpc.RpcError as e:
+            return replies, e.code()
+        return replies, grpc.StatusCode.OK
+
+
+def test_cloud_checks_head_frames(cloud):
+    hello = pack(Frame("hello", 1, {"fingerprint": cloud.fingerprint}))
+
+    def alloc(end=3, **meta):
+        return pack(Frame("alloc", 2, {"cache": 1, "rows": 2, "max_len": 16, "start": 2, "end": end, "codec": "off",
+                                       **meta}))
+
+    def layers(out="topk", **kw):
+        return pack(Frame("layers", 3, {"cache": 1, "kv_len": 4, **({"out": out} if out else {})},
+                          {"pos": torch.tensor([[3]]), "rows": torch.tensor([0]), "x": torch.randn(1, 64), **kw}))
+    replies, code = raw(cloud.port, [hello, alloc(head_topk=K), layers(), layers("none"), layers(None)])
+    assert code == grpc.StatusCode.OK
+    assert replies[2].tensors["top_v"].shape == (1, K) and replies[2].tensors["top_i"].dtype == torch.int32
+    assert not replies[3].tensors and replies[4].tensors["x"].shape == (1, 64)  # fill-only; hidden states
+    attacks = {
+        "head short of the last layer": [hello, alloc(end=2, head_topk=K)],
+        "K past the vocabulary": [hello, alloc(head_topk=300)],
+        "K not an integer": [hello, alloc(head_topk="8")],
+        "topk on a cache without a head": [hello, alloc(), layers()],
+        "unknown out": [hello, alloc(head_topk=K), layers("logits")],
+        "last out of range": [hello, alloc(head_topk=K), layers(last=torch.tensor([1]))],
+        "last without topk": [hello, alloc(head_topk=K), layers(None, last=torch.tensor([0]))],
+    }
+    for name, frames in attacks.items():
+        assert raw(cloud.port, frames)[1] == grpc.StatusCode.INVALID_ARGUMENT, name
