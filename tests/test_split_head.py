@@ -195,6 +195,10 @@ def test_plan_drops_the_end_head_cost():
     saved = predict(off, cut, "latency").predicted_latency_s - predict(on, cut, "latency").predicted_latency_s
     assert saved == pytest.approx(off.end_head_s - off.cloud_head_s + link, rel=1e-6)
     assert saved > 0.9 * off.end_head_s
+    fixed = dataclasses.replace(on, cloud_head_fixed_s=1e-3)  # the cloud's head per step, charged only when it runs
+    assert predict(fixed, cut, "latency").predicted_latency_s == pytest.approx(
+        predict(on, cut, "latency").predicted_latency_s + 1e-3, rel=1e-9)
+    assert baseline_plans(dataclasses.replace(off, cloud_head_fixed_s=1e-3), "latency") == b_off
     assert b_on["cloud-only"].predicted_bytes_per_token == pytest.approx(
         b_off["cloud-only"].predicted_bytes_per_token - 2048 * 2 + 64 * 6)
     # the baselines with end tail layers do not change; the search's best plan gains the head's cost

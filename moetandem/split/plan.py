@@ -97,6 +97,7 @@ def _parts(p: SplitProfile, lay: _Layers, a: int, b: int, counts: dict[int, int]
     cloud_t += sum(p.cloud_layer_s[l] for l in cloud_layers) + len(cloud_layers) * k * p.cloud_expert_s
     end_o = p.end_step_overhead_s + sum(end_fix[l] for l in counts)
     cloud_o = p.cloud_step_overhead_s + sum(cloud_fix[l] for l in cloud_layers)
+    cloud_o += p.cloud_head_fixed_s if head_cloud else 0.0
     fit = counts if n_fit is None or not p.end_miss_s else _end_counts(lay, list(counts), n_fit)
     fixed, p_layers = 0.0, []
     for l, c in counts.items():

@@ -56,6 +56,7 @@ class SplitProfile:
     #: K > 0 (split option cloud_head_topk): a plan whose cloud layers reach the last one has the cloud run norm +
     #: lm_head (cloud_head_s) instead of the end (end_head_s), and K logits go down per token, not hidden states
     cloud_head_topk: int = 0
+    cloud_head_fixed_s: float = 0.0  # the cloud's head per step of a micro-batch, charged when it runs the head
 
     def __post_init__(self) -> None:
         L, E = self.num_layers, self.num_experts
