@@ -10,9 +10,12 @@ directions on the end (so the end can change it between scenarios without restar
              costs of end and cloud, calibrated to this run's end-only / cloud-only steps at two batch sizes;
              the link from the LinkMonitor; codecs from the calibration file), guarded by the baselines'
              measured throughput (guard_with_measured); re-plans when the link changes
+--cloud-head-topk K: cloud-only and adaptive run the LM head in the cloud (top-K logits down, split/logits.py), and
+  cloud-only-end-head (cloud-only with the head on the end, as without the flag) runs too: the A/B in one run
 
     python bench/testbed.py --quick --out out/testbed                                  # CPU, demo, minutes
     python bench/testbed.py --model DIR --cloud-device cuda --out out/testbed-gpu       # GPU host, full grid
+    python bench/testbed.py --gpu --time-limit 220 --cloud-head-topk 64                 # the cloud head A/B
 Prints a table (tok/s over all ends, p50/p95 ms/token, link bytes per token per crossing, adaptive / best
 baseline) and writes testbed.json, testbed.md and testbed.png (speedup vs link rate per RTT) to --out.
 """
@@ -31,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.split import measure, prompts_for  # noqa: E402
+from bench.testbed_report import END_HEAD  # noqa: E402
 
 CONFIGS = ("end-only", "cloud-only", "naive", "adaptive")
 FULL = dict(rates=[10, 50, 100, 1000], rtts=[5, 20, 50, 100], budgets=[0.25, 0.5], ends=[1, 4, 16])
@@ -40,26 +44,34 @@ QUICK = dict(rates=[10, 1000], rtts=[5, 50], budgets=[0.5], ends=[1, 2])
 GPU = dict(rates=[10, 100, 1000], rtts=[20], budgets=[0.25], ends=[1, 4], shape="olmoe-1b-7b-4l")
 
 
+def configs(a: argparse.Namespace) -> tuple[str, ...]:
+    """The configs of this run: CONFIGS, and with --cloud-head-topk the cloud-only run with the head on the end."""
+    return CONFIGS + ((END_HEAD,) if a.cloud_head_topk else ())
+
+
 def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
     link = {"emulate_rate_mbit": a.rates[0], "emulate_rtt_ms": a.rtts[0], "emulate_jitter_ms": a.jitter_ms,
             "emulate_loss": a.loss, "emulate_down": True, "timeout_s": 60.0}
-    if config == "cloud-only":
-        return {**link, "head": 0, "tail": 0, "codec": "off", "micro_batches": 1}
+    head = {"cloud_head_topk": a.cloud_head_topk} if a.cloud_head_topk else {}  # the LM head in the cloud
+    if config in ("cloud-only", END_HEAD):
+        opts = {**link, "head": 0, "tail": 0, "codec": "off", "micro_batches": 1}
+        return opts if config == END_HEAD else {**opts, **head}
     if config == "naive":
         return {**link, "head": 1, "tail": 1, "codec": "fp16", "micro_batches": 1}
     if config == "adaptive":  # codec per crossing from the plan; the cloud's measured step costs in hello
-        return {**link, "head": 1, "tail": 1, "codec": "plan", "micro_batches": 1, "request_costs": True}
+        return {**link, "head": 1, "tail": 1, "codec": "plan", "micro_batches": 1, "request_costs": True, **head}
     return None
 
 
 def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: float, conc: int,
-                     overlap: bool = True) -> Any:
+                     overlap: bool = True, head_topk: int = 0) -> Any:
     """The SplitProfile the adaptive plan is made from, all of it measured in this run: the end's and the cloud's
     per-layer fixed + per-token costs (split.costs: the end timed here, the cloud timed by itself and sent in
     hello), calibrated to the baselines' decode steps at batch 1 and at `conc` (the end to end-only; the cloud
     to cloud-only less the end's head and the link), the link from the LinkMonitor, the codecs' bytes and
     quality from the calibration file, the memory from the budget. overlap=False: end and cloud share the cores
-    (a CPU cloud on this machine), so micro-batches overlap only the link."""
+    (a CPU cloud on this machine), so micro-batches overlap only the link. head_topk K > 0: the plan may have the
+    cloud run the LM head (the cloud is calibrated to the cloud-only run with the head on the end)."""
     from moetandem.split.calibration import cut_codecs
     from moetandem.split.costs import ROW_BYTES, StepCosts, frame_overhead_bytes, split_profile
     ar, mon, L = ada.args, ada.split.link.monitor, ada.args.num_layers
@@ -79,10 +91,12 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
         link = rtt + (2 * fb + s * (4 + ROW_BYTES + raw_down)) / bw
         end_head = end.step_fixed_s + end.head_fixed_s + s * end.head_token_s
         return max(0.2 * cloud_raw.step_s(range(L), s, head=False), t - link - end_head)
-    cloud = cloud_raw.calibrated([(s, cloud_part(s, t)) for s, t in steps("cloud-only")], head=False)
+    cloud = cloud_raw.calibrated([(s, cloud_part(s, t)) for s, t in steps(END_HEAD if head_topk else "cloud-only")],
+                                 head=False)
     eb = ada.store.expert_bytes(ada.dtype)
     return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
-                         concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap)
+                         concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap,
+                         cloud_head_topk=head_topk)
 
 
 def set_link(eng: Any, rate: float, rtt: float) -> None:
@@ -101,8 +115,9 @@ def worker(a: argparse.Namespace) -> int:
     from moetandem.split.plan import baseline_plans, guard_with_measured, make_split_plan
     torch.set_num_threads(a.threads)
     engines, end_costs = {}, {}
+    cs = configs(a)
     for b in a.budgets:
-        for c in CONFIGS:
+        for c in cs:
             kw = {"cloud": a.cloud, "token_file": a.token_file, "split": options(c, a)} if options(c, a) else {}
             engines[b, c] = moetandem.load(a.model, device="cpu", dtype="float32", progress=False,
                                            expert_budget=b, **kw)
@@ -114,13 +129,13 @@ def worker(a: argparse.Namespace) -> int:
     for rtt in a.rtts:
         for rate in a.rates:
             for b in a.budgets:
-                runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+                runs: dict[str, list[dict]] = {c: [] for c in cs}
                 predicted: dict[str, float] = {}
                 plan, model = "", {}
                 # round 0: the baselines (the plan is made from them); then `repeats` rounds of all four,
                 # interleaved, so a load spike on this shared machine hits every config alike
-                order = [c for c in CONFIGS if c != "adaptive"] + \
-                    [c for r in range(a.repeats) for c in (CONFIGS[r % 4:] + CONFIGS[:r % 4])]
+                order = [c for c in cs if c != "adaptive"] + \
+                    [c for r in range(a.repeats) for c in (cs[r % len(cs):] + cs[:r % len(cs)])]
                 for i, c in enumerate(order):
                     eng = engines[b, c]
                     if c != "end-only" and not runs[c]:
@@ -131,7 +146,7 @@ def worker(a: argparse.Namespace) -> int:
                         eng.split.link.monitor.reset()  # this scenario's link only
                         eng.generate(prompts_for(eng)[:2], max_new_tokens=8, stop_on_eos=False)
                         prof = measured_profile(end_costs[b], eng, {k: v[0] for k, v in runs.items() if v}, b, conc,
-                                                overlap=a.cloud_device != "cpu")
+                                                overlap=a.cloud_device != "cpu", head_topk=a.cloud_head_topk)
                         bases = baseline_plans(prof, "throughput")
                         seen = {k: v[0]["throughput"][str(conc)] for k, v in runs.items() if v}
                         p = guard_with_measured(make_split_plan(prof, "throughput"), bases, seen)
@@ -149,7 +164,7 @@ def worker(a: argparse.Namespace) -> int:
                     step += 1
                     barrier(a, step)
                     runs[c].append(measure(c, eng, a))
-                for c in CONFIGS:  # the run of median throughput (tok/s at the top concurrency)
+                for c in cs:  # the run of median throughput (tok/s at the top concurrency)
                     rs = sorted(runs[c], key=lambda r: r["throughput"][str(conc)])
                     r = rs[len(rs) // 2]
                     r.update(config=c, rate=rate, rtt=rtt, budget=b, end=a.index, plan=plan if c == "adaptive"
@@ -290,12 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-prompts", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="rounds of every config per scenario (median kept)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[4], help="requests per end (throughput)")
+    p.add_argument("--cloud-head-topk", type=int, default=0, metavar="K",
+                   help="cloud-only and adaptive run the LM head in the cloud and send the top-K logits down "
+                        f"(naive stays fixed); adds {END_HEAD} (the head on the end) for the A/B (0: off)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--index", "--n-ends"):
         p.add_argument(flag, type=int, help=argparse.SUPPRESS)
     for flag in ("--cloud", "--token-file", "--sync", "--result"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.cloud_head_topk < 0:
+        p.error(f"--cloud-head-topk {a.cloud_head_topk}: K >= 1 (the logits sent per token, e.g. 64), or 0 for off")
     if a.gpu:
         gpu_preset(a, argv if argv is not None else sys.argv[1:])
     grid = GPU if a.gpu else QUICK if a.quick else FULL

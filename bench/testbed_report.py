@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 BASELINES = ("end-only", "cloud-only", "naive")
+#: --cloud-head-topk: cloud-only with the LM head on the end (cloud-only then runs it in the cloud): the A of the A/B
+END_HEAD = "cloud-only-end-head"
 
 
 def scenarios(res: dict[str, Any]) -> dict[tuple, dict[str, dict[str, float]]]:
@@ -35,6 +37,18 @@ def ratio(sc: dict[str, dict[str, float]]) -> tuple[float, str]:
     return sc["adaptive"]["tok_s"] / sc[best]["tok_s"], best
 
 
+def head_ab(key: tuple, sc: dict[str, dict[str, float]]) -> str:
+    """One scenario's A/B of --cloud-head-topk: cloud-only with the head on the end -> in the cloud."""
+    a, b = sc[END_HEAD], sc["cloud-only"]
+    line = (f"- {key[0]:g} Mbit/s, {key[1]:g} ms, budget {key[2]:g}, {key[3]} end(s): cloud-only p50 "
+            f"{a['p50']:.1f} → {b['p50']:.1f} ms/token, {a['tok_s']:.1f} → {b['tok_s']:.1f} tok/s, "
+            f"{a['bpt']:.0f} → {b['bpt']:.0f} B/token/crossing")
+    if "end-only" in sc:
+        line += (f"; end-only p50 {sc['end-only']['p50']:.1f} ms/token (cloud head / end-only "
+                 f"{b['p50'] / sc['end-only']['p50']:.2f}×)")
+    return line
+
+
 def table(res: dict[str, Any]) -> str:
     """One row per scenario: tok/s of every config (all ends), adaptive ÷ each baseline; then p50 ms/token, link
     bytes per token per crossing, the model's tok/s (how well the cost model predicted each config), plans."""
@@ -54,7 +68,7 @@ def table(res: dict[str, Any]) -> str:
         rel = [f"{ad / sc[c]['tok_s']:.2f}×" if c in sc else "" for c in BASELINES]
         head.append(f"| {rate:g}, {rtt:g} | {budget:g} | {ends} | " + " | ".join(cells) + " | " + " | ".join(rel)
                     + f" | **{r:.2f}×** ({best}) |")
-        for c in (*BASELINES, "adaptive"):
+        for c in (*BASELINES, END_HEAD, "adaptive"):
             if c in sc:
                 m = sc[c]
                 fb = f" ({m['fallbacks']:.0f} fallbacks)" if m["fallbacks"] else ""
@@ -63,12 +77,16 @@ def table(res: dict[str, Any]) -> str:
         plans.append(f"- {rate:g} Mbit/s, {rtt:g} ms, budget {budget:g}, {ends} end(s): {sc['adaptive']['plan']}"
                      + (f" ({sc['adaptive']['replans']:.0f} re-plans while measured)" if sc['adaptive']['replans']
                         else ""))
+    ab = [head_ab(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
+          if END_HEAD in sc and "cloud-only" in sc]
     rs = [ratio(sc)[0] for sc in sc_all.values() if "adaptive" in sc]
     summary = (f"\nadaptive / best baseline (tok/s): min {min(rs):.2f}×, median {statistics.median(rs):.2f}×, "
                f"max {max(rs):.2f}× over {len(rs)} scenarios; wall {res.get('wall_s', 0):.0f} s\n") if rs else ""
     return ("\n".join(head) + "\n" + summary + "\nPer config (model tok/s: the cost model's prediction at the "
             "plan's concurrency, summed over ends):\n\n" + "\n".join(detail) +
-            "\n\nAdaptive plans (end 0 of each scenario):\n\n" + "\n".join(plans) + "\n")
+            "\n\nAdaptive plans (end 0 of each scenario):\n\n" + "\n".join(plans) + "\n"
+            + (f"\nLM head on the end → in the cloud (--cloud-head-topk {res['args'].get('cloud_head_topk')}):\n\n"
+               + "\n".join(ab) + "\n" if ab else ""))
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

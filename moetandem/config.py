@@ -220,6 +220,9 @@ class SplitConfig:
     codec_rank: int | None = None
     micro_batches: int | None = None
     link: dict[str, Any] = field(default_factory=dict)  # timeout_s, emulate_rtt_ms, tls, tls_ca, ...
+    #: K > 0: with no end tail layers the cloud runs norm + lm_head too and sends the top-K logits down
+    #: (split/logits.py); None: the end runs the head (the checkpoint's vocabulary bounds K, checked at load)
+    cloud_head_topk: int | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", self.address or ""):
@@ -233,6 +236,12 @@ class SplitConfig:
                 raise InvalidRequestError(f"{name} must be >= 0, got {v}")
         _positive_int("--codec-rank", self.codec_rank)
         _positive_int("--micro-batches", self.micro_batches)
+        if self.cloud_head_topk is not None and (isinstance(self.cloud_head_topk, bool)
+                                                 or not isinstance(self.cloud_head_topk, int)
+                                                 or self.cloud_head_topk < 1):
+            raise InvalidRequestError(f"--cloud-head-topk {self.cloud_head_topk!r}: must be an integer >= 1 (the "
+                                      "logits sent down per token, e.g. 64); leave it out to run the LM head on "
+                                      "the end")
         for flag in ("emulate_rtt_ms", "emulate_rate_mbit", "emulate_jitter_ms"):
             v = self.link.get(flag, 0.0)
             if not (math.isfinite(v) and v >= 0):
@@ -254,7 +263,8 @@ class SplitConfig:
         if ns.tls_ca:
             link.update(tls=True, tls_ca=ns.tls_ca)
         return cls(ns.cloud, token_file=ns.token_file, plan=ns.split_plan, head=ns.split_head, tail=ns.split_tail,
-                   codec=ns.codec, codec_rank=ns.codec_rank, micro_batches=ns.micro_batches, link=link)
+                   codec=ns.codec, codec_rank=ns.codec_rank, micro_batches=ns.micro_batches, link=link,
+                   cloud_head_topk=getattr(ns, "cloud_head_topk", None))
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,10 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
                    "fp16, lowrank (needs `moetandem calibrate --codec`), plan = the plan's rank")
     g.add_argument("--codec-rank", type=int, metavar="R", help="rank of the low-rank codec")
     g.add_argument("--micro-batches", type=int, metavar="M", help="micro-batches in flight (pipelining)")
+    g.add_argument("--cloud-head-topk", type=int, metavar="K",
+                   help="when the end runs no tail layers, the cloud also runs the LM head and sends the K largest "
+                        "logits per token (K x 6 bytes) instead of the hidden state; greedy stays exact, sampling is "
+                        "truncated to the top K (1..vocabulary, e.g. 64; default: the head runs on the end)")
     g.add_argument("--tls-ca", metavar="PEM", help="use TLS to the cloud, trusting this CA / self-signed cert")
     g.add_argument("--cloud-timeout", type=float, default=30.0, metavar="S", help="deadline of one exchange (30)")
     add_emulate_args(g)

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moetandem.errors import CalibrationError, MoetandemError
+from moetandem.errors import CalibrationError, InvalidRequestError, MoetandemError
 from moetandem.split.cloud_batch import Job
 from moetandem.split.cloud_cache import Lease
+from moetandem.split.logits import check_topk, pack_topk
 from moetandem.split.transport.frame import Frame, FrameError, meta_int, tensor
 from moetandem.split.transport.server import RequestRefused
 from moetandem.split.wire import CODECS, decode_rows, encode_rows, make_codec, row_tokens, uses_tokens
@@ -46,6 +47,7 @@ class _Cache:
     end: int
     codec_in: Any
     codec_out: Any
+    head_topk: int = 0  # K > 0: `layers` frames may ask for the top-K logits (split/logits.py) instead of hidden states
 
 
 class CloudSession:
@@ -118,6 +120,14 @@ class CloudSession:
         for k, r in ((kind, rank), (kind_out, rank_out)):
             if k not in CODECS or not (r is None or (isinstance(r, int) and 0 < r <= a.hidden_size)):
                 raise FrameError(f"bad codec {str(k)[:20]!r} / rank {str(r)[:20]}")
+        head_topk = f.meta.get("head_topk", 0)
+        if head_topk:
+            try:
+                check_topk(head_topk, a.vocab_size)
+            except InvalidRequestError as e:
+                raise FrameError(str(e)) from None
+            if end != a.num_layers:
+                raise FrameError(f"head_topk needs the cloud to run the last layer (end {end} < {a.num_layers})")
         self.free(cid)
         layer_bytes = 2 * rows * max_len * a.num_kv_heads * a.head_dim * srv.engine.dtype.itemsize
         need = self.nbytes() + (end - start) * layer_bytes
@@ -130,7 +140,7 @@ class CloudSession:
         except (CalibrationError, MoetandemError) as e:
             raise RequestRefused(f"codec unavailable on the cloud: {e}") from None
         lease = srv.pools.lease(start, end, max_len, rows, owner=self)
-        self.caches[cid] = _Cache(lease, start, end, *codecs)
+        self.caches[cid] = _Cache(lease, start, end, *codecs, head_topk)
         if self.closed:
             self.free(cid)
         return Frame("reply", meta={"cache": cid, "kv_bytes": lease.nbytes()})
@@ -161,6 +171,12 @@ class CloudSession:
         if int(pos.min()) < 0 or int(pos.max()) >= kv_len:
             raise FrameError(f"positions must lie in [0, kv_len={kv_len})")
         T = B * L if valid is None else int(valid.sum())
+        out, last = f.meta.get("out"), f.tensors.get("last")
+        if out is not None and (out not in ("topk", "none") or not c.head_topk):
+            raise FrameError(f"out {str(out)[:20]!r}: only 'topk' or 'none', on a cache allocated with head_topk")
+        if last is not None and (out != "topk" or last.dtype != torch.int64 or list(last.shape) != [B]
+                                 or int(last.min()) < 0 or int(last.max()) >= L):
+            raise FrameError(f"last must be int64 [{B}] positions in 0..{L - 1}, with out 'topk'")
         if c.start == 0 and "ids" in f.tensors:  # token ids instead of hidden states: the cloud embeds
             tokens = row_tokens({"tok": f.tensors["ids"]}, T, eng.args.vocab_size)
             x_rows = eng.model.embed(tokens.to(eng.device))  # [T, H]
@@ -177,7 +193,13 @@ class CloudSession:
         with srv.pools.hold(c.lease):
             y = srv.compute(Job(c.lease.pool if decode else None, B, partial(run_layers, eng), step,
                                 srv.pools.peers(c.lease)))  # [B, L, H]
-        y_rows = y.reshape(B * L, -1) if valid is None else y[valid]  # [T, H]
+        if out == "none":  # fill-only: the K/V are written, nothing goes down
+            return Frame("reply")
+        if last is not None:
+            y = y[torch.arange(B, device=dev), last.to(dev)][:, None]  # [B, 1, H]: the positions to sample from
+        y_rows = y.reshape(-1, y.shape[-1]) if valid is None or last is not None else y[valid]  # [T|B, H]
+        if out == "topk":  # the LM head here: the K largest logits of each row go down
+            return Frame("reply", tensors=pack_topk(eng.model.head(y_rows[:, None])[:, 0], c.head_topk))
         if uses_tokens(c.codec_out) and tokens is None:
             raise FrameError("this codec needs the rows' token ids ('tok') with the hidden states")
         out = encode_rows(y_rows.cpu(), c.codec_out, tokens)

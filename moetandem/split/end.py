@@ -30,6 +30,7 @@ from moetandem.graphs import PieceGraphs
 from moetandem.models import KVCache
 from moetandem.split.experts import CloudExpertProvider
 from moetandem.split.link import CloudLink
+from moetandem.split.logits import check_topk, dense_logits, reply_kind
 from moetandem.split.pipeline import micro_batches, run_pipelined
 from moetandem.split.transport.frame import Frame, FrameError
 from moetandem.split.wire import decode_rows, encode_rows, make_codec, uses_tokens
@@ -50,11 +51,13 @@ class _Rows:
 
 class SplitModel:
     def __init__(self, model: Any, link: CloudLink, plan: Any, codec: str, ckpt: Any, local_provider: Any,
-                 pieces: PieceGraphs | None = None) -> None:
-        """pieces: CUDA graphs for the end's head and tail layers of decode steps (None: eager)."""
+                 pieces: PieceGraphs | None = None, head_topk: int = 0) -> None:
+        """pieces: CUDA graphs for the end's head and tail layers of decode steps (None: eager). head_topk K > 0:
+        a plan without end tail layers has the cloud run the LM head and send the top-K logits (split/logits.py)."""
         self.model, self.link, self.codec_kind, self.ckpt, self.local_provider = model, link, codec, ckpt, local_provider
         self.pieces = pieces
         self.args = model.args
+        self.head_topk = check_topk(head_topk, self.args.vocab_size) if head_topk else 0
         self.stats = {"cloud_forwards": 0, "local_forwards": 0, "fallbacks": 0, "rebuilt_tokens": 0,
                       "replans": 0, "catch_up_steps": 0}
         self.catch_up_tokens = 1024  # cloud K/V refilled per step after an outage (tokens over all lagging rows)
@@ -85,6 +88,7 @@ class SplitModel:
         if a < 0 or b < 0 or a + b > L:
             raise InvalidRequestError(f"split plan keeps {a} head + {b} tail layers on the end, but the model has {L}")
         self.plan, self.start, self.end = plan, a, L - b
+        self.head_k = self.head_topk if self.start < self.end == L else 0  # the cloud runs the LM head
         self.micro = max(1, int(getattr(plan, "micro_batches", 1) or 1))
         self.rank = getattr(plan, "codec_rank", None)
         H, dt = self.args.hidden_size, self.model.lm_head.weight.dtype
@@ -141,6 +145,7 @@ class SplitModel:
         session = self._ensure_cloud_cache(st, cache)
         m, L, H = self.model, self.args.num_layers, self.args.hidden_size
         graphed = self._graphed(ids, valid, last_only, experts)
+        topk, down = reply_kind(self.head_k, fill_only, last_only is not None, ids.shape[1])
         gkey = (id(cache), kv_len, tuple(id(p) for p in experts.values()))  # what the captured pieces close over
 
         def head_layers(i: torch.Tensor, q: torch.Tensor, r: torch.Tensor, v: torch.Tensor | None = None
@@ -167,11 +172,14 @@ class SplitModel:
                 x_rows = x.reshape(-1, H) if v is None else x[v]  # [T, H]
                 tensors = {"pos": pos[p].cpu(), "rows": rows[p].cpu(),
                            **encode_rows(x_rows.cpu(), self.codec_in, tok)}
-            if uses_tokens(self.codec_out) and "c_tokens" not in tensors and "ids" not in tensors:
+            if down is None and uses_tokens(self.codec_out) and "c_tokens" not in tensors and "ids" not in tensors:
                 tensors["tok"] = tok.to(torch.int32)  # the cloud's encoder needs them for the way back
             if v is not None:
                 tensors["valid"] = v.cpu()
-            return session.submit(Frame("layers", meta={"cache": st.cloud_id, "kv_len": kv_len}, tensors=tensors))
+            if topk and last_only is not None:
+                tensors["last"] = last_only[p].cpu()
+            meta = {"cache": st.cloud_id, "kv_len": kv_len, **({"out": down} if down else {})}
+            return session.submit(Frame("layers", meta=meta, tensors=tensors))
 
         def tail(p: slice, fut: Any) -> torch.Tensor:
             v = _at(valid, p)
@@ -181,6 +189,9 @@ class SplitModel:
                 reply = session.wait(fut).tensors
                 if fill_only:
                     return ids.new_zeros(0)
+                if topk:
+                    return dense_logits(reply, v, last_only is not None, b, topk, self.args.vocab_size,
+                                        m.lm_head.weight.dtype, pos.device)  # [b, 1, V]
                 if uses_tokens(self.codec_out):  # the decoder adds side[token]: the tokens must be ours
                     tok = (ids[p].reshape(-1) if v is None else ids[p][v]).cpu()
                     reply["c_tokens"] = tok.to(self.codec_out.token_dtype)
@@ -208,12 +219,12 @@ class SplitModel:
         session = self.link.session()
         if session is None:
             raise CloudError("the cloud went away")
-        key = (self.link.epoch, self.start, self.end, self.kind, self.rank, self.kind_out, self.rank_out)
+        key = (self.link.epoch, self.start, self.end, self.kind, self.rank, self.kind_out, self.rank_out, self.head_k)
         if st.cloud_key != key:
             self._next_id += 1
             meta = {"cache": self._next_id, "rows": cache.batch, "max_len": cache.max_len, "start": self.start,
                     "end": self.end, "codec": self.kind, "rank": self.rank, "codec_out": self.kind_out,
-                    "rank_out": self.rank_out}
+                    "rank_out": self.rank_out, **({"head_topk": self.head_k} if self.head_k else {})}
             session.request(Frame("alloc", meta=meta))
             st.cloud_id, st.cloud_key = self._next_id, key
             st.cloud_len.zero_()

@@ -6,7 +6,9 @@ routing frequency, while they fit) and which run in the cloud, the codec rank an
 
 Layout of a plan (L layers): the end runs the embedding and layers [0, a), the cloud runs [a, L-b), the end runs
 [L-b, L) + norm + lm_head. Up-link at a carries codec frames (token ids when a = 0: the cloud embeds); down-link
-at L-b carries codec frames. a = b = 0 is cloud-only: tokens up, sampled tokens down. a = L is end-only.
+at L-b carries codec frames. a = b = 0 is cloud-only: tokens up, the last hidden states down. a = L is end-only.
+With cloud_head_topk = K and b = 0 (a < L) the cloud runs norm + lm_head as well (cloud_head_s, not the end's
+end_head_s) and K logits go down per token (split/logits.py: K × 6 bytes) instead of the hidden states.
 In an end layer, a token whose top-k touches a cloud expert sends its row (fp16) and gets the output back.
 
 Cost of one decode step of a micro-batch of s tokens (t = per-token times, o = fixed per-step times, both
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from moetandem.errors import InvalidRequestError
+from moetandem.split.logits import topk_bytes
 from moetandem.split.plan_types import SplitPlan, SplitProfile
 
 __all__ = ["SplitPlan", "SplitProfile", "baseline_plans", "guard_with_measured", "make_split_plan", "predict",
@@ -88,11 +91,13 @@ def _parts(p: SplitProfile, lay: _Layers, a: int, b: int, counts: dict[int, int]
     cloud_fix = p.cloud_layer_fixed_s or [0.0] * L
     cloud_layers = range(a, L - b)
     cloud_only = a == 0 and b == 0
-    end_t = p.end_head_s  # the end always runs norm + lm_head (and the embedding unless a = 0)
-    cloud_t = p.cloud_head_s if a == 0 and cloud_layers else 0.0  # the cloud embeds
+    head_cloud = p.head_in_cloud(a, b)
+    end_t = 0.0 if head_cloud else p.end_head_s  # the end runs norm + lm_head (and the embedding unless a = 0)
+    cloud_t = p.cloud_head_s if (a == 0 or head_cloud) and cloud_layers else 0.0  # the cloud embeds / runs the head
     cloud_t += sum(p.cloud_layer_s[l] for l in cloud_layers) + len(cloud_layers) * k * p.cloud_expert_s
     end_o = p.end_step_overhead_s + sum(end_fix[l] for l in counts)
     cloud_o = p.cloud_step_overhead_s + sum(cloud_fix[l] for l in cloud_layers)
+    cloud_o += p.cloud_head_fixed_s if head_cloud else 0.0
     fit = counts if n_fit is None or not p.end_miss_s else _end_counts(lay, list(counts), n_fit)
     fixed, p_layers = 0.0, []
     for l, c in counts.items():
@@ -145,10 +150,18 @@ def _codec_pairs(p: SplitProfile, a: int, b: int) -> list[tuple[int | None, int,
     if a >= L - b:
         return [(None, 0, None, 0, 0.0)]
     ups = p.codecs_at(a) if a > 0 else [(None, p.token_bytes, 0.0)]
-    pairs = [(ru, bu, rd, bd, qu + qd) for ru, bu, qu in ups for rd, bd, qd in p.codecs_at(L - b)
+    pairs = [(ru, bu, rd, bd, qu + qd) for ru, bu, qu in ups for rd, bd, qd in _downs(p, a, b)
              if qu + qd <= p.max_ppl_increase]
     return [x for x in pairs if not any(y[1] <= x[1] and y[3] <= x[3] and y[:4] != x[:4] and
                                         (y[1] < x[1] or y[3] < x[3]) for y in pairs)]
+
+
+def _downs(p: SplitProfile, a: int, b: int) -> list[tuple[int | None, int, float]]:
+    """The down crossing's choices (rank, bytes per token, perplexity increase): the codecs at L-b, or the top-K
+    logits when the cloud runs the head."""
+    if p.head_in_cloud(a, b):
+        return [(None, topk_bytes(p.cloud_head_topk), 0.0)]
+    return p.codecs_at(p.num_layers - b)
 
 
 def _plan(p: SplitProfile, lay: _Layers, a: int, b: int, n: int, pair: tuple, m: int, objective: str,
@@ -166,14 +179,16 @@ def _plan(p: SplitProfile, lay: _Layers, a: int, b: int, n: int, pair: tuple, m:
 
 def baseline_plans(profile: SplitProfile, objective: str = "throughput") -> dict[str, SplitPlan]:
     """The plans of the baselines, predicted by the same model: end-only (the committee at the end's budget),
-    cloud-only (token ids up, hidden states down, every layer in the cloud) and naive split (layers 0 and L-1
-    on the end with all their experts, fp16 both ways, one micro-batch)."""
+    cloud-only (token ids up, hidden states down, every layer in the cloud; the top-K logits down with
+    cloud_head_topk) and naive split (layers 0 and L-1 on the end with all their experts, fp16 both ways, one
+    micro-batch)."""
     p, L, E = profile, profile.num_layers, profile.num_experts
     lay = _Layers(p)
     fp16 = p.wire_bytes * p.hidden_size
     out = {"end-only": _plan(p, lay, L, 0, L * E, (None, 0, None, 0, 0.0), 1, objective, "end-only")[1]}
     if p.cloud_available:
-        out["cloud-only"] = _plan(p, lay, 0, 0, 0, (None, p.token_bytes, None, fp16, 0.0), 1, objective,
+        down = topk_bytes(p.cloud_head_topk) if p.head_in_cloud(0, 0) else fp16
+        out["cloud-only"] = _plan(p, lay, 0, 0, 0, (None, p.token_bytes, None, down, 0.0), 1, objective,
                                   "cloud-only")[1]
         if L >= 3:
             out["naive"] = _plan(p, lay, 1, 1, 2 * E, (None, fp16, None, fp16, 0.0), 1, objective, "naive")[1]
@@ -232,6 +247,8 @@ def predict(profile: SplitProfile, plan: Any, objective: str = "throughput") -> 
     def unit(cut: int, rank: int | None) -> tuple[int, float]:
         return next(((nb, q) for r, nb, q in p.codecs_at(cut) if r == rank), (p.wire_bytes * p.hidden_size, 0.0))
     (bu, qu), (bd, qd) = unit(a, ru), unit(L - b, rd)
+    if p.head_in_cloud(a, b):
+        bd, qd = topk_bytes(p.cloud_head_topk), 0.0
     if a == 0:
         bu, qu = p.token_bytes, 0.0
     m = max(1, int(getattr(plan, "micro_batches", 1) or 1))

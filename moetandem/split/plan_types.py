@@ -53,6 +53,10 @@ class SplitProfile:
     #: end and cloud compute at the same time (separate hardware); False when they share cores (a CPU test bed):
     #: micro-batches then overlap only the link, not the two sides' compute
     overlap: bool = True
+    #: K > 0 (split option cloud_head_topk): a plan whose cloud layers reach the last one has the cloud run norm +
+    #: lm_head (cloud_head_s) instead of the end (end_head_s), and K logits go down per token, not hidden states
+    cloud_head_topk: int = 0
+    cloud_head_fixed_s: float = 0.0  # the cloud's head per step of a micro-batch, charged when it runs the head
 
     def __post_init__(self) -> None:
         L, E = self.num_layers, self.num_experts
@@ -65,12 +69,19 @@ class SplitProfile:
                                       f"{self.rtt_s})")
         if self.cloud_replicas < 1 or self.cloud_queue_depth < 0:
             raise InvalidRequestError("cloud_replicas must be >= 1 and cloud_queue_depth >= 0")
+        if self.cloud_head_topk < 0:
+            raise InvalidRequestError(f"cloud_head_topk must be >= 0 (0: off), got {self.cloud_head_topk}")
         if self.concurrency < 1 or self.expert_bytes <= 0:
             raise InvalidRequestError("concurrency must be >= 1 and expert_bytes > 0")
         for name in ("end_layer_fixed_s", "cloud_layer_fixed_s"):
             v = getattr(self, name)
             if v is not None and len(v) != L:
                 raise InvalidRequestError(f"{name} needs {L} per-layer times")
+
+    def head_in_cloud(self, a: int, b: int) -> bool:
+        """True when the plan (a, b) has the cloud run the LM head: the option is on, there are cloud layers and
+        the cloud's reach the last layer (no end tail layers)."""
+        return self.cloud_head_topk > 0 and b == 0 and a < self.num_layers
 
     def codecs_at(self, cut: int) -> list[tuple[int | None, int, float]]:
         """(rank or None for fp16, bytes per token, perplexity increase) of every codec at `cut` within the
