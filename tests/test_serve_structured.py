@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("llguidance")
 openai = pytest.importorskip("openai")
@@ -240,3 +241,24 @@ def test_logit_bias_and_penalties(srv: ServerThread) -> None:
     assert rep["choices"][0]["message"]["content"] == tok.decode([300] * 4)  # +100 beats the penalties
     assert post(srv, {"max_tokens": 4, "logit_bias": {"99999999": 1}}).status_code == 400
     assert post(srv, {"max_tokens": 4, "logit_bias": {"a": 1}}).status_code == 400
+
+
+def test_a_truncated_row_still_follows_the_grammar() -> None:
+    """With the LM head in the cloud the end sees only the top-K logits (-inf elsewhere); where the grammar forbids
+    all K, the step picks among the allowed tokens instead of a forbidden one (argmax of an all -inf row)."""
+    from moetandem.serve.structured import Constraint, grammar_tokenizer, json_grammar
+    eng = moetandem.load(demo_model_path(), device="cpu", dtype="float32", progress=False)
+    c = Constraint(grammar_tokenizer(eng), json_grammar(PERSON), max_new=64)
+    V = eng.args.vocab_size
+    full = c.process(torch.zeros(V))
+    allowed = torch.isfinite(full)
+    assert 0 < int(allowed.sum()) < V
+    forbidden = (~allowed).nonzero().flatten()[:4]
+    row = torch.full((V,), float("-inf"))
+    row[forbidden] = torch.tensor([9.0, 8.0, 7.0, 6.0])  # the K = 4 best are all forbidden
+    out = c.process(row)
+    assert torch.equal(torch.isfinite(out), allowed)
+    assert bool(allowed[int(out.argmax())])
+    kept = row.clone()
+    kept[allowed.nonzero().flatten()[0]] = 1.0  # one allowed token among the K: it alone stays
+    assert torch.isfinite(c.process(kept)).sum() == 1
