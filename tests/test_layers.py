@@ -15,7 +15,8 @@ CORE = ("moetandem", "moetandem.errors", "moetandem.config", "moetandem.checkpoi
         "moetandem.engine", "moetandem.batcher", "moetandem.text2text", "moetandem.graphs", "moetandem.sampling",
         "moetandem.streaming", "moetandem.assets", "moetandem.models", "moetandem.kernels", "moetandem.experts.provider",
         "moetandem.experts.store",
-        "moetandem.experts.budget", "moetandem.products", "moetandem.quantization", "moetandem.gpu_memory")
+        "moetandem.experts.budget", "moetandem.products", "moetandem.quantization", "moetandem.gpu_memory",
+        "moetandem.host_memory")
 FEATURES = ("moetandem.experts", "moetandem.gating", "moetandem.split", "moetandem.analysis")
 ASSEMBLY = ("moetandem.runtime",)
 ENTRY = ("moetandem.cli", "moetandem.serve", "moetandem.__main__")
