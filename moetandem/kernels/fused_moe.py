@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import Callable
 
 import functools
+import os
 
 import torch
 
-from moetandem.kernels import quant, tuning
+from moetandem.kernels import fused_moe_gemv, quant, tuning
 from moetandem.kernels.align import Aligned, align, triton_cdiv
 from moetandem.kernels.reference import (ACTIVATIONS, Pair, check_args, compute_dtype, fused_moe_reference,
                                          fused_moe_reference_parts, scale_groups)
@@ -35,6 +36,7 @@ try:
     import triton.testing
 
     from moetandem.kernels.align import _keys
+    from moetandem.kernels.glu import glu
     from moetandem.kernels.tiles import expert_base, load_a, wdot
 except ImportError:
     triton = None
@@ -43,6 +45,12 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: up to this many tokens the direct path runs (no alignment launch; one program row per assignment): batch-1/2
 #: decode, where two tokens rarely share an expert, so reading an expert once per assignment costs little
 DIRECT_MAX_TOKENS = 2
+#: MOETANDEM_MOE_GEMV=1 (off until measured on a GPU): the direct path of dense (bf16/fp16/fp32) experts runs the
+#: GEMV kernels of kernels/fused_moe_gemv.py (one activation row and a weight tile in registers, no tl.dot on a
+#: 16-row tile of which one row is real), tuned under keys of their own (",gemv"); quantized formats, and plans with
+#: host experts in a format of their own, keep the tl.dot kernels. Read once at import; read at each call, so a test
+#: or bench/fused_moe.py --gemv may set it in between (a captured graph keeps the kernels it was captured with).
+GEMV_DIRECT: bool = os.environ.get("MOETANDEM_MOE_GEMV", "").strip().lower() in ("1", "on")
 _QUANT_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)  # int8; int4 and mxfp4; fp8
 
 
@@ -61,27 +69,6 @@ def fused_moe_supported(device: torch.device | str, dtype: torch.dtype, fmt: str
 
 
 if triton is not None:
-    @triton.jit
-    def _act(g, ACT: tl.constexpr):
-        if ACT == 0:
-            r = g * tl.sigmoid(g)
-        elif ACT == 1:
-            r = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        else:
-            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            r = g * tl.sigmoid(2.0 * inner)  # 0.5·(1 + tanh(u)) = sigmoid(2u)
-        return r
-
-    @triton.jit
-    def _glu(g, u, ACT: tl.constexpr, alpha, limit):
-        if ACT == 3:  # clamped SwiGLU (gpt-oss)
-            g = tl.minimum(g, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
-            r = (u + 1.0) * (g * tl.sigmoid(g * alpha))
-        else:
-            r = _act(g, ACT) * u
-        return r
-
     @triton.jit
     def _program_rows(pid_m, sorted_ptr, bslot_ptr, brows_ptr, ids_ptr, rw_ptr, table_ptr, M, N, LO, HI,
                       HAS_TABLE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -132,7 +119,7 @@ if triton is not None:
             b_base = expert_base(b_ptr, hb_ptr, slot, NS, sb_e, shb_e)
             acc_g += tl.load(b_base + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(b_base + I + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        h = _glu(acc_g, acc_u, ACT, alpha, limit).to(h_ptr.dtype.element_ty)  # [BM, BN]
+        h = glu(acc_g, acc_u, ACT, alpha, limit).to(h_ptr.dtype.element_ty)  # [BM, BN]
         tl.store(h_ptr + a_id[:, None] * sh_m + offs_n[None, :], h, mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
@@ -187,7 +174,8 @@ class _Plan:
                  w2: torch.Tensor, slot_table: torch.Tensor | None, activation: str, block_m: int,
                  host: tuple[torch.Tensor, ...] | None = None, bias: Pair | None = None, alpha: float = 1.702,
                  limit: float = 7.0, fmt: str = "bf16", scales: Pair | None = None,
-                 host_scales: Pair | None = None, direct: bool | None = None, host_fmt: str | None = None) -> None:
+                 host_scales: Pair | None = None, direct: bool | None = None, host_fmt: str | None = None,
+                 gemv: bool | None = None) -> None:
         self.x, self.table = x, slot_table
         self.has_bias, self.alpha, self.limit = bias is not None, float(alpha), float(limit)
         self.T, self.k = expert_ids.shape
@@ -202,6 +190,8 @@ class _Plan:
         #: direct: one program per assignment in both GEMMs (no alignment launch), for decode-sized batches; else
         #: aligned: assignments bucketed by slot, so a slot's rows share its weight reads
         self.direct = self.T <= DIRECT_MAX_TOKENS if direct is None else direct
+        #: gemv (default GEMV_DIRECT): the direct path's GEMV kernels, where every side is dense
+        self.gemv = (GEMV_DIRECT if gemv is None else gemv) and _gemv_applies(self.direct, fmt, host_fmt or fmt)
         self.al: Aligned | None = None if self.direct else align(self.ids, self.rw, slot_table, self.N, block_m)
         self.block_m = block_m
         cdt = compute_dtype(x, w13, fmt)
@@ -219,6 +209,10 @@ class _Plan:
     def up(self, c: tuning.KernelConfig) -> None:
         nb, *blocks = self._blocks()
         for sd in self.sides:
+            if self.gemv:
+                fused_moe_gemv.gate_up(self.x, sd, self.h, self.ids, self.rw, self.tab, self.table is not None,
+                                       self.k, self.NS, self.N, self.act, self.has_bias, self.alpha, self.limit, c)
+                continue
             _gate_up_kernel[(nb, triton_cdiv(self.I, c.block_n))](
                 self.x, sd.w13, sd.hw13, sd.s13, sd.hs13, sd.b13, sd.hb13, self.h, *blocks, self.ids, self.rw,
                 self.tab, self.T * self.k, self.N, self.H, sd.w13.shape[2], self.I, self.k, self.NS, sd.lo, sd.hi,
@@ -239,6 +233,10 @@ class _Plan:
     def down(self, c: tuning.KernelConfig) -> None:
         nb, *blocks = self._blocks()
         for sd in self.sides:
+            if self.gemv:
+                fused_moe_gemv.down(self.h, sd, self.y, self.ids, self.rw, self.tab, self.table is not None,
+                                    self.NS, self.N, self.has_bias, c)
+                continue
             _down_kernel[(nb, triton_cdiv(self.H, c.block_n))](
                 self.h, sd.w2, sd.hw2, sd.s2, sd.hs2, sd.b2, sd.hb2, self.y, self.rw, *blocks, self.ids,
                 self.tab, self.T * self.k, self.N, self.I, sd.w2.shape[2], self.H, self.NS, sd.lo, sd.hi,
@@ -255,6 +253,11 @@ class _Plan:
             self.y, self.ids, self.rw, self.tab, out, self.H, self.N, self.y.stride(0), out.stride(0),
             TOP_K=self.k, HAS_TABLE=self.table is not None, BLOCK_H=bh, num_warps=4)
         return out
+
+
+def _gemv_applies(direct: bool, fmt: str, host_fmt: str) -> bool:
+    """Whether the GEMV kernels can run this plan: the direct path with dense experts on every side."""
+    return direct and fmt == "bf16" and host_fmt == "bf16"
 
 
 def _timer(fn: Callable[[], None]) -> float:
@@ -275,16 +278,19 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: 
     N, I, H = w13.shape[0] + (host[0].shape[0] if host is not None else 0), w13.shape[1] // 2, x.shape[1]
     gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
     dtype = str(compute_dtype(x, w13, fmt)).removeprefix("torch.")
+    gemv = GEMV_DIRECT and _gemv_applies(T <= DIRECT_MAX_TOKENS, fmt, host_fmt or fmt)  # as _Plan decides it
     key = tuning.cache_key(fmt, dtype, N, H, I, k, T, scale_groups(x, w13, scales)) + (
-        ",direct" if T <= DIRECT_MAX_TOKENS else "") + (f",host={host_fmt}" if host_fmt not in (None, fmt) else "")
+        ",direct" if T <= DIRECT_MAX_TOKENS else "") + (f",host={host_fmt}" if host_fmt not in (None, fmt) else "") + (
+        ",gemv" if gemv else "")
     cfg = tuning.CACHE.get(gpu, key)
     if cfg is not None:
         return cfg
     if torch.cuda.is_current_stream_capturing() or not tuning.tuning_enabled():
-        return tuning.default_config(T * k, N)
-    cfg = tuning.search(tuning.block_m_choices(T * k, N), prepare, _Plan.up, _Plan.down, _timer)
+        return tuning.default_config(T * k, N, gemv)
+    cfg = tuning.search([16] if gemv else tuning.block_m_choices(T * k, N), prepare, _Plan.up, _Plan.down, _timer,
+                        tuning.GEMV_CANDIDATES if gemv else tuning.CANDIDATES)
     if cfg is None:  # no memory to time the candidates in: the default, for this process only
-        cfg = tuning.default_config(T * k, N)
+        cfg = tuning.default_config(T * k, N, gemv)
         tuning.CACHE.remember(gpu, key, cfg)
         return cfg
     tuning.CACHE.put(gpu, key, cfg)

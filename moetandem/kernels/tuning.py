@@ -31,6 +31,9 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    #: GEMV kernels only (kernels/fused_moe_gemv.py): products summed over K tiles elementwise into a [BN, BK]
+    #: accumulator, reduced once after the loop (else per tile into [BN])
+    acc2d: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,22 @@ CANDIDATES = (KernelConfig(16, 256, 4, 4), KernelConfig(16, 128, 4, 4), KernelCo
               KernelConfig(16, 256, 2, 4), KernelConfig(16, 512, 2, 3), KernelConfig(32, 256, 4, 3),
               KernelConfig(16, 1024, 4, 2), KernelConfig(16, 512, 4, 3), KernelConfig(32, 512, 4, 2))
 
+#: the direct path's GEMV kernels (kernels/fused_moe_gemv.py, MOETANDEM_MOE_GEMV=1; tuned under keys ending ",gemv"):
+#: one row per program, so narrow N tiles (8-64 rows of W) and long K tiles; block_k 0 = the whole K in one tile;
+#: num_stages 1 = the K loop fully unrolled (every tile's loads in flight at once), 2-4 = a loop (Triton 3.6 stages
+#: no loads that feed no dot: compiled for sm90 it issues one tile per iteration); acc2d: one reduction after the
+#: loop instead of one per tile. None spills at the OLMoE / Qwen3 shapes (ptxas, sm90).
+GEMV_CANDIDATES = (KernelConfig(8, 256, 2, 1), KernelConfig(16, 128, 2, 1), KernelConfig(16, 256, 4, 1),
+                   KernelConfig(32, 128, 4, 1), KernelConfig(32, 256, 8, 1), KernelConfig(64, 128, 8, 1),
+                   KernelConfig(8, 0, 4, 1), KernelConfig(16, 0, 8, 1),
+                   KernelConfig(8, 512, 4, 1, True), KernelConfig(16, 128, 2, 1, True),
+                   KernelConfig(16, 256, 4, 1, True), KernelConfig(16, 512, 8, 1, True),
+                   KernelConfig(32, 256, 8, 1, True),
+                   KernelConfig(16, 256, 4, 2), KernelConfig(16, 128, 4, 3), KernelConfig(32, 128, 4, 3),
+                   KernelConfig(64, 128, 8, 2), KernelConfig(32, 128, 8, 4, True))
+#: the GEMV kernels' config while a graph is captured with no tuned entry, or with tuning off
+GEMV_DEFAULT = KernelConfig(16, 256, 4, 1)
+
 
 def t_bucket(t: int) -> int:
     """Tokens rounded up to a power of two (at most 4096), so nearby batch sizes share one tuned entry."""
@@ -70,8 +89,11 @@ def block_m_choices(m: int, n_slots: int) -> list[int]:
     return [16] if per_slot <= 16 else [16, 32] if per_slot <= 48 else [16, 32, 64]
 
 
-def default_config(m: int, n_slots: int) -> MoEConfig:
-    """Used when the search is off or a graph is being captured with no cached entry."""
+def default_config(m: int, n_slots: int, gemv: bool = False) -> MoEConfig:
+    """Used when the search is off or a graph is being captured with no cached entry; gemv: the direct path's GEMV
+    kernels' (block_m is not theirs: 16, as the direct tl.dot path)."""
+    if gemv:
+        return MoEConfig(16, GEMV_DEFAULT, GEMV_DEFAULT)
     bm = block_m_choices(m, n_slots)[-1]
     kc = KernelConfig(32, 128, 4, 4) if bm == 16 else KernelConfig(64, 64, 4, 4)
     return MoEConfig(bm, kc, kc)
@@ -143,9 +165,10 @@ CACHE: ConfigCache[MoEConfig] = ConfigCache()
 
 
 def search(block_ms: list[int], prepare: Callable[[int], P], up: Callable[[P, KernelConfig], None],
-           down: Callable[[P, KernelConfig], None], timer: Callable[[Callable[[], None]], float]
-           ) -> MoEConfig | None:
-    """Each BLOCK_M: the fastest gate+up and the fastest down config; keep the BLOCK_M with the least total.
+           down: Callable[[P, KernelConfig], None], timer: Callable[[Callable[[], None]], float],
+           candidates: tuple[KernelConfig, ...] = CANDIDATES) -> MoEConfig | None:
+    """Each BLOCK_M: the fastest gate+up and the fastest down config of `candidates`; keep the BLOCK_M with the
+    least total.
     None when the GPU has no memory left to time them (the timer's L2-flush buffer under a tight --gpu-memory cap):
     the caller runs the default config untuned rather than fail."""
     best: tuple[float, MoEConfig] | None = None
@@ -155,7 +178,7 @@ def search(block_ms: list[int], prepare: Callable[[int], P], up: Callable[[P, Ke
         for launch in (up, down):
             times = []
             last: Exception | None = None
-            for kc in CANDIDATES:
+            for kc in candidates:
                 try:
                     times.append((timer(lambda: launch(plan, kc)), kc))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for this tile: not a candidate here
