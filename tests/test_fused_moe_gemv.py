@@ -260,3 +260,33 @@ def test_gemv_equals_dot_on_the_gpu(T: int, tmp_path, monkeypatch: pytest.Monkey
             monkeypatch.setattr(fm, "GEMV_DIRECT", on)
             assert rel_err(fm.fused_moe(x, ids, w, w13, w2, tab), ref) < 1.5e-2
             assert rel_err(fm.fused_moe_parts(x, ids, w, w13, w2, tab).sum(1), ref) < 1.5e-2
+
+
+# ---------------------------------------------------------------- bench/fused_moe.py --gemv (CPU side)
+
+def test_bench_gemv_columns_and_switch() -> None:
+    """The bench parses --gemv, prints the GEMV columns ('-' where the direct path does not run) and sets the
+    switch only within its block."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    b = importlib.import_module("bench.fused_moe")
+    r = subprocess.run([sys.executable, str(root / "bench" / "fused_moe.py"), "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--gemv" in r.stdout, r.stderr[-2000:]
+    hdr = b.table_header(True).splitlines()
+    assert hdr[0].count("|") - 1 == hdr[1].count("---") == 14 and "gemv µs" in hdr[0]
+    row = dict(T=4, slots="64/64", grouped_us=100.0, fused_us=50.0, expert_mb=100.0, grouped_gbs=1000.0,
+               fused_gbs=2000.0, fused_pct=41.7, speedup=2.0, rel_err={}, first_call_s=1.0)
+    assert b.table_row("olmoe-1b-7b", row, True).split("<!--")[0].count("|") - 1 == 14
+    row.update(T=1, gemv_us=40.0, gemv_gbs=2500.0, gemv_pct=52.1, gemv_speedup=1.25)
+    assert "| 40.0 | 2500 | 52% | 1.25x |" in b.table_row("olmoe-1b-7b", row, True)
+    assert "40.0" not in b.table_row("olmoe-1b-7b", row, False)
+    before = fm.GEMV_DIRECT
+    with b.gemv_direct(not before):
+        assert fm.GEMV_DIRECT is (not before)
+    with b.gemv_direct(None):
+        assert fm.GEMV_DIRECT is before
+    assert fm.GEMV_DIRECT is before
