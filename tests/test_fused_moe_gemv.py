@@ -173,6 +173,30 @@ def test_triton_interpreter_gemv_mapped_host_experts(T: int, no_dot) -> None:
 
 
 @interpret
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_interpreter_gemv_key_ranges(reverse: bool, no_dot) -> None:
+    """One side split in two launches over keys [0, NS) and [NS, N), in either order: each writes only its own
+    assignments' rows, the idle ones are zeroed by the LO == 0 launch alone, the result is the one-launch one."""
+    import dataclasses
+    T, k, E, N, H, I = 2, 4, 9, 4, 64, 32
+    ids, w, tab = routing(T, k, E, N, seed=8, zero_frac=0.25)
+    mapped = torch.where(tab >= 0, tab, N + torch.arange(E)).int()
+    mapped[ids[1, 0]] = -1
+    d, host = experts(N, H, I, seed=8), experts(E, H, I, seed=9)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(8))
+    p = fm._Plan(x, ids, w, *d, mapped, "silu", 16, host, gemv=True)
+    (sd,) = p.sides
+    p.sides = [dataclasses.replace(sd, hi=N), dataclasses.replace(sd, lo=N)][::-1 if reverse else 1]
+    p.y.fill_(float("nan"))
+    p.up(GEMV)
+    p.down(GEMV)
+    y = p.y.view(T, k, H)
+    ref = fused_moe_reference_parts(x, ids, w, *d, mapped, host=host)
+    assert torch.isfinite(y).all() and torch.equal(y[1, 0], torch.zeros_like(y[1, 0]))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@interpret
 @pytest.mark.parametrize("T", [1, 2])
 def test_triton_interpreter_gemv_fused_moe_parts_entry(T: int, no_dot, monkeypatch: pytest.MonkeyPatch) -> None:
     """fused_moe_parts and fused_moe with GEMV_DIRECT on (support and tuning stubbed: the interpreter runs on the

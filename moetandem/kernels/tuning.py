@@ -1,7 +1,8 @@
 """Block sizes for the fused MoE kernels: a small search at first use per (GPU, expert format, dtype, slots, H, I,
 k, T bucket), kept in a JSON file under ~/.cache/moetandem/fused_moe/ (MOETANDEM_CACHE_DIR overrides the root;
 MOETANDEM_FUSED_MOE_TUNE=0 turns the search off and uses the defaults). Never searches while a CUDA graph is being
-captured: the caller passes `may_tune=False` then and gets the cached entry or the default. ConfigCache also keeps
+captured: the caller passes `may_tune=False` then and gets the cached entry or the default. The direct path's GEMV
+kernels (MOETANDEM_MOE_GEMV=1) search GEMV_CANDIDATES under keys ending ",gemv". ConfigCache also keeps
 the decode linear's choices (kernels/linear.py), in a directory of its own."""
 from __future__ import annotations
 
