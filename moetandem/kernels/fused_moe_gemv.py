@@ -6,7 +6,8 @@ weight tile is staged for the MMA and 15/16 of the A operand and accumulator are
 one activation row x [BK] and a weight tile w [BN, BK] in registers, loaded along K (each row's 16-byte vectors
 coalesced), and reduces acc [BN] += Σ_k w·x in fp32: no shared-memory staging, BN accumulators instead of 16·BN.
 K loop (the model's H or I, a constexpr here): fully unrolled where the config's num_stages is 1 (every tile's loads
-in flight at once), else a loop Triton software-pipelines num_stages deep; BLOCK_K 0 means the whole K in one tile.
+in flight at once), else a loop (num_stages goes to Triton, whose 3.6 pipeliner stages no loads that feed no dot: one
+tile per iteration); BLOCK_K 0 means the whole K in one tile; acc2d reduces once after the loop, not per tile.
 
 Same contract as the direct tl.dot path: keys in [LO, HI) of the slot table (mapped host experts past NS), biases,
 activations through glu, scratch h [T·k, I] in the compute dtype and y [T·k, H] fp32 with the routing weight applied,
