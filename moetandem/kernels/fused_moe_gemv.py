@@ -3,7 +3,7 @@
 
 The tl.dot kernels (kernels/fused_moe.py) run a BLOCK_M = 16 tile of which one row is real on the direct path: the
 weight tile is staged for the MMA and 15/16 of the A operand and accumulator are padding. Here a program holds its
-one activation row x [BK] and a weight tile w [BN, BK] in registers, loaded along K (each row's 16-byte vectors
+one activation row x and a weight tile w [BN, BK] in registers, loaded along K (each row's 16-byte vectors
 coalesced), and reduces acc [BN] += Σ_k w·x in fp32: no shared-memory staging, BN accumulators instead of 16·BN.
 K loop (the model's H or I, a constexpr here): fully unrolled where the config's num_stages is 1 (every tile's loads
 in flight at once), else a loop (num_stages goes to Triton, whose 3.6 pipeliner stages no loads that feed no dot: one
@@ -32,10 +32,14 @@ except ImportError:  # CPU-only installs: the reference path needs none of this
 
 if triton is not None:
     @triton.jit
-    def _row(row_ptr, s_k, kt, K: tl.constexpr, CDT: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Columns kt·BK .. of one activation row, rounded to CDT, as fp32 [BK] (0 past K)."""
+    def _row(row_ptr, s_k, offs_n, kt, K: tl.constexpr, CDT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Columns kt·BK .. of one activation row, rounded to CDT, as fp32 (0 past K), repeated over the weight
+        tile's rows: [BN, BK]. Loaded in that shape (every row the same addresses, L1 hits after the first), so it
+        has the weight tile's layout: a [BK] vector broadcast to it would be converted through shared memory, a
+        barrier per K tile that keeps the next tile's loads from being issued early (seen in sm90 SASS)."""
         offs = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        return tl.load(row_ptr + offs * s_k, mask=offs < K, other=0.0).to(CDT).to(tl.float32)
+        ptrs = row_ptr + (offs_n * 0)[:, None] + offs[None, :] * s_k  # [BN, BK]
+        return tl.load(ptrs, mask=(offs < K)[None, :], other=0.0).to(CDT).to(tl.float32)
 
     @triton.jit
     def _zeros(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr):
@@ -56,14 +60,14 @@ if triton is not None:
     @triton.jit
     def _wdotv(acc, xv, w_base, offs_n, mask_n, sw_n, sw_k, kt, K: tl.constexpr, BLOCK_K: tl.constexpr,
                ACC2D: tl.constexpr):
-        """acc += W[offs_n, k0:k0+BK] · x[k0:k0+BK] (k0 = kt·BK) in fp32, W's tile [BN, BK] loaded along K. ACC2D:
-        the products are summed over K tiles elementwise into acc [BN, BK] and reduced once after the loop (no
-        cross-thread reduction per tile, hence no barrier between one tile's loads and the next's where warps
-        split K), at BN·BK/threads fp32 registers; else reduced per tile into acc [BN]."""
+        """acc += W[offs_n, k0:k0+BK] · x[k0:k0+BK] (k0 = kt·BK; xv as _row gives it) in fp32, W's tile [BN, BK]
+        loaded along K. ACC2D: the products are summed over K tiles elementwise into acc [BN, BK] and reduced once
+        after the loop (no shuffles per tile, nor a barrier where warps split K), at BN·BK/threads fp32 registers;
+        else reduced per tile into acc [BN]."""
         offs = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         w = tl.load(w_base + offs_n[:, None] * sw_n + offs[None, :] * sw_k,
                     mask=mask_n[:, None] & (offs < K)[None, :], other=0.0)  # [BN, BK]
-        p = w.to(tl.float32) * xv[None, :]
+        p = w.to(tl.float32) * xv
         if ACC2D:
             acc += p
         else:
@@ -90,12 +94,12 @@ if triton is not None:
         acc_u = _zeros(BLOCK_N, BLOCK_K, ACC2D)
         if UNROLL:
             for kt in tl.static_range(KT):
-                xv = _row(row, sx_k, kt, K, CDT, BLOCK_K)
+                xv = _row(row, sx_k, offs_n, kt, K, CDT, BLOCK_K)
                 acc_g = _wdotv(acc_g, xv, w_base, offs_n, mask_n, sw_n, sw_k, kt, K, BLOCK_K, ACC2D)
                 acc_u = _wdotv(acc_u, xv, w_base + I * sw_n, offs_n, mask_n, sw_n, sw_k, kt, K, BLOCK_K, ACC2D)
         else:
             for kt in range(0, KT):
-                xv = _row(row, sx_k, kt, K, CDT, BLOCK_K)
+                xv = _row(row, sx_k, offs_n, kt, K, CDT, BLOCK_K)
                 acc_g = _wdotv(acc_g, xv, w_base, offs_n, mask_n, sw_n, sw_k, kt, K, BLOCK_K, ACC2D)
                 acc_u = _wdotv(acc_u, xv, w_base + I * sw_n, offs_n, mask_n, sw_n, sw_k, kt, K, BLOCK_K, ACC2D)
         acc_g = _total(acc_g, ACC2D)  # [BN]
@@ -128,11 +132,11 @@ if triton is not None:
         acc = _zeros(BLOCK_N, BLOCK_K, ACC2D)
         if UNROLL:
             for kt in tl.static_range(KT):
-                acc = _wdotv(acc, _row(row, 1, kt, K, CDT, BLOCK_K), w_base, offs_n, mask_n, sw_n, sw_k, kt, K,
+                acc = _wdotv(acc, _row(row, 1, offs_n, kt, K, CDT, BLOCK_K), w_base, offs_n, mask_n, sw_n, sw_k, kt, K,
                              BLOCK_K, ACC2D)
         else:
             for kt in range(0, KT):
-                acc = _wdotv(acc, _row(row, 1, kt, K, CDT, BLOCK_K), w_base, offs_n, mask_n, sw_n, sw_k, kt, K,
+                acc = _wdotv(acc, _row(row, 1, offs_n, kt, K, CDT, BLOCK_K), w_base, offs_n, mask_n, sw_n, sw_k, kt, K,
                              BLOCK_K, ACC2D)
         acc = _total(acc, ACC2D)  # [BN]
         if HAS_BIAS:  # b2 [H], before the routing weight
