@@ -10,6 +10,7 @@ import grpc
 import pytest
 import torch
 from conftest import build_checkpoint
+from test_split_transport import raw  # a Session stream's replies and status, same token
 
 import moetandem
 from moetandem.batcher import Batcher
@@ -19,9 +20,7 @@ from moetandem.split.cloud import CloudServer
 from moetandem.split.connect import Placement
 from moetandem.split.logits import dense_logits, pack_topk, topk_bytes, unpack_topk
 from moetandem.split.plan import SplitProfile, baseline_plans, make_split_plan, predict
-from moetandem.split.transport import SESSION_METHOD
-from moetandem.split.transport.auth import call_metadata
-from moetandem.split.transport.frame import Frame, pack, unpack
+from moetandem.split.transport.frame import Frame, pack
 
 TOKEN = "t0k3n-for-tests-0123456789abcdef"
 PROMPTS = [[5, 17, 42, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7]]
@@ -212,20 +211,6 @@ def test_plan_drops_the_end_head_cost():
     assert again.predicted_latency_s == pytest.approx(p_on.predicted_latency_s, rel=1e-9)
     with pytest.raises(InvalidRequestError):
         dataclasses.replace(off, cloud_head_topk=-1)
-
-
-def raw(port: int, frames: list[bytes]) -> tuple[list[Frame], grpc.StatusCode]:
-    """Frames on a Session stream -> (replies, final status)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.stream_stream(SESSION_METHOD, request_serializer=None, response_deserializer=None)(
-            iter(frames), metadata=call_metadata(TOKEN), timeout=20)
-        replies = []
-        try:
-            for r in call:
-                replies.append(unpack(r))
-        except grpc.RpcError as e:
-            return replies, e.code()
-        return replies, grpc.StatusCode.OK
 
 
 def test_cloud_checks_head_frames(cloud):
