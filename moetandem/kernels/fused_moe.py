@@ -48,8 +48,9 @@ DIRECT_MAX_TOKENS = 2
 #: MOETANDEM_MOE_GEMV=1 (off until measured on a GPU): the direct path of dense (bf16/fp16/fp32) experts runs the
 #: GEMV kernels of kernels/fused_moe_gemv.py (one activation row and a weight tile in registers, no tl.dot on a
 #: 16-row tile of which one row is real), tuned under keys of their own (",gemv"); quantized formats, and plans with
-#: host experts in a format of their own, keep the tl.dot kernels. Read once at import; read at each call, so a test
-#: or bench/fused_moe.py --gemv may set it in between (a captured graph keeps the kernels it was captured with).
+#: host experts in a format of their own, keep the tl.dot kernels. Set from the environment at import; the attribute
+#: is looked up at each call, so a test or bench/fused_moe.py --gemv may set it in between (a captured graph keeps
+#: the kernels it was captured with).
 GEMV_DIRECT: bool = os.environ.get("MOETANDEM_MOE_GEMV", "").strip().lower() in ("1", "on")
 _QUANT_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)  # int8; int4 and mxfp4; fp8
 

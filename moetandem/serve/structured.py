@@ -215,11 +215,10 @@ class Constraint:
             allowed = torch.cat([allowed, allowed.new_zeros(row.shape[-1] - allowed.shape[0])])
         ok = allowed[: row.shape[-1]].to(row.device)
         out = row.masked_fill(~ok, float("-inf"))
-        if not bool(torch.isfinite(out).any()) and bool(ok.any()):
-            # a truncated row (the LM head in the cloud sends only its top-K logits, split/logits.py) where the
-            # grammar forbids all K: the allowed tokens, alike, so the output still follows the grammar
-            out = torch.zeros_like(row).masked_fill(~ok, float("-inf"))
-        return out
+        # a truncated row (the LM head in the cloud sends only its top-K logits, split/logits.py) where the grammar
+        # forbids all K: the allowed tokens, alike, so the output still follows the grammar (no host sync: where)
+        none_left = ~torch.isfinite(out).any()
+        return torch.where(ok & none_left, torch.zeros((), dtype=out.dtype, device=out.device), out)
 
     def accept(self, token: int) -> None:
         self.produced += 1
