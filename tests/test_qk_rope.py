@@ -237,10 +237,11 @@ def test_triton_gpu_matches_reference_closely() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
 def test_compiled_captured_step_matches_default(family: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The switch on: the compiled, captured batch-1 step gives the default step's logits within bf16 rounding,
-    its replay runs the fused kernel once per layer, and it launches fewer kernels than the default's."""
+    """The switch on: the compiled, captured batch-1 step gives the default step's logits within bf16 rounding (or,
+    where rounding flips a router's near tie, the fp32 forward's), its replay runs the fused kernel once per layer,
+    and it launches fewer kernels than the default's."""
     from conftest import build_checkpoint
-    from kernel_checks import captured_decode
+    from kernel_checks import assert_steps_match, captured_decode, eager_decode
     path = build_checkpoint(family, tmp_path / "m", **({"clip_qkv": None} if family == "olmoe" else {}))
     monkeypatch.setenv("MOETANDEM_CACHE_DIR", str(tmp_path / "cache"))
     seq = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -254,9 +255,7 @@ def test_compiled_captured_step_matches_default(family: str, tmp_path, monkeypat
     got, fused_on, launches_on = run(True)
     assert fused_off == 0 and fused_on == 3, (fused_off, fused_on)
     assert launches_on < launches_off, (launches_on, launches_off)
-    for t, (a, b) in enumerate(zip(got, want)):
-        err = float((a - b).norm() / b.norm())
-        assert err < 1e-2, f"step {t}: relative error {err:.3g}"
+    assert_steps_match(got, want, eager_decode(path, seq), 1e-2, f"{family}: fused QK RoPE")
 
 
 def test_compiled_layer_writes_the_cache_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
