@@ -123,6 +123,9 @@ def worker(a: argparse.Namespace) -> int:
                                            expert_budget=b, **kw)
         e = engines[b, "end-only"]  # the end's own step costs: its layers with its committee, quiet-box minimum
         end_costs[b] = measure_step_costs(e.model, e.experts, "cpu", sizes=(1, max(a.concurrency)))
+    for eng in engines.values():  # unmeasured: each path's first use on both sides (the GPU test bed measured a
+        # cold cloud-only round at 1.8 tok/s, then 114, and the plan trusted the cold one)
+        eng.generate(prompts_for(eng)[:max(a.concurrency)], max_new_tokens=4, stop_on_eos=False)
     conc = max(a.concurrency)
     out = []
     step = 0

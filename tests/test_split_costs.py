@@ -167,6 +167,10 @@ def test_a_measured_baseline_beats_a_flattering_model() -> None:
     assert guard_with_measured(plan, base, meas).label == worst
     assert guard_with_measured(base["naive"], base, {"naive": 1.0, "cloud-only": 2.0}).label == "cloud-only"
     assert guard_with_measured(plan, base, {}) is plan
+    # a plan predicted only 3% faster than the best measured baseline is inside the margin: the baseline stands
+    close = dataclasses.replace(plan, predicted_throughput_tok_s=1.03 * pred[top])
+    assert guard_with_measured(close, base, pred).label == top
+    assert guard_with_measured(close, base, pred, margin=0.0) is close
 
 
 def test_predict_re_predicts_a_plan_and_the_replanner_holds_on_noise() -> None:
