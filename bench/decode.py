@@ -94,8 +94,17 @@ def bench_hf(path: Path, device: str, prompts: list[list[int]], new: int, impl: 
         t = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen_kw)
         _sync()
-    dt = time.perf_counter() - t
-    res = {"tok_s": len(prompts) * new / dt,
+        dt = time.perf_counter() - t
+        pre = []  # prefill alone: one forward over the prompts (the decoder's first token for a seq2seq model)
+        for _ in range(3):
+            t = time.perf_counter()
+            if seq2seq:
+                model(input_ids=ids, decoder_input_ids=out[:, :1])
+            else:
+                model(ids, attention_mask=gen_kw["attention_mask"])
+            _sync()
+            pre.append(time.perf_counter() - t)
+    res = {"tok_s": len(prompts) * new / dt, "prefill_tok_s": ids.numel() / statistics.median(pre),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0,
            "tokens": out[0, 1:17].tolist() if seq2seq else out[0, len(prompt):len(prompt) + 16].tolist()}
     del model
