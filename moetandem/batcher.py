@@ -116,10 +116,25 @@ class Batcher:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:
-        """One decode step for every active sequence; returns (sequence, new token) pairs."""
+        """One decode step for every active sequence; returns (sequence, new token) pairs. A model with a
+        `decode_greedy` method (split execution: split/end.py) may make several tokens per sequence in one step
+        when every sequence decodes greedily and plainly: the pairs then come in the order single steps make them."""
         seqs = self.active
         if not seqs:
             return []
+        multi = getattr(self.model, "decode_greedy", None)
+        if multi is not None and all(s.temperature <= 0 and s.logits_processor is None and s.accept is None
+                                     and s.top_logprobs is None for s in seqs):
+            toks = multi([s.out[-1] for s in seqs], [s.next_pos for s in seqs], [s.slot for s in seqs],
+                         [s.max_new_tokens - len(s.out) for s in seqs], [s.stop_ids for s in seqs], self.cache)
+            if toks is not None:
+                self.engine.after_step()
+                events: list[tuple[Request, int]] = []
+                for j in range(max(map(len, toks), default=0)):
+                    for s, t in zip(seqs, toks):
+                        if j < len(t) and not s.done:
+                            self._record(s, t[j], events)
+                return events
         graphs = self.engine.graphs
         if graphs is not None and (not graphs.capture or self.engine.graph_safe):  # eager bookkeeping: any provider
             logits, greedy = graphs.step([s.out[-1] for s in seqs], [s.next_pos for s in seqs],
@@ -164,16 +179,20 @@ class Batcher:
             rows = raw if len(want) == len(seqs) else raw[torch.tensor(want, device=raw.device)]  # [W, V]
             for i, lp in zip(want, token_logprobs(rows, [toks[i] for i in want], k)):
                 seqs[i].logprobs.append(lp._replace(top=lp.top[: seqs[i].top_logprobs]))
-        events = []
+        events: list[tuple[Request, int]] = []
         for s, tok in zip(seqs, toks):
-            s.out.append(tok)
-            events.append((s, tok))
-            if s.accept is not None:
-                s.accept(tok)
-            if tok in s.stop_ids:
-                s.finish_reason = "stop"
-            elif len(s.out) >= s.max_new_tokens:
-                s.finish_reason = "length"
-            if s.done:
-                self.slots[s.slot] = None
+            self._record(s, tok, events)
         return events
+
+    def _record(self, s: Request, tok: int, events: list[tuple[Request, int]]) -> None:
+        """Append one new token to a sequence (and the event to `events`); end it at a stop id or its length."""
+        s.out.append(tok)
+        events.append((s, tok))
+        if s.accept is not None:
+            s.accept(tok)
+        if tok in s.stop_ids:
+            s.finish_reason = "stop"
+        elif len(s.out) >= s.max_new_tokens:
+            s.finish_reason = "length"
+        if s.done:
+            self.slots[s.slot] = None

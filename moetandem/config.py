@@ -25,6 +25,7 @@ BASELINES = ("lru", "static", "host-only")
 FIDELITY = ("exact", "balanced", "fast")
 GATES = ("off", "masked", "group")
 CODECS = ("off", "fp16", "lowrank", "plan")
+MAX_DECODE_TOKENS = 1024  # split option cloud_decode_tokens: the most greedy tokens one exchange may ask for
 #: --expert-format: how routed experts are held (moetandem.experts.formats); auto = the checkpoint's own format
 #: when it is pre-quantized (gpt-oss MXFP4, block FP8, compressed-tensors int4), else bf16
 EXPERT_FORMATS = ("auto", "bf16", "fp8", "int8", "int4", "mxfp4")
@@ -223,6 +224,9 @@ class SplitConfig:
     #: K > 0: with no end tail layers the cloud runs norm + lm_head too and sends the top-K logits down
     #: (split/logits.py); None: the end runs the head (the checkpoint's vocabulary bounds K, checked at load)
     cloud_head_topk: int | None = None
+    #: k >= 1: with the cloud-only plan and the head in the cloud, greedy decode steps run k tokens per exchange in
+    #: the cloud (split/decode.py); None: one exchange per token. Ignored by other plans
+    cloud_decode_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", self.address or ""):
@@ -242,6 +246,12 @@ class SplitConfig:
             raise InvalidRequestError(f"--cloud-head-topk {self.cloud_head_topk!r}: must be an integer >= 1 (the "
                                       "logits sent down per token, e.g. 64); leave it out to run the LM head on "
                                       "the end")
+        k = self.cloud_decode_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DECODE_TOKENS):
+            raise InvalidRequestError(f"--cloud-decode-tokens {k!r}: must be an integer in 1..{MAX_DECODE_TOKENS} "
+                                      "(greedy tokens the cloud decodes per exchange, e.g. 8; it needs "
+                                      "--cloud-head-topk and a cloud-only plan); leave it out for one exchange per "
+                                      "token")
         for flag in ("emulate_rtt_ms", "emulate_rate_mbit", "emulate_jitter_ms"):
             v = self.link.get(flag, 0.0)
             if not (math.isfinite(v) and v >= 0):
@@ -264,7 +274,8 @@ class SplitConfig:
             link.update(tls=True, tls_ca=ns.tls_ca)
         return cls(ns.cloud, token_file=ns.token_file, plan=ns.split_plan, head=ns.split_head, tail=ns.split_tail,
                    codec=ns.codec, codec_rank=ns.codec_rank, micro_batches=ns.micro_batches, link=link,
-                   cloud_head_topk=getattr(ns, "cloud_head_topk", None))
+                   cloud_head_topk=getattr(ns, "cloud_head_topk", None),
+                   cloud_decode_tokens=getattr(ns, "cloud_decode_tokens", None))
 
 
 @dataclass(frozen=True)

@@ -147,8 +147,8 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
     bytes, or 'auto': what fits the GPU's free memory) only a committee of experts stays on the device; policy /
     fidelity say what a miss gets. gate="group" / "masked" routes to the experts that are local now.
     cloud="HOST:PORT" runs the middle layers on a `moetandem cloud` server; split holds SplitConfig's other fields
-    (plan, head, tail, codec, codec_rank, micro_batches, cloud_experts, cloud_head_topk) and link options
-    (timeout_s, tls, tls_ca, emulate_rtt_ms, ...). expert_format: bf16 | fp8 | int8 | int4 | mxfp4 | auto (the
+    (plan, head, tail, codec, codec_rank, micro_batches, cloud_experts, cloud_head_topk, cloud_decode_tokens) and
+    link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...). expert_format: bf16 | fp8 | int8 | int4 | mxfp4 | auto (the
     checkpoint's own when pre-quantized, else bf16); packed formats quantize on load.
     miss_format: bf16 | int8 | int4, the host copy a balanced / fast miss reads (never with fidelity exact).
     gpu_memory: cap this process's allocations on the CUDA device at this many GiB (as if the GPU were that small);
@@ -159,7 +159,7 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
     if cloud is not None:
         opts = dict(split or {})
         fields = {k: opts.pop(k) for k in ("plan", "head", "tail", "cloud_experts", "codec", "codec_rank",
-                                            "micro_batches", "cloud_head_topk") if k in opts}
+                                            "micro_batches", "cloud_head_topk", "cloud_decode_tokens") if k in opts}
         sc = SplitConfig(cloud, token=token, token_file=token_file, link=opts, **fields)
     return build_engine(ModelConfig(Path(path), device, dtype, use_graphs, progress, compile,
                                     expert_format=expert_format, gpu_memory=gpu_memory), cm,

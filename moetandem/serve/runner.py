@@ -29,7 +29,8 @@ class Runner:
         return self.batcher.add(seqs)
 
     def step(self) -> list[TokenEvent]:
-        """One decode step of every sequence holding a slot; one token each."""
+        """One decode step of every sequence holding a slot; one token each (or several, in order, with split
+        option cloud_decode_tokens)."""
         return self.batcher.step() if self.batcher.active else []
 
     def release(self, seq: Request) -> None:

@@ -133,7 +133,8 @@ class Scheduler:
         j.tokens += 1
         m.generation_tokens.inc()
         req = j.req
-        reason = "stop" if tok in req.stop_ids else "length" if len(req.out) >= req.max_new_tokens else None
+        # j.tokens, not len(req.out): one step may have made several tokens of this sequence (split/decode.py)
+        reason = "stop" if tok in req.stop_ids else "length" if j.tokens >= req.max_new_tokens else None
         with self.tokenizer_lock:
             j.add_text(tok, final=reason is not None)
         piece, hit = j.take(final=reason is not None)

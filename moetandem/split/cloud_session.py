@@ -14,6 +14,7 @@ import torch
 from moetandem.errors import CalibrationError, InvalidRequestError, MoetandemError
 from moetandem.split.cloud_batch import Job
 from moetandem.split.cloud_cache import Lease
+from moetandem.split.decode import greedy_steps, read_decode_frame
 from moetandem.split.logits import check_topk, pack_topk
 from moetandem.split.transport.frame import Frame, FrameError, meta_int, tensor
 from moetandem.split.transport.server import RequestRefused
@@ -79,13 +80,15 @@ class CloudSession:
             return self.on_hello(f)
         if not self.hello:
             raise FrameError(f"{f.kind!r} before hello")
-        handler = {"Session": {"alloc": self.on_alloc, "free": self.on_free, "layers": self.on_layers},
+        handler = {"Session": {"alloc": self.on_alloc, "free": self.on_free, "layers": self.on_layers,
+                               "decode": self.on_decode},
                    "Experts": {"experts": self.on_experts}}[self.kind].get(f.kind)
         if handler is None:
             raise FrameError(f"{f.kind!r} frames do not belong on the {self.kind} stream")
         srv = self.server
         # batched kinds run on the batch runner, which takes the compute lock itself
-        lock = nullcontext() if srv.runner is not None and f.kind in ("layers", "experts") else srv.compute_lock
+        lock = nullcontext() if srv.runner is not None and f.kind in ("layers", "experts", "decode") \
+            else srv.compute_lock
         with srv.in_compute() as ahead, torch.inference_mode(), lock:
             if srv.mirror is not None:  # expert parallel: the other ranks compute this frame too
                 self.server.mirror.send(self.key, self.kind, f)
@@ -104,6 +107,8 @@ class CloudSession:
         meta = {"fingerprint": srv.fingerprint, "num_layers": a.num_layers, "hidden": a.hidden_size,
                 "max_len": a.max_position_embeddings, "dtype": str(srv.engine.dtype).removeprefix("torch."),
                 "replicas": srv.replicas, "queue": srv.queue_depth}
+        if srv.mirror is None:  # `decode` frames (split/decode.py) are served; not with ranks that replay frames
+            meta["decode"] = 1
         if f.meta.get("costs") and srv.mirror is None:  # the end's scheduler asks for the cloud's measured step
             meta.update(srv.step_costs().as_meta())  # costs (split.costs; not with ranks that must meet in step)
         return Frame("reply", meta=meta)
@@ -205,6 +210,26 @@ class CloudSession:
         out = encode_rows(y_rows.cpu(), c.codec_out, tokens)
         out.pop("c_tokens", None)  # the end has its own token ids: not sent back
         return Frame("reply", tensors=out)
+
+    def on_decode(self, f: Frame) -> Frame:
+        """Up to k greedy tokens per row, each step through the `layers` compute path (split/decode.py)."""
+        srv = self.server
+        eng, L = srv.engine, srv.engine.args.num_layers
+        cid = meta_int(f, "cache", 0, 2**31 - 1)
+        c = self.caches.get(cid)
+        if c is None:
+            raise FrameError(f"cache {cid} was never allocated on this session")
+        if srv.mirror is not None or c.start != 0 or c.end != L or not c.head_topk:
+            raise FrameError("decode needs a cache of every layer allocated with head_topk, on a cloud without "
+                             "expert parallelism")
+        req = read_decode_frame(f, c.lease.batch, c.lease.max_len, eng.args.vocab_size)
+
+        def layers(x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            step = _Step(c.lease, x, pos, rows, None, c.lease.max_len, 0, L)
+            with srv.pools.hold(c.lease):
+                return srv.compute(Job(c.lease.pool, x.shape[0], partial(run_layers, eng), step,
+                                       srv.pools.peers(c.lease)))  # [b, 1, H]
+        return Frame("reply", tensors=greedy_steps(eng.model, layers, req, eng.device))
 
     def on_experts(self, f: Frame) -> Frame:
         eng = self.server.engine

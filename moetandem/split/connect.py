@@ -86,7 +86,8 @@ def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces
     later (the end computes alone meanwhile)."""
     link = _link(ckpt, cfg)
     placement = load_placement(cfg.plan, cfg.head, cfg.tail, cfg.cloud_experts, cfg.codec_rank, cfg.micro_batches)
-    split = SplitModel(model, link, placement, cfg.codec, ckpt, provider, pieces, cfg.cloud_head_topk or 0)
+    split = SplitModel(model, link, placement, cfg.codec, ckpt, provider, pieces, cfg.cloud_head_topk or 0,
+                       cfg.cloud_decode_tokens or 0)
     _connect(link, "computing on the end until it answers")
     return split
 

@@ -28,6 +28,7 @@ import torch
 from moetandem.errors import CloudError, InvalidRequestError, MoetandemError
 from moetandem.graphs import PieceGraphs
 from moetandem.models import KVCache
+from moetandem.split.decode import decode_frame, read_decode_reply
 from moetandem.split.experts import CloudExpertProvider
 from moetandem.split.link import CloudLink
 from moetandem.split.logits import check_topk, dense_logits, reply_kind
@@ -51,15 +52,18 @@ class _Rows:
 
 class SplitModel:
     def __init__(self, model: Any, link: CloudLink, plan: Any, codec: str, ckpt: Any, local_provider: Any,
-                 pieces: PieceGraphs | None = None, head_topk: int = 0) -> None:
+                 pieces: PieceGraphs | None = None, head_topk: int = 0, decode_tokens: int = 0) -> None:
         """pieces: CUDA graphs for the end's head and tail layers of decode steps (None: eager). head_topk K > 0:
-        a plan without end tail layers has the cloud run the LM head and send the top-K logits (split/logits.py)."""
+        a plan without end tail layers has the cloud run the LM head and send the top-K logits (split/logits.py).
+        decode_tokens k > 0: with the cloud-only plan and the head in the cloud, greedy decode steps are k tokens
+        per exchange (decode_greedy, split/decode.py)."""
         self.model, self.link, self.codec_kind, self.ckpt, self.local_provider = model, link, codec, ckpt, local_provider
         self.pieces = pieces
         self.args = model.args
         self.head_topk = check_topk(head_topk, self.args.vocab_size) if head_topk else 0
+        self.decode_tokens = decode_tokens
         self.stats = {"cloud_forwards": 0, "local_forwards": 0, "fallbacks": 0, "rebuilt_tokens": 0,
-                      "replans": 0, "catch_up_steps": 0}
+                      "replans": 0, "catch_up_steps": 0, "decode_exchanges": 0, "decode_tokens": 0}
         self.catch_up_tokens = 1024  # cloud K/V refilled per step after an outage (tokens over all lagging rows)
         self.replanner: Callable[[Any], Any] | None = None  # (LinkMonitor) -> new plan or None
         self.load_probe_s = 0.5  # while the plan uses no cloud: how often to ask the cloud for its load
@@ -89,6 +93,10 @@ class SplitModel:
             raise InvalidRequestError(f"split plan keeps {a} head + {b} tail layers on the end, but the model has {L}")
         self.plan, self.start, self.end = plan, a, L - b
         self.head_k = self.head_topk if self.start < self.end == L else 0  # the cloud runs the LM head
+        # k greedy tokens per exchange: only cloud-only with the head in the cloud; a SplitPlan's own decode_tokens
+        # (split.plan: 0 = one exchange per token) bounds it, a Placement has none
+        k, planned = self.decode_tokens if self.head_k and self.start == 0 else 0, getattr(plan, "decode_tokens", None)
+        self.decode_k = k if planned is None else min(k, int(planned))
         self.micro = max(1, int(getattr(plan, "micro_batches", 1) or 1))
         self.rank = getattr(plan, "codec_rank", None)
         H, dt = self.args.hidden_size, self.model.lm_head.weight.dtype
@@ -136,6 +144,40 @@ class SplitModel:
         st.local_len[r], st.cloud_len[r] = last + 1, torch.minimum(st.cloud_len[r], first)
         self.stats["local_forwards"] += 1
         return logits
+
+    @torch.inference_mode()
+    def decode_greedy(self, tokens: list[int], pos: list[int], rows: list[int], budget: list[int],
+                      stops: list[frozenset[int]], cache: KVCache) -> list[list[int]] | None:
+        """A decode step of greedy sequences (each row's last token at `pos`, `budget` tokens left, its stop ids)
+        as one `decode` exchange: the cloud makes up to decode_k tokens per row (split/decode.py). Returns them
+        in order, or None when this step cannot go that way (option off or not this plan, the cloud down, older or
+        behind after an outage, the exchange failed): the caller then runs one ordinary step (__call__)."""
+        st = self._rows.get(cache)
+        self._maybe_replan()
+        if not self.decode_k or st is None or self.link.session() is None or not self.link.info.get("decode"):
+            return None
+        r, p = torch.tensor(rows), torch.tensor(pos)
+        try:
+            session = self._ensure_cloud_cache(st, cache)
+            if bool((st.cloud_len[r] < p).any()):
+                return None  # the cloud's K/V are behind (refilled by ordinary steps)
+            frame = decode_frame(st.cloud_id, self.decode_k, tokens, pos, rows, budget, stops)
+            out = read_decode_reply(session.wait(session.submit(frame)), len(rows), self.decode_k, budget,
+                                    self.args.vocab_size)
+        except FrameError as e:
+            self.stats["fallbacks"] += 1
+            self.link.lost(CloudError(f"bad decode reply from the cloud: {e}"))
+            return None
+        except CloudError as e:
+            self.stats["fallbacks"] += 1
+            self.link.lost(e)
+            return None
+        for i, (row, first, toks) in enumerate(zip(rows, pos, out)):  # fed: the last token, then all but the newest
+            st.tokens[row, first: first + len(toks)] = torch.tensor([tokens[i], *toks[:-1]])
+            st.cloud_len[row], st.local_len[row] = first + len(toks), min(int(st.local_len[row]), first)
+        self.stats["decode_exchanges"] += 1
+        self.stats["decode_tokens"] += sum(map(len, out))
+        return out
 
     # ---- the cloud route
     def _cloud_forward(self, st: _Rows, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,

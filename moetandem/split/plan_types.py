@@ -57,6 +57,9 @@ class SplitProfile:
     #: lm_head (cloud_head_s) instead of the end (end_head_s), and K logits go down per token, not hidden states
     cloud_head_topk: int = 0
     cloud_head_fixed_s: float = 0.0  # the cloud's head per step of a micro-batch, charged when it runs the head
+    #: k > 0 (split option cloud_decode_tokens): the cloud-only plan with the head in the cloud makes k greedy
+    #: tokens per exchange (split/decode.py): one round trip and k cloud steps per k tokens
+    cloud_decode_tokens: int = 0
 
     def __post_init__(self) -> None:
         L, E = self.num_layers, self.num_experts
@@ -69,8 +72,9 @@ class SplitProfile:
                                       f"{self.rtt_s})")
         if self.cloud_replicas < 1 or self.cloud_queue_depth < 0:
             raise InvalidRequestError("cloud_replicas must be >= 1 and cloud_queue_depth >= 0")
-        if self.cloud_head_topk < 0:
-            raise InvalidRequestError(f"cloud_head_topk must be >= 0 (0: off), got {self.cloud_head_topk}")
+        if self.cloud_head_topk < 0 or self.cloud_decode_tokens < 0:
+            raise InvalidRequestError(f"cloud_head_topk and cloud_decode_tokens must be >= 0 (0: off), got "
+                                      f"{self.cloud_head_topk}, {self.cloud_decode_tokens}")
         if self.concurrency < 1 or self.expert_bytes <= 0:
             raise InvalidRequestError("concurrency must be >= 1 and expert_bytes > 0")
         for name in ("end_layer_fixed_s", "cloud_layer_fixed_s"):
@@ -102,13 +106,16 @@ class SplitPlan:
     codec_rank: int | None  # the up-link crossing at a; None: fp16 activations (or token ids only)
     micro_batches: int
     objective: str  # "latency" | "throughput"
-    predicted_latency_s: float  # per decode step (one token for every request)
+    predicted_latency_s: float  # per decode step (one token for every request; per token with decode_tokens)
     predicted_throughput_tok_s: float
     predicted_bytes_per_token: float = 0.0  # both directions
     predicted_ppl_increase: float = 0.0
     round_trips_per_step: float = 0.0
     codec_rank_down: int | None = None  # the down-link crossing at L-b; None: fp16
     label: str = "adaptive"  # or the baseline it is: "end-only", "cloud-only", "naive"
+    #: k > 0: greedy decode steps make k tokens per exchange (cloud-only, head in the cloud; split/decode.py); the
+    #: predictions are then per token; 0: one exchange per token
+    decode_tokens: int = 0
 
     @property
     def cloud_layers(self) -> range:
@@ -130,7 +137,8 @@ class SplitPlan:
                  f"cloud layers [{a},{L - b})" if a < L - b else "no cloud layers",
                  f"{n_cloud} end-layer experts in the cloud" if n_cloud else "all end-layer experts on the end",
                  f"codec up {_codec(self.codec_rank)}, down {_codec(self.codec_rank_down)}",
-                 f"{self.micro_batches} micro-batch(es), {self.objective}",
+                 f"{self.micro_batches} micro-batch(es), {self.objective}"
+                 + (f", {self.decode_tokens} greedy tokens per exchange" if self.decode_tokens else ""),
                  f"predicted {1e3 * self.predicted_latency_s:.2f} ms/step, {self.predicted_throughput_tok_s:.1f} tok/s,"
                  f" {self.predicted_bytes_per_token:.0f} B/token, {self.round_trips_per_step:.2f} round trips/step,"
                  f" Δppl ≤ {100 * self.predicted_ppl_increase:.2f}%"]

@@ -28,7 +28,8 @@ from moetandem.split.transport.compact import CompactError, decode_header, encod
 MAGIC = b"MTS1"  # JSON header
 MAGIC_COMPACT = b"MTS2"  # the same header in a few bytes (transport/compact.py): what pack() writes
 VERSION = 1
-KIND_ORDER = ("hello", "alloc", "free", "layers", "experts", "reply", "error", "bye")  # never reorder: compact ids
+# never reorder: compact ids; append new kinds at the end ("decode": split/decode.py)
+KIND_ORDER = ("hello", "alloc", "free", "layers", "experts", "reply", "error", "bye", "decode")
 KINDS = frozenset(KIND_ORDER)
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
