@@ -94,6 +94,28 @@ def link_bytes(engine: Any) -> float:
     return float(s["bytes_sent"] + s["bytes_received"])
 
 
+def step_of(engine: Any, n: int) -> int:
+    """A number that grows with every decode step of the engine (n: tokens seen so far, for an engine without a
+    split: one token per step). A split step is one cloud or local forward, or one k-token decode exchange."""
+    sp = getattr(engine, "split", None)
+    if sp is None:
+        return n
+    s = sp.stats
+    return s["cloud_forwards"] + s["local_forwards"] + s.get("decode_exchanges", 0)
+
+
+def per_token_s(marks: list[tuple[float, int]]) -> list[float]:
+    """(time, step) of each token of one sequence, prefill first -> seconds per decode token: a step that made n
+    tokens of the sequence (split option cloud_decode_tokens) counts its time n times, divided by n."""
+    steps: list[list[float]] = []  # the tokens' times, per step
+    for i, (t, step) in enumerate(marks):
+        if i and marks[i - 1][1] == step:
+            steps[-1].append(t)
+        else:
+            steps.append([t])
+    return [(b[-1] - a[-1]) / len(b) for a, b in zip(steps, steps[1:]) for _ in b]
+
+
 def measure(config: str, engine: Any, a: argparse.Namespace) -> dict[str, Any]:
     prompts = prompts_for(engine)
     engine.generate(prompts[:1], max_new_tokens=4, stop_on_eos=False)  # warm-up (session, caches, link)
@@ -101,36 +123,37 @@ def measure(config: str, engine: Any, a: argparse.Namespace) -> dict[str, Any]:
     gaps: list[float] = []
     dec_bytes, dec_tokens = 0.0, 0
     for p in prompts[: a.latency_prompts]:
-        times: list[float] = []
+        marks: list[tuple[float, int]] = []
         mark: list[float] = []
 
         def on_token(i: int, tok: int) -> None:
-            times.append(time.perf_counter())
-            if len(times) == 1:
+            marks.append((time.perf_counter(), step_of(engine, len(marks))))
+            if len(marks) == 1:
                 mark.append(link_bytes(engine))  # bytes after prefill
         engine.generate([p], max_new_tokens=a.tokens, stop_on_eos=False, on_token=on_token)
-        gaps += [t1 - t0 for t0, t1 in zip(times, times[1:])]
+        gaps += per_token_s(marks)
         dec_bytes += link_bytes(engine) - mark[0]
-        dec_tokens += len(times) - 1
+        dec_tokens += len(marks) - 1
     res: dict[str, Any] = {"config": config, "lat_p50_ms": percentile(gaps, 50) * 1e3,
                            "lat_p95_ms": percentile(gaps, 95) * 1e3,
                            "bytes_per_token": dec_bytes / max(dec_tokens, 1), "throughput": {}}
-    res["step_ms"] = {}  # median decode step at each concurrency (sequence 0's token gaps: one per batch step)
+    res["step_ms"] = {}  # median decode step per token at each concurrency (sequence 0's tokens)
     for c in a.concurrency:
         batch = [prompts[i % len(prompts)] for i in range(c)]
-        seen: list[float] = []
+        seen: list[tuple[float, int]] = []
         t0 = time.perf_counter()
         out = engine.generate(batch, max_new_tokens=a.tokens, stop_on_eos=False,
-                              on_token=lambda i, tok: seen.append(time.perf_counter()) if i == 0 else None)
+                              on_token=lambda i, tok: seen.append((time.perf_counter(), step_of(engine, len(seen))))
+                              if i == 0 else None)
         dt = time.perf_counter() - t0
         res["throughput"][str(c)] = sum(len(g.token_ids) for g in out) / dt
-        res["step_ms"][str(c)] = percentile([b - x for x, b in zip(seen, seen[1:])], 50) * 1e3
+        res["step_ms"][str(c)] = percentile(per_token_s(seen), 50) * 1e3
     sp = getattr(engine, "split", None)
     if sp is not None:
         s = {k: v - before.get(k, 0) for k, v in sp.split_stats().items() if k in ("fallbacks", "local_forwards", "replans",
-                                                                                  "cloud_forwards")}
+                                                                                  "cloud_forwards", "decode_exchanges")}
         res["fallbacks"], res["local_forwards"], res["cloud_forwards"] = s["fallbacks"], s["local_forwards"], s["cloud_forwards"]
-        res["replans"] = s["replans"]
+        res["replans"], res["decode_exchanges"] = s["replans"], s["decode_exchanges"]
         if s["fallbacks"]:
             print(f"[split bench] WARNING: {config} fell back to the end {int(s['fallbacks'])} times", file=sys.stderr)
     return res

@@ -12,10 +12,13 @@ directions on the end (so the end can change it between scenarios without restar
              measured throughput (guard_with_measured); re-plans when the link changes
 --cloud-head-topk K: cloud-only and adaptive run the LM head in the cloud (top-K logits down, split/logits.py), and
   cloud-only-end-head (cloud-only with the head on the end, as without the flag) runs too: the A/B in one run
+--cloud-decode-tokens K (with --cloud-head-topk): cloud-only and adaptive decode K greedy tokens per exchange in
+  the cloud (split/decode.py), and cloud-only-per-token (one exchange per token, head in the cloud) runs too
 
     python bench/testbed.py --quick --out out/testbed                                  # CPU, demo, minutes
     python bench/testbed.py --model DIR --cloud-device cuda --out out/testbed-gpu       # GPU host, full grid
     python bench/testbed.py --gpu --time-limit 220 --cloud-head-topk 64                 # the cloud head A/B
+    python bench/testbed.py --gpu --rtts 20 50 --cloud-head-topk 64 --cloud-decode-tokens 8   # k tokens / exchange
 Prints a table (tok/s over all ends, p50/p95 ms/token, link bytes per token per crossing, adaptive / best
 baseline) and writes testbed.json, testbed.md and testbed.png (speedup vs link rate per RTT) to --out.
 """
@@ -34,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.split import measure, prompts_for  # noqa: E402
-from bench.testbed_report import END_HEAD  # noqa: E402
+from bench.testbed_report import END_HEAD, PER_TOKEN  # noqa: E402
 
 CONFIGS = ("end-only", "cloud-only", "naive", "adaptive")
 FULL = dict(rates=[10, 50, 100, 1000], rtts=[5, 20, 50, 100], budgets=[0.25, 0.5], ends=[1, 4, 16])
@@ -45,15 +48,18 @@ GPU = dict(rates=[10, 100, 1000], rtts=[20], budgets=[0.25], ends=[1, 4], shape=
 
 
 def configs(a: argparse.Namespace) -> tuple[str, ...]:
-    """The configs of this run: CONFIGS, and with --cloud-head-topk the cloud-only run with the head on the end."""
-    return CONFIGS + ((END_HEAD,) if a.cloud_head_topk else ())
+    """The configs of this run: CONFIGS, with --cloud-head-topk the cloud-only run with the head on the end, with
+    --cloud-decode-tokens the cloud-only run with one exchange per token."""
+    return CONFIGS + ((END_HEAD,) if a.cloud_head_topk else ()) + ((PER_TOKEN,) if a.cloud_decode_tokens else ())
 
 
 def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
     link = {"emulate_rate_mbit": a.rates[0], "emulate_rtt_ms": a.rtts[0], "emulate_jitter_ms": a.jitter_ms,
             "emulate_loss": a.loss, "emulate_down": True, "timeout_s": 60.0}
     head = {"cloud_head_topk": a.cloud_head_topk} if a.cloud_head_topk else {}  # the LM head in the cloud
-    if config in ("cloud-only", END_HEAD):
+    if config == "adaptive" or config == "cloud-only":  # k greedy tokens per exchange
+        head.update({"cloud_decode_tokens": a.cloud_decode_tokens} if a.cloud_decode_tokens else {})
+    if config in ("cloud-only", END_HEAD, PER_TOKEN):
         opts = {**link, "head": 0, "tail": 0, "codec": "off", "micro_batches": 1}
         return opts if config == END_HEAD else {**opts, **head}
     if config == "naive":
@@ -64,14 +70,15 @@ def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: float, conc: int,
-                     overlap: bool = True, head_topk: int = 0) -> Any:
+                     overlap: bool = True, head_topk: int = 0, decode_tokens: int = 0) -> Any:
     """The SplitProfile the adaptive plan is made from, all of it measured in this run: the end's and the cloud's
     per-layer fixed + per-token costs (split.costs: the end timed here, the cloud timed by itself and sent in
     hello), calibrated to the baselines' decode steps at batch 1 and at `conc` (the end to end-only; the cloud
     to cloud-only less the end's head and the link), the link from the LinkMonitor, the codecs' bytes and
     quality from the calibration file, the memory from the budget. overlap=False: end and cloud share the cores
     (a CPU cloud on this machine), so micro-batches overlap only the link. head_topk K > 0: the plan may have the
-    cloud run the LM head (the cloud is calibrated to the cloud-only run with the head on the end)."""
+    cloud run the LM head (the cloud is calibrated to the cloud-only run with the head on the end); decode_tokens
+    k > 0: cloud-only with the head in the cloud may decode k tokens per exchange."""
     from moetandem.split.calibration import cut_codecs
     from moetandem.split.costs import ROW_BYTES, StepCosts, frame_overhead_bytes, split_profile
     ar, mon, L = ada.args, ada.split.link.monitor, ada.args.num_layers
@@ -96,7 +103,7 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     eb = ada.store.expert_bytes(ada.dtype)
     return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
                          concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap,
-                         cloud_head_topk=head_topk)
+                         cloud_head_topk=head_topk, cloud_decode_tokens=decode_tokens)
 
 
 def set_link(eng: Any, rate: float, rtt: float) -> None:
@@ -149,7 +156,8 @@ def worker(a: argparse.Namespace) -> int:
                         eng.split.link.monitor.reset()  # this scenario's link only
                         eng.generate(prompts_for(eng)[:2], max_new_tokens=8, stop_on_eos=False)
                         prof = measured_profile(end_costs[b], eng, {k: v[0] for k, v in runs.items() if v}, b, conc,
-                                                overlap=a.cloud_device != "cpu", head_topk=a.cloud_head_topk)
+                                                overlap=a.cloud_device != "cpu", head_topk=a.cloud_head_topk,
+                                                decode_tokens=a.cloud_decode_tokens)
                         bases = baseline_plans(prof, "throughput")
                         seen = {k: v[0]["throughput"][str(conc)] for k, v in runs.items() if v}
                         p = guard_with_measured(make_split_plan(prof, "throughput"), bases, seen)
@@ -311,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud-head-topk", type=int, default=0, metavar="K",
                    help="cloud-only and adaptive run the LM head in the cloud and send the top-K logits down "
                         f"(naive stays fixed); adds {END_HEAD} (the head on the end) for the A/B (0: off)")
+    p.add_argument("--cloud-decode-tokens", type=int, default=0, metavar="K",
+                   help="with --cloud-head-topk: cloud-only and adaptive decode K greedy tokens per exchange in the "
+                        f"cloud; adds {PER_TOKEN} (one exchange per token) for the A/B (0: off)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--index", "--n-ends"):
         p.add_argument(flag, type=int, help=argparse.SUPPRESS)
@@ -319,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cloud_head_topk < 0:
         p.error(f"--cloud-head-topk {a.cloud_head_topk}: K >= 1 (the logits sent per token, e.g. 64), or 0 for off")
+    if a.cloud_decode_tokens < 0 or a.cloud_decode_tokens and not a.cloud_head_topk:
+        p.error(f"--cloud-decode-tokens {a.cloud_decode_tokens}: K >= 1 with --cloud-head-topk (the cloud decodes "
+                "with its own LM head), or 0 for off")
     if a.gpu:
         gpu_preset(a, argv if argv is not None else sys.argv[1:])
     grid = GPU if a.gpu else QUICK if a.quick else FULL

@@ -9,6 +9,8 @@ from typing import Any
 BASELINES = ("end-only", "cloud-only", "naive")
 #: --cloud-head-topk: cloud-only with the LM head on the end (cloud-only then runs it in the cloud): the A of the A/B
 END_HEAD = "cloud-only-end-head"
+#: --cloud-decode-tokens: cloud-only with one exchange per token (cloud-only then decodes k tokens per exchange)
+PER_TOKEN = "cloud-only-per-token"
 
 
 def scenarios(res: dict[str, Any]) -> dict[tuple, dict[str, dict[str, float]]]:
@@ -38,8 +40,9 @@ def ratio(sc: dict[str, dict[str, float]]) -> tuple[float, str]:
 
 
 def head_ab(key: tuple, sc: dict[str, dict[str, float]]) -> str:
-    """One scenario's A/B of --cloud-head-topk: cloud-only with the head on the end -> in the cloud."""
-    a, b = sc[END_HEAD], sc["cloud-only"]
+    """One scenario's A/B of --cloud-head-topk: cloud-only with the head on the end -> in the cloud (both one
+    exchange per token: with --cloud-decode-tokens the cloud head's per-token run is PER_TOKEN)."""
+    a, b = sc[END_HEAD], sc.get(PER_TOKEN, sc["cloud-only"])
     line = (f"- {key[0]:g} Mbit/s, {key[1]:g} ms, budget {key[2]:g}, {key[3]} end(s): cloud-only p50 "
             f"{a['p50']:.1f} → {b['p50']:.1f} ms/token, {a['tok_s']:.1f} → {b['tok_s']:.1f} tok/s, "
             f"{a['bpt']:.0f} → {b['bpt']:.0f} B/token/crossing")
@@ -47,6 +50,16 @@ def head_ab(key: tuple, sc: dict[str, dict[str, float]]) -> str:
         line += (f"; end-only p50 {sc['end-only']['p50']:.1f} ms/token (cloud head / end-only "
                  f"{b['p50'] / sc['end-only']['p50']:.2f}×)")
     return line
+
+
+def decode_ab(key: tuple, sc: dict[str, dict[str, float]]) -> str:
+    """One scenario's A/B of --cloud-decode-tokens: cloud-only with one exchange per token -> k tokens per exchange,
+    and the k-token run against end-only and naive (issue 18's target: <= 0.47x both, per token)."""
+    a, b = sc[PER_TOKEN], sc["cloud-only"]
+    line = (f"- {key[0]:g} Mbit/s, {key[1]:g} ms, budget {key[2]:g}, {key[3]} end(s): cloud-only p50 "
+            f"{a['p50']:.1f} → {b['p50']:.1f} ms/token, {a['tok_s']:.1f} → {b['tok_s']:.1f} tok/s")
+    vs = [f"/ {c} {b['p50'] / sc[c]['p50']:.2f}×" for c in ("end-only", "naive") if c in sc and sc[c]["p50"] > 0]
+    return line + (f"; k-token p50 {' '.join(vs)}" if vs else "")
 
 
 def table(res: dict[str, Any]) -> str:
@@ -68,7 +81,7 @@ def table(res: dict[str, Any]) -> str:
         rel = [f"{ad / sc[c]['tok_s']:.2f}×" if c in sc else "" for c in BASELINES]
         head.append(f"| {rate:g}, {rtt:g} | {budget:g} | {ends} | " + " | ".join(cells) + " | " + " | ".join(rel)
                     + f" | **{r:.2f}×** ({best}) |")
-        for c in (*BASELINES, END_HEAD, "adaptive"):
+        for c in (*BASELINES, END_HEAD, PER_TOKEN, "adaptive"):
             if c in sc:
                 m = sc[c]
                 fb = f" ({m['fallbacks']:.0f} fallbacks)" if m["fallbacks"] else ""
@@ -79,6 +92,8 @@ def table(res: dict[str, Any]) -> str:
                         else ""))
     ab = [head_ab(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
           if END_HEAD in sc and "cloud-only" in sc]
+    kab = [decode_ab(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
+           if PER_TOKEN in sc and "cloud-only" in sc]
     rs = [ratio(sc)[0] for sc in sc_all.values() if "adaptive" in sc]
     summary = (f"\nadaptive / best baseline (tok/s): min {min(rs):.2f}×, median {statistics.median(rs):.2f}×, "
                f"max {max(rs):.2f}× over {len(rs)} scenarios; wall {res.get('wall_s', 0):.0f} s\n") if rs else ""
@@ -86,7 +101,9 @@ def table(res: dict[str, Any]) -> str:
             "plan's concurrency, summed over ends):\n\n" + "\n".join(detail) +
             "\n\nAdaptive plans (end 0 of each scenario):\n\n" + "\n".join(plans) + "\n"
             + (f"\nLM head on the end → in the cloud (--cloud-head-topk {res['args'].get('cloud_head_topk')}):\n\n"
-               + "\n".join(ab) + "\n" if ab else ""))
+               + "\n".join(ab) + "\n" if ab else "")
+            + (f"\nOne exchange per token → {res['args'].get('cloud_decode_tokens')} greedy tokens per exchange "
+               "(--cloud-decode-tokens, head in the cloud):\n\n" + "\n".join(kab) + "\n" if kab else ""))
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

@@ -238,3 +238,25 @@ def test_rate_drop_leads_to_a_new_plan(ckpt):
         assert split.stats["local_forwards"] > 0 and split.stats["fallbacks"] == 0
     finally:
         srv.stop(0)
+
+
+def test_k_token_steps_count_per_token_and_report_the_ab():
+    """--cloud-decode-tokens: a step that made n tokens of a sequence is n tokens of 1/n of its time each, and
+    the report has the per-token -> k-token line with the k-token p50 over end-only's and naive's."""
+    sys.path.insert(0, str(ROOT))
+    from bench.split import per_token_s
+    from bench.testbed_report import PER_TOKEN, table
+    # prefill at t=0 (step 1); one exchange of 4 tokens at 40 ms (step 2); two single steps of 10 ms
+    marks = [(0.0, 1), *[(0.040, 2)] * 4, (0.050, 3), (0.060, 4)]
+    assert per_token_s(marks) == pytest.approx([0.010] * 6)
+    assert per_token_s([(0.0, 1), (0.02, 2), (0.05, 3)]) == pytest.approx([0.02, 0.03])  # one token per step
+
+    def row(c, tok_s, p50):
+        return {"config": c, "rate": 1000, "rtt": 50, "budget": 0.25, "ends": 1, "throughput": {"4": tok_s},
+                "lat_p50_ms": p50, "lat_p95_ms": p50, "bytes_per_token": 100.0}
+    res = {"args": {"cloud_decode_tokens": 8}, "rows": [row("end-only", 10, 100.0), row("naive", 12, 80.0),
+                                                        row("cloud-only", 60, 20.0), row(PER_TOKEN, 15, 62.0),
+                                                        row("adaptive", 60, 20.0)]}
+    md = table(res)
+    assert "8 greedy tokens per exchange" in md
+    assert "cloud-only p50 62.0 → 20.0 ms/token, 15.0 → 60.0 tok/s; k-token p50 / end-only 0.20× / naive 0.25×" in md

@@ -3,6 +3,9 @@ MoEForCausalLM.forward), so the batcher, `Engine.generate` and `moetandem serve`
 
     end: embed -> layers [0, a) ──frame──► cloud: layers [a, L-b) ──frame──► end: layers [L-b, L) -> norm -> head
 
+With the cloud-only plan and the head in the cloud, a batcher step of greedy sequences may instead be one `decode`
+exchange in which the cloud makes up to k tokens per sequence (decode_greedy; split/decode.py).
+
 Fallback: the end holds the whole checkpoint (experts stream through its committee / ExpertStore). When an
 exchange fails, that forward runs locally; K/V of the cloud's layers missing on the end are rebuilt first by
 re-prefilling the sequence so far (token ids are recorded per cache row; rows lagging as much in one batch).
@@ -153,8 +156,10 @@ class SplitModel:
         in order, or None when this step cannot go that way (option off or not this plan, the cloud down, older or
         behind after an outage, the exchange failed): the caller then runs one ordinary step (__call__)."""
         st = self._rows.get(cache)
+        if not self.decode_tokens or st is None:
+            return None  # the option is off (no re-planning here: the ordinary step does it)
         self._maybe_replan()
-        if not self.decode_k or st is None or self.link.session() is None or not self.link.info.get("decode"):
+        if not self.decode_k or self.link.session() is None or not self.link.info.get("decode"):
             return None
         r, p = torch.tensor(rows), torch.tensor(pos)
         try:
