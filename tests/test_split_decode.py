@@ -219,3 +219,17 @@ def test_plan_amortises_the_round_trip_over_k_tokens():
     assert baseline_plans(off, "latency")["cloud-only"].decode_tokens == 0
     with pytest.raises(InvalidRequestError):
         dataclasses.replace(on, cloud_decode_tokens=-1)
+
+
+def test_cli_flag(ckpt, local, cloud, capsys, tmp_path):
+    from moetandem.cli import main
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    args = ["generate", "--model", str(ckpt), "--prompt", "5 17 42", "--max-new-tokens", "6", "--device", "cpu",
+            "--cloud", f"127.0.0.1:{cloud.port}", "--token-file", str(token), "--split-head", "0", "--split-tail", "0",
+            "--cloud-head-topk", "8"]
+    assert main(args + ["--cloud-decode-tokens", "0"]) == 2
+    assert "--cloud-decode-tokens" in capsys.readouterr().err
+    cloud.frames.clear()
+    assert main(args + ["--cloud-decode-tokens", "4"]) == 0
+    assert cloud.frames.get("decode", 0) == 2  # 5 decode tokens: 4 + 1

@@ -169,13 +169,9 @@ class SplitModel:
             frame = decode_frame(st.cloud_id, self.decode_k, tokens, pos, rows, budget, stops)
             out = read_decode_reply(session.wait(session.submit(frame)), len(rows), self.decode_k, budget,
                                     self.args.vocab_size)
-        except FrameError as e:
+        except (CloudError, FrameError) as e:  # as a failed `layers` exchange: the step runs on the end
             self.stats["fallbacks"] += 1
-            self.link.lost(CloudError(f"bad decode reply from the cloud: {e}"))
-            return None
-        except CloudError as e:
-            self.stats["fallbacks"] += 1
-            self.link.lost(e)
+            self.link.lost(e if isinstance(e, CloudError) else CloudError(f"bad decode reply from the cloud: {e}"))
             return None
         for i, (row, first, toks) in enumerate(zip(rows, pos, out)):  # fed: the last token, then all but the newest
             st.tokens[row, first: first + len(toks)] = torch.tensor([tokens[i], *toks[:-1]])
