@@ -18,7 +18,8 @@ directions on the end (so the end can change it between scenarios without restar
     python bench/testbed.py --quick --out out/testbed                                  # CPU, demo, minutes
     python bench/testbed.py --model DIR --cloud-device cuda --out out/testbed-gpu       # GPU host, full grid
     python bench/testbed.py --gpu --time-limit 220 --cloud-head-topk 64                 # the cloud head A/B
-    python bench/testbed.py --gpu --rtts 20 50 --cloud-head-topk 64 --cloud-decode-tokens 8   # k tokens / exchange
+    python bench/testbed.py --gpu --time-limit 420 --rates 50 100 --rtts 20 50 --ends 1 --cloud-head-topk 64 \\
+        --cloud-decode-tokens 8                                                          # k tokens per exchange A/B
 Prints a table (tok/s over all ends, p50/p95 ms/token, link bytes per token per crossing, adaptive / best
 baseline) and writes testbed.json, testbed.md and testbed.png (speedup vs link rate per RTT) to --out.
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from test_split_transport import raw  # a Session stream's replies and status, s
 
 import moetandem
 from moetandem.batcher import Batcher
-from moetandem.config import SplitConfig
+from moetandem.config import CloudBatchConfig, SplitConfig
 from moetandem.errors import InvalidRequestError
 from moetandem.split import cloud_session
 from moetandem.split.cloud import CloudServer
@@ -94,6 +95,32 @@ def test_k_tokens_equal_single_process_and_per_token(ckpt, local, cloud, k):
     assert s["local_forwards"] == 0 and s["fallbacks"] == 0
     assert s["decode_exchanges"] == 2 * math.ceil((N - 1) / k)  # the prefill makes the first token
     assert s["decode_tokens"] == sum(map(len, ref)) + sum(map(len, ref_stop)) - 2 * len(PROMPTS)
+
+
+@pytest.mark.parametrize("rows", [64, 1], ids=["batched", "unbatched"])
+def test_ends_decoding_together_share_the_cloud_steps(ckpt, local, rows):
+    """Three ends in k mode at once: each decode step of an exchange goes through the cloud's batch runner with the
+    other ends' steps (batching on) or alone (off); the tokens are those of one process either way."""
+    srv = CloudServer(moetandem.load(ckpt, device="cpu", progress=False), TOKEN,
+                      batching=CloudBatchConfig(window_ms=5.0, max_rows=rows))
+    port = srv.start("127.0.0.1:0")
+    try:
+        ends = [end_engine(ckpt, port, cloud_decode_tokens=5) for _ in range(3)]
+        out = [None] * 3
+
+        def go(i):
+            out[i] = run(ends[i], n=12)[0]
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert out == [run(local, n=12)[0]] * 3
+        assert [e.split.stats["decode_exchanges"] for e in ends] == [3] * 3  # 11 tokens: 5 + 5 + 1
+        if rows > 1:
+            assert srv.batch_stats()["exchanges"] >= 3 * (1 + 11)  # the prefills and every step of every end
+    finally:
+        srv.stop(0)
 
 
 def test_decode_exchanges_on_the_link(ckpt, cloud):
