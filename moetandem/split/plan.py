@@ -24,6 +24,11 @@ With m micro-batches in flight the step period is engine overhead + max(cycle, m
 m·link_down): latency per token = period, throughput = concurrency / period. Bandwidth is in bytes per second.
 A shared cloud (cloud_queue_depth micro-batches of other ends queued over cloud_replicas replicas) stretches the
 cloud term: cloud × (1 + queue_depth / replicas).
+With cloud_decode_tokens = k the cloud-only plan with the head in the cloud (a = b = 0) makes k greedy tokens per
+`decode` exchange (split/decode.py; m = 1): cycle = end + k·cloud + link_up + link_down + RTT (token ids, positions,
+budgets, stop ids up; k token ids down), latency per token = (engine overhead + cycle) / k, throughput =
+k·concurrency / (engine overhead + cycle); SplitPlan.decode_tokens = k, its predictions per token. The cost model
+is in split/plan_cost.py.
 The codec is chosen per crossing (up at a, down at L-b): fp16 or a calibrated low-rank rank of that cut, within
 the perplexity bound summed over both. The baselines (end-only, cloud-only, naive split: 1 + 1 layers, fp16, one
 micro-batch) are candidates of the search, so the plan is never predicted slower than the best of them."""
