@@ -148,8 +148,8 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
     fidelity say what a miss gets. gate="group" / "masked" routes to the experts that are local now.
     cloud="HOST:PORT" runs the middle layers on a `moetandem cloud` server; split holds SplitConfig's other fields
     (plan, head, tail, codec, codec_rank, micro_batches, cloud_experts, cloud_head_topk, cloud_decode_tokens) and
-    link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...). expert_format: bf16 | fp8 | int8 | int4 | mxfp4 | auto (the
-    checkpoint's own when pre-quantized, else bf16); packed formats quantize on load.
+    link options (timeout_s, tls, tls_ca, emulate_rtt_ms, ...). expert_format: bf16 | fp8 | int8 | int4 | mxfp4 |
+    auto (the checkpoint's own when pre-quantized, else bf16); packed formats quantize on load.
     miss_format: bf16 | int8 | int4, the host copy a balanced / fast miss reads (never with fidelity exact).
     gpu_memory: cap this process's allocations on the CUDA device at this many GiB (as if the GPU were that small);
     a load that does not fit raises InvalidRequestError saying what would."""

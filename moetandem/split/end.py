@@ -60,7 +60,8 @@ class SplitModel:
         a plan without end tail layers has the cloud run the LM head and send the top-K logits (split/logits.py).
         decode_tokens k > 0: with the cloud-only plan and the head in the cloud, greedy decode steps are k tokens
         per exchange (decode_greedy, split/decode.py)."""
-        self.model, self.link, self.codec_kind, self.ckpt, self.local_provider = model, link, codec, ckpt, local_provider
+        self.model, self.link, self.codec_kind, self.ckpt = model, link, codec, ckpt
+        self.local_provider = local_provider
         self.pieces = pieces
         self.args = model.args
         self.head_topk = check_topk(head_topk, self.args.vocab_size) if head_topk else 0
