@@ -202,3 +202,17 @@ def build_random_checkpoint(shape: str, path: Path, dtype: torch.dtype = torch.b
         flush()
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def shape_checkpoint(shape: str, root: Path = Path("/tmp")) -> Path:
+    """The random checkpoint of `shape` at root/moetandem-<shape>, built on first use (on the GPU when there is one:
+    seconds for a 4-layer slice)."""
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; one of: {', '.join(SHAPES)}")
+    path = root / f"moetandem-{shape}"
+    if not (path / "model.safetensors.index.json").exists():
+        import time
+        t = time.time()
+        build_random_checkpoint(shape, path, device="cuda" if torch.cuda.is_available() else "cpu")
+        print(f"built {shape} at {path} in {time.time() - t:.0f} s", flush=True)
+    return path

@@ -281,14 +281,8 @@ def gpu_preset(a: argparse.Namespace, argv: list[str]) -> None:
         if flag not in given:
             setattr(a, flag[2:].replace("-", "_"), v)
     if "--model" not in given:
-        path = Path("/tmp") / f"moetandem-{GPU['shape']}"
-        if not a.worker and not (path / "model.safetensors.index.json").exists():
-            import torch
-            from bench.shapes import build_random_checkpoint
-            t = time.time()
-            build_random_checkpoint(GPU["shape"], path, device="cuda" if torch.cuda.is_available() else "cpu")
-            print(f"[testbed] built {GPU['shape']} at {path} in {time.time() - t:.0f} s", flush=True)
-        a.model = str(path)
+        from bench.shapes import shape_checkpoint
+        a.model = str(Path("/tmp") / f"moetandem-{GPU['shape']}" if a.worker else shape_checkpoint(GPU["shape"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from moetandem.graphs import PieceGraphs
 from moetandem.models import KVCache
 from moetandem.split.decode import decode_frame, read_decode_reply
 from moetandem.split.experts import CloudExpertProvider
+from moetandem.split.frames import alloc_frame, layers_frame
 from moetandem.split.link import CloudLink
 from moetandem.split.logits import check_topk, dense_logits, reply_kind
 from moetandem.split.pipeline import micro_batches, run_pipelined
@@ -211,19 +212,15 @@ class SplitModel:
             v = _at(valid, p)
             tok = (ids[p].reshape(-1) if v is None else ids[p][v]).cpu()  # [T] the rows' token ids
             if x is None:  # the cloud embeds: token ids go up instead of hidden states
-                tensors = {"pos": pos[p].cpu(), "rows": rows[p].cpu(), "ids": tok}
+                cut = {"ids": tok}
             else:
                 x_rows = x.reshape(-1, H) if v is None else x[v]  # [T, H]
-                tensors = {"pos": pos[p].cpu(), "rows": rows[p].cpu(),
-                           **encode_rows(x_rows.cpu(), self.codec_in, tok)}
-            if down is None and uses_tokens(self.codec_out) and "c_tokens" not in tensors and "ids" not in tensors:
-                tensors["tok"] = tok.to(torch.int32)  # the cloud's encoder needs them for the way back
-            if v is not None:
-                tensors["valid"] = v.cpu()
-            if topk and last_only is not None:
-                tensors["last"] = last_only[p].cpu()
-            meta = {"cache": st.cloud_id, "kv_len": kv_len, **({"out": down} if down else {})}
-            return session.submit(Frame("layers", meta=meta, tensors=tensors))
+                cut = encode_rows(x_rows.cpu(), self.codec_in, tok)
+            if down is None and uses_tokens(self.codec_out) and "c_tokens" not in cut and "ids" not in cut:
+                cut["tok"] = tok.to(torch.int32)  # the cloud's encoder needs them for the way back
+            last = last_only[p].cpu() if topk and last_only is not None else None
+            return session.submit(layers_frame(st.cloud_id, kv_len, pos[p].cpu(), rows[p].cpu(), cut,
+                                               None if v is None else v.cpu(), last, down))
 
         def tail(p: slice, fut: Any) -> torch.Tensor:
             v = _at(valid, p)
@@ -266,10 +263,8 @@ class SplitModel:
         key = (self.link.epoch, self.start, self.end, self.kind, self.rank, self.kind_out, self.rank_out, self.head_k)
         if st.cloud_key != key:
             self._next_id += 1
-            meta = {"cache": self._next_id, "rows": cache.batch, "max_len": cache.max_len, "start": self.start,
-                    "end": self.end, "codec": self.kind, "rank": self.rank, "codec_out": self.kind_out,
-                    "rank_out": self.rank_out, **({"head_topk": self.head_k} if self.head_k else {})}
-            session.request(Frame("alloc", meta=meta))
+            session.request(alloc_frame(self._next_id, cache.batch, cache.max_len, self.start, self.end, self.kind,
+                                        self.rank, self.kind_out, self.rank_out, self.head_k))
             st.cloud_id, st.cloud_key = self._next_id, key
             st.cloud_len.zero_()
         return session
