@@ -112,7 +112,8 @@ def measure(address: str, token: str, info: ModelInfo, n: int, prompts: list[lis
             "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p95_ms": float(np.percentile(tpot, 95)),
             "tpot_max_ms": float(tpot.max()), "ttft_p50_ms": float(np.percentile(ttft, 50)),
             "tokens_equal": not differ, "differ": differ, "tpot_ms": tpot.tolist(), "ttft_ms": ttft.tolist(),
-            "exchanges": [len(r.exchanges) for r in runs], "exchange_tokens": [r.exchanges for r in runs]}
+            "exchanges": [len(r.exchanges) for r in runs], "exchange_tokens": [r.exchanges for r in runs],
+            "tokens": [r.tokens for r in runs]}
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
