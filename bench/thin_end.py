@@ -81,9 +81,10 @@ class ThinEnd:
             self.head_topk = check_topk(head_topk, info.vocab)
         except MoetandemError as e:
             raise SystemExit(f"capacity: {e}") from None
-        # a bench measures: an exchange slowed by load is waited for, not failed over (no fallback here)
+        # a bench measures: an exchange slowed by load is waited for, not failed over (no fallback here); a busy
+        # host's late ping acknowledgement is no outage either
         self.link = CloudLink(LinkOptions(address, token, timeout_s=600.0, deadline_floor_s=600.0,
-                                          connect_timeout_s=30.0), info.fingerprint)
+                                          connect_timeout_s=30.0, keepalive_timeout_s=10.0), info.fingerprint)
         self.session = None
 
     def connect(self) -> None:
