@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import secrets
 import shlex
 import signal
@@ -150,9 +151,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                            "rows": []}
     refs = None
     for name, flags in configs:
-        started = start_cloud(str(model), token_file, a.device, cloud_flags(a) + flags)
+        log = a.out / f"cloud-{name.replace(' ', '-')}.log"
+        with log.open("w") as err:
+            started = start_cloud(str(model), token_file, a.device, cloud_flags(a) + flags, stderr=err)
         if started is None:
-            raise SystemExit(f"capacity: the cloud ({name}) did not start; its error is above")
+            raise SystemExit(f"capacity: the cloud ({name}) did not start: {last_line(log)}")
         proc, port = started
         address = f"127.0.0.1:{port}"
         try:
@@ -173,8 +176,21 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             except Exception:
                 proc.kill()
                 proc.wait()
+            res.setdefault("batching", {})[name] = batching_line(log)
     res["capacity"] = capacity(res["rows"], a.tpot_ms)
     return res
+
+
+def last_line(log: Path) -> str:
+    """The last line a failed cloud wrote (its one-line error)."""
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    return lines[-1].strip() if lines else f"no output (see {log})"
+
+
+def batching_line(log: Path) -> str:
+    """What the cloud said of its batching when it stopped (forwards, exchanges per forward), or ''."""
+    found = re.search(r"batching: (.*)", log.read_text(errors="replace"))
+    return found.group(1).strip() if found else ""
 
 
 def shape_model(shape: str) -> Path:
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     res = run(a)
     (a.out / "capacity.json").write_text(json.dumps(res, indent=1))
-    md = table(res["rows"], res["capacity"], a.tpot_ms)
+    md = table(res["rows"], res["capacity"], a.tpot_ms, res.get("batching", {}))
     (a.out / "capacity.md").write_text(md)
     plot(res["rows"], a.tpot_ms, a.out / "capacity.png")
     print(md)

@@ -25,7 +25,10 @@ def capacity_line(config: str, cap: dict[str, Any], tpot_ms: float) -> str:
     return f"{what}: {cap['ends']} ends{bound}"
 
 
-def table(rows: list[dict[str, Any]], caps: dict[str, dict[str, Any]], tpot_ms: float) -> str:
+def table(rows: list[dict[str, Any]], caps: dict[str, dict[str, Any]], tpot_ms: float,
+          batching: dict[str, str] | None = None) -> str:
+    """The rows, the capacity per cloud, and each cloud's own batching count (over its whole run: the reference
+    and the warm-up rounds too)."""
     lines = ["| cloud | ends | tok/s (all ends) | TPOT p50 ms | TPOT p95 ms | TPOT max ms | TTFT p50 ms | "
              "exchanges / end | tokens = reference |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -33,7 +36,8 @@ def table(rows: list[dict[str, Any]], caps: dict[str, dict[str, Any]], tpot_ms: 
         lines.append(f"| {r['config']} | {r['ends']} | {r['tok_s']:.1f} | {r['tpot_p50_ms']:.1f} | "
                      f"{r['tpot_p95_ms']:.1f} | {r['tpot_max_ms']:.1f} | {r['ttft_p50_ms']:.1f} | "
                      f"{sum(ex) / len(ex):.1f} | {'yes' if r['tokens_equal'] else 'no'} |")
-    return "\n".join(["", *lines, "", *(capacity_line(c, cap, tpot_ms) for c, cap in caps.items()), ""])
+    said = [f"cloud ({c}) batching across ends, whole run: {b}" for c, b in (batching or {}).items() if b]
+    return "\n".join(["", *lines, "", *(capacity_line(c, cap, tpot_ms) for c, cap in caps.items()), *said, ""])
 
 
 def plot(rows: list[dict[str, Any]], tpot_ms: float, path: Path) -> None:

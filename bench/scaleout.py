@@ -27,18 +27,21 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import moetandem
 
 
-def start_cloud(model: str, token: Path, device: str, extra: list[str]) -> tuple[subprocess.Popen, int] | None:
-    """The cloud and its port, or None when it exits before listening (its error went to stderr)."""
+def start_cloud(model: str, token: Path, device: str, extra: list[str],
+                stderr: Any = None) -> tuple[subprocess.Popen, int] | None:
+    """The cloud and its port, or None when it exits before listening (its error went to stderr: this process's,
+    or the file given)."""
     env = dict(os.environ)
     if "--replicas" not in extra and "--expert-parallel" not in extra:
         env.setdefault("CUDA_VISIBLE_DEVICES", "0")  # the one-GPU baseline
     proc = subprocess.Popen([sys.executable, "-m", "moetandem", "cloud", "--model", model, "--listen", "127.0.0.1:0",
                              "--token-file", str(token), "--device", device, *extra],
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     line = proc.stdout.readline() if proc.stdout else ""
     if not line:
         print(f"moetandem cloud {' '.join(extra)} exited with {proc.wait()} before listening", flush=True)

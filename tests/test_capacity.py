@@ -54,11 +54,13 @@ def test_thin_ends_make_the_tokens_of_one_process(ckpt: Path, tmp_path: Path, ca
     assert md.count("| cloud | 1 |") == 1 and md.count("| cloud | 3 |") == 1
     assert "capacity at TPOT p95 <= 1e+06 ms (cloud): 3 ends (a lower bound" in md
     assert res["capacity"] == {"cloud": {"ends": 3, "lower_bound": True}}
+    assert "cloud (cloud) batching across ends, whole run: " in md and " exchanges on average" in md
     assert (tmp_path / "capacity.png").stat().st_size > 0
     assert md in capsys.readouterr().out
 
 
-def test_tokens_unlike_the_reference_fail(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tokens_unlike_the_reference_fail_with_and_without_batching(ckpt: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     real = capacity.references
 
     def off_by_one(*a: object, **kw: object) -> list[list[int]]:
@@ -66,15 +68,21 @@ def test_tokens_unlike_the_reference_fail(ckpt: Path, tmp_path: Path, monkeypatc
         refs[0][3] = (refs[0][3] + 1) % 256  # the first prompt's fourth token
         return refs
     monkeypatch.setattr(capacity, "references", off_by_one)
-    assert capacity.main(args(ckpt, tmp_path, "--ends", "2", "--no-warmup", "--tpot-ms", "1e-6")) == 1
-    row = json.loads((tmp_path / "capacity.json").read_text())["rows"][0]
-    assert not row["tokens_equal"] and row["differ"] == {"0": 3}  # end 0 (prompt 0), not end 1 (prompt 1)
+    assert capacity.main(args(ckpt, tmp_path, "--ends", "2", "--no-warmup", "--tpot-ms", "1e-6",
+                              "--compare-batching")) == 1
+    rows = json.loads((tmp_path / "capacity.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["batching", "no batching"]  # one reference (the first cloud's) for both
+    for row in rows:
+        assert not row["tokens_equal"] and row["differ"] == {"0": 3}  # end 0 (prompt 0), not end 1 (prompt 1)
     md = (tmp_path / "capacity.md").read_text()
-    assert "| no |" in md and "capacity at TPOT p95 <= 1e-06 ms (cloud): none of the measured counts" in md
+    assert md.count("| no |") == 2
+    for config in ("batching", "no batching"):
+        assert f"capacity at TPOT p95 <= 1e-06 ms ({config}): none of the measured counts" in md
+    assert "cloud (batching) batching across ends" in md and "cloud (no batching) batching" not in md  # off: no runner
 
 
 def test_one_line_errors(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(SystemExit, match=r"capacity: the cloud \(cloud\) did not start"):
+    with pytest.raises(SystemExit, match=r"capacity: the cloud \(cloud\) did not start: .*--gpu-memory needs a CUDA"):
         capacity.main(args(ckpt, tmp_path, "--ends", "1", "--cloud-args", "--gpu-memory 4"))
     with pytest.raises(SystemExit, match="capacity: .*config.json"):
         model_info(tmp_path)
