@@ -63,8 +63,6 @@ def references(model: Path, address: str, token: str, prompts: list[list[int]], 
 def run_round(ends: list[ThinEnd], prompts: list[list[int]], new: int) -> tuple[list[EndRun], float]:
     """Every end generates at once (threads behind a barrier; gRPC releases the GIL): their runs and the wall
     time from the start to the last end's last token."""
-    from moetandem.errors import CloudError
-    from moetandem.split.transport.frame import FrameError
     runs: list[Any] = [None] * len(ends)
     errors: list[str] = []
     go = threading.Barrier(len(ends) + 1)
@@ -73,8 +71,8 @@ def run_round(ends: list[ThinEnd], prompts: list[list[int]], new: int) -> tuple[
         go.wait()
         try:
             runs[i] = ends[i].generate(prompts[i % len(prompts)], new)
-        except (CloudError, FrameError) as e:
-            errors.append(f"end {i}: {e}")
+        except Exception as e:  # CloudError / FrameError of an exchange, or anything else: the run fails
+            errors.append(f"end {i}: {type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(ends))]
     for t in threads:
