@@ -117,16 +117,18 @@ class Batcher:
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:
         """One decode step for every active sequence; returns (sequence, new token) pairs. A model with a
-        `decode_greedy` method (split execution: split/end.py) may make several tokens per sequence in one step
-        when every sequence decodes greedily and plainly: the pairs then come in the order single steps make them."""
+        `decode_exchange` method (split execution: split/end.py) may make several tokens per sequence in one step
+        when every sequence decodes plainly (greedy or temperature / top-p, no logits processor, accept hook or
+        logprobs; it advances the generators): the pairs then come in the order single steps make them."""
         seqs = self.active
         if not seqs:
             return []
-        multi = getattr(self.model, "decode_greedy", None)
-        if multi is not None and all(s.temperature <= 0 and s.logits_processor is None and s.accept is None
-                                     and s.top_logprobs is None for s in seqs):
+        multi = getattr(self.model, "decode_exchange", None)
+        if multi is not None and all(s.logits_processor is None and s.accept is None and s.top_logprobs is None
+                                     for s in seqs):
             toks = multi([s.out[-1] for s in seqs], [s.next_pos for s in seqs], [s.slot for s in seqs],
-                         [s.max_new_tokens - len(s.out) for s in seqs], [s.stop_ids for s in seqs], self.cache)
+                         [s.max_new_tokens - len(s.out) for s in seqs], [s.stop_ids for s in seqs], self.cache,
+                         [(s.temperature, s.top_p, s.generator) for s in seqs])
             if toks is not None:
                 self.engine.after_step()
                 events: list[tuple[Request, int]] = []

@@ -1,6 +1,7 @@
 """The cloud decodes k greedy tokens per exchange (split option cloud_decode_tokens, split/decode.py): the tokens
 equal single-process generation and per-token exchanges (stop ids mid-exchange, k not dividing the length), the
-link carries about ceil(new tokens / k) decode exchanges, sampled requests keep one exchange per token, a cloud
+link carries about ceil(new tokens / k) decode exchanges, sampled requests keep one exchange per token against a
+cloud that does not sample (sampling in the cloud: test_split_decode_sample.py) and logprobs always do, a cloud
 that dies mid-generation leaves the request to the end, bad values are refused, and the cost model knows it."""
 from __future__ import annotations
 
@@ -136,7 +137,15 @@ def test_decode_exchanges_on_the_link(ckpt, cloud):
     assert counts == {None: N - 1, 4: math.ceil((N - 1) / 4)}
 
 
-def test_sampled_requests_keep_per_token_exchanges(ckpt, local, cloud):
+def test_sampled_requests_keep_per_token_exchanges_on_an_older_cloud(ckpt, local, cloud, monkeypatch):
+    """A cloud whose hello lacks `decode_sample` gets no sampled rows in decode frames (greedy ones still go)."""
+    hello = cloud_session.CloudSession.on_hello
+
+    def older(self, f):
+        reply = hello(self, f)
+        reply.meta.pop("decode_sample")
+        return reply
+    monkeypatch.setattr(cloud_session.CloudSession, "on_hello", older)
     per_token = end_engine(ckpt, cloud.port)
     sampled = run(per_token, temperature=0.8)[0]
     eng = end_engine(ckpt, cloud.port, cloud_decode_tokens=4)
@@ -151,6 +160,20 @@ def test_sampled_requests_keep_per_token_exchanges(ckpt, local, cloud):
     while batcher.active:
         batcher.step()
     assert seqs[0].out == run(local)[0][0] and eng.split.stats["decode_exchanges"] == 0
+    assert run(eng)[0] == run(local)[0] and eng.split.stats["decode_exchanges"] == math.ceil((N - 1) / 4)
+
+
+def test_logprobs_keep_per_token_exchanges(ckpt, cloud):
+    """A sequence that wants logprobs keeps its whole batch on per-token exchanges, sampled or not."""
+    eng = end_engine(ckpt, cloud.port, cloud_decode_tokens=4)
+    for temperature in (0.0, 0.8):
+        batcher = Batcher(eng, 2, 64)
+        seqs = [eng.make_sequence(p, N, temperature=temperature, seed=3, stop_on_eos=False) for p in PROMPTS[:2]]
+        seqs[1].top_logprobs = 2
+        batcher.add(seqs)
+        while batcher.active:
+            batcher.step()
+        assert len(seqs[1].logprobs) == N and eng.split.stats["decode_exchanges"] == 0
 
 
 def test_cloud_killed_mid_generation_finishes_on_end(ckpt, local, cloud):

@@ -86,8 +86,9 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
                         "truncated to the top K (1..vocabulary, e.g. 64; default: the head runs on the end)")
     g.add_argument("--cloud-decode-tokens", type=int, metavar="K",
                    help="with --cloud-head-topk and a cloud-only plan (--split-head 0 --split-tail 0): the cloud "
-                        "decodes up to K greedy tokens per exchange (one round trip per K tokens; sampled requests "
-                        "keep one exchange per token; default: off)")
+                        "decodes up to K tokens per exchange (one round trip per K tokens; seeded sampling gives the "
+                        "tokens of per-token exchanges; structured output and logprobs keep one exchange per token; "
+                        "default: off)")
     g.add_argument("--tls-ca", metavar="PEM", help="use TLS to the cloud, trusting this CA / self-signed cert")
     g.add_argument("--cloud-timeout", type=float, default=30.0, metavar="S", help="deadline of one exchange (30)")
     add_emulate_args(g)

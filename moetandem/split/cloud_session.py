@@ -14,7 +14,7 @@ import torch
 from moetandem.errors import CalibrationError, InvalidRequestError, MoetandemError
 from moetandem.split.cloud_batch import Job
 from moetandem.split.cloud_cache import Lease
-from moetandem.split.decode import greedy_steps, read_decode_frame
+from moetandem.split.decode import decode_steps, generator_state_bytes, read_decode_frame
 from moetandem.split.logits import check_topk, pack_topk
 from moetandem.split.transport.frame import Frame, FrameError, meta_int, tensor
 from moetandem.split.transport.server import RequestRefused
@@ -109,6 +109,7 @@ class CloudSession:
                 "replicas": srv.replicas, "queue": srv.queue_depth}
         if srv.mirror is None:  # `decode` frames (split/decode.py) are served; not with ranks that replay frames
             meta["decode"] = 1
+            meta["decode_sample"] = generator_state_bytes()  # and sample in them (its generator state size)
         if f.meta.get("costs") and srv.mirror is None:  # the end's scheduler asks for the cloud's measured step
             meta.update(srv.step_costs().as_meta())  # costs (split.costs; not with ranks that must meet in step)
         return Frame("reply", meta=meta)
@@ -212,7 +213,8 @@ class CloudSession:
         return Frame("reply", tensors=out)
 
     def on_decode(self, f: Frame) -> Frame:
-        """Up to k greedy tokens per row, each step through the `layers` compute path (split/decode.py)."""
+        """Up to k tokens per row (greedy, or sampled as the end would), each step through the `layers` compute path
+        (split/decode.py)."""
         srv = self.server
         eng, L = srv.engine, srv.engine.args.num_layers
         cid = meta_int(f, "cache", 0, 2**31 - 1)
@@ -229,7 +231,7 @@ class CloudSession:
             with srv.pools.hold(c.lease):
                 return srv.compute(Job(c.lease.pool, x.shape[0], partial(run_layers, eng), step,
                                        srv.pools.peers(c.lease)))  # [b, 1, H]
-        return Frame("reply", tensors=greedy_steps(eng.model, layers, req, eng.device))
+        return Frame("reply", tensors=decode_steps(eng.model, layers, req, eng.device, c.head_topk))
 
     def on_experts(self, f: Frame) -> Frame:
         eng = self.server.engine

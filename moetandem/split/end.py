@@ -3,8 +3,8 @@ MoEForCausalLM.forward), so the batcher, `Engine.generate` and `moetandem serve`
 
     end: embed -> layers [0, a) ──frame──► cloud: layers [a, L-b) ──frame──► end: layers [L-b, L) -> norm -> head
 
-With the cloud-only plan and the head in the cloud, a batcher step of greedy sequences may instead be one `decode`
-exchange in which the cloud makes up to k tokens per sequence (decode_greedy; split/decode.py).
+With the cloud-only plan and the head in the cloud, a batcher step of plain sequences may instead be one `decode`
+exchange in which the cloud makes up to k tokens per sequence (decode_exchange; split/decode.py).
 
 Fallback: the end holds the whole checkpoint (experts stream through its committee / ExpertStore). When an
 exchange fails, that forward runs locally; K/V of the cloud's layers missing on the end are rebuilt first by
@@ -31,7 +31,8 @@ import torch
 from moetandem.errors import CloudError, InvalidRequestError, MoetandemError
 from moetandem.graphs import PieceGraphs
 from moetandem.models import KVCache
-from moetandem.split.decode import decode_frame, read_decode_reply
+from moetandem.split.decode import (RowSampler, decode_frame, generator_state_bytes, read_decode_reply,
+                                    read_reply_states)
 from moetandem.split.experts import CloudExpertProvider
 from moetandem.split.frames import alloc_frame, layers_frame
 from moetandem.split.link import CloudLink
@@ -59,8 +60,8 @@ class SplitModel:
                  pieces: PieceGraphs | None = None, head_topk: int = 0, decode_tokens: int = 0) -> None:
         """pieces: CUDA graphs for the end's head and tail layers of decode steps (None: eager). head_topk K > 0:
         a plan without end tail layers has the cloud run the LM head and send the top-K logits (split/logits.py).
-        decode_tokens k > 0: with the cloud-only plan and the head in the cloud, greedy decode steps are k tokens
-        per exchange (decode_greedy, split/decode.py)."""
+        decode_tokens k > 0: with the cloud-only plan and the head in the cloud, decode steps are k tokens per
+        exchange (decode_exchange, split/decode.py)."""
         self.model, self.link, self.codec_kind, self.ckpt = model, link, codec, ckpt
         self.local_provider = local_provider
         self.pieces = pieces
@@ -98,7 +99,7 @@ class SplitModel:
             raise InvalidRequestError(f"split plan keeps {a} head + {b} tail layers on the end, but the model has {L}")
         self.plan, self.start, self.end = plan, a, L - b
         self.head_k = self.head_topk if self.start < self.end == L else 0  # the cloud runs the LM head
-        # k greedy tokens per exchange: only cloud-only with the head in the cloud; a SplitPlan's own decode_tokens
+        # k tokens per exchange: only cloud-only with the head in the cloud; a SplitPlan's own decode_tokens
         # (split.plan: 0 = one exchange per token) bounds it, a Placement has none
         k, planned = self.decode_tokens if self.head_k and self.start == 0 else 0, getattr(plan, "decode_tokens", None)
         self.decode_k = k if planned is None else min(k, int(planned))
@@ -151,36 +152,57 @@ class SplitModel:
         return logits
 
     @torch.inference_mode()
-    def decode_greedy(self, tokens: list[int], pos: list[int], rows: list[int], budget: list[int],
-                      stops: list[frozenset[int]], cache: KVCache) -> list[list[int]] | None:
-        """A decode step of greedy sequences (each row's last token at `pos`, `budget` tokens left, its stop ids)
-        as one `decode` exchange: the cloud makes up to decode_k tokens per row (split/decode.py). Returns them
-        in order, or None when this step cannot go that way (option off or not this plan, the cloud down, older or
-        behind after an outage, the exchange failed): the caller then runs one ordinary step (__call__)."""
+    def decode_exchange(self, tokens: list[int], pos: list[int], rows: list[int], budget: list[int],
+                        stops: list[frozenset[int]], cache: KVCache, sampling: list[RowSampler] | None = None
+                        ) -> list[list[int]] | None:
+        """A decode step (each row's last token at `pos`, `budget` tokens left, its stop ids, its (temperature,
+        top_p, generator): None = all greedy) as one `decode` exchange: the cloud makes up to decode_k tokens per
+        row (split/decode.py) and each generator is set to its state after them. Returns the tokens in order, or
+        None when this step cannot go that way (option off or not this plan, the cloud down, older or behind after
+        an outage, sampled rows a cloud cannot reproduce, the exchange failed): the caller then runs one ordinary
+        step (__call__)."""
         st = self._rows.get(cache)
         if not self.decode_tokens or st is None:
             return None  # the option is off (no re-planning here: the ordinary step does it)
         self._maybe_replan()
         if not self.decode_k or self.link.session() is None or not self.link.info.get("decode"):
             return None
+        if sampling is not None and not any(t > 0 for t, _, _ in sampling):
+            sampling = None  # every row greedy: the frame of any cloud that serves `decode`
+        gens = [g for _, _, g in sampling or () if g is not None]
+        if sampling is not None and not self._cloud_samples(gens):
+            return None
         r, p = torch.tensor(rows), torch.tensor(pos)
         try:
             session = self._ensure_cloud_cache(st, cache)
             if bool((st.cloud_len[r] < p).any()):
                 return None  # the cloud's K/V are behind (refilled by ordinary steps)
-            frame = decode_frame(st.cloud_id, self.decode_k, tokens, pos, rows, budget, stops)
-            out = read_decode_reply(session.wait(session.submit(frame)), len(rows), self.decode_k, budget,
-                                    self.args.vocab_size)
+            frame = decode_frame(st.cloud_id, self.decode_k, tokens, pos, rows, budget, stops, sampling,
+                                 self.model.lm_head.weight.dtype)
+            reply = session.wait(session.submit(frame))
+            out = read_decode_reply(reply, len(rows), self.decode_k, budget, self.args.vocab_size)
+            states = read_reply_states(reply, len(gens))
         except (CloudError, FrameError) as e:  # as a failed `layers` exchange: the step runs on the end
             self.stats["fallbacks"] += 1
             self.link.lost(e if isinstance(e, CloudError) else CloudError(f"bad decode reply from the cloud: {e}"))
             return None
+        for g, state in zip(gens, states):  # the stream goes on after the tokens the cloud drew
+            g.set_state(state)
         for i, (row, first, toks) in enumerate(zip(rows, pos, out)):  # fed: the last token, then all but the newest
             st.tokens[row, first: first + len(toks)] = torch.tensor([tokens[i], *toks[:-1]])
             st.cloud_len[row], st.local_len[row] = first + len(toks), min(int(st.local_len[row]), first)
         self.stats["decode_exchanges"] += 1
         self.stats["decode_tokens"] += sum(map(len, out))
         return out
+
+    def _cloud_samples(self, gens: list[torch.Generator]) -> bool:
+        """Whether the cloud can sample this step's rows: it says `decode_sample` in hello, and for seeded rows its
+        generator state has this torch's size and the generators are CPU ones (an end on a GPU samples with CUDA
+        generators: those rows stay per token)."""
+        cap = self.link.info.get("decode_sample")
+        if not cap:
+            return False
+        return not gens or (cap == generator_state_bytes() and all(g.device.type == "cpu" for g in gens))
 
     # ---- the cloud route
     def _cloud_forward(self, st: _Rows, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,

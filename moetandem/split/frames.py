@@ -6,7 +6,7 @@ client of the cloud (the end, split/end.py; load generators such as bench/capaci
     layers  meta {"cache", "kv_len" [, "out"]}, tensors "pos" [B, L], "rows" [B], what enters the cut (token ids
             "ids" [T] when the cloud embeds, else the encoded hidden states, split/wire.py) [, "valid", "last"]
 
-`decode` frames (k greedy tokens per exchange) are built by split/decode.py."""
+`decode` frames (k tokens per exchange) are built by split/decode.py."""
 from __future__ import annotations
 
 import torch

@@ -33,7 +33,8 @@ KIND_ORDER = ("hello", "alloc", "free", "layers", "experts", "reply", "error", "
 KINDS = frozenset(KIND_ORDER)
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
-    "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+    "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+    "float64": torch.float64}  # float64: a decode frame's sampling parameters, exactly the end's Python floats
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DTYPE_ORDER = tuple(DTYPES)  # never reorder (compact header ids); append new dtypes at the end
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
