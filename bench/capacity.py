@@ -22,7 +22,6 @@ import secrets
 import shlex
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,25 +62,17 @@ def references(model: Path, address: str, token: str, prompts: list[list[int]], 
 def run_round(ends: list[ThinEnd], prompts: list[list[int]], new: int) -> tuple[list[EndRun], float]:
     """Every end generates at once (threads behind a barrier; gRPC releases the GIL): their runs and the wall
     time from the start to the last end's last token."""
+    from bench.scaleout import run_together
     runs: list[Any] = [None] * len(ends)
     errors: list[str] = []
-    go = threading.Barrier(len(ends) + 1)
 
     def one(i: int) -> None:
-        go.wait()
         try:
             runs[i] = ends[i].generate(prompts[i % len(prompts)], new)
         except Exception as e:  # CloudError / FrameError of an exchange, or anything else: the run fails
             errors.append(f"end {i}: {type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(ends))]
-    for t in threads:
-        t.start()
-    go.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_together(len(ends), one)
     if errors:
         raise SystemExit(f"capacity: {len(errors)} of {len(ends)} ends failed; {errors[0]}")
     return runs, wall

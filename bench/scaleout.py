@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,25 @@ def start_cloud(model: str, token: Path, device: str, extra: list[str],
     return proc, json.loads(line)["listening"]
 
 
+def run_together(n: int, work: Callable[[int], None]) -> float:
+    """work(0), ..., work(n - 1) on n threads released together (gRPC releases the GIL): the wall time from the
+    release to the last one's end."""
+    go = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        go.wait()
+        work(i)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def run_ends(model: str, port: int, token: str, n: int, new: int, device: str,
              budget: str | None = None) -> tuple[float, list[list[int]]]:
     committee = {"expert_budget": budget, "fidelity": "exact"} if budget else {}
@@ -56,20 +76,11 @@ def run_ends(model: str, port: int, token: str, n: int, new: int, device: str,
                            split={"head": 1, "tail": 1}, **committee) for _ in range(n)]
     prompts = [[(7 * i + j) % 200 + 1 for j in range(16)] for i in range(n)]
     out: list[list[int]] = [[] for _ in range(n)]
-    go = threading.Barrier(n + 1)
 
     def one(i: int) -> None:
-        go.wait()
         out[i] = ends[i].generate([prompts[i]], max_new_tokens=new, stop_on_eos=False)[0].token_ids
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    go.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    dt = time.perf_counter() - t0
+    dt = run_together(n, one)
     for e in ends:
         e.split.link.close()
     return n * new / dt, out
