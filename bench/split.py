@@ -116,6 +116,12 @@ def per_token_s(marks: list[tuple[float, int]]) -> list[float]:
     return [(b[-1] - a[-1]) / len(b) for a, b in zip(steps, steps[1:]) for _ in b]
 
 
+def sampling(a: argparse.Namespace) -> dict[str, Any]:
+    """--temperature T > 0: every measured request samples (seeded, so a run is repeatable); 0: greedy."""
+    t = getattr(a, "temperature", 0.0)
+    return {"temperature": t, "top_p": 0.9, "seed": 0} if t > 0 else {}
+
+
 def measure(config: str, engine: Any, a: argparse.Namespace) -> dict[str, Any]:
     prompts = prompts_for(engine)
     engine.generate(prompts[:1], max_new_tokens=4, stop_on_eos=False)  # warm-up (session, caches, link)
@@ -130,7 +136,7 @@ def measure(config: str, engine: Any, a: argparse.Namespace) -> dict[str, Any]:
             marks.append((time.perf_counter(), step_of(engine, len(marks))))
             if len(marks) == 1:
                 mark.append(link_bytes(engine))  # bytes after prefill
-        engine.generate([p], max_new_tokens=a.tokens, stop_on_eos=False, on_token=on_token)
+        engine.generate([p], max_new_tokens=a.tokens, stop_on_eos=False, on_token=on_token, **sampling(a))
         gaps += per_token_s(marks)
         dec_bytes += link_bytes(engine) - mark[0]
         dec_tokens += len(marks) - 1
@@ -142,7 +148,7 @@ def measure(config: str, engine: Any, a: argparse.Namespace) -> dict[str, Any]:
         batch = [prompts[i % len(prompts)] for i in range(c)]
         seen: list[tuple[float, int]] = []
         t0 = time.perf_counter()
-        out = engine.generate(batch, max_new_tokens=a.tokens, stop_on_eos=False,
+        out = engine.generate(batch, max_new_tokens=a.tokens, stop_on_eos=False, **sampling(a),
                               on_token=lambda i, tok: seen.append((time.perf_counter(), step_of(engine, len(seen))))
                               if i == 0 else None)
         dt = time.perf_counter() - t0
@@ -427,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", nargs="+", metavar="MBITxRTT", help="e.g. 10x10 100x100 (default: 4×3 grid)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
     p.add_argument("--tokens", type=int, default=24, help="new tokens per request (24)")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: requests sample (top_p 0.9, seeded)")
     p.add_argument("--latency-prompts", type=int, default=3)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--expert-budget", type=float, default=0.5, help="the end's expert budget (0.5)")

@@ -12,7 +12,7 @@ directions on the end (so the end can change it between scenarios without restar
              measured throughput (guard_with_measured); re-plans when the link changes
 --cloud-head-topk K: cloud-only and adaptive run the LM head in the cloud (top-K logits down, split/logits.py), and
   cloud-only-end-head (cloud-only with the head on the end, as without the flag) runs too: the A/B in one run
---cloud-decode-tokens K (with --cloud-head-topk): cloud-only and adaptive decode K greedy tokens per exchange in
+--cloud-decode-tokens K (with --cloud-head-topk): cloud-only and adaptive decode K tokens per exchange in
   the cloud (split/decode.py), and cloud-only-per-token (one exchange per token, head in the cloud) runs too
 
     python bench/testbed.py --quick --out out/testbed                                  # CPU, demo, minutes
@@ -58,7 +58,7 @@ def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
     link = {"emulate_rate_mbit": a.rates[0], "emulate_rtt_ms": a.rtts[0], "emulate_jitter_ms": a.jitter_ms,
             "emulate_loss": a.loss, "emulate_down": True, "timeout_s": 60.0}
     head = {"cloud_head_topk": a.cloud_head_topk} if a.cloud_head_topk else {}  # the LM head in the cloud
-    if config == "adaptive" or config == "cloud-only":  # k greedy tokens per exchange
+    if config == "adaptive" or config == "cloud-only":  # k tokens per exchange
         head.update({"cloud_decode_tokens": a.cloud_decode_tokens} if a.cloud_decode_tokens else {})
     if config in ("cloud-only", END_HEAD, PER_TOKEN):
         opts = {**link, "head": 0, "tail": 0, "codec": "off", "micro_batches": 1}
@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud-device", default="cpu")
     p.add_argument("--cloud-dtype", default="float32")
     p.add_argument("--tokens", type=int, default=8, help="new tokens per request")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="> 0: every request samples (top_p 0.9, seeded): with --cloud-decode-tokens, the sampled "
+                        "k-token exchanges (0: greedy)")
     p.add_argument("--latency-prompts", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="rounds of every config per scenario (median kept)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[4], help="requests per end (throughput)")
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="cloud-only and adaptive run the LM head in the cloud and send the top-K logits down "
                         f"(naive stays fixed); adds {END_HEAD} (the head on the end) for the A/B (0: off)")
     p.add_argument("--cloud-decode-tokens", type=int, default=0, metavar="K",
-                   help="with --cloud-head-topk: cloud-only and adaptive decode K greedy tokens per exchange in the "
+                   help="with --cloud-head-topk: cloud-only and adaptive decode K tokens per exchange in the "
                         f"cloud; adds {PER_TOKEN} (one exchange per token) for the A/B (0: off)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--index", "--n-ends"):

@@ -102,7 +102,8 @@ def table(res: dict[str, Any]) -> str:
             "\n\nAdaptive plans (end 0 of each scenario):\n\n" + "\n".join(plans) + "\n"
             + (f"\nLM head on the end → in the cloud (--cloud-head-topk {res['args'].get('cloud_head_topk')}):\n\n"
                + "\n".join(ab) + "\n" if ab else "")
-            + (f"\nOne exchange per token → {res['args'].get('cloud_decode_tokens')} greedy tokens per exchange "
+            + (f"\nOne exchange per token → {res['args'].get('cloud_decode_tokens')} "
+               f"{'sampled' if res['args'].get('temperature', 0) > 0 else 'greedy'} tokens per exchange "
                "(--cloud-decode-tokens, head in the cloud):\n\n" + "\n".join(kab) + "\n" if kab else ""))
 
 
