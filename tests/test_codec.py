@@ -147,7 +147,6 @@ def test_choose_rank() -> None:
 @pytest.fixture(scope="module")
 def demo_engine():  # type: ignore[no-untyped-def]
     from moetandem.assets import demo_model_path
-    from moetandem.engine import Engine
     return moetandem.load(demo_model_path(), device="cpu", dtype="float32", progress=False)
 
 

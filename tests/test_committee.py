@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import build_checkpoint
-from moetandem import Engine, InvalidRequestError
+from moetandem import InvalidRequestError
 from moetandem.experts.committee import CommitteeProvider
 from moetandem.experts.policies import MissPolicy
 
