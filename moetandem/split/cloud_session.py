@@ -195,10 +195,7 @@ class CloudSession:
         x = x_rows.view(B, L, -1) if valid is None else \
             torch.zeros(B, L, x_rows.shape[1], dtype=eng.dtype, device=dev).index_put_((valid,), x_rows)
         step = _Step(c.lease, x, pos, rows, valid, kv_len, c.start, c.end)
-        decode = L == 1 and valid is None  # decode steps of sessions on one pool batch; prefills run alone
-        with srv.pools.hold(c.lease):
-            y = srv.compute(Job(c.lease.pool if decode else None, B, partial(run_layers, eng), step,
-                                srv.pools.peers(c.lease)))  # [B, L, H]
+        y = self._compute(c, step, batch=L == 1 and valid is None)  # [B, L, H]
         if out == "none":  # fill-only: the K/V are written, nothing goes down
             return Frame("reply")
         if last is not None:
@@ -227,11 +224,16 @@ class CloudSession:
         req = read_decode_frame(f, c.lease.batch, c.lease.max_len, eng.args.vocab_size)
 
         def layers(x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            step = _Step(c.lease, x, pos, rows, None, c.lease.max_len, 0, L)
-            with srv.pools.hold(c.lease):
-                return srv.compute(Job(c.lease.pool, x.shape[0], partial(run_layers, eng), step,
-                                       srv.pools.peers(c.lease)))  # [b, 1, H]
+            return self._compute(c, _Step(c.lease, x, pos, rows, None, c.lease.max_len, 0, L), batch=True)
         return Frame("reply", tensors=decode_steps(eng.model, layers, req, eng.device, c.head_topk))
+
+    def _compute(self, c: _Cache, step: _Step, batch: bool) -> torch.Tensor:
+        """Run `step` over the cache's layers on the server: y [B, L, H]. batch: a decode step, which the server
+        may batch with other sessions' steps on the same pool (prefills run alone)."""
+        srv = self.server
+        with srv.pools.hold(c.lease):
+            return srv.compute(Job(c.lease.pool if batch else None, step.x.shape[0],
+                                   partial(run_layers, srv.engine), step, srv.pools.peers(c.lease)))
 
     def on_experts(self, f: Frame) -> Frame:
         eng = self.server.engine
