@@ -52,7 +52,8 @@ def model_info(path: str | Path) -> ModelInfo:
 def cache_len(info: ModelInfo, need: int) -> int:
     """KV positions per row: the engine's rule for a batcher of `need` positions (Engine.generate), so the thin ends
     lease rows of the same shared cloud cache as the reference end (one pool: their decode steps batch together)."""
-    return min(max(128, 1 << (need - 1).bit_length()), max(info.max_positions, need))
+    from moetandem.batcher import cache_positions
+    return cache_positions(need, info.max_positions)
 
 
 @dataclass

@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from moetandem.engine import Engine
 
 
+def cache_positions(need: int, max_positions: int) -> int:
+    """KV positions per row of a batcher that must hold `need` (longest prompt + new tokens): a power of two from
+    128, within the model's context unless `need` itself is longer. Clients that share a cloud cache pool with an
+    engine (bench/thin_end.py) size their rows by the same rule."""
+    return min(max(128, 1 << (need - 1).bit_length()), max(max_positions, need))
+
+
 @dataclass(eq=False)
 class Request:
     prompt: list[int]

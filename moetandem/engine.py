@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from moetandem.batcher import Batcher, Request
+from moetandem.batcher import Batcher, Request, cache_positions
 from moetandem.config import parse_budget
 from moetandem.errors import ContextLengthError, InvalidRequestError
 from moetandem.experts.provider import ExpertProvider
@@ -215,7 +215,7 @@ class Engine:
                     for s in seqs]
         index = {id(s): i for i, s in enumerate(seqs)}
         need = max(len(s.prompt) for s in seqs) + max_new_tokens
-        S = min(max(128, 1 << (need - 1).bit_length()), max(self.args.max_position_embeddings, need))
+        S = cache_positions(need, self.args.max_position_embeddings)
         batcher = Batcher(self, len(seqs), S)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
