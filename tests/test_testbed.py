@@ -260,3 +260,18 @@ def test_k_token_steps_count_per_token_and_report_the_ab():
     md = table(res)
     assert "8 greedy tokens per exchange" in md
     assert "cloud-only p50 62.0 → 20.0 ms/token, 15.0 → 60.0 tok/s; k-token p50 / end-only 0.20× / naive 0.25×" in md
+
+
+def test_every_config_is_judged_on_its_interleaved_rounds_only():
+    """A baseline's round-0 probe (the plan is made from it) is left out of its reported run, so adaptive's one run
+    is not set against the better of a baseline's two; the lower median over an even count."""
+    sys.path.insert(0, str(ROOT))
+    from bench.testbed import median_run
+
+    def runs(*tok_s):
+        return [{"throughput": {"4": t}, "i": i} for i, t in enumerate(tok_s)]
+    assert median_run(runs(230.0, 215.0), True, 4)["i"] == 1  # the probe (230) is not the one reported
+    assert median_run(runs(186.0), False, 4)["i"] == 0
+    assert median_run(runs(300.0, 10.0, 30.0, 20.0), True, 4)["i"] == 3  # rounds 10, 20, 30 -> 20
+    assert median_run(runs(1.0, 40.0, 10.0, 30.0, 20.0), True, 4)["i"] == 4  # 10, 20, 30, 40 -> lower median 20
+    assert median_run(runs(5.0), True, 4)["i"] == 0  # cut after the probe: the probe is all there is
