@@ -51,6 +51,12 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 #: global, so a test or bench/decode.py may set it between engines and the next trace follows it.
 MOE_SUM_GRAPH: bool = os.environ.get("MOETANDEM_MOE_SUM", "graph").strip().lower() == "graph"
 
+#: MOETANDEM_PREFILL_GROUPED_MM=N (off until measured on a GPU; 0 / unset: off): a step of at least N tokens over
+#: bf16 SwiGLU slots with nothing mapped runs torch's grouped GEMM (the path transformers' `grouped_mm` experts take)
+#: instead of the fused kernel. The H200 measured our 512-token prefill at 0.82x transformers' on the Qwen3 shape
+#: (128 experts, ~32 rows each), where cuBLAS's grouped tiles may beat the fused kernel's; decode is untouched.
+PREFILL_GROUPED_MM: int = int(os.environ.get("MOETANDEM_PREFILL_GROUPED_MM", "0") or 0)
+
 
 @dataclass
 class HostRows:
@@ -143,7 +149,8 @@ def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
     (slot ids as expert ids, identity table; −1 and weight 0 read nothing). Without Triton: grouped GEMMs where
     every assignment runs (slot −1 on slot 0) and outputs of slot −1 are masked out. host_fmt / host_scales: the
     mapped host experts' own packed format (a committee's --miss-format)."""
-    if act.gated and (fused_moe_supported(x.device, w13.dtype) or mapped is not None):  # (reference off CUDA)
+    if act.gated and (fused_moe_supported(x.device, w13.dtype) or mapped is not None) and not _prefill_grouped(
+            x, w13, mapped, act, bias):  # (reference off CUDA)
         hw13, hw2, hb13, hb2 = (*mapped, None, None)[:4] if mapped is not None else (None, None, None, None)
         if host_fmt not in (None, "bf16"):  # packed misses beside bf16 slots
             b13, b2 = bias if bias is not None else (None, None)
@@ -176,6 +183,13 @@ def device_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w
     y[groups.order] = ys
     y = y.view(T, k, -1).masked_fill(~valid[..., None], 0)  # [T, k, H]; a slot in transit may hold anything
     return (y * weights.to(y.dtype)[..., None]).sum(dim=1)
+
+
+def _prefill_grouped(x: torch.Tensor, w13: torch.Tensor, mapped: tuple[torch.Tensor, ...] | None,
+                     act: ExpertActivation, bias: Bias | None) -> bool:
+    """PREFILL_GROUPED_MM: this step takes the grouped-GEMM path instead of the fused kernel."""
+    return (0 < PREFILL_GROUPED_MM <= x.shape[0] and mapped is None and bias is None and act == SWIGLU
+            and grouped_mm_supported(x.device, w13.dtype, (w13.shape[1] // 2, w13.shape[2])))
 
 
 def loop_moe(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
