@@ -31,6 +31,8 @@ CONFIGS = {  # label -> Engine.from_pretrained kwargs
     "lru": {"policy": "lru"}, "static": {"policy": "static"}, "host-only": {"policy": "host-only"},
     "balanced, int8 misses": {"fidelity": "balanced", "miss_format": "int8"},
     "balanced, int4 misses": {"fidelity": "balanced", "miss_format": "int4"},
+    "balanced, <= 1 miss read": {"fidelity": "balanced", "miss_reads": 1},
+    "balanced, <= 2 miss reads": {"fidelity": "balanced", "miss_reads": 2},
 }
 
 
@@ -65,7 +67,7 @@ def main() -> None:
     base = evaluate_ids(ref, ids, context=args.context, step=args.step, progress=False)
     rows = [{"config": "all resident", "budget": 1.0, "perplexity": base.perplexity, "top1": 1.0, "kl": 0.0,
              "hit_rate": 1.0, "tok_s": speed(ref, prompt, args.gen_tokens), "expert_mib": total / 2**20,
-             "moved_kib_tok": 0.0, "miss_kib_tok": 0.0}]
+             "moved_kib_tok": 0.0, "miss_kib_tok": 0.0, "miss_reads_tok": 0.0}]
     print(json.dumps(rows[-1]), flush=True)
     from moetandem.experts.plan import Plan
     runs = [(b, label, None) for b in args.budgets for label in args.configs]
@@ -88,7 +90,9 @@ def main() -> None:
                      "expert_mib": eng.provider.expert_bytes() / 2**20, "eval_s": time.perf_counter() - t,
                      # per evaluated token: slot copies (swaps, fetches) and host copies read by misses
                      "moved_kib_tok": st.get("bytes_moved", 0) / q.tokens / 2**10,
-                     "miss_kib_tok": st.get("miss_bytes", 0) / q.tokens / 2**10})
+                     "miss_kib_tok": st.get("miss_bytes", 0) / q.tokens / 2**10,
+                     # assignments read from a host copy, per evaluated token (all MoE layers together)
+                     "miss_reads_tok": st.get("miss_reads", 0) / q.tokens})
         print(json.dumps(rows[-1]), flush=True)
         del eng
         gc.collect()
@@ -102,14 +106,14 @@ def report(rows: list[dict], args: argparse.Namespace, model: Path) -> None:
     lines = [f"model {model.name}, {dev}, eval {args.max_tokens} tokens of {args.data.name}, windows of "
              f"{args.context}, fed {args.step} token(s) at a time", "",
              "| budget | config | ppl | Δppl | top-1 agree | KL | hit rate | decode tok/s | × all-resident | expert MiB "
-             "| moved KiB/tok | misses read KiB/tok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| moved KiB/tok | misses read KiB/tok | miss reads/tok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget']:.2f} | {r['config']} | {r['perplexity']:.2f} | "
                      f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {100 * r['top1']:.2f}% | "
                      f"{r['kl']:.4f} | {100 * r['hit_rate']:.1f}% | {r['tok_s']:.1f} | "
                      f"{r['tok_s'] / base['tok_s']:.2f} | {r['expert_mib']:.1f} | {r.get('moved_kib_tok', 0):.1f} | "
-                     f"{r.get('miss_kib_tok', 0):.1f} |")
+                     f"{r.get('miss_kib_tok', 0):.1f} | {r.get('miss_reads_tok', 0):.2f} |")
     table = "\n".join(lines)
     print(table)
     (args.out / "committee.md").write_text(table + "\n")

@@ -28,6 +28,9 @@ CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balance
            "balanced, int8 misses": {"fidelity": "balanced", "miss_format": "int8"},
            "balanced, int4 misses": {"fidelity": "balanced", "miss_format": "int4"},
            "fast, int4 misses": {"fidelity": "fast", "miss_format": "int4"},
+           # --miss-reads: at most N exact (zero-copy) misses per token and layer, the rest deferred (not default)
+           "balanced, <= 1 miss read": {"fidelity": "balanced", "miss_reads": 1},
+           "balanced, <= 2 miss reads": {"fidelity": "balanced", "miss_reads": 2},
            # --expert-format: packed experts in the committee (a budget stays a fraction of the bf16 expert bytes)
            "exact, int8 experts": {"policy": "auto", "expert_format": "int8"},
            "exact, fp8 experts": {"policy": "auto", "expert_format": "fp8"},

@@ -31,7 +31,7 @@ MAX_DECODE_TOKENS = 1024  # split option cloud_decode_tokens: the most greedy to
 EXPERT_FORMATS = ("auto", "bf16", "fp8", "int8", "int4", "mxfp4")
 #: --miss-format: the format of the host copy a balanced / fast miss reads (bf16: the expert as it is)
 MISS_FORMATS = ("bf16", "int8", "int4")
-#: policies whose misses may read a lower-precision copy (approximate ones; exact policies never do)
+#: policies whose misses may read a lower-precision copy or be capped (approximate ones; exact policies never are)
 _APPROXIMATE = ("substitute", "skip")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -136,6 +136,9 @@ class CommitteeConfig:
     async_swaps: bool = True
     #: the format of the host copy a miss reads under an approximate fidelity (one of MISS_FORMATS)
     miss_format: str = "bf16"
+    #: --miss-reads: per token and layer, at most this many misses an approximate fidelity would read exactly
+    #: (zero-copy over the host bus, or fetched); the others are deferred. None: no cap
+    miss_reads: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,24 +158,35 @@ class CommitteeConfig:
         _positive_int("--refresh-every", self.refresh_every)
         _positive_int("the committee window", self.window)
         self._validate_miss_format()
+        self._validate_miss_reads()
 
     def _validate_miss_format(self) -> None:
         m = self.miss_format
         if m not in MISS_FORMATS:
             raise InvalidRequestError(f"--miss-format {m!r}: choose one of {', '.join(MISS_FORMATS)}")
-        if m == "bf16":
+        if m != "bf16":
+            self._approximate_only(f"--miss-format {m}", "reads a lower-precision copy of a missed expert")
+
+    def _validate_miss_reads(self) -> None:
+        n = self.miss_reads
+        if n is None:
             return
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidRequestError(f"--miss-reads must be an integer >= 0, got {n!r}")
+        self._approximate_only(f"--miss-reads {n}", "defers a token's misses beyond the cap")
+
+    def _approximate_only(self, flag: str, what: str) -> None:
+        """A flag that changes what a miss computes: it needs misses (a budget) and an approximate policy."""
         if not self.enabled:
-            raise InvalidRequestError(f"--miss-format {m} needs --expert-budget: with every expert resident there "
-                                      "are no misses")
+            raise InvalidRequestError(f"{flag} needs --expert-budget: with every expert resident there are no "
+                                      "misses")
         if self.policy is not None and self.policy not in _APPROXIMATE:
-            raise InvalidRequestError(f"--miss-format {m} reads a lower-precision copy of a missed expert, which "
-                                      f"--policy {self.policy} never allows; use --fidelity balanced or fast "
-                                      f"(or --policy {' / '.join(_APPROXIMATE)}), or drop --miss-format")
+            raise InvalidRequestError(f"{flag} {what}, which --policy {self.policy} never allows; use --fidelity "
+                                      f"balanced or fast (or --policy {' / '.join(_APPROXIMATE)}), or drop "
+                                      f"{flag.split()[0]}")
         if self.policy is None and self.fidelity == "exact":
-            raise InvalidRequestError(f"--miss-format {m} reads a lower-precision copy of a missed expert, which "
-                                      "--fidelity exact never allows; use --fidelity balanced or fast, or drop "
-                                      "--miss-format")
+            raise InvalidRequestError(f"{flag} {what}, which --fidelity exact never allows; use --fidelity balanced "
+                                      f"or fast, or drop {flag.split()[0]}")
 
     @property
     def enabled(self) -> bool:
@@ -183,7 +197,7 @@ class CommitteeConfig:
         return cls(budget=getattr(ns, "expert_budget", None), policy=getattr(ns, "policy", None),
                    fidelity=getattr(ns, "fidelity", "balanced"), skip_threshold=getattr(ns, "skip_threshold", None),
                    refresh_every=getattr(ns, "refresh_every", 16), plan=getattr(ns, "plan", None),
-                   miss_format=getattr(ns, "miss_format", "bf16"))
+                   miss_format=getattr(ns, "miss_format", "bf16"), miss_reads=getattr(ns, "miss_reads", None))
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ def _describe(args: argparse.Namespace) -> str:
         return "all resident" + fmt
     how = f"policy {args.policy}" if args.policy else f"fidelity {args.fidelity}"
     miss = "" if getattr(args, "miss_format", "bf16") == "bf16" else f", {args.miss_format} misses"
+    if getattr(args, "miss_reads", None) is not None:
+        miss += f", <= {args.miss_reads} miss reads"
     return f"budget {args.expert_budget or 'plan'}, {how}{fmt}{miss}"
 
 

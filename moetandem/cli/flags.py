@@ -52,6 +52,11 @@ def add_committee_args(p: argparse.ArgumentParser) -> None:
                    help="balanced / fast only (refused with exact): misses read a copy of the expert quantized to "
                         "int8 (about half the bytes over the bus) or int4 (about a quarter) instead of bf16 "
                         "(default bf16: the expert as it is)")
+    g.add_argument("--miss-reads", type=non_negative_int, metavar="N",
+                   help="balanced / fast only (refused with exact): per token and layer, read at most N misses "
+                        "exactly (those of largest gate weight; each costs ~100x a resident expert over the host "
+                        "bus) and defer the rest (weight 0, the others renormalised): speed for a little quality "
+                        "when few experts fit; 0 defers every miss (default: no cap)")
     g.add_argument("--skip-threshold", type=float, metavar="TAU", help="gate weight below which experts are skipped")
     g.add_argument("--refresh-every", type=positive_int, default=16, metavar="N",
                    help="committee refresh interval (tokens)")

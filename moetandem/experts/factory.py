@@ -49,6 +49,8 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
     miss = MissPolicy.named(policy, tau or 0.1) if policy else MissPolicy.from_fidelity(cfg.fidelity)
     if tau is not None and policy not in ("static", "skip"):
         miss = replace(miss, skip_below=tau)
+    if cfg.miss_reads is not None:
+        miss = replace(miss, max_reads=cfg.miss_reads)
     calib = load_calibration(ckpt)
     if calib is None and miss.substitute_min_sim is not None:
         calib = weight_calibration(store, progress)

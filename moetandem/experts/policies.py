@@ -11,6 +11,7 @@ layer's device tables slot_table [E] / sub_slot [E] / near_slot [E]) -> `Assignm
 | fast | τ=0.1, resident too | any resident | fetch / host (cost model) | deferred | yes |
 | substitute | – | any resident | fetch / host (cost model) | deferred | yes |
 | skip | τ (default 0.1) | – | fetch / host (cost model) | deferred | yes |
+| those four + --miss-reads N | ″ | ″ | ≤ N per token (largest weight), rest deferred | the same, zero-copy | yes |
 | lru | – | – | fetch into the least recently used slot | (never captured) | no |
 | static | every miss | – | – | – | no |
 | host-only | – | – | host compute | (never captured) | no |
@@ -22,6 +23,12 @@ in. Eager steps (CPU, prefill, eager decode) keep the exact fallback, so quality
 `exact="defer"` defers always. A token never loses all its experts: its top assignment is kept, from its slot, a
 substitute, the host (eager) or the nearest resident expert (deferring); with no similarity and nothing resident
 a deferring step leaves the token's MoE output 0.
+
+`max_reads` caps what a token's misses cost: each miss read exactly (zero-copy over the host bus, or fetched) costs
+~100x a resident read, so a budget with a low hit rate is bound by the bus. With it, at most N of a token's
+remaining misses per layer stay exact, those of largest gate weight, on eager and in-graph steps alike; the others
+are deferred (counted as such). N=0 defers every remaining miss, but a token that would keep nothing still gets its
+top assignment back as above (from the host on an exact-capable step: one read). Default None: no cap.
 """
 from __future__ import annotations
 
@@ -68,10 +75,20 @@ class MissPolicy:
     refresh: bool = True  # committee refreshed from importance (False: static / LRU baselines)
     lru: bool = False  # fetched experts evict the least recently used slot (mixtral-offloading)
     graph: bool = False  # may be captured into a CUDA graph: there, misses left for the host are deferred
+    #: per token and layer, at most this many remaining misses stay exact (largest gate weight first); the others
+    #: are deferred. Approximate policies only (graph-safe and refreshed); None: every remaining miss is exact
+    max_reads: int | None = None
 
     def __post_init__(self) -> None:
         if self.exact not in EXACT:
             raise InvalidRequestError(f"unknown miss handling {self.exact!r}; choose one of {', '.join(EXACT)}")
+        if self.max_reads is None:
+            return
+        if isinstance(self.max_reads, bool) or int(self.max_reads) != self.max_reads or self.max_reads < 0:
+            raise InvalidRequestError(f"the miss-read cap must be an integer >= 0, got {self.max_reads!r}")
+        if not (self.graph and self.refresh and self.exact == "auto"):
+            raise InvalidRequestError("a miss-read cap defers misses, which exact policies and the baselines never "
+                                      "do; use it with balanced, fast, substitute or skip")
 
     @property
     def graph_safe(self) -> bool:
@@ -109,7 +126,7 @@ class MissPolicy:
         captured into a CUDA graph (remaining misses are deferred; only for graph-safe policies)."""
         defer = self.exact == "defer" or (in_graph and self.graph)
         res = slots.slot_table[expert_ids]  # [T, k] int32, −1 = miss
-        if self.skip_below <= 0 and self.substitute_min_sim is None and not defer:
+        if self.skip_below <= 0 and self.substitute_min_sim is None and not defer and self.max_reads is None:
             # exact policies: every assignment kept as routed, misses left to the exact path. The general path
             # below gives the same result; this one is a handful of ops instead of ~40 (eager steps launch each)
             hit = res >= 0  # [T, k]
@@ -120,21 +137,25 @@ class MissPolicy:
         sub = slots.sub_slot[expert_ids] if self.substitute_min_sim is not None else torch.full_like(res, -1)
         near = slots.near_slot[expert_ids[:, 0]] if defer else torch.full_like(res[:, 0], -1)  # [T]
         fn = _general_fast if res.is_cuda else _general
-        slot, w, exact, counts = fn(res, sub, near, weights, self.skip_below, self.skip_resident, defer)
+        slot, w, exact, counts = fn(res, sub, near, weights, self.skip_below, self.skip_resident, defer,
+                                    self.max_reads)
         return Assignment(slots=slot, weights=w, exact=None if defer else exact, counts=counts)
 
 
 def _general(res: torch.Tensor, sub: torch.Tensor, near: torch.Tensor, weights: torch.Tensor, skip_below: float,
-             skip_resident: bool, defer: bool
+             skip_resident: bool, defer: bool, max_reads: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MissPolicy.assign's general rule as one function of tensors (so inductor can fuse it on CUDA): res/sub [T, k]
-    slot or −1, near [T] the top expert's nearest resident slot (deferring) or −1 -> slots, weights', exact, counts."""
+    slot or −1, near [T] the top expert's nearest resident slot (deferring) or −1 -> slots, weights', exact, counts.
+    max_reads: per token, at most this many misses left for the host stay exact (largest weight first)."""
     hit = res >= 0  # [T, k]
     g = weights.float()  # [T, k]
     small = g < skip_below
     dropped = small if skip_resident else small & ~hit  # skipped below τ
     subbed = ~hit & ~dropped & (sub >= 0)
     exact = ~hit & ~dropped & ~subbed  # misses left for the host (or deferred)
+    if max_reads is not None and not defer:  # the rest of the token's misses are deferred like a deferring step's
+        exact = exact & (_reads_ahead(exact, g) < max_reads)
     slot = torch.where(hit, res, torch.where(subbed, sub, -1))  # [T, k]
     keep = (hit & ~dropped) | subbed | (exact & (not defer))
     # never drop a whole token: its top assignment comes back from its slot, a substitute, the nearest
@@ -147,7 +168,8 @@ def _general(res: torch.Tensor, sub: torch.Tensor, near: torch.Tensor, weights: 
     slot = torch.cat([torch.where(none, top_slot, slot[:, 0])[:, None], slot[:, 1:]], dim=1)
     keep = torch.cat([(keep[:, 0] | (none & top_keep))[:, None], keep[:, 1:]], dim=1)
     subbed = torch.cat([(subbed[:, 0] | (none & ~hit[:, 0] & (top_sub >= 0)))[:, None], subbed[:, 1:]], dim=1)
-    exact = torch.cat([(exact[:, 0] | (none & top_exact))[:, None], exact[:, 1:]], dim=1) & keep
+    # a restored top is exact only when the host serves it (a deferring step's came from a resident expert)
+    exact = torch.cat([torch.where(none, top_exact, exact[:, 0])[:, None], exact[:, 1:]], dim=1) & keep
     dropped = dropped & ~keep
     # renormalise kept weights to each token's original total (a no-op for tokens that kept everything)
     total = g.sum(dim=1, keepdim=True)  # [T, 1]
@@ -156,6 +178,15 @@ def _general(res: torch.Tensor, sub: torch.Tensor, near: torch.Tensor, weights: 
     counts = torch.stack([hit.sum(), (~hit).sum(), subbed.sum(), dropped.sum(),
                           (~keep & ~dropped).sum(), exact.sum()])  # [6]
     return slot, w, exact, counts
+
+
+def _reads_ahead(exact: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[T, k] how many of the token's exact misses rank before each assignment: larger weight first, ties by column.
+    A pairwise count over the row ([T, k, k], k is small): fixed shapes and no sort, so inductor fuses it."""
+    col = torch.arange(g.shape[1], device=g.device)  # [k]
+    gi, gj = g[:, :, None], g[:, None, :]  # [T, k, 1] another assignment i, [T, 1, k] this one j
+    before = (gi > gj) | ((gi == gj) & (col[:, None] < col[None, :]))  # [T, k, k] i ranks before j
+    return (before & exact[:, :, None]).sum(dim=1)  # [T, k]
 
 
 _fast: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
