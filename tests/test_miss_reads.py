@@ -85,6 +85,21 @@ def test_compiled_rule_takes_the_cap(monkeypatch):
     assert got[2].tolist() == [[False, True, False, False]] and got[3].tolist() == [1, 3, 0, 0, 2, 1]
 
 
+def test_capped_rule_traces_as_one_graph():
+    """No host sync and no data-dependent shape: dynamo traces the capped rule whole (fullgraph), as inductor needs
+    on CUDA (`_general_fast`); the traced rule gives the eager result for every cap."""
+    torch._dynamo.reset()
+    fn = torch.compile(policies._general, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(1)
+    res = torch.where(torch.rand(16, 6) < 0.4, torch.randint(0, 4, (16, 6)), -1).int()
+    sub = torch.where(torch.rand(16, 6) < 0.2, 1, -1).int()
+    near = torch.full((16,), -1, dtype=torch.int32)
+    w = torch.softmax(torch.randn(16, 6), -1)
+    for cap in (None, 0, 1, 3):
+        want = policies._general(res, sub, near, w, 0.05, False, False, cap)
+        assert all(torch.equal(a, b) for a, b in zip(fn(res, sub, near, w, 0.05, False, False, cap), want)), cap
+
+
 def test_only_approximate_policies_take_a_cap():
     for name in ("auto", "fetch", "host", "lru", "static", "host-only"):
         with pytest.raises(InvalidRequestError, match="exact policies and the baselines"):
