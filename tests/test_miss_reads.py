@@ -202,4 +202,6 @@ def test_mapped_step_reads_at_most_the_cap(monkeypatch, tmp_path):
     n = c.layers[layer].n
     assert (slots >= n).sum(dim=1).tolist() == [1] * 4 and (slots[:, 0] >= n).all()
     assert c.stats.miss_reads == 4 and c.stats.deferred == 4
+    score = c.importance(layer)
+    assert score[missing[1]] > 0  # a deferred expert still counts for importance: a refresh can bring it in
 

@@ -16,7 +16,9 @@ class CommitteeStats:
     misses: int = 0
     substitutions: int = 0
     skips: int = 0  # assignments dropped because their gate weight was below τ
-    deferred: int = 0  # misses a graph-safe policy could neither substitute nor compute: weight 0 this step
+    #: misses a graph-safe policy could neither substitute nor compute, or past a token's --miss-reads cap:
+    #: weight 0 this step
+    deferred: int = 0
     miss_reads: int = 0  # assignments computed from a missed expert's host copy (mapped, fetched or on the host)
     fetches: int = 0
     host_computes: int = 0
