@@ -205,3 +205,15 @@ def test_mapped_step_reads_at_most_the_cap(monkeypatch, tmp_path):
     score = c.importance(layer)
     assert score[missing[1]] > 0  # a deferred expert still counts for importance: a refresh can bring it in
 
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.02, 2.5])
+def test_skip_threshold_is_a_share_of_the_tokens_routed_weight(scale):
+    """τ compares each weight with the token's top-k total, so scaling the weights (a router that does not
+    renormalise, DeepSeek-V3's routed_scaling_factor, Gemma-4's per-expert scale) skips the same experts; an
+    absolute τ = 0.05 skipped every miss at scale 0.02."""
+    ids = torch.tensor([[0, 7, 3, 2, 4, 5, 6, 8]])
+    w = torch.tensor([[0.25, 0.1, 0.03, 0.12, 0.08, 0.2, 0.06, 0.16]]) * scale  # sum 1 before scaling
+    a = BALANCED.assign(ids, w, table())
+    assert a.counts.tolist() == [1, 7, 1, 1, 0, 5]  # only expert 3 (3% of the total) is skipped
+    torch.testing.assert_close(a.weights.sum(), w.sum())  # renormalised to the original total

@@ -57,7 +57,9 @@ def add_committee_args(p: argparse.ArgumentParser) -> None:
                         "exactly (those of largest gate weight; each costs ~100x a resident expert over the host "
                         "bus) and defer the rest (weight 0, the others renormalised): speed for a little quality "
                         "when few experts fit; 0 defers every miss (default: no cap)")
-    g.add_argument("--skip-threshold", type=float, metavar="TAU", help="gate weight below which experts are skipped")
+    g.add_argument("--skip-threshold", type=float, metavar="TAU",
+                   help="skip an expert whose gate weight is below TAU times the token's routed weight (its top-k "
+                        "weights' sum: 1 for routers that renormalise)")
     g.add_argument("--refresh-every", type=positive_int, default=16, metavar="N",
                    help="committee refresh interval (tokens)")
     g.add_argument("--plan", metavar="FILE", help="plan from `moetandem plan` (per-layer slots, refresh interval)")
