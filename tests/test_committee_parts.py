@@ -10,7 +10,7 @@ import torch
 
 import moetandem
 from conftest import build_checkpoint
-from moetandem import Engine, InvalidRequestError
+from moetandem import InvalidRequestError
 from moetandem.experts.committee import CommitteeProvider
 from moetandem.experts.executor import HostRows, _grouped_mm, run_experts
 from moetandem.experts.policies import MissPolicy
@@ -414,7 +414,8 @@ def test_graph_safe_committee_captures_and_replays_on_cuda(tmp_path):
 def test_mapped_exact_misses_equal_all_resident_without_host_sync(engine, monkeypatch, in_graph):
     """Exact misses read from the pinned host copy of every expert (slot n + e in the fused kernel) give the
     all-resident output, with no host round trip, so exact policies are graph-safe too (forced on the CPU)."""
-    monkeypatch.setattr(CommitteeProvider, "_maps", lambda self, policy, total: policy.exact == "auto")
+    monkeypatch.setattr("moetandem.experts.committee.maps_experts",
+                        lambda dev, dt, act, policy, total: policy.exact == "auto")
     layer, E, H = engine.store.layers[0], engine.store.num_experts, engine.args.hidden_size
     c = _committee(engine, MissPolicy(), 2)
     assert c.mapped is not None and c.mapped[layer].shape == (E, engine.store.expert_numel())

@@ -270,9 +270,8 @@ def test_cuda_packed_experts_match_the_cpu_dequantized_path(mixtral, name, budge
 def test_packed_committee_keeps_one_host_copy_of_its_rows(tmp_path, monkeypatch):
     """With zero-copy misses (the CUDA wiring, forced on the CPU) a committee of int8 experts pins every row once for
     the kernel; the rows it keeps for swaps are that pinned copy, not a second one, and still the quantized rows."""
-    from moetandem.experts.committee import CommitteeProvider
     from moetandem.experts.rows import ExpertRows
-    monkeypatch.setattr(CommitteeProvider, "_maps", lambda self, policy, total: True)
+    monkeypatch.setattr("moetandem.experts.committee.maps_experts", lambda *a: True)
     ckpt = build_checkpoint("mixtral", tmp_path / "m")
     eng = moetandem.load(ckpt, device="cpu", dtype="bfloat16", progress=False, expert_budget=0.15,
                          expert_format="int8", policy="auto", async_swaps=False)

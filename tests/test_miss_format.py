@@ -80,7 +80,7 @@ def test_mapped_misses_read_the_copy_in_its_format(ckpt, monkeypatch):
     from moetandem.experts.committee import CommitteeProvider
     from moetandem.experts.formats import ExpertFormat
     from moetandem.experts.policies import MissPolicy
-    monkeypatch.setattr(CommitteeProvider, "_maps", lambda self, policy, total: True)
+    monkeypatch.setattr("moetandem.experts.committee.maps_experts", lambda *a: True)
     eng = moetandem.load(ckpt, device="cpu", progress=False)
     st, layer = eng.store, eng.store.layers[0]
     pol = MissPolicy(substitute_min_sim=None, graph=True)  # balanced's graph rule, no skips: every miss is read

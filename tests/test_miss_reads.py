@@ -182,7 +182,7 @@ def test_end_to_end_cap_bounds_the_reads(ckpt, monkeypatch):
 def test_mapped_step_reads_at_most_the_cap(monkeypatch, tmp_path):
     """A mapped committee (the zero-copy path that is graph-captured on CUDA, forced on the CPU) hands the fused
     kernel at most N host experts per token: the cap holds on the in-graph path, not only on eager steps."""
-    monkeypatch.setattr(CommitteeProvider, "_maps", lambda self, policy, total: True)
+    monkeypatch.setattr("moetandem.experts.committee.maps_experts", lambda *a: True)
     eng = moetandem.load(build_checkpoint("mixtral", tmp_path), device="cpu", progress=False)
     st, layer, E = eng.store, eng.store.layers[0], eng.store.num_experts
     pol = replace(MissPolicy.named("skip", tau=0.01), max_reads=1)

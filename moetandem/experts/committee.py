@@ -24,7 +24,7 @@ from moetandem.experts.costs import CostModel
 from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.executor import device_format_supported, device_path_supported, run_experts
 from moetandem.experts.formats import ExpertFormat
-from moetandem.kernels import fused_moe_supported
+from moetandem.experts.mapped import map_experts, maps_experts
 from moetandem.experts.misses import check_miss_format, resolve_exact
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
@@ -88,13 +88,14 @@ class CommitteeProvider(ExpertProvider):
                         else device_format_supported(self.fmt.name, device, dtype, (self.I, self.H)))
         total = total_expert_bytes(store, dtype, self.expert_size)
         self.rows = ExpertRows(store, self.fmt, keep=True, progress=progress)
-        maps = self._maps(policy, total_expert_bytes(store, dtype, self.host_fmt.nbytes))
+        maps = maps_experts(device, dtype, self.act, policy, total_expert_bytes(store, dtype, self.host_fmt.nbytes))
         #: the miss format's rows (quantized once; kept on the host unless the mapped experts hold them)
         self.miss_rows = None if self.miss_fmt is None else ExpertRows(store, self.miss_fmt, keep=not maps,
                                                                        progress=progress)
         #: exact misses read zero-copy from pinned host memory by the fused kernel (no copy, no host sync, so the
         #: step stays one CUDA graph): every expert pinned once (in host_fmt), when it fits the pinned-memory cap
-        self.mapped = self._map_experts(progress) if maps else None
+        self.mapped = (map_experts(self.miss_rows or self.rows, list(store.layers), self.E, self.host_fmt,
+                                   device.type == "cuda", progress) if maps else None)
         self.copies = HostCopies(self.rows, pin=device.type == "cuda", cap=pinned_cap(total),
                                  mapped=self.mapped if self.miss_fmt is None else None)
         self.swapper = Swapper(self.copies, device)
@@ -109,32 +110,6 @@ class CommitteeProvider(ExpertProvider):
         self.set_budget(budget_bytes, slots, progress)
 
     # ------------------------------------------------------------------ interface
-    def _maps(self, policy: MissPolicy, total: int) -> bool:
-        """Zero-copy exact misses: CUDA with the fused kernel, a policy whose exact misses may be computed anywhere
-        (auto; not the fetch / host / lru / host-only baselines), and every expert fitting the pinned cap."""
-        if self.device.type != "cuda" or not self.act.gated or not fused_moe_supported(self.device, self.dtype):
-            return False
-        if not (policy.exact == "auto" and not policy.lru and policy.refresh):
-            return False
-        cap = pinned_cap(total, mapped=True)
-        if total > cap:
-            log.warning("exact misses are copied to the GPU, not read in place: pinning every expert takes %.1f GiB "
-                        "of host memory and %.1f GiB may be pinned now (3/4 of what is available); free host memory "
-                        "(a tmpfs such as /dev/shm counts as used) or set MOETANDEM_PINNED_BYTES", total / 2**30,
-                        cap / 2**30)
-            return False
-        return True
-
-    def _map_experts(self, progress: bool) -> dict[int, torch.Tensor]:
-        out, rows = {}, self.miss_rows or self.rows
-        for l in tqdm(self.store.layers, desc="pinning experts", unit="layer", disable=not progress, leave=False):
-            buf = self.host_fmt.empty(self.E, pin=self.device.type == "cuda")  # [E, row]
-            for e in range(self.E):
-                rows.copy_into(l, e, buf[e])
-            rows.adopt(l, buf)  # quantized rows kept for swaps: one host copy, the pinned one
-            out[l] = buf
-        return out
-
     @property
     def host_fmt(self) -> ExpertFormat:
         """The format of the host copies misses read (the mapped experts, host computes, fetches)."""

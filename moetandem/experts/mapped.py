@@ -1,0 +1,50 @@
+"""Zero-copy exact misses: every expert pinned once in host memory, where the fused kernel reads a miss in place
+(slot id n + e) with no copy and no host sync, so a committee step stays one CUDA graph. Whether a committee maps
+its experts, and the pinning itself."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm import tqdm
+
+from moetandem.experts.formats import ExpertFormat
+from moetandem.experts.policies import MissPolicy
+from moetandem.experts.rows import ExpertRows
+from moetandem.experts.swapper import pinned_cap
+from moetandem.kernels import fused_moe_supported
+from moetandem.models.expert_activation import ExpertActivation
+
+log = logging.getLogger("moetandem.experts")
+
+
+def maps_experts(device: torch.device, dtype: torch.dtype, act: ExpertActivation, policy: MissPolicy,
+                 total: int) -> bool:
+    """CUDA with the fused kernel and gated experts, a policy whose exact misses may be computed anywhere (auto; not
+    the fetch / host / lru / host-only baselines), and every expert (`total` bytes) fitting the pinned cap."""
+    if device.type != "cuda" or not act.gated or not fused_moe_supported(device, dtype):
+        return False
+    if not (policy.exact == "auto" and not policy.lru and policy.refresh):
+        return False
+    cap = pinned_cap(total, mapped=True)
+    if total > cap:
+        log.warning("exact misses are copied to the GPU, not read in place: pinning every expert takes %.1f GiB "
+                    "of host memory and %.1f GiB may be pinned now (3/4 of what is available); free host memory "
+                    "(a tmpfs such as /dev/shm counts as used) or set MOETANDEM_PINNED_BYTES", total / 2**30,
+                    cap / 2**30)
+        return False
+    return True
+
+
+def map_experts(rows: ExpertRows, layers: list[int], num_experts: int, fmt: ExpertFormat, pin: bool,
+                progress: bool) -> dict[int, torch.Tensor]:
+    """Per layer, every expert's row in `fmt` in one (pinned) buffer [E, row]; `rows` adopts it as its host copy
+    (quantized rows are kept for swaps: one host copy, the pinned one)."""
+    out = {}
+    for l in tqdm(layers, desc="pinning experts", unit="layer", disable=not progress, leave=False):
+        buf = fmt.empty(num_experts, pin=pin)  # [E, row]
+        for e in range(num_experts):
+            rows.copy_into(l, e, buf[e])
+        rows.adopt(l, buf)
+        out[l] = buf
+    return out
