@@ -283,3 +283,15 @@ def test_cli_flag(ckpt, local, cloud, capsys, tmp_path):
     cloud.frames.clear()
     assert main(args + ["--cloud-decode-tokens", "4"]) == 0
     assert cloud.frames.get("decode", 0) == 2  # 5 decode tokens: 4 + 1
+
+
+def test_a_k_step_exchange_waits_k_deadlines_within_the_timeout():
+    """A decode exchange of k steps does k steps of the cloud's work: its deadline is k per-token deadlines (a loaded
+    cloud's replies fell back to the end under the per-token one), capped by the configured timeout."""
+    from types import SimpleNamespace
+
+    from moetandem.split.end import decode_deadline_s
+    link = SimpleNamespace(opts=SimpleNamespace(timeout_s=2.0), deadline_s=lambda sent: 0.1 + sent / 1e6)
+    assert decode_deadline_s(link, 0, 1) == pytest.approx(0.1)
+    assert decode_deadline_s(link, 100_000, 8) == pytest.approx(1.6)
+    assert decode_deadline_s(link, 0, 64) == 2.0

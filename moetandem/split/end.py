@@ -179,7 +179,9 @@ class SplitModel:
                 return None  # the cloud's K/V are behind (refilled by ordinary steps)
             frame = decode_frame(st.cloud_id, self.decode_k, tokens, pos, rows, budget, stops, sampling,
                                  self.model.lm_head.weight.dtype)
-            reply = session.wait(session.submit(frame))
+            fut = session.submit(frame)
+            reply = session.wait(fut, timeout_s=decode_deadline_s(self.link, getattr(fut, "sent_bytes", 0),
+                                                                      self.decode_k))
             out = read_decode_reply(reply, len(rows), self.decode_k, budget, self.args.vocab_size)
             states = read_reply_states(reply, len(gens))
         except (CloudError, FrameError) as e:  # as a failed `layers` exchange: the step runs on the end
@@ -362,6 +364,13 @@ class SplitModel:
         return {**self.stats, **self.link.monitor.as_dict(), "link_losses": self.link.losses,
                 "breaker_open": int(self.link.breaker_open), "link_probes": self.link.probes,
                 "expert_rows_cloud": self.experts.remote_rows, "expert_rows_fallback": self.experts.fallback_rows}
+
+
+def decode_deadline_s(link: CloudLink, sent: int, k: int) -> float:
+    """How long a `decode` exchange of k steps may take: k times the link's deadline for a frame of its size (which
+    follows the measured exchanges, per-token ones among them), within the configured timeout. With the per-token
+    deadline alone a loaded cloud's k-step replies timed out and fell back to the end."""
+    return min(link.opts.timeout_s, k * link.deadline_s(sent))
 
 
 def _at(t: torch.Tensor | None, p: slice) -> torch.Tensor | None:
