@@ -290,7 +290,7 @@ def test_a_k_step_exchange_waits_k_deadlines_within_the_timeout():
     cloud's replies fell back to the end under the per-token one), capped by the configured timeout."""
     from types import SimpleNamespace
 
-    from moetandem.split.end import decode_deadline_s
+    from moetandem.split.end_decode import decode_deadline_s
     link = SimpleNamespace(opts=SimpleNamespace(timeout_s=2.0), deadline_s=lambda sent: 0.1 + sent / 1e6)
     assert decode_deadline_s(link, 0, 1) == pytest.approx(0.1)
     assert decode_deadline_s(link, 100_000, 8) == pytest.approx(1.6)

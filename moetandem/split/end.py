@@ -31,8 +31,8 @@ import torch
 from moetandem.errors import CloudError, InvalidRequestError, MoetandemError
 from moetandem.graphs import PieceGraphs
 from moetandem.models import KVCache
-from moetandem.split.decode import (RowSampler, decode_frame, generator_state_bytes, read_decode_reply,
-                                    read_reply_states)
+from moetandem.split.decode import RowSampler
+from moetandem.split.end_decode import decode_exchange
 from moetandem.split.experts import CloudExpertProvider
 from moetandem.split.frames import alloc_frame, layers_frame
 from moetandem.split.link import CloudLink
@@ -155,56 +155,8 @@ class SplitModel:
     def decode_exchange(self, tokens: list[int], pos: list[int], rows: list[int], budget: list[int],
                         stops: list[frozenset[int]], cache: KVCache, sampling: list[RowSampler] | None = None
                         ) -> list[list[int]] | None:
-        """A decode step (each row's last token at `pos`, `budget` tokens left, its stop ids, its (temperature,
-        top_p, generator): None = all greedy) as one `decode` exchange: the cloud makes up to decode_k tokens per
-        row (split/decode.py) and each generator is set to its state after them. Returns the tokens in order, or
-        None when this step cannot go that way (option off or not this plan, the cloud down, older or behind after
-        an outage, sampled rows a cloud cannot reproduce, the exchange failed): the caller then runs one ordinary
-        step (__call__)."""
-        st = self._rows.get(cache)
-        if not self.decode_tokens or st is None:
-            return None  # the option is off (no re-planning here: the ordinary step does it)
-        self._maybe_replan()
-        if not self.decode_k or self.link.session() is None or not self.link.info.get("decode"):
-            return None
-        if sampling is not None and not any(t > 0 for t, _, _ in sampling):
-            sampling = None  # every row greedy: the frame of any cloud that serves `decode`
-        gens = [g for _, _, g in sampling or () if g is not None]
-        if sampling is not None and not self._cloud_samples(gens):
-            return None
-        r, p = torch.tensor(rows), torch.tensor(pos)
-        try:
-            session = self._ensure_cloud_cache(st, cache)
-            if bool((st.cloud_len[r] < p).any()):
-                return None  # the cloud's K/V are behind (refilled by ordinary steps)
-            frame = decode_frame(st.cloud_id, self.decode_k, tokens, pos, rows, budget, stops, sampling,
-                                 self.model.lm_head.weight.dtype)
-            fut = session.submit(frame)
-            reply = session.wait(fut, timeout_s=decode_deadline_s(self.link, getattr(fut, "sent_bytes", 0),
-                                                                      self.decode_k))
-            out = read_decode_reply(reply, len(rows), self.decode_k, budget, self.args.vocab_size)
-            states = read_reply_states(reply, len(gens))
-        except (CloudError, FrameError) as e:  # as a failed `layers` exchange: the step runs on the end
-            self.stats["fallbacks"] += 1
-            self.link.lost(e if isinstance(e, CloudError) else CloudError(f"bad decode reply from the cloud: {e}"))
-            return None
-        for g, state in zip(gens, states):  # the stream goes on after the tokens the cloud drew
-            g.set_state(state)
-        for i, (row, first, toks) in enumerate(zip(rows, pos, out)):  # fed: the last token, then all but the newest
-            st.tokens[row, first: first + len(toks)] = torch.tensor([tokens[i], *toks[:-1]])
-            st.cloud_len[row], st.local_len[row] = first + len(toks), min(int(st.local_len[row]), first)
-        self.stats["decode_exchanges"] += 1
-        self.stats["decode_tokens"] += sum(map(len, out))
-        return out
-
-    def _cloud_samples(self, gens: list[torch.Generator]) -> bool:
-        """Whether the cloud can sample this step's rows: it says `decode_sample` in hello, and for seeded rows its
-        generator state has this torch's size and the generators are CPU ones (an end on a GPU samples with CUDA
-        generators: those rows stay per token)."""
-        cap = self.link.info.get("decode_sample")
-        if not cap:
-            return False
-        return not gens or (cap == generator_state_bytes() and all(g.device.type == "cpu" for g in gens))
+        """A decode step as one `decode` exchange of up to k tokens per row, or None: split/end_decode.py."""
+        return decode_exchange(self, tokens, pos, rows, budget, stops, cache, sampling)
 
     # ---- the cloud route
     def _cloud_forward(self, st: _Rows, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
@@ -364,13 +316,6 @@ class SplitModel:
         return {**self.stats, **self.link.monitor.as_dict(), "link_losses": self.link.losses,
                 "breaker_open": int(self.link.breaker_open), "link_probes": self.link.probes,
                 "expert_rows_cloud": self.experts.remote_rows, "expert_rows_fallback": self.experts.fallback_rows}
-
-
-def decode_deadline_s(link: CloudLink, sent: int, k: int) -> float:
-    """How long a `decode` exchange of k steps may take: k times the link's deadline for a frame of its size (which
-    follows the measured exchanges, per-token ones among them), within the configured timeout. With the per-token
-    deadline alone a loaded cloud's k-step replies timed out and fell back to the end."""
-    return min(link.opts.timeout_s, k * link.deadline_s(sent))
 
 
 def _at(t: torch.Tensor | None, p: slice) -> torch.Tensor | None:
