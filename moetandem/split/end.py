@@ -4,7 +4,7 @@ MoEForCausalLM.forward), so the batcher, `Engine.generate` and `moetandem serve`
     end: embed -> layers [0, a) ──frame──► cloud: layers [a, L-b) ──frame──► end: layers [L-b, L) -> norm -> head
 
 With the cloud-only plan and the head in the cloud, a batcher step of plain sequences may instead be one `decode`
-exchange in which the cloud makes up to k tokens per sequence (decode_exchange; split/decode.py).
+exchange in which the cloud makes up to k tokens per sequence (split/end_decode.py; the frame: split/decode.py).
 
 Fallback: the end holds the whole checkpoint (experts stream through its committee / ExpertStore). When an
 exchange fails, that forward runs locally; K/V of the cloud's layers missing on the end are rebuilt first by
