@@ -33,6 +33,10 @@ EXPERT_FORMATS = ("auto", "bf16", "fp8", "int8", "int4", "mxfp4")
 MISS_FORMATS = ("bf16", "int8", "int4")
 #: policies whose misses may read a lower-precision copy or be capped (approximate ones; exact policies never are)
 _APPROXIMATE = ("substitute", "skip")
+#: --miss-compute: where a committee's exact misses are computed in a decode step (host: on the CPU meanwhile)
+MISS_COMPUTE = ("gpu", "host")
+#: policies whose exact misses may be computed anywhere (those a committee reads zero-copy from pinned memory)
+_ANYWHERE = ("auto", "substitute", "skip")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -139,6 +143,9 @@ class CommitteeConfig:
     #: --miss-reads: per token and layer, at most this many misses an approximate fidelity would read exactly
     #: (zero-copy over the host bus, or fetched); the others are deferred. None: no cap
     miss_reads: int | None = None
+    #: --miss-compute (experimental): "gpu" (exact misses read over the host bus) or "host" (computed on the CPU
+    #: while the GPU runs the hits; CUDA only, experts/host_misses.py)
+    miss_compute: str = "gpu"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,6 +166,7 @@ class CommitteeConfig:
         _positive_int("the committee window", self.window)
         self._validate_miss_format()
         self._validate_miss_reads()
+        self._validate_miss_compute()
 
     def _validate_miss_format(self) -> None:
         m = self.miss_format
@@ -174,6 +182,20 @@ class CommitteeConfig:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise InvalidRequestError(f"--miss-reads must be an integer >= 0, got {n!r}")
         self._approximate_only(f"--miss-reads {n}", "defers a token's misses beyond the cap")
+
+    def _validate_miss_compute(self) -> None:
+        m = self.miss_compute
+        if m not in MISS_COMPUTE:
+            raise InvalidRequestError(f"--miss-compute {m!r}: choose one of {', '.join(MISS_COMPUTE)}")
+        if m == "gpu":
+            return
+        if not self.enabled:
+            raise InvalidRequestError("--miss-compute host needs --expert-budget: with every expert resident there "
+                                      "are no misses")
+        if self.policy is not None and self.policy not in _ANYWHERE:
+            raise InvalidRequestError(f"--miss-compute host computes exact misses on the CPU, but --policy "
+                                      f"{self.policy} decides itself where its misses go; use --policy auto (or a "
+                                      "--fidelity), or drop --miss-compute")
 
     def _approximate_only(self, flag: str, what: str) -> None:
         """A flag that changes what a miss computes: it needs misses (a budget) and an approximate policy."""
@@ -197,7 +219,8 @@ class CommitteeConfig:
         return cls(budget=getattr(ns, "expert_budget", None), policy=getattr(ns, "policy", None),
                    fidelity=getattr(ns, "fidelity", "balanced"), skip_threshold=getattr(ns, "skip_threshold", None),
                    refresh_every=getattr(ns, "refresh_every", 16), plan=getattr(ns, "plan", None),
-                   miss_format=getattr(ns, "miss_format", "bf16"), miss_reads=getattr(ns, "miss_reads", None))
+                   miss_format=getattr(ns, "miss_format", "bf16"), miss_reads=getattr(ns, "miss_reads", None),
+                   miss_compute=getattr(ns, "miss_compute", "gpu"))
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from moetandem.config import (BASELINES, CODECS, EXPERT_FORMATS, FIDELITY, GATES, MISS_FORMATS, POLICIES,
-                              CommitteeConfig, GateConfig, ModelConfig, SplitConfig, check_gpu_memory,
+from moetandem.config import (BASELINES, CODECS, EXPERT_FORMATS, FIDELITY, GATES, MISS_COMPUTE, MISS_FORMATS,
+                              POLICIES, CommitteeConfig, GateConfig, ModelConfig, SplitConfig, check_gpu_memory,
                               parse_budget)
 from moetandem.errors import InvalidRequestError
 
@@ -57,6 +57,11 @@ def add_committee_args(p: argparse.ArgumentParser) -> None:
                         "exactly (those of largest gate weight; each costs ~100x a resident expert over the host "
                         "bus) and defer the rest (weight 0, the others renormalised): speed for a little quality "
                         "when few experts fit; 0 defers every miss (default: no cap)")
+    g.add_argument("--miss-compute", choices=MISS_COMPUTE, default="gpu",
+                   help="experimental: where a decode step's exact misses are computed: gpu (default: read over "
+                        "the host bus) or host (on the CPU from host memory, while the GPU runs the hits; the step "
+                        "stays one CUDA graph). Needs a CUDA device and a policy whose exact misses may be "
+                        "computed anywhere (auto or a --fidelity; not fetch / host / the baselines)")
     g.add_argument("--skip-threshold", type=float, metavar="TAU",
                    help="skip an expert whose gate weight is below TAU times the token's routed weight (its top-k "
                         "weights' sum: 1 for routers that renormalise)")

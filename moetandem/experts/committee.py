@@ -24,6 +24,7 @@ from moetandem.experts.costs import CostModel
 from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.executor import device_format_supported, device_path_supported, run_experts
 from moetandem.experts.formats import ExpertFormat
+from moetandem.experts.host_misses import host_misses_for
 from moetandem.experts.mapped import map_experts, maps_experts
 from moetandem.experts.misses import check_miss_format, resolve_exact
 from moetandem.experts.policies import MissPolicy
@@ -57,13 +58,16 @@ class CommitteeProvider(ExpertProvider):
                  norms: dict[int, torch.Tensor] | None = None, slots: dict[int, int] | None = None,
                  refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True,
                  async_swaps: bool = True, activation: ExpertActivation | None = None,
-                 fmt: ExpertFormat | None = None, miss_fmt: ExpertFormat | None = None) -> None:
+                 fmt: ExpertFormat | None = None, miss_fmt: ExpertFormat | None = None,
+                 miss_compute: str = "gpu") -> None:
         """async_swaps=False waits for each refresh's swaps before going on: slower, but the resident set at
         every step no longer depends on thread timing (reproducible quality measurements). activation: the
         experts' (default: the store's); with biases, each flat slot ends with them. fmt: how a slot holds an
         expert (default bf16: the compute dtype); slots, pinned copies, swaps and the budget count its bytes.
         miss_fmt: the format of the host copy a miss reads (--miss-format; approximate policies over bf16 slots
-        only): the mapped host experts, host computes and fetches use it; swaps still copy `fmt` rows."""
+        only): the mapped host experts, host computes and fetches use it; swaps still copy `fmt` rows.
+        miss_compute="host" (--miss-compute, experimental): where the experts are mapped, decode steps compute their
+        exact misses on the CPU meanwhile instead of reading them over the bus (host_misses.py)."""
         if policy.substitute_min_sim is not None and similarity is None:
             raise InvalidRequestError("substitution needs expert similarity: run `moetandem calibrate MODEL` first")
         if refresh_every < 1:
@@ -96,6 +100,9 @@ class CommitteeProvider(ExpertProvider):
         #: step stays one CUDA graph): every expert pinned once (in host_fmt), when it fits the pinned-memory cap
         self.mapped = (map_experts(self.miss_rows or self.rows, list(store.layers), self.E, self.host_fmt,
                                    device.type == "cuda", progress) if maps else None)
+        #: --miss-compute host: the host worker and the handoff (None: misses as above)
+        self.host_misses = host_misses_for(miss_compute, self.mapped, top_k, self.H, dtype, device, self.host_fmt,
+                                           self.act)
         self.copies = HostCopies(self.rows, pin=device.type == "cuda", cap=pinned_cap(total),
                                  mapped=self.mapped if self.miss_fmt is None else None)
         self.swapper = Swapper(self.copies, device)
@@ -108,6 +115,11 @@ class CommitteeProvider(ExpertProvider):
         self._settled = False  # compute did this step's host work itself (eager committee)
         self.tick = 0
         self.set_budget(budget_bytes, slots, progress)
+
+    def close(self) -> None:
+        """Stop the committee's host-miss worker, if any (swaps need nothing: their thread ends with the committee)."""
+        if self.host_misses is not None:
+            self.host_misses.close()
 
     # ------------------------------------------------------------------ interface
     @property
@@ -129,6 +141,8 @@ class CommitteeProvider(ExpertProvider):
         s = self.counters.snapshot()
         if self.mapped is not None:
             s.miss_bytes += s.miss_reads * self.host_fmt.nbytes
+        if self.host_misses is not None:
+            self.host_misses.add_stats(s, self.host_fmt.nbytes)
         return s
 
     @property
@@ -172,11 +186,17 @@ class CommitteeProvider(ExpertProvider):
         v = self.fmt.views(st.buf)  # w13 [n, 2I, H'], w2 [n, H, I'] (+ scales, biases [n, 2I], [n, H])
         fmt = self.fmt.name
         if self.mapped is not None:  # exact misses: expert e read from pinned host memory as slot n + e
-            slots = asg.slots if asg.exact is None else torch.where(asg.exact, st.n + expert_ids.int(), asg.slots)
+            hm, miss = self.host_misses, None
+            if hm is not None and asg.exact is not None and hm.takes(x):  # ... or computed by the host meanwhile
+                miss = torch.where(asg.exact, expert_ids.int(), -1)  # [T, k] expert ids for the host
+                slots = hm.publish(layer, x, miss, asg.slots, st.n)  # the hits (misses -1)
+            else:
+                slots = asg.slots if asg.exact is None else torch.where(asg.exact, st.n + expert_ids.int(), asg.slots)
             hv = self.host_fmt.views(self.mapped[layer])  # over [E, row]
             mapped = (hv.w13, hv.w2, *(hv.bias or ()))
-            return run_experts(x, slots, asg.weights, v.w13, v.w2, True, mapped=mapped, act=self.act, bias=v.bias,
-                               fmt=fmt, scales=v.scales, host_scales=hv.scales, host_fmt=self.host_fmt.name)
+            out = run_experts(x, slots, asg.weights, v.w13, v.w2, True, mapped=mapped, act=self.act, bias=v.bias,
+                              fmt=fmt, scales=v.scales, host_scales=hv.scales, host_fmt=self.host_fmt.name)
+            return out if hm is None or miss is None else hm.collect(layer, out, asg.weights, miss)
         host = resolve_exact(self, layer, x, expert_ids, asg) if asg.exact is not None else None
         return run_experts(x, asg.slots, asg.weights, v.w13, v.w2, self.grouped, host, act=self.act, bias=v.bias,
                            fmt=fmt, scales=v.scales)
@@ -192,6 +212,8 @@ class CommitteeProvider(ExpertProvider):
         that are due. tokens: the step's tokens where compute did not see them (a graph replay; default 1)."""
         counted, self._settled = self._settled, False  # compute already counted this step's tokens
         self._stepped = True
+        if self.host_misses is not None:
+            self.host_misses.check()  # a timed-out handoff: misses zero-copy from now on
         self._publish_finished()
         due = []
         for l in self.store.layers:

@@ -15,6 +15,7 @@ from moetandem.errors import InvalidRequestError
 from moetandem.experts.executor import HostRows
 from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.policies import Assignment, MissPolicy
+from moetandem.models.expert_activation import ExpertActivation
 
 if TYPE_CHECKING:
     from moetandem.experts.committee import CommitteeProvider
@@ -103,14 +104,20 @@ def _host_compute(c: "CommitteeProvider", layer: int, x: torch.Tensor, ids: torc
     toks, cols, ys = [], [], []
     for e in experts:
         tok, col = torch.nonzero((ids == e) & need, as_tuple=True)  # host [r], [r]
-        w13, w2, b13, b2 = c.host_fmt.unpack(miss_row(c, layer, e))  # the one expert, in the compute dtype
-        rows = x[tok.to(x.device)].to("cpu", w13.dtype)  # [r, H]
-        ys.append(c.act.ffn(rows, w13, w2, b13, b2).to(x.device, x.dtype))  # [r, H]
+        rows = x[tok.to(x.device)].to("cpu")  # [r, H]
+        ys.append(expert_ffn(c.host_fmt, c.act, miss_row(c, layer, e), rows).to(x.device, x.dtype))  # [r, H]
         toks.append(tok)
         cols.append(col)
     out = HostRows(token=torch.cat(toks).to(x.device), col=torch.cat(cols).to(x.device), y=torch.cat(ys))
     c.counters.host.stall_s += time.perf_counter() - t0
     return out
+
+
+def expert_ffn(fmt: ExpertFormat, act: ExpertActivation, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One expert on the host: its row in `fmt` (dequantized on use), rows x [r, H] (host) -> [r, H] in the compute
+    dtype. The host computes of eager steps and the host-miss worker (host_misses.py) both run here."""
+    w13, w2, b13, b2 = fmt.unpack(row)  # in the compute dtype
+    return act.ffn(x.to(w13.dtype), w13, w2, b13, b2)
 
 
 def check_miss_format(miss: ExpertFormat | None, slots: ExpertFormat, policy: MissPolicy) -> ExpertFormat | None:
