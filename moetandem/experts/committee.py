@@ -3,7 +3,8 @@ importance and refreshed asynchronously; misses handled by a MissPolicy.
 
 The parts: slots.py (slot buffers + device expert->slot tables), scorer.py (importance on the device),
 swapper.py (pinned host copies, copy stream, worker thread), policies.py (routing -> slots with tensor ops),
-misses.py (the host path of exact policies), executor.py (runs assignments over a slot buffer).
+misses.py (the host path of exact policies), host_misses.py (--miss-compute host: a CPU thread computes a graph
+step's exact misses), executor.py (runs assignments over a slot buffer).
 
 Who does the per-step host work (polling finished swaps and publishing them, counting tokens, refreshing):
 - `graph_safe` (a graph-safe policy, a CUDA device with the graph-safe executor, and an engine that calls
@@ -196,7 +197,7 @@ class CommitteeProvider(ExpertProvider):
             mapped = (hv.w13, hv.w2, *(hv.bias or ()))
             out = run_experts(x, slots, asg.weights, v.w13, v.w2, True, mapped=mapped, act=self.act, bias=v.bias,
                               fmt=fmt, scales=v.scales, host_scales=hv.scales, host_fmt=self.host_fmt.name)
-            return out if hm is None or miss is None else hm.collect(layer, out, asg.weights, miss)
+            return out if miss is None or hm is None else hm.collect(layer, out, asg.weights, miss)
         host = resolve_exact(self, layer, x, expert_ids, asg) if asg.exact is not None else None
         return run_experts(x, asg.slots, asg.weights, v.w13, v.w2, self.grouped, host, act=self.act, bias=v.bias,
                            fmt=fmt, scales=v.scales)

@@ -38,7 +38,8 @@ log = logging.getLogger("moetandem.experts")
 
 #: the longest step (tokens) handed to the host: decode batches; longer steps read their misses zero-copy
 MAX_T = 16
-#: polls of an idle worker between yields before it backs off to short sleeps (a decode step keeps it hot)
+#: polls of an idle worker between yields before it backs off to sleeps of 0.1 ms, and after as many again to 1 ms
+#: (a decode step keeps it hot; an idle server costs little)
 _HOT_POLLS = 20000
 
 
@@ -95,7 +96,7 @@ def _serve(w: _Worker) -> None:
         pending = (flags[:, REQ] != flags[:, RESP]).nonzero()[0]
         if len(pending) == 0:
             idle += 1
-            time.sleep(0 if idle < _HOT_POLLS else 1e-4)
+            time.sleep(0 if idle < _HOT_POLLS else 1e-4 if idle < 2 * _HOT_POLLS else 1e-3)
             continue
         idle = 0
         for i in pending.tolist():

@@ -14,8 +14,9 @@ fallback). Per layer and step:
   device computes (misses -1), so whatever runs the hits orders after it. With `off` set it publishes nothing and
   returns the misses as mapped host experts (slot n + e: today's zero-copy reads).
 - collect spins (volatile loads, at most `max_polls`) until the response flag equals the epoch, acquires it (an
-  atomic at system scope), then adds Σ_k w·resp over the misses to the hits' output in fp32. A row without misses
-  never waits. On a timeout it adds nothing for the row's misses (as deferred) and sets `err`; it never hangs.
+  acquire load at system scope: Triton lowers `atomic_add(p, 0, sem="acquire", scope="sys")` to one), then
+  adds Σ_k w·resp over the misses to the hits' output in fp32. A row without misses never waits. On a timeout
+  it adds nothing for the row's misses (as deferred) and sets `err`; it never hangs.
 
 Triton on CUDA (and under TRITON_INTERPRET=1); `publish_reference` / `collect_reference` in PyTorch elsewhere. Both
 are custom ops (`moetandem::host_publish` / `host_collect`) keyed by the channel's id, so torch.compile sees only the
@@ -115,7 +116,7 @@ def collect_reference(ch: Channel, out: torch.Tensor, weights: torch.Tensor, mis
 
 # ------------------------------------------------------------------ Triton
 if triton is not None:
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # one kernel for every T (an int of 1 would be specialized as constexpr)
     def _publish_kernel(x_ptr, miss_ptr, slots_ptr, hit_ptr, epoch_ptr, off_ptr, rx_ptr, rmiss_ptr, flags_ptr, T,
                         H, K, n, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
         """One program: x [T, H] and miss [T, K] (contiguous) into the host buffers, then the epoch."""
@@ -135,7 +136,7 @@ if triton is not None:
                 tl.store(rx_ptr + o, tl.load(x_ptr + o, mask=o < T * H), mask=o < T * H)
             e = tl.load(epoch_ptr) + 1
             tl.store(epoch_ptr, e)
-            tl.store(flags_ptr + 1, T.to(tl.int64))
+            tl.store(flags_ptr + 1, T)
             tl.debug_barrier()  # every thread's writes before the one release below
             tl.atomic_xchg(flags_ptr, e, sem="release", scope="sys")
 
@@ -156,7 +157,8 @@ if triton is not None:
             while (seen != e) & (polls < max_polls):
                 seen = tl.load(flags_ptr + 8, volatile=True)
                 polls += 1
-            seen = tl.atomic_add(flags_ptr + 8, 0, sem="acquire", scope="sys")  # orders the reads of resp
+            # orders the reads of resp (Triton emits it as one thread's ld.acquire.sys, broadcast through a barrier)
+            seen = tl.atomic_add(flags_ptr + 8, 0, sem="acquire", scope="sys")
             ok = seen == e
             if seen != e:
                 tl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="sys")
@@ -165,7 +167,7 @@ if triton is not None:
             oh = h0 + tl.arange(0, BLOCK_H)
             acc = tl.load(out_ptr + t * H + oh, mask=oh < H, other=0.0).to(tl.float32)
             r = tl.load(resp_ptr + (t * K + ko)[:, None] * H + oh[None, :], mask=use[:, None] & (oh < H)[None, :],
-                        other=0.0, cache_modifier=".cv").to(tl.float32)  # [BK, BH]
+                        other=0.0).to(tl.float32)  # [BK, BH], after the acquire (and the barrier broadcasting it)
             acc += tl.sum(r * w[:, None], axis=0)
             tl.store(y_ptr + t * H + oh, acc.to(y_ptr.dtype.element_ty), mask=oh < H)
 
