@@ -228,6 +228,18 @@ def test_config_and_cli_validation(engine, monkeypatch):
                           MissPolicy(), engine.args.top_k, progress=False, miss_compute="tpu")
 
 
+def test_worker_threads_from_the_environment(monkeypatch):
+    from moetandem.experts.host_misses import worker_threads
+    monkeypatch.setenv("MOETANDEM_HOST_MISS_THREADS", "3")
+    assert worker_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("MOETANDEM_HOST_MISS_THREADS", bad)
+        with pytest.raises(InvalidRequestError, match="number of threads >= 1"):
+            worker_threads()
+    monkeypatch.delenv("MOETANDEM_HOST_MISS_THREADS")
+    assert worker_threads() >= 1
+
+
 def test_load_passes_miss_compute(engine, tmp_path, caplog):
     """moetandem.load(miss_compute=...) reaches the committee; on the CPU nothing is mapped, so it warns and keeps
     today's miss handling."""

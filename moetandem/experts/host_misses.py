@@ -47,7 +47,10 @@ def worker_threads() -> int:
     """The worker's intra-op threads: MOETANDEM_HOST_MISS_THREADS, else the CPUs this process may use but one."""
     env = os.environ.get("MOETANDEM_HOST_MISS_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        if not env.isdigit() or int(env) < 1:
+            raise InvalidRequestError(f"MOETANDEM_HOST_MISS_THREADS={env!r}: set it to a number of threads >= 1, "
+                                      "or unset it (default: every CPU this process may use but one)")
+        return int(env)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, cpus - 1)
 
