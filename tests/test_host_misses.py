@@ -228,6 +228,34 @@ def test_config_and_cli_validation(engine, monkeypatch):
                           MissPolicy(), engine.args.top_k, progress=False, miss_compute="tpu")
 
 
+def test_the_workers_thread_count_is_its_own(engine, monkeypatch):
+    """The worker runs on MOETANDEM_HOST_MISS_THREADS intra-op threads; the calling thread, and threads started later
+    (a server's engine thread), keep the process's count."""
+    own = torch.get_num_threads()
+    monkeypatch.setenv("MOETANDEM_HOST_MISS_THREADS", str(own + 1))
+    c = host_committee(engine, monkeypatch)
+    seen = {}
+    th = threading.Thread(target=lambda: seen.setdefault("later", torch.get_num_threads()))
+    th.start()
+    th.join()
+    layer = engine.store.layers[0]
+    c.host_misses._w.act = _Spy(c.host_misses._w.act, seen)
+    c.compute(layer, *routing(engine, 2))
+    c.close()
+    assert torch.get_num_threads() == own and seen == {"later": own, "worker": own + 1}
+
+
+class _Spy:
+    """An activation that records the intra-op thread count it runs with."""
+
+    def __init__(self, act, seen: dict) -> None:
+        self.act, self.seen = act, seen
+
+    def ffn(self, *a, **k):
+        self.seen["worker"] = torch.get_num_threads()
+        return self.act.ffn(*a, **k)
+
+
 def test_worker_threads_from_the_environment(monkeypatch):
     from moetandem.experts.host_misses import worker_threads
     monkeypatch.setenv("MOETANDEM_HOST_MISS_THREADS", "3")

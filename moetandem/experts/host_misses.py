@@ -12,10 +12,11 @@ does not come within the spin bound adds nothing for its misses and sets an erro
 a read of pinned memory, no sync) then turns the handoff off on the device, so captured graphs too read the misses
 zero-copy from then on (logged once).
 
-Threads: the worker sets its own intra-op thread count (OpenMP's is per thread, so the main thread keeps its own):
-MOETANDEM_HOST_MISS_THREADS, default every CPU this process may use but one (the main thread spins while it waits
-for the GPU). The CPU side is worth it only where the host's memory bandwidth beats the bus and torch's CPU kernels
-for the compute dtype are fast (bf16 GEMV wants AVX512-BF16 / AMX); on a desktop it may well lose."""
+Threads: the worker sets its own intra-op thread count, MOETANDEM_HOST_MISS_THREADS, default every CPU this
+process may use but one (the main thread spins while it waits for the GPU). OpenMP's count is per thread, but
+torch.set_num_threads also sets the count threads started later begin with, so start() puts the caller's back.
+The CPU side is worth it only where the host's memory bandwidth beats the bus and torch's CPU kernels for the
+compute dtype are fast (bf16 GEMV wants AVX512-BF16 / AMX); on a desktop it may well lose."""
 from __future__ import annotations
 
 import logging
@@ -67,6 +68,7 @@ class _Worker:
     flags: torch.Tensor  # [L, 16] int64, every channel's flags
     threads: int
     stop: threading.Event = field(default_factory=threading.Event)
+    ready: threading.Event = field(default_factory=threading.Event)  # its thread count is set
     computes: int = 0  # assignments computed
     bytes: int = 0  # expert rows read (one per missed expert and step)
 
@@ -92,7 +94,9 @@ class _Worker:
 
 def _serve(w: _Worker) -> None:
     """The worker thread: busy-poll every layer's request flag (yielding the GIL), back off while idle."""
-    torch.set_num_threads(w.threads)
+    torch.get_num_threads()  # torch's per-thread lazy init first: it would reset the count set below
+    torch.set_num_threads(w.threads)  # this thread's (OpenMP's is per thread); start() restores the process default
+    w.ready.set()
     flags = w.flags.numpy()
     idle = 0
     while not w.stop.is_set():
@@ -135,9 +139,13 @@ class HostMisses:
         """Start the worker (again, after close()); a no-op while it runs."""
         if self._thread is not None and self._thread.is_alive():
             return
-        self._w.stop = threading.Event()
+        self._w.stop, self._w.ready = threading.Event(), threading.Event()
+        own = torch.get_num_threads()
         self._thread = threading.Thread(target=_serve, args=(self._w,), name="moetandem-host-misses", daemon=True)
         self._thread.start()
+        # torch.set_num_threads also sets the count every thread started later begins with: put this thread's back
+        self._w.ready.wait(timeout=30)
+        torch.set_num_threads(own)
         self._finalizer = weakref.finalize(self, _stop, self._w, self._thread)
 
     def close(self) -> None:
