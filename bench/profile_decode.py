@@ -37,6 +37,25 @@ def role(name: str) -> str:
     return next((r for r, pat in ROLES if re.search(pat, name)), "other")
 
 
+Tally = dict[str, list[float]]  # name -> [µs, launches]
+
+
+def tally(prof: torch.profiler.profile) -> tuple[Tally, Tally, dict[str, collections.Counter]]:
+    """A profile's CUDA kernels: µs and launches per role and per kernel name (90 characters), and each role's
+    kernel names (60 characters) with their launch counts."""
+    per: Tally = collections.defaultdict(lambda: [0.0, 0])
+    kernels: Tally = collections.defaultdict(lambda: [0.0, 0])
+    names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            r, us = role(ev.name), ev.time_range.elapsed_us()
+            for table, key in ((per, r), (kernels, ev.name[:90])):
+                table[key][0] += us
+                table[key][1] += 1
+            names[r][ev.name[:60]] += 1
+    return per, kernels, names
+
+
 def weight_bytes(cfg: dict) -> dict[str, float]:
     """Bytes one batch-1 token must read per role (bf16), from config.json."""
     H, L, k = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_experts_per_tok"]
@@ -67,17 +86,7 @@ def _profile(path: Path, steps: int, graphs: bool) -> dict:
     with torch.profiler.profile(activities=acts) as prof:
         eng.generate([prompt], max_new_tokens=steps + 1, stop_on_eos=False)
         torch.cuda.synchronize()
-    per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])  # per kernel name: µs, launches
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            r, us = role(ev.name), ev.time_range.elapsed_us()
-            per[r][0] += us
-            per[r][1] += 1
-            names[r][ev.name[:60]] += 1
-            kernels[ev.name[:90]][0] += us
-            kernels[ev.name[:90]][1] += 1
+    per, kernels, names = tally(prof)
     cfg = json.loads((path / "config.json").read_text())
     n_tok = steps + 1  # decode steps profiled (the prefill is one more forward; small next to them)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]

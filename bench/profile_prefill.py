@@ -9,7 +9,6 @@ Our side is `generate(max_new_tokens=1)`: the prefill forward, the first token a
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moetandem  # noqa: E402
-from bench.profile_decode import role  # noqa: E402
+from bench.profile_decode import tally  # noqa: E402
 from bench.shapes import SHAPES, build_random_checkpoint  # noqa: E402
 
 
@@ -31,14 +30,7 @@ def kernels(fn: Callable[[], object], repeats: int = 3) -> dict:
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    roles: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    names: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            us = ev.time_range.elapsed_us()
-            for table, key in ((roles, role(ev.name)), (names, ev.name[:90])):
-                table[key][0] += us
-                table[key][1] += 1
+    roles, names, _ = tally(prof)
     top = sorted(names.items(), key=lambda kv: -kv[1][0])[:20]
     return {"roles": {r: {"us": t / repeats, "kernels": c / repeats} for r, (t, c) in roles.items()},
             "top": [{"name": n, "us": round(t / repeats, 1), "launches": c / repeats} for n, (t, c) in top]}
