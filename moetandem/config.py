@@ -189,9 +189,7 @@ class CommitteeConfig:
             raise InvalidRequestError(f"--miss-compute {m!r}: choose one of {', '.join(MISS_COMPUTE)}")
         if m == "gpu":
             return
-        if not self.enabled:
-            raise InvalidRequestError("--miss-compute host needs --expert-budget: with every expert resident there "
-                                      "are no misses")
+        self._needs_budget("--miss-compute host")
         if self.policy is not None and self.policy not in _ANYWHERE:
             raise InvalidRequestError(f"--miss-compute host computes exact misses on the CPU, but --policy "
                                       f"{self.policy} decides itself where its misses go; use --policy auto (or a "
@@ -199,9 +197,7 @@ class CommitteeConfig:
 
     def _approximate_only(self, flag: str, what: str) -> None:
         """A flag that changes what a miss computes: it needs misses (a budget) and an approximate policy."""
-        if not self.enabled:
-            raise InvalidRequestError(f"{flag} needs --expert-budget: with every expert resident there are no "
-                                      "misses")
+        self._needs_budget(flag)
         if self.policy is not None and self.policy not in _APPROXIMATE:
             raise InvalidRequestError(f"{flag} {what}, which --policy {self.policy} never allows; use --fidelity "
                                       f"balanced or fast (or --policy {' / '.join(_APPROXIMATE)}), or drop "
@@ -209,6 +205,11 @@ class CommitteeConfig:
         if self.policy is None and self.fidelity == "exact":
             raise InvalidRequestError(f"{flag} {what}, which --fidelity exact never allows; use --fidelity balanced "
                                       f"or fast, or drop {flag.split()[0]}")
+
+    def _needs_budget(self, flag: str) -> None:
+        if not self.enabled:
+            raise InvalidRequestError(f"{flag} needs --expert-budget: with every expert resident there are no "
+                                      "misses")
 
     @property
     def enabled(self) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moetandem.config import MISS_COMPUTE
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.misses import expert_ffn
@@ -205,8 +206,8 @@ def host_misses_for(miss_compute: str, mapped: dict[int, torch.Tensor] | None, t
                     act: ExpertActivation) -> HostMisses | None:
     """A committee's HostMisses for --miss-compute (gpu: None), over its mapped experts (layer -> [E, row] in fmt);
     None, with a warning, where nothing is mapped (the zero-copy path, which the handoff replaces, is not used)."""
-    if miss_compute not in ("gpu", "host"):
-        raise InvalidRequestError(f"--miss-compute {miss_compute!r}: choose gpu or host")
+    if miss_compute not in MISS_COMPUTE:
+        raise InvalidRequestError(f"--miss-compute {miss_compute!r}: choose {' or '.join(MISS_COMPUTE)}")
     if miss_compute == "gpu":
         return None
     if mapped is None:

@@ -26,7 +26,8 @@ a deferring step leaves the token's MoE output 0.
 
 τ is a share of the token's routed weight (its top-k weights' sum), not an absolute weight: the same rule for
 routers that renormalise their top-k and for those that do not or scale it (OLMoE, Qwen2-MoE, DeepSeek-V2/V3,
-Gemma-4). Until 2026-12-01 it was absolute, which skipped nearly every miss of such routers.
+Gemma-4). Until 2026-12-01 it was absolute, which skipped many misses of such routers (on the random OLMoE
+bench shape about two thirds, on the random Gemma-4 shape nearly all).
 
 `max_reads` caps what a token's misses cost: each miss read exactly (zero-copy over the host bus, or fetched) costs
 ~100x a resident read, so a budget with a low hit rate is bound by the bus. With it, at most N of a token's
