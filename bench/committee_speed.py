@@ -31,6 +31,9 @@ CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balance
            # --miss-reads: at most N exact (zero-copy) misses per token and layer, the rest deferred (not default)
            "balanced, <= 1 miss read": {"fidelity": "balanced", "miss_reads": 1},
            "balanced, <= 2 miss reads": {"fidelity": "balanced", "miss_reads": 2},
+           # both: at most N misses read per token and layer, each from its int4 host copy
+           "balanced, int4 misses, <= 1 miss read": {"fidelity": "balanced", "miss_format": "int4", "miss_reads": 1},
+           "balanced, int4 misses, <= 2 miss reads": {"fidelity": "balanced", "miss_format": "int4", "miss_reads": 2},
            # --miss-compute host (experimental): decode steps compute exact misses on the CPU while the GPU runs the
            # hits (one CUDA graph; threads: MOETANDEM_HOST_MISS_THREADS); A/B against "exact (auto)" (not default)
            "exact, host misses": {"policy": "auto", "miss_compute": "host"},

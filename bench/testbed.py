@@ -218,7 +218,10 @@ def orchestrate(a: argparse.Namespace) -> int:
                            "rows": []}
     t0 = time.time()
     try:
-        addr = f"127.0.0.1:{json.loads(cloud.stdout.readline())['listening']}"
+        first = cloud.stdout.readline()
+        if not first.strip():
+            raise SystemExit("the cloud process ended before listening; its error is printed above")
+        addr = f"127.0.0.1:{json.loads(first)['listening']}"
         for n in a.ends:
             if a.time_limit and time.time() - t0 > a.time_limit:
                 print(f"[testbed] time limit: {n} ends not run", flush=True)

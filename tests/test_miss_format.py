@@ -98,11 +98,39 @@ def test_mapped_misses_read_the_copy_in_its_format(ckpt, monkeypatch):
         s = c.stats
         assert s.miss_reads > 0 and s.miss_bytes == s.miss_reads * c.host_fmt.nbytes
     assert c.mapped[layer].dtype == torch.uint8 and c.mapped[layer].shape == (st.num_experts, miss.nbytes)
-    assert c.copies.mapped is None and c.host_flat(layer, 3).numel() == c.fmt.row_numel  # swaps: bf16 rows
+    # swaps copy bf16 rows, from their own buffer pinned beside the int8 mirror (not pinned one by one on use)
+    assert c.copies.mapped[layer].shape == (st.num_experts, c.fmt.nbytes // c.copies.mapped[layer].element_size())
+    assert c.host_flat(layer, 3).numel() == c.fmt.row_numel
+    torch.testing.assert_close(c.copies.get(layer, 3).view(-1), c.copies.mapped[layer][3])
     want = eng.provider.compute(layer, x, ids, w)  # every expert resident: bf16 misses are exact
     torch.testing.assert_close(outs["bf16"], want, rtol=1e-4, atol=1e-4)
     err = float((outs["int8"] - want).norm() / want.norm())
     assert 0 < err < 0.02, err
+
+
+def test_swap_sources_fall_back_to_pinning_on_use_past_the_cap(ckpt, monkeypatch, caplog):
+    """Mapped int8 misses and bf16 slot copies that do not both fit the pinned cap: swaps pin on use (with a
+    warning that says how to allow more), and the misses stay mapped."""
+    from moetandem.experts.committee import CommitteeProvider
+    from moetandem.experts.formats import ExpertFormat
+    from moetandem.experts.policies import MissPolicy
+    monkeypatch.setattr("moetandem.experts.committee.maps_experts", lambda *a: True)
+    eng = moetandem.load(ckpt, device="cpu", progress=False)
+    st = eng.store
+    bf16, int8 = (ExpertFormat(n, st.inter, st.hidden, eng.dtype) for n in ("bf16", "int8"))
+    both = len(st.layers) * st.num_experts * (bf16.nbytes + int8.nbytes)
+    monkeypatch.setenv("MOETANDEM_PINNED_BYTES", str(both - 1))
+    with caplog.at_level("WARNING", logger="moetandem.experts"):
+        c = CommitteeProvider(st, eng.device, eng.dtype, 2 * st.expert_bytes(eng.dtype) * len(st.layers),
+                              MissPolicy(substitute_min_sim=None, graph=True), eng.args.top_k, progress=False,
+                              miss_fmt=int8, async_swaps=False)
+    assert c.mapped is not None and c.copies.mapped is None
+    assert "MOETANDEM_PINNED_BYTES" in caplog.text
+    monkeypatch.setenv("MOETANDEM_PINNED_BYTES", str(both))
+    c = CommitteeProvider(st, eng.device, eng.dtype, 2 * st.expert_bytes(eng.dtype) * len(st.layers),
+                          MissPolicy(substitute_min_sim=None, graph=True), eng.args.top_k, progress=False,
+                          miss_fmt=int8, async_swaps=False)
+    assert c.copies.mapped is not None
 
 
 @pytest.mark.parametrize("kw,match", [({"fidelity": "exact"}, "fidelity exact never allows"),

@@ -26,7 +26,7 @@ from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.executor import device_format_supported, device_path_supported, run_experts
 from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.host_misses import host_misses_for
-from moetandem.experts.mapped import map_experts, maps_experts
+from moetandem.experts.mapped import map_experts, maps_experts, swap_sources
 from moetandem.experts.misses import check_miss_format, resolve_exact
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
@@ -105,7 +105,8 @@ class CommitteeProvider(ExpertProvider):
         self.host_misses = host_misses_for(miss_compute, self.mapped, top_k, self.H, dtype, device, self.host_fmt,
                                            self.act)
         self.copies = HostCopies(self.rows, pin=device.type == "cuda", cap=pinned_cap(total),
-                                 mapped=self.mapped if self.miss_fmt is None else None)
+                                 mapped=swap_sources(self.rows, list(store.layers), self.E, self.fmt, self.mapped,
+                                                     self.host_fmt, device.type == "cuda", progress))
         self.swapper = Swapper(self.copies, device)
         self.similarity = similarity
         self.layers: dict[int, LayerSlots] = {}
