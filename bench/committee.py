@@ -31,6 +31,7 @@ CONFIGS = {  # label -> Engine.from_pretrained kwargs
     "lru": {"policy": "lru"}, "static": {"policy": "static"}, "host-only": {"policy": "host-only"},
     "balanced, int8 misses": {"fidelity": "balanced", "miss_format": "int8"},
     "balanced, int4 misses": {"fidelity": "balanced", "miss_format": "int4"},
+    "balanced, int4 miss tier": {"fidelity": "balanced", "miss_format": "int4", "miss_tier": "device"},
     "balanced, <= 1 miss read": {"fidelity": "balanced", "miss_reads": 1},
     "balanced, <= 2 miss reads": {"fidelity": "balanced", "miss_reads": 2},
 }

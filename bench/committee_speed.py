@@ -34,6 +34,9 @@ CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balance
            # both: at most N misses read per token and layer, each from its int4 host copy
            "balanced, int4 misses, <= 1 miss read": {"fidelity": "balanced", "miss_format": "int4", "miss_reads": 1},
            "balanced, int4 misses, <= 2 miss reads": {"fidelity": "balanced", "miss_format": "int4", "miss_reads": 2},
+           # --miss-tier device: the int4 copy of every expert on the GPU inside the budget; no miss crosses the bus
+           "balanced, int4 miss tier": {"fidelity": "balanced", "miss_format": "int4", "miss_tier": "device"},
+           "fast, int4 miss tier": {"fidelity": "fast", "miss_format": "int4", "miss_tier": "device"},
            # --miss-compute host (experimental): decode steps compute exact misses on the CPU while the GPU runs the
            # hits (one CUDA graph; threads: MOETANDEM_HOST_MISS_THREADS); A/B against "exact (auto)" (not default)
            "exact, host misses": {"policy": "auto", "miss_compute": "host"},

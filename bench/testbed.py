@@ -258,8 +258,10 @@ def wait_ends(procs: list[subprocess.Popen], deadline: float | None) -> bool:
                 p.wait()
             return True
         time.sleep(0.2)
-    if any(p.returncode for p in procs):
-        raise SystemExit("an end process failed")
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
+    if failed:
+        why = ", ".join(f"end {i}: " + (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}") for i, rc in failed)
+        raise SystemExit(f"an end process failed ({why}); its own error, if it printed one, is above")
     return False
 
 

@@ -35,6 +35,9 @@ MISS_FORMATS = ("bf16", "int8", "int4")
 _APPROXIMATE = ("substitute", "skip")
 #: --miss-compute: where a committee's exact misses are computed in a decode step (host: on the CPU meanwhile)
 MISS_COMPUTE = ("gpu", "host")
+#: --miss-tier: where the --miss-format copy of every expert lives: host (pinned, read over the bus) or device (on
+#: the compute device beside the slots, inside --expert-budget: misses never cross the bus)
+MISS_TIERS = ("host", "device")
 #: policies whose exact misses may be computed anywhere (those a committee reads zero-copy from pinned memory)
 _ANYWHERE = ("auto", "substitute", "skip")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -146,6 +149,9 @@ class CommitteeConfig:
     #: --miss-compute (experimental): "gpu" (exact misses read over the host bus) or "host" (computed on the CPU
     #: while the GPU runs the hits; CUDA only, experts/host_misses.py)
     miss_compute: str = "gpu"
+    #: --miss-tier: "host" (the miss copies pinned in host memory) or "device" (a --miss-format copy of every
+    #: expert on the compute device, counted in the budget: the slots get what it leaves)
+    miss_tier: str = "host"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -167,6 +173,7 @@ class CommitteeConfig:
         self._validate_miss_format()
         self._validate_miss_reads()
         self._validate_miss_compute()
+        self._validate_miss_tier()
 
     def _validate_miss_format(self) -> None:
         m = self.miss_format
@@ -195,6 +202,20 @@ class CommitteeConfig:
                                       f"{self.policy} decides itself where its misses go; use --policy auto (or a "
                                       "--fidelity), or drop --miss-compute")
 
+    def _validate_miss_tier(self) -> None:
+        t = self.miss_tier
+        if t not in MISS_TIERS:
+            raise InvalidRequestError(f"--miss-tier {t!r}: choose one of {', '.join(MISS_TIERS)}")
+        if t == "host":
+            return
+        if self.miss_format == "bf16":
+            raise InvalidRequestError("--miss-tier device keeps a quantized copy of every expert beside the slots; "
+                                      "choose its format with --miss-format int4 (about 0.27 of the bf16 bytes; "
+                                      "int8 about 0.52), or drop --miss-tier")
+        if self.miss_compute != "gpu":
+            raise InvalidRequestError("--miss-tier device reads misses on the GPU from its own copy; it cannot be "
+                                      "combined with --miss-compute host")
+
     def _approximate_only(self, flag: str, what: str) -> None:
         """A flag that changes what a miss computes: it needs misses (a budget) and an approximate policy."""
         self._needs_budget(flag)
@@ -221,7 +242,7 @@ class CommitteeConfig:
                    fidelity=getattr(ns, "fidelity", "balanced"), skip_threshold=getattr(ns, "skip_threshold", None),
                    refresh_every=getattr(ns, "refresh_every", 16), plan=getattr(ns, "plan", None),
                    miss_format=getattr(ns, "miss_format", "bf16"), miss_reads=getattr(ns, "miss_reads", None),
-                   miss_compute=getattr(ns, "miss_compute", "gpu"))
+                   miss_compute=getattr(ns, "miss_compute", "gpu"), miss_tier=getattr(ns, "miss_tier", "host"))
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
          gate_cost: float = math.inf, gate_latency_budget: float = 0.0, cloud: str | None = None,
          token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None,
          compile: str = "auto", expert_format: str = "auto", miss_format: str = "bf16",
-         miss_reads: int | None = None, gpu_memory: float | None = None, miss_compute: str = "gpu") -> Engine:
+         miss_reads: int | None = None, gpu_memory: float | None = None, miss_compute: str = "gpu",
+         miss_tier: str = "host") -> Engine:
     """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', a fraction like 0.5 of all expert
     bytes, or 'auto': what fits the GPU's free memory) only a committee of experts stays on the device; policy /
     fidelity say what a miss gets. gate="group" / "masked" routes to the experts that are local now.
@@ -155,11 +156,13 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
     first), the rest deferred (never with fidelity exact; None: no cap).
     miss_compute: "gpu" | "host" (experimental): a decode step's exact misses read over the host bus (gpu) or
     computed on the CPU while the GPU runs the hits (host; CUDA, policies auto / a fidelity).
+    miss_tier: "host" | "device": where the miss_format copy of every expert lives (device: beside the slots and
+    inside expert_budget; misses never cross the host bus).
     gpu_memory: cap this process's allocations on the CUDA device at this many GiB (as if the GPU were that small);
     a load that does not fit raises InvalidRequestError saying what would."""
     cm = CommitteeConfig(expert_budget, policy, fidelity, skip_threshold, refresh_every, score=score, plan=plan,
                          async_swaps=async_swaps, miss_format=miss_format, miss_reads=miss_reads,
-                         miss_compute=miss_compute)
+                         miss_compute=miss_compute, miss_tier=miss_tier)
     sc = None
     if cloud is not None:
         opts = dict(split or {})

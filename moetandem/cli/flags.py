@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moetandem.config import (BASELINES, CODECS, EXPERT_FORMATS, FIDELITY, GATES, MISS_COMPUTE, MISS_FORMATS,
-                              POLICIES, CommitteeConfig, GateConfig, ModelConfig, SplitConfig, check_gpu_memory,
+                              MISS_TIERS, POLICIES, CommitteeConfig, GateConfig, ModelConfig, SplitConfig, check_gpu_memory,
                               parse_budget)
 from moetandem.errors import InvalidRequestError
 
@@ -52,6 +52,11 @@ def add_committee_args(p: argparse.ArgumentParser) -> None:
                    help="balanced / fast only (refused with exact): misses read a copy of the expert quantized to "
                         "int8 (about half the bytes over the bus) or int4 (about a quarter) instead of bf16 "
                         "(default bf16: the expert as it is)")
+    g.add_argument("--miss-tier", choices=MISS_TIERS, default="host",
+                   help="with --miss-format: where its copy of every expert lives: host (default: pinned host "
+                        "memory, each miss read over the bus) or device (on the GPU beside the slots and inside "
+                        "--expert-budget, so the slots get what it leaves: at 50%% with int4 about 23%% of the "
+                        "experts exact and every miss read from the GPU's own memory, never over the bus)")
     g.add_argument("--miss-reads", type=non_negative_int, metavar="N",
                    help="balanced / fast only (refused with exact): per token and layer, read at most N misses "
                         "exactly (those of largest gate weight; each costs ~100x a resident expert over the host "

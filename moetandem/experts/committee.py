@@ -26,7 +26,7 @@ from moetandem.experts.budget import total_expert_bytes
 from moetandem.experts.executor import device_format_supported, device_path_supported, run_experts
 from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.host_misses import host_misses_for
-from moetandem.experts.mapped import map_experts, maps_experts, swap_sources
+from moetandem.experts.mapped import check_tier, map_experts, maps_experts, swap_sources
 from moetandem.experts.misses import check_miss_format, resolve_exact
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
@@ -60,7 +60,7 @@ class CommitteeProvider(ExpertProvider):
                  refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True,
                  async_swaps: bool = True, activation: ExpertActivation | None = None,
                  fmt: ExpertFormat | None = None, miss_fmt: ExpertFormat | None = None,
-                 miss_compute: str = "gpu") -> None:
+                 miss_compute: str = "gpu", miss_tier: str = "host") -> None:
         """async_swaps=False waits for each refresh's swaps before going on: slower, but the resident set at
         every step no longer depends on thread timing (reproducible quality measurements). activation: the
         experts' (default: the store's); with biases, each flat slot ends with them. fmt: how a slot holds an
@@ -68,7 +68,9 @@ class CommitteeProvider(ExpertProvider):
         miss_fmt: the format of the host copy a miss reads (--miss-format; approximate policies over bf16 slots
         only): the mapped host experts, host computes and fetches use it; swaps still copy `fmt` rows.
         miss_compute="host" (--miss-compute, experimental): where the experts are mapped, decode steps compute their
-        exact misses on the CPU meanwhile instead of reading them over the bus (host_misses.py)."""
+        exact misses on the CPU meanwhile instead of reading them over the bus (host_misses.py).
+        miss_tier="device" (--miss-tier): the miss_fmt copy of every expert lives on `device` beside the slots and
+        counts in budget_bytes (the slots get what it leaves); misses read it there, never over the host bus."""
         if policy.substitute_min_sim is not None and similarity is None:
             raise InvalidRequestError("substitution needs expert similarity: run `moetandem calibrate MODEL` first")
         if refresh_every < 1:
@@ -93,14 +95,20 @@ class CommitteeProvider(ExpertProvider):
                         else device_format_supported(self.fmt.name, device, dtype, (self.I, self.H)))
         total = total_expert_bytes(store, dtype, self.expert_size)
         self.rows = ExpertRows(store, self.fmt, keep=True, progress=progress)
-        maps = maps_experts(device, dtype, self.act, policy, total_expert_bytes(store, dtype, self.host_fmt.nbytes))
+        #: --miss-tier device: the miss copies live on the device, inside the budget
+        self.tier = check_tier(miss_tier, self.miss_fmt, device, dtype, self.act, policy)
+        maps = self.tier or maps_experts(device, dtype, self.act, policy,
+                                         total_expert_bytes(store, dtype, self.host_fmt.nbytes))
         #: the miss format's rows (quantized once; kept on the host unless the mapped experts hold them)
         self.miss_rows = None if self.miss_fmt is None else ExpertRows(store, self.miss_fmt, keep=not maps,
                                                                        progress=progress)
         #: exact misses read zero-copy from pinned host memory by the fused kernel (no copy, no host sync, so the
-        #: step stays one CUDA graph): every expert pinned once (in host_fmt), when it fits the pinned-memory cap
+        #: step stays one CUDA graph): every expert pinned once (in host_fmt), when it fits the pinned-memory cap;
+        #: with the device tier the same slot ids n + e point at the copy on the device
         self.mapped = (map_experts(self.miss_rows or self.rows, list(store.layers), self.E, self.host_fmt,
-                                   device.type == "cuda", progress) if maps else None)
+                                   device.type == "cuda", progress, device=device if self.tier else "cpu")
+                       if maps else None)
+        self.tier_bytes = sum(b.numel() * b.element_size() for b in self.mapped.values()) if self.tier else 0
         #: --miss-compute host: the host worker and the handoff (None: misses as above)
         self.host_misses = host_misses_for(miss_compute, self.mapped, top_k, self.H, dtype, device, self.host_fmt,
                                            self.act)
@@ -141,7 +149,7 @@ class CommitteeProvider(ExpertProvider):
         """Counters so far (reads the device counts: call between steps). With mapped experts every miss read is
         a zero-copy read of its host copy (counted per assignment, as the direct path reads it)."""
         s = self.counters.snapshot()
-        if self.mapped is not None:
+        if self.mapped is not None and not self.tier:  # the device tier's reads never cross the bus
             s.miss_bytes += s.miss_reads * self.host_fmt.nbytes
         if self.host_misses is not None:
             self.host_misses.add_stats(s, self.host_fmt.nbytes)
@@ -167,7 +175,7 @@ class CommitteeProvider(ExpertProvider):
         return self.scorer.scores(layer)
 
     def expert_bytes(self) -> int:
-        return sum(st.buf.numel() * st.buf.element_size() for st in self.layers.values())
+        return sum(st.buf.numel() * st.buf.element_size() for st in self.layers.values()) + self.tier_bytes
 
     # ------------------------------------------------------------------ compute
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -315,20 +323,22 @@ class CommitteeProvider(ExpertProvider):
 
     # ------------------------------------------------------------------ budget and slots
     def plan_slots(self, budget_bytes: int) -> dict[int, int]:
-        per_layer = budget_bytes // (self.expert_size * len(self.store.layers))
+        per_layer = max(0, budget_bytes - self.tier_bytes) // (self.expert_size * len(self.store.layers))
         need = self.top_k * self.expert_size * len(self.store.layers)
         if per_layer < self.top_k:
+            tier = (f" after the --miss-tier device copy's {self.tier_bytes / 2**20:.1f} MiB "
+                    f"({self.host_fmt.name}, every expert)" if self.tier else "")
             raise InvalidRequestError(
-                f"expert budget {budget_bytes / 2**20:.1f} MiB is below one token's experts "
+                f"expert budget {budget_bytes / 2**20:.1f} MiB{tier} is below one token's experts "
                 f"({self.top_k} per layer × {len(self.store.layers)} layers × {self.expert_size / 2**20:.2f} MiB = "
-                f"{need / 2**20:.1f} MiB); raise --expert-budget")
+                f"{need / 2**20:.1f} MiB); raise --expert-budget" + (", or use --miss-tier host" if tier else ""))
         return {l: min(self.E, per_layer) for l in self.store.layers}
 
     def set_budget(self, budget_bytes: int, slots: dict[int, int] | None = None, progress: bool = False) -> None:
         """Resize the committee now (between steps): shrinking evicts the least important, growing admits the
         most important experts. Slot buffers are reallocated: CUDA graphs captured before must be dropped."""
         plan = slots or self.plan_slots(budget_bytes)
-        if sum(plan.values()) * self.expert_size > budget_bytes:
+        if sum(plan.values()) * self.expert_size + self.tier_bytes > budget_bytes:
             raise InvalidRequestError("the slot plan needs more bytes than the expert budget")
         self.drain()
         for l in tqdm(self.store.layers, desc="committee", unit="layer", disable=not progress, leave=False):
