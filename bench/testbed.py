@@ -82,6 +82,7 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     k > 0: cloud-only with the head in the cloud may decode k tokens per exchange."""
     from moetandem.split.calibration import cut_codecs
     from moetandem.split.costs import ROW_BYTES, StepCosts, frame_overhead_bytes, split_profile
+    from moetandem.split.plan_cost import DECODE_TOKEN_BYTES, DECODE_UP_BYTES
     ar, mon, L = ada.args, ada.split.link.monitor, ada.args.num_layers
     bw = mon.bandwidth_bps if mon.bandwidth_bps != float("inf") else 1e9
     rtt = mon.rtt_s
@@ -99,8 +100,19 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
         link = rtt + (2 * fb + s * (4 + ROW_BYTES + raw_down)) / bw
         end_head = end.step_fixed_s + end.head_fixed_s + s * end.head_token_s
         return max(0.2 * cloud_raw.step_s(range(L), s, head=False), t - link - end_head)
-    cloud = cloud_raw.calibrated([(s, cloud_part(s, t)) for s, t in steps(END_HEAD if head_topk else "cloud-only")],
-                                 head=False)
+    def cloud_part_k(s: float, t: float) -> float:
+        """The cloud's step in the k-token cloud-only run, whose per-token time is (engine and end overhead + link +
+        RTT + k cloud steps) / k: calibrating to it keeps the end's contended head (in the END_HEAD run) out of the
+        cloud's costs, which the k-token plan multiplies by k (the tenth session's 50 ms test bed predicted 41
+        tok/s for a plan that ran 168-212)."""
+        link = rtt + (2 * fb + DECODE_UP_BYTES + DECODE_TOKEN_BYTES * (decode_tokens + 1)) / bw
+        over = end.step_fixed_s + end.head_fixed_s
+        return max(0.2 * cloud_raw.step_s(range(L), s), t - (link + over) / decode_tokens)
+    if decode_tokens and head_topk:
+        cloud = cloud_raw.calibrated([(s, cloud_part_k(s, t)) for s, t in steps("cloud-only")])
+    else:
+        cloud = cloud_raw.calibrated([(s, cloud_part(s, t)) for s, t in steps(END_HEAD if head_topk else
+                                                                                "cloud-only")], head=False)
     eb = ada.store.expert_bytes(ada.dtype)
     return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
                          concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap,

@@ -99,9 +99,11 @@ class CommitteeProvider(ExpertProvider):
         self.tier = check_tier(miss_tier, self.miss_fmt, device, dtype, self.act, policy)
         maps = self.tier or maps_experts(device, dtype, self.act, policy,
                                          total_expert_bytes(store, dtype, self.host_fmt.nbytes))
-        #: the miss format's rows (quantized once; kept on the host unless the mapped experts hold them)
+        #: the miss format's rows (quantized once; kept on the host unless the mapped experts hold them, whose
+        #: rows are quantized on the device as they are copied in: on the CPU, the Qwen3.5 shape's load took 48 s)
         self.miss_rows = None if self.miss_fmt is None else ExpertRows(store, self.miss_fmt, keep=not maps,
-                                                                       progress=progress)
+                                                                       progress=progress,
+                                                                       device=device if maps else "cpu")
         #: exact misses read zero-copy from pinned host memory by the fused kernel (no copy, no host sync, so the
         #: step stays one CUDA graph): every expert pinned once (in host_fmt), when it fits the pinned-memory cap;
         #: with the device tier the same slot ids n + e point at the copy on the device
