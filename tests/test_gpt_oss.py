@@ -93,6 +93,24 @@ def test_store_reads_mxfp4(checkpoints) -> None:
             assert torch.equal(ref.read_flat(layer, e, torch.float32)[-nb:], got.read_flat(layer, e, torch.float32)[-nb:])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_read_flat_into_a_buffer_equals_the_concatenated_read(checkpoints, dtype) -> None:
+    """read_flat(out=) writes each part in place (gpt-oss gate / up from one whole transpose, two-byte floats
+    moved as int16): the same values as concatenating read()'s parts, and a buffer of the wrong size is refused."""
+    for path in checkpoints:
+        ckpt = Checkpoint(path)
+        fam = FAMILIES["gpt_oss"]
+        store = ExpertStore(ckpt, fam, fam.args(ckpt.config, ckpt.path))
+        for layer in store.layers:
+            for e in (0, 3):
+                parts = (*store.read(layer, e), *store.read_bias(layer, e))
+                want = torch.cat([p.reshape(-1).to(dtype) for p in parts])
+                out = torch.full((store.expert_numel(),), float("nan"), dtype=dtype)
+                assert store.read_flat(layer, e, dtype, out=out) is out and torch.equal(out, want)
+        with pytest.raises(ValueError, match="out holds"):
+            store.read_flat(store.layers[0], 0, dtype, out=torch.empty(store.expert_numel() + 1, dtype=dtype))
+
+
 def test_mxfp4_tokens_equal_transformers_dequantized(checkpoints) -> None:
     """16 greedy tokens of moetandem on the MXFP4 checkpoint = transformers on the same dequantized weights, all
     resident and with half the experts under an exact committee."""

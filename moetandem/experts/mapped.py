@@ -5,6 +5,9 @@ expert on the device instead; and the host buffers swaps copy from."""
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -18,6 +21,8 @@ from moetandem.kernels import fused_moe_supported
 from moetandem.models.expert_activation import ExpertActivation
 
 log = logging.getLogger("moetandem.experts")
+#: threads that copy (and quantize) experts into the mapped buffers at load
+LOAD_THREADS = 8
 
 
 def maps_experts(device: torch.device, dtype: torch.dtype, act: ExpertActivation, policy: MissPolicy,
@@ -45,15 +50,21 @@ def map_experts(rows: ExpertRows, layers: list[int], num_experts: int, fmt: Expe
     --miss-tier device copy: on the compute device, nothing pinned, nothing adopted)."""
     out = {}
     on_host = torch.device(device).type == "cpu"
-    for l in tqdm(layers, desc="pinning experts" if on_host else "miss tier", unit="layer", disable=not progress,
-                  leave=False):
-        buf = fmt.empty(num_experts, device=device, pin=pin and on_host)  # [E, row]
-        for e in range(num_experts):
-            rows.copy_into(l, e, buf[e])
-        if on_host:
-            rows.adopt(l, buf)
-        out[l] = buf
+    # experts in parallel: reading, transposing and quantizing are torch ops that release the GIL (a 2-core host
+    # pinned gpt-oss-shaped experts 1.8x faster with 2 threads; the H200's host has 16 cores)
+    with ThreadPoolExecutor(max(1, min(LOAD_THREADS, os.cpu_count() or 1))) as pool:
+        for l in tqdm(layers, desc="pinning experts" if on_host else "miss tier", unit="layer",
+                      disable=not progress, leave=False):
+            buf = fmt.empty(num_experts, device=device, pin=pin and on_host)  # [E, row]
+            list(pool.map(partial(_copy_expert, rows, l, buf), range(num_experts)))
+            if on_host:
+                rows.adopt(l, buf)
+            out[l] = buf
     return out
+
+
+def _copy_expert(rows: ExpertRows, layer: int, buf: torch.Tensor, expert: int) -> None:
+    rows.copy_into(layer, expert, buf[expert])
 
 
 def check_tier(miss_tier: str, miss_fmt: ExpertFormat | None, device: torch.device, dtype: torch.dtype,

@@ -160,8 +160,41 @@ class ExpertStore:
         """One expert as a single flat buffer [gate | up | down (| b_gate | b_up | b_down)] (a swap is one copy);
         out: written there (e.g. a row of a pinned buffer), with no temporary when the checkpoint is in dtype."""
         parts = [*self.read(layer, expert), *(self.read_bias(layer, expert) or ())]
-        flat = [p.reshape(-1).to(dtype) for p in parts]
-        return torch.cat(flat) if out is None else torch.cat(flat, out=out)
+        if out is None:
+            return torch.cat([p.reshape(-1).to(dtype) for p in parts])
+        if self._layout.get(layer) == "gpt_oss":  # gate / up: rows of one whole transpose, not strided columns
+            parts[:2] = self._gpt_oss_gate_up(layer, expert)
+        o = 0
+        for p in parts:  # each part written in place: no temporary per part, no concatenation
+            _copy(out[o:o + p.numel()].view(p.shape), p)
+            o += p.numel()
+        if o != out.numel():
+            raise ValueError(f"read_flat: out holds {out.numel()} elements, the expert {o}")
+        return out
+
+    def _gpt_oss_gate_up(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate [I, H], up [I, H] of a gpt-oss expert stored [H, 2I] with gate / up interleaved: transposed once
+        (contiguous [2I, H]), then every other row. Gathering the interleaved columns straight from the stored
+        layout moved 0.17 GB/s on a 2-core host (0.5 on the H200's), which made pinning gpt-oss-20b's 36 GiB
+        take 74 s; this is 3x faster."""
+        gu = self.ckpt.slice(self.family.expert_keys[0].format(l=layer), expert)  # [H, 2I]
+        t = _transposed(gu)  # [2I, H]
+        return t[0::2], t[1::2]
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src); two-byte floats of one dtype as int16 (PyTorch's strided bf16 copy is ~1.5x slower)."""
+    if dst.dtype == src.dtype and dst.element_size() == 2:
+        dst.view(torch.int16).copy_(src.view(torch.int16))
+    else:
+        dst.copy_(src)
+
+
+def _transposed(x: torch.Tensor) -> torch.Tensor:
+    """x.t() made contiguous (two-byte floats moved as int16, see _copy)."""
+    if x.element_size() == 2:
+        return x.view(torch.int16).t().contiguous().view(x.dtype)
+    return x.t().contiguous()
 
 
 def flat_views(buf: torch.Tensor, inter: int, hidden: int, gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
