@@ -15,14 +15,12 @@ from tqdm import tqdm
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.policies import MissPolicy
-from moetandem.experts.rows import ExpertRows
+from moetandem.experts.rows import LOAD_THREADS, ExpertRows
 from moetandem.experts.swapper import pinned_cap
 from moetandem.kernels import fused_moe_supported
 from moetandem.models.expert_activation import ExpertActivation
 
 log = logging.getLogger("moetandem.experts")
-#: threads that copy (and quantize) experts into the mapped buffers at load
-LOAD_THREADS = 8
 
 
 def maps_experts(device: torch.device, dtype: torch.dtype, act: ExpertActivation, policy: MissPolicy,

@@ -11,6 +11,9 @@ from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.native import native_parts
 from moetandem.experts.store import ExpertStore
 
+#: threads that read (and quantize) experts into stacked or mapped buffers at load: torch ops release the GIL
+LOAD_THREADS = 8
+
 
 class ExpertRows:
     def __init__(self, store: ExpertStore, fmt: ExpertFormat, keep: bool = True, progress: bool = True,
