@@ -341,7 +341,8 @@ class CommitteeProvider(ExpertProvider):
         most important experts. Slot buffers are reallocated: CUDA graphs captured before must be dropped."""
         plan = slots or self.plan_slots(budget_bytes)
         if sum(plan.values()) * self.expert_size + self.tier_bytes > budget_bytes:
-            raise InvalidRequestError("the slot plan needs more bytes than the expert budget")
+            tier = f" beside the --miss-tier device copy ({self.tier_bytes / 2**20:.1f} MiB)" if self.tier else ""
+            raise InvalidRequestError(f"the slot plan needs more bytes than the expert budget{tier}")
         self.drain()
         for l in tqdm(self.store.layers, desc="committee", unit="layer", disable=not progress, leave=False):
             old, n = self.layers.get(l), plan[l]
