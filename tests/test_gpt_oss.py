@@ -172,3 +172,16 @@ def test_other_quantization_refused(checkpoints, tmp_path) -> None:
     (fp8 / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(moetandem.errors.UnsupportedModelError, match="fp8"):
         moetandem.load(fp8, device="cpu", dtype="float32", progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_read_on_the_gpu_equals_the_cpu_read_gpu(checkpoints) -> None:
+    """read(device=) moves gpt-oss's stored tensors first and transposes / dequantizes them there: the same values
+    as the CPU read, for the bf16 and the MXFP4 layout."""
+    for path in checkpoints:
+        ckpt = Checkpoint(path)
+        fam = FAMILIES["gpt_oss"]
+        store = ExpertStore(ckpt, fam, fam.args(ckpt.config, ckpt.path))
+        for a, b in zip(store.read(0, 2), store.read(0, 2, device="cuda")):
+            assert b.is_cuda and torch.equal(a, b.cpu())

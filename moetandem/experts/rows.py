@@ -59,6 +59,6 @@ class ExpertRows:
         b = None if bias is None else (torch.cat([bias[0], bias[1]]), bias[2])  # b13 [2I] (gate; up), b2 [H]
         if self.source == "native":
             return fmt.pack_parts(*native_parts(s, layer, expert), bias=b)
-        g, u, d = s.read(layer, expert)
+        g, u, d = s.read(layer, expert, device=self.device)
         w13 = torch.cat([g, u]).to(self.device)  # [2I, H]
         return fmt.pack(w13, d.to(self.device), b)  # on self.device
