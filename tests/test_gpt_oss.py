@@ -177,11 +177,14 @@ def test_other_quantization_refused(checkpoints, tmp_path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_read_on_the_gpu_equals_the_cpu_read_gpu(checkpoints) -> None:
-    """read(device=) moves gpt-oss's stored tensors first and transposes / dequantizes them there: the same values
-    as the CPU read, for the bf16 and the MXFP4 layout."""
+    """read(device=) and read_flat(device=) move gpt-oss's stored tensors first and transpose / dequantize them
+    there: the same values as the CPU read, for the bf16 and the MXFP4 layout."""
     for path in checkpoints:
         ckpt = Checkpoint(path)
         fam = FAMILIES["gpt_oss"]
         store = ExpertStore(ckpt, fam, fam.args(ckpt.config, ckpt.path))
         for a, b in zip(store.read(0, 2), store.read(0, 2, device="cuda")):
             assert b.is_cuda and torch.equal(a, b.cpu())
+        want = store.read_flat(0, 2, torch.bfloat16)
+        out = torch.empty(store.expert_numel(), dtype=torch.bfloat16, device="cuda")
+        assert torch.equal(store.read_flat(0, 2, torch.bfloat16, out=out, device="cuda").cpu(), want)

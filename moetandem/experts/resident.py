@@ -62,9 +62,11 @@ class ResidentProvider(ExpertProvider):
 
     def _load_expert(self, store: ExpertStore, layer: int, w13: torch.Tensor, w2: torch.Tensor,
                      b13: torch.Tensor | None, b2: torch.Tensor | None, dtype: torch.dtype, e: int) -> None:
-        """Expert e of a layer into the stacked tensors, through one flat host row (read_flat writes each part in
-        place; gpt-oss's transposed layout took 36 s for 3 GB on a 2-core host part by part)."""
-        flat = store.read_flat(layer, e, dtype, out=torch.empty(store.expert_numel(), dtype=dtype))
+        """Expert e of a layer into the stacked tensors, through one flat row on their device (read_flat writes each
+        part in place, gpt-oss's transposed on the GPU; part by part it took 36 s for 3 GB on a 2-core host)."""
+        dev = w13.device
+        flat = store.read_flat(layer, e, dtype, out=torch.empty(store.expert_numel(), dtype=dtype, device=dev),
+                               device=dev if dev.type == "cuda" else None)
         a, d = flat_views(flat, store.inter, store.hidden, self.act.gated)
         w13[e].copy_(a)
         w2[e].copy_(d)

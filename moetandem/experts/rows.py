@@ -19,7 +19,8 @@ class ExpertRows:
     def __init__(self, store: ExpertStore, fmt: ExpertFormat, keep: bool = True, progress: bool = True,
                  device: torch.device | str = "cpu") -> None:
         """keep: quantize every expert now and hold the rows in host memory (a committee, which rereads them);
-        else each get() quantizes (an all-resident load reads each expert once). device: where quantizing runs."""
+        else each get() quantizes (an all-resident load reads each expert once). device: where quantizing runs, and
+        where copy_into transposes gpt-oss's stored experts (get() always returns host rows)."""
         self.store, self.fmt, self.device = store, fmt, torch.device(device)
         #: how rows are made: "dense" (bf16), "native" (the checkpoint's own packed form), "quantize"
         native = getattr(store, "native_format", None)
@@ -46,8 +47,9 @@ class ExpertRows:
 
     def copy_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
         """get() written into `out` [row_numel] (a bf16 row straight from the checkpoint, no temporary)."""
-        if self.source == "dense" and layer not in self._rows:
-            self.store.read_flat(layer, expert, self.fmt.dtype, out=out)
+        if self.source == "dense" and layer not in self._rows:  # (gpt-oss transposed on the GPU where there is one)
+            self.store.read_flat(layer, expert, self.fmt.dtype, out=out,
+                                 device=self.device if self.device.type == "cuda" else None)
         else:
             out.copy_(self.get(layer, expert))
 

@@ -160,14 +160,19 @@ class ExpertStore:
     def expert_bytes(self, dtype: torch.dtype) -> int:
         return self.expert_numel() * torch.empty((), dtype=dtype).element_size()
 
-    def read_flat(self, layer: int, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_flat(self, layer: int, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
         """One expert as a single flat buffer [gate | up | down (| b_gate | b_up | b_down)] (a swap is one copy);
-        out: written there (e.g. a row of a pinned buffer), with no temporary when the checkpoint is in dtype."""
-        parts = [*self.read(layer, expert), *(self.read_bias(layer, expert) or ())]
+        out: written there (e.g. a row of a pinned buffer or of a device tensor), each part in place, with no
+        temporary when the checkpoint is in dtype. device (with out): where gpt-oss's stored tensors are
+        transposed / dequantized (read's device) before they land in out."""
+        bias = self.read_bias(layer, expert) or ()
         if out is None:
-            return torch.cat([p.reshape(-1).to(dtype) for p in parts])
+            return torch.cat([p.reshape(-1).to(dtype) for p in (*self.read(layer, expert), *bias)])
         if self._layout.get(layer) == "gpt_oss":  # gate / up: rows of one whole transpose, not strided columns
-            parts[:2] = self._gpt_oss_gate_up(layer, expert)
+            parts = [*self._gpt_oss_parts(layer, expert, device), *bias]
+        else:
+            parts = [*self.read(layer, expert, device), *bias]
         o = 0
         for p in parts:  # each part written in place: no temporary per part, no concatenation
             _copy(out[o:o + p.numel()].view(p.shape), p)
@@ -176,14 +181,18 @@ class ExpertStore:
             raise ValueError(f"read_flat: out holds {out.numel()} elements, the expert {o}")
         return out
 
-    def _gpt_oss_gate_up(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate [I, H], up [I, H] of a gpt-oss expert stored [H, 2I] with gate / up interleaved: transposed once
-        (contiguous [2I, H]), then every other row. Gathering the interleaved columns straight from the stored
-        layout moved 0.17 GB/s on a 2-core host (0.5 on the H200's), which made pinning gpt-oss-20b's 36 GiB
-        take 74 s; this is 3x faster."""
-        gu = self.ckpt.slice(self.family.expert_keys[0].format(l=layer), expert)  # [H, 2I]
+    def _gpt_oss_parts(self, layer: int, expert: int, device: torch.device | str | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate [I, H], up [I, H], down [H, I] of a gpt-oss expert stored [H, 2I] (gate / up interleaved) and
+        [I, H]: gate_up transposed once (contiguous [2I, H]), then every other row. Gathering the interleaved
+        columns straight from the stored layout moved 0.17 GB/s on a 2-core host (0.5 on the H200's), which made
+        pinning gpt-oss-20b's 36 GiB take 74 s; this is 3x faster on the CPU, and on a device faster still."""
+        gu_key, _, d_key = (k.format(l=layer) for k in self.family.expert_keys[:3])
+        gu, d = (self.ckpt.slice(k, expert) for k in (gu_key, d_key))  # [H, 2I], [I, H]
+        if device is not None:
+            gu, d = gu.to(device), d.to(device)
         t = _transposed(gu)  # [2I, H]
-        return t[0::2], t[1::2]
+        return t[0::2], t[1::2], d.t()
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
