@@ -94,8 +94,7 @@ class CommitteeProvider(ExpertProvider):
         self.grouped = (device_path_supported(device, dtype, (self.I, self.H), self.act) if self.fmt.dense
                         else device_format_supported(self.fmt.name, device, dtype, (self.I, self.H)))
         total = total_expert_bytes(store, dtype, self.expert_size)
-        self.rows = ExpertRows(store, self.fmt, keep=True, progress=progress,
-                               device=device if self.fmt.dense else "cpu")  # (kept packed rows stay on the host)
+        self.rows = ExpertRows(store, self.fmt, keep=True, progress=progress, device=device)
         #: --miss-tier device: the miss copies live on the device, inside the budget
         self.tier = check_tier(miss_tier, self.miss_fmt, device, dtype, self.act, policy)
         maps = self.tier or maps_experts(device, dtype, self.act, policy,

@@ -4,6 +4,10 @@ dense read (`--expert-format` differs from the checkpoint's). Quantized rows are
 host memory (a swap must not quantize)."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
 import torch
 from tqdm import tqdm
 
@@ -18,18 +22,22 @@ LOAD_THREADS = 8
 class ExpertRows:
     def __init__(self, store: ExpertStore, fmt: ExpertFormat, keep: bool = True, progress: bool = True,
                  device: torch.device | str = "cpu") -> None:
-        """keep: quantize every expert now and hold the rows in host memory (a committee, which rereads them);
-        else each get() quantizes (an all-resident load reads each expert once). device: where quantizing runs, and
-        where copy_into transposes gpt-oss's stored experts (get() always returns host rows)."""
+        """keep: quantize every expert now (on `device`) and hold the rows in host memory (a committee, which
+        rereads them); else each get() quantizes (an all-resident load reads each expert once), on `device`, and
+        returns the row there. device: where quantizing runs, and where copy_into transposes gpt-oss's stored
+        experts; dense and kept rows from get() are on the host."""
         self.store, self.fmt, self.device = store, fmt, torch.device(device)
         #: how rows are made: "dense" (bf16), "native" (the checkpoint's own packed form), "quantize"
         native = getattr(store, "native_format", None)
         self.source = "dense" if fmt.dense else "native" if native == fmt.name else "quantize"
         self._rows: dict[int, torch.Tensor] = {}  # layer -> [E, row_numel] (quantized on load)
-        if keep and self.source == "quantize":
-            for layer in tqdm(store.layers, desc=f"quantizing experts to {fmt.name}", unit="layer",
-                              disable=not progress, leave=False):
-                self._rows[layer] = torch.stack([self._make(layer, e) for e in range(store.num_experts)])
+        if keep and self.source == "quantize":  # on `device`, by LOAD_THREADS threads, kept in host memory
+            with ThreadPoolExecutor(max(1, min(LOAD_THREADS, os.cpu_count() or 1))) as pool:
+                for layer in tqdm(store.layers, desc=f"quantizing experts to {fmt.name}", unit="layer",
+                                  disable=not progress, leave=False):
+                    buf = fmt.empty(store.num_experts)  # [E, row] on the host
+                    list(pool.map(partial(self._make_into, layer, buf), range(store.num_experts)))
+                    self._rows[layer] = buf
 
     def adopt(self, layer: int, rows: torch.Tensor) -> None:
         """Hold `rows` [E, row_numel] (the same values in other memory, e.g. the committee's pinned copy) instead of
@@ -52,6 +60,9 @@ class ExpertRows:
                                  device=self.device if self.device.type == "cuda" else None)
         else:
             out.copy_(self.get(layer, expert))
+
+    def _make_into(self, layer: int, buf: torch.Tensor, expert: int) -> None:
+        buf[expert].copy_(self._make(layer, expert))
 
     def _make(self, layer: int, expert: int) -> torch.Tensor:
         s, fmt = self.store, self.fmt
