@@ -16,7 +16,8 @@ from moetandem.experts.native import native_parts
 from moetandem.experts.store import ExpertStore
 
 #: threads that read (and quantize) experts into stacked or mapped buffers at load: torch ops release the GIL
-LOAD_THREADS = 8
+#: (MOETANDEM_LOAD_THREADS; 2-core host, gpt-oss-shaped experts all resident: 19.8 s with 1, 12.9 s with 8)
+LOAD_THREADS = max(1, int(os.environ.get("MOETANDEM_LOAD_THREADS", "8") or 8))
 
 
 class ExpertRows:
