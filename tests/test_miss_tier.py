@@ -120,6 +120,8 @@ def test_graph_committee_with_the_device_tier_matches_host_int4_misses_gpu(ckpt)
     tier = moetandem.load(ckpt, miss_tier="device", **kw)
     c = tier.provider
     assert c.tier and next(iter(c.mapped.values())).is_cuda and c.expert_bytes() <= c.budget_bytes
+    swaps_from = next(iter(c.copies.mapped.values()))  # swaps copy bf16 rows pinned once, on the host
+    assert swaps_from.is_pinned() and swaps_from.dtype == torch.bfloat16
     host = moetandem.load(ckpt, **kw)
     ids = list(range(1, 97))
     q = evaluate_ids(tier, ids, context=48, step=1, reference=host, progress=False)
