@@ -151,7 +151,8 @@ def main() -> None:
                 rows.append({"shape": shape, "budget": b, "config": "HF + accelerate offload", **r})
                 keep(rows, args.out)
     lines = ["| shape | budget | config | decode tok/s | × all-resident | peak GiB | bound GiB | one CUDA graph | "
-             "hit rate | swaps (since load) | misses read MiB/tok | swapped in MiB/tok |", "|---" * 12 + "|"]
+             "hit rate | swaps (since load) | misses read MiB/tok | swapped in MiB/tok | load / warm-up s |",
+             "|---" * 13 + "|"]
     for r in rows:
         base = next(x["tok_s"] for x in rows if x["shape"] == r["shape"] and x["config"] == "all resident")
         looked = r.get("hits", 0) + r.get("misses", 0)
@@ -159,7 +160,8 @@ def main() -> None:
         lines.append(f"| {r['shape']} | {r['budget']:.2f} | {r['config']} | {r['tok_s']:.2f} | "
                      f"{r['tok_s'] / base:.2f} | {r['peak_gib']:.2f} | {r.get('bound_gib', 0):.2f} | "
                      f"{'yes' if r.get('graph_safe') else 'no'} | {hit} | {r.get('swaps', '–')} | "
-                     f"{r.get('miss_mib_tok', 0):.2f} | {r.get('moved_mib_tok', float('nan')):.2f} |")
+                     f"{r.get('miss_mib_tok', 0):.2f} | {r.get('moved_mib_tok', float('nan')):.2f} | "
+                     f"{r.get('load_s', float('nan')):.0f} / {r.get('warmup_s', float('nan')):.0f} |")
     print("\n".join(lines))
     (args.out / "committee_speed.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / "committee_speed.png")
