@@ -82,7 +82,6 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     k > 0: cloud-only with the head in the cloud may decode k tokens per exchange."""
     from moetandem.split.calibration import cut_codecs
     from moetandem.split.costs import ROW_BYTES, StepCosts, frame_overhead_bytes, split_profile
-    from moetandem.split.plan_cost import DECODE_TOKEN_BYTES, DECODE_UP_BYTES
     ar, mon, L = ada.args, ada.split.link.monitor, ada.args.num_layers
     bw = mon.bandwidth_bps if mon.bandwidth_bps != float("inf") else 1e9
     rtt = mon.rtt_s
@@ -101,13 +100,8 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
         end_head = end.step_fixed_s + end.head_fixed_s + s * end.head_token_s
         return max(0.2 * cloud_raw.step_s(range(L), s, head=False), t - link - end_head)
     def cloud_part_k(s: float, t: float) -> float:
-        """The cloud's step in the k-token cloud-only run, whose per-token time is (engine and end overhead + link +
-        RTT + k cloud steps) / k: calibrating to it keeps the end's contended head (in the END_HEAD run) out of the
-        cloud's costs, which the k-token plan multiplies by k (the tenth session's 50 ms test bed predicted 41
-        tok/s for a plan that ran 168-212)."""
-        link = rtt + (2 * fb + DECODE_UP_BYTES + DECODE_TOKEN_BYTES * (decode_tokens + 1)) / bw
         over = end.step_fixed_s + end.head_fixed_s
-        return max(0.2 * cloud_raw.step_s(range(L), s), t - (link + over) / decode_tokens)
+        return k_token_cloud_step(t, rtt, bw, 2 * fb, decode_tokens, over, 0.2 * cloud_raw.step_s(range(L), s))
     if decode_tokens and head_topk:
         cloud = cloud_raw.calibrated([(s, cloud_part_k(s, t)) for s, t in steps("cloud-only")])
     else:
@@ -117,6 +111,17 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
                          concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap,
                          cloud_head_topk=head_topk, cloud_decode_tokens=decode_tokens)
+
+
+def k_token_cloud_step(t: float, rtt: float, bw: float, frame_bytes: int, k: int, end_overhead: float,
+                       floor: float) -> float:
+    """The cloud's step in a k-token cloud-only run from its measured per-token time t, which is (the end's
+    overhead + the link's RTT and bytes + k cloud steps) / k (split/plan.py), at least `floor`. Calibrating the
+    cloud to this run keeps the end's contended head (in the END_HEAD run) out of the cloud's costs, which the k-token
+    plan multiplies by k: the tenth session's 50 ms test bed predicted 41 tok/s for a plan that ran 168-212."""
+    from moetandem.split.plan_cost import DECODE_TOKEN_BYTES, DECODE_UP_BYTES
+    link = rtt + (frame_bytes + DECODE_UP_BYTES + DECODE_TOKEN_BYTES * (k + 1)) / bw
+    return max(floor, t - (link + end_overhead) / k)
 
 
 def set_link(eng: Any, rate: float, rtt: float) -> None:

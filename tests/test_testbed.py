@@ -275,3 +275,15 @@ def test_every_config_is_judged_on_its_interleaved_rounds_only():
     assert median_run(runs(300.0, 10.0, 30.0, 20.0), True, 4)["i"] == 3  # rounds 10, 20, 30 -> 20
     assert median_run(runs(1.0, 40.0, 10.0, 30.0, 20.0), True, 4)["i"] == 4  # 10, 20, 30, 40 -> lower median 20
     assert median_run(runs(5.0), True, 4)["i"] == 0  # cut after the probe: the probe is all there is
+
+
+def test_k_token_calibration_recovers_the_cloud_step_from_the_per_token_time():
+    """A k-token cloud-only run's per-token time is (end overhead + link + k cloud steps) / k: the test bed charges
+    the cloud only its k steps (not the end's overhead, which k would multiply), and never less than the floor."""
+    from bench.testbed import k_token_cloud_step
+    from moetandem.split.plan_cost import DECODE_TOKEN_BYTES, DECODE_UP_BYTES
+    rtt, bw, fb, k, over, cloud = 0.05, 1.25e6, 200, 8, 0.012, 0.0025
+    link = rtt + (fb + DECODE_UP_BYTES + DECODE_TOKEN_BYTES * (k + 1)) / bw
+    t = (over + link + k * cloud) / k
+    assert k_token_cloud_step(t, rtt, bw, fb, k, over, floor=0.0) == pytest.approx(cloud)
+    assert k_token_cloud_step(t, rtt, bw, fb, k, over, floor=0.004) == 0.004
