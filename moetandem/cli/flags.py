@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from moetandem.config import (BASELINES, CODECS, EXPERT_FORMATS, FIDELITY, GATES, MISS_COMPUTE, MISS_FORMATS,
-                              MISS_TIERS, POLICIES, CommitteeConfig, GateConfig, ModelConfig, SplitConfig, check_gpu_memory,
-                              parse_budget)
+                              MISS_TIERS, POLICIES, CommitteeConfig, GateConfig, ModelConfig, SplitConfig,
+                              check_gpu_memory, parse_budget)
 from moetandem.errors import InvalidRequestError
 
 

@@ -5,8 +5,6 @@ expert on the device instead; and the host buffers swaps copy from."""
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import torch
@@ -15,7 +13,7 @@ from tqdm import tqdm
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.policies import MissPolicy
-from moetandem.experts.rows import LOAD_THREADS, ExpertRows
+from moetandem.experts.rows import ExpertRows, load_pool
 from moetandem.experts.swapper import pinned_cap
 from moetandem.kernels import fused_moe_supported
 from moetandem.models.expert_activation import ExpertActivation
@@ -27,9 +25,7 @@ def maps_experts(device: torch.device, dtype: torch.dtype, act: ExpertActivation
                  total: int) -> bool:
     """CUDA with the fused kernel and gated experts, a policy whose exact misses may be computed anywhere (auto; not
     the fetch / host / lru / host-only baselines), and every expert (`total` bytes) fitting the pinned cap."""
-    if device.type != "cuda" or not act.gated or not fused_moe_supported(device, dtype):
-        return False
-    if not (policy.exact == "auto" and not policy.lru and policy.refresh):
+    if device.type != "cuda" or not _reads_mapped(device, dtype, act, policy):
         return False
     cap = pinned_cap(total, mapped=True)
     if total > cap:
@@ -41,6 +37,13 @@ def maps_experts(device: torch.device, dtype: torch.dtype, act: ExpertActivation
     return True
 
 
+def _reads_mapped(device: torch.device, dtype: torch.dtype, act: ExpertActivation, policy: MissPolicy) -> bool:
+    """Misses can be read as slot ids n + e: gated experts, the fused kernel (or, on the CPU, its reference), and
+    a policy whose exact misses may be computed anywhere (auto; not the fetch / host / lru / host-only baselines)."""
+    kernel = device.type == "cpu" or fused_moe_supported(device, dtype)
+    return act.gated and kernel and policy.exact == "auto" and not policy.lru and policy.refresh
+
+
 def map_experts(rows: ExpertRows, layers: list[int], num_experts: int, fmt: ExpertFormat, pin: bool,
                 progress: bool, device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
     """Per layer, every expert's row in `fmt` in one (pinned) buffer [E, row]; `rows` adopts it as its host copy
@@ -50,7 +53,7 @@ def map_experts(rows: ExpertRows, layers: list[int], num_experts: int, fmt: Expe
     on_host = torch.device(device).type == "cpu"
     # experts in parallel: reading, transposing and quantizing are torch ops that release the GIL (a 2-core host
     # pinned gpt-oss-shaped experts 1.8x faster with 2 threads; the H200's host has 16 cores)
-    with ThreadPoolExecutor(max(1, min(LOAD_THREADS, os.cpu_count() or 1))) as pool:
+    with load_pool() as pool:
         for l in tqdm(layers, desc="pinning experts" if on_host else "miss tier", unit="layer",
                       disable=not progress, leave=False):
             buf = fmt.empty(num_experts, device=device, pin=pin and on_host)  # [E, row]
@@ -77,8 +80,7 @@ def check_tier(miss_tier: str, miss_fmt: ExpertFormat | None, device: torch.devi
     if miss_fmt is None:
         raise InvalidRequestError("--miss-tier device keeps a quantized copy of every expert beside the slots; "
                                   "choose its format with --miss-format int4")
-    reads = policy.exact == "auto" and not policy.lru and policy.refresh
-    if not (act.gated and reads and (device.type == "cpu" or fused_moe_supported(device, dtype))):
+    if not _reads_mapped(device, dtype, act, policy):
         raise InvalidRequestError("--miss-tier device needs gated experts, a policy that reads its misses "
                                   "(--fidelity balanced or fast), and a CUDA GPU with the fused MoE kernel; use "
                                   "--miss-tier host")

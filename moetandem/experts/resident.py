@@ -3,8 +3,6 @@ executor with expert ids as slot ids (its slot table is the identity). bf16 expe
 format (moetandem.experts.formats) holds one byte row per expert, quantized (or read packed) at load."""
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import torch
@@ -14,7 +12,7 @@ from moetandem.experts.executor import _grouped_mm, grouped_mm_supported, run_ex
 from moetandem.experts.executor import device_format_supported, device_path_supported
 from moetandem.experts.formats import ExpertFormat, ExpertViews
 from moetandem.experts.provider import ExpertProvider
-from moetandem.experts.rows import LOAD_THREADS, ExpertRows
+from moetandem.experts.rows import ExpertRows, load_pool
 from moetandem.experts.store import ExpertStore, flat_bias_views, flat_views
 from moetandem.models.expert_activation import ExpertActivation
 
@@ -49,7 +47,7 @@ class ResidentProvider(ExpertProvider):
                     buf[e].copy_(rows.get(layer, e))
                 self.packed[layer], self.views[layer] = buf, self.fmt.views(buf)
             return
-        with ThreadPoolExecutor(max(1, min(LOAD_THREADS, os.cpu_count() or 1))) as pool:
+        with load_pool() as pool:
             for layer in tqdm(store.layers, desc="experts", unit="layer", disable=not progress, leave=False):
                 w13 = torch.empty(E, self.act.rows(I), H, device=device, dtype=dtype)
                 w2 = torch.empty(E, H, I, device=device, dtype=dtype)

@@ -20,6 +20,11 @@ from moetandem.experts.store import ExpertStore
 LOAD_THREADS = max(1, int(os.environ.get("MOETANDEM_LOAD_THREADS", "8") or 8))
 
 
+def load_pool() -> ThreadPoolExecutor:
+    """The pool that reads experts at load: LOAD_THREADS threads, at most one per CPU."""
+    return ThreadPoolExecutor(max(1, min(LOAD_THREADS, os.cpu_count() or 1)))
+
+
 class ExpertRows:
     def __init__(self, store: ExpertStore, fmt: ExpertFormat, keep: bool = True, progress: bool = True,
                  device: torch.device | str = "cpu") -> None:
@@ -33,7 +38,7 @@ class ExpertRows:
         self.source = "dense" if fmt.dense else "native" if native == fmt.name else "quantize"
         self._rows: dict[int, torch.Tensor] = {}  # layer -> [E, row_numel] (quantized on load)
         if keep and self.source == "quantize":  # on `device`, by LOAD_THREADS threads, kept in host memory
-            with ThreadPoolExecutor(max(1, min(LOAD_THREADS, os.cpu_count() or 1))) as pool:
+            with load_pool() as pool:
                 for layer in tqdm(store.layers, desc=f"quantizing experts to {fmt.name}", unit="layer",
                                   disable=not progress, leave=False):
                     buf = fmt.empty(store.num_experts)  # [E, row] on the host

@@ -102,17 +102,16 @@ class ExpertStore:
         if not 0 <= expert < self.num_experts or layer not in self._layout:
             raise IndexError(f"no expert {expert} in MoE layer {layer}")
         layout = self._layout[layer]
-        if layout in ("gpt_oss", "mxfp4"):
-            gu, _, d, _, gu_blk, gu_sc, d_blk, d_sc = (k.format(l=layer) for k in self.family.expert_keys)
+        if layout == "gpt_oss":
+            return self._gpt_oss_parts(layer, expert, device)
+        if layout == "mxfp4":
+            gu_blk, gu_sc, d_blk, d_sc = (k.format(l=layer) for k in self.family.expert_keys[4:])
+
             def get(key: str) -> torch.Tensor:
                 t = self.ckpt.slice(key, expert)
                 return t if device is None else t.to(device)
-            if layout == "gpt_oss":
-                w13 = get(gu).t()  # [2I, H], gate/up interleaved along 2I
-                w2 = get(d).t()  # [H, I]
-            else:
-                w13 = dequantize_mxfp4(get(gu_blk), get(gu_sc))  # [2I, H]
-                w2 = dequantize_mxfp4(get(d_blk), get(d_sc))  # [H, I]
+            w13 = dequantize_mxfp4(get(gu_blk), get(gu_sc))  # [2I, H], gate/up interleaved along 2I
+            w2 = dequantize_mxfp4(get(d_blk), get(d_sc))  # [H, I]
             return w13[0::2], w13[1::2], w2
         if layout == "fused":
             gate_up, down = self.family.fused_keys(layer)
@@ -169,10 +168,7 @@ class ExpertStore:
         bias = self.read_bias(layer, expert) or ()
         if out is None:
             return torch.cat([p.reshape(-1).to(dtype) for p in (*self.read(layer, expert), *bias)])
-        if self._layout.get(layer) == "gpt_oss":  # gate / up: rows of one whole transpose, not strided columns
-            parts = [*self._gpt_oss_parts(layer, expert, device), *bias]
-        else:
-            parts = [*self.read(layer, expert, device), *bias]
+        parts = [*self.read(layer, expert, device), *bias]
         o = 0
         for p in parts:  # each part written in place: no temporary per part, no concatenation
             _copy(out[o:o + p.numel()].view(p.shape), p)
