@@ -128,3 +128,21 @@ def test_graph_committee_with_the_device_tier_matches_host_int4_misses_gpu(ckpt)
     assert q.top1_agreement >= 0.9, q.top1_agreement
     st = tier.expert_stats()
     assert st["miss_reads"] > 0 and st["miss_bytes"] == 0
+
+
+def test_bus_hint_names_the_tier_only_for_low_hit_rates_with_bus_reads():
+    from moetandem.experts.stats import CommitteeStats, bus_hint
+    low = CommitteeStats(hits=300, misses=700, miss_reads=650, miss_bytes=650 * 6 << 20)
+    hint = bus_hint(low, approximate=True)
+    assert hint is not None and "hit rate 0.30" in hint and "--miss-tier device" in hint and "3.8 GiB" in hint
+    assert "--fidelity balanced" in bus_hint(low, approximate=False)  # exact: the tier needs an approximate policy
+    assert bus_hint(CommitteeStats(hits=900, misses=100, miss_reads=100, miss_bytes=1 << 30), True) is None
+    assert bus_hint(CommitteeStats(hits=30, misses=70, miss_reads=70, miss_bytes=1 << 30), True) is None  # too few
+    assert bus_hint(CommitteeStats(hits=300, misses=700, miss_reads=700), True) is None  # nothing over the bus
+
+
+def test_no_bus_hint_on_the_cpu_or_all_resident(ckpt, eng):
+    assert eng.expert_hint() is None  # every expert resident
+    c = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.3, fidelity="balanced")
+    c.generate([[1, 2, 3]], max_new_tokens=8)
+    assert c.expert_hint() is None  # the CPU has no host bus to spare

@@ -67,6 +67,9 @@ def generate_command(args: argparse.Namespace) -> int:
     experts = engine.expert_stats()
     if experts:
         print(format_expert_stats(experts), file=sys.stderr)
+        hint = engine.expert_hint()
+        if hint:
+            print(hint, file=sys.stderr)
     if engine.split is not None:
         print(format_split_stats(engine.split.split_stats()), file=sys.stderr)
     return 0

@@ -53,3 +53,21 @@ class StatCounters:
         """Host fields plus the device counts (one host sync)."""
         dev = dict(zip(DEVICE_FIELDS, self.device.tolist()))
         return replace(self.host, **dev)
+
+
+def bus_hint(s: CommitteeStats, approximate: bool, min_lookups: int = 512, max_hit_rate: float = 0.7) -> str | None:
+    """A one-line suggestion when a committee's misses are read over the host bus at a low hit rate (after at
+    least `min_lookups` expert lookups), else None. On a GPU such a miss costs ~100x a resident read, and random-
+    like routers keep the hit rate near the slots' share: there an int4 copy of every expert on the GPU (the
+    device tier) served balanced at 0.68-0.80x all-resident where bus misses gave 0.17-0.49x (benchmarks.md)."""
+    if s.miss_bytes == 0 or s.hits + s.misses < min_lookups or s.hit_rate >= max_hit_rate:
+        return None
+    gib = s.miss_bytes / 2**30
+    head = (f"[moetandem] hint: hit rate {s.hit_rate:.2f}; {s.miss_reads} misses read {gib:.1f} GiB over the "
+            "host bus, which bounds decode. ")
+    if approximate:
+        return head + ("--miss-format int4 --miss-tier device keeps an int4 copy of every expert on the GPU inside "
+                       "the budget, so no miss crosses the bus (faster, slightly less exact: docs/benchmarks.md)")
+    return head + ("--fidelity exact reads every miss exactly; --fidelity balanced --miss-format int4 --miss-tier "
+                   "device serves misses from an int4 copy on the GPU instead (tokens then differ a little from "
+                   "all-resident: docs/benchmarks.md), or raise --expert-budget")
