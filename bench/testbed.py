@@ -139,6 +139,11 @@ def worker(a: argparse.Namespace) -> int:
     from moetandem.split.costs import measure_step_costs
     from moetandem.split.plan import baseline_plans, guard_with_measured, make_split_plan
     torch.set_num_threads(a.threads)
+    t0 = time.monotonic()
+
+    def note(msg: str) -> None:  # timestamped progress on stderr: where a cut run's time went
+        if a.index == 0:
+            print(f"[testbed] end 0, {time.monotonic() - t0:.0f} s: {msg}", file=sys.stderr, flush=True)
     engines, end_costs = {}, {}
     cs = configs(a)
     for b in a.budgets:
@@ -148,9 +153,11 @@ def worker(a: argparse.Namespace) -> int:
                                            expert_budget=b, **kw)
         e = engines[b, "end-only"]  # the end's own step costs: its layers with its committee, quiet-box minimum
         end_costs[b] = measure_step_costs(e.model, e.experts, "cpu", sizes=(1, max(a.concurrency)))
+    note(f"{len(engines)} engines loaded, step costs measured")
     for eng in engines.values():  # unmeasured: each path's first use on both sides (the GPU test bed measured a
         # cold cloud-only round at 1.8 tok/s, then 114, and the plan trusted the cold one)
         eng.generate(prompts_for(eng)[:max(a.concurrency)], max_new_tokens=4, stop_on_eos=False)
+    note("every path warmed up")
     conc = max(a.concurrency)
     out = []
     step = 0
@@ -202,6 +209,7 @@ def worker(a: argparse.Namespace) -> int:
                              model=model if c == "adaptive" else {})
                     out.append(r)
                 Path(a.result).write_text(json.dumps(out))  # after every scenario: a run cut short keeps them
+                note(f"{rate:g} Mbit/s, {rtt:g} ms, budget {b:g} done")
     return 0
 
 
