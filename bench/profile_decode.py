@@ -4,6 +4,11 @@ grouped by role, with time per layer and the bytes each role must read (its weig
     python bench/profile_decode.py --shapes olmoe-1b-7b qwen3-30b-a3b --out out/profile
     python bench/profile_decode.py --graphs --moe-sum kernel graph   # MOETANDEM_MOE_SUM off / on, side by side
     python bench/profile_decode.py --graphs --moe-sum kernel --switches   # every switch off (the shipped: none given)
+    python bench/profile_decode.py --graphs --shapes qwen3.5-35b-a3b-8l --load "" \
+        "expert_budget=0.5,fidelity=balanced,miss_format=int4,miss_tier=device"   # all resident vs the int4 tier
+
+Each profile also reports the decode's wall time per token (the engine's own tok/s over the profiled steps), so
+the gap between it and the kernels' sum (host work between steps: a committee's refresh and swaps) shows.
 """
 from __future__ import annotations
 
@@ -68,24 +73,27 @@ def weight_bytes(cfg: dict) -> dict[str, float]:
 
 
 def profile(path: Path, steps: int, graphs: bool = False, moe_sum: str = "graph",
-            switches: tuple[str, ...] = tuple(k for k in SWITCHES if k != "moe_sum")) -> dict:
+            switches: tuple[str, ...] = tuple(k for k in SWITCHES if k != "moe_sum"),
+            load_kw: dict | None = None) -> dict:
     """graphs: profile the shipped decode path (CUDA graph + torch.compile; CUPTI reports the kernels a graph
     replay runs) instead of eager steps. moe_sum "graph" (shipped): MOETANDEM_MOE_SUM=graph for this engine (the sum
     over k inside the compiled step: no _sum_kernel, one launch less per MoE layer), "kernel": off. switches: the
     other switches of bench/switches.py on for this engine (default: all, as shipped); every switch not named is
-    off, whatever the environment says."""
+    off, whatever the environment says. load_kw: more moetandem.load keywords (a committee: expert_budget, ...)."""
     with opt_ins(switches + (("moe_sum",) if moe_sum == "graph" else ())):  # read when the step is traced
-        return _profile(path, steps, graphs)
+        return _profile(path, steps, graphs, load_kw or {})
 
 
-def _profile(path: Path, steps: int, graphs: bool) -> dict:
-    eng = moetandem.load(path, device="cuda", progress=False, use_graphs=graphs, compile="on" if graphs else "off")
+def _profile(path: Path, steps: int, graphs: bool, load_kw: dict) -> dict:
+    eng = moetandem.load(path, device="cuda", progress=False, use_graphs=graphs, compile="on" if graphs else "off",
+                         **load_kw)
     prompt = list(range(2, 34))
     eng.generate([prompt], max_new_tokens=8, stop_on_eos=False)  # warm-up, kernel tuning
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         eng.generate([prompt], max_new_tokens=steps + 1, stop_on_eos=False)
         torch.cuda.synchronize()
+    wall_us = 1e6 / eng.last_stats.decode_tok_s  # under the profiler: its overhead included
     per, kernels, names = tally(prof)
     cfg = json.loads((path / "config.json").read_text())
     n_tok = steps + 1  # decode steps profiled (the prefill is one more forward; small next to them)
@@ -94,7 +102,22 @@ def _profile(path: Path, steps: int, graphs: bool) -> dict:
                           "top": names[r].most_common(3)} for r, (t, c) in per.items()},
             "kernels": [{"name": n, "us_per_token": round(t / n_tok, 2), "per_token": round(c / n_tok, 2)}
                         for n, (t, c) in top],
-            "bytes": weight_bytes(cfg), "layers": cfg["num_hidden_layers"]}
+            "bytes": weight_bytes(cfg), "layers": cfg["num_hidden_layers"], "wall_us_per_token": wall_us,
+            "expert_stats": eng.expert_stats()}
+
+
+def parse_load_kw(text: str) -> dict:
+    """'expert_budget=0.5,fidelity=balanced' -> {'expert_budget': 0.5, 'fidelity': 'balanced'} ('' -> {})."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--load: {item!r} is not key=value")
+        try:
+            out[key] = float(val) if "." in val else int(val)
+        except ValueError:
+            out[key] = val
+    return out
 
 
 def main() -> None:
@@ -110,6 +133,9 @@ def main() -> None:
                          "--graphs, else kernel")
     add_switches_argument(ap, exclude=("moe_sum",))
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline (H200: 4.8e12)")
+    ap.add_argument("--load", nargs="+", default=[""], metavar="KW",
+                    help="moetandem.load keywords per profile, 'key=value,...' ('' = all resident, the default); "
+                         "several: one profile each")
     args = ap.parse_args()
     args.moe_sum = args.moe_sum or (["graph"] if args.graphs else ["kernel"])
     if "graph" in args.moe_sum and not args.graphs:
@@ -117,12 +143,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = ["| shape | role | µs / token | µs / layer | kernels / token |", "|---|---|---|---|---|"]
     out = {}
-    for name, mode in [(s, m) for s in args.shapes for m in args.moe_sum]:
+    for name, mode, kw in [(s, m, k) for s in args.shapes for m in args.moe_sum for k in args.load]:
         shape = name if len(args.moe_sum) == 1 else f"{name} (moe sum: {mode})"
+        shape = shape if len(args.load) == 1 else f"{shape} [{kw or 'all resident'}]"
         path = args.ckpt_root / name
         if not (path / "model.safetensors.index.json").exists():
             build_random_checkpoint(name, path, device="cuda")
-        res = out[shape] = profile(path, args.steps, args.graphs, mode, tuple(args.switches))
+        res = out[shape] = profile(path, args.steps, args.graphs, mode, tuple(args.switches), parse_load_kw(kw))
         total = sum(v["us_per_token"] for v in res["roles"].values())
         for r, v in sorted(res["roles"].items(), key=lambda kv: -kv[1]["us_per_token"]):
             lines.append(f"| {shape} | {r} | {v['us_per_token']:.1f} | {v['us_per_token'] / res['layers']:.1f} | "
@@ -133,6 +160,8 @@ def main() -> None:
                      f"{sum(v['kernels_per_token'] for v in res['roles'].values()):.0f} |")
         lines.append(f"| {shape} | roofline: {nbytes / 1e9:.2f} GB / token at {args.bandwidth / 1e12:.1f} TB/s | "
                      f"{floor:.1f} | {floor / res['layers']:.1f} | – |")
+        lines.append(f"| {shape} | wall time per token (profiler on) | {res['wall_us_per_token']:.1f} | "
+                     f"{res['wall_us_per_token'] / res['layers']:.1f} | – |")
         lines += ["", f"top kernels ({shape}): µs / token, launches / token"]
         lines += [f"  {k['us_per_token']:8.1f} {k['per_token']:6.1f}  {k['name']}" for k in res["kernels"]]
     table = "\n".join(lines)
