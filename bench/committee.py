@@ -32,6 +32,11 @@ CONFIGS = {  # label -> Engine.from_pretrained kwargs
     "balanced, int8 misses": {"fidelity": "balanced", "miss_format": "int8"},
     "balanced, int4 misses": {"fidelity": "balanced", "miss_format": "int4"},
     "balanced, int4 miss tier": {"fidelity": "balanced", "miss_format": "int4", "miss_tier": "device"},
+    # the tier's misses cost little: τ 0.05 without substitution, and every miss read (τ 0)
+    "skip τ=0.05, int4 miss tier": {"policy": "skip", "skip_threshold": 0.05, "miss_format": "int4",
+                                    "miss_tier": "device"},
+    "read every miss, int4 miss tier": {"policy": "skip", "skip_threshold": 0.0, "miss_format": "int4",
+                                        "miss_tier": "device"},
     "balanced, <= 1 miss read": {"fidelity": "balanced", "miss_reads": 1},
     "balanced, <= 2 miss reads": {"fidelity": "balanced", "miss_reads": 2},
 }

@@ -232,3 +232,12 @@ def test_weight_calibration_is_the_cosine_of_flat_experts(ckpt):
         torch.testing.assert_close(norms[layer], w.norm(dim=1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sim[layer], v @ v.T, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(similarity._gram(w, chunk=7), w @ w.T, rtol=1e-4, atol=1e-4)  # chunks add up
+
+
+def test_skip_policy_keeps_a_zero_threshold(ckpt):
+    """--policy skip --skip-threshold 0 skips nothing (0 is a threshold, not "unset": it was read as the default
+    0.1), and an unset threshold keeps the policy's default."""
+    zero = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.5, policy="skip", skip_threshold=0.0)
+    assert zero.provider.policy.skip_below == 0.0
+    unset = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.5, policy="skip")
+    assert unset.provider.policy.skip_below == 0.1

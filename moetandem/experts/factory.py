@@ -46,7 +46,7 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
         # every expert of the format fits the budget (int4 at 30% of the bf16 bytes): all resident, no committee
         return ResidentProvider(store, device, dtype, progress, activation=store.activation, fmt=fmt)
     tau = cfg.skip_threshold
-    miss = MissPolicy.named(policy, tau or 0.1) if policy else MissPolicy.from_fidelity(cfg.fidelity)
+    miss = MissPolicy.named(policy, 0.1 if tau is None else tau) if policy else MissPolicy.from_fidelity(cfg.fidelity)
     if tau is not None and policy not in ("static", "skip"):
         miss = replace(miss, skip_below=tau)
     if cfg.miss_reads is not None:
