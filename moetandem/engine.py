@@ -17,7 +17,6 @@ from moetandem.config import parse_budget
 from moetandem.errors import ContextLengthError, InvalidRequestError
 from moetandem.experts.provider import ExpertProvider
 from moetandem.experts.budget import total_expert_bytes
-from moetandem.experts.stats import bus_hint
 from moetandem.experts.store import ExpertStore
 from moetandem.graphs import DecodeGraphs
 from moetandem.models import KVCache
@@ -141,14 +140,6 @@ class Engine:
         stall seconds); empty when every expert is resident."""
         stats = getattr(self.provider, "stats", None)
         return stats.as_dict() if stats is not None else {}
-
-    def expert_hint(self) -> str | None:
-        """A suggestion when the committee's misses cross the host bus at a low hit rate (experts.stats.bus_hint),
-        else None: on a GPU, with a committee whose misses are read from host memory."""
-        stats, policy = getattr(self.provider, "stats", None), getattr(self.provider, "policy", None)
-        if stats is None or policy is None or self.device.type != "cuda":
-            return None
-        return bus_hint(stats, approximate=policy.graph)
 
     # ---------------------------------------------------------------- generation
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

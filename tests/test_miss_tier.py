@@ -142,7 +142,8 @@ def test_bus_hint_names_the_tier_only_for_low_hit_rates_with_bus_reads():
 
 
 def test_no_bus_hint_on_the_cpu_or_all_resident(ckpt, eng):
-    assert eng.expert_hint() is None  # every expert resident
+    from moetandem.experts.stats import provider_hint
+    assert provider_hint(eng.provider, torch.device("cuda")) is None  # every expert resident: no committee
     c = moetandem.load(ckpt, device="cpu", progress=False, expert_budget=0.3, fidelity="balanced")
     c.generate([[1, 2, 3]], max_new_tokens=8)
-    assert c.expert_hint() is None  # the CPU has no host bus to spare
+    assert provider_hint(c.provider, c.device) is None  # the CPU has no host bus to spare

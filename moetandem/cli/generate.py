@@ -67,7 +67,8 @@ def generate_command(args: argparse.Namespace) -> int:
     experts = engine.expert_stats()
     if experts:
         print(format_expert_stats(experts), file=sys.stderr)
-        hint = engine.expert_hint()
+        from moetandem.experts.stats import provider_hint
+        hint = provider_hint(engine.provider, engine.device)
         if hint:
             print(hint, file=sys.stderr)
     if engine.split is not None:

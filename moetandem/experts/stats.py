@@ -71,3 +71,11 @@ def bus_hint(s: CommitteeStats, approximate: bool, min_lookups: int = 512, max_h
     return head + ("--fidelity exact reads every miss exactly; --fidelity balanced --miss-format int4 --miss-tier "
                    "device serves misses from an int4 copy on the GPU instead (tokens then differ a little from "
                    "all-resident: docs/benchmarks.md), or raise --expert-budget")
+
+
+def provider_hint(provider: object, device: torch.device) -> str | None:
+    """bus_hint for an engine's provider (engine.provider) on `device`: None off a GPU or without a committee."""
+    stats, policy = getattr(provider, "stats", None), getattr(provider, "policy", None)
+    if device.type != "cuda" or not isinstance(stats, CommitteeStats) or policy is None:
+        return None
+    return bus_hint(stats, approximate=policy.graph)
