@@ -1,7 +1,8 @@
 """Parameter Committee: under a byte budget, a resident set of experts in fixed device slots, scored by recent
 importance and refreshed asynchronously; misses handled by a MissPolicy.
 
-The parts: slots.py (slot buffers + device expert->slot tables), scorer.py (importance on the device),
+The parts: slots.py (slot buffers + device expert->slot tables), residency.py (each layer's slots: swaps planned
+and published, loads, resizing to budget.py's slot plan, substitute tables), scorer.py (importance on the device),
 swapper.py (pinned host copies, copy stream, worker thread), policies.py (routing -> slots with tensor ops),
 misses.py (the host path of exact policies), host_misses.py (--miss-compute host: a CPU thread computes a graph
 step's exact misses), executor.py (runs assignments over a slot buffer).
@@ -15,14 +16,12 @@ Who does the per-step host work (polling finished swaps and publishing them, cou
 `graph_safe` turns True at the first `after_step()` call, so an engine that never makes it still refreshes."""
 from __future__ import annotations
 
-import logging
-
 import torch
 from tqdm import tqdm
 
 from moetandem.errors import InvalidRequestError
 from moetandem.experts.costs import CostModel
-from moetandem.experts.budget import total_expert_bytes
+from moetandem.experts.budget import check_plan, slot_plan, total_expert_bytes
 from moetandem.experts.executor import device_format_supported, device_path_supported, run_experts
 from moetandem.experts.formats import ExpertFormat
 from moetandem.experts.host_misses import host_misses_for
@@ -30,17 +29,15 @@ from moetandem.experts.mapped import check_tier, map_experts, maps_experts, swap
 from moetandem.experts.misses import check_miss_format, resolve_exact
 from moetandem.experts.policies import MissPolicy
 from moetandem.experts.provider import ExpertProvider
+from moetandem.experts.residency import Residency, ranking
 from moetandem.experts.rows import ExpertRows
 from moetandem.experts.scorer import SCORES, Scorer
-from moetandem.experts.slots import LayerSlots, rebuild_substitutes
 from moetandem.experts.stats import CommitteeStats, StatCounters
 from moetandem.experts.store import ExpertStore, return_freed_memory_to_os
-from moetandem.experts.swapper import HostCopies, Swapper, SwapJob, pinned_cap
+from moetandem.experts.swapper import HostCopies, pinned_cap
 from moetandem.models.expert_activation import ExpertActivation
 
 __all__ = ["SCORES", "CommitteeProvider", "CommitteeStats"]
-
-log = logging.getLogger("moetandem.experts")
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -114,12 +111,13 @@ class CommitteeProvider(ExpertProvider):
         #: --miss-compute host: the host worker and the handoff (None: misses as above)
         self.host_misses = host_misses_for(miss_compute, self.mapped, top_k, self.H, dtype, device, self.host_fmt,
                                            self.act)
-        self.copies = HostCopies(self.rows, pin=device.type == "cuda", cap=pinned_cap(total),
-                                 mapped=swap_sources(self.rows, list(store.layers), self.E, self.fmt, self.mapped,
-                                                     self.host_fmt, device.type == "cuda", progress))
-        self.swapper = Swapper(self.copies, device)
+        copies = HostCopies(self.rows, pin=device.type == "cuda", cap=pinned_cap(total),
+                            mapped=swap_sources(self.rows, list(store.layers), self.E, self.fmt, self.mapped,
+                                                self.host_fmt, device.type == "cuda", progress))
+        #: each layer's slots and moving experts into them (layers, swapper, copies: the residency's own)
+        self.residency = Residency(copies, self.fmt, self.E, device, self.counters)
+        self.layers, self.swapper, self.copies = self.residency.layers, self.residency.swapper, copies
         self.similarity = similarity
-        self.layers: dict[int, LayerSlots] = {}
         self.last_use = {l: torch.full((self.E,), -1, dtype=torch.long) for l in store.layers}  # LRU ticks (host)
         self.since_refresh = {l: 0 for l in store.layers}  # tokens since the layer's last refresh
         self._pending = {l: 0 for l in store.layers}  # tokens computed eagerly since the last after_step
@@ -165,9 +163,7 @@ class CommitteeProvider(ExpertProvider):
     def similarity(self, sim: dict[int, torch.Tensor] | None) -> None:
         """Expert similarity [E, E] per layer (host); kept on the device for the substitute tables."""
         self._similarity = sim
-        self._sim_dev = None if sim is None else {l: s.to(self.device, torch.float32) for l, s in sim.items()}
-        for st in getattr(self, "layers", {}).values():
-            st.dirty = True
+        self.residency.set_similarity(sim)
 
     def resident_mask(self, layer: int) -> torch.Tensor:
         return self.layers[layer].resident_mask()  # [E] bool, device
@@ -177,7 +173,7 @@ class CommitteeProvider(ExpertProvider):
         return self.scorer.scores(layer)
 
     def expert_bytes(self) -> int:
-        return sum(st.buf.numel() * st.buf.element_size() for st in self.layers.values()) + self.tier_bytes
+        return self.residency.nbytes() + self.tier_bytes
 
     # ------------------------------------------------------------------ compute
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -192,7 +188,7 @@ class CommitteeProvider(ExpertProvider):
             else:
                 self._settle(layer, x.shape[0])
         if st.dirty:
-            self._rebuild(st, layer)
+            self.residency.rebuild(layer, self.policy.substitute_min_sim)
         asg = self.policy.assign(expert_ids, weights, st, in_graph=capturing and self.mapped is None)
         self.counters.add(asg.counts)
         v = self.fmt.views(st.buf)  # w13 [n, 2I, H'], w2 [n, H, I'] (+ scales, biases [n, 2I], [n, H])
@@ -226,7 +222,7 @@ class CommitteeProvider(ExpertProvider):
         self._stepped = True
         if self.host_misses is not None:
             self.host_misses.check()  # a timed-out handoff: misses zero-copy from now on
-        self._publish_finished()
+        self.residency.publish_finished()
         due = []
         for l in self.store.layers:
             n, self._pending[l] = self._pending[l], 0
@@ -238,17 +234,17 @@ class CommitteeProvider(ExpertProvider):
                 self.refresh(l, score)
         if not self.async_swaps:
             self.drain()
-        self._rebuild_dirty()
+        self.residency.rebuild_dirty(self.policy.substitute_min_sim)
 
     def _settle(self, layer: int, tokens: int) -> None:
         """The per-layer host work of an eager committee, at the start of its compute."""
         self._settled = True
-        self._publish_finished()
+        self.residency.publish_finished()
         if self._count(layer, tokens):
             self.refresh(layer)
         if not self.async_swaps:
             self.drain()
-        self._rebuild_dirty()
+        self.residency.rebuild_dirty(self.policy.substitute_min_sim)
 
     def _count(self, layer: int, tokens: int) -> bool:
         """Count a layer's tokens; True when it is due for a refresh."""
@@ -258,116 +254,36 @@ class CommitteeProvider(ExpertProvider):
             return True
         return False
 
-    def _rebuild(self, st: LayerSlots, layer: int) -> None:
-        sim = None if self._sim_dev is None else self._sim_dev[layer]
-        st.rebuild_substitutes(sim, self.policy.substitute_min_sim)
-
-    def _rebuild_dirty(self) -> None:
-        """Substitute tables follow the resident set; rebuilt between steps, so compute finds them current (the
-        changed layers together, with a similarity)."""
-        dirty = [(l, st) for l, st in self.layers.items() if st.dirty]
-        if len(dirty) > 1 and self._sim_dev is not None:
-            rebuild_substitutes([st for _, st in dirty], [self._sim_dev[l] for l, _ in dirty],
-                                self.policy.substitute_min_sim)
-            return
-        for l, st in dirty:
-            self._rebuild(st, l)
-
     # ------------------------------------------------------------------ moving experts
     def refresh(self, layer: int, score: torch.Tensor | None = None) -> None:
-        """Schedule swaps so the slots hold the most important experts of the window. score: [E] host, if read.
-        Slots fetched from a lower-precision miss copy are freed first: an exact copy replaces them if wanted."""
-        st = self.layers[layer]
-        for slot in sorted(st.lossy):
-            st.unpublish(st.expert_of[slot])
-        for slot, expert in st.plan_swaps(self.scorer.scores(layer) if score is None else score):
-            self._submit(layer, slot, expert)
-
-    def _submit(self, layer: int, slot: int, expert: int) -> None:
-        st = self.layers[layer]
-        st.incoming[slot] = expert
-        self.swapper.submit(SwapJob(owner=st, layer=layer, slot=slot, expert=expert, dst=st.buf[slot]))
-
-    def _publish_finished(self) -> None:
-        ready: dict[int, list[tuple[int, int]]] = {}  # layer -> (slot, expert) to publish, one table write each
-        for job in self.swapper.poll():
-            st = self.layers.get(job.layer)
-            if st is not job.owner:  # a budget change replaced the layer's slots meanwhile
-                continue
-            st.incoming.pop(job.slot, None)
-            if job.error is not None:  # the slot stays free: a later refresh plans it again
-                self.counters.host.failed_swaps += 1
-                continue
-            pairs = ready.setdefault(job.layer, [])
-            if job.expert in st.slot_of or any(e == job.expert for _, e in pairs):
-                continue  # fetched on demand meanwhile: keep one copy, leave this slot free
-            pairs.append((job.slot, job.expert))
-            self.counters.host.swaps += 1
-            self.counters.host.bytes_moved += self.expert_size
-        for layer, pairs in ready.items():
-            self.layers[layer].publish_many(pairs)
+        """Schedule swaps so the slots hold the most important experts of the window. score: [E] host, if read."""
+        self.residency.refresh(layer, self.scorer.scores(layer) if score is None else score)
 
     def drain(self) -> None:
         """Wait for in-flight swaps and publish them (tests, budget changes, reproducible runs)."""
-        self.swapper.wait()
-        self._publish_finished()
+        self.residency.drain()
 
     def host_flat(self, layer: int, expert: int, pin: bool = True) -> torch.Tensor:
         """The expert's row (self.fmt) in host memory (pinned on CUDA unless pin=False: see HostCopies)."""
-        return self.copies.get(layer, expert, pin)
+        return self.residency.host_flat(layer, expert, pin)
 
     def load(self, layer: int, slot: int, expert: int) -> None:
         """Synchronous copy into a free slot, then publish."""
-        st = self.layers[layer]
-        st.buf[slot].copy_(self.host_flat(layer, expert, pin=False))
-        st.publish(slot, expert)
-        self.counters.host.bytes_moved += self.expert_size
+        self.residency.load(layer, slot, expert)
 
     # ------------------------------------------------------------------ budget and slots
     def plan_slots(self, budget_bytes: int) -> dict[int, int]:
-        per_layer = max(0, budget_bytes - self.tier_bytes) // (self.expert_size * len(self.store.layers))
-        need = self.top_k * self.expert_size * len(self.store.layers)
-        if per_layer < self.top_k:
-            tier = (f" after the --miss-tier device copy's {self.tier_bytes / 2**20:.1f} MiB "
-                    f"({self.host_fmt.name}, every expert)" if self.tier else "")
-            raise InvalidRequestError(
-                f"expert budget {budget_bytes / 2**20:.1f} MiB{tier} is below one token's experts "
-                f"({self.top_k} per layer × {len(self.store.layers)} layers × {self.expert_size / 2**20:.2f} MiB = "
-                f"{need / 2**20:.1f} MiB); raise --expert-budget" + (", or use --miss-tier host" if tier else ""))
-        return {l: min(self.E, per_layer) for l in self.store.layers}
+        return slot_plan(budget_bytes, self.store.layers, self.E, self.top_k, self.expert_size, self.tier_bytes,
+                         self.host_fmt.name if self.tier else None)
 
     def set_budget(self, budget_bytes: int, slots: dict[int, int] | None = None, progress: bool = False) -> None:
         """Resize the committee now (between steps): shrinking evicts the least important, growing admits the
         most important experts. Slot buffers are reallocated: CUDA graphs captured before must be dropped."""
         plan = slots or self.plan_slots(budget_bytes)
-        if sum(plan.values()) * self.expert_size + self.tier_bytes > budget_bytes:
-            tier = f" beside the --miss-tier device copy ({self.tier_bytes / 2**20:.1f} MiB)" if self.tier else ""
-            raise InvalidRequestError(f"the slot plan needs more bytes than the expert budget{tier}")
+        check_plan(plan, budget_bytes, self.expert_size, self.tier_bytes)
         self.drain()
         for l in tqdm(self.store.layers, desc="committee", unit="layer", disable=not progress, leave=False):
-            old, n = self.layers.get(l), plan[l]
-            new = LayerSlots(n, self.fmt.row_numel, self.E, self.device, self.fmt.row_dtype)
-            rank = self._ranking(l)
-            keep = [e for e in rank if old is not None and e in old.slot_of and old.slot_of[e] not in old.lossy][:n]
-            for s, e in enumerate(keep):
-                new.buf[s].copy_(old.buf[old.slot_of[e]])
-                new.publish(s, e)
-            del old
-            self.layers[l] = new
-            admit = [e for e in rank if e not in new.slot_of][: n - len(keep)]
-            for s, e in zip(range(len(keep), n), admit):
-                try:
-                    self.load(l, s, e)
-                except Exception as err:  # the slot stays free (its expert is read as a miss); refresh retries
-                    self.counters.host.failed_swaps += 1
-                    log.warning("committee: loading expert %d of layer %d failed: %s: %s", e, l,
-                                type(err).__name__, err)
-            self._rebuild(new, l)
+            rank = ranking(self.scorer.scores(l), self.norms[l])  # before any routing: by weight norm
+            self.residency.resize(l, plan[l], rank, self.load)
+            self.residency.rebuild(l, self.policy.substitute_min_sim)
         self.budget_bytes = budget_bytes
-
-    def _ranking(self, layer: int) -> list[int]:
-        """Experts by current importance; before any routing is seen, by weight norm (‖E_i‖)."""
-        score = self.scorer.scores(layer)
-        if not score.any():
-            score = self.norms[layer].float()
-        return torch.argsort(score, descending=True, stable=True).tolist()
