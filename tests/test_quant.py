@@ -46,3 +46,17 @@ def test_bad_input_names_the_fix() -> None:
         quant.quantize(torch.zeros(2, 48), "mxfp4")
     with pytest.raises(InvalidRequestError, match="does not divide"):
         quant.quantize(torch.zeros(2, 48), "int8", group=32)
+
+
+def test_int4_scales_are_searched_per_group() -> None:
+    """Each int4 group keeps the scale (amax / d, d in INT4_CLIP) of least squared error: on Gaussian weights about
+    a quarter less error than amax / 7, and never more in any group."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 512)
+    data, scale = quant.quantize(w, "int4")
+    err = (quant.dequantize(data, scale, "int4") - w).reshape(64, 4, 128).square().sum(-1)  # [N, K/G]
+    wg = w.reshape(64, 4, 128)
+    s7 = wg.abs().amax(-1, keepdim=True) / 7
+    err7 = ((wg / s7).round().clamp(-8, 7) * s7 - wg).square().sum(-1)
+    assert bool((err <= err7 + 1e-6).all())
+    assert err.sum() < 0.8 * err7.sum()
