@@ -104,9 +104,8 @@ def quantize(w: torch.Tensor, fmt: str, group: int | None = None) -> tuple[torch
         q = idx + 8 * (x < 0).long()
         return _pack_nibbles(q.reshape(w.shape)), (e + 127).to(torch.uint8)
     if fmt == "int4":
-        s = _int4_scales(wg, amax)  # [..., N, K/G]
-        q = (wg / s[..., None]).round().clamp(-8, 7).reshape(w.shape) + 8  # nibble = q + 8
-        return _pack_nibbles(q), s
+        s, q = _int4_search(wg, amax)  # [..., N, K/G], [..., N, K/G, G]
+        return _pack_nibbles(q.reshape(w.shape) + 8), s  # nibble = q + 8
     s = (amax / (127.0 if fmt == "int8" else FP8_MAX)).clamp_min(torch.finfo(torch.float32).tiny)  # [..., N, K/G]
     x = wg / s[..., None]
     if fmt == "fp8":
@@ -114,19 +113,21 @@ def quantize(w: torch.Tensor, fmt: str, group: int | None = None) -> tuple[torch
     return x.round().clamp(-127, 127).reshape(w.shape).to(torch.int8), s
 
 
-def _int4_scales(wg: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """wg [..., G] groups -> per group the scale amax / d (d in INT4_CLIP) whose int4 round trip has the least
-    squared error."""
-    best_s = best_e = None
+def _int4_search(wg: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """wg [..., G] groups -> (per group the scale amax / d, d in INT4_CLIP, whose int4 round trip has the least
+    squared error; the groups' values in [-8, 7] at that scale)."""
+    best = None
     for d in INT4_CLIP:
         s = (amax / d).clamp_min(torch.finfo(torch.float32).tiny)
-        e = ((wg / s[..., None]).round().clamp(-8, 7) * s[..., None] - wg).square().sum(dim=-1)
-        if best_s is None:
-            best_s, best_e = s, e
+        q = (wg / s[..., None]).round().clamp(-8, 7)
+        e = (q * s[..., None] - wg).square().sum(dim=-1)
+        if best is None:
+            best = (s, q, e)
         else:
-            better = e < best_e
-            best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
-    return best_s
+            better = e < best[2]
+            best = (torch.where(better, s, best[0]), torch.where(better[..., None], q, best[1]),
+                     torch.where(better, e, best[2]))
+    return best[0], best[1]
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
