@@ -32,6 +32,9 @@ CONFIGS = {  # label -> Engine.from_pretrained kwargs
     "balanced, int8 misses": {"fidelity": "balanced", "miss_format": "int8"},
     "balanced, int4 misses": {"fidelity": "balanced", "miss_format": "int4"},
     "balanced, int4 miss tier": {"fidelity": "balanced", "miss_format": "int4", "miss_tier": "device"},
+    # the tier's refresh hysteresis (default --swap-margin 1 with the tier): swap on any lead / on 1.5x / on 3x
+    **{f"balanced, int4 miss tier, swap margin {m:g}": {"fidelity": "balanced", "miss_format": "int4",
+                                                         "miss_tier": "device", "swap_margin": m} for m in (0, 0.5, 2)},
     # the tier's misses cost little: τ 0.05 without substitution, and every miss read (τ 0)
     "skip τ=0.05, int4 miss tier": {"policy": "skip", "skip_threshold": 0.05, "miss_format": "int4",
                                     "miss_tier": "device"},

@@ -37,6 +37,11 @@ CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balance
            # --miss-tier device: the int4 copy of every expert on the GPU inside the budget; no miss crosses the bus
            "balanced, int4 miss tier": {"fidelity": "balanced", "miss_format": "int4", "miss_tier": "device"},
            "fast, int4 miss tier": {"fidelity": "fast", "miss_format": "int4", "miss_tier": "device"},
+           # the tier's refresh hysteresis: --swap-margin 0 (swap on any lead: the tier before the margin) and 3
+           "balanced, int4 miss tier, swap margin 0": {"fidelity": "balanced", "miss_format": "int4",
+                                                       "miss_tier": "device", "swap_margin": 0.0},
+           "balanced, int4 miss tier, swap margin 3": {"fidelity": "balanced", "miss_format": "int4",
+                                                       "miss_tier": "device", "swap_margin": 3.0},
            # --miss-compute host (experimental): decode steps compute exact misses on the CPU while the GPU runs the
            # hits (one CUDA graph; threads: MOETANDEM_HOST_MISS_THREADS); A/B against "exact (auto)" (not default)
            "exact, host misses": {"policy": "auto", "miss_compute": "host"},

@@ -38,6 +38,8 @@ MISS_COMPUTE = ("gpu", "host")
 #: --miss-tier: where the --miss-format copy of every expert lives: host (pinned, read over the bus) or device (on
 #: the compute device beside the slots, inside --expert-budget: misses never cross the bus)
 MISS_TIERS = ("host", "device")
+#: --swap-margin's default with --miss-tier device (bench/committee.py and profile_decode measure it)
+TIER_SWAP_MARGIN = 1.0
 #: policies whose exact misses may be computed anywhere (those a committee reads zero-copy from pinned memory)
 _ANYWHERE = ("auto", "substitute", "skip")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -152,6 +154,10 @@ class CommitteeConfig:
     #: --miss-tier: "host" (the miss copies pinned in host memory) or "device" (a --miss-format copy of every
     #: expert on the compute device, counted in the budget: the slots get what it leaves)
     miss_tier: str = "host"
+    #: --swap-margin: a refresh swaps an expert in only where its windowed score beats the resident one it would
+    #: replace by more than (1 + margin) times. None: auto (TIER_SWAP_MARGIN with --miss-tier device, where a
+    #: miss costs about what a hit does on the GPU and a swap buys only precision; else 0)
+    swap_margin: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -170,6 +176,10 @@ class CommitteeConfig:
             raise InvalidRequestError(f"--skip-threshold must be in [0, 1), got {self.skip_threshold}")
         _positive_int("--refresh-every", self.refresh_every)
         _positive_int("the committee window", self.window)
+        m = self.swap_margin
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < math.inf):
+            raise InvalidRequestError(f"--swap-margin must be a number >= 0 (0: swap on any lead; 1: the newcomer "
+                                      f"needs twice the score), got {m!r}")
         self._validate_miss_format()
         self._validate_miss_reads()
         self._validate_miss_compute()
@@ -242,7 +252,15 @@ class CommitteeConfig:
                    fidelity=getattr(ns, "fidelity", "balanced"), skip_threshold=getattr(ns, "skip_threshold", None),
                    refresh_every=getattr(ns, "refresh_every", 16), plan=getattr(ns, "plan", None),
                    miss_format=getattr(ns, "miss_format", "bf16"), miss_reads=getattr(ns, "miss_reads", None),
-                   miss_compute=getattr(ns, "miss_compute", "gpu"), miss_tier=getattr(ns, "miss_tier", "host"))
+                   miss_compute=getattr(ns, "miss_compute", "gpu"), miss_tier=getattr(ns, "miss_tier", "host"),
+                   swap_margin=getattr(ns, "swap_margin", None))
+
+    @property
+    def resolved_swap_margin(self) -> float:
+        """The swap margin in force: the given one, else the auto default (see swap_margin)."""
+        if self.swap_margin is not None:
+            return float(self.swap_margin)
+        return TIER_SWAP_MARGIN if self.miss_tier == "device" else 0.0
 
 
 @dataclass(frozen=True)

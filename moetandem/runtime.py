@@ -143,7 +143,7 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
          token_file: str | Path | None = None, token: str | None = None, split: dict[str, Any] | None = None,
          compile: str = "auto", expert_format: str = "auto", miss_format: str = "bf16",
          miss_reads: int | None = None, gpu_memory: float | None = None, miss_compute: str = "gpu",
-         miss_tier: str = "host") -> Engine:
+         miss_tier: str = "host", swap_margin: float | None = None) -> Engine:
     """Load a hub-format MoE checkpoint. With expert_budget (bytes, '6GiB', a fraction like 0.5 of all expert
     bytes, or 'auto': what fits the GPU's free memory) only a committee of experts stays on the device; policy /
     fidelity say what a miss gets. gate="group" / "masked" routes to the experts that are local now.
@@ -158,11 +158,13 @@ def load(path: str | Path, device: str = "auto", dtype: Any = "auto", progress: 
     computed on the CPU while the GPU runs the hits (host; CUDA, policies auto / a fidelity).
     miss_tier: "host" | "device": where the miss_format copy of every expert lives (device: beside the slots and
     inside expert_budget; misses never cross the host bus).
+    swap_margin: a refresh swaps an expert in only where its score beats the resident one's by more than (1 +
+    swap_margin) times (None: 1.0 with miss_tier "device", else 0).
     gpu_memory: cap this process's allocations on the CUDA device at this many GiB (as if the GPU were that small);
     a load that does not fit raises InvalidRequestError saying what would."""
     cm = CommitteeConfig(expert_budget, policy, fidelity, skip_threshold, refresh_every, score=score, plan=plan,
                          async_swaps=async_swaps, miss_format=miss_format, miss_reads=miss_reads,
-                         miss_compute=miss_compute, miss_tier=miss_tier)
+                         miss_compute=miss_compute, miss_tier=miss_tier, swap_margin=swap_margin)
     sc = None
     if cloud is not None:
         opts = dict(split or {})

@@ -92,6 +92,33 @@ def test_plan_swaps_fills_free_slots_then_replaces_while_it_gains():
     assert st3.plan_swaps(tie) == [] and st3.slot_of == {0: 0, 1: 1}
 
 
+def test_plan_swaps_margin_keeps_residents_within_the_margin():
+    """With a margin m a newcomer replaces a resident only when its score beats (1 + m) times the resident's;
+    free slots are filled whatever the margin."""
+    score = torch.tensor([0.30, 0.10, 0.0, 0.25, 0.12, 0.0])  # top 2: 0 and 3; residents 0 and 1
+    for margin, want in ((0.0, [(1, 3)]), (1.0, [(1, 3)]), (1.4, [(1, 3)]), (1.5, []), (3.0, [])):
+        st = LayerSlots(2, 12, 6, torch.device("cpu"), torch.float32)
+        st.publish(0, 0)
+        st.publish(1, 1)
+        assert st.plan_swaps(score, margin) == want, margin  # at 1.5: 0.25 is not more than 2.5 * 0.10
+    st = LayerSlots(3, 12, 6, torch.device("cpu"), torch.float32)
+    st.publish(0, 0)
+    assert st.plan_swaps(score, 10.0) == [(1, 3), (2, 4)]  # free slots: no margin
+    assert set(st.slot_of) == {0}
+
+
+def test_swap_margin_default_follows_the_tier_and_bad_values_raise():
+    from moetandem.config import TIER_SWAP_MARGIN, CommitteeConfig
+    from moetandem.errors import InvalidRequestError
+    assert CommitteeConfig(budget=0.5).resolved_swap_margin == 0.0
+    tier = CommitteeConfig(budget=0.5, miss_format="int4", miss_tier="device")
+    assert tier.resolved_swap_margin == TIER_SWAP_MARGIN > 0
+    assert CommitteeConfig(budget=0.5, miss_format="int4", miss_tier="device", swap_margin=0).resolved_swap_margin == 0
+    for bad in (-0.5, float("nan"), float("inf"), "1", True):
+        with pytest.raises(InvalidRequestError, match="--swap-margin"):
+            CommitteeConfig(budget=0.5, swap_margin=bad)
+
+
 def test_substitute_tables_follow_the_resident_set():
     E = 6
     st = LayerSlots(2, 4, E, torch.device("cpu"), torch.float32)

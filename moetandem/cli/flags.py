@@ -72,6 +72,10 @@ def add_committee_args(p: argparse.ArgumentParser) -> None:
                         "weights' sum: 1 for routers that renormalise)")
     g.add_argument("--refresh-every", type=positive_int, default=16, metavar="N",
                    help="committee refresh interval (tokens)")
+    g.add_argument("--swap-margin", type=float, metavar="M",
+                   help="hysteresis of the committee's refresh: swap an expert in only where its recent score beats "
+                        "the resident expert it replaces by more than (1 + M) times (default: 1 with --miss-tier "
+                        "device, where a miss costs about what a hit does and a swap buys only precision; else 0)")
     g.add_argument("--plan", metavar="FILE", help="plan from `moetandem plan` (per-layer slots, refresh interval)")
     g = p.add_argument_group("hardware-aware gate")
     g.add_argument("--gate", choices=GATES, default="off",

@@ -57,7 +57,7 @@ class CommitteeProvider(ExpertProvider):
                  refresh_every: int = 16, window: int = 256, score: str = "importance", progress: bool = True,
                  async_swaps: bool = True, activation: ExpertActivation | None = None,
                  fmt: ExpertFormat | None = None, miss_fmt: ExpertFormat | None = None,
-                 miss_compute: str = "gpu", miss_tier: str = "host") -> None:
+                 miss_compute: str = "gpu", miss_tier: str = "host", swap_margin: float = 0.0) -> None:
         """async_swaps=False waits for each refresh's swaps before going on: slower, but the resident set at
         every step no longer depends on thread timing (reproducible quality measurements). activation: the
         experts' (default: the store's); with biases, each flat slot ends with them. fmt: how a slot holds an
@@ -67,7 +67,9 @@ class CommitteeProvider(ExpertProvider):
         miss_compute="host" (--miss-compute, experimental): where the experts are mapped, decode steps compute their
         exact misses on the CPU meanwhile instead of reading them over the bus (host_misses.py).
         miss_tier="device" (--miss-tier): the miss_fmt copy of every expert lives on `device` beside the slots and
-        counts in budget_bytes (the slots get what it leaves); misses read it there, never over the host bus."""
+        counts in budget_bytes (the slots get what it leaves); misses read it there, never over the host bus.
+        swap_margin: a refresh swaps an expert in only where its score beats the one it replaces by more than
+        (1 + swap_margin) times (--swap-margin; 0: any lead)."""
         if policy.substitute_min_sim is not None and similarity is None:
             raise InvalidRequestError("substitution needs expert similarity: run `moetandem calibrate MODEL` first")
         if refresh_every < 1:
@@ -75,6 +77,7 @@ class CommitteeProvider(ExpertProvider):
         self.store, self.device, self.dtype, self.policy, self.top_k = store, device, dtype, policy, top_k
         return_freed_memory_to_os()
         self.score_kind, self.refresh_every, self.window, self.async_swaps = score, refresh_every, window, async_swaps
+        self.swap_margin = swap_margin
         #: True when a routing hook reports the original routing through observe() (the group gate routes to
         #: local experts, but importance must keep following what the model asks for)
         self.external_observe = False
@@ -257,7 +260,7 @@ class CommitteeProvider(ExpertProvider):
     # ------------------------------------------------------------------ moving experts
     def refresh(self, layer: int, score: torch.Tensor | None = None) -> None:
         """Schedule swaps so the slots hold the most important experts of the window. score: [E] host, if read."""
-        self.residency.refresh(layer, self.scorer.scores(layer) if score is None else score)
+        self.residency.refresh(layer, self.scorer.scores(layer) if score is None else score, self.swap_margin)
 
     def drain(self) -> None:
         """Wait for in-flight swaps and publish them (tests, budget changes, reproducible runs)."""

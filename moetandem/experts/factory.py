@@ -61,4 +61,5 @@ def build_provider(ckpt: Checkpoint, store: ExpertStore, top_k: int, device: tor
     return CommitteeProvider(store, device, dtype, int(budget), miss, top_k, similarity=sim, norms=norms,
                              slots=slots, refresh_every=refresh_every, window=cfg.window, score=cfg.score,
                              progress=progress, async_swaps=cfg.async_swaps, activation=store.activation, fmt=fmt,
-                             miss_fmt=miss_fmt, miss_compute=cfg.miss_compute, miss_tier=cfg.miss_tier)
+                             miss_fmt=miss_fmt, miss_compute=cfg.miss_compute, miss_tier=cfg.miss_tier,
+                             swap_margin=cfg.resolved_swap_margin)

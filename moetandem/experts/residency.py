@@ -60,13 +60,14 @@ class Residency:
         for l, _ in dirty:
             self.rebuild(l, min_sim)
 
-    def refresh(self, layer: int, score: torch.Tensor) -> None:
-        """Swap in the layer's most important experts by `score` [E] (host). Slots fetched from a lower-precision
-        miss copy are freed first: an exact copy replaces them if wanted."""
+    def refresh(self, layer: int, score: torch.Tensor, margin: float = 0.0) -> None:
+        """Swap in the layer's most important experts by `score` [E] (host), each only where it leads the expert
+        it replaces by more than `margin` (LayerSlots.plan_swaps). Slots fetched from a lower-precision miss copy
+        are freed first: an exact copy replaces them if wanted."""
         st = self.layers[layer]
         for slot in sorted(st.lossy):
             st.unpublish(st.expert_of[slot])
-        for slot, expert in st.plan_swaps(score):
+        for slot, expert in st.plan_swaps(score, margin):
             self.submit(layer, slot, expert)
 
     def submit(self, layer: int, slot: int, expert: int) -> None:

@@ -83,10 +83,12 @@ class LayerSlots:
         """Slots holding nothing and with no copy in flight."""
         return [s for s, e in enumerate(self.expert_of) if e < 0 and s not in self.incoming]
 
-    def plan_swaps(self, score: torch.Tensor) -> list[tuple[int, int]]:
+    def plan_swaps(self, score: torch.Tensor, margin: float = 0.0) -> list[tuple[int, int]]:
         """(slot, expert) copies that make the slots hold the top experts by `score` [E] (host): free slots first,
         then the least important published experts give way to more important ones (unpublished here, before
-        anything overwrites them). Nothing before any routing was seen."""
+        anything overwrites them) whose score is more than (1 + margin) times theirs: a margin keeps a resident
+        expert whose lead over the newcomer is within the window's noise (hysteresis). Nothing before any
+        routing was seen."""
         if not score.any():
             return []
         sc = score.tolist()
@@ -96,7 +98,7 @@ class LayerSlots:
         into = sorted((e for e in want if e not in present), key=lambda e: -sc[e])
         free = self.free_slots()
         pairs = [(old, new) for old, new in zip(out, into[len(free):])]
-        leaving = [old for old, new in itertools.takewhile(lambda p: sc[p[1]] > sc[p[0]], pairs)]
+        leaving = [old for old, new in itertools.takewhile(lambda p: sc[p[1]] > (1.0 + margin) * sc[p[0]], pairs)]
         slots = self.unpublish_many(leaving)
         return list(zip(free, into)) + list(zip(slots, into[len(free):len(free) + len(leaving)]))
 
