@@ -11,7 +11,7 @@ from torch import nn
 from moetandem.experts.provider import ExpertProvider
 from moetandem.models.cache import KVCache
 from moetandem.models.components import (MLP, AttentionSpec, GatedDeltaNetSpec, RMSNorm, RouterSpec, SharedExpertSpec,
-                                         rope_tables)
+                                         rope_at)
 from moetandem.models.components.linear import DecodeLinear
 from moetandem.models.expert_activation import SWIGLU, ExpertActivation
 from moetandem.models.moe import SparseMoE, run_moe
@@ -140,18 +140,15 @@ class MoEForCausalLM(nn.Module):
         self.args = a
         self.model = Backbone(a)
         self.lm_head = DecodeLinear(a.hidden_size, a.vocab_size, bias=False)  # tuned GEMV at decode
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [P, D] once init_rope ran
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.ropes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer type, when the family has them
+        #: rotary kind ("": the model's; else a layer type with its own) -> (inv_freq [D/2] fp32 on the device,
+        #: scaling), set by init_rope; cos/sin are computed per step from the positions (rope_at)
+        self.rope_freqs: dict[str, tuple[torch.Tensor, float]] = {}
         self.embed_scale = 1.0
 
     def init_rope(self, device: torch.device) -> None:
-        """cos/sin tables for every position; after the weights are placed (to_empty clears buffers)."""
-        cos, sin = rope_tables(self.args.inv_freq, self.args.rope_scaling, self.args.max_position_embeddings)
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
-        for kind, (inv_freq, scaling) in self.args.rope_by_type.items():
-            cos, sin = rope_tables(inv_freq, scaling, self.args.max_position_embeddings)
-            self.ropes[kind] = cos.to(device), sin.to(device)
+        """Each rotary kind's frequencies on the device; after the weights are placed."""
+        kinds = {"": (self.args.inv_freq, self.args.rope_scaling), **self.args.rope_by_type}
+        self.rope_freqs = {k: (f.float().to(device), float(s)) for k, (f, s) in kinds.items()}
         # the scale rounded to the weights' dtype, as transformers applies it
         dtype = self.model.embed_tokens.weight.dtype
         self.embed_scale = float(torch.tensor(self.args.embed_scale, dtype=dtype))
@@ -184,10 +181,11 @@ class MoEForCausalLM(nn.Module):
         """Run layers [start, end) on hidden states x [B, L, H] at positions pos [B, L]; same arguments as
         forward. Only cache.layers[start:end] are touched."""
         a = self.args
-        kind = [t if t in self.ropes else "" for t in a.layer_types]  # each layer's RoPE table ("": the model's)
-        tables = {"": (self.rope_cos, self.rope_sin), **self.ropes}
-        rope = {t: (tables[t][0][pos].to(x.dtype), tables[t][1][pos].to(x.dtype))  # [B, L, D] each
-                for t in set(kind[start:end])}
+        kind = [t if t in self.rope_freqs else "" for t in a.layer_types]  # each layer's rotary kind ("": the model's)
+        rope = {}
+        for t in set(kind[start:end]):
+            cos, sin = rope_at(pos, *self.rope_freqs[t])  # [B, L, D] each
+            rope[t] = cos.to(x.dtype), sin.to(x.dtype)
         kpos = torch.arange(kv_len, device=pos.device)
         causal = kpos[None, None, :] <= pos[:, :, None]  # [B, L, S]
         masks: dict[int | None, torch.Tensor] = {None: causal[:, None]}

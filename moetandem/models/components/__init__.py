@@ -10,7 +10,7 @@ from moetandem.models.components.mlp import (MLP, GeGLUMLP, ReluMLP, SharedExper
                                              swiglu)
 from moetandem.models.components.norm import RMSNorm
 from moetandem.models.components.t5_attention import RelativeBias, T5Attention
-from moetandem.models.components.rope import apply_rope, apply_rope_interleaved, rope_tables
+from moetandem.models.components.rope import apply_rope, apply_rope_interleaved, rope_at, rope_tables
 from moetandem.models.components.routers import (Router, RouterSpec, ScaledSoftmaxTopK, SigmoidGroupTopK,
                                                  SoftmaxGroupGreedy, SoftmaxTopK, Top1, TopKSoftmax)
 
@@ -20,4 +20,4 @@ __all__ = ["MLP", "Attention", "AttentionSpec", "GQASpec",
            "GatedDeltaNet", "GatedDeltaNetSpec", "GeGLUMLP", "GemmaAttention", "GemmaAttentionSpec",
            "ScaledSoftmaxTopK", "MLASpec", "MLAttention", "RMSNorm", "RelativeBias", "ReluMLP", "Router",
            "RouterSpec", "SharedExpert", "SharedExpertSpec", "SigmoidGroupTopK", "SoftmaxGroupGreedy", "SoftmaxTopK",
-           "T5Attention", "Top1", "TopKSoftmax", "apply_rope", "apply_rope_interleaved", "expert_ffn", "rope_tables", "swiglu"]
+           "T5Attention", "Top1", "TopKSoftmax", "apply_rope", "apply_rope_interleaved", "expert_ffn", "rope_at", "rope_tables", "swiglu"]

@@ -15,11 +15,18 @@ import torch
 ROPE_FLIP: bool = os.environ.get("MOETANDEM_ROPE", "flip").strip().lower() == "flip"
 
 
-def rope_tables(inv_freq: torch.Tensor, scaling: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions [0, max_pos): [P, D], fp32, same arithmetic as transformers."""
-    freqs = torch.arange(max_pos, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()[None, :]  # [P, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
+def rope_at(pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin at positions pos [...] (integers, on inv_freq's device): [..., D] fp32, the arithmetic of
+    transformers' rotary embedding. Computed per step rather than gathered from a table over every position: for
+    262,144 positions the tables of Gemma-4's three rotary kinds held 2 GiB of GPU memory."""
+    freqs = pos.float()[..., None] * inv_freq.float()  # [..., D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [..., D]
     return emb.cos() * scaling, emb.sin() * scaling
+
+
+def rope_tables(inv_freq: torch.Tensor, scaling: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [0, max_pos): [P, D], fp32 (rope_at over every position: for tests and tools)."""
+    return rope_at(torch.arange(max_pos, device=inv_freq.device), inv_freq, scaling)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
