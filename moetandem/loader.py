@@ -36,14 +36,21 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
     its tensor (a packed parameter from its shards, in place)."""
     with torch.device("meta"):
         model = (family.model or MoEForCausalLM)(args)
+    # each parameter in its final dtype before anything is allocated (on meta this costs nothing), so the device
+    # holds every dense weight once: allocated in the default fp32 and then replaced, the load's peak was twice the
+    # bf16 dense bytes
+    fp32 = {f"{mod}.{p}" for mod, m in model.named_modules() if getattr(m, "keep_fp32", False)
+            for p, _ in m.named_parameters(recurse=False)}  # routers transformers also keeps in fp32
+    model = model.to(dtype)
+    for name, p in model.named_parameters():
+        if name in fp32:
+            p.data = p.data.float()
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     shards = packed_shards(model)
     pending: dict[str, set[str]] = {}  # packed parameter -> its shards not yet read
     for name, (target, _, _) in shards.items():
         pending.setdefault(target, set()).add(name)
-    fp32 = {f"{mod}.{p}" for mod, m in model.named_modules() if getattr(m, "keep_fp32", False)
-            for p, _ in m.named_parameters(recurse=False)}  # routers transformers also keeps in fp32
     experts = expert_pattern(family)
     sch = scheme(ckpt.config, ckpt.path)  # pre-quantized non-expert weights are dequantized here
     todo = [n for n in ckpt.names() if not experts.match(param_name(sch, n))]
@@ -71,8 +78,8 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
         if list(t.shape) != list(params[name].shape):
             raise CheckpointError(f"{hub_name} has shape {list(t.shape)}, config.json implies "
                                   f"{list(params[name].shape)}")
-        with torch.no_grad():
-            params[name].data = t.to(device=device, dtype=torch.float32 if name in fp32 else dtype)
+        with torch.no_grad():  # into the allocated parameter: converted on the host, then one copy to the device
+            params[name].copy_(t.to(params[name].dtype))
         filled.add(name)
     if args.tie_word_embeddings and "lm_head.weight" not in filled:
         model.lm_head.weight = model.input_embeddings().weight
