@@ -235,6 +235,24 @@ def test_monitor_smooths_the_load_and_changes_with_hysteresis() -> None:
     assert mon.cloud_queue_depth == pytest.approx(0, abs=1e-3) and mon.load_changed()
 
 
+def test_a_change_seen_mid_rise_is_reported_again_where_the_load_settles() -> None:
+    """A plan made while the smoothed load was still rising (10 on its way to 20) must be revisited where the load
+    settles; a factor of 2 alone would never fire again (21 / 11 < 2) and the end kept a plan made for half the
+    load (the flaky test_loaded_cloud_moves_the_plan_to_the_end_and_back in CI)."""
+    mon = LinkMonitor(load_tau_s=1.0)
+    t = time.monotonic()
+    mon.record_load(20, now=t + 0.7)  # smoothed: 10.07
+    assert 9.5 < mon.cloud_queue_depth < 10.5 and mon.load_changed()
+    mon.record_load(20, now=t + 3.0)  # 19.0: x1.81 but not yet settled (2.3 s of 5 time constants)
+    assert not mon.load_changed()
+    mon.record_load(20, now=t + 6.0)  # 19.9, settled: x1.89 >= sqrt(2)
+    assert mon.cloud_queue_depth > 19.5 and mon.load_changed()
+    mon.record_load(20, now=t + 30.0)  # steady: nothing more
+    assert not mon.load_changed()
+    mon.record_load(15, now=t + 60.0)  # 20 -> 15, settled but within sqrt(2): no change
+    assert not mon.load_changed()
+
+
 def test_loaded_cloud_moves_the_plan_to_the_end_and_back(ckpt: Path, cloud: Any) -> None:
     """A slow end, cloud-only while the cloud is idle; the cloud reports a queue of 20 on its one replica (20
     exchanges held in compute by the test): the re-planner puts end-only in force and holds it while the load

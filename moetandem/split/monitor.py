@@ -30,6 +30,7 @@ class LinkMonitor:
         self._queue = 0.0  # smoothed queue depth at our replica (an old cloud sends none: 0)
         self._load_t = time.monotonic()
         self._load_base = 1.0  # load factor 1 + queue at the last load change
+        self._load_base_t = self._load_t  # the reading time of that change
 
     def record(self, sent: int, received: int, elapsed_s: float, server_s: float, alone: bool = True) -> None:
         with self._lock:
@@ -58,13 +59,19 @@ class LinkMonitor:
         replicas: the front spreads ends evenly, so our replica's smoothed queue × replicas."""
         return self._queue * self.cloud_replicas
 
-    def load_changed(self, factor: float = 2.0) -> bool:
+    def load_changed(self, factor: float = 2.0, settle_taus: float = 5.0) -> bool:
         """True (once) when the load factor 1 + queue (the scheduler's cloud stretch, 1 + depth / replicas) moved
-        by `factor` or more since the last call that said so (the first baseline: an idle cloud)."""
-        now = 1.0 + self._queue
-        if _ratio(now, self._load_base) < factor:
+        by `factor` or more since the last call that said so (the first baseline: an idle cloud), or by
+        sqrt(factor) once `settle_taus` smoothing time constants of readings have passed since then: a change
+        reported while the smoothed load was still rising (a plan made on a transient: 9.6 on its way to 20) is
+        reported again where the load settled, which a factor of 2 alone would never do (20 / 9.6 < 2)."""
+        with self._lock:
+            now, t = 1.0 + self._queue, self._load_t
+        r = _ratio(now, self._load_base)
+        settled = t - self._load_base_t >= settle_taus * self.load_tau_s
+        if r < factor and not (settled and r >= math.sqrt(factor)):
             return False
-        self._load_base = now
+        self._load_base, self._load_base_t = now, t
         return True
 
     @property
