@@ -20,7 +20,9 @@ def rope_at(pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> tuple[
     transformers' rotary embedding. Computed per step rather than gathered from a table over every position: for
     262,144 positions the tables of Gemma-4's three rotary kinds held 2 GiB of GPU memory."""
     freqs = pos.float()[..., None] * inv_freq.float()  # [..., D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [..., D]
+    # [f, f] as an expand, not a cat: inductor fuses the index remap into cos / sin (a cat is a kernel of its own
+    # in the compiled decode step: tests/test_decode_switches.py counts them)
+    emb = freqs.unsqueeze(-2).expand(*freqs.shape[:-1], 2, freqs.shape[-1]).flatten(-2)  # [..., D]
     return emb.cos() * scaling, emb.sin() * scaling
 
 
