@@ -59,7 +59,8 @@ def bus_hint(s: CommitteeStats, approximate: bool, min_lookups: int = 512, max_h
     """A one-line suggestion when a committee's misses are read over the host bus at a low hit rate (after at
     least `min_lookups` expert lookups), else None. On a GPU such a miss costs ~100x a resident read, and random-
     like routers keep the hit rate near the slots' share: there an int4 copy of every expert on the GPU (the
-    device tier) served balanced at 0.68-0.80x all-resident where bus misses gave 0.17-0.49x (benchmarks.md)."""
+    device tier) served balanced at 50% faster than bus misses on every random-router shape measured (figures:
+    benchmarks.md, "where we stand")."""
     if s.miss_bytes == 0 or s.hits + s.misses < min_lookups or s.hit_rate >= max_hit_rate:
         return None
     gib = s.miss_bytes / 2**30
