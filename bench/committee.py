@@ -40,6 +40,9 @@ CONFIGS = {  # label -> Engine.from_pretrained kwargs
                                     "miss_tier": "device"},
     "read every miss, int4 miss tier": {"policy": "skip", "skip_threshold": 0.0, "miss_format": "int4",
                                         "miss_tier": "device"},
+    # misses over the bus with the refresh's hysteresis (the default margin there is 0)
+    "balanced, swap margin 1": {"fidelity": "balanced", "swap_margin": 1.0},
+    "exact (auto), swap margin 1": {"policy": "auto", "swap_margin": 1.0},
     "balanced, <= 1 miss read": {"fidelity": "balanced", "miss_reads": 1},
     "balanced, <= 2 miss reads": {"fidelity": "balanced", "miss_reads": 2},
 }

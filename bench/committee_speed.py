@@ -42,6 +42,9 @@ CONFIGS = {"exact (auto)": {"policy": "auto"}, "balanced": {"fidelity": "balance
                                                        "miss_tier": "device", "swap_margin": 0.0},
            "balanced, int4 miss tier, swap margin 3": {"fidelity": "balanced", "miss_format": "int4",
                                                        "miss_tier": "device", "swap_margin": 3.0},
+           # misses over the bus with the refresh's hysteresis (default margin 0 there: swaps share the bus)
+           "balanced, swap margin 1": {"fidelity": "balanced", "swap_margin": 1.0},
+           "exact (auto), swap margin 1": {"policy": "auto", "swap_margin": 1.0},
            # --miss-compute host (experimental): decode steps compute exact misses on the CPU while the GPU runs the
            # hits (one CUDA graph; threads: MOETANDEM_HOST_MISS_THREADS); A/B against "exact (auto)" (not default)
            "exact, host misses": {"policy": "auto", "miss_compute": "host"},
