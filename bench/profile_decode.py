@@ -90,6 +90,7 @@ def _profile(path: Path, steps: int, graphs: bool, load_kw: dict) -> dict:
     prompt = list(range(2, 34))
     eng.generate([prompt], max_new_tokens=8, stop_on_eos=False)  # warm-up, kernel tuning
     acts = [torch.profiler.ProfilerActivity.CUDA]
+    before = eng.expert_stats()  # the committee's counters since load: the profiled window is their difference
     with torch.profiler.profile(activities=acts) as prof:
         eng.generate([prompt], max_new_tokens=steps + 1, stop_on_eos=False)
         torch.cuda.synchronize()
@@ -103,7 +104,16 @@ def _profile(path: Path, steps: int, graphs: bool, load_kw: dict) -> dict:
             "kernels": [{"name": n, "us_per_token": round(t / n_tok, 2), "per_token": round(c / n_tok, 2)}
                         for n, (t, c) in top],
             "bytes": weight_bytes(cfg), "layers": cfg["num_hidden_layers"], "wall_us_per_token": wall_us,
-            "expert_stats": eng.expert_stats()}
+            "expert_stats": eng.expert_stats(), "window_stats": window_stats(before, eng.expert_stats(), n_tok)}
+
+
+def window_stats(before: dict, after: dict, tokens: int) -> dict:
+    """A committee's counters over the profiled steps, per token (swaps, MiB swapped in, hits, misses); {} without
+    a committee."""
+    if not after:
+        return {}
+    d = {k: (after.get(k, 0) - before.get(k, 0)) / tokens for k in ("swaps", "hits", "misses", "bytes_moved")}
+    return {"swaps": d["swaps"], "swapped_mib": d["bytes_moved"] / 2**20, "hits": d["hits"], "misses": d["misses"]}
 
 
 def parse_load_kw(text: str) -> dict:
@@ -162,6 +172,10 @@ def main() -> None:
                      f"{floor:.1f} | {floor / res['layers']:.1f} | – |")
         lines.append(f"| {shape} | wall time per token (profiler on) | {res['wall_us_per_token']:.1f} | "
                      f"{res['wall_us_per_token'] / res['layers']:.1f} | – |")
+        if res["window_stats"]:
+            w = res["window_stats"]
+            lines.append(f"| {shape} | committee per token: {w['swaps']:.1f} swaps ({w['swapped_mib']:.1f} MiB), "
+                         f"{w['hits']:.1f} hits, {w['misses']:.1f} misses | – | – | – |")
         lines += ["", f"top kernels ({shape}): µs / token, launches / token"]
         lines += [f"  {k['us_per_token']:8.1f} {k['per_token']:6.1f}  {k['name']}" for k in res["kernels"]]
     table = "\n".join(lines)
