@@ -12,7 +12,6 @@ import torch
 
 from moetandem.analysis.eval import encode_text, evaluate_ids
 from moetandem.assets import demo_model_path
-from moetandem.engine import Engine
 from moetandem.split.calibration import codec_inserted, load_codec
 
 

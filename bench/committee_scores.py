@@ -2,7 +2,6 @@
 WikiText-2 validation fed one token at a time.  python bench/committee_scores.py"""
 import moetandem
 import sys; sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from moetandem import Engine
 from moetandem.analysis.eval import encode_text, evaluate_ids
 from moetandem.assets import demo_model_path
 ref = moetandem.load(demo_model_path(), device="cpu", progress=False)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from moetandem import Engine
-from moetandem.analysis.eval import evaluate_ids
 from moetandem.assets import demo_model_path
 from moetandem.errors import InvalidRequestError
 from moetandem.gating import LocalSelector, ProfileMonitor, measure_profile

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-import moetandem
 from moetandem.experts.provider import ExpertProvider
 from test_committee_parts import no_host_sync
 

@@ -9,7 +9,6 @@ from cloud_process import kill_cloud, start_cloud
 from conftest import build_checkpoint
 
 import moetandem
-from moetandem import Engine
 from moetandem.batcher import Batcher
 from moetandem.models import KVCache
 from moetandem.split.cloud import CloudServer

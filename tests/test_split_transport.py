@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import build_checkpoint
 
-from moetandem import Engine
 from moetandem.errors import CloudError
 from moetandem.split.cloud import CloudServer
 from moetandem.split.transport import SESSION_METHOD
