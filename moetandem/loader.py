@@ -64,9 +64,7 @@ def load_dense(ckpt: Checkpoint, family: Family, args: ArchArgs, device: torch.d
             if list(t.shape) != [b - a, *p.shape[1:]]:
                 raise CheckpointError(f"{hub_name} has shape {list(t.shape)}, config.json implies "
                                       f"{[b - a, *p.shape[1:]]}")
-            with torch.no_grad():
-                if p.dtype != dtype:
-                    p.data = torch.empty(p.shape, device=device, dtype=dtype)
+            with torch.no_grad():  # packed parameters (attention's qkv) were allocated in dtype above
                 p.data[a:b].copy_(t)
             pending[target].discard(name)
             if not pending[target]:

@@ -270,15 +270,22 @@ def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def _call_shape(expert_ids: torch.Tensor, w13: torch.Tensor, host: tuple[torch.Tensor, ...] | None, fmt: str,
+                host_fmt: str | None) -> tuple[int, int, int, bool]:
+    """(tokens, top-k, slot ids incl. the miss copies', gemv) of a call, as _Plan decides gemv."""
+    T, k = expert_ids.shape
+    N = w13.shape[0] + (host[0].shape[0] if host is not None else 0)
+    return T, k, N, GEMV_DIRECT and _gemv_applies(T <= DIRECT_MAX_TOKENS, fmt, host_fmt or fmt)
+
+
 def config_key(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: tuple[torch.Tensor, ...] | None,
                fmt: str, scales: Pair | None, host_fmt: str | None = None) -> str:
     """The tuning cache's key of a call: its shape bucket, formats, and where the miss copies live ("tier": in
     device memory, --miss-tier device). Misses read over the bus tie every config at the bus's speed, so a config
     tuned there is noise for the same copies in HBM (gpt-oss int8: 1.7x slower than the best, bench/zero_copy.py)."""
-    T, k = expert_ids.shape
-    N, I, H = w13.shape[0] + (host[0].shape[0] if host is not None else 0), w13.shape[1] // 2, x.shape[1]
+    T, k, N, gemv = _call_shape(expert_ids, w13, host, fmt, host_fmt)
+    I, H = w13.shape[1] // 2, x.shape[1]
     dtype = str(compute_dtype(x, w13, fmt)).removeprefix("torch.")
-    gemv = GEMV_DIRECT and _gemv_applies(T <= DIRECT_MAX_TOKENS, fmt, host_fmt or fmt)  # as _Plan decides it
     return tuning.cache_key(fmt, dtype, N, H, I, k, T, scale_groups(x, w13, scales)) + (
         ",direct" if T <= DIRECT_MAX_TOKENS else "") + (f",host={host_fmt}" if host_fmt not in (None, fmt) else "") + (
         ",tier" if host is not None and host[0].device.type != "cpu" else "") + (",gemv" if gemv else "")
@@ -289,10 +296,8 @@ def _config(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, host: 
             ) -> tuning.MoEConfig:
     """The cached config of this call's shape bucket, else a search over `prepare(block_m)` plans (or the default
     while capturing a graph or with tuning off)."""
-    T, k = expert_ids.shape
-    N = w13.shape[0] + (host[0].shape[0] if host is not None else 0)
+    T, k, N, gemv = _call_shape(expert_ids, w13, host, fmt, host_fmt)
     gpu = _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    gemv = GEMV_DIRECT and _gemv_applies(T <= DIRECT_MAX_TOKENS, fmt, host_fmt or fmt)  # as _Plan decides it
     key = config_key(x, expert_ids, w13, host, fmt, scales, host_fmt)
     cfg = tuning.CACHE.get(gpu, key)
     if cfg is not None:
