@@ -33,6 +33,7 @@ import secrets
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +201,10 @@ def worker(a: argparse.Namespace) -> int:
                              "end_ms": [1e3 * sum(prof.end_layer_fixed_s) + 1e3 * prof.end_step_overhead_s,
                                         1e3 * (sum(prof.end_layer_s) + prof.end_head_s)],
                              "cloud_ms": [1e3 * sum(prof.cloud_layer_fixed_s) + 1e3 * prof.cloud_step_overhead_s,
-                                          1e3 * sum(prof.cloud_layer_s)]}
+                                          1e3 * sum(prof.cloud_layer_s)],
+                             # every scalar and per-layer list of the profile: the prediction can be redone offline
+                             "profile": {k: v for k, v in asdict(prof).items()
+                                         if k not in ("routing_freq", "cut_codecs")}}
                 step += 1
                 barrier(a, step)
                 runs[c].append(measure(c, eng, a))
