@@ -97,13 +97,21 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     H, fb = ar.hidden_size, frame_overhead_bytes()
     raw_down = H * 4  # cloud-only runs codec "off": float32 hidden states down
 
+    # the cloud's costs are measured under the load the cloud-only runs met (the other ends' exchanges queued
+    # with ours): the profile holds them per unit of load, with that load as its queue depth, so the plan predicts
+    # the measured step and the re-planner scales it by the live load over it, not by the live load again
+    cal = base[END_HEAD if head_topk and not decode_tokens else "cloud-only"]
+    q, replicas = cal.get("cloud_queue", 0.0), cal.get("cloud_replicas", 1)
+    load = 1.0 + q / replicas
+
     def cloud_part(s: float, t: float) -> float:
         link = rtt + (2 * fb + s * (4 + ROW_BYTES + raw_down)) / bw
         end_head = end.step_fixed_s + end.head_fixed_s + s * end.head_token_s
-        return max(0.2 * cloud_raw.step_s(range(L), s, head=False), t - link - end_head)
+        return max(0.2 * cloud_raw.step_s(range(L), s, head=False), t - link - end_head) / load
     def cloud_part_k(s: float, t: float) -> float:
         over = end.step_fixed_s + end.head_fixed_s
-        return k_token_cloud_step(t, rtt, bw, 2 * fb, decode_tokens, over, 0.2 * cloud_raw.step_s(range(L), s))
+        floor = 0.2 * cloud_raw.step_s(range(L), s)
+        return k_token_cloud_step(t, rtt, bw, 2 * fb, decode_tokens, over, floor) / load
     if decode_tokens and head_topk:
         cloud = cloud_raw.calibrated([(s, cloud_part_k(s, t)) for s, t in steps("cloud-only")])
     else:
@@ -112,7 +120,8 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     eb = ada.store.expert_bytes(ada.dtype)
     return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
                          concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap,
-                         cloud_head_topk=head_topk, cloud_decode_tokens=decode_tokens)
+                         cloud_head_topk=head_topk, cloud_decode_tokens=decode_tokens, cloud_queue_depth=q,
+                         cloud_replicas=replicas)
 
 
 def k_token_cloud_step(t: float, rtt: float, bw: float, frame_bytes: int, k: int, end_overhead: float,
@@ -208,6 +217,9 @@ def worker(a: argparse.Namespace) -> int:
                 step += 1
                 barrier(a, step)
                 runs[c].append(measure(c, eng, a))
+                if eng.split is not None:  # the cloud's load this run saw (its costs are calibrated under it)
+                    mon = eng.split.link.monitor
+                    runs[c][-1].update(cloud_queue=mon.cloud_queue_depth, cloud_replicas=mon.cloud_replicas)
             for c in cs:  # the run of (lower) median throughput over the interleaved rounds
                 r = median_run(runs[c], c != "adaptive", conc)
                 r.update(config=c, rate=rate, rtt=rtt, budget=b, end=a.index, plan=plan if c == "adaptive"

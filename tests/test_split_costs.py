@@ -153,6 +153,22 @@ def test_frame_bytes_are_what_the_wire_carries() -> None:
     assert naive.predicted_bytes_per_token == pytest.approx(2 * (2 * 256) + ROW_BYTES + 2 * hdr)
 
 
+def test_per_token_parts_add_up_to_the_measured_layer_time() -> None:
+    """A GPU cloud: a layer's measured per-token time (20 us, batched) is far below top_k one-token expert FFNs
+    timed alone (8 x 7 ms). The profile's attention + top_k experts per layer must still add up to the measured
+    20 us, so cloud-only is predicted at the measured step, not at 4 x 8 x 7 ms per token."""
+    L, k = 4, 8
+    args = type("A", (), {"num_layers": L, "num_experts": 64, "top_k": k, "hidden_size": 2048})()
+    cloud = StepCosts([2e-3] * L, [2e-5, 3e-5, 2e-5, 4e-5], 2e-4, 1e-6, 7e-3)
+    end = StepCosts([1e-3] * L, [4e-2] * L, 1e-3, 1e-4, 1e-3)  # a CPU end: 8 experts (8 ms) inside 40 ms
+    p = split_profile(end, cloud, args, 1000, 8000, 1e9, 0.001)
+    for per_layer, expert, c in ((p.cloud_layer_s, p.cloud_expert_s, cloud), (p.end_layer_s, p.end_expert_s, end)):
+        assert [a + k * expert for a in per_layer] == pytest.approx(c.layer_token_s)
+    assert p.end_expert_s == pytest.approx(1e-3)  # below the cap: unchanged
+    thr = baseline_plans(p, "throughput")["cloud-only"].predicted_throughput_tok_s
+    assert thr > 50  # 4 x 2 ms fixed + 0.11 ms of layers + the end head and 1 ms RTT: 98 tok/s (uncapped: 4.4)
+
+
 def test_a_measured_baseline_beats_a_flattering_model() -> None:
     p = profile(random.Random(5), concurrency=4)
     base = baseline_plans(p, "throughput")

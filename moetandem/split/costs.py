@@ -143,16 +143,22 @@ def split_profile(end: StepCosts, cloud: StepCosts, args: Any, expert_bytes: int
                   concurrency: int = 1, codecs: Mapping[int, Mapping[int, tuple[int, float]]] | None = None,
                   max_ppl_increase: float = 0.01, wire_bytes: int = 2, **kw: Any) -> Any:
     """A SplitProfile (split.plan) from measured step costs of both sides and the measured link. Attention
-    (+ router, norms) per token = a layer's per-token time less top_k expert FFNs. codecs: cut → rank →
-    (bytes per token, perplexity increase) from the calibration file."""
+    (+ router, norms) per token = a layer's per-token time less top_k expert FFNs, where one expert FFN is charged
+    at most 1/top_k of the cheapest layer's per-token time: a batched GPU step costs a token far less than top_k
+    one-token FFNs timed alone, and the per-token parts must add up to the measured step (the thirteenth
+    session's 4-end GPU test bed predicted 4.4 tok/s for a plan that ran 775: 4 layers x 8 x 7 ms of "expert" per
+    token). codecs: cut → rank → (bytes per token, perplexity increase) from the calibration file."""
     from moetandem.split.plan import SplitProfile
     L, E, k = args.num_layers, args.num_experts, args.top_k
     freq = routing_freq or [[k / E] * E for _ in range(L)]
 
+    def expert(c: StepCosts) -> float:  # a token's k experts cost no more than its measured layer time
+        return min(c.expert_token_s, min(c.layer_token_s, default=c.expert_token_s * k) / k)
+
     def attn(c: StepCosts) -> list[float]:
-        return [max(0.0, t - k * c.expert_token_s) for t in c.layer_token_s]
-    return SplitProfile(L, E, k, args.hidden_size, attn(end), attn(cloud), end.expert_token_s,
-                        cloud.expert_token_s, expert_bytes, end_budget_bytes, freq, bandwidth_bps, rtt_s,
+        return [max(0.0, t - k * expert(c)) for t in c.layer_token_s]
+    return SplitProfile(L, E, k, args.hidden_size, attn(end), attn(cloud), expert(end), expert(cloud), expert_bytes,
+                        end_budget_bytes, freq, bandwidth_bps, rtt_s,
                         max_ppl_increase=max_ppl_increase, concurrency=concurrency, end_head_s=end.head_token_s,
                         cloud_head_s=cloud.head_token_s, cloud_head_fixed_s=cloud.head_fixed_s,
                         end_step_overhead_s=end.head_fixed_s,
