@@ -73,7 +73,8 @@ def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: float, conc: int,
-                     overlap: bool = True, head_topk: int = 0, decode_tokens: int = 0) -> Any:
+                     overlap: bool = True, head_topk: int = 0, decode_tokens: int = 0,
+                     routing_freq: list[list[float]] | None = None) -> Any:
     """The SplitProfile the adaptive plan is made from, all of it measured in this run: the end's and the cloud's
     per-layer fixed + per-token costs (split.costs: the end timed here, the cloud timed by itself and sent in
     hello), calibrated to the baselines' decode steps at batch 1 and at `conc` (the end to end-only; the cloud
@@ -81,7 +82,8 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     quality from the calibration file, the memory from the budget. overlap=False: end and cloud share the cores
     (a CPU cloud on this machine), so micro-batches overlap only the link. head_topk K > 0: the plan may have the
     cloud run the LM head (the cloud is calibrated to the cloud-only run with the head on the end); decode_tokens
-    k > 0: cloud-only with the head in the cloud may decode k tokens per exchange."""
+    k > 0: cloud-only with the head in the cloud may decode k tokens per exchange. routing_freq [L][E]: the end's
+    measured routing (Trace.frequencies; None: uniform), from which the plan picks the experts an end layer keeps."""
     from moetandem.split.calibration import cut_codecs
     from moetandem.split.costs import ROW_BYTES, StepCosts, frame_overhead_bytes, split_profile
     ar, mon, L = ada.args, ada.split.link.monitor, ada.args.num_layers
@@ -121,7 +123,7 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
                          concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap,
                          cloud_head_topk=head_topk, cloud_decode_tokens=decode_tokens, cloud_queue_depth=q,
-                         cloud_replicas=replicas)
+                         cloud_replicas=replicas, routing_freq=routing_freq)
 
 
 def k_token_cloud_step(t: float, rtt: float, bw: float, frame_bytes: int, k: int, end_overhead: float,
@@ -135,6 +137,12 @@ def k_token_cloud_step(t: float, rtt: float, bw: float, frame_bytes: int, k: int
     return max(floor, t - (link + end_overhead) / k)
 
 
+def prompt_ids(eng: Any) -> list[int]:
+    """The run's prompts as one stream of token ids (what the end's routing is measured on)."""
+    ps = prompts_for(eng)
+    return [t for p in ps for t in (p if isinstance(p, list) else eng.tokenizer(p, verbose=False)["input_ids"])]
+
+
 def set_link(eng: Any, rate: float, rtt: float) -> None:
     link = eng.split.link
     for sh in (link.shaper, link.down_shaper):
@@ -146,6 +154,7 @@ def worker(a: argparse.Namespace) -> int:
     """One end: per budget, an engine per config, then every link; in step with the other ends (barrier)."""
     import torch
     import moetandem
+    from moetandem.analysis.trace import trace_ids
     from moetandem.split.connect import Placement, profile_replanner
     from moetandem.split.costs import measure_step_costs
     from moetandem.split.plan import baseline_plans, guard_with_measured, make_split_plan
@@ -157,8 +166,9 @@ def worker(a: argparse.Namespace) -> int:
             print(f"[testbed] end 0, {time.monotonic() - t0:.0f} s: {msg}", file=sys.stderr, flush=True)
     cs = configs(a)
 
-    def load_budget(b: float) -> tuple[dict[str, Any], Any]:
-        """This budget's engine per config, warmed up, and the end's own step costs. One budget's engines at a
+    def load_budget(b: float) -> tuple[dict[str, Any], Any, list[list[float]]]:
+        """This budget's engine per config, warmed up, the end's own step costs and its routing frequencies
+        on the run's prompts (the plan keeps an end layer's most used experts local). One budget's engines at a
         time: six OLMoE-slice engines take ~40 GB in float32 (the tenth session's four test beds ran the host out of
         memory and an end died without a word)."""
         kw = lambda c: {"cloud": a.cloud, "token_file": a.token_file, "split": options(c, a)} if options(c, a) else {}
@@ -166,17 +176,18 @@ def worker(a: argparse.Namespace) -> int:
                                   **kw(c)) for c in cs}
         e = engs["end-only"]  # the end's own step costs: its layers with its committee, quiet-box minimum
         costs = measure_step_costs(e.model, e.experts, "cpu", sizes=(1, max(a.concurrency)))
-        note(f"budget {b:g}: {len(engs)} engines loaded, step costs measured")
+        freq = trace_ids(e, prompt_ids(e), progress=False).frequencies(e.args.num_layers)  # the prompts' routing
+        note(f"budget {b:g}: {len(engs)} engines loaded, step costs and routing measured")
         for eng in engs.values():  # unmeasured: each path's first use on both sides (the GPU test bed measured a
             # cold cloud-only round at 1.8 tok/s, then 114, and the plan trusted the cold one)
             eng.generate(prompts_for(eng)[:max(a.concurrency)], max_new_tokens=4, stop_on_eos=False)
         note(f"budget {b:g}: every path warmed up")
-        return engs, costs
+        return engs, costs, freq
     conc = max(a.concurrency)
     out = []
     step = 0
     for b in a.budgets:
-        engines, end_costs = load_budget(b)
+        engines, end_costs, freq = load_budget(b)
         for rtt, rate in ((rtt, rate) for rtt in a.rtts for rate in a.rates):
             runs: dict[str, list[dict]] = {c: [] for c in cs}
             predicted: dict[str, float] = {}
@@ -196,7 +207,7 @@ def worker(a: argparse.Namespace) -> int:
                     eng.generate(prompts_for(eng)[:2], max_new_tokens=8, stop_on_eos=False)
                     prof = measured_profile(end_costs, eng, {k: v[0] for k, v in runs.items() if v}, b, conc,
                                             overlap=a.cloud_device != "cpu", head_topk=a.cloud_head_topk,
-                                            decode_tokens=a.cloud_decode_tokens)
+                                            decode_tokens=a.cloud_decode_tokens, routing_freq=freq)
                     bases = baseline_plans(prof, "throughput")
                     seen = {k: v[0]["throughput"][str(conc)] for k, v in runs.items() if v}
                     p = guard_with_measured(make_split_plan(prof, "throughput"), bases, seen)

@@ -186,3 +186,20 @@ def test_cli_handlers(ckpt, tmp_path, capsys):
     args = parser.parse_args(["eval", "--model", str(ckpt), "--data", str(tmp_path / "missing.txt")])
     with pytest.raises(InvalidRequestError, match="not found"):
         args.run(args)
+
+
+def test_routing_frequencies_for_the_split_scheduler(engine):
+    """Trace.frequencies: each MoE layer's share of tokens per expert (rows sum to top_k), shrunk towards uniform by
+    the prior; with no prior it is the exact count / tokens of the recorded routing."""
+    tr = trace_ids(engine, list(range(60)), context=32, progress=False)
+    N, L, k = tr.ids.shape
+    E = tr.num_experts
+    exact = tr.frequencies(engine.args.num_layers, prior_tokens=0.0)
+    for i, layer in enumerate(tr.layers):
+        want = torch.bincount(tr.ids[:, i].reshape(-1).long(), minlength=E).double() / N
+        assert exact[layer] == pytest.approx(want.tolist())
+        assert sum(exact[layer]) == pytest.approx(k)
+    shrunk = tr.frequencies(engine.args.num_layers, prior_tokens=N)  # half the trace's weight on uniform
+    layer = tr.layers[0]
+    assert shrunk[layer] == pytest.approx([(f + k / E) / 2 for f in exact[layer]])
+    assert max(exact[layer]) > max(shrunk[layer]) > k / E  # a hot expert stays hot, less so

@@ -52,6 +52,18 @@ class Trace:
                 "context": self.context, "overall": locality.overall(per),
                 "layers": {str(l): {k: v for k, v in s.items() if k != "coactivation"} for l, s in per.items()}}
 
+    def frequencies(self, num_layers: int, prior_tokens: float = 64.0) -> list[list[float]]:
+        """[num_layers][E] the share of tokens routed to each expert (a row sums to top_k): the split scheduler's
+        routing_freq (SplitProfile), from which it chooses the experts an end layer keeps local. Shrunk towards
+        uniform routing by `prior_tokens` pseudo-tokens, so a short trace does not make noise look like hot
+        experts; a layer without experts (dense) is uniform."""
+        N, k, E = self.ids.shape[0], self.ids.shape[2], self.num_experts
+        out = [[k / E] * E for _ in range(num_layers)]
+        for i, layer in enumerate(self.layers):
+            counts = torch.bincount(self.ids[:, i].reshape(-1).long(), minlength=E).double()
+            out[layer] = ((counts + prior_tokens * k / E) / (N + prior_tokens)).tolist()
+        return out
+
     def analyse(self, progress: bool = False) -> dict[int, dict[str, Any]]:
         out = {}
         for i, l in enumerate(tqdm(self.layers, desc="analyse", unit="layer", disable=not progress)):
