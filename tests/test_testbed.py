@@ -280,7 +280,7 @@ def test_every_config_is_judged_on_its_interleaved_rounds_only():
 def test_k_token_calibration_recovers_the_cloud_step_from_the_per_token_time():
     """A k-token cloud-only run's per-token time is (end overhead + link + k cloud steps) / k: the test bed charges
     the cloud only its k steps (not the end's overhead, which k would multiply), and never less than the floor."""
-    from bench.testbed import k_token_cloud_step
+    from bench.testbed_profile import k_token_cloud_step
     from moetandem.split.plan_cost import DECODE_TOKEN_BYTES, DECODE_UP_BYTES
     rtt, bw, fb, k, over, cloud = 0.05, 1.25e6, 200, 8, 0.012, 0.0025
     link = rtt + (fb + DECODE_UP_BYTES + DECODE_TOKEN_BYTES * (k + 1)) / bw
