@@ -73,7 +73,7 @@ def build_engine(model: ModelConfig, committee: CommitteeConfig | None = None, g
         from moetandem.graphs import PieceGraphs
         from moetandem.split.connect import connect_split
         pieces = PieceGraphs() if use_graphs and dev.type == "cuda" else None
-        splitter = connect_split(net, provider, ckpt, split, pieces)
+        splitter = connect_split(net, provider, ckpt, split, pieces, expert_bytes)
         runner, experts = splitter, splitter.expert_map()
         use_graphs = False  # no whole-step graph: each step exchanges frames with the cloud
     engine = Engine(runner, ckpt.tokenizer(), experts, provider, store, dev, dt, use_graphs, router, splitter,

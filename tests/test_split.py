@@ -306,3 +306,17 @@ def test_split_end_on_cuda_uses_graphs(ckpt, cloud):
     assert generate(eng) == want
     assert {k[0] for k in eng.split.pieces.entries} == {"head", "tail"}
     assert all(e[1] is not None for e in eng.split.pieces.entries.values())  # captured graphs, replayed
+
+
+def test_split_plan_auto_plans_once_the_link_is_measured(ckpt, reference, cloud):
+    """--split-plan auto: the default placement until the link monitor holds 8 samples, then the scheduler's plan
+    from the end's own layer times, the cloud's (hello) and the measured link. Over a 60 ms link to a cloud no
+    faster than the end (the same CPU), that plan is end-only; the tokens stay those of a single process."""
+    eng, split = end_engine(ckpt, cloud.port, plan="auto", emulate_rtt_ms=60.0, emulate_down=True)
+    L = split.args.num_layers
+    assert split.replanner is not None and split.plan_after_samples == 8
+    assert (split.start, split.end) == (1, L - 1)  # the default placement until the link is measured
+    assert generate(eng) == reference
+    assert split.plan_after_samples == 0 and split.stats["replans"] == 1
+    assert split.start >= split.end  # end-only: no layer in the cloud
+    assert split.link.monitor.rtt_s >= 0.05

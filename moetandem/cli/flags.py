@@ -93,8 +93,11 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("split execution (end side; the cloud runs `moetandem cloud`)")
     g.add_argument("--cloud", metavar="HOST:PORT", help="run the middle layers on this moetandem cloud server")
     g.add_argument("--token-file", metavar="FILE", help="file holding the cloud's token (needed with --cloud)")
-    g.add_argument("--split-plan", metavar="FILE", help="JSON with end_layers_head, end_layers_tail, cloud_experts, "
-                   "codec_rank, codec_rank_down, micro_batches (default: 1 head + 1 tail layer on the end)")
+    g.add_argument("--split-plan", metavar="FILE|auto", help="JSON with end_layers_head, end_layers_tail, "
+                   "cloud_experts, codec_rank, codec_rank_down, micro_batches (default: 1 head + 1 tail layer on the "
+                   "end); auto: the end plans from live measurements (its own layer times, the cloud's, the link "
+                   "once 8 exchanges measured it) and re-plans as they move (with --codec plan it also picks the "
+                   "codec of each crossing)")
     g.add_argument("--split-head", type=int, metavar="A", help="layers [0, A) on the end (overrides the plan)")
     g.add_argument("--split-tail", type=int, metavar="B", help="the last B layers on the end (overrides the plan)")
     g.add_argument("--codec", choices=CODECS, default="off", help="activations on the link: off = raw (exact), "

@@ -13,6 +13,7 @@ from typing import Any
 from moetandem.config import SplitConfig
 from moetandem.errors import CloudError, InvalidRequestError
 from moetandem.graphs import PieceGraphs
+from moetandem.split.auto import AUTO, MIN_SAMPLES, auto_profile
 from moetandem.split.end import SplitModel
 from moetandem.split.link import CloudLink, CloudRefused, LinkOptions
 from moetandem.split.transport.auth import read_token
@@ -63,9 +64,10 @@ def _connect(link: CloudLink, when_down: str) -> None:
         log.warning("split: cloud unavailable at start (%s); %s", e, when_down)
 
 
-def _link(ckpt: Any, cfg: SplitConfig) -> CloudLink:
+def _link(ckpt: Any, cfg: SplitConfig, request_costs: bool = False) -> CloudLink:
     token = cfg.token if cfg.token is not None else read_token(cfg.token_file)
-    return CloudLink(LinkOptions(cfg.address, token, **cfg.link), ckpt.fingerprint())
+    opts = {**cfg.link, "request_costs": True} if request_costs else cfg.link
+    return CloudLink(LinkOptions(cfg.address, token, **opts), ckpt.fingerprint())
 
 
 def preflight(ckpt: Any, cfg: SplitConfig) -> None:
@@ -78,17 +80,25 @@ def preflight(ckpt: Any, cfg: SplitConfig) -> None:
         link.close()
 
 
-def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces: PieceGraphs | None = None
-                  ) -> SplitModel:
+def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces: PieceGraphs | None = None,
+                  expert_bytes: int = 0) -> SplitModel:
     """The end side of split execution over `model` (layers [0, head) and [L - tail, L) stay here) with the cloud
     at cfg.address. The end keeps its checkpoint and committee (`provider`) for its own layers and for fallback.
     A cloud that refuses us (token, checkpoint) raises CloudError; one that cannot be reached now is retried
-    later (the end computes alone meanwhile)."""
-    link = _link(ckpt, cfg)
-    placement = load_placement(cfg.plan, cfg.head, cfg.tail, cfg.cloud_experts, cfg.codec_rank, cfg.micro_batches)
+    later (the end computes alone meanwhile). cfg.plan "auto": the end plans its split from live measurements
+    (split/auto.py; expert_bytes: all routed experts' bytes in the end's format, for the profile)."""
+    auto = cfg.plan == AUTO
+    link = _link(ckpt, cfg, request_costs=auto)
+    placement = load_placement(None if auto else cfg.plan, cfg.head, cfg.tail, cfg.cloud_experts, cfg.codec_rank,
+                               cfg.micro_batches)
     split = SplitModel(model, link, placement, cfg.codec, ckpt, provider, pieces, cfg.cloud_head_topk or 0,
                        cfg.cloud_decode_tokens or 0)
     _connect(link, "computing on the end until it answers")
+    if auto:  # the first plan once the link is measured, then re-plans as it and the cloud's load move
+        profile = auto_profile(model, provider, ckpt, link, cfg, expert_bytes)
+        if profile is not None:
+            split.replanner = profile_replanner(profile, "latency")
+            split.plan_after_samples = MIN_SAMPLES
     return split
 
 

@@ -73,6 +73,9 @@ class SplitModel:
         self.catch_up_tokens = 1024  # cloud K/V refilled per step after an outage (tokens over all lagging rows)
         self.replanner: Callable[[Any], Any] | None = None  # (LinkMonitor) -> new plan or None
         self.load_probe_s = 0.5  # while the plan uses no cloud: how often to ask the cloud for its load
+        #: > 0: call the replanner once the link monitor holds this many samples, changed or not (--split-plan
+        #: auto: the first plan, made when the link is measured); 0 after that
+        self.plan_after_samples = 0
         self._probed = 0.0
         self._rows: weakref.WeakKeyDictionary[KVCache, _Rows] = weakref.WeakKeyDictionary()
         self._next_id = 0
@@ -293,10 +296,13 @@ class SplitModel:
         mon = self.link.monitor
         self._probe_load()
         link_moved, load_moved = mon.changed(), mon.load_changed()
-        if not (link_moved or load_moved):
+        first = 0 < self.plan_after_samples <= mon.samples
+        if first:
+            self.plan_after_samples = 0
+        if not (first or link_moved or load_moved):
             return
-        log.info("split: %s changed (bandwidth %.3g B/s, RTT %.1f ms, cloud queue %.1f over %d replica(s))",
-                 "link" if link_moved else "cloud load", mon.bandwidth_bps, mon.rtt_s * 1e3, mon.cloud_queue_depth,
+        log.info("split: %s (bandwidth %.3g B/s, RTT %.1f ms, cloud queue %.1f over %d replica(s))",
+                 "link measured" if first else "link changed" if link_moved else "cloud load changed", mon.bandwidth_bps, mon.rtt_s * 1e3, mon.cloud_queue_depth,
                  mon.cloud_replicas)
         plan = self.replanner(mon) if self.replanner is not None else None
         if plan is None:

@@ -83,6 +83,12 @@ class LinkMonitor:
         """Bytes per second on the link (inf while there is not enough traffic to tell)."""
         return self.estimate()[0]
 
+    @property
+    def samples(self) -> int:
+        """Exchanges in the link-fit window (those with nothing else in flight)."""
+        with self._lock:
+            return len(self._samples)
+
     def estimate(self, last: int | None = None) -> tuple[float, float]:
         """(bandwidth bytes/s, RTT s) from the last `last` samples (all of the window by default). Frames of
         different sizes: a least-squares line wire = RTT + bytes / bandwidth (so a slow link is not mistaken for
