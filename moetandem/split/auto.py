@@ -1,6 +1,6 @@
 """`--split-plan auto`: the end plans its own split from live measurements. At connect it asks the cloud for the
 step costs the cloud measured on itself (hello) and times its own layers with its own experts; once the link
-monitor has measured the link (`min_samples` exchanges on the default placement), the scheduler
+monitor has measured the link (MIN_SAMPLES exchanges on the default placement), the scheduler
 (split.plan.make_split_plan) picks the cut, the experts an end layer keeps, the codec of each crossing and the
 micro-batches, and connect.profile_replanner keeps re-planning when the link or the cloud's load moves.
 
@@ -25,7 +25,7 @@ MIN_SAMPLES = 8
 
 
 def auto_profile(model: Any, provider: Any, ckpt: Any, link: CloudLink, cfg: SplitConfig, expert_bytes: int,
-                 objective_concurrency: int = 1) -> Any:
+                 concurrency: int = 1) -> Any:
     """The SplitProfile an auto plan is made from, the link left at a placeholder (the re-planner puts the
     measured one in): the end's per-layer costs timed here with its committee, the cloud's from its hello, the end's
     expert budget from its provider (every expert when it holds them all), the calibrated codecs with --codec plan.
@@ -47,6 +47,6 @@ def auto_profile(model: Any, provider: Any, ckpt: Any, link: CloudLink, cfg: Spl
         from moetandem.split.calibration import cut_codecs
         codecs = cut_codecs(ckpt)
     wire = 2 if cfg.codec in ("fp16", "plan") else torch.finfo(p.dtype).bits // 8
-    return split_profile(end, cloud, args, per_expert, budget, 1e9, 0.0, concurrency=objective_concurrency,
+    return split_profile(end, cloud, args, per_expert, budget, 1e9, 0.0, concurrency=concurrency,
                          codecs=codecs, wire_bytes=wire, cloud_head_topk=cfg.cloud_head_topk or 0,
                          cloud_decode_tokens=cfg.cloud_decode_tokens or 0)

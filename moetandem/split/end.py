@@ -301,9 +301,9 @@ class SplitModel:
             self.plan_after_samples = 0
         if not (first or link_moved or load_moved):
             return
-        log.info("split: %s (bandwidth %.3g B/s, RTT %.1f ms, cloud queue %.1f over %d replica(s))",
-                 "link measured" if first else "link changed" if link_moved else "cloud load changed", mon.bandwidth_bps, mon.rtt_s * 1e3, mon.cloud_queue_depth,
-                 mon.cloud_replicas)
+        why = "link measured" if first else "link changed" if link_moved else "cloud load changed"
+        log.info("split: %s (bandwidth %.3g B/s, RTT %.1f ms, cloud queue %.1f over %d replica(s))", why,
+                 mon.bandwidth_bps, mon.rtt_s * 1e3, mon.cloud_queue_depth, mon.cloud_replicas)
         plan = self.replanner(mon) if self.replanner is not None else None
         if plan is None:
             return
