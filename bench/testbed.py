@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.split import measure, prompts_for  # noqa: E402
 from bench.testbed_profile import measured_profile, prompt_ids  # noqa: E402
-from bench.testbed_report import END_HEAD, PER_TOKEN  # noqa: E402
+from bench.testbed_report import AUTO_PLAN, END_HEAD, PER_TOKEN  # noqa: E402
 
 CONFIGS = ("end-only", "cloud-only", "naive", "adaptive")
 FULL = dict(rates=[10, 50, 100, 1000], rtts=[5, 20, 50, 100], budgets=[0.25, 0.5], ends=[1, 4, 16])
@@ -54,14 +54,15 @@ GPU = dict(rates=[10, 100, 1000], rtts=[20], budgets=[0.25], ends=[1, 4], shape=
 def configs(a: argparse.Namespace) -> tuple[str, ...]:
     """The configs of this run: CONFIGS, with --cloud-head-topk the cloud-only run with the head on the end, with
     --cloud-decode-tokens the cloud-only run with one exchange per token."""
-    return CONFIGS + ((END_HEAD,) if a.cloud_head_topk else ()) + ((PER_TOKEN,) if a.cloud_decode_tokens else ())
+    return CONFIGS + ((END_HEAD,) if a.cloud_head_topk else ()) + ((PER_TOKEN,) if a.cloud_decode_tokens else ()) \
+        + ((AUTO_PLAN,) if a.auto_plan else ())
 
 
 def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
     link = {"emulate_rate_mbit": a.rates[0], "emulate_rtt_ms": a.rtts[0], "emulate_jitter_ms": a.jitter_ms,
             "emulate_loss": a.loss, "emulate_down": True, "timeout_s": 60.0}
     head = {"cloud_head_topk": a.cloud_head_topk} if a.cloud_head_topk else {}  # the LM head in the cloud
-    if config == "adaptive" or config == "cloud-only":  # k tokens per exchange
+    if config in ("adaptive", "cloud-only", AUTO_PLAN):  # k tokens per exchange
         head.update({"cloud_decode_tokens": a.cloud_decode_tokens} if a.cloud_decode_tokens else {})
     if config in ("cloud-only", END_HEAD, PER_TOKEN):
         opts = {**link, "head": 0, "tail": 0, "codec": "off", "micro_batches": 1}
@@ -70,6 +71,8 @@ def options(config: str, a: argparse.Namespace) -> dict[str, Any] | None:
         return {**link, "head": 1, "tail": 1, "codec": "fp16", "micro_batches": 1}
     if config == "adaptive":  # codec per crossing from the plan; the cloud's measured step costs in hello
         return {**link, "head": 1, "tail": 1, "codec": "plan", "micro_batches": 1, "request_costs": True, **head}
+    if config == AUTO_PLAN:  # the end plans alone (split/auto.py)
+        return {**link, "plan": "auto", "codec": "plan", **head}
     return None
 
 
@@ -161,10 +164,12 @@ def worker(a: argparse.Namespace) -> int:
                 if eng.split is not None:  # the cloud's load this run saw (its costs are calibrated under it)
                     mon = eng.split.link.monitor
                     runs[c][-1].update(cloud_queue=mon.cloud_queue_depth, cloud_replicas=mon.cloud_replicas)
+                if c == AUTO_PLAN:  # the plan the end ended this run on
+                    runs[c][-1]["plan"] = getattr(eng.split.plan, "describe", lambda: "the default placement")()
             for c in cs:  # the run of (lower) median throughput over the interleaved rounds
                 r = median_run(runs[c], c != "adaptive", conc)
                 r.update(config=c, rate=rate, rtt=rtt, budget=b, end=a.index, plan=plan if c == "adaptive"
-                         else "", predicted_tok_s=predicted.get(c, float("nan")),
+                         else r.get("plan", ""), predicted_tok_s=predicted.get(c, float("nan")),
                          runs=len(runs[c]) - int(c != "adaptive" and len(runs[c]) > 1),
                          all_tok_s=[x["throughput"][str(conc)] for x in runs[c]],
                          model=model if c == "adaptive" else {})
@@ -328,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud-decode-tokens", type=int, default=0, metavar="K",
                    help="with --cloud-head-topk: cloud-only and adaptive decode K tokens per exchange in the "
                         f"cloud; adds {PER_TOKEN} (one exchange per token) for the A/B (0: off)")
+    p.add_argument("--auto-plan", action="store_true",
+                   help=f"add the {AUTO_PLAN!r} config: the end plans alone (--split-plan auto: its own and the "
+                        "cloud's raw timings and the live link, no baseline runs), beside the test bed's adaptive")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--index", "--n-ends"):
         p.add_argument(flag, type=int, help=argparse.SUPPRESS)

@@ -11,6 +11,8 @@ BASELINES = ("end-only", "cloud-only", "naive")
 END_HEAD = "cloud-only-end-head"
 #: --cloud-decode-tokens: cloud-only with one exchange per token (cloud-only then decodes k tokens per exchange)
 PER_TOKEN = "cloud-only-per-token"
+#: --auto-plan: the end's own plan (`--split-plan auto`: raw timings of both sides and the live link, no baselines)
+AUTO_PLAN = "auto"
 
 
 def scenarios(res: dict[str, Any]) -> dict[tuple, dict[str, dict[str, float]]]:
@@ -81,7 +83,7 @@ def table(res: dict[str, Any]) -> str:
         rel = [f"{ad / sc[c]['tok_s']:.2f}×" if c in sc else "" for c in BASELINES]
         head.append(f"| {rate:g}, {rtt:g} | {budget:g} | {ends} | " + " | ".join(cells) + " | " + " | ".join(rel)
                     + f" | **{r:.2f}×** ({best}) |")
-        for c in (*BASELINES, END_HEAD, PER_TOKEN, "adaptive"):
+        for c in (*BASELINES, END_HEAD, PER_TOKEN, "adaptive", AUTO_PLAN):
             if c in sc:
                 m = sc[c]
                 fb = f" ({m['fallbacks']:.0f} fallbacks)" if m["fallbacks"] else ""
@@ -94,6 +96,8 @@ def table(res: dict[str, Any]) -> str:
           if END_HEAD in sc and "cloud-only" in sc]
     kab = [decode_ab(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
            if PER_TOKEN in sc and "cloud-only" in sc]
+    auto = [auto_line(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2],
+                                                                                   kv[0][3])) if AUTO_PLAN in sc]
     rs = [ratio(sc)[0] for sc in sc_all.values() if "adaptive" in sc]
     summary = (f"\nadaptive / best baseline (tok/s): min {min(rs):.2f}×, median {statistics.median(rs):.2f}×, "
                f"max {max(rs):.2f}× over {len(rs)} scenarios; wall {res.get('wall_s', 0):.0f} s\n") if rs else ""
@@ -104,7 +108,20 @@ def table(res: dict[str, Any]) -> str:
                + "\n".join(ab) + "\n" if ab else "")
             + (f"\nOne exchange per token → {res['args'].get('cloud_decode_tokens')} "
                f"{'sampled' if res['args'].get('temperature', 0) > 0 else 'greedy'} tokens per exchange "
-               "(--cloud-decode-tokens, head in the cloud):\n\n" + "\n".join(kab) + "\n" if kab else ""))
+               "(--cloud-decode-tokens, head in the cloud):\n\n" + "\n".join(kab) + "\n" if kab else "")
+            + ("\nThe end's own plan (`--split-plan auto`, no baseline runs) against the best baseline and the "
+               "adaptive plan:\n\n" + "\n".join(auto) + "\n" if auto else ""))
+
+
+def auto_line(key: tuple, sc: dict[str, dict[str, float]]) -> str:
+    a = sc[AUTO_PLAN]
+    best = max((c for c in BASELINES if c in sc), key=lambda c: sc[c]["tok_s"])
+    line = (f"- {key[0]:g} Mbit/s, {key[1]:g} ms, budget {key[2]:g}, {key[3]} end(s): {a['tok_s']:.1f} tok/s, "
+            f"{a['tok_s'] / sc[best]['tok_s']:.2f}× the best ({best})")
+    if "adaptive" in sc:
+        line += f", {a['tok_s'] / sc['adaptive']['tok_s']:.2f}× adaptive"
+    plan = (a["plan"] or "?").split(";")[0]  # the cut and the experts: the rest is in the per-config table
+    return line + f"; ended on {plan} ({a['replans']:.0f} re-plans while measured)"
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
