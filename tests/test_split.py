@@ -320,3 +320,23 @@ def test_split_plan_auto_plans_once_the_link_is_measured(ckpt, reference, cloud)
     assert split.plan_after_samples == 0 and split.stats["replans"] == 1
     assert split.start >= split.end  # end-only: no layer in the cloud
     assert split.link.monitor.rtt_s >= 0.05
+
+
+def test_split_plan_auto_waits_for_the_clouds_costs(ckpt, cloud):
+    """A cloud that has sent no step costs (not reached yet, an older cloud) gives no plan, and the placement in
+    force stays; its costs in a later hello give one."""
+    from moetandem.config import SplitConfig
+    from moetandem.split.auto import AutoProfile
+    from moetandem.split.connect import auto_replanner
+    eng, split = end_engine(ckpt, cloud.port, request_costs=True)
+    nbytes = eng.store.expert_bytes(eng.dtype) * eng.args.num_experts * len(eng.store.layers)
+    auto = AutoProfile(split.model, split.local_provider, split.ckpt, SplitConfig("127.0.0.1:1", token=TOKEN), nbytes)
+    link = type("Link", (), {"info": {}})()
+    replan = auto_replanner(auto, link)
+    mon = split.link.monitor
+    for _ in range(8):
+        mon.record(1000, 1000, 0.001, 0.0)
+    assert replan(mon) is None
+    link.info = split.link.info  # the cloud's hello, with its costs
+    plan = replan(mon)
+    assert plan is not None and plan.end_layers_head + plan.end_layers_tail <= split.args.num_layers

@@ -13,7 +13,7 @@ from typing import Any
 from moetandem.config import SplitConfig
 from moetandem.errors import CloudError, InvalidRequestError
 from moetandem.graphs import PieceGraphs
-from moetandem.split.auto import AUTO, MIN_SAMPLES, auto_profile
+from moetandem.split.auto import AUTO, MIN_SAMPLES, AutoProfile
 from moetandem.split.end import SplitModel
 from moetandem.split.link import CloudLink, CloudRefused, LinkOptions
 from moetandem.split.transport.auth import read_token
@@ -95,11 +95,24 @@ def connect_split(model: Any, provider: Any, ckpt: Any, cfg: SplitConfig, pieces
                        cfg.cloud_decode_tokens or 0)
     _connect(link, "computing on the end until it answers")
     if auto:  # the first plan once the link is measured, then re-plans as it and the cloud's load move
-        profile = auto_profile(model, provider, ckpt, link, cfg, expert_bytes)
-        if profile is not None:
-            split.replanner = profile_replanner(profile, "latency")
-            split.plan_after_samples = MIN_SAMPLES
+        split.replanner = auto_replanner(AutoProfile(model, provider, ckpt, cfg, expert_bytes), link)
+        split.plan_after_samples = MIN_SAMPLES
     return split
+
+
+def auto_replanner(auto: AutoProfile, link: CloudLink, objective: str = "latency") -> Callable[[Any], Any]:
+    """A SplitModel.replanner for --split-plan auto: profile_replanner on the auto profile, made at the first
+    call from the cloud's costs in its latest hello (None until the cloud has sent them)."""
+    state: dict[str, Callable[[Any], Any]] = {}
+
+    def replan(monitor: Any) -> Any:
+        if "replan" not in state:
+            profile = auto.profile(link.info)
+            if profile is None:
+                return None
+            state["replan"] = profile_replanner(profile, objective)
+        return state["replan"](monitor)
+    return replan
 
 
 def profile_replanner(profile: Any, objective: str = "latency", current: Any = None, min_gain: float = 0.1
