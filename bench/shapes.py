@@ -80,6 +80,7 @@ SHAPES: dict[str, dict] = {
 
 
 SHAPES["olmoe-1b-7b-4l"] = {**SHAPES["olmoe-1b-7b"], "num_hidden_layers": 4}  # bench/testbed.py --gpu
+SHAPES["qwen3-30b-a3b-4l"] = {**SHAPES["qwen3-30b-a3b"], "num_hidden_layers": 4}  # bench/testbed.py --gpu --shape
 SHAPES["glm-4.5-air-8l"] = {**SHAPES["glm-4.5-air"], "num_hidden_layers": 8}
 SHAPES["deepseek-v2-lite-9l"] = {**SHAPES["deepseek-v2-lite"], "num_hidden_layers": 9}  # 1 dense + 8 MoE
 # Qwen3.5-35B-A3B (text model): 40 layers, 3 Gated DeltaNet : 1 gated attention, 256 experts top-8 + a gated shared

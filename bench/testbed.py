@@ -292,7 +292,7 @@ def gpu_preset(a: argparse.Namespace, argv: list[str]) -> None:
             setattr(a, flag[2:].replace("-", "_"), v)
     if "--model" not in given:
         from bench.shapes import shape_checkpoint
-        a.model = str(Path("/tmp") / f"moetandem-{GPU['shape']}" if a.worker else shape_checkpoint(GPU["shape"]))
+        a.model = str(Path("/tmp") / f"moetandem-{a.shape}" if a.worker else shape_checkpoint(a.shape))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="GPU preset: cloud on cuda (bf16), OLMoE-shaped 4-layer "
                    "random checkpoint (built under /tmp when --model is not given), 10/100/1000 Mbit × 20 ms, "
                    "budget 0.25, 1 and 4 ends of 2 threads, 3 rounds, --time-limit 180")
+    p.add_argument("--shape", default=GPU["shape"], help="with --gpu and no --model: the bench/shapes.py random "
+                   f"checkpoint built under /tmp (default {GPU['shape']}; e.g. qwen3-30b-a3b-4l)")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop starting/running ends after this many "
                    "seconds and report the scenarios that finished (0: none)")
     p.add_argument("--rates", type=float, nargs="+", help="Mbit/s (full: 10 50 100 1000)")

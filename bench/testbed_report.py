@@ -41,6 +41,13 @@ def ratio(sc: dict[str, dict[str, float]]) -> tuple[float, str]:
     return sc["adaptive"]["tok_s"] / sc[best]["tok_s"], best
 
 
+def same_plan(plan: str) -> str:
+    """The baseline an adaptive plan is (SplitPlan.describe() starts with its label), or "" for a plan of its own:
+    where it is a baseline, adaptive ÷ that baseline is the spread of one configuration measured twice."""
+    label = plan.split(" ", 1)[0] if plan else ""
+    return label if label in BASELINES else ""
+
+
 def head_ab(key: tuple, sc: dict[str, dict[str, float]]) -> str:
     """One scenario's A/B of --cloud-head-topk: cloud-only with the head on the end -> in the cloud (both one
     exchange per token: with --cloud-decode-tokens the cloud head's per-token run is PER_TOKEN)."""
@@ -81,8 +88,10 @@ def table(res: dict[str, Any]) -> str:
         ad = sc["adaptive"]["tok_s"]
         cells = [f"{sc[c]['tok_s']:.1f}" if c in sc else "" for c in (*BASELINES, "adaptive")]
         rel = [f"{ad / sc[c]['tok_s']:.2f}×" if c in sc else "" for c in BASELINES]
+        same = same_plan(sc["adaptive"]["plan"])
+        note = "; the same plan, measured again" if same == best else f"; plan = {same}" if same else ""
         head.append(f"| {rate:g}, {rtt:g} | {budget:g} | {ends} | " + " | ".join(cells) + " | " + " | ".join(rel)
-                    + f" | **{r:.2f}×** ({best}) |")
+                    + f" | **{r:.2f}×** ({best}{note}) |")
         for c in (*BASELINES, END_HEAD, PER_TOKEN, "adaptive", AUTO_PLAN):
             if c in sc:
                 m = sc[c]
@@ -99,8 +108,10 @@ def table(res: dict[str, Any]) -> str:
     auto = [auto_line(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2],
                                                                                    kv[0][3])) if AUTO_PLAN in sc]
     rs = [ratio(sc)[0] for sc in sc_all.values() if "adaptive" in sc]
+    same = sum(same_plan(sc["adaptive"]["plan"]) == ratio(sc)[1] for sc in sc_all.values() if "adaptive" in sc)
     summary = (f"\nadaptive / best baseline (tok/s): min {min(rs):.2f}×, median {statistics.median(rs):.2f}×, "
-               f"max {max(rs):.2f}× over {len(rs)} scenarios; wall {res.get('wall_s', 0):.0f} s\n") if rs else ""
+               f"max {max(rs):.2f}× over {len(rs)} scenarios (in {same} of them the plan was the best baseline's "
+               f"own, measured again); wall {res.get('wall_s', 0):.0f} s\n") if rs else ""
     return ("\n".join(head) + "\n" + summary + "\nPer config (model tok/s: the cost model's prediction at the "
             "plan's concurrency, summed over ends):\n\n" + "\n".join(detail) +
             "\n\nAdaptive plans (end 0 of each scenario):\n\n" + "\n".join(plans) + "\n"

@@ -257,8 +257,11 @@ def test_k_token_steps_count_per_token_and_report_the_ab():
     res = {"args": {"cloud_decode_tokens": 8}, "rows": [row("end-only", 10, 100.0), row("naive", 12, 80.0),
                                                         row("cloud-only", 60, 20.0), row(PER_TOKEN, 15, 62.0),
                                                         row("adaptive", 60, 20.0)]}
+    res["rows"][-1]["plan"] = "cloud-only cloud-only: end layers [0,0); cloud layers [0,4)"
     md = table(res)
     assert "8 greedy tokens per exchange" in md
+    assert "**1.00×** (cloud-only; the same plan, measured again)" in md  # adaptive ran cloud-only's own plan
+    assert "(in 1 of them the plan was the best baseline's own, measured again)" in md
     assert "cloud-only p50 62.0 → 20.0 ms/token, 15.0 → 60.0 tok/s; k-token p50 / end-only 0.20× / naive 0.25×" in md
 
 
