@@ -104,9 +104,11 @@ def worker(a: argparse.Namespace) -> int:
         on the run's prompts (the plan keeps an end layer's most used experts local). One budget's engines at a
         time: six OLMoE-slice engines take ~40 GB in float32 (the tenth session's four test beds ran the host out of
         memory and an end died without a word)."""
-        kw = lambda c: {"cloud": a.cloud, "token_file": a.token_file, "split": options(c, a)} if options(c, a) else {}
+        def split_kw(c: str) -> dict[str, Any]:
+            opts = options(c, a)
+            return {"cloud": a.cloud, "token_file": a.token_file, "split": opts} if opts else {}
         engs = {c: moetandem.load(a.model, device="cpu", dtype=a.end_dtype, progress=False, expert_budget=b,
-                                  **kw(c)) for c in cs}
+                                  **split_kw(c)) for c in cs}
         e = engs["end-only"]  # the end's own step costs: its layers with its committee, quiet-box minimum
         costs = measure_step_costs(e.model, e.experts, "cpu", sizes=(1, max(a.concurrency)))
         freq = trace_ids(e, prompt_ids(e), progress=False).frequencies(e.args.num_layers)  # the prompts' routing

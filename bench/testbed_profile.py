@@ -39,8 +39,8 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
     # the cloud's costs are measured under the load the cloud-only runs met (the other ends' exchanges queued
     # with ours): the profile holds them per unit of load, with that load as its queue depth, so the plan predicts
     # the measured step and the re-planner scales it by the live load over it, not by the live load again
-    cal = base[END_HEAD if head_topk and not decode_tokens else "cloud-only"]
-    q, replicas = cal.get("cloud_queue", 0.0), cal.get("cloud_replicas", 1)
+    src = END_HEAD if head_topk and not decode_tokens else "cloud-only"  # the run the cloud is calibrated to
+    q, replicas = base[src].get("cloud_queue", 0.0), base[src].get("cloud_replicas", 1)
     load = 1.0 + q / replicas
 
     def cloud_part(s: float, t: float) -> float:
@@ -52,10 +52,9 @@ def measured_profile(end_costs: Any, ada: Any, base: dict[str, dict], budget: fl
         floor = 0.2 * cloud_raw.step_s(range(L), s)
         return k_token_cloud_step(t, rtt, bw, 2 * fb, decode_tokens, over, floor) / load
     if decode_tokens and head_topk:
-        cloud = cloud_raw.calibrated([(s, cloud_part_k(s, t)) for s, t in steps("cloud-only")])
+        cloud = cloud_raw.calibrated([(s, cloud_part_k(s, t)) for s, t in steps(src)])
     else:
-        cloud = cloud_raw.calibrated([(s, cloud_part(s, t)) for s, t in steps(END_HEAD if head_topk else
-                                                                                "cloud-only")], head=False)
+        cloud = cloud_raw.calibrated([(s, cloud_part(s, t)) for s, t in steps(src)], head=False)
     eb = ada.store.expert_bytes(ada.dtype)
     return split_profile(end, cloud, ar, eb, int(budget * L * ar.num_experts * eb), bw, rtt,
                          concurrency=conc, codecs=cut_codecs(ada.store.ckpt), overlap=overlap,

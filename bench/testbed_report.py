@@ -36,8 +36,12 @@ def scenarios(res: dict[str, Any]) -> dict[tuple, dict[str, dict[str, float]]]:
     return out
 
 
+def best_baseline(sc: dict[str, dict[str, float]]) -> str:
+    return max((c for c in BASELINES if c in sc), key=lambda c: sc[c]["tok_s"])
+
+
 def ratio(sc: dict[str, dict[str, float]]) -> tuple[float, str]:
-    best = max((c for c in BASELINES if c in sc), key=lambda c: sc[c]["tok_s"])
+    best = best_baseline(sc)
     return sc["adaptive"]["tok_s"] / sc[best]["tok_s"], best
 
 
@@ -80,7 +84,8 @@ def table(res: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|"]
     plans = []
     sc_all = scenarios(res)
-    for key, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
+    ordered = sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))  # by RTT, then rate
+    for key, sc in ordered:
         rate, rtt, budget, ends = key
         if "adaptive" not in sc:
             continue
@@ -101,12 +106,9 @@ def table(res: dict[str, Any]) -> str:
         plans.append(f"- {rate:g} Mbit/s, {rtt:g} ms, budget {budget:g}, {ends} end(s): {sc['adaptive']['plan']}"
                      + (f" ({sc['adaptive']['replans']:.0f} re-plans while measured)" if sc['adaptive']['replans']
                         else ""))
-    ab = [head_ab(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
-          if END_HEAD in sc and "cloud-only" in sc]
-    kab = [decode_ab(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
-           if PER_TOKEN in sc and "cloud-only" in sc]
-    auto = [auto_line(k, sc) for k, sc in sorted(sc_all.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2],
-                                                                                   kv[0][3])) if AUTO_PLAN in sc]
+    ab = [head_ab(k, sc) for k, sc in ordered if END_HEAD in sc and "cloud-only" in sc]
+    kab = [decode_ab(k, sc) for k, sc in ordered if PER_TOKEN in sc and "cloud-only" in sc]
+    auto = [auto_line(k, sc) for k, sc in ordered if AUTO_PLAN in sc]
     rs = [ratio(sc)[0] for sc in sc_all.values() if "adaptive" in sc]
     same = sum(same_plan(sc["adaptive"]["plan"]) == ratio(sc)[1] for sc in sc_all.values() if "adaptive" in sc)
     summary = (f"\nadaptive / best baseline (tok/s): min {min(rs):.2f}×, median {statistics.median(rs):.2f}×, "
@@ -125,8 +127,7 @@ def table(res: dict[str, Any]) -> str:
 
 
 def auto_line(key: tuple, sc: dict[str, dict[str, float]]) -> str:
-    a = sc[AUTO_PLAN]
-    best = max((c for c in BASELINES if c in sc), key=lambda c: sc[c]["tok_s"])
+    a, best = sc[AUTO_PLAN], best_baseline(sc)
     line = (f"- {key[0]:g} Mbit/s, {key[1]:g} ms, budget {key[2]:g}, {key[3]} end(s): {a['tok_s']:.1f} tok/s, "
             f"{a['tok_s'] / sc[best]['tok_s']:.2f}× the best ({best})")
     if "adaptive" in sc:

@@ -154,10 +154,11 @@ def split_profile(end: StepCosts, cloud: StepCosts, args: Any, expert_bytes: int
 
     def expert(c: StepCosts) -> float:  # a token's k experts cost no more than its measured layer time
         return min(c.expert_token_s, min(c.layer_token_s, default=c.expert_token_s * k) / k)
+    end_x, cloud_x = expert(end), expert(cloud)
 
-    def attn(c: StepCosts) -> list[float]:
-        return [max(0.0, t - k * expert(c)) for t in c.layer_token_s]
-    return SplitProfile(L, E, k, args.hidden_size, attn(end), attn(cloud), expert(end), expert(cloud), expert_bytes,
+    def attn(c: StepCosts, x: float) -> list[float]:
+        return [max(0.0, t - k * x) for t in c.layer_token_s]
+    return SplitProfile(L, E, k, args.hidden_size, attn(end, end_x), attn(cloud, cloud_x), end_x, cloud_x, expert_bytes,
                         end_budget_bytes, freq, bandwidth_bps, rtt_s,
                         max_ppl_increase=max_ppl_increase, concurrency=concurrency, end_head_s=end.head_token_s,
                         cloud_head_s=cloud.head_token_s, cloud_head_fixed_s=cloud.head_fixed_s,
